@@ -1,0 +1,297 @@
+"""Typed configuration: one source of truth for every option, loadable from and saved to YAML.
+
+A run directory holds the resolved config of its run (`config.yaml`); CLI options override the YAML file,
+which overrides these defaults.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+from ahm.errors import AhmError
+from ahm.io import write_text
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    """Where the images are and how they become tensors."""
+
+    path: Optional[str] = None
+    layout: str = "auto"  # auto | folder | msd | lgg | busi | isic | kvasir
+    image_size: int = 128
+    channels: Optional[int] = None  # None: as stored (grayscale 1, RGB 3)
+    modality: Literal["auto", "mri", "ct", "photo"] = "auto"
+    ct_window: tuple[float, float] = (-1000.0, 1000.0)
+    slice_axis: int = 2  # axis along which 3D volumes are cut into 2D slices
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    split_seed: int = 0
+    skip_bad: bool = False
+    max_pixels: int = 64_000_000  # refuse larger images before decoding them
+
+    @field_validator("image_size")
+    @classmethod
+    def _size(cls, v: int) -> int:
+        if v < 16 or v > 4096:
+            raise ValueError("image_size must be between 16 and 4096")
+        return v
+
+    @field_validator("val_fraction", "test_fraction")
+    @classmethod
+    def _frac(cls, v: float) -> float:
+        if not 0.0 <= v < 1.0:
+            raise ValueError("must be in [0, 1)")
+        return v
+
+    @field_validator("slice_axis")
+    @classmethod
+    def _axis(cls, v: int) -> int:
+        if v not in (0, 1, 2):
+            raise ValueError("slice_axis must be 0, 1 or 2")
+        return v
+
+
+VIT_PRESETS: dict[str, dict[str, int]] = {
+    # depth 12 throughout: MONAI UNETR taps layers 3, 6, 9 and 12.
+    "tiny": {"hidden_size": 192, "mlp_dim": 768, "num_layers": 12, "num_heads": 3},
+    "small": {"hidden_size": 384, "mlp_dim": 1536, "num_layers": 12, "num_heads": 6},
+    "base": {"hidden_size": 768, "mlp_dim": 3072, "num_layers": 12, "num_heads": 12},
+}
+
+
+class ModelConfig(_Strict):
+    """The backbone being pretrained and later fine-tuned."""
+
+    backbone: Literal["vit", "unet"] = "vit"
+    preset: str = "tiny"  # a key of VIT_PRESETS, or "custom" to use the fields below as given
+    patch_size: int = 16
+    hidden_size: Optional[int] = None
+    mlp_dim: Optional[int] = None
+    num_layers: Optional[int] = None
+    num_heads: Optional[int] = None
+    decoder_dim: int = 128
+    decoder_depth: int = 2
+    decoder_heads: int = 4
+    norm_pix: bool = True
+    # unet backbone (MONAI UNet)
+    unet_channels: tuple[int, ...] = (32, 64, 128, 256)
+    unet_strides: tuple[int, ...] = (2, 2, 2)
+    unet_num_res_units: int = 2
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        if self.preset != "custom" and self.preset not in VIT_PRESETS:
+            raise ValueError(f"unknown model preset {self.preset!r}; choose one of {', '.join(VIT_PRESETS)} or custom")
+        if self.patch_size < 2:
+            raise ValueError("patch_size must be at least 2")
+        if len(self.unet_strides) != len(self.unet_channels) - 1:
+            raise ValueError("unet_strides must have one entry fewer than unet_channels")
+        return self
+
+    def vit_dims(self) -> dict[str, int]:
+        """hidden_size, mlp_dim, num_layers, num_heads after applying the preset."""
+        base = dict(VIT_PRESETS.get(self.preset, {}))
+        for key in ("hidden_size", "mlp_dim", "num_layers", "num_heads"):
+            value = getattr(self, key)
+            if value is not None:
+                base[key] = value
+        missing = [k for k in ("hidden_size", "mlp_dim", "num_layers", "num_heads") if k not in base]
+        if missing:
+            raise AhmError(f"model preset 'custom' needs {', '.join('--' + m.replace('_', '-') for m in missing)}")
+        if base["hidden_size"] % base["num_heads"]:
+            raise AhmError("model: hidden_size must be divisible by num_heads")
+        return base
+
+
+class MaskingConfig(_Strict):
+    """Which patches get masked, and how learned policies learn."""
+
+    policy: str = "random"  # random | block | hpm | adamae | ahm
+    mask_ratio: float = 0.75
+    mask_ratio_end: Optional[float] = None  # if set: linear rise from mask_ratio to this over training
+    hard_fraction_max: float = 0.5  # easy-to-hard schedule end for hpm / ahm (alpha_max)
+    hard_fraction_warmup: float = 0.0  # share of training before the hard fraction starts rising
+    policy_lr: float = 1e-3
+    ema_decay: float = 0.999  # hpm teacher
+    # AHM agent
+    agent_dim: int = 64
+    agent_depth: int = 1
+    agent_heads: int = 4
+    temperature: float = 1.0
+    critic_coef: float = 0.5
+    entropy_coef: float = 0.01
+    critic_loss: Literal["mse", "pairwise"] = "mse"
+    agent_workers: int = 0  # 0: synchronous A2C in-process; N>0: asynchronous A3C with N worker processes
+    queue_size: int = 16
+
+    @field_validator("mask_ratio", "mask_ratio_end")
+    @classmethod
+    def _ratio(cls, v: Optional[float]) -> Optional[float]:
+        if v is not None and not 0.0 < v < 1.0:
+            raise ValueError("mask ratio must be strictly between 0 and 1")
+        return v
+
+    @field_validator("hard_fraction_max", "hard_fraction_warmup")
+    @classmethod
+    def _hard(cls, v: float) -> float:
+        if not 0.0 <= v <= 1.0:
+            raise ValueError("must be in [0, 1]")
+        return v
+
+    @field_validator("agent_workers")
+    @classmethod
+    def _workers(cls, v: int) -> int:
+        import os
+
+        limit = max(1, (os.cpu_count() or 1) * 4)
+        if v < 0 or v > limit:
+            raise ValueError(f"agent_workers must be between 0 and {limit} on this machine")
+        return v
+
+
+class TrainConfig(_Strict):
+    """Optimisation and run mechanics shared by pretraining and fine-tuning."""
+
+    steps: Optional[int] = None
+    epochs: Optional[int] = None
+    batch_size: int = 32
+    lr: float = 1.5e-3
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    warmup_steps: int = 20
+    clip_grad: float = 1.0
+    seed: int = 0
+    precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed
+    accelerator: str = "auto"
+    devices: int = 1
+    compile: bool = False
+    checkpoint_every: int = 100
+    log_every: int = 10
+    augment: bool = True
+    num_threads: Optional[int] = None
+    nan_policy: Literal["stop", "skip"] = "stop"
+
+    @field_validator("batch_size", "checkpoint_every", "log_every", "devices")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("must be at least 1")
+        return v
+
+    @field_validator("steps", "epochs")
+    @classmethod
+    def _pos_opt(cls, v: Optional[int]) -> Optional[int]:
+        if v is not None and v < 1:
+            raise ValueError("must be at least 1")
+        return v
+
+    @field_validator("lr", "min_lr", "weight_decay", "clip_grad")
+    @classmethod
+    def _nonneg(cls, v: float) -> float:
+        if v < 0 or v != v:
+            raise ValueError("must be a non-negative number")
+        return v
+
+    @field_validator("precision")
+    @classmethod
+    def _precision(cls, v: str) -> str:
+        allowed = {"32-true", "32", "bf16-mixed", "16-mixed", "bf16-true"}
+        if v not in allowed:
+            raise ValueError(f"precision must be one of {', '.join(sorted(allowed))}")
+        return v
+
+
+class PretrainConfig(_Strict):
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    masking: MaskingConfig = MaskingConfig()
+    train: TrainConfig = TrainConfig(steps=400)
+
+    @model_validator(mode="after")
+    def _check(self) -> "PretrainConfig":
+        if self.data.image_size % self.model.patch_size:
+            raise ValueError(
+                f"image_size {self.data.image_size} is not divisible by patch_size {self.model.patch_size}"
+            )
+        return self
+
+
+class FinetuneConfig(_Strict):
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig(epochs=30, batch_size=8, lr=1e-3, weight_decay=1e-4, warmup_steps=20)
+    init: Optional[str] = None  # pretraining run directory, or None for scratch
+    segmenter: Literal["unetr", "unet"] = "unetr"
+    labels_fraction: float = 1.0
+    layer_decay: float = 1.0  # layer-wise lr decay for a pretrained ViT encoder (1.0: off)
+    encoder_lr_scale: float = 1.0  # lr multiplier on pretrained weights
+    num_classes: Optional[int] = None  # None: from the labels found in the data
+
+    @field_validator("labels_fraction")
+    @classmethod
+    def _frac(cls, v: float) -> float:
+        if not 0.0 < v <= 1.0:
+            raise ValueError("labels_fraction must be in (0, 1]")
+        return v
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err.get("loc", ()) if p != "__root__")
+    msg = err.get("msg", "invalid value").removeprefix("Value error, ")
+    where = f"{loc}: " if loc else ""
+    more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return f"{source}: {where}{msg}{more}"
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        elif value is not None:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise AhmError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise AhmError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+    if not isinstance(data, dict):
+        raise AhmError(f"{path}: a config file must hold a mapping of sections (data, model, ...)")
+    return data
+
+
+def build_config(kind: type[_Strict], file: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                 source: str = "options") -> Any:
+    """Defaults <- YAML file <- CLI overrides (nested dict, None values ignored), validated."""
+    merged: dict[str, Any] = kind().model_dump()
+    if file is not None:
+        merged = _deep_merge(merged, read_yaml(file))
+        source = str(file)
+    if overrides:
+        merged = _deep_merge(merged, overrides)
+    try:
+        return kind.model_validate(merged)
+    except ValidationError as exc:
+        raise AhmError(_format_validation_error(exc, source)) from exc
+
+
+def save_config(config: _Strict, path: str | Path) -> Path:
+    return write_text(path, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+
+
+def load_config(kind: type[_Strict], path: str | Path) -> Any:
+    return build_config(kind, file=path)

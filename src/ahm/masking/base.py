@@ -1,0 +1,184 @@
+"""The masking-policy interface and the schedules every policy shares.
+
+The pretraining loop never branches on a policy's name:
+
+    mask = policy.propose(images, progress)                 # bool [B, L], exactly K True per row
+    out  = model(images, mask)                              # MIMOutput: loss, per_patch_loss [B, L], prediction
+    step = policy.observe(images, mask, out.per_patch_loss.detach(), progress)
+    loss = out.loss + step.aux_loss (if any)                # one backward, one optimiser (policy params included)
+
+`progress` is the fraction of training done, in [0, 1].
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ahm.config import MaskingConfig
+from ahm.errors import AhmError
+
+
+@dataclass
+class PolicyContext:
+    """What a policy learns about the run when it is built."""
+
+    grid: tuple[int, int]  # patch grid (rows, cols); L = rows * cols
+    patch_size: int
+    in_channels: int
+    total_steps: int
+    seed: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    model: Optional[nn.Module] = None  # the MIM model (unwrapped), for policies that need its features (HPM)
+    world_size: int = 1
+    rank: int = 0
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+
+@dataclass
+class PolicyStep:
+    """What `observe` returns: an optional loss the loop adds to the reconstruction loss, and metrics to log."""
+
+    aux_loss: Optional[Tensor] = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def num_masked(ratio: float, num_patches: int) -> int:
+    """K = round(ratio * L), kept in [1, L-1] so both the visible and the masked sets are non-empty."""
+    return int(min(max(round(ratio * num_patches), 1), num_patches - 1))
+
+
+def mask_ratio_at(cfg: MaskingConfig, progress: float) -> float:
+    """Fixed ratio, or a linear rise from `mask_ratio` to `mask_ratio_end` over training."""
+    if cfg.mask_ratio_end is None:
+        return cfg.mask_ratio
+    p = min(max(progress, 0.0), 1.0)
+    return cfg.mask_ratio + (cfg.mask_ratio_end - cfg.mask_ratio) * p
+
+
+def hard_fraction_at(cfg: MaskingConfig, progress: float) -> float:
+    """Easy-to-hard schedule (HPM): 0 until `hard_fraction_warmup`, then linear to `hard_fraction_max` at the end."""
+    p = min(max(progress, 0.0), 1.0)
+    start = cfg.hard_fraction_warmup
+    if p <= start:
+        return 0.0
+    return cfg.hard_fraction_max * min(1.0, (p - start) / max(1e-8, 1.0 - start))
+
+
+def random_scores(batch: int, num_patches: int, generator: Optional[torch.Generator], device: torch.device) -> Tensor:
+    """Uniform noise for random top-k selection, reproducible from `generator` (drawn on CPU, then moved)."""
+    return torch.rand(batch, num_patches, generator=generator).to(device)
+
+
+def topk_mask(scores: Tensor, k: int) -> Tensor:
+    """bool [B, L] with True at the k highest scores of each row."""
+    idx = scores.topk(k, dim=1).indices
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    mask.scatter_(1, idx, True)
+    return mask
+
+
+class MaskingPolicy(nn.Module):
+    """Base class: a policy is an nn.Module (so its networks move, save and all-reduce like the model's).
+
+    Subclasses implement `propose`; learned ones also `observe`. Parameters of the module are added to the
+    loop's optimiser (param group with `policy_lr`, no weight decay) unless the policy trains itself
+    (`owns_optimizer = True`, as A3C does). Extra state beyond parameters/buffers (RNG, counters, a private
+    optimiser) goes through `extra_state()` / `load_extra_state()`.
+    """
+
+    name: str = "base"
+    owns_optimizer: bool = False
+
+    def __init__(self, cfg: MaskingConfig, ctx: PolicyContext) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.ctx = ctx
+        self.generator = torch.Generator().manual_seed(10_007 * (ctx.seed + 1) + ctx.rank)
+
+    @property
+    def num_patches(self) -> int:
+        return self.ctx.num_patches
+
+    def num_masked(self, progress: float) -> int:
+        return num_masked(mask_ratio_at(self.cfg, progress), self.num_patches)
+
+    def propose(self, images: Tensor, progress: float) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def observe(self, images: Tensor, mask: Tensor, per_patch_loss: Tensor, progress: float) -> PolicyStep:
+        return PolicyStep()
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        if "generator" in state:
+            self.generator.set_state(state["generator"])
+
+    def close(self) -> None:
+        """Release processes or other resources (A3C workers). Safe to call twice."""
+
+
+_REGISTRY: dict[str, Callable[[MaskingConfig, PolicyContext], MaskingPolicy]] = {}
+_LAZY: dict[str, str] = {
+    "random": "ahm.masking.random",
+    "block": "ahm.masking.block",
+    "hpm": "ahm.masking.hpm",
+    "adamae": "ahm.masking.adamae",
+    "ahm": "ahm.masking.ahm",
+}
+
+
+def register(name: str) -> Callable[[type[MaskingPolicy]], type[MaskingPolicy]]:
+    def deco(cls: type[MaskingPolicy]) -> type[MaskingPolicy]:
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def policy_names() -> list[str]:
+    return list(_LAZY)
+
+
+def build_policy(cfg: MaskingConfig, ctx: PolicyContext) -> MaskingPolicy:
+    """Build the policy named by `cfg.policy`; an unknown name is a user error naming the choices."""
+    name = cfg.policy
+    if name not in _LAZY:
+        raise AhmError(f"--policy: unknown masking policy {name!r}; choose one of {', '.join(_LAZY)}")
+    if name not in _REGISTRY:
+        import importlib
+
+        importlib.import_module(_LAZY[name])
+    return _REGISTRY[name](cfg, ctx)
+
+
+def check_mask(mask: Tensor, k: int) -> None:
+    counts = mask.sum(dim=1)
+    if not bool((counts == k).all()):
+        raise AssertionError(f"policy produced {counts.tolist()} masked patches, expected {k} per image")
+
+
+def spearman(a: Tensor, b: Tensor) -> float:
+    """Spearman rank correlation of two 1-D tensors (ties broken by order), as a float; nan if undefined."""
+    if a.numel() < 3:
+        return float("nan")
+    ra = a.argsort().argsort().float()
+    rb = b.argsort().argsort().float()
+    ra = ra - ra.mean()
+    rb = rb - rb.mean()
+    denom = math.sqrt(float((ra * ra).sum()) * float((rb * rb).sum()))
+    return float((ra * rb).sum()) / denom if denom > 0 else float("nan")
+
+
+def iter_policy_params(policy: MaskingPolicy) -> Iterable[nn.Parameter]:
+    return (p for p in policy.parameters() if p.requires_grad)
