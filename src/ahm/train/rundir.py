@@ -1,0 +1,118 @@
+"""Run directories: what every pretraining or fine-tuning run writes, and how it refuses to clobber work."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+from ahm import __version__
+from ahm.errors import AhmError
+from ahm.io import write_json, write_text
+
+CHECKPOINT_DIR = "checkpoints"
+LAST = "last.ckpt"
+
+
+def prepare_run_dir(out: str | Path, kind: str, seed: int, resume: bool = False, force: bool = False) -> Path:
+    """Create (or reopen with --resume) a run directory.
+
+    An existing non-empty directory is refused unless `resume` (continue it) or `force` (its contents are replaced).
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise AhmError(f"--out {out}: exists and is not a directory")
+    nonempty = out.is_dir() and any(out.iterdir())
+    if resume:
+        if not (out / CHECKPOINT_DIR / LAST).is_file():
+            raise AhmError(f"--resume: {out / CHECKPOINT_DIR / LAST} not found; nothing to resume")
+        info = read_run_info(out)
+        if info.get("kind") != kind:
+            raise AhmError(f"--resume: {out} is a {info.get('kind', 'unknown')} run, not a {kind} run")
+        return out
+    if nonempty:
+        if not force:
+            raise AhmError(f"--out {out}: directory is not empty; use --resume to continue it or --force to replace it")
+        if not (out / "run.json").is_file():
+            raise AhmError(f"--force: {out} does not look like an ahm run directory (no run.json); refusing to delete it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CHECKPOINT_DIR).mkdir(exist_ok=True)
+    write_json(out / "run.json", {
+        "kind": kind,
+        "version": __version__,
+        "seed": seed,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    })
+    return out
+
+
+def read_run_info(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / "run.json"
+    if not path.is_file():
+        raise AhmError(f"{run_dir}: not an ahm run directory (no run.json)")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AhmError(f"{path}: unreadable run file ({exc})") from exc
+
+
+class MetricsLog:
+    """Append-only metrics.jsonl (one JSON object per line) plus an optional TensorBoard writer.
+
+    On resume, lines from steps at or after the resume step are dropped so the file matches an uninterrupted run.
+    """
+
+    def __init__(self, run_dir: Path, resume_step: Optional[int] = None, tensorboard: bool = True) -> None:
+        self.path = Path(run_dir) / "metrics.jsonl"
+        if resume_step is not None and self.path.is_file():
+            kept = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", -1) < resume_step:
+                        kept.append(line)
+                except json.JSONDecodeError:
+                    continue
+            write_text(self.path, "".join(k + "\n" for k in kept))
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()
+        self._fh = self.path.open("a")
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step)
+            except Exception:  # tensorboard is optional at run time
+                self._tb = None
+
+    def log(self, record: dict[str, Any]) -> None:
+        clean = {k: (float(v) if hasattr(v, "__float__") and not isinstance(v, (int, str)) else v) for k, v in record.items()}
+        self._fh.write(json.dumps(clean) + "\n")
+        self._fh.flush()
+        if self._tb is not None:
+            step = int(record.get("step", 0))
+            for key, value in clean.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self._tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self._fh.close()
+        if self._tb is not None:
+            self._tb.flush()
+            self._tb.close()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
