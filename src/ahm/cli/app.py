@@ -52,7 +52,7 @@ def run_guarded(fn: Callable[[], object]) -> object:
     except AhmError as exc:
         if _state["debug"]:
             console.print_exception()
-        fail(str(exc))
+        fail(str(exc), code=getattr(exc, "exit_code", 2))
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
         raise typer.Exit(130)

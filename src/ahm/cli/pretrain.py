@@ -1,0 +1,68 @@
+"""`ahm pretrain`: masked-image-modeling pretraining with a chosen masking policy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ahm.cli.app import app, is_quiet, out, run_guarded
+from ahm.masking.base import policy_names
+
+
+@app.command(no_args_is_help=True)
+def pretrain(
+    data: Path = typer.Argument(..., help="Dataset folder (any supported layout; labels not needed)."),
+    out_dir: Path = typer.Option(..., "--out", help="Run directory to create (or to continue with --resume)."),
+    policy: Optional[str] = typer.Option(None, help=f"Masking policy: {', '.join(policy_names())} (default random)."),
+    backbone: Optional[str] = typer.Option(None, help="vit (MAE, loads into UNETR) or unet (masked-input MONAI UNet)."),
+    steps: Optional[int] = typer.Option(None, help="Optimisation steps (default 400)."),
+    epochs: Optional[int] = typer.Option(None, help="Train for this many epochs instead of --steps."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per step per device (default 32)."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 1.5e-3)."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Images are resized/padded to this square size."),
+    patch_size: Optional[int] = typer.Option(None, "--patch-size", help="Patch size in pixels (default 16)."),
+    mask_ratio: Optional[float] = typer.Option(None, "--mask-ratio", help="Share of patches masked, in (0,1) (default 0.75)."),
+    mask_ratio_end: Optional[float] = typer.Option(None, "--mask-ratio-end", help="Rise the mask ratio linearly to this."),
+    model: Optional[str] = typer.Option(None, "--model", help="ViT size preset: tiny, small, base."),
+    norm_pix: Optional[bool] = typer.Option(None, "--norm-pix/--no-norm-pix", help="Per-patch normalised targets."),
+    agent_workers: Optional[int] = typer.Option(None, "--agent-workers", help="AHM: A3C worker processes (0: synchronous A2C)."),
+    hard_fraction: Optional[float] = typer.Option(None, "--hard-fraction", help="HPM/AHM: final share of masked patches chosen as hard (default 0.5)."),
+    seed: Optional[int] = typer.Option(None, help="Seed for data order, masks, initialisation and the agent."),
+    devices: Optional[int] = typer.Option(None, help="Number of devices (DDP when > 1; CPU uses gloo)."),
+    accelerator: Optional[str] = typer.Option(None, help="auto, cpu or cuda."),
+    precision: Optional[str] = typer.Option(None, help="32-true, bf16-mixed or 16-mixed."),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
+    layout: Optional[str] = typer.Option(None, help="Dataset layout (default: auto-detect)."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable files (counted) instead of stopping."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML config; command-line options override it."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing run directory in --out."),
+) -> None:
+    """Pretrain a backbone by masked image modeling; writes encoder.safetensors for `ahm finetune --init`."""
+    from ahm.config import PretrainConfig, build_config
+    from ahm.train.pretrain import pretrain as run_pretrain
+
+    overrides = {
+        "data": {"path": str(data), "image_size": image_size, "layout": layout, "skip_bad": skip_bad or None},
+        "model": {"backbone": backbone, "patch_size": patch_size, "preset": model, "norm_pix": norm_pix},
+        "masking": {"policy": policy, "mask_ratio": mask_ratio, "mask_ratio_end": mask_ratio_end,
+                    "agent_workers": agent_workers, "hard_fraction_max": hard_fraction},
+        "train": {"steps": steps, "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
+                  "devices": devices, "accelerator": accelerator, "precision": precision, "compile": compile},
+    }
+
+    def go():
+        cfg = build_config(PretrainConfig, file=config, overrides=overrides)
+        if epochs is not None and steps is None:
+            cfg.train.steps = None
+        return run_pretrain(cfg, out_dir, resume=resume, force=force, progress=not is_quiet())
+
+    summary = run_guarded(go)
+    if isinstance(summary, dict):
+        diag = ", ".join(f"{k} {v:.3g}" for k, v in summary.items()
+                         if k in ("hardness_ratio", "critic_spearman", "background_share") and isinstance(v, float))
+        out.print(f"pretrained [bold]{summary['policy']}[/]/{summary['backbone']} for {summary['steps']} steps: "
+                  f"final loss {summary['final_loss']:.4f}, {summary['images_per_s']:.0f} images/s"
+                  + (f"; {diag}" if diag else "") + f"\nrun directory: {out_dir}")

@@ -1,0 +1,142 @@
+"""Pieces every training loop here shares: Fabric set-up, seeded batch order, interruption, NaN handling."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+from ahm.config import TrainConfig
+from ahm.errors import AhmError
+
+
+class Interrupted(AhmError):
+    """Ctrl-C: the run stopped after its current step and saved a checkpoint."""
+
+    exit_code = 130
+
+
+class NonFiniteLoss(AhmError):
+    """A NaN or infinite loss/gradient stopped the run."""
+
+
+def make_fabric(train: TrainConfig):
+    """Lightning Fabric for the configured accelerator, devices and precision (DDP when devices > 1 or torchrun)."""
+    from lightning.fabric import Fabric
+
+    accelerator = train.accelerator
+    if accelerator == "auto":
+        accelerator = "cuda" if torch.cuda.is_available() else "cpu"
+    under_torchrun = "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+    devices = int(os.environ["WORLD_SIZE"]) if under_torchrun else train.devices
+    strategy = "auto"
+    if devices > 1:
+        strategy = "ddp" if under_torchrun else "ddp_spawn"
+    precision = "32-true" if train.precision == "32" else train.precision
+    if precision == "16-mixed" and accelerator == "cpu":
+        raise AhmError("--precision 16-mixed needs a GPU; on the CPU use bf16-mixed or 32-true")
+    try:
+        return Fabric(accelerator=accelerator, devices=devices, strategy=strategy, precision=precision)
+    except (ValueError, RuntimeError, TypeError) as exc:
+        raise AhmError(f"--accelerator/--devices/--precision: {str(exc).splitlines()[0]}") from exc
+
+
+def batch_order(num_items: int, epoch: int, seed: int, batch_size: int, rank: int, world_size: int) -> list[list[int]]:
+    """The batches of one epoch for one rank: a permutation seeded by (seed, epoch), sharded by rank, last partial dropped."""
+    g = torch.Generator().manual_seed(1_000_003 * (seed + 1) + epoch)
+    perm = torch.randperm(num_items, generator=g).tolist()
+    per_step = batch_size * world_size
+    batches = []
+    for start in range(0, num_items - per_step + 1, per_step):
+        chunk = perm[start:start + per_step]
+        batches.append(chunk[rank * batch_size:(rank + 1) * batch_size])
+    return batches
+
+
+def decay_param_groups(module: nn.Module, lr: float, weight_decay: float) -> list[dict]:
+    """AdamW groups: no weight decay on biases, norms, embeddings and tokens (1-D or named *_embed*/token)."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or "embed" in name or "token" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = []
+    if decay:
+        groups.append({"params": decay, "lr": lr, "base_lr": lr, "weight_decay": weight_decay})
+    if no_decay:
+        groups.append({"params": no_decay, "lr": lr, "base_lr": lr, "weight_decay": 0.0})
+    return groups
+
+
+def all_reduce_grads(fabric, params: list[nn.Parameter]) -> None:
+    """Mean-reduce gradients of parameters that DDP does not wrap (the masking policy's), in one collective."""
+    if fabric.world_size <= 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    flat = fabric.all_reduce(flat, reduce_op="mean")
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset:offset + n].view_as(p).clone()
+        offset += n
+
+
+@contextmanager
+def stop_on_sigint() -> Iterator[dict]:
+    """Turn the first Ctrl-C into a flag the loop checks after each step; a second one interrupts at once."""
+    state = {"stop": False}
+    previous = None
+
+    def handler(signum, frame):  # noqa: ARG001
+        if state["stop"]:
+            raise KeyboardInterrupt
+        state["stop"] = True
+
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not in the main thread (e.g. a spawned DDP worker): leave default handling
+        previous = None
+    try:
+        yield state
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+class Throughput:
+    """Images/s over recent steps; the median of per-step rates after a warm-up is the reported figure."""
+
+    def __init__(self, warmup: int = 3) -> None:
+        self.warmup = warmup
+        self.rates: list[float] = []
+        self._t: Optional[float] = None
+        self._seen = 0
+
+    def start(self) -> None:
+        self._t = time.perf_counter()
+
+    def stop(self, images: int) -> float:
+        assert self._t is not None
+        dt = max(time.perf_counter() - self._t, 1e-9)
+        rate = images / dt
+        self._seen += 1
+        if self._seen > self.warmup:
+            self.rates.append(rate)
+        return rate
+
+    def median(self) -> float:
+        if not self.rates:
+            return 0.0
+        s = sorted(self.rates)
+        return s[len(s) // 2]

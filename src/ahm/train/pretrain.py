@@ -1,0 +1,341 @@
+"""Masked-image-modeling pretraining on Lightning Fabric, driven by any masking policy.
+
+The loop never branches on a policy's name: `propose` -> model -> `observe` (see ahm.masking.base).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import defaultdict, deque
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from ahm import __version__
+from ahm.config import PretrainConfig, build_config, save_config
+from ahm.errors import AhmError
+from ahm.io import load_torch, save_safetensors, save_torch, write_json
+from ahm.masking import PolicyContext, build_policy
+from ahm.train.loop import (
+    Interrupted,
+    NonFiniteLoss,
+    Throughput,
+    all_reduce_grads,
+    batch_order,
+    decay_param_groups,
+    make_fabric,
+    stop_on_sigint,
+)
+from ahm.train.rundir import CHECKPOINT_DIR, LAST, MetricsLog, prepare_run_dir
+from ahm.train.schedule import lr_factor, set_lr
+
+SUMMARY_WINDOW = 50
+
+
+def load_pretrain_data(cfg: PretrainConfig, progress: bool = False):
+    """The training split's images as normalised arrays (labels are not needed), plus the splits."""
+    from ahm.data import load_arrays, make_splits, open_dataset
+
+    if not cfg.data.path:
+        raise AhmError("DATA: no dataset path given")
+    index = open_dataset(cfg.data.path, cfg.data)
+    splits = make_splits(index, cfg.data)
+    train_ids = splits["train"]
+    if not train_ids:
+        raise AhmError(f"{cfg.data.path}: no training images after splitting")
+    arrays = load_arrays(index, train_ids, cfg.data, labels=False)
+    return arrays, splits, index
+
+
+def _checkpoint_path(run_dir: Path) -> Path:
+    return run_dir / CHECKPOINT_DIR / LAST
+
+
+def _load_checkpoint(run_dir: Path) -> dict[str, Any]:
+    ckpt = load_torch(_checkpoint_path(run_dir))
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != "pretrain" or "model" not in ckpt:
+        raise AhmError(f"{_checkpoint_path(run_dir)}: not an ahm pretraining checkpoint")
+    return ckpt
+
+
+def _restore(module: torch.nn.Module, state: dict, what: str, path: Path) -> None:
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, KeyError, TypeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0][:160]
+        raise AhmError(f"{path}: the {what} in this checkpoint does not match the configured one ({first})") from exc
+
+
+def pretrain(cfg: PretrainConfig, out: str | Path, resume: bool = False, force: bool = False,
+             progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) pretraining into run directory `out`; returns the summary written to summary.json."""
+    out = Path(out)
+    if resume:
+        # The run's own config decides everything but its length.
+        saved = out / "config.yaml"
+        if not saved.is_file():
+            raise AhmError(f"--resume: {saved} not found")
+        steps = cfg.train.steps
+        cfg = build_config(PretrainConfig, file=saved)
+        if steps is not None and steps != cfg.train.steps:
+            cfg.train.steps = steps
+    prepare_run_dir(out, "pretrain", cfg.train.seed, resume=resume, force=force)
+    if not resume:
+        save_config(cfg, out / "config.yaml")
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+
+    fabric = make_fabric(cfg.train)
+    if fabric.world_size > 1 and "LOCAL_RANK" not in os.environ:
+        # --devices N without torchrun: spawn N processes that each run the loop; rank 0's summary comes back.
+        try:
+            return fabric.launch(_run, cfg, out, resume, progress)
+        except torch.multiprocessing.ProcessRaisedException as exc:
+            last = [ln for ln in str(exc).strip().splitlines() if ln.strip()][-1]
+            raise AhmError(f"a DDP process failed: {last}") from exc
+    fabric.launch()
+    return _run(fabric, cfg, out, resume, progress)
+
+
+def _run(fabric, cfg: PretrainConfig, out: Path, resume: bool, progress: bool) -> dict[str, Any]:
+    from ahm.data import ArrayDataset, pretrain_augment
+    from ahm.models import build_mim_model
+
+    rank, world = fabric.global_rank, fabric.world_size
+    is_main = rank == 0
+    arrays, splits, index = load_pretrain_data(cfg)
+    if is_main and not resume:
+        write_json(out / "splits.json", splits)
+    n_items = len(arrays.images)
+    in_channels = int(arrays.images.shape[1])
+    per_step = cfg.train.batch_size * world
+    if n_items < per_step:
+        raise AhmError(
+            f"{cfg.data.path}: {n_items} training images, fewer than --batch-size {cfg.train.batch_size}"
+            + (f" x {world} devices" if world > 1 else "")
+        )
+    steps_per_epoch = n_items // per_step
+    total = cfg.train.steps if cfg.train.steps is not None else (cfg.train.epochs or 1) * steps_per_epoch
+
+    torch.manual_seed(cfg.train.seed)
+    model = build_mim_model(cfg.model, cfg.data.image_size, in_channels)
+    ctx = PolicyContext(
+        grid=model.grid, patch_size=model.patch_size, in_channels=in_channels, total_steps=total,
+        seed=cfg.train.seed, device=fabric.device, model=model, world_size=world, rank=rank,
+    )
+    policy = build_policy(cfg.masking, ctx)
+    try:
+        return _train(fabric, cfg, out, resume, progress, model, policy, arrays, total, steps_per_epoch, is_main)
+    finally:
+        policy.close()
+
+
+def _train(fabric, cfg, out, resume, progress, model, policy, arrays, total, steps_per_epoch, is_main):
+    from ahm.data import ArrayDataset, pretrain_augment
+
+    rank, world = fabric.global_rank, fabric.world_size
+    groups = decay_param_groups(model, cfg.train.lr, cfg.train.weight_decay)
+    policy_params = [p for p in policy.parameters() if p.requires_grad] if not policy.owns_optimizer else []
+    if policy_params:
+        groups.append({"params": policy_params, "lr": cfg.masking.policy_lr, "base_lr": cfg.masking.policy_lr,
+                       "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.95))
+
+    start_step = 0
+    if resume:
+        ckpt = _load_checkpoint(out)
+        path = _checkpoint_path(out)
+        _restore(model, ckpt["model"], "model", path)
+        _restore(policy, ckpt["policy"], f"{cfg.masking.policy} masking policy", path)
+        policy.load_extra_state(ckpt.get("policy_extra", {}))
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise AhmError(f"{path}: optimiser state does not match this run ({exc})") from exc
+        start_step = int(ckpt["step"])
+    policy.to(fabric.device)
+    raw_model = model
+    if cfg.train.compile:
+        model = torch.compile(model)
+    model, optimizer = fabric.setup(model, optimizer)
+
+    dataset = ArrayDataset(arrays.images, None, pretrain_augment(cfg.data.image_size) if cfg.train.augment else None,
+                           seed=cfg.train.seed)
+    log = MetricsLog(out, resume_step=start_step if resume else None, tensorboard=is_main) if is_main else None
+    window: dict[str, deque] = defaultdict(lambda: deque(maxlen=SUMMARY_WINDOW))
+    pending: dict[str, list[float]] = defaultdict(list)
+    meter = Throughput()
+    skipped = 0
+    last_loss = float("nan")
+    step = start_step
+    bar = _progress_bar(progress and is_main, total, start_step)
+
+    def save_checkpoint(next_step: int) -> None:
+        if not is_main:
+            return
+        save_torch(_checkpoint_path(out), {
+            "kind": "pretrain", "version": __version__, "step": next_step,
+            "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+            "policy": policy.state_dict(), "policy_extra": policy.extra_state(),
+            "config": cfg.model_dump(mode="json"), "skipped_batches": skipped,
+        })
+
+    epoch_cache: dict[int, list[list[int]]] = {}
+    try:
+        with stop_on_sigint() as sig:
+            while step < total:
+                epoch, within = divmod(step, steps_per_epoch)
+                if epoch not in epoch_cache:
+                    epoch_cache.clear()
+                    epoch_cache[epoch] = batch_order(len(dataset), epoch, cfg.train.seed, cfg.train.batch_size, rank, world)
+                    dataset.set_epoch(epoch)
+                idx = epoch_cache[epoch][within]
+                meter.start()
+                images = torch.stack([dataset[i]["image"] for i in idx]).to(fabric.device)
+                progress_frac = step / total
+                lr = set_lr(optimizer, lr_factor(step, total, cfg.train.warmup_steps, cfg.train.min_lr / max(cfg.train.lr, 1e-12)))
+
+                mask = policy.propose(images, progress_frac)
+                out_mim = model(images, mask)
+                pstep = policy.observe(images, mask, out_mim.per_patch_loss.detach().float(), progress_frac)
+                loss = out_mim.loss
+                if pstep.aux_loss is not None:
+                    loss = loss + pstep.aux_loss
+                if not torch.isfinite(loss.detach()).all():
+                    if cfg.train.nan_policy == "skip":
+                        skipped += 1
+                        optimizer.zero_grad(set_to_none=True)
+                        step += 1
+                        continue
+                    raise NonFiniteLoss(
+                        f"step {step}: the loss is {float(loss.detach())}; run stopped. Last good checkpoint: "
+                        f"{_checkpoint_path(out) if _checkpoint_path(out).is_file() else 'none yet'} "
+                        f"(lower --lr, or set train.nan_policy: skip to skip bad batches)"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                fabric.backward(loss)
+                all_reduce_grads(fabric, policy_params)
+                if cfg.train.clip_grad > 0:
+                    fabric.clip_gradients(model, optimizer, max_norm=cfg.train.clip_grad, error_if_nonfinite=False)
+                    if policy_params:
+                        torch.nn.utils.clip_grad_norm_(policy_params, cfg.train.clip_grad)
+                optimizer.step()
+                rate = meter.stop(len(idx) * world)
+                step += 1
+                last_loss = float(out_mim.loss.detach())
+
+                pending["loss"].append(last_loss)
+                window["loss"].append(last_loss)
+                for key, value in pstep.metrics.items():
+                    if value is not None and not (isinstance(value, float) and math.isnan(value)):
+                        pending[key].append(float(value))
+                        window[key].append(float(value))
+                if log is not None and (step % cfg.train.log_every == 0 or step == total):
+                    record = {"step": step, "lr": lr, "images_per_s": rate}
+                    record.update({k: float(np.mean(v)) for k, v in pending.items() if v})
+                    log.log(record)
+                    pending.clear()
+                if bar is not None:
+                    bar.update(step, loss=last_loss, rate=rate)
+                if step % cfg.train.checkpoint_every == 0 and step < total:
+                    save_checkpoint(step)
+                if sig["stop"]:
+                    save_checkpoint(step)
+                    raise Interrupted(
+                        f"interrupted at step {step}/{total}; checkpoint saved to {_checkpoint_path(out)}. "
+                        f"Resume with: ahm pretrain {cfg.data.path} --out {out} --resume"
+                    )
+        save_checkpoint(step)
+    finally:
+        if bar is not None:
+            bar.close()
+        if log is not None:
+            log.close()
+
+    summary: dict[str, Any] = {
+        "policy": cfg.masking.policy,
+        "backbone": cfg.model.backbone,
+        "steps": step,
+        "final_loss": float(np.mean(list(window["loss"])[-10:])) if window["loss"] else last_loss,
+        "images_per_s": meter.median(),
+        "skipped_batches": skipped,
+        "world_size": world,
+        "seed": cfg.train.seed,
+    }
+    for key, values in window.items():
+        if key != "loss" and values:
+            summary[key] = float(np.mean(values))
+    if is_main:
+        save_safetensors(out / "encoder.safetensors", raw_model.export_encoder(),
+                         metadata={**raw_model.encoder_metadata(), "policy": cfg.masking.policy})
+        _write_reconstructions(raw_model, policy, dataset, out / "reconstructions.png", fabric.device)
+        write_json(out / "summary.json", summary)
+    return summary
+
+
+class _Bar:
+    def __init__(self, total: int, start: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]pretrain"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[rate]:.0f} img/s"),
+            TextColumn("ETA"), TimeRemainingColumn(), transient=False,
+        )
+        self.task = self.progress.add_task("pretrain", total=total, completed=start, loss=float("nan"), rate=0.0)
+        self.progress.start()
+
+    def update(self, step: int, loss: float, rate: float) -> None:
+        self.progress.update(self.task, completed=step, loss=loss, rate=rate)
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+def _progress_bar(enabled: bool, total: int, start: int) -> Optional[_Bar]:
+    return _Bar(total, start) if enabled else None
+
+
+@torch.no_grad()
+def _write_reconstructions(model, policy, dataset, path: Path, device, n: int = 6) -> None:
+    """A PNG grid: image, mask (masked patches dimmed), reconstruction, for a few training images."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ahm.io import write_bytes
+
+    n = min(n, len(dataset))
+    images = torch.from_numpy(np.ascontiguousarray(dataset.images[:n])).float().to(device)
+    was_training = model.training
+    model.eval()
+    state = policy.generator.get_state()
+    mask = policy.propose(images, 1.0)
+    policy.generator.set_state(state)
+    out = model(images, mask)
+    model.train(was_training)
+    gh, gw = model.grid
+    p = model.patch_size
+    pixel_mask = mask.view(n, gh, gw).repeat_interleave(p, 1).repeat_interleave(p, 2).cpu().numpy()
+    fig, axes = plt.subplots(n, 3, figsize=(6, 2 * n), squeeze=False)
+    for i in range(n):
+        img = images[i, 0].cpu().numpy() if images.shape[1] == 1 else images[i, :3].permute(1, 2, 0).cpu().numpy()
+        rec = out.prediction[i].float()
+        rec = rec[0].cpu().numpy() if rec.shape[0] == 1 else rec[:3].permute(1, 2, 0).clamp(0, 1).cpu().numpy()
+        masked = img * np.where(pixel_mask[i][..., None] if img.ndim == 3 else pixel_mask[i], 0.25, 1.0)
+        for ax, im, title in zip(axes[i], (img, masked, rec), ("image", "masked", "reconstruction")):
+            ax.imshow(im, cmap="gray" if im.ndim == 2 else None, vmin=0, vmax=1)
+            ax.set_axis_off()
+            if i == 0:
+                ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    import io as _io
+
+    buf = _io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    plt.close(fig)
+    write_bytes(path, buf.getvalue())
