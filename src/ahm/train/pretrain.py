@@ -9,7 +9,7 @@ import math
 import os
 from collections import defaultdict, deque
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,6 +48,28 @@ def load_pretrain_data(cfg: PretrainConfig, progress: bool = False):
         raise AhmError(f"{cfg.data.path}: no training images after splitting")
     arrays = load_arrays(index, train_ids, cfg.data, labels=False)
     return arrays, splits, index
+
+
+def forward_step(model, policy, images: torch.Tensor, progress: float):
+    """One MIM step's forward: the policy proposes, the model reconstructs, the policy observes.
+
+    Returns (total loss to backpropagate, MIMOutput, PolicyStep). Shared by the loop and `ahm bench speed`.
+    """
+    mask = policy.propose(images, progress)
+    out = model(images, mask)
+    pstep = policy.observe(images, mask, out.per_patch_loss.detach().float(), progress)
+    loss = out.loss if pstep.aux_loss is None else out.loss + pstep.aux_loss
+    return loss, out, pstep
+
+
+def build_optimizer(model, policy, cfg: PretrainConfig) -> tuple[torch.optim.Optimizer, list]:
+    """AdamW over the model (decay groups) and, unless the policy trains itself, the policy's parameters."""
+    groups = decay_param_groups(model, cfg.train.lr, cfg.train.weight_decay)
+    policy_params = [p for p in policy.parameters() if p.requires_grad] if not policy.owns_optimizer else []
+    if policy_params:
+        groups.append({"params": policy_params, "lr": cfg.masking.policy_lr, "base_lr": cfg.masking.policy_lr,
+                       "weight_decay": 0.0})
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.95)), policy_params
 
 
 def _checkpoint_path(run_dir: Path) -> Path:
@@ -101,7 +123,6 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: bool = False, force: 
 
 
 def _run(fabric, cfg: PretrainConfig, out: Path, resume: bool, progress: bool) -> dict[str, Any]:
-    from ahm.data import ArrayDataset, pretrain_augment
     from ahm.models import build_mim_model
 
     rank, world = fabric.global_rank, fabric.world_size
@@ -137,12 +158,7 @@ def _train(fabric, cfg, out, resume, progress, model, policy, arrays, total, ste
     from ahm.data import ArrayDataset, pretrain_augment
 
     rank, world = fabric.global_rank, fabric.world_size
-    groups = decay_param_groups(model, cfg.train.lr, cfg.train.weight_decay)
-    policy_params = [p for p in policy.parameters() if p.requires_grad] if not policy.owns_optimizer else []
-    if policy_params:
-        groups.append({"params": policy_params, "lr": cfg.masking.policy_lr, "base_lr": cfg.masking.policy_lr,
-                       "weight_decay": 0.0})
-    optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.95))
+    optimizer, policy_params = build_optimizer(model, policy, cfg)
 
     start_step = 0
     if resume:
@@ -198,12 +214,7 @@ def _train(fabric, cfg, out, resume, progress, model, policy, arrays, total, ste
                 progress_frac = step / total
                 lr = set_lr(optimizer, lr_factor(step, total, cfg.train.warmup_steps, cfg.train.min_lr / max(cfg.train.lr, 1e-12)))
 
-                mask = policy.propose(images, progress_frac)
-                out_mim = model(images, mask)
-                pstep = policy.observe(images, mask, out_mim.per_patch_loss.detach().float(), progress_frac)
-                loss = out_mim.loss
-                if pstep.aux_loss is not None:
-                    loss = loss + pstep.aux_loss
+                loss, out_mim, pstep = forward_step(model, policy, images, progress_frac)
                 if not torch.isfinite(loss.detach()).all():
                     if cfg.train.nan_policy == "skip":
                         skipped += 1
@@ -295,7 +306,7 @@ class _Bar:
         self.progress.stop()
 
 
-def _progress_bar(enabled: bool, total: int, start: int) -> Optional[_Bar]:
+def _progress_bar(enabled: bool, total: int, start: int) -> _Bar | None:
     return _Bar(total, start) if enabled else None
 
 
