@@ -1,0 +1,50 @@
+"""`ahm bench`: speed and comparison harnesses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ahm.cli.app import app, console, is_quiet, out, run_guarded
+
+bench_app = typer.Typer(help="Measure speed, and compare masking policies downstream.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("speed")
+def speed(
+    policies: Optional[str] = typer.Option(None, help="Comma-separated subset, e.g. random,ahm,ahm-async."),
+    model: str = typer.Option("tiny", "--model", help="ViT preset for every candidate."),
+    image_size: int = typer.Option(128, "--image-size"),
+    patch_size: int = typer.Option(16, "--patch-size"),
+    batch_size: int = typer.Option(32, "--batch-size"),
+    mask_ratio: float = typer.Option(0.75, "--mask-ratio"),
+    channels: int = typer.Option(1, help="Input channels of the synthetic batch."),
+    steps: int = typer.Option(8, help="Timed steps per round and candidate."),
+    rounds: int = typer.Option(3, help="Interleaved rounds."),
+    warmup: int = typer.Option(3, help="Untimed warm-up steps per candidate."),
+    threads: Optional[int] = typer.Option(None, help="torch threads (default: torch's choice)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the JSON document only."),
+) -> None:
+    """Step throughput of each masking policy vs MONAI's MaskedAutoEncoderViT, same size and threads."""
+    from ahm.bench.speed import format_speed, run_speed
+    from ahm.config import PretrainConfig, build_config
+
+    def go():
+        cfg = build_config(PretrainConfig, overrides={
+            "data": {"image_size": image_size}, "model": {"preset": model, "patch_size": patch_size},
+            "masking": {"mask_ratio": mask_ratio}, "train": {"batch_size": batch_size},
+        })
+        names = [p.strip() for p in policies.split(",") if p.strip()] if policies else None
+        note = None if (is_quiet() or as_json) else (lambda msg: console.print(f"[dim]{msg}[/]"))
+        return run_speed(cfg, names, channels=channels, steps=steps, warmup=warmup, rounds=rounds,
+                         threads=threads, progress=note)
+
+    doc = run_guarded(go)
+    if as_json:
+        print(json.dumps(doc, indent=2))
+    else:
+        out.print(format_speed(doc), highlight=False)
