@@ -48,3 +48,34 @@ def speed(
         print(json.dumps(doc, indent=2))
     else:
         out.print(format_speed(doc), highlight=False)
+
+
+@bench_app.command("compare", no_args_is_help=True)
+def compare(
+    data: Path = typer.Argument(..., help="Labelled dataset folder."),
+    out_dir: Path = typer.Option(..., "--out", help="Grid directory (rerunning continues it)."),
+    policies: str = typer.Option("scratch,random,ahm", help="Comma-separated: scratch and any masking policy."),
+    backbones: str = typer.Option("unet", help="Comma-separated: vit, unet."),
+    seeds: int = typer.Option(3, help="Seeds per cell (mean +- std reported)."),
+    labels_fraction: float = typer.Option(0.1, "--labels-fraction", help="Share of training subjects labelled."),
+    pretrain_steps: int = typer.Option(400, "--pretrain-steps"),
+    finetune_epochs: int = typer.Option(30, "--finetune-epochs"),
+    split: str = typer.Option("test", help="Split the table reports (choices are made on val, never on it)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML with `pretrain:` and `finetune:` sections."),
+) -> None:
+    """Run the policy x backbone x seed grid; write results.csv, results.md (mean +- std) and results.png."""
+    from ahm.bench.compare import run_compare
+    from ahm.config import read_yaml
+
+    def go():
+        overrides = read_yaml(config) if config else {}
+        return run_compare(
+            data, out_dir, [p.strip() for p in policies.split(",") if p.strip()],
+            [b.strip() for b in backbones.split(",") if b.strip()], seeds, labels_fraction, pretrain_steps,
+            finetune_epochs, overrides=overrides, split=split,
+            log=None if is_quiet() else (lambda msg: console.print(msg, highlight=False)),
+        )
+
+    run_guarded(go)
+    out.print((out_dir / "results.md").read_text(), highlight=False)
+    out.print(f"results: {out_dir / 'results.csv'}, {out_dir / 'results.png'}")

@@ -1,0 +1,192 @@
+"""`ahm bench compare`: the downstream comparison grid (policy x backbone x seed) under one budget.
+
+Each cell pretrains (unless `scratch`), fine-tunes with a fraction of the labels, and evaluates on the held-out
+split. Cells are directories; a finished cell holds `cell.json` and is never rerun, so the grid is resumable.
+Pretraining runs are shared between cells that differ only in what is downstream of them.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from ahm.config import FinetuneConfig, PretrainConfig, build_config
+from ahm.errors import AhmError
+from ahm.io import write_bytes, write_json, write_text
+from ahm.masking.base import policy_names
+
+BACKBONE_SEGMENTER = {"vit": "unetr", "unet": "unet"}
+COLUMNS = ["backbone", "policy", "seed", "labels_fraction", "dice", "iou", "hd95", "val_dice", "pretrain_final_loss",
+           "hardness_ratio", "critic_spearman", "pretrain_s", "finetune_s"]
+
+
+def _check_names(policies: list[str], backbones: list[str]) -> None:
+    allowed = ["scratch"] + policy_names()
+    for p in policies:
+        if p not in allowed:
+            raise AhmError(f"--policies: unknown policy {p!r}; choose from {', '.join(allowed)}")
+    for b in backbones:
+        if b not in BACKBONE_SEGMENTER:
+            raise AhmError(f"--backbones: unknown backbone {b!r}; choose from vit, unet")
+
+
+def run_compare(data: str | Path, out: str | Path, policies: list[str], backbones: list[str], seeds: int,
+                labels_fraction: float, pretrain_steps: int, finetune_epochs: int,
+                base_config: Optional[str | Path] = None, overrides: Optional[dict[str, Any]] = None,
+                split: str = "test", log: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
+    """Run every unfinished cell of the grid; write results.csv, results.md and results.png; return the table."""
+    from ahm.eval.evaluate import evaluate
+    from ahm.train.finetune import finetune
+    from ahm.train.pretrain import pretrain
+
+    _check_names(policies, backbones)
+    if seeds < 1:
+        raise AhmError("--seeds must be at least 1")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    overrides = overrides or {}
+    say = log or (lambda msg: None)
+    rows: list[dict[str, Any]] = []
+    cells = [(b, p, s) for b in backbones for p in policies for s in range(seeds)]
+    for n, (backbone, policy, seed) in enumerate(cells, 1):
+        cell_dir = out / "cells" / f"{backbone}-{policy}-seed{seed}-labels{labels_fraction:g}"
+        done = cell_dir / "cell.json"
+        if done.is_file():
+            rows.append(json.loads(done.read_text()))
+            say(f"[{n}/{len(cells)}] {cell_dir.name}: done earlier, kept")
+            continue
+        say(f"[{n}/{len(cells)}] {cell_dir.name}")
+        row: dict[str, Any] = {"backbone": backbone, "policy": policy, "seed": seed, "labels_fraction": labels_fraction}
+        init = None
+        if policy != "scratch":
+            pre_dir = out / "pretrain" / f"{backbone}-{policy}-seed{seed}"
+            pre_cfg = build_config(PretrainConfig, file=base_config, overrides=_merge(overrides.get("pretrain", {}), {
+                "data": {"path": str(data)}, "model": {"backbone": backbone},
+                "masking": {"policy": policy}, "train": {"steps": pretrain_steps, "seed": seed},
+            }))
+            t0 = time.perf_counter()
+            summary_path = pre_dir / "summary.json"
+            if summary_path.is_file():
+                summary = json.loads(summary_path.read_text())
+            else:
+                resume = (pre_dir / "checkpoints" / "last.ckpt").is_file()
+                summary = pretrain(pre_cfg, pre_dir, resume=resume, force=not resume and pre_dir.exists(), progress=False)
+            row["pretrain_s"] = time.perf_counter() - t0
+            row["pretrain_final_loss"] = summary.get("final_loss")
+            row["hardness_ratio"] = summary.get("hardness_ratio")
+            row["critic_spearman"] = summary.get("critic_spearman")
+            init = str(pre_dir)
+        ft_cfg = build_config(FinetuneConfig, overrides=_merge(overrides.get("finetune", {}), {
+            "data": {"path": str(data)}, "model": {"backbone": backbone},
+            "segmenter": BACKBONE_SEGMENTER[backbone], "init": init, "labels_fraction": labels_fraction,
+            "train": {"epochs": finetune_epochs, "seed": seed},
+        }))
+        ft_dir = cell_dir / "finetune"
+        t0 = time.perf_counter()
+        resume = (ft_dir / "checkpoints" / "last.ckpt").is_file()
+        ft_summary = finetune(ft_cfg, ft_dir, resume=resume, force=not resume and ft_dir.exists(), progress=False)
+        row["finetune_s"] = time.perf_counter() - t0
+        row["val_dice"] = ft_summary.get("best_val_dice")
+        metrics = evaluate(ft_dir, data, split=split, progress=False)
+        row.update({"dice": metrics["dice"], "iou": metrics["iou"], "hd95": metrics["hd95"]})
+        write_json(done, row)
+        rows.append(row)
+    table = aggregate(rows)
+    write_results(out, rows, table, split)
+    return {"rows": rows, "table": table}
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = json.loads(json.dumps(base))
+    for key, value in extra.items():
+        if isinstance(value, dict):
+            merged[key] = {**merged.get(key, {}), **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return float("nan"), float("nan")
+    mean = sum(vals) / len(vals)
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+    return mean, std
+
+
+def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and sample standard deviation over seeds, per backbone and policy."""
+    keys: list[tuple[str, str]] = []
+    for r in rows:
+        if (r["backbone"], r["policy"]) not in keys:
+            keys.append((r["backbone"], r["policy"]))
+    table = []
+    for backbone, policy in keys:
+        group = [r for r in rows if r["backbone"] == backbone and r["policy"] == policy]
+        entry: dict[str, Any] = {"backbone": backbone, "policy": policy, "n": len(group)}
+        for metric in ("dice", "iou", "hd95", "val_dice"):
+            entry[metric], entry[metric + "_std"] = _mean_std([r.get(metric) for r in group])
+        table.append(entry)
+    return table
+
+
+def write_results(out: Path, rows: list[dict[str, Any]], table: list[dict[str, Any]], split: str) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: r.get(k, "") for k in COLUMNS})
+    write_text(out / "results.csv", buf.getvalue())
+    lines = [
+        f"Mean +- sample std over seeds; metrics on the `{split}` split (never used for choices); val Dice is the "
+        "fine-tuning validation score used for model selection.",
+        "",
+        f"| backbone | policy | n | Dice ({split}) | IoU ({split}) | HD95 ({split}) | val Dice |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for e in table:
+        lines.append(
+            f"| {e['backbone']} | {e['policy']} | {e['n']} | {e['dice']:.4f} +- {e['dice_std']:.4f} | "
+            f"{e['iou']:.4f} +- {e['iou_std']:.4f} | {e['hd95']:.2f} +- {e['hd95_std']:.2f} | "
+            f"{e['val_dice']:.4f} +- {e['val_dice_std']:.4f} |"
+        )
+    write_text(out / "results.md", "\n".join(lines) + "\n")
+    _plot(out / "results.png", table, split)
+
+
+def _plot(path: Path, table: list[dict[str, Any]], split: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    backbones = list(dict.fromkeys(e["backbone"] for e in table))
+    policies = list(dict.fromkeys(e["policy"] for e in table))
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(policies) * max(1, len(backbones)), 3.6))
+    width = 0.8 / max(1, len(backbones))
+    for bi, backbone in enumerate(backbones):
+        xs, means, stds = [], [], []
+        for pi, policy in enumerate(policies):
+            e = next((t for t in table if t["backbone"] == backbone and t["policy"] == policy), None)
+            if e is None:
+                continue
+            xs.append(pi + bi * width)
+            means.append(e["dice"])
+            stds.append(e["dice_std"])
+        ax.bar(xs, means, width=width, yerr=stds, capsize=3, label=backbone)
+    ax.set_xticks([i + width * (len(backbones) - 1) / 2 for i in range(len(policies))], policies)
+    ax.set_ylabel(f"mean Dice ({split})")
+    lo = min((e["dice"] - e["dice_std"] for e in table if not math.isnan(e["dice"])), default=0.0)
+    ax.set_ylim(max(0.0, lo - 0.05), 1.0)
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    write_bytes(path, buf.getvalue())
