@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -98,7 +98,7 @@ def stop_on_sigint() -> Iterator[dict]:
     state = {"stop": False}
     previous = None
 
-    def handler(signum, frame):  # noqa: ARG001
+    def handler(signum, frame):
         if state["stop"]:
             raise KeyboardInterrupt
         state["stop"] = True
@@ -120,7 +120,7 @@ class Throughput:
     def __init__(self, warmup: int = 3) -> None:
         self.warmup = warmup
         self.rates: list[float] = []
-        self._t: Optional[float] = None
+        self._t: float | None = None
         self._seen = 0
 
     def start(self) -> None:

@@ -6,7 +6,7 @@ import datetime as _dt
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from ahm import __version__
 from ahm.errors import AhmError
@@ -44,7 +44,7 @@ def prepare_run_dir(out: str | Path, kind: str, seed: int, resume: bool = False,
         "kind": kind,
         "version": __version__,
         "seed": seed,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     })
     return out
 
@@ -65,7 +65,7 @@ class MetricsLog:
     On resume, lines from steps at or after the resume step are dropped so the file matches an uninterrupted run.
     """
 
-    def __init__(self, run_dir: Path, resume_step: Optional[int] = None, tensorboard: bool = True) -> None:
+    def __init__(self, run_dir: Path, resume_step: int | None = None, tensorboard: bool = True) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
         if resume_step is not None and self.path.is_file():
             kept = []
