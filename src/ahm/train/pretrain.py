@@ -279,12 +279,28 @@ def _train(fabric, cfg, out, resume, progress, model, policy, arrays, total, ste
     for key, values in window.items():
         if key != "loss" and values:
             summary[key] = float(np.mean(values))
+    if world > 1:
+        # Evidence that ranks stayed in lock-step: model (DDP) and policy (all-reduced grads) weights agree.
+        prints = fabric.all_gather(_fingerprint(raw_model, policy).to(fabric.device)).cpu()
+        if is_main:
+            write_json(out / "rank_fingerprints.json", {str(r): prints[r].tolist() for r in range(world)})
+            summary["ranks_agree"] = bool((prints == prints[0]).all())
     if is_main:
         save_safetensors(out / "encoder.safetensors", raw_model.export_encoder(),
                          metadata={**raw_model.encoder_metadata(), "policy": cfg.masking.policy})
         _write_reconstructions(raw_model, policy, dataset, out / "reconstructions.png", fabric.device)
         write_json(out / "summary.json", summary)
     return summary
+
+
+def _fingerprint(model: torch.nn.Module, policy: torch.nn.Module) -> torch.Tensor:
+    """Order-sensitive sums of every parameter, float64: equal across ranks iff they trained in lock-step."""
+    values = []
+    for module in (model, policy):
+        for i, p in enumerate(module.parameters()):
+            flat = p.detach().double().reshape(-1)
+            values.append(flat.sum() + (flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64) * 1e-6).sum() * (i + 1))
+    return torch.stack(values)
 
 
 class _Bar:
