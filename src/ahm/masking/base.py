@@ -12,9 +12,10 @@ The pretraining loop never branches on a policy's name:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -178,6 +179,16 @@ def spearman(a: Tensor, b: Tensor) -> float:
     rb = rb - rb.mean()
     denom = math.sqrt(float((ra * ra).sum()) * float((rb * rb).sum()))
     return float((ra * rb).sum()) / denom if denom > 0 else float("nan")
+
+
+@contextlib.contextmanager
+def seeded_init(seed: int) -> Iterator[None]:
+    """Build a policy's networks under this seed without touching the global RNG. Seed by `ctx.seed` only, not
+    the rank: under DDP every rank must start from the same weights, since only gradients are all-reduced."""
+    with torch.random.fork_rng(devices=[]):
+        # CPU generator only: networks are initialised on CPU, and accelerator RNG state stays untouched.
+        torch.default_generator.manual_seed(7_919 * (seed + 1))
+        yield
 
 
 def iter_policy_params(policy: MaskingPolicy) -> Iterable[nn.Parameter]:
