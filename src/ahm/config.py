@@ -274,12 +274,20 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+_SECTIONS = {"PretrainConfig": "pretrain", "FinetuneConfig": "finetune"}
+
+
 def build_config(kind: type[_Strict], file: str | Path | None = None, overrides: dict[str, Any] | None = None,
                  source: str = "options") -> Any:
     """Defaults <- YAML file <- CLI overrides (nested dict, None values ignored), validated."""
     merged: dict[str, Any] = kind().model_dump()
     if file is not None:
-        merged = _deep_merge(merged, read_yaml(file))
+        loaded = read_yaml(file)
+        # A preset file may hold both `pretrain:` and `finetune:` sections; take the one for this kind.
+        section = _SECTIONS.get(kind.__name__)
+        if section and (section in loaded or set(loaded) <= set(_SECTIONS.values())):
+            loaded = loaded.get(section) or {}
+        merged = _deep_merge(merged, loaded)
         source = str(file)
     if overrides:
         merged = _deep_merge(merged, overrides)
