@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from masking_helpers import fake_loss, images_for, make_policy
+from masking_helpers import fake_loss, images_for, make_policy, tiny_model
 
 from ahm.config import MaskingConfig
 from ahm.errors import AhmError
@@ -191,3 +191,18 @@ def test_pairwise_rank_loss_ignores_ties_and_rewards_correct_order():
 def test_adamae_rejects_bad_agent_width():
     with pytest.raises(AhmError, match="--agent-dim"):
         make_policy("adamae", agent_dim=30, agent_heads=4)
+
+
+@pytest.mark.parametrize("name", ["hpm", "adamae"])
+def test_learned_policy_init_follows_the_seed_not_the_global_rng(name):
+    model = tiny_model("standin", 64, 16)
+    torch.manual_seed(1)
+    a = make_policy(name, seed=5, model=model)
+    after_a = torch.rand(3)
+    torch.manual_seed(2)
+    b = make_policy(name, seed=5, model=model)
+    torch.manual_seed(1)
+    expected = torch.rand(3)
+    assert torch.equal(after_a, expected)  # building a policy leaves the global RNG where it was
+    for (key, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(pa, pb), key
