@@ -206,3 +206,16 @@ def test_learned_policy_init_follows_the_seed_not_the_global_rng(name):
     assert torch.equal(after_a, expected)  # building a policy leaves the global RNG where it was
     for (key, pa), pb in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(pa, pb), key
+
+
+def test_block_mask_tops_up_to_exactly_k_when_blocks_run_out():
+    import numpy as np
+
+    from ahm.masking.block import block_mask
+
+    rng = np.random.default_rng(0)
+    fill = rng.random(24)
+    no_blocks = block_mask((4, 6), 10, np.empty((0, 4)), fill, 2)
+    assert no_blocks.sum() == 10 and set(np.flatnonzero(no_blocks)) == set(np.argsort(-fill)[:10])
+    one_block = block_mask((4, 6), 10, np.array([[1.0, 0.5, 0.0, 0.0]]), fill, 2)
+    assert one_block.sum() == 10 and one_block.reshape(4, 6)[:3, :3].all()  # a 3x3 block, then 1 random
