@@ -1,1 +1,77 @@
-"""ahm.data."""
+"""ahm.data: read images and volumes, find them in a dataset's layout, split by subject, feed torch.
+
+Names are imported on first use, so `ahm data check` does not pay for torch and MONAI at start-up.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS: dict[str, str] = {
+    # readers
+    "Volume": "readers",
+    "ImageInfo": "readers",
+    "read_image": "readers",
+    "read_image_info": "readers",
+    "read_mask": "readers",
+    "read_volume": "readers",
+    "read_label_volume": "readers",
+    "volume_slice": "readers",
+    "count_slices": "readers",
+    "normalize": "readers",
+    "resize_image": "readers",
+    "resize_mask": "readers",
+    "undo_resize": "readers",
+    # transforms
+    "pretrain_augment": "transforms",
+    "segment_augment": "transforms",
+    # layouts
+    "LAYOUTS": "layouts",
+    "Item": "layouts",
+    "DatasetIndex": "layouts",
+    "open_dataset": "layouts",
+    "detect_layout": "layouts",
+    "read_splits_file": "layouts",
+    # splits
+    "make_splits": "splits",
+    "label_subset": "splits",
+    # dataset
+    "Arrays": "dataset",
+    "ArrayDataset": "dataset",
+    "load_arrays": "dataset",
+    "read_item": "dataset",
+    "sample_seed": "dataset",
+    # brain demo, check
+    "prepare_brain_demo": "brain_demo",
+    "CheckReport": "check",
+    "check_dataset": "check",
+    "format_report": "check",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ahm.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"ahm.data.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ahm.data.brain_demo import prepare_brain_demo
+    from ahm.data.check import CheckReport, check_dataset, format_report
+    from ahm.data.dataset import ArrayDataset, Arrays, load_arrays, read_item, sample_seed
+    from ahm.data.layouts import LAYOUTS, DatasetIndex, Item, detect_layout, open_dataset, read_splits_file
+    from ahm.data.readers import (ImageInfo, Volume, count_slices, normalize, read_image, read_image_info,
+                                  read_label_volume, read_mask, read_volume, resize_image, resize_mask,
+                                  undo_resize, volume_slice)
+    from ahm.data.splits import label_subset, make_splits
+    from ahm.data.transforms import pretrain_augment, segment_augment

@@ -1,0 +1,196 @@
+"""A small labelled brain MRI set built offline from the MNI152 template that ships inside nilearn.
+
+Labels: 0 background, 1 grey matter, 2 white matter (the larger tissue probability, when it is >= 0.5).
+2D slices along all three axes are written in the `folder` layout. Neighbouring slices of one axis are
+nearly identical, so slices are grouped into slabs (the "subjects" of this set), whole slabs go to one
+split, and a gap of slices between slabs is dropped: adjacent slices never sit on two sides of a split.
+Slices of different axes do intersect; the set is for demonstrating and testing the pipeline, not for
+reporting accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from ahm.errors import AhmError
+
+MARKER = "brain_demo.json"
+KIND = "ahm-brain-demo"
+LABELS = {"0": "background", "1": "grey matter", "2": "white matter"}
+SLAB_SIZE = 8
+GAP = 2
+MIN_BRAIN_FRACTION = 0.05
+FRACTIONS = {"val": 0.15, "test": 0.15}
+
+
+def _load_template() -> tuple[np.ndarray, np.ndarray]:
+    """T1 template and label volume (0/1/2) from nilearn's bundled MNI152 2009 files (no network)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from nilearn import datasets
+
+            t1 = np.asarray(datasets.load_mni152_template(resolution=2).get_fdata(), dtype=np.float32)
+            gm = np.asarray(datasets.load_mni152_gm_template(resolution=2).get_fdata(), dtype=np.float32)
+            wm = np.asarray(datasets.load_mni152_wm_template(resolution=2).get_fdata(), dtype=np.float32)
+    except ImportError as exc:
+        raise AhmError("brain demo: needs nilearn (pip install 'ahm[demo]' or pip install nilearn)") from exc
+    except Exception as exc:  # a broken nilearn install: say so in one line
+        raise AhmError(f"brain demo: could not load nilearn's MNI152 template ({type(exc).__name__}: {exc})") from exc
+    if not (t1.shape == gm.shape == wm.shape):
+        raise AhmError(f"brain demo: nilearn template shapes differ ({t1.shape}, {gm.shape}, {wm.shape})")
+    probs = np.stack([gm, wm])
+    labels = np.where(probs.max(axis=0) >= 0.5, probs.argmax(axis=0) + 1, 0).astype(np.uint8)
+    return t1, labels
+
+
+def plan_slabs(kept: list[int], slab_size: int = SLAB_SIZE, gap: int = GAP) -> list[list[int]]:
+    """Group sorted slice indices into slabs of `slab_size` index positions with `gap` positions dropped
+    between slabs, so slices of two slabs are always more than `gap` indices apart."""
+    slabs: list[list[int]] = []
+    if not kept:
+        return slabs
+    start = kept[0]
+    last = kept[-1]
+    while start <= last:
+        slab = [k for k in kept if start <= k < start + slab_size]
+        if slab:
+            slabs.append(slab)
+        start += slab_size + gap
+    return slabs
+
+
+def _assign(n_slabs: int, rng: np.random.Generator) -> list[str]:
+    sides = ["train"] * n_slabs
+    order = rng.permutation(n_slabs)
+    n_test = max(1, int(round(FRACTIONS["test"] * n_slabs))) if n_slabs >= 3 else 0
+    n_val = max(1, int(round(FRACTIONS["val"] * n_slabs))) if n_slabs >= 3 else 0
+    for k in order[:n_test]:
+        sides[k] = "test"
+    for k in order[n_test:n_test + n_val]:
+        sides[k] = "val"
+    return sides
+
+
+def _is_previous_demo(out: Path) -> bool:
+    try:
+        return json.loads((out / MARKER).read_text()).get("kind") == KIND
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _save_png(path: Path, array: np.ndarray) -> None:
+    from PIL import Image
+
+    Image.fromarray(np.ascontiguousarray(array.astype(np.uint8)), mode="L").save(path, format="PNG")
+
+
+def prepare_brain_demo(out: Path, image_size: int = 128, progress: Callable[[int, int], None] | None = None,
+                       seed: int = 0) -> dict:
+    """Write the brain demo set to `out` (folder layout + splits.json) and return a summary.
+
+    Refuses a non-empty `out` unless it is a previous brain demo (then replaced). The set is written to a
+    temporary folder beside `out` and renamed into place, so `out` is never left half written.
+    """
+    from ahm.data.readers import resize_image, resize_mask
+
+    out = Path(out).expanduser()
+    if not 16 <= image_size <= 1024:
+        raise AhmError(f"--image-size must be between 16 and 1024, got {image_size}")
+    if out.exists():
+        if not out.is_dir():
+            raise AhmError(f"{out}: exists and is not a folder")
+        if any(out.iterdir()) and not _is_previous_demo(out):
+            raise AhmError(f"{out}: folder is not empty and is not a previous brain demo; "
+                           "choose a new or empty folder (nothing was written)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    t1, labels = _load_template()
+    scale = float(np.percentile(t1[labels > 0], 99.5)) or 1.0
+    t1_8bit = np.clip(np.round(t1 / scale * 255.0), 0, 255).astype(np.uint8)
+    rng = np.random.default_rng(seed)
+
+    work: list[tuple[str, str, int, int]] = []  # (stem, side, axis, index)
+    splits: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    slab_counts = {"train": 0, "val": 0, "test": 0}
+    for axis in range(3):
+        kept = [k for k in range(labels.shape[axis])
+                if (np.take(labels, k, axis=axis) > 0).mean() >= MIN_BRAIN_FRACTION]
+        slabs = plan_slabs(kept)
+        for slab_no, (slab, side) in enumerate(zip(slabs, _assign(len(slabs), rng))):
+            slab_counts[side] += 1
+            for k in slab:
+                stem = f"ax{axis}s{slab_no:02d}__{k:03d}"
+                splits[side].append(stem)
+                work.append((stem, side, axis, k))
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        (tmp / "images").mkdir()
+        (tmp / "masks").mkdir()
+        for done, (stem, _, axis, k) in enumerate(work, start=1):
+            # rot90 puts the superior (or anterior) direction up, the way the slices are usually viewed.
+            image = np.rot90(np.take(t1_8bit, k, axis=axis)).astype(np.float32)
+            label = np.rot90(np.take(labels, k, axis=axis)).astype(np.int64)
+            image = resize_image(image[None], image_size)[0]
+            label = resize_mask(label, image_size)
+            _save_png(tmp / "images" / f"{stem}.png", np.clip(np.round(image), 0, 255))
+            _save_png(tmp / "masks" / f"{stem}.png", label)
+            if progress is not None:
+                progress(done, len(work))
+        counts = {side: len(ids) for side, ids in splits.items()}
+        info = {
+            "kind": KIND,
+            "format": 1,
+            "source": "nilearn MNI152 2009 template, 2 mm (T1 image, grey/white matter probability maps)",
+            "labels": LABELS,
+            "image_size": image_size,
+            "slab_size": SLAB_SIZE,
+            "gap": GAP,
+            "min_brain_fraction": MIN_BRAIN_FRACTION,
+            "seed": seed,
+            "images": len(work),
+            "splits": counts,
+            "slabs": slab_counts,
+        }
+        (tmp / "splits.json").write_text(json.dumps(splits, indent=1) + "\n")
+        (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {
+        "out": str(out),
+        "images": len(work),
+        "splits": counts,
+        "slabs": slab_counts,
+        "image_size": image_size,
+        "labels": LABELS,
+        "paths": {name: str(out / name) for name in ("images", "masks", "splits.json", MARKER)},
+    }
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    old = None
+    if out.exists():
+        if any(out.iterdir()):
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / "previous")
+        else:
+            out.rmdir()
+    try:
+        os.replace(tmp, out)
+    except OSError as exc:
+        if old is not None:  # put the previous demo back rather than leave nothing
+            os.replace(old / "previous", out)
+        raise AhmError(f"{out}: could not move the new brain demo into place ({exc.strerror or exc})") from exc
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

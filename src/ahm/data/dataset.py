@@ -1,0 +1,264 @@
+"""From listed items to arrays in memory, and a seeded torch Dataset over them.
+
+The data sets this toolkit targets (a few thousand 2D slices at 128-256 px) fit in memory once resized, so
+images are read, normalised and resized once; augmentation then runs per sample, seeded by
+(seed, epoch, index) so that any epoch of a run can be replayed exactly after a resume.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ahm.config import DataConfig
+from ahm.data.layouts import DatasetIndex, Item
+from ahm.errors import AhmError
+
+
+@dataclass
+class Arrays:
+    """Images ready for a network, with where each one came from."""
+
+    images: np.ndarray  # float32 [N, C, S, S], normalised to ~[0, 1]
+    labels: np.ndarray | None  # int64 [N, S, S]
+    ids: list[str]
+    original_hw: list[tuple[int, int]]
+    items: list[Item]
+    problems: list[str] = field(default_factory=list)  # files skipped with cfg.skip_bad
+
+
+class _VolumeCache:
+    """Keeps the last image volume and the last label volume read.
+
+    Items are visited volume by volume, so each volume is read once.
+    """
+
+    def __init__(self) -> None:
+        self._slots: dict[bool, tuple[str, np.ndarray]] = {}
+
+    def get(self, path: Path, label: bool) -> np.ndarray:
+        from ahm.data.readers import read_label_volume, read_volume
+
+        held = self._slots.get(label)
+        if held is None or held[0] != str(path):
+            self._slots.pop(label, None)  # drop the old one before reading: two volumes may not fit
+            data = (read_label_volume(path) if label else read_volume(path)).data
+            self._slots[label] = (str(path), data)
+        return self._slots[label][1]
+
+
+def _read_mask_2d(item: Item, index: DatasetIndex, cfg: DataConfig) -> np.ndarray:
+    from ahm.data.readers import read_mask
+
+    assert item.mask is not None
+    if index.layout == "kvasir" or item.mask.suffix.lower() in (".jpg", ".jpeg"):
+        # JPEG masks (Kvasir) carry compression noise around the edges; 128 splits it cleanly.
+        return read_mask(item.mask, max_pixels=cfg.max_pixels, threshold=128)
+    mask = read_mask(item.mask, max_pixels=cfg.max_pixels)
+    for extra in item.extra_masks:
+        more = read_mask(extra, max_pixels=cfg.max_pixels)
+        if more.shape != mask.shape:
+            raise AhmError(f"{extra}: mask size {more.shape[0]}x{more.shape[1]} does not match "
+                           f"{item.mask.name} ({mask.shape[0]}x{mask.shape[1]})")
+        mask = ((mask > 0) | (more > 0)).astype(np.int64)
+    return mask
+
+
+def read_item(item: Item, index: DatasetIndex, cfg: DataConfig, labels: bool,
+              cache: _VolumeCache | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Raw image [C, H, W] float32 as stored and mask [H, W] int64 (or None), checked against each other."""
+    from ahm.data.readers import read_image, volume_slice
+
+    cache = cache or _VolumeCache()
+    if item.slice is not None:
+        assert item.axis is not None
+        volume = cache.get(item.image, label=False)
+        image = volume_slice(volume, item.axis, item.slice)
+    else:
+        image = read_image(item.image, max_pixels=cfg.max_pixels)
+    if image.ndim != 3 or image.shape[1] < 1 or image.shape[2] < 1:
+        raise AhmError(f"{item.image}: unexpected image shape {tuple(image.shape)}")
+    if not np.isfinite(image).all():
+        raise AhmError(f"{item.image}: contains NaN or infinite values")
+
+    mask = None
+    if labels and item.mask is not None:
+        if item.slice is not None:
+            label_volume = cache.get(item.mask, label=True)
+            volume_shape = cache.get(item.image, label=False).shape[:3]
+            if label_volume.shape[:3] != volume_shape:
+                raise AhmError(f"{item.mask}: label volume size {'x'.join(map(str, label_volume.shape[:3]))} "
+                               f"does not match image volume {item.image.name} "
+                               f"({'x'.join(map(str, volume_shape))})")
+            mask = volume_slice(label_volume, item.axis, item.slice)
+        else:
+            mask = _read_mask_2d(item, index, cfg)
+        if mask.shape != image.shape[1:]:
+            raise AhmError(f"{item.mask}: mask size {mask.shape[0]}x{mask.shape[1]} does not match image "
+                           f"{item.image.name} size {image.shape[1]}x{image.shape[2]}")
+        mask = mask.astype(np.int64, copy=False)
+        if index.label_values is not None:
+            bad = sorted(set(np.unique(mask).tolist()) - set(index.label_values))
+            if bad:
+                where = "dataset.json" if index.layout == "msd" else f"the {index.layout} layout"
+                shown = ", ".join(map(str, bad[:8])) + (" ..." if len(bad) > 8 else "")
+                raise AhmError(f"{item.mask}: label values {shown} are outside the set "
+                               f"{index.label_values} declared by {where}")
+    return image, mask
+
+
+def _source_dtype(path: Path) -> str | None:
+    """Stored sample type of a 2D file, for the 'auto' normalisation (8-bit photo vs scanner data)."""
+    from ahm.data.readers import read_image_info
+
+    try:
+        return read_image_info(path).dtype
+    except AhmError:  # the pixels were readable; an odd header only loses the hint
+        return None
+
+
+def _modality(item: Item, index: DatasetIndex, cfg: DataConfig) -> tuple[str, str | None]:
+    if cfg.modality != "auto":
+        return cfg.modality, None
+    if index.modality is not None:
+        return index.modality, None
+    if item.slice is not None:
+        return "mri", None
+    return "auto", _source_dtype(item.image)
+
+
+def _unify_channels(image: np.ndarray, channels: int, path: Path) -> np.ndarray:
+    have = image.shape[0]
+    if have == channels:
+        return image
+    if have == 1:
+        return np.repeat(image, channels, axis=0)
+    if have == 3 and channels == 1:
+        return image.mean(axis=0, keepdims=True)
+    raise AhmError(f"{path}: has {have} channels but the data set uses {channels} "
+                   f"(set data.channels, or convert the file)")
+
+
+def load_arrays(index: DatasetIndex, ids: list[str], cfg: DataConfig, labels: bool,
+                progress: Callable[[int, int], None] | None = None) -> Arrays:
+    """Read, normalise and resize the items `ids` into arrays [N, C, S, S] (+ labels [N, S, S]).
+
+    Channels follow `cfg.channels` or the first image. With `cfg.skip_bad` unreadable or inconsistent files
+    are left out and listed in `Arrays.problems` (and `index.problems`); otherwise the first one raises.
+    """
+    from ahm.data.readers import normalize, resize_image, resize_mask
+
+    by_id = index.by_id()
+    missing = [i for i in ids if i not in by_id]
+    if missing:
+        raise AhmError(f"{index.root}: unknown item id(s) {', '.join(missing[:5])}")
+    if labels and not index.has_labels:
+        raise AhmError(f"{index.root}: this dataset has no masks; segmentation needs labelled images")
+    size = cfg.image_size
+    # Visit items volume by volume (each volume read once) but return them in the order asked for.
+    order = sorted(range(len(ids)), key=lambda k: (str(by_id[ids[k]].image), k))
+    results: dict[int, tuple[np.ndarray, np.ndarray | None, tuple[int, int]]] = {}
+    problems: list[str] = []
+    channels = cfg.channels
+    cache = _VolumeCache()
+    for done, k in enumerate(order, start=1):
+        item = by_id[ids[k]]
+        try:
+            image, mask = read_item(item, index, cfg, labels, cache)
+            if labels and mask is None:
+                raise AhmError(f"{item.image}: no mask for this image")
+            if channels is None:
+                channels = image.shape[0]
+            image = _unify_channels(image, channels, item.image)
+            modality, source_dtype = _modality(item, index, cfg)
+            image = normalize(image.astype(np.float32, copy=False), modality, ct_window=cfg.ct_window,
+                              source_dtype=source_dtype)
+            hw = (int(image.shape[1]), int(image.shape[2]))
+            resized = resize_image(image, size)
+            if not np.isfinite(resized).all():
+                raise AhmError(f"{item.image}: normalisation produced NaN or infinite values")
+            results[k] = (resized.astype(np.float32, copy=False),
+                          None if mask is None else resize_mask(mask, size).astype(np.int64, copy=False), hw)
+        except AhmError as exc:
+            if not cfg.skip_bad:
+                raise
+            problems.append(str(exc))
+        if progress is not None:
+            progress(done, len(order))
+    kept = [k for k in range(len(ids)) if k in results]
+    if ids and not kept:
+        raise AhmError(f"{index.root}: none of the {len(ids)} images could be read "
+                       f"(first problem: {problems[0] if problems else 'unknown'})")
+    n_channels = channels or (cfg.channels or 1)
+    images = np.zeros((len(kept), n_channels, size, size), dtype=np.float32)
+    label_array = np.zeros((len(kept), size, size), dtype=np.int64) if labels else None
+    for row, k in enumerate(kept):
+        images[row] = results[k][0]
+        if label_array is not None:
+            label_array[row] = results[k][1]
+    index.problems.extend(problems)
+    return Arrays(images=images, labels=label_array, ids=[ids[k] for k in kept],
+                  original_hw=[results[k][2] for k in kept], items=[by_id[ids[k]] for k in kept],
+                  problems=problems)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 32-bit seed that depends on (seed, epoch, index) only, never on worker or call order."""
+    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch), int(index)]).generate_state(1)[0])
+
+
+class ArrayDataset(torch.utils.data.Dataset):
+    """Samples `{"image": [C,S,S] float, "label": [S,S] long, "index": i}` with reproducible augmentation.
+
+    The transform (a MONAI dict transform, or any callable on such dicts) is re-seeded for every sample from
+    (seed, epoch, i): the same epoch gives the same samples again, in any DataLoader worker, after a resume.
+    """
+
+    def __init__(self, images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor | None = None,
+                 transform: Callable[[dict], dict] | None = None, seed: int = 0) -> None:
+        self.images = torch.as_tensor(images, dtype=torch.float32)
+        self.labels = None if labels is None else torch.as_tensor(labels, dtype=torch.long)
+        if self.labels is not None and self.labels.shape[0] != self.images.shape[0]:
+            raise AhmError(f"ArrayDataset: {self.images.shape[0]} images but {self.labels.shape[0]} labels")
+        self.transform = transform
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        sample: dict[str, Any] = {"image": self.images[i].clone()}
+        if self.labels is not None:
+            sample["label"] = self.labels[i].unsqueeze(0).clone()
+        if self.transform is not None:
+            seed = sample_seed(self.seed, self.epoch, i)
+            if hasattr(self.transform, "set_random_state"):
+                self.transform.set_random_state(seed=seed)
+                sample = self.transform(sample)
+            else:
+                # A plain callable may draw from torch's global generator; fork it so the caller's stream is
+                # untouched and the draw depends on the sample only.
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    sample = self.transform(sample)
+        out: dict[str, Any] = {"image": _plain(sample["image"]).float().contiguous(), "index": i}
+        if self.labels is not None:
+            label = _plain(sample["label"])
+            out["label"] = (label[0] if label.ndim == 3 else label).long().contiguous()
+        return out
+
+
+def _plain(value: Any) -> torch.Tensor:
+    # MONAI returns MetaTensors; batches of plain tensors collate faster and print cleanly.
+    if hasattr(value, "as_tensor"):
+        value = value.as_tensor()
+    return torch.as_tensor(value)
