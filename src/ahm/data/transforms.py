@@ -1,0 +1,96 @@
+"""Augmentations for pretraining and fine-tuning, built from MONAI dictionary transforms.
+
+They work on `{"image": Tensor[C, S, S] float, "label": Tensor[1, S, S] long (optional)}` and return the
+same keys, shapes and dtypes as plain tensors. Every random draw comes from the transform's own state:
+`aug.set_random_state(seed=...)` before a call makes that call exactly reproducible.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Hashable, Mapping
+
+import torch
+from monai.transforms import (
+    Compose,
+    MapTransform,
+    RandFlipd,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    RandSpatialCropd,
+    Resized,
+)
+
+from ahm.errors import AhmError
+
+IMAGE, LABEL = "image", "label"
+
+
+class _AsPlainTensors(MapTransform):
+    """Drop MONAI metadata and give labels back their integer type (resizing works in float)."""
+
+    def __init__(self) -> None:
+        super().__init__(keys=[IMAGE, LABEL], allow_missing_keys=True)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        out = dict(data)
+        for key in self.key_iterator(out):
+            value = out[key]
+            if hasattr(value, "as_tensor"):
+                value = value.as_tensor()
+            value = torch.as_tensor(value)
+            out[key] = torch.round(value).long() if key == LABEL else value.float()
+        return out
+
+
+def _check_size(image_size: int) -> int:
+    image_size = int(image_size)
+    if image_size < 2:
+        raise AhmError(f"image_size: must be at least 2 for augmentation, got {image_size}")
+    return image_size
+
+
+def _random_resized_crop(keys: list[str], image_size: int, min_area: float, modes: list[str]) -> list:
+    # Each side is drawn from [sqrt(min_area), 1] * size, so the crop keeps between min_area and all of the
+    # image (like torchvision's RandomResizedCrop), then is resized back to the training size.
+    min_side = max(1, math.ceil(image_size * math.sqrt(min_area)))
+    return [
+        RandSpatialCropd(keys=keys, roi_size=(min_side, min_side), max_roi_size=(image_size, image_size),
+                         random_center=True, random_size=True, allow_missing_keys=True),
+        Resized(keys=keys, spatial_size=(image_size, image_size), mode=modes, allow_missing_keys=True),
+    ]
+
+
+def pretrain_augment(image_size: int) -> Compose:
+    """Random resized crop (area 0.5-1) back to `image_size`, horizontal/vertical flips, intensity
+    scale/shift jitter. Seed with `.set_random_state(seed=...)`."""
+    size = _check_size(image_size)
+    keys = [IMAGE]
+    return Compose(
+        _random_resized_crop(keys, size, 0.5, ["bilinear"])
+        + [
+            RandFlipd(keys=keys, prob=0.5, spatial_axis=0),
+            RandFlipd(keys=keys, prob=0.5, spatial_axis=1),
+            RandScaleIntensityd(keys=keys, factors=0.1, prob=0.8),
+            RandShiftIntensityd(keys=keys, offsets=0.1, prob=0.8),
+            _AsPlainTensors(),
+        ]
+    )
+
+
+def segment_augment(image_size: int) -> Compose:
+    """Spatial augmentation applied identically to image and label (nearest for the label, so label
+    values are never blended): random resized crop (area 0.7-1), flips; then small intensity jitter on the
+    image only. The label key is optional. Seed with `.set_random_state(seed=...)`."""
+    size = _check_size(image_size)
+    keys = [IMAGE, LABEL]
+    return Compose(
+        _random_resized_crop(keys, size, 0.7, ["bilinear", "nearest"])
+        + [
+            RandFlipd(keys=keys, prob=0.5, spatial_axis=0, allow_missing_keys=True),
+            RandFlipd(keys=keys, prob=0.5, spatial_axis=1, allow_missing_keys=True),
+            RandScaleIntensityd(keys=[IMAGE], factors=0.05, prob=0.5),
+            RandShiftIntensityd(keys=[IMAGE], offsets=0.05, prob=0.5),
+            _AsPlainTensors(),
+        ]
+    )
