@@ -1,0 +1,271 @@
+"""AHM: adaptive hard masking by a reinforcement-learned actor-critic (see METHOD.md, "AHM as this project builds it").
+
+Per batch, `propose` runs the light agent once: K = round(mask_ratio_t * L) patches are masked, of
+which K_hard = round(alpha_t * K) are drawn by the actor (Gumbel-top-k from softmax(z / tau)) and the
+rest uniformly at random among the others. `observe` turns the reconstruction losses into the agent's
+learning signal (see `losses.agent_loss`):
+- synchronous mode (A2C, `agent_workers == 0`): the agent loss is returned as `aux_loss`; the training
+  loop backpropagates it with the model's loss and steps the agent with `policy_lr` (under DDP the
+  loop all-reduces the agent's gradients like the model's). Exactly reproducible from the seed.
+- asynchronous mode (A3C, `agent_workers = N`): the global agent lives in shared memory and trains
+  itself (`owns_optimizer`); `observe` queues the transition for N worker processes (see `a3c.py`).
+
+Checkpoints: the agent's weights are the policy's parameters (`state_dict`); the generator, and in
+async mode the shared optimiser state and transition counters, are in `extra_state`. Loading a
+checkpoint of another agent shape raises AhmError (one line naming the options to match).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+from torch import Tensor
+
+from ahm.config import MaskingConfig
+from ahm.errors import AhmError
+from ahm.masking.ahm.agent import AhmAgent
+from ahm.masking.ahm.losses import agent_loss, normalised_reward
+from ahm.masking.ahm.sampling import gumbel_noise, gumbel_topk
+from ahm.masking.base import (
+    MaskingPolicy,
+    PolicyContext,
+    PolicyStep,
+    hard_fraction_at,
+    random_scores,
+    register,
+    topk_mask,
+)
+
+BACKGROUND_STD = 0.01  # a patch whose pixel std is below this (intensities ~[0, 1]) counts as background
+
+
+@dataclass
+class _Draw:
+    """What `propose` computed, kept for the `observe` of the same batch."""
+
+    mask: Tensor  # bool [B, L] on the agent's device
+    hard_idx: Tensor  # long [B, K_hard], in draw order
+    logits: Tensor  # [B, L] (with graph in synchronous training)
+    values: Tensor  # [B, L]
+    k: int
+    k_hard: int
+
+
+def patch_std(images: Tensor, patch_size: int) -> Tensor:
+    """Pixel standard deviation of each patch, [B, L] in row-major patch order."""
+    b, c, h, w = images.shape
+    p = patch_size
+    patches = images.detach().float().reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+    return patches.reshape(b, (h // p) * (w // p), c * p * p).std(dim=-1)
+
+
+def row_spearman(a: Tensor, b: Tensor) -> Tensor:
+    """Spearman correlation of each row pair of a, b [B, K] -> [B] (same ranking as base.spearman; nan if undefined)."""
+    if a.shape[1] < 3:
+        return torch.full((a.shape[0],), float("nan"))
+    ra = a.argsort(dim=1).argsort(dim=1).double()
+    rb = b.argsort(dim=1).argsort(dim=1).double()
+    ra = ra - ra.mean(dim=1, keepdim=True)
+    rb = rb - rb.mean(dim=1, keepdim=True)
+    denom = ((ra * ra).sum(dim=1) * (rb * rb).sum(dim=1)).sqrt()
+    return torch.where(denom > 0, (ra * rb).sum(dim=1) / denom, torch.full_like(denom, float("nan")))
+
+
+@register("ahm")
+class AHMPolicy(MaskingPolicy):
+    """The AHM masking policy (actor-critic agent; A2C in-process or A3C with worker processes)."""
+
+    def __init__(self, cfg: MaskingConfig, ctx: PolicyContext) -> None:
+        super().__init__(cfg, ctx)
+        if cfg.temperature <= 0:
+            raise AhmError(f"--temperature must be positive, got {cfg.temperature}")
+        self.asynchronous = cfg.agent_workers > 0
+        self.owns_optimizer = self.asynchronous
+        if self.asynchronous and ctx.world_size > 1:
+            raise AhmError(
+                "--agent-workers: asynchronous A3C workers cannot be combined with multi-process (DDP) training; "
+                "use --agent-workers 0 (synchronous A2C, the agent's gradients are all-reduced)"
+            )
+        # seeded from the run seed only, so every DDP rank starts from the same agent
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(ctx.seed)
+            self.agent = AhmAgent(ctx.in_channels, ctx.patch_size, ctx.grid, cfg.agent_dim, cfg.agent_depth,
+                                  cfg.agent_heads)
+        self._draw: Optional[_Draw] = None
+        self._workers: Any = None
+        if self.asynchronous:
+            from ahm.masking.ahm.a3c import A3CWorkers
+
+            self.agent.share_memory()
+            self._workers = A3CWorkers(self.agent, cfg.agent_workers, cfg.queue_size, cfg.policy_lr,
+                                       self._loss_kwargs(), seed=ctx.seed)
+        else:
+            self.agent.to(ctx.device)
+
+    def _loss_kwargs(self) -> dict[str, Any]:
+        return {
+            "temperature": self.cfg.temperature,
+            "critic_coef": self.cfg.critic_coef,
+            "entropy_coef": self.cfg.entropy_coef,
+            "critic_loss": self.cfg.critic_loss,
+        }
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> "AHMPolicy":
+        # the A3C global agent must stay in CPU shared memory where the workers see it
+        if not self.asynchronous:
+            return super()._apply(fn, recurse)
+        agent = self._modules.pop("agent")
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._modules["agent"] = agent
+        return self
+
+    @property
+    def agent_device(self) -> torch.device:
+        return self.agent.pos_embed.device
+
+    @property
+    def workers(self) -> Any:
+        """The A3C worker pool (None in synchronous mode)."""
+        return self._workers
+
+    # ------------------------------------------------------------------ acting
+    def hard_count(self, progress: float) -> tuple[int, int]:
+        """(K, K_hard) at this point of training."""
+        k = self.num_masked(progress)
+        return k, int(round(hard_fraction_at(self.cfg, progress) * k))
+
+    def propose(self, images: Tensor, progress: float) -> Tensor:
+        if self._workers is not None:
+            self._workers.check()
+        batch = images.shape[0]
+        length = self.num_patches
+        k, k_hard = self.hard_count(progress)
+        device = self.agent_device
+        learn_here = self.training and not self.asynchronous
+        with torch.set_grad_enabled(learn_here):
+            logits, values = self.agent(images.detach().to(device))
+        # both draws always happen so the generator's stream does not depend on the schedule
+        noise = gumbel_noise((batch, length), self.generator).to(device)
+        uniform = random_scores(batch, length, self.generator, device)
+        hard_idx = gumbel_topk(logits, k_hard, noise, self.cfg.temperature)
+        # actor-chosen patches outrank every uniform score, so the top K are them plus random others
+        mask = topk_mask(uniform.scatter(1, hard_idx, 2.0), k)
+        self._draw = _Draw(mask, hard_idx, logits, values, k, k_hard)
+        return mask.to(images.device)
+
+    @torch.no_grad()
+    def agent_maps(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """The actor's draw probabilities softmax(z / tau) and the critic's predicted loss, both [B, L]."""
+        logits, values = self.agent(images.detach().to(self.agent_device))
+        return (logits / self.cfg.temperature).softmax(dim=1), values
+
+    # ---------------------------------------------------------------- learning
+    def observe(self, images: Tensor, mask: Tensor, per_patch_loss: Tensor, progress: float) -> PolicyStep:
+        draw, self._draw = self._draw, None
+        if draw is None:
+            raise RuntimeError("AHMPolicy.observe() needs the propose() of the same batch first")
+        device = draw.mask.device
+        if tuple(mask.shape) != tuple(draw.mask.shape) or not torch.equal(mask.to(device), draw.mask):
+            raise RuntimeError("AHMPolicy.observe() got a mask that its last propose() did not draw")
+        loss = per_patch_loss.detach().to(device=device, dtype=torch.float32)
+        finite = bool(torch.isfinite(loss[draw.mask]).all())
+        metrics: dict[str, float] = {"hard_fraction": draw.k_hard / draw.k}
+        if finite:
+            metrics.update(self._diagnostics(images, draw, loss))
+        else:
+            metrics["agent_skipped"] = 1.0  # a non-finite loss must not reach the agent
+        step = PolicyStep(metrics=metrics)
+        if self.asynchronous:
+            if finite and self.training:
+                self._workers.push({
+                    "images": images.detach().to("cpu", torch.float32, copy=True),
+                    "mask": draw.mask.cpu(),
+                    "hard_idx": draw.hard_idx.cpu(),
+                    "loss": loss.cpu(),
+                    "progress": float(progress),
+                })
+            metrics.update(self._workers.collect())
+            metrics["transitions_dropped"] = float(self._workers.dropped)
+        else:
+            metrics["transitions_dropped"] = 0.0
+            if finite and self.training and draw.logits.requires_grad:
+                total, parts = agent_loss(draw.logits, draw.values, draw.mask, draw.hard_idx, loss,
+                                          **self._loss_kwargs())
+                step.aux_loss = total
+                metrics.update({key: float(value) for key, value in parts.items()})
+        return step
+
+    @torch.no_grad()
+    def _diagnostics(self, images: Tensor, draw: _Draw, loss: Tensor) -> dict[str, float]:
+        mask = draw.mask
+        batch = mask.shape[0]
+        hard = torch.zeros_like(mask).scatter_(1, draw.hard_idx, True)
+        rand = mask & ~hard
+        out: dict[str, float] = {}
+        if draw.k_hard > 0 and draw.k > draw.k_hard:
+            rand_mean = float(loss[rand].mean())
+            if rand_mean > 0:
+                out["hardness_ratio"] = float(loss[hard].mean()) / rand_mean
+        reward = normalised_reward(loss, mask)
+        out["mean_reward"] = float(reward[hard].mean() if draw.k_hard > 0 else reward[mask].mean())
+        rho = row_spearman(draw.values.detach()[mask].view(batch, draw.k).cpu(), loss[mask].view(batch, draw.k).cpu())
+        if bool(torch.isfinite(rho).any()):
+            out["critic_spearman"] = float(rho.nanmean())
+        log_pi = (draw.logits.detach() / self.cfg.temperature).log_softmax(dim=1)
+        out["policy_entropy"] = float(-(log_pi.exp() * log_pi).sum(dim=1).mean())
+        background = (patch_std(images, self.ctx.patch_size) < BACKGROUND_STD).to(mask.device)
+        out["background_share"] = float((background & mask).sum()) / float(mask.sum())
+        if draw.k_hard > 0:
+            out["background_share_actor"] = float((background & hard).sum()) / float(hard.sum())
+        return {key: value for key, value in out.items() if math.isfinite(value)}
+
+    def flush(self, timeout: float = 60.0) -> None:
+        """Async mode: wait until the workers applied every queued transition (no-op in sync mode)."""
+        if self._workers is not None:
+            self._workers.flush(timeout)
+
+    # --------------------------------------------------------------- state
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """Restore the agent; a checkpoint of another agent shape raises AhmError naming the options to match."""
+        problem = self._state_mismatch(state_dict)
+        if problem is not None:
+            raise AhmError(
+                f"policy checkpoint does not fit this AHM agent: {problem}; resume with the same --agent-dim, "
+                "--agent-depth, --agent-heads, --patch-size, --image-size and channels as the run that wrote it"
+            )
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _state_mismatch(self, state_dict: Mapping[str, Any]) -> Optional[str]:
+        mine = self.state_dict()
+        missing = [key for key in mine if key not in state_dict]
+        if missing:
+            return f"{missing[0]} is missing" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        for key, value in mine.items():
+            other = state_dict[key]
+            if not isinstance(other, Tensor) or tuple(other.shape) != tuple(value.shape):
+                shape = list(other.shape) if isinstance(other, Tensor) else type(other).__name__
+                return f"{key} is {shape} in the checkpoint but {list(value.shape)} here"
+        extra = [key for key in state_dict if key not in mine]
+        if extra:
+            return f"unexpected entry {extra[0]}"
+        return None
+
+    def extra_state(self) -> dict[str, Any]:
+        state = super().extra_state()
+        if self._workers is not None:
+            state["a3c"] = self._workers.state_dict()
+        return state
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        super().load_extra_state(state)
+        if self._workers is not None and "a3c" in state:
+            self._workers.load_state_dict(state["a3c"])
+
+    def close(self) -> None:
+        if self._workers is not None:
+            self._workers.close()
