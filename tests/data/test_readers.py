@@ -461,3 +461,10 @@ def test_unsupported_sample_types_refused(tmp_path):
     nan[0, 0] = np.nan
     _raises_naming(write_tiff(tmp_path / "n.tif", nan), read_image, match="NaN")
     _raises_naming(tmp_path / "n.tif", read_mask, match="NaN")
+
+
+def test_only_raster_formats_are_decoded(tmp_path):
+    # An EPS file named .png would make Pillow run Ghostscript; it must be refused as unreadable.
+    eps = tmp_path / "trap.png"
+    eps.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
+    _raises_naming(eps, read_image, match="not a readable image")

@@ -109,13 +109,17 @@ def _check_numeric(path: Path, arr: np.ndarray) -> np.ndarray:
 _PIL_DTYPES = {"I;16": "uint16", "I;16B": "uint16", "I;16L": "uint16", "I;16N": "uint16", "I": "int32", "F": "float32"}
 
 
+_PIL_FORMATS = ("PNG", "JPEG", "MPO", "BMP", "GIF", "WEBP")
+
+
 def _pil_open(path: Path, max_pixels: int):
     from PIL import Image
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(path)
+            # Only plain raster decoders: some Pillow plugins (EPS) would run external programs.
+            im = Image.open(path, formats=_PIL_FORMATS)
     except Image.DecompressionBombError as exc:
         raise AhmError(f"{path}: image dimensions are too large ({_describe(exc)}); refused before decoding") from exc
     except Exception as exc:
