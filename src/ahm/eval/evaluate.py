@@ -1,0 +1,292 @@
+"""Evaluate a fine-tuned segmenter on a split of a dataset: per-class and mean Dice, IoU and HD95.
+
+Resolution: metrics are computed on the model's grid (`image_size` x `image_size`, each image scaled with its
+aspect ratio kept and zero-padded, masks resized with nearest sampling), exactly the labels the model was trained
+against. The zero padding is background in both prediction and ground truth, so it changes no Dice or IoU; HD95 is
+in pixels of that grid (not millimetres). `ahm predict` maps masks back to the original size.
+Volumes (items that are slices of one volume) are also re-stacked and scored in 3D (HD95 in voxels of the
+re-stacked grid). Empty-mask conventions: see `ahm.eval.metrics`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from ahm.config import FinetuneConfig, build_config
+from ahm.errors import AhmError
+from ahm.eval.metrics import METRICS, case_means, case_metrics, summarize
+from ahm.io import load_torch, write_json, write_text
+
+BEST = "best.ckpt"
+N_CASES = 4  # best and worst cases kept for the report
+
+EMPTY_CONVENTION = ("class absent from prediction and ground truth: Dice 1, IoU 1, HD95 excluded; "
+                    "absent from exactly one: Dice 0, IoU 0, HD95 = grid diagonal")
+
+
+@dataclass
+class LoadedRun:
+    """A fine-tuned segmenter ready for inference, with what it was trained on."""
+
+    run_dir: Path
+    cfg: FinetuneConfig
+    model: torch.nn.Module
+    meta: dict[str, Any]
+    device: torch.device
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.meta["num_classes"])
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.meta["in_channels"])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.meta["image_size"])
+
+
+def inference_device(cfg: Optional[FinetuneConfig] = None) -> torch.device:
+    if cfg is not None and cfg.train.accelerator == "cpu":
+        return torch.device("cpu")
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def save_model_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], meta: dict[str, Any],
+                          epoch: int, val_dice: float) -> Path:
+    """The inference checkpoint `load_run` reads: weights plus what the network was built for (meta:
+    segmenter, num_classes, in_channels, image_size, slice_axis, index_modality, ...)."""
+    from ahm import __version__
+    from ahm.io import save_torch
+
+    missing = [k for k in ("segmenter", "num_classes", "in_channels", "image_size") if k not in meta]
+    if missing:
+        raise AhmError(f"{path}: checkpoint metadata lacks {', '.join(missing)}")
+    return save_torch(path, {"kind": "finetune-best", "version": __version__, "epoch": int(epoch),
+                             "val_dice": float(val_dice), "model": state_dict, "meta": dict(meta)})
+
+
+def load_run(run_dir: str | Path, checkpoint: str = BEST) -> LoadedRun:
+    """Rebuild the segmenter of a fine-tuning run from its config.yaml and `checkpoints/<checkpoint>`."""
+    from ahm.models import build_segmenter
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise AhmError(f"{run_dir}: run directory not found")
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise AhmError(f"{run_dir}: not a fine-tuning run directory (no config.yaml)")
+    cfg = build_config(FinetuneConfig, file=cfg_path)
+    path = run_dir / "checkpoints" / checkpoint
+    if not path.is_file():
+        raise AhmError(f"{path}: not found; the fine-tuning run has not finished an epoch yet "
+                       f"(resume it with `ahm finetune ... --resume`)")
+    ckpt = load_torch(path)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "meta" not in ckpt:
+        raise AhmError(f"{path}: not an ahm fine-tuning checkpoint")
+    meta = dict(ckpt["meta"])
+    model = build_segmenter(meta["segmenter"], cfg.model, int(meta["image_size"]), int(meta["in_channels"]),
+                            int(meta["num_classes"]))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0][:160]
+        raise AhmError(f"{path}: weights do not match the model described by {cfg_path} ({first})") from exc
+    device = inference_device(cfg)
+    model.to(device).eval()
+    meta.update({"epoch": ckpt.get("epoch"), "val_dice": ckpt.get("val_dice")})
+    return LoadedRun(run_dir, cfg, model, meta, device)
+
+
+def predict_labels(model: torch.nn.Module, images: np.ndarray | torch.Tensor, batch_size: int = 32,
+                   device: Optional[torch.device] = None) -> np.ndarray:
+    """Argmax class map `[N, S, S]` (int64) for images `[N, C, S, S]`, in batches, without autograd."""
+    if device is None:
+        device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(images), batch_size):
+                batch = torch.as_tensor(np.asarray(images[start:start + batch_size]), dtype=torch.float32)
+                logits = model(batch.to(device))
+                out.append(logits.argmax(1).to(torch.int64).cpu().numpy())
+    finally:
+        model.train(was_training)
+    if not out:
+        return np.zeros((0,) + tuple(np.asarray(images).shape[2:]), dtype=np.int64)
+    return np.concatenate(out, 0)
+
+
+def _class_names(num_classes: int) -> list[str]:
+    return [str(c) for c in range(1, num_classes)]
+
+
+def _volume_groups(items) -> dict[str, list[int]]:
+    groups: dict[str, list[int]] = {}
+    for row, item in enumerate(items):
+        if getattr(item, "volume", None) is not None and getattr(item, "slice", None) is not None:
+            groups.setdefault(f"{item.volume}", []).append(row)
+    return {k: sorted(v, key=lambda r: items[r].slice) for k, v in groups.items() if len(v) >= 2}
+
+
+def _per_image_csv(ids, items, per_case, means, names) -> str:
+    buf = _io.StringIO()
+    writer = csv.writer(buf)
+    header = ["id", "subject", "volume", "slice"]
+    for name in names:
+        header += [f"{m}_{name}" for m in METRICS]
+    header += [f"{m}_mean" for m in METRICS]
+    writer.writerow(header)
+    for row, item_id in enumerate(ids):
+        item = items[row] if items is not None else None
+        values = [item_id, getattr(item, "subject", ""), getattr(item, "volume", "") or "",
+                  "" if getattr(item, "slice", None) is None else item.slice]
+        for c in range(len(names)):
+            values += [_fmt(per_case[m][row, c]) for m in METRICS]
+        values += [_fmt(means[m][row]) for m in METRICS]
+        writer.writerow(values)
+    return buf.getvalue()
+
+
+def _fmt(v: float) -> str:
+    return "" if not np.isfinite(v) else f"{float(v):.6g}"
+
+
+def _pick_cases(images, labels, preds, ids, dice_means) -> dict[str, np.ndarray]:
+    """The best and worst images by mean Dice, among those with a foreground structure to find."""
+    has_fg = labels.reshape(len(labels), -1).max(1) > 0
+    candidates = np.flatnonzero(has_fg) if has_fg.any() else np.arange(len(labels))
+    order = candidates[np.argsort(dice_means[candidates], kind="stable")]
+    k = min(N_CASES, len(order) // 2) if len(order) > 1 else len(order)
+    worst, best = order[:k], order[::-1][:k]
+    rows = np.concatenate([best, worst]).astype(np.int64)
+    kind = np.array(["best"] * len(best) + ["worst"] * len(worst))
+    return {
+        "images": np.asarray(images[rows], dtype=np.float32), "labels": labels[rows].astype(np.int16),
+        "preds": preds[rows].astype(np.int16), "ids": np.array([ids[r] for r in rows], dtype=str),
+        "dice": dice_means[rows].astype(np.float64), "kind": kind,
+    }
+
+
+def score_arrays(out_dir: Path, preds: np.ndarray, labels: np.ndarray, images: np.ndarray, ids: list[str],
+                 items: Optional[list], num_classes: int, split: str, extra: Optional[dict] = None) -> dict:
+    """Metrics, per-image CSV and report cases for predictions already made; written to `out_dir`."""
+    if labels.size and int(labels.max()) >= num_classes:
+        raise AhmError(f"split {split!r}: ground-truth labels go up to {int(labels.max())} but the model predicts "
+                       f"{num_classes} classes (0..{num_classes - 1}); was it trained on another label set?")
+    names = _class_names(num_classes)
+    per_case = case_metrics(preds, labels, num_classes)
+    means = case_means(per_case)
+    metrics: dict[str, Any] = summarize(per_case, names)
+    metrics.update({
+        "n_images": int(len(ids)), "split": split,
+        "grid": f"model grid {labels.shape[-1]}x{labels.shape[-1]} (aspect kept, zero-padded)",
+        "hd95_unit": "pixels of the model grid", "empty_masks": EMPTY_CONVENTION,
+    })
+    if items is not None:
+        groups = _volume_groups(items)
+        if groups:
+            vol_cases = {m: [] for m in METRICS}
+            per_volume = []
+            for name, rows in sorted(groups.items()):
+                m = case_metrics(preds[rows][None], labels[rows][None], num_classes)
+                for key in METRICS:
+                    vol_cases[key].append(m[key][0])
+                per_volume.append({"volume": name, "n_slices": len(rows),
+                                   **{key: _none_if_nan(float(np.nanmean(m[key][0])) if np.isfinite(m[key][0]).any()
+                                                        else float("nan")) for key in METRICS}})
+            stacked = {k: np.stack(v) for k, v in vol_cases.items()}
+            vol = summarize(stacked, names)
+            vol.update({"n_volumes": len(groups), "hd95_unit": "voxels of the re-stacked model grid",
+                        "per_volume": per_volume})
+            metrics["volume_3d"] = vol
+    if extra:
+        metrics.update(extra)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text(out_dir / "per_image.csv", _per_image_csv(ids, items, per_case, means, names))
+    cases = _pick_cases(images, labels, preds, ids, np.nan_to_num(means["dice"], nan=0.0))
+    buf = _io.BytesIO()
+    np.savez_compressed(buf, **cases)
+    from ahm.io import write_bytes
+
+    write_bytes(out_dir / "cases.npz", buf.getvalue())
+    write_json(out_dir / "metrics.json", metrics)
+    return metrics
+
+
+def _none_if_nan(v: float) -> Optional[float]:
+    return None if not np.isfinite(v) else v
+
+
+def _split_ids(run_dir: Path, index, cfg, split: str) -> list[str]:
+    """Ids of `split`: the run's own splits.json when it describes this dataset, else fresh splits of it."""
+    import json
+
+    from ahm.data import make_splits
+
+    known = {item.id for item in index.items}
+    if split == "all":
+        return [item.id for item in index.items]
+    saved = run_dir / "splits.json"
+    splits = None
+    if saved.is_file():
+        try:
+            candidate = json.loads(saved.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise AhmError(f"{saved}: unreadable ({exc})") from exc
+        listed = [i for ids in candidate.values() if isinstance(ids, list) for i in ids]
+        if listed and all(i in known for i in listed):
+            splits = candidate
+    if splits is None:
+        # Another dataset than the one trained on: split it the same way (subjects never straddle splits).
+        splits = make_splits(index, cfg.data)
+    if split not in splits:
+        raise AhmError(f"--split {split}: unknown split; choose train, val, test or all")
+    return list(splits[split])
+
+
+def evaluate(run_dir: str | Path, data_dir: str | Path | None = None, split: str = "test", batch_size: int = 32,
+             report: bool = True, progress: bool = False) -> dict[str, Any]:
+    """Score the run's best checkpoint on `split` of `data_dir` (default: the data it was trained on).
+
+    Writes eval/<split>/metrics.json, per_image.csv and cases.npz into the run directory, refreshes report.html,
+    and returns the metrics.
+    """
+    from ahm.data import load_arrays, open_dataset
+
+    run_dir = Path(run_dir)
+    loaded = load_run(run_dir)
+    cfg = loaded.cfg
+    data_path = Path(data_dir) if data_dir is not None else (Path(cfg.data.path) if cfg.data.path else None)
+    if data_path is None:
+        raise AhmError("--data: no dataset given and the run's config records none")
+    data_cfg = cfg.data.model_copy(update={"path": str(data_path), "channels": loaded.in_channels,
+                                           "image_size": loaded.image_size})
+    index = open_dataset(data_path, data_cfg)
+    if not index.has_labels:
+        raise AhmError(f"{data_path}: no masks found; evaluation needs ground-truth masks")
+    ids = _split_ids(run_dir, index, cfg, split)
+    if not ids:
+        raise AhmError(f"{data_path}: the {split} split is empty; try --split val or --split all")
+    arrays = load_arrays(index, ids, data_cfg, labels=True)
+    preds = predict_labels(loaded.model, arrays.images, batch_size=batch_size, device=loaded.device)
+    metrics = score_arrays(run_dir / "eval" / split, preds, arrays.labels, arrays.images, arrays.ids,
+                           arrays.items, loaded.num_classes, split,
+                           extra={"data": str(data_path), "checkpoint": f"checkpoints/{BEST}",
+                                  "checkpoint_epoch": loaded.meta.get("epoch"),
+                                  "skipped_files": list(arrays.problems)})
+    if report:
+        from ahm.eval.report import write_report
+
+        write_report(run_dir)
+    return metrics

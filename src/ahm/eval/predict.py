@@ -1,0 +1,290 @@
+"""Segment new images with a fine-tuned run: PNG masks for 2D files, NIfTI label volumes for volumes.
+
+Preprocessing repeats what training did (`ahm.data.load_arrays`): intensities normalised by the run's modality
+rule, resized to the model grid keeping the aspect ratio. Masks are mapped back to each input's own size
+(`undo_resize`); a volume's mask has the input's shape and affine. Mask values are class indices (0 background).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io as _io
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from ahm.errors import AhmError
+from ahm.eval.evaluate import LoadedRun, load_run, predict_labels
+from ahm.io import write_bytes
+
+VOLUME_SUFFIXES = (".nii.gz", ".nii")
+PALETTE = np.array([(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+                    (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)], dtype=np.float32)
+
+
+@dataclass
+class _Job:
+    source: Path
+    volume: bool
+    mask_out: Path
+    overlay_out: Optional[Path]
+    error: Optional[str] = None
+
+
+def _image_suffixes() -> tuple[str, ...]:
+    from ahm.data.readers import IMAGE_SUFFIXES
+
+    return tuple(IMAGE_SUFFIXES)
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in VOLUME_SUFFIXES + _image_suffixes() + (".dcm",):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)] or name
+    return name
+
+
+def _is_volume(path: Path) -> bool:
+    return path.is_dir() or path.name.lower().endswith(VOLUME_SUFFIXES)
+
+
+def _looks_dicom_dir(path: Path) -> bool:
+    for child in sorted(path.iterdir()):
+        if child.name.startswith(".") or not child.is_file():
+            continue
+        if child.suffix.lower() == ".dcm":
+            return True
+        try:
+            with open(child, "rb") as fh:
+                head = fh.read(132)
+        except OSError:
+            continue
+        if len(head) == 132 and head[128:132] == b"DICM":
+            return True
+    return False
+
+
+def _expand(inputs: list[Path]) -> list[Path]:
+    """A folder of DICOM files is one volume; any other folder stands for the images and volumes in it."""
+    out: list[Path] = []
+    for path in inputs:
+        path = Path(path)
+        if path.is_dir() and not _looks_dicom_dir(path):
+            found = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")
+                           and p.name.lower().endswith(VOLUME_SUFFIXES + _image_suffixes()))
+            out.extend(found if found else [path])  # an empty folder fails below, with its name
+        else:
+            out.append(path)
+    return out
+
+
+def _plan(inputs: list[Path], out_dir: Path, overlay: bool) -> list[_Job]:
+    jobs, taken = [], set()
+    for path in _expand(inputs):
+        stem = _stem(path)
+        name, n = stem, 1
+        while name in taken:  # two inputs with one name (different folders): keep both
+            n += 1
+            name = f"{stem}_{n}"
+        taken.add(name)
+        volume = _is_volume(path)
+        mask_out = out_dir / (f"{name}_mask.nii.gz" if volume else f"{name}_mask.png")
+        jobs.append(_Job(path, volume, mask_out, out_dir / f"{name}_overlay.png" if overlay else None))
+    return jobs
+
+
+def _modality(run: LoadedRun, volume: bool, path: Path) -> tuple[str, Optional[str]]:
+    """The normalisation rule training used for this kind of input (mirrors ahm.data.load_arrays)."""
+    cfg = run.cfg.data
+    if cfg.modality != "auto":
+        return cfg.modality, None
+    if run.meta.get("index_modality"):
+        return str(run.meta["index_modality"]), None
+    if volume:
+        return "mri", None
+    from ahm.data.readers import read_image_info
+
+    try:
+        return "auto", read_image_info(path).dtype
+    except AhmError:
+        return "auto", None
+
+
+def _check_channels(run: LoadedRun, path: Path, channels: int) -> None:
+    if channels != run.in_channels:
+        want = "greyscale" if run.in_channels == 1 else ("RGB" if run.in_channels == 3 else f"{run.in_channels}-channel")
+        raise AhmError(f"{path}: has {channels} channel(s) but the model in {run.run_dir} was trained on "
+                       f"{run.in_channels}; convert it to {want} first")
+
+
+def _prepare(run: LoadedRun, image: np.ndarray, modality: str, source_dtype: Optional[str]) -> tuple[np.ndarray, np.ndarray]:
+    from ahm.data.readers import normalize, resize_image
+
+    norm = normalize(image.astype(np.float32, copy=False), modality, ct_window=run.cfg.data.ct_window,
+                     source_dtype=source_dtype)
+    return norm, resize_image(norm, run.image_size)
+
+
+def _png_bytes(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = _io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _mask_png(mask: np.ndarray, num_classes: int) -> bytes:
+    dtype = np.uint8 if num_classes <= 256 else np.uint16
+    return _png_bytes(np.ascontiguousarray(mask.astype(dtype)))
+
+
+def overlay_rgb(image: np.ndarray, mask: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """uint8 RGB [H, W, 3]: a [C, H, W] image in [0, 1] with each foreground class tinted its palette colour."""
+    base = image[0] if image.shape[0] != 3 else None
+    rgb = np.repeat(base[..., None], 3, axis=2) if base is not None else np.moveaxis(image, 0, -1)
+    rgb = np.clip(rgb, 0.0, 1.0) * 255.0
+    for c in np.unique(mask):
+        if c == 0:
+            continue
+        sel = mask == c
+        rgb[sel] = (1 - alpha) * rgb[sel] + alpha * PALETTE[(int(c) - 1) % len(PALETTE)]
+    return rgb.astype(np.uint8)
+
+
+def _nifti_bytes(labels: np.ndarray, affine: np.ndarray, gz: bool) -> bytes:
+    import nibabel as nib
+
+    dtype = np.uint8 if labels.max(initial=0) < 256 else np.int16
+    img = nib.Nifti1Image(np.ascontiguousarray(labels.astype(dtype)), affine)
+    img.header.set_xyzt_units("mm")
+    data = img.to_bytes()
+    return gzip.compress(data, compresslevel=6) if gz else data
+
+
+class _Batcher:
+    """Collects 2D model inputs across files so the network always sees full batches."""
+
+    def __init__(self, run: LoadedRun, batch_size: int) -> None:
+        self.run, self.batch_size = run, batch_size
+        self.pending: list[tuple[np.ndarray, Callable[[np.ndarray], None]]] = []
+        self.slices = 0
+        self.seconds = 0.0
+
+    def add(self, x: np.ndarray, done: Callable[[np.ndarray], None]) -> None:
+        self.pending.append((x, done))
+        if len(self.pending) >= self.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        batch, self.pending = self.pending, []
+        t0 = time.perf_counter()
+        preds = predict_labels(self.run.model, np.stack([x for x, _ in batch]), batch_size=self.batch_size,
+                               device=self.run.device)
+        self.seconds += time.perf_counter() - t0
+        self.slices += len(batch)
+        for pred, (_, done) in zip(preds, batch):
+            done(pred)
+
+
+def predict(run_dir: str | Path, inputs: list[Path], out_dir: str | Path, overlay: bool = False,
+            force: bool = False, batch_size: int = 32) -> dict[str, Any]:
+    """Segment each input; an unreadable input is listed in `failures` and the rest still run.
+
+    Nothing in `out_dir` is overwritten without `force`. Returns counts, outputs, failures and slices/s.
+    """
+    run = load_run(run_dir)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise AhmError(f"--out {out_dir}: exists and is not a directory")
+    if not inputs:
+        raise AhmError("no inputs given")
+    jobs = _plan([Path(p) for p in inputs], out_dir, overlay)
+    existing = [p for job in jobs for p in (job.mask_out, job.overlay_out) if p is not None and p.exists()]
+    if existing and not force:
+        raise AhmError(f"{existing[0]}: already exists ({len(existing)} output file(s) in {out_dir} would be "
+                       f"overwritten); use --force to overwrite")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    t_start = time.perf_counter()
+    batcher = _Batcher(run, batch_size)
+    for job in jobs:
+        try:
+            if job.volume:
+                _predict_volume(run, job, batcher)
+            else:
+                _predict_image(run, job, batcher)
+        except AhmError as exc:
+            job.error = str(exc)
+    batcher.flush()
+    total_s = time.perf_counter() - t_start
+    failures = [job.error for job in jobs if job.error is not None]
+    outputs = [str(job.mask_out) for job in jobs if job.error is None]
+    return {
+        "n_inputs": len(jobs), "n_ok": len(outputs), "n_failed": len(failures), "failures": failures,
+        "outputs": outputs, "out_dir": str(out_dir), "slices": batcher.slices,
+        "model_s": batcher.seconds, "total_s": total_s,
+        "slices_per_s": batcher.slices / total_s if total_s > 0 else 0.0,
+    }
+
+
+def _predict_image(run: LoadedRun, job: _Job, batcher: _Batcher) -> None:
+    from ahm.data.readers import read_image, undo_resize
+
+    image = read_image(job.source, max_pixels=run.cfg.data.max_pixels)
+    _check_channels(run, job.source, image.shape[0])
+    modality, source_dtype = _modality(run, False, job.source)
+    norm, x = _prepare(run, image, modality, source_dtype)
+    hw = (int(image.shape[1]), int(image.shape[2]))
+
+    def done(pred: np.ndarray) -> None:
+        # Runs when the batch holding this image is predicted, possibly while another input is being read.
+        try:
+            mask = undo_resize(pred, hw)
+            write_bytes(job.mask_out, _mask_png(mask, run.num_classes))
+            if job.overlay_out is not None:
+                write_bytes(job.overlay_out, _png_bytes(overlay_rgb(norm, mask)))
+        except AhmError as exc:
+            job.error = str(exc)
+
+    batcher.add(x, done)
+
+
+def _predict_volume(run: LoadedRun, job: _Job, batcher: _Batcher) -> None:
+    from ahm.data.readers import read_volume, undo_resize, volume_slice
+
+    if job.source.is_dir() and not _looks_dicom_dir(job.source):
+        raise AhmError(f"{job.source}: no images, volumes or DICOM files in this folder")
+    vol = read_volume(job.source)
+    data = vol.data
+    channels = 1 if data.ndim == 3 else int(data.shape[3])
+    _check_channels(run, job.source, channels)
+    axis = int(run.meta.get("slice_axis", run.cfg.data.slice_axis))
+    modality, _ = _modality(run, True, job.source)
+    # Slices of one volume go through the model together; pending 2D inputs go first so order is kept.
+    batcher.flush()
+    planes, norms, hw = [], [], None
+    for i in range(data.shape[axis]):
+        norm, x = _prepare(run, volume_slice(data, axis, i), modality, None)
+        hw = (int(norm.shape[1]), int(norm.shape[2]))
+        planes.append(x)
+        if job.overlay_out is not None:
+            norms.append(norm)
+    preds: list[np.ndarray] = []
+    for x in planes:
+        batcher.add(x, preds.append)
+    batcher.flush()
+    labels = np.stack([undo_resize(p, hw) for p in preds], axis=axis)
+    if labels.shape != data.shape[:3]:
+        raise AhmError(f"{job.source}: internal error: predicted shape {labels.shape} != volume {data.shape[:3]}")
+    gz = job.mask_out.name.endswith(".gz")
+    write_bytes(job.mask_out, _nifti_bytes(labels, vol.affine, gz))
+    if job.overlay_out is not None:
+        fg = [(int((np.take(labels, i, axis=axis) > 0).sum()), i) for i in range(labels.shape[axis])]
+        best = max(fg)[1] if fg else 0
+        write_bytes(job.overlay_out, _png_bytes(overlay_rgb(norms[best], np.take(labels, best, axis=axis))))

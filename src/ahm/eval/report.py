@@ -1,0 +1,210 @@
+"""A self-contained HTML report of a fine-tuning run (every image embedded as base64, no external files).
+
+Sections: summary, learning curves, metric tables of every evaluated split, best and worst cases with overlays,
+and, when the encoder was pretrained with the AHM policy, the agent's masks on a few images.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io as _io
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from ahm.io import write_text
+from ahm.train.rundir import read_metrics
+
+SPLIT_ORDER = ("test", "val", "train", "all")
+
+
+def _fig_png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = _io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _img_tag(png: bytes, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _load_json(path: Path) -> Optional[dict]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def learning_curves_png(records: list[dict[str, Any]]) -> Optional[bytes]:
+    """Training loss, validation Dice and learning rate against the step."""
+    train = [r for r in records if "loss" in r and "step" in r]
+    val = [r for r in records if r.get("val_dice") is not None and "step" in r]
+    if not train and not val:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    if train:
+        axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], lw=1.2)
+    axes[0].set(title="training loss (Dice + CE)", xlabel="step")
+    if val:
+        axes[1].plot([r["step"] for r in val], [r["val_dice"] for r in val], marker="o", ms=3, color="tab:green")
+        best = max(val, key=lambda r: r["val_dice"])
+        axes[1].axhline(best["val_dice"], ls=":", color="grey")
+    axes[1].set(title="validation mean foreground Dice", xlabel="step", ylim=(0, 1))
+    lr = [r for r in records if "lr" in r and "step" in r]
+    if lr:
+        axes[2].plot([r["step"] for r in lr], [r["lr"] for r in lr], color="tab:orange")
+    axes[2].set(title="learning rate", xlabel="step")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _fig_png(fig)
+
+
+def cases_png(cases: dict[str, np.ndarray]) -> Optional[bytes]:
+    """One row per case: the image, the ground truth and the prediction as overlays."""
+    from ahm.eval.predict import overlay_rgb
+
+    n = len(cases.get("ids", []))
+    if n == 0:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(n, 3, figsize=(7.5, 2.5 * n), squeeze=False)
+    for i in range(n):
+        image = np.clip(cases["images"][i], 0, 1)
+        shown = image[0] if image.shape[0] != 3 else np.moveaxis(image, 0, -1)
+        panels = [(shown, "image"), (overlay_rgb(image, cases["labels"][i]), "ground truth"),
+                  (overlay_rgb(image, cases["preds"][i]), "prediction")]
+        for ax, (im, title) in zip(axes[i], panels):
+            ax.imshow(im, cmap="gray" if im.ndim == 2 else None, vmin=0, vmax=1 if im.ndim == 2 else None)
+            ax.set_axis_off()
+            ax.set_title(title if i == 0 else "", fontsize=9)
+        axes[i][0].text(0, -4, f"{cases['kind'][i]}: {cases['ids'][i]}  Dice {cases['dice'][i]:.3f}", fontsize=8)
+    fig.tight_layout()
+    return _fig_png(fig)
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return html.escape(str(v))
+
+
+def _metric_table(metrics: dict[str, Any]) -> str:
+    rows = ["<tr><th>class</th><th>Dice</th><th>IoU</th><th>HD95</th></tr>"]
+    for name, vals in (metrics.get("per_class") or {}).items():
+        rows.append(f"<tr><td>{html.escape(str(name))}</td><td>{_fmt(vals.get('dice'))}</td>"
+                    f"<td>{_fmt(vals.get('iou'))}</td><td>{_fmt(vals.get('hd95'), 2)}</td></tr>")
+    rows.append(f"<tr class='mean'><td>mean</td><td>{_fmt(metrics.get('dice'))}</td><td>{_fmt(metrics.get('iou'))}</td>"
+                f"<td>{_fmt(metrics.get('hd95'), 2)}</td></tr>")
+    return "<table>" + "".join(rows) + "</table>"
+
+
+def _agent_section(init_dir: Optional[Path], cases: Optional[dict[str, np.ndarray]]) -> Optional[str]:
+    """The masks the AHM agent chooses, from ahm.eval.visualize when present, else the pretraining run's own figure."""
+    if init_dir is None or not init_dir.is_dir():
+        return None
+    png = None
+    try:
+        from ahm.eval import visualize  # written alongside; absent in older installs
+    except ImportError:
+        visualize = None
+    fn = getattr(visualize, "agent_masks_figure", None) if visualize is not None else None
+    if fn is not None and cases is not None and len(cases.get("images", [])):
+        try:
+            png = fn(init_dir, np.asarray(cases["images"]))
+        except Exception:  # a figure must never break the report
+            png = None
+    if not isinstance(png, (bytes, bytearray)):
+        fallback = init_dir / "reconstructions.png"
+        png = fallback.read_bytes() if fallback.is_file() else None
+    if png is None:
+        return None
+    return ("<h2>Masks chosen by the AHM agent</h2><p>Patches the pretraining agent masked (dimmed) on a few "
+            f"images, from the run in <code>{html.escape(str(init_dir))}</code>.</p>" + _img_tag(bytes(png), "agent masks"))
+
+
+_CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
+table{border-collapse:collapse;margin:0.5em 0 1.5em}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}
+td:first-child,th:first-child{text-align:left}tr.mean{font-weight:bold}img{max-width:100%}
+code{background:#f4f4f4;padding:1px 4px}.note{color:#666;font-size:0.9em}"""
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write (or refresh) `report.html` in a fine-tuning run directory; returns its path."""
+    run_dir = Path(run_dir)
+    summary = _load_json(run_dir / "summary.json") or {}
+    run_info = _load_json(run_dir / "run.json") or {}
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>ahm report: {html.escape(run_dir.name)}</title>"
+             f"<style>{_CSS}</style></head><body><h1>Segmentation report: {html.escape(run_dir.name)}</h1>"]
+    facts = [("segmenter", summary.get("segmenter")), ("encoder", summary.get("init")),
+             ("pretraining policy", summary.get("init_policy")), ("labels fraction", summary.get("labels_fraction")),
+             ("labelled subjects / images", f"{summary.get('labelled_subjects', '?')} / {summary.get('labelled_images', '?')}"),
+             ("classes", summary.get("num_classes")), ("epochs", summary.get("epochs")),
+             ("best validation Dice", summary.get("best_val_dice")), ("best epoch", summary.get("best_epoch")),
+             ("seed", summary.get("seed", run_info.get("seed"))), ("version", run_info.get("version"))]
+    parts.append("<table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{_fmt(v)}</td></tr>"
+                                     for k, v in facts if v is not None) + "</table>")
+    if not summary:
+        parts.append("<p class='note'>The run has not finished yet (no summary.json).</p>")
+
+    curves = learning_curves_png(read_metrics(run_dir))
+    if curves:
+        parts.append("<h2>Learning curves</h2>" + _img_tag(curves, "learning curves"))
+
+    eval_root = run_dir / "eval"
+    splits = sorted((p for p in eval_root.iterdir() if (p / "metrics.json").is_file()),
+                    key=lambda p: (SPLIT_ORDER.index(p.name) if p.name in SPLIT_ORDER else 99, p.name)) \
+        if eval_root.is_dir() else []
+    shown_cases: Optional[dict[str, np.ndarray]] = None
+    for split_dir in splits:
+        metrics = _load_json(split_dir / "metrics.json")
+        if not metrics:
+            continue
+        parts.append(f"<h2>Metrics: {html.escape(split_dir.name)} split ({metrics.get('n_images', '?')} images)</h2>")
+        parts.append(_metric_table(metrics))
+        if metrics.get("volume_3d"):
+            vol = metrics["volume_3d"]
+            parts.append(f"<h3>Re-stacked volumes, 3D ({vol.get('n_volumes', '?')} volumes)</h3>" + _metric_table(vol))
+        parts.append(f"<p class='note'>Computed on the {html.escape(str(metrics.get('grid', 'model grid')))}; "
+                     f"HD95 in {html.escape(str(metrics.get('hd95_unit', 'pixels')))}. Empty masks: "
+                     f"{html.escape(str(metrics.get('empty_masks', '')))}. Per-image figures: "
+                     f"<code>eval/{html.escape(split_dir.name)}/per_image.csv</code>.</p>")
+        if shown_cases is None and (split_dir / "cases.npz").is_file():
+            try:
+                with np.load(split_dir / "cases.npz", allow_pickle=False) as npz:
+                    shown_cases = {k: npz[k] for k in npz.files}
+            except (OSError, ValueError):
+                shown_cases = None
+            png = cases_png(shown_cases) if shown_cases else None
+            if png:
+                parts.append(f"<h2>Best and worst cases ({html.escape(split_dir.name)})</h2>"
+                             "<p class='note'>Among images with a structure to find, ranked by mean Dice.</p>"
+                             + _img_tag(png, "cases"))
+    if not splits:
+        parts.append("<p class='note'>No evaluation yet: run <code>ahm evaluate</code>.</p>")
+
+    init = summary.get("init")
+    if summary.get("init_policy") == "ahm" and init and init != "none":
+        section = _agent_section(Path(init), shown_cases)
+        if section:
+            parts.append(section)
+    parts.append("</body></html>")
+    return write_text(run_dir / "report.html", "\n".join(parts))
