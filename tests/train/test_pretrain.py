@@ -14,7 +14,7 @@ from ahm.errors import AhmError
 from ahm.io import load_safetensors, load_torch
 from ahm.train.pretrain import pretrain
 
-from .helpers import make_blob_folder, tiny_pretrain_overrides
+from train_helpers import make_blob_folder, tiny_pretrain_overrides
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +50,8 @@ def test_run_directory_contents(blobs: Path, tmp_path: Path, backbone: str) -> N
 def test_resume_equals_uninterrupted(blobs: Path, tmp_path: Path, policy: str) -> None:
     full = _cfg(blobs, policy=policy, steps=4)
     pretrain(full, tmp_path / "full", progress=False)
-    half = _cfg(blobs, policy=policy, steps=2)
-    pretrain(half, tmp_path / "part", progress=False)
+    pretrain(_cfg(blobs, policy=policy, steps=4), tmp_path / "part", progress=False, stop_at=2)
+    assert load_torch(tmp_path / "part" / "checkpoints" / "last.ckpt")["step"] == 2
     pretrain(_cfg(blobs, policy=policy, steps=4), tmp_path / "part", resume=True, progress=False)
     a = load_torch(tmp_path / "full" / "checkpoints" / "last.ckpt")
     b = load_torch(tmp_path / "part" / "checkpoints" / "last.ckpt")

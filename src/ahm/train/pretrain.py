@@ -91,10 +91,28 @@ def _restore(module: torch.nn.Module, state: dict, what: str, path: Path) -> Non
         raise AhmError(f"{path}: the {what} in this checkpoint does not match the configured one ({first})") from exc
 
 
+def check_config(cfg: PretrainConfig) -> None:
+    """Refuse what can be refused before any work starts or any file is written."""
+    from ahm.masking.base import policy_names
+
+    if cfg.masking.policy not in policy_names():
+        raise AhmError(f"--policy: unknown masking policy {cfg.masking.policy!r}; choose one of {', '.join(policy_names())}")
+    if cfg.model.backbone == "vit":
+        cfg.model.vit_dims()
+    if not cfg.data.path:
+        raise AhmError("DATA: no dataset path given")
+    if not Path(cfg.data.path).exists():
+        raise AhmError(f"{cfg.data.path}: dataset folder not found")
+
+
 def pretrain(cfg: PretrainConfig, out: str | Path, resume: bool = False, force: bool = False,
-             progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) pretraining into run directory `out`; returns the summary written to summary.json."""
+             progress: bool = True, stop_at: Optional[int] = None) -> dict[str, Any]:
+    """Run (or resume) pretraining into run directory `out`; returns the summary written to summary.json.
+
+    `stop_at`: end this session after that many steps with a checkpoint, as an interruption would (time-sliced jobs).
+    """
     out = Path(out)
+    check_config(cfg)
     if resume:
         # The run's own config decides everything but its length.
         saved = out / "config.yaml"
@@ -114,15 +132,15 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: bool = False, force: 
     if fabric.world_size > 1 and "LOCAL_RANK" not in os.environ:
         # --devices N without torchrun: spawn N processes that each run the loop; rank 0's summary comes back.
         try:
-            return fabric.launch(_run, cfg, out, resume, progress)
+            return fabric.launch(_run, cfg, out, resume, progress, stop_at)
         except torch.multiprocessing.ProcessRaisedException as exc:
             last = [ln for ln in str(exc).strip().splitlines() if ln.strip()][-1]
             raise AhmError(f"a DDP process failed: {last}") from exc
     fabric.launch()
-    return _run(fabric, cfg, out, resume, progress)
+    return _run(fabric, cfg, out, resume, progress, stop_at)
 
 
-def _run(fabric, cfg: PretrainConfig, out: Path, resume: bool, progress: bool) -> dict[str, Any]:
+def _run(fabric, cfg: PretrainConfig, out: Path, resume: bool, progress: bool, stop_at: Optional[int] = None) -> dict[str, Any]:
     from ahm.models import build_mim_model
 
     rank, world = fabric.global_rank, fabric.world_size
@@ -149,12 +167,12 @@ def _run(fabric, cfg: PretrainConfig, out: Path, resume: bool, progress: bool) -
     )
     policy = build_policy(cfg.masking, ctx)
     try:
-        return _train(fabric, cfg, out, resume, progress, model, policy, arrays, total, steps_per_epoch, is_main)
+        return _train(fabric, cfg, out, resume, progress, model, policy, arrays, total, steps_per_epoch, is_main, stop_at)
     finally:
         policy.close()
 
 
-def _train(fabric, cfg, out, resume, progress, model, policy, arrays, total, steps_per_epoch, is_main):
+def _train(fabric, cfg, out, resume, progress, model, policy, arrays, total, steps_per_epoch, is_main, stop_at=None):
     from ahm.data import ArrayDataset, pretrain_augment
 
     rank, world = fabric.global_rank, fabric.world_size
@@ -202,7 +220,7 @@ def _train(fabric, cfg, out, resume, progress, model, policy, arrays, total, ste
     epoch_cache: dict[int, list[list[int]]] = {}
     try:
         with stop_on_sigint() as sig:
-            while step < total:
+            while step < (total if stop_at is None else min(total, stop_at)):
                 epoch, within = divmod(step, steps_per_epoch)
                 if epoch not in epoch_cache:
                     epoch_cache.clear()
@@ -266,6 +284,8 @@ def _train(fabric, cfg, out, resume, progress, model, policy, arrays, total, ste
         if log is not None:
             log.close()
 
+    if step < total:  # stopped by `stop_at`: a checkpoint, no final artefacts yet
+        return {"policy": cfg.masking.policy, "backbone": cfg.model.backbone, "steps": step, "finished": False}
     summary: dict[str, Any] = {
         "policy": cfg.masking.policy,
         "backbone": cfg.model.backbone,

@@ -62,7 +62,7 @@ def read_run_info(run_dir: str | Path) -> dict[str, Any]:
 class MetricsLog:
     """Append-only metrics.jsonl (one JSON object per line) plus an optional TensorBoard writer.
 
-    On resume, lines from steps at or after the resume step are dropped so the file matches an uninterrupted run.
+    On resume, lines logged after the checkpoint's step are dropped so the file matches an uninterrupted run.
     """
 
     def __init__(self, run_dir: Path, resume_step: int | None = None, tensorboard: bool = True) -> None:
@@ -71,7 +71,7 @@ class MetricsLog:
             kept = []
             for line in self.path.read_text().splitlines():
                 try:
-                    if json.loads(line).get("step", -1) < resume_step:
+                    if json.loads(line).get("step", -1) <= resume_step:
                         kept.append(line)
                 except json.JSONDecodeError:
                     continue

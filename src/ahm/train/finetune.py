@@ -1,0 +1,434 @@
+"""Fine-tune a segmenter on a labelled subset, from a pretraining run's encoder or from scratch.
+
+The run directory follows the pretraining conventions (config.yaml, run.json, checkpoints/last.ckpt,
+metrics.jsonl, summary.json) and adds splits.json, labelled.json (the labelled subset drawn by subject),
+checkpoints/best.ckpt (best validation Dice), eval/val/ and report.html.
+
+Resume is exact: batch order and augmentation are functions of (seed, epoch, index), the model has no dropout,
+and the checkpoint holds the model, optimiser and step; a resumed run ends with the same weights as one that
+never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from ahm import __version__
+from ahm.config import FinetuneConfig, PretrainConfig, build_config, save_config
+from ahm.errors import AhmError
+from ahm.io import load_torch, save_torch, write_json
+from ahm.train.loop import Interrupted, NonFiniteLoss, Throughput, batch_order, make_fabric, stop_on_sigint
+from ahm.train.rundir import CHECKPOINT_DIR, LAST, MetricsLog, prepare_run_dir
+from ahm.train.schedule import lr_factor, set_lr
+
+BEST = "best.ckpt"
+SEGMENTER_OF_BACKBONE = {"vit": "unetr", "unet": "unet"}
+
+
+@dataclass
+class PretrainedEncoder:
+    """What `--init RUN` brings: the encoder weights, their metadata and the pretraining config."""
+
+    run_dir: Path
+    path: Path
+    weights: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+    pretrain_cfg: PretrainConfig
+    segmenter: str
+    policy: Optional[str] = None
+
+
+@dataclass
+class _Data:
+    index: Any
+    splits: dict[str, list[str]]
+    labelled: list[str]
+    train: Any  # ahm.data.Arrays
+    val: Any
+    val_source: str
+    num_classes: int
+    in_channels: int
+    subjects: list[str] = field(default_factory=list)
+
+
+def _is_none(init: Optional[str]) -> bool:
+    return init is None or str(init).strip().lower() in ("", "none", "scratch")
+
+
+def load_init(init: str | Path) -> PretrainedEncoder:
+    """Read a pretraining run's encoder.safetensors and config; AhmError naming the file when anything is off."""
+    from ahm.io import load_safetensors, safetensors_metadata
+
+    run = Path(init)
+    if not run.is_dir():
+        raise AhmError(f"--init {run}: not found; give a pretraining run directory (from `ahm pretrain`) or 'none'")
+    path = run / "encoder.safetensors"
+    if not path.is_file():
+        raise AhmError(f"--init {run}: {path.name} not found; the pretraining did not finish "
+                       f"(resume it with `ahm pretrain ... --out {run} --resume`) or this is not a pretraining run")
+    weights = load_safetensors(path)
+    try:
+        metadata = safetensors_metadata(path)
+    except Exception as exc:  # safetensors raises its own error types for damaged headers
+        raise AhmError(f"{path}: unreadable encoder metadata ({str(exc)[:120]})") from exc
+    backbone = metadata.get("backbone")
+    if backbone not in SEGMENTER_OF_BACKBONE:
+        raise AhmError(f"{path}: no backbone (vit or unet) in its metadata; not an ahm encoder file")
+    cfg_path = run / "config.yaml"
+    if not cfg_path.is_file():
+        raise AhmError(f"--init {run}: config.yaml not found; it is needed to rebuild the pretrained network")
+    pre_cfg = build_config(PretrainConfig, file=cfg_path)
+    if pre_cfg.model.backbone != backbone:
+        raise AhmError(f"{path}: encoder backbone {backbone!r} does not match {cfg_path} "
+                       f"(model.backbone {pre_cfg.model.backbone!r})")
+    return PretrainedEncoder(run, path, weights, metadata, pre_cfg, SEGMENTER_OF_BACKBONE[backbone],
+                             metadata.get("policy") or pre_cfg.masking.policy)
+
+
+def _apply_init(cfg: FinetuneConfig, enc: PretrainedEncoder) -> None:
+    """The encoder decides the network: its backbone, sizes, image size and channel count."""
+    pre_size = int(enc.metadata.get("image_size", enc.pretrain_cfg.data.image_size))
+    # A ViT's position embeddings fix its grid; convolution weights fit any size the strides divide.
+    if enc.segmenter == "unetr" and cfg.data.image_size != pre_size:
+        raise AhmError(f"--image-size {cfg.data.image_size} does not match the encoder in {enc.path} "
+                       f"(pretrained at {pre_size}); omit --image-size or use {pre_size}")
+    channels = enc.metadata.get("in_channels")
+    if channels is not None:
+        channels = int(channels)
+        if cfg.data.channels is not None and cfg.data.channels != channels:
+            raise AhmError(f"data.channels {cfg.data.channels} does not match the encoder in {enc.path} "
+                           f"({channels} input channels)")
+        cfg.data.channels = channels
+    cfg.model = enc.pretrain_cfg.model.model_copy()
+    cfg.segmenter = enc.segmenter
+
+
+def _check_out(out: Path, resume: bool, force: bool) -> None:
+    # The cheap refusal first, before any data is read; prepare_run_dir repeats it when creating the folder.
+    if resume or force:
+        return
+    if out.is_dir() and any(out.iterdir()):
+        raise AhmError(f"--out {out}: directory is not empty; use --resume to continue it or --force to replace it")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AhmError(f"{path}: unreadable ({exc})") from exc
+
+
+def _prepare_data(cfg: FinetuneConfig, out: Path, resume: bool) -> _Data:
+    from ahm.data import label_subset, load_arrays, make_splits, open_dataset
+
+    if not cfg.data.path:
+        raise AhmError("DATA: no dataset path given")
+    index = open_dataset(cfg.data.path, cfg.data)
+    if not index.has_labels:
+        raise AhmError(f"{cfg.data.path}: no masks found ({index.layout} layout); fine-tuning needs labelled images "
+                       f"(e.g. masks/ beside images/ with the same file names)")
+    if resume and (out / "splits.json").is_file() and (out / "labelled.json").is_file():
+        splits = _read_json(out / "splits.json")
+        labelled = list(_read_json(out / "labelled.json").get("ids", []))
+        known = {item.id for item in index.items}
+        lost = [i for i in labelled + list(splits.get("val", [])) if i not in known]
+        if lost:
+            raise AhmError(f"--resume: {cfg.data.path} no longer holds {lost[0]} (and {len(lost) - 1} more) "
+                           f"listed in {out / 'labelled.json'}; the dataset changed since the run started")
+    else:
+        splits = make_splits(index, cfg.data)
+        if not splits.get("train"):
+            raise AhmError(f"{cfg.data.path}: no training subjects after splitting")
+        labelled = label_subset(index, splits["train"], cfg.labels_fraction, cfg.train.seed)
+    if not labelled:
+        raise AhmError(f"--labels-fraction {cfg.labels_fraction}: gives no labelled training subjects")
+    train = load_arrays(index, labelled, cfg.data, labels=True)
+    in_channels = int(train.images.shape[1])
+    data_cfg = cfg.data.model_copy(update={"channels": in_channels})
+    val_ids = list(splits.get("val", []))
+    if val_ids:
+        val, val_source = load_arrays(index, val_ids, data_cfg, labels=True), "val"
+    else:
+        # No validation subjects (a tiny dataset): the best epoch is chosen on the labelled training images.
+        val, val_source = train, "train (no validation split)"
+    found = max(int(train.labels.max(initial=0)), int(val.labels.max(initial=0)),
+                max(index.label_values or [0])) + 1
+    num_classes = max(2, found)
+    if cfg.num_classes is not None:
+        if cfg.num_classes < found:
+            raise AhmError(f"num_classes {cfg.num_classes} is too small: labels in {cfg.data.path} go up to {found - 1}")
+        num_classes = cfg.num_classes
+    by_id = index.by_id()
+    subjects = sorted({by_id[i].subject for i in train.ids})
+    return _Data(index, splits, labelled, train, val, val_source, num_classes, in_channels, subjects)
+
+
+def _param_groups(model, cfg: FinetuneConfig, pretrained: bool) -> list[dict]:
+    from ahm.models import encoder_param_groups
+
+    if pretrained:
+        groups = encoder_param_groups(model, cfg.segmenter, cfg.train.lr, cfg.encoder_lr_scale, cfg.layer_decay)
+    else:
+        # Layer decay and an encoder lr scale only make sense for weights that were learned before.
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.train.lr}]
+    for g in groups:
+        g.setdefault("base_lr", g["lr"])
+    return groups
+
+
+def finetune(cfg: FinetuneConfig, out: str | Path, resume: bool = False, force: bool = False,
+             progress: bool = True) -> dict[str, Any]:
+    """Fine-tune (or resume) into run directory `out`; returns the summary written to summary.json."""
+    out = Path(out)
+    if resume:
+        # The run's own config decides everything but its length.
+        saved = out / "config.yaml"
+        if not saved.is_file():
+            raise AhmError(f"--resume: {saved} not found; nothing to resume")
+        epochs = cfg.train.epochs
+        cfg = build_config(FinetuneConfig, file=saved)
+        if epochs is not None:
+            cfg.train.epochs = epochs
+    else:
+        cfg = cfg.model_copy(deep=True)
+    _check_out(out, resume, force)
+
+    enc = None
+    if _is_none(cfg.init):
+        cfg.init = None
+    elif not resume:  # a resumed run has its weights in its checkpoint; the pretraining run may be gone
+        enc = load_init(cfg.init)
+        _apply_init(cfg, enc)
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    data = _prepare_data(cfg, out, resume)
+
+    prepare_run_dir(out, "finetune", cfg.train.seed, resume=resume, force=force)
+    if not resume:
+        save_config(cfg, out / "config.yaml")
+        write_json(out / "splits.json", data.splits)
+        write_json(out / "labelled.json", {"fraction": cfg.labels_fraction, "seed": cfg.train.seed,
+                                           "subjects": data.subjects, "ids": data.labelled})
+    fabric = make_fabric(cfg.train)
+    if fabric.world_size > 1 and "LOCAL_RANK" not in os.environ:
+        try:
+            return fabric.launch(_train, cfg, out, resume, progress, data, enc)
+        except torch.multiprocessing.ProcessRaisedException as exc:
+            last = [ln for ln in str(exc).strip().splitlines() if ln.strip()][-1]
+            raise AhmError(f"a DDP process failed: {last}") from exc
+    fabric.launch()
+    return _train(fabric, cfg, out, resume, progress, data, enc)
+
+
+def _meta(cfg: FinetuneConfig, data: _Data, enc: Optional[PretrainedEncoder]) -> dict[str, Any]:
+    return {"segmenter": cfg.segmenter, "num_classes": data.num_classes, "in_channels": data.in_channels,
+            "image_size": cfg.data.image_size, "slice_axis": cfg.data.slice_axis,
+            "index_modality": data.index.modality, "layout": data.index.layout,
+            "init": str(enc.run_dir) if enc is not None else "none",
+            "init_policy": enc.policy if enc is not None else None}
+
+
+def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool, data: _Data,
+           enc: Optional[PretrainedEncoder]) -> dict[str, Any]:
+    from monai.losses import DiceCELoss
+
+    from ahm.data import ArrayDataset, segment_augment
+    from ahm.eval.evaluate import predict_labels, save_model_checkpoint
+    from ahm.eval.metrics import mean_foreground_dice
+    from ahm.models import build_segmenter, load_pretrained
+
+    rank, world = fabric.global_rank, fabric.world_size
+    is_main = rank == 0
+    n_train = len(data.train.images)
+    if n_train < world:
+        raise AhmError(f"{cfg.data.path}: {n_train} labelled training images, fewer than {world} devices")
+    # A labelled subset smaller than one batch still trains: the batch shrinks to what is there.
+    batch_size = min(cfg.train.batch_size, n_train // world)
+    steps_per_epoch = n_train // (batch_size * world)
+    epochs = cfg.train.epochs or 1
+    total = epochs * steps_per_epoch
+    meta = _meta(cfg, data, enc)
+
+    torch.manual_seed(cfg.train.seed)
+    model = build_segmenter(cfg.segmenter, cfg.model, cfg.data.image_size, data.in_channels, data.num_classes)
+    encoder_loaded: dict[str, Any] = {}
+    if enc is not None and not resume:
+        encoder_loaded = load_pretrained(model, cfg.segmenter, enc.weights, {**enc.metadata, "path": str(enc.path)})
+        encoder_loaded = {"loaded": int(encoder_loaded.get("loaded", 0)),
+                          "skipped": list(encoder_loaded.get("skipped", []))}
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg, cfg.init is not None), lr=cfg.train.lr,
+                                  weight_decay=cfg.train.weight_decay)
+
+    state = {"step": 0, "best_val_dice": -1.0, "best_epoch": 0, "skipped": 0, "loss_sum": 0.0, "loss_n": 0}
+    last_path = out / CHECKPOINT_DIR / LAST
+    best_path = out / CHECKPOINT_DIR / BEST
+    if resume:
+        ckpt = load_torch(last_path)
+        if not isinstance(ckpt, dict) or ckpt.get("kind") != "finetune" or "model" not in ckpt:
+            raise AhmError(f"{last_path}: not an ahm fine-tuning checkpoint")
+        saved_meta = ckpt.get("meta", {})
+        for key in ("num_classes", "in_channels", "segmenter"):
+            if saved_meta.get(key) != meta[key]:
+                raise AhmError(f"--resume: {key} is {meta[key]} for this data but {saved_meta.get(key)} in {last_path}")
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise AhmError(f"{last_path}: does not match the configured model "
+                           f"({str(exc).strip().splitlines()[0][:160]})") from exc
+        for key in state:
+            state[key] = ckpt["state"][key]
+        encoder_loaded = ckpt.get("encoder_loaded", {})
+        meta["init"], meta["init_policy"] = saved_meta.get("init", meta["init"]), saved_meta.get("init_policy")
+    raw_model = model
+    if cfg.train.compile:
+        model = torch.compile(model)
+    model, optimizer = fabric.setup(model, optimizer)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    transform = segment_augment(cfg.data.image_size) if cfg.train.augment else None
+    dataset = ArrayDataset(data.train.images, data.train.labels, transform, seed=cfg.train.seed)
+    log = MetricsLog(out, resume_step=state["step"] + 1 if resume else None, tensorboard=is_main) if is_main else None
+    meter = Throughput()
+    bar = _Bar(total, state["step"]) if progress and is_main else None
+    min_ratio = cfg.train.min_lr / max(cfg.train.lr, 1e-12)
+
+    def save_last() -> None:
+        if is_main:
+            save_torch(last_path, {"kind": "finetune", "version": __version__, "model": raw_model.state_dict(),
+                                   "optimizer": optimizer.state_dict(), "state": dict(state), "meta": meta,
+                                   "encoder_loaded": encoder_loaded})
+
+    def validate(epoch: int) -> float:
+        preds = predict_labels(model, data.val.images, batch_size=max(batch_size, 16), device=fabric.device)
+        dice = mean_foreground_dice(preds, data.val.labels, data.num_classes)
+        if dice > state["best_val_dice"]:
+            state["best_val_dice"], state["best_epoch"] = dice, epoch
+            if is_main:
+                save_model_checkpoint(best_path, raw_model.state_dict(), meta, epoch, dice)
+        return dice
+
+    pending: list[float] = []
+    rate = 0.0
+    t_start = time.perf_counter()
+    batches: list[list[int]] = []
+    batches_epoch = -1
+    try:
+        with stop_on_sigint() as sig:
+            while state["step"] < total:
+                step = state["step"]
+                epoch, within = divmod(step, steps_per_epoch)
+                if epoch != batches_epoch:
+                    batches = batch_order(n_train, epoch, cfg.train.seed, batch_size, rank, world)
+                    batches_epoch = epoch
+                    dataset.set_epoch(epoch)
+                samples = [dataset[i] for i in batches[within]]
+                images = torch.stack([s["image"] for s in samples]).to(fabric.device)
+                labels = torch.stack([s["label"] for s in samples]).unsqueeze(1).to(fabric.device)
+                lr = set_lr(optimizer, lr_factor(step, total, cfg.train.warmup_steps, min_ratio))
+                meter.start()
+                model.train()
+                loss = loss_fn(model(images), labels)
+                if not torch.isfinite(loss.detach()):
+                    if cfg.train.nan_policy != "skip":
+                        raise NonFiniteLoss(
+                            f"step {step}: the loss is {float(loss.detach())}; run stopped. Last good checkpoint: "
+                            f"{last_path if last_path.is_file() else 'none yet'} (lower --lr, or set "
+                            f"train.nan_policy: skip)")
+                    state["skipped"] += 1
+                    optimizer.zero_grad(set_to_none=True)
+                else:
+                    optimizer.zero_grad(set_to_none=True)
+                    fabric.backward(loss)
+                    if cfg.train.clip_grad > 0:
+                        fabric.clip_gradients(model, optimizer, max_norm=cfg.train.clip_grad, error_if_nonfinite=False)
+                    optimizer.step()
+                    value = float(loss.detach())
+                    pending.append(value)
+                    state["loss_sum"] += value
+                    state["loss_n"] += 1
+                rate = meter.stop(len(samples) * world)
+                state["step"] = step = step + 1
+                if log is not None and pending and (step % cfg.train.log_every == 0 or step == total):
+                    log.log({"epoch": epoch + 1, "step": step, "loss": float(np.mean(pending)), "lr": lr,
+                             "images_per_s": rate})
+                    pending.clear()
+                epoch_done = step % steps_per_epoch == 0
+                val_dice = None
+                if epoch_done:
+                    val_dice = validate(epoch + 1)
+                    if log is not None:
+                        log.log({"epoch": epoch + 1, "step": step, "train_loss": state["loss_sum"] / max(state["loss_n"], 1),
+                                 "val_dice": val_dice, "lr": lr, "images_per_s": meter.median() or rate})
+                    state["loss_sum"], state["loss_n"] = 0.0, 0
+                    save_last()
+                elif step % cfg.train.checkpoint_every == 0:
+                    save_last()
+                if bar is not None:
+                    bar.update(step, loss=float(loss.detach()), val=val_dice, rate=rate)
+                if sig["stop"]:
+                    save_last()
+                    raise Interrupted(
+                        f"interrupted at step {step}/{total}; checkpoint saved to {last_path}. "
+                        f"Resume with: ahm finetune {cfg.data.path} --out {out} --resume")
+    finally:
+        if bar is not None:
+            bar.close()
+        if log is not None:
+            log.close()
+
+    summary: dict[str, Any] = {
+        "best_val_dice": state["best_val_dice"], "best_epoch": state["best_epoch"], "epochs": epochs,
+        "steps": state["step"], "batch_size": batch_size, "segmenter": cfg.segmenter,
+        "num_classes": data.num_classes, "in_channels": data.in_channels, "image_size": cfg.data.image_size,
+        "labels_fraction": cfg.labels_fraction, "labelled_subjects": len(data.subjects),
+        "labelled_images": len(data.train.ids), "val_images": len(data.val.ids), "validation_on": data.val_source,
+        "init": meta["init"], "init_policy": meta["init_policy"], "encoder_loaded": encoder_loaded,
+        "images_per_s": meter.median() or rate, "train_s": time.perf_counter() - t_start,
+        "skipped_batches": state["skipped"], "seed": cfg.train.seed,
+    }
+    if is_main:
+        from ahm.eval.evaluate import score_arrays
+        from ahm.eval.report import write_report
+
+        best = load_torch(best_path)
+        raw_model.load_state_dict(best["model"])
+        preds = predict_labels(raw_model, data.val.images, batch_size=max(batch_size, 16), device=fabric.device)
+        val_metrics = score_arrays(out / "eval" / "val", preds, data.val.labels, data.val.images, data.val.ids,
+                                   data.val.items, data.num_classes, "val",
+                                   extra={"checkpoint": f"checkpoints/{BEST}", "checkpoint_epoch": best["epoch"],
+                                          "data": str(cfg.data.path), "source": data.val_source})
+        summary["val"] = {k: val_metrics[k] for k in ("dice", "iou", "hd95")}
+        write_json(out / "summary.json", summary)
+        write_report(out)
+    return summary
+
+
+class _Bar:
+    def __init__(self, total: int, start: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]finetune"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("val Dice {task.fields[val]}"),
+            TextColumn("{task.fields[rate]:.0f} img/s"), TextColumn("ETA"), TimeRemainingColumn(),
+        )
+        self.task = self.progress.add_task("finetune", total=total, completed=start, loss=math.nan, val="-", rate=0.0)
+        self.progress.start()
+
+    def update(self, step: int, loss: float, val: Optional[float], rate: float) -> None:
+        fields = {"loss": loss, "rate": rate}
+        if val is not None:
+            fields["val"] = f"{val:.3f}"
+        self.progress.update(self.task, completed=step, **fields)
+
+    def close(self) -> None:
+        self.progress.stop()

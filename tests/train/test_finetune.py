@@ -1,0 +1,251 @@
+"""Fine-tuning: run directory, pretrained encoders, exact resume, evaluation after it, refusals of bad input."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ahm.config import FinetuneConfig, ModelConfig, PretrainConfig, build_config, save_config
+from ahm.errors import AhmError
+from ahm.io import load_torch, save_safetensors, write_json
+from ahm.train.finetune import finetune
+from ahm.train.loop import Interrupted
+
+from train_helpers import make_blob_folder
+
+UNET = {"backbone": "unet", "unet_channels": [4, 8], "unet_strides": [2], "unet_num_res_units": 0}
+VIT = {"backbone": "vit", "preset": "custom", "patch_size": 16, "hidden_size": 16, "mlp_dim": 32, "num_layers": 12,
+       "num_heads": 2, "decoder_dim": 16, "decoder_depth": 1, "decoder_heads": 2}
+
+
+@pytest.fixture(scope="module")
+def blobs(tmp_path_factory) -> Path:
+    return make_blob_folder(tmp_path_factory.mktemp("blobs") / "data", n=16)
+
+
+def _cfg(data: Path, **over) -> FinetuneConfig:
+    base = {
+        "data": {"path": str(data), "image_size": 32, "val_fraction": 0.25, "test_fraction": 0.25},
+        "model": UNET, "segmenter": "unet",
+        "train": {"epochs": 1, "batch_size": 2, "warmup_steps": 1, "log_every": 1, "seed": 1, "accelerator": "cpu"},
+    }
+    for key, value in over.items():
+        if isinstance(value, dict):
+            base[key] = {**base.get(key, {}), **value}
+        else:
+            base[key] = value
+    return build_config(FinetuneConfig, overrides=base)
+
+
+def _fake_pretrain_run(root: Path, model: dict, image_size: int = 32, policy: str = "random") -> Path:
+    """A pretraining run directory as `ahm pretrain` leaves it, from a real (untrained) MIM model's export."""
+    from ahm.models import build_mim_model
+
+    cfg = build_config(PretrainConfig, overrides={"data": {"image_size": image_size}, "model": model,
+                                                  "masking": {"policy": policy}})
+    mim = build_mim_model(cfg.model, image_size, 1)
+    root.mkdir(parents=True)
+    save_config(cfg, root / "config.yaml")
+    write_json(root / "run.json", {"kind": "pretrain", "version": "test", "seed": 0, "created": "now"})
+    save_safetensors(root / "encoder.safetensors", mim.export_encoder(),
+                     metadata={**mim.encoder_metadata(), "policy": policy})
+    return root
+
+
+def test_scratch_run_directory(blobs: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    summary = finetune(_cfg(blobs, labels_fraction=0.5), out, progress=False)
+    for name in ("config.yaml", "run.json", "splits.json", "labelled.json", "metrics.jsonl", "summary.json",
+                 "report.html", "checkpoints/last.ckpt", "checkpoints/best.ckpt", "eval/val/metrics.json"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "run.json").read_text())["kind"] == "finetune"
+    assert summary["init"] == "none" and summary["num_classes"] == 2 and summary["best_epoch"] == 1
+    assert 0.0 <= summary["best_val_dice"] <= 1.0
+    labelled = json.loads((out / "labelled.json").read_text())
+    splits = json.loads((out / "splits.json").read_text())
+    assert set(labelled["ids"]) < set(splits["train"])
+    assert summary["labelled_subjects"] == len(labelled["subjects"]) == 2  # half of 4 training subjects
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_dice" in r for r in records) and any("loss" in r and "lr" in r for r in records)
+    best = load_torch(out / "checkpoints" / "best.ckpt")
+    assert best["meta"]["segmenter"] == "unet" and best["meta"]["in_channels"] == 1
+    html = (out / "report.html").read_text()
+    assert "Learning curves" in html and "data:image/png;base64," in html
+
+
+def test_deterministic_under_seed(blobs: Path, tmp_path: Path) -> None:
+    a = finetune(_cfg(blobs), tmp_path / "a", progress=False)
+    b = finetune(_cfg(blobs), tmp_path / "b", progress=False)
+    assert a["best_val_dice"] == b["best_val_dice"]
+    wa = load_torch(tmp_path / "a" / "checkpoints" / "last.ckpt")["model"]
+    wb = load_torch(tmp_path / "b" / "checkpoints" / "last.ckpt")["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_after_interrupt_is_exact(blobs: Path, tmp_path: Path, monkeypatch) -> None:
+    import ahm.train.finetune as ft
+
+    cfg = _cfg(blobs, train={"epochs": 2})
+    finetune(cfg, tmp_path / "straight", progress=False)
+
+    class StopAfter(dict):
+        """The loop reads sig['stop'] once per step: report a Ctrl-C after the 3rd step (mid epoch 2)."""
+
+        def __init__(self) -> None:
+            super().__init__(stop=False)
+            self.reads = 0
+
+        def __getitem__(self, key):
+            self.reads += 1
+            return self.reads >= 3
+
+    @contextlib.contextmanager
+    def fake_sigint():
+        yield StopAfter()
+
+    monkeypatch.setattr(ft, "stop_on_sigint", fake_sigint)
+    with pytest.raises(Interrupted, match="--resume"):
+        finetune(cfg, tmp_path / "resumed", progress=False)
+    monkeypatch.undo()
+    assert load_torch(tmp_path / "resumed" / "checkpoints" / "last.ckpt")["state"]["step"] == 3
+    finetune(cfg, tmp_path / "resumed", resume=True, progress=False)
+
+    for name in ("last.ckpt", "best.ckpt"):
+        wa = load_torch(tmp_path / "straight" / "checkpoints" / name)["model"]
+        wb = load_torch(tmp_path / "resumed" / "checkpoints" / name)["model"]
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), name
+
+    def rows(run: str) -> list[dict]:
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k != "images_per_s"} for line in lines]
+
+    assert rows("straight") == rows("resumed")
+
+
+@pytest.mark.parametrize("model, segmenter", [(UNET, "unet"), (VIT, "unetr")])
+def test_from_pretraining_run(blobs: Path, tmp_path: Path, model: dict, segmenter: str) -> None:
+    pre = _fake_pretrain_run(tmp_path / "pre", model, policy="ahm")
+    from PIL import Image
+
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(pre / "reconstructions.png")  # the figure pretrain writes
+    cfg = _cfg(blobs, init=str(pre), segmenter="unetr" if segmenter == "unet" else "unet",
+               layer_decay=0.8, encoder_lr_scale=0.5)
+    summary = finetune(cfg, tmp_path / "ft", progress=False)
+    assert summary["segmenter"] == segmenter  # the encoder decides, whatever the config said
+    assert summary["init"] == str(pre) and summary["init_policy"] == "ahm"
+    assert summary["encoder_loaded"]["loaded"] > 0
+    saved = build_config(FinetuneConfig, file=tmp_path / "ft" / "config.yaml")
+    assert saved.model.backbone == model["backbone"] and saved.segmenter == segmenter
+    assert "Masks chosen by the AHM agent" in (tmp_path / "ft" / "report.html").read_text()
+
+
+def test_pretrained_weights_are_the_starting_point(blobs: Path, tmp_path: Path) -> None:
+    from ahm.io import load_safetensors
+
+    pre = _fake_pretrain_run(tmp_path / "pre", VIT)
+    enc = load_safetensors(pre / "encoder.safetensors")
+    import ahm.train.finetune as ft
+    from ahm.models import build_segmenter
+
+    seg = build_segmenter("unetr", ModelConfig(**VIT), 32, 1, 2)
+    info = ft.load_init(pre)
+    from ahm.models import load_pretrained
+
+    load_pretrained(seg, "unetr", info.weights, info.metadata)
+    assert all(torch.equal(seg.vit.state_dict()[k], enc[k]) for k in enc)
+
+
+def test_evaluate_after_finetune_with_volumes(tmp_path: Path) -> None:
+    from ahm.eval.evaluate import evaluate
+
+    data = tmp_path / "vols"
+    (data / "images").mkdir(parents=True)
+    (data / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    for s in range(6):
+        img = rng.normal(50, 5, size=(24, 24, 4)).astype(np.float32)
+        lab = np.zeros((24, 24, 4), np.uint8)
+        lab[6:16, 8:18, :] = 1
+        img[lab == 1] += 100
+        nib.save(nib.Nifti1Image(img, np.eye(4)), data / "images" / f"v{s}.nii.gz")
+        nib.save(nib.Nifti1Image(lab, np.eye(4)), data / "masks" / f"v{s}.nii.gz")
+    cfg = _cfg(data, data={"val_fraction": 0.2, "test_fraction": 0.2})
+    finetune(cfg, tmp_path / "run", progress=False)
+    metrics = evaluate(tmp_path / "run", data, split="all")
+    assert metrics["n_images"] == 24 and metrics["split"] == "all"
+    assert metrics["volume_3d"]["n_volumes"] == 6
+    assert set(metrics["per_class"]) == {"1"}
+    assert (tmp_path / "run" / "eval" / "all" / "per_image.csv").read_text().count("\n") == 25
+    test = evaluate(tmp_path / "run", data, split="test")
+    splits = json.loads((tmp_path / "run" / "splits.json").read_text())
+    assert test["n_images"] == len(splits["test"])
+    assert "all split" in (tmp_path / "run" / "report.html").read_text()
+
+
+# ----------------------------------------------------------------------------------------------- refusals
+
+
+def test_refuses_nonempty_out_without_force(blobs: Path, tmp_path: Path) -> None:
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("precious")
+    with pytest.raises(AhmError, match="not empty"):
+        finetune(_cfg(blobs), out, progress=False)
+    with pytest.raises(AhmError, match="does not look like an ahm run"):
+        finetune(_cfg(blobs), out, force=True, progress=False)
+    assert (out / "notes.txt").read_text() == "precious"
+
+
+def test_refuses_dataset_without_masks(tmp_path: Path) -> None:
+    data = make_blob_folder(tmp_path / "nolabels", n=6, labels=False)
+    with pytest.raises(AhmError, match="no masks"):
+        finetune(_cfg(data), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_refuses_labels_fraction_with_no_subject(blobs: Path, tmp_path: Path) -> None:
+    with pytest.raises(AhmError, match="--labels-fraction"):
+        finetune(_cfg(blobs, labels_fraction=0.01), tmp_path / "run", progress=False)
+
+
+def test_refuses_missing_encoder(blobs: Path, tmp_path: Path) -> None:
+    (tmp_path / "pre").mkdir()
+    with pytest.raises(AhmError, match="encoder.safetensors not found"):
+        finetune(_cfg(blobs, init=str(tmp_path / "pre")), tmp_path / "run", progress=False)
+    with pytest.raises(AhmError, match="not found"):
+        finetune(_cfg(blobs, init=str(tmp_path / "nowhere")), tmp_path / "run", progress=False)
+
+
+def test_refuses_mismatched_encoder(blobs: Path, tmp_path: Path) -> None:
+    pre = _fake_pretrain_run(tmp_path / "pre", VIT, image_size=48)
+    with pytest.raises(AhmError, match="--image-size 32 does not match"):
+        finetune(_cfg(blobs, init=str(pre)), tmp_path / "run", progress=False)
+    # An encoder whose shapes disagree with the run's config: the loader names the file.
+    pre2 = _fake_pretrain_run(tmp_path / "pre2", UNET)
+    cfg = build_config(PretrainConfig, file=pre2 / "config.yaml")
+    cfg.model.unet_channels = (8, 16)
+    save_config(cfg, pre2 / "config.yaml")
+    with pytest.raises(AhmError, match="encoder.safetensors"):
+        finetune(_cfg(blobs, init=str(pre2)), tmp_path / "run2", progress=False)
+    (pre2 / "encoder.safetensors").write_bytes(b"garbage")
+    with pytest.raises(AhmError, match="encoder.safetensors"):
+        finetune(_cfg(blobs, init=str(pre2)), tmp_path / "run3", progress=False)
+
+
+def test_cli_model_must_match_encoder(blobs: Path, tmp_path: Path) -> None:
+    from ahm.cli.app import _register, app
+
+    _register()
+    pre = _fake_pretrain_run(tmp_path / "pre", UNET)
+    res = CliRunner().invoke(app, ["-q", "finetune", str(blobs), "--init", str(pre), "--model", "unetr",
+                                   "--out", str(tmp_path / "run")])
+    assert res.exit_code == 2 and "--model unetr does not match" in res.output
+    res = CliRunner().invoke(app, ["-q", "finetune", str(blobs), "--out", str(tmp_path / "run")])
+    assert res.exit_code == 2 and "--init" in res.output
