@@ -42,6 +42,14 @@ from ahm.masking.base import (
 BACKGROUND_STD = 0.01  # a patch whose pixel std is below this (intensities ~[0, 1]) counts as background
 
 
+class AgentCheckpointMismatch(AhmError, RuntimeError):
+    """A policy checkpoint written for another agent shape.
+
+    Also a RuntimeError, like torch's own load_state_dict failures, so callers that add the checkpoint's
+    path to those (the pretraining loop does) handle it the same way.
+    """
+
+
 @dataclass
 class _Draw:
     """What `propose` computed, kept for the `observe` of the same batch."""
@@ -234,9 +242,8 @@ class AHMPolicy(MaskingPolicy):
         """Restore the agent; a checkpoint of another agent shape raises AhmError naming the options to match."""
         problem = self._state_mismatch(state_dict)
         if problem is not None:
-            raise AhmError(
-                f"policy checkpoint does not fit this AHM agent: {problem}; resume with the same --agent-dim, "
-                "--agent-depth, --agent-heads, --patch-size, --image-size and channels as the run that wrote it"
+            raise AgentCheckpointMismatch(
+                f"{problem}; use the run's --agent-dim/-depth/-heads, --patch-size, --image-size"
             )
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
