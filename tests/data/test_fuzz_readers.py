@@ -64,18 +64,33 @@ def _report():
         totals = {k: sum(s[k] for s in STATS.values()) for k in ("cases", "valid", "ahm_error", "escaped")}
         write_json(
             Path(target) / "fuzz_readers.json",
-            {"profile": os.environ.get("AHM_FUZZ_PROFILE", "ci"), "max_examples": settings().max_examples,
-             "totals": totals, "by_target": dict(STATS), "escapes": ESCAPES[:20]},
+            {
+                "profile": os.environ.get("AHM_FUZZ_PROFILE", "ci"),
+                "max_examples": settings().max_examples,
+                "totals": totals,
+                "by_target": dict(STATS),
+                "escapes": ESCAPES[:20],
+            },
         )
 
 
 def _valid_output(kind: str, out) -> bool:
     if kind == "image":
-        return (isinstance(out, np.ndarray) and out.dtype == np.float32 and out.ndim == 3
-                and min(out.shape) > 0 and bool(np.isfinite(out).all()))
+        return (
+            isinstance(out, np.ndarray)
+            and out.dtype == np.float32
+            and out.ndim == 3
+            and min(out.shape) > 0
+            and bool(np.isfinite(out).all())
+        )
     if kind == "mask":
-        return (isinstance(out, np.ndarray) and out.dtype == np.int64 and out.ndim == 2
-                and min(out.shape) > 0 and (out.size == 0 or out.min() >= 0))
+        return (
+            isinstance(out, np.ndarray)
+            and out.dtype == np.int64
+            and out.ndim == 2
+            and min(out.shape) > 0
+            and (out.size == 0 or out.min() >= 0)
+        )
     if kind in ("volume", "labels"):
         if not isinstance(out, Volume) or out.affine.shape != (4, 4) or not np.isfinite(out.affine).all():
             return False
@@ -150,8 +165,17 @@ def _build_seeds(root: Path) -> dict[str, list[tuple[str, bytes]]]:
         "tiff": [
             (".tif", data_of(write_tiff(root / "u8.tif", g))),
             (".tif", data_of(write_tiff(root / "rgb.tif", np.stack([g, g, 255 - g], -1), photometric="rgb"))),
-            (".tif", data_of(write_tiff(root / "mc.tif", rng.integers(0, 4000, (4, 12, 10), dtype=np.uint16),
-                                        photometric="minisblack", planarconfig="separate"))),
+            (
+                ".tif",
+                data_of(
+                    write_tiff(
+                        root / "mc.tif",
+                        rng.integers(0, 4000, (4, 12, 10), dtype=np.uint16),
+                        photometric="minisblack",
+                        planarconfig="separate",
+                    )
+                ),
+            ),
             (".tif", data_of(write_tiff(root / "f.tif", rng.normal(size=(12, 10)).astype(np.float32)))),
             (".tif", data_of(write_tiff(root / "z.tif", g, compression="zlib"))),
             (".tif", data_of(write_tiff(root / "stack.tif", np.stack([g, g]), photometric="minisblack"))),
@@ -226,8 +250,10 @@ def _tiff_tag(data: bytes, code: int, value: int) -> bytes:
             if tag is None or tag.count != 1 or int(tag.dtype) not in (3, 4):
                 return data
             fmt = {3: "<H", 4: "<I"}[int(tag.dtype)]
-            out[tag.valueoffset : tag.valueoffset + struct.calcsize(fmt)] = struct.pack(fmt, value % (2 ** (8 * struct.calcsize(fmt))))
-    except Exception:
+            out[tag.valueoffset : tag.valueoffset + struct.calcsize(fmt)] = struct.pack(
+                fmt, value % (2 ** (8 * struct.calcsize(fmt)))
+            )
+    except Exception:  # noqa: BLE001 - a seed without that tag is left as it is
         return data
     return bytes(out)
 
@@ -274,19 +300,28 @@ def mutated(draw, seeds: list[tuple[str, bytes]], fmt: str):
             data = _flip(data, [(draw(st.integers(0, min(len(data) - 1, 200))), 0xFF)])
     elif kind == "dtype":
         if suffix == ".png":
-            depth, colour = draw(st.sampled_from([1, 2, 4, 8, 16, 3, 0])), draw(st.sampled_from([0, 2, 3, 4, 6, 1, 7]))
+            depth, colour = (
+                draw(st.sampled_from([1, 2, 4, 8, 16, 3, 0])),
+                draw(st.sampled_from([0, 2, 3, 4, 6, 1, 7])),
+            )
             data, note = _png_header(data, depth, colour), f"dtype(depth={depth}, colour={colour})"
         elif suffix == ".tif":
             code = draw(st.sampled_from([258, 339, 277, 262, 259, 284, 278]))
             value = draw(st.sampled_from([0, 1, 2, 3, 4, 5, 6, 8, 16, 32, 64, 65535]))
             data, note = _tiff_tag(data, code, value), f"dtype(tag {code}={value})"
         elif fmt.startswith("nifti"):
-            code, bitpix = draw(st.sampled_from(NIFTI_CODES)), draw(st.sampled_from([0, 1, 8, 16, 32, 64, 128, 7]))
+            code, bitpix = (
+                draw(st.sampled_from(NIFTI_CODES)),
+                draw(st.sampled_from([0, 1, 8, 16, 32, 64, 128, 7])),
+            )
             raw = gzip.decompress(data) if suffix == ".nii.gz" else data
             raw = _nifti_dtype(raw, code, bitpix)
             data, note = (gzip.compress(raw) if suffix == ".nii.gz" else raw), f"dtype({code}, {bitpix})"
         else:  # JPEG: no sample type field worth changing; flip the frame header instead
-            data = _flip(data, draw(st.lists(st.tuples(st.integers(0, 200), st.integers(1, 255)), min_size=1, max_size=3)))
+            data = _flip(
+                data,
+                draw(st.lists(st.tuples(st.integers(0, 200), st.integers(1, 255)), min_size=1, max_size=3)),
+            )
     return suffix, data, note
 
 
@@ -349,8 +384,20 @@ def _dicom_variant(path: Path, draw) -> str:
     import pydicom
 
     ds = pydicom.dcmread(path)
-    field = draw(st.sampled_from(["BitsAllocated", "PixelRepresentation", "SamplesPerPixel", "Rows", "Columns",
-                                  "RescaleSlope", "PhotometricInterpretation", "NumberOfFrames"]))
+    field = draw(
+        st.sampled_from(
+            [
+                "BitsAllocated",
+                "PixelRepresentation",
+                "SamplesPerPixel",
+                "Rows",
+                "Columns",
+                "RescaleSlope",
+                "PhotometricInterpretation",
+                "NumberOfFrames",
+            ]
+        )
+    )
     if field == "BitsAllocated":
         value = draw(st.sampled_from([1, 8, 12, 32, 64]))
     elif field == "PixelRepresentation":
@@ -368,7 +415,7 @@ def _dicom_variant(path: Path, draw) -> str:
     try:
         setattr(ds, field, value)
         ds.save_as(path, enforce_file_format=True)
-    except Exception:
+    except Exception:  # noqa: BLE001
         # pydicom refused to write an invalid value; flip its raw bytes instead.
         data = path.read_bytes()
         path.write_bytes(_flip(data, [(len(data) // 3, 0x5A)]))
@@ -385,7 +432,9 @@ def test_fuzz_read_volume_dicom_folder(data):
             (folder / name).write_bytes(content)
         files = sorted(folder.iterdir())
         victim = data.draw(st.sampled_from(files))
-        kind = data.draw(st.sampled_from(["random", "truncate", "flip", "header_flip", "zero", "dtype", "extra"]))
+        kind = data.draw(
+            st.sampled_from(["random", "truncate", "flip", "header_flip", "zero", "dtype", "extra"])
+        )
         raw = victim.read_bytes()
         note = kind
         if kind == "random":
@@ -396,7 +445,9 @@ def test_fuzz_read_volume_dicom_folder(data):
             note = f"truncate@{cut}"
         elif kind in ("flip", "header_flip"):
             hi = len(raw) - 1 if kind == "flip" else min(len(raw) - 1, 600)
-            flips = data.draw(st.lists(st.tuples(st.integers(0, hi), st.integers(1, 255)), min_size=1, max_size=8))
+            flips = data.draw(
+                st.lists(st.tuples(st.integers(0, hi), st.integers(1, 255)), min_size=1, max_size=8)
+            )
             victim.write_bytes(_flip(raw, flips))
             note = f"{kind}{flips}"
         elif kind == "zero":

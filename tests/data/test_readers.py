@@ -68,7 +68,9 @@ def test_palette_image_gives_colours_and_palette_mask_gives_indices(tmp_path):
     im.save(tmp_path / "pal.png")
     img = read_image(tmp_path / "pal.png")
     assert img.shape == (3, 6, 8)
-    np.testing.assert_array_equal(img[:, indices == 1], np.array([[200], [10], [10]]).repeat((indices == 1).sum(), 1))
+    np.testing.assert_array_equal(
+        img[:, indices == 1], np.array([[200], [10], [10]]).repeat((indices == 1).sum(), 1)
+    )
     np.testing.assert_array_equal(read_mask(tmp_path / "pal.png"), indices)
 
     gray = Image.fromarray(indices, mode="P")
@@ -100,7 +102,9 @@ def test_tiff_16bit_float_and_rgb(tmp_path):
 
 def test_tiff_multichannel_planar_and_imagej(tmp_path):
     stack = np.arange(5 * 6 * 7, dtype=np.uint16).reshape(5, 6, 7)
-    img = read_image(write_tiff(tmp_path / "planar.tif", stack, photometric="minisblack", planarconfig="separate"))
+    img = read_image(
+        write_tiff(tmp_path / "planar.tif", stack, photometric="minisblack", planarconfig="separate")
+    )
     assert img.shape == (5, 6, 7)
     np.testing.assert_array_equal(img, stack)
     hyper = np.arange(4 * 6 * 7, dtype=np.float32).reshape(4, 6, 7)
@@ -243,7 +247,11 @@ def _ct_series(tmp_path, **kwargs):
 def test_dicom_series_sorted_by_position_and_rescaled(tmp_path):
     # File names and InstanceNumbers both disagree with the positions; positions must win.
     folder, stored = _ct_series(
-        tmp_path, instance_order=[4, 2, 3, 1], names=["d.dcm", "a.dcm", "c.dcm", "b.dcm"], slope=2.0, intercept=-1024
+        tmp_path,
+        instance_order=[4, 2, 3, 1],
+        names=["d.dcm", "a.dcm", "c.dcm", "b.dcm"],
+        slope=2.0,
+        intercept=-1024,
     )
     vol = read_volume(folder)
     assert vol.data.shape == (5, 6, 4)  # [columns, rows, slices]
@@ -258,7 +266,9 @@ def test_dicom_series_sorted_by_position_and_rescaled(tmp_path):
 
 
 def test_dicom_without_positions_falls_back_to_instance_number(tmp_path):
-    folder, stored = _ct_series(tmp_path, positions=False, instance_order=[3, 1, 4, 2], slope=1.0, intercept=0.0)
+    folder, stored = _ct_series(
+        tmp_path, positions=False, instance_order=[3, 1, 4, 2], slope=1.0, intercept=0.0
+    )
     vol = read_volume(folder)
     order = np.argsort([3, 1, 4, 2])
     np.testing.assert_array_equal(vol.data[0, 2, :], stored[order, 2, 0])
@@ -317,7 +327,11 @@ def test_normalize_auto_chooses_photo_for_8bit_sources():
 @pytest.mark.parametrize("modality", ["mri", "ct", "photo", "auto"])
 def test_normalize_constant_image_is_zeros(modality):
     for value in (0.0, 7.0, 3000.0):
-        out = normalize(np.full((2, 5, 5), value, np.float32), modality, (value, value + 1) if modality == "ct" else (-1000, 1000))
+        out = normalize(
+            np.full((2, 5, 5), value, np.float32),
+            modality,
+            (value, value + 1) if modality == "ct" else (-1000, 1000),
+        )
         if modality in ("mri", "ct") or value == 0:
             assert (out == 0).all()
         assert np.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
@@ -378,7 +392,9 @@ def _raises_naming(path, fn, *args, match="", **kwargs):
 
 
 def test_truncated_png(tmp_path):
-    good = write_png(tmp_path / "good.png", np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8))
+    good = write_png(
+        tmp_path / "good.png", np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)
+    )
     data = good.read_bytes()
     bad = tmp_path / "img3.png"
     bad.write_bytes(data[: len(data) // 2])
@@ -422,7 +438,9 @@ def test_truncated_nifti(tmp_path):
     data = write_nifti(tmp_path / "v.nii", np.ones((8, 8, 8), np.float32)).read_bytes()
     (tmp_path / "cut.nii").write_bytes(data[:600])
     _raises_naming(tmp_path / "cut.nii", read_volume, match="truncated")
-    gz = write_nifti(tmp_path / "v.nii.gz", np.random.default_rng(0).random((8, 8, 8)).astype(np.float32)).read_bytes()
+    gz = write_nifti(
+        tmp_path / "v.nii.gz", np.random.default_rng(0).random((8, 8, 8)).astype(np.float32)
+    ).read_bytes()
     (tmp_path / "cut.nii.gz").write_bytes(gz[: len(gz) // 2])
     _raises_naming(tmp_path / "cut.nii.gz", read_volume)
 

@@ -11,7 +11,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -106,7 +106,14 @@ def _check_numeric(path: Path, arr: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------------------ PIL formats
 
 # Stored sample type per PIL mode, for ImageInfo and for normalize("auto").
-_PIL_DTYPES = {"I;16": "uint16", "I;16B": "uint16", "I;16L": "uint16", "I;16N": "uint16", "I": "int32", "F": "float32"}
+_PIL_DTYPES = {
+    "I;16": "uint16",
+    "I;16B": "uint16",
+    "I;16L": "uint16",
+    "I;16N": "uint16",
+    "I": "int32",
+    "F": "float32",
+}
 
 
 _PIL_FORMATS = ("PNG", "JPEG", "MPO", "BMP", "GIF", "WEBP")
@@ -121,7 +128,9 @@ def _pil_open(path: Path, max_pixels: int):
             # Only plain raster decoders: some Pillow plugins (EPS) would run external programs.
             im = Image.open(path, formats=_PIL_FORMATS)
     except Image.DecompressionBombError as exc:
-        raise AhmError(f"{path}: image dimensions are too large ({_describe(exc)}); refused before decoding") from exc
+        raise AhmError(
+            f"{path}: image dimensions are too large ({_describe(exc)}); refused before decoding"
+        ) from exc
     except Exception as exc:
         raise AhmError(f"{path}: not a readable image ({_describe(exc)})") from exc
     try:
@@ -209,8 +218,15 @@ def _tiff_plan(path: Path, tf, max_pixels: int) -> dict:
     if photometric == 2 and dims.get("S", 1) == 4 and extrasamples:  # RGB + alpha: alpha is dropped
         channels = channels // 4 * 3
     _check_channels(path, channels)
-    return {"axes": axes, "shape": shape, "page_axes": page_axes, "dtype": dtype, "channels": channels,
-            "photometric": photometric, "extrasamples": extrasamples}
+    return {
+        "axes": axes,
+        "shape": shape,
+        "page_axes": page_axes,
+        "dtype": dtype,
+        "channels": channels,
+        "photometric": photometric,
+        "extrasamples": extrasamples,
+    }
 
 
 def _tiff_decode(path: Path, tf, plan: dict) -> np.ndarray:
@@ -239,7 +255,12 @@ def _tiff_decode(path: Path, tf, plan: dict) -> np.ndarray:
     index = tuple(slice(None) if ax in "YXCS" else 0 for ax in cur_axes)
     arr = arr[index]
     cur_axes = "".join(ax for ax in cur_axes if ax in "YXCS")
-    if plan["photometric"] == 2 and "S" in cur_axes and arr.shape[cur_axes.index("S")] == 4 and plan["extrasamples"]:
+    if (
+        plan["photometric"] == 2
+        and "S" in cur_axes
+        and arr.shape[cur_axes.index("S")] == 4
+        and plan["extrasamples"]
+    ):
         arr = np.take(arr, [0, 1, 2], axis=cur_axes.index("S"))
     chan_axes = [i for i, ax in enumerate(cur_axes) if ax in "CS"]
     order = chan_axes + [cur_axes.index("Y"), cur_axes.index("X")]
@@ -281,8 +302,10 @@ def _read_any(path: Path, max_pixels: int, as_mask: bool) -> tuple[np.ndarray, s
         with im:
             arr, source = _pil_decode(path, im, as_mask)
     else:
-        raise AhmError(f"{path}: unsupported image type {suffix or '(no suffix)'!r}; expected one of "
-                       f"{', '.join(IMAGE_SUFFIXES)}")
+        raise AhmError(
+            f"{path}: unsupported image type {suffix or '(no suffix)'!r}; expected one of "
+            f"{', '.join(IMAGE_SUFFIXES)}"
+        )
     if arr.ndim != 3 or arr.shape[1] == 0 or arr.shape[2] == 0:
         raise AhmError(f"{path}: image has no pixels (shape {arr.shape})")
     _check_channels(path, arr.shape[0])
@@ -356,12 +379,11 @@ def read_mask(
             raise AhmError(f"{path}: mask contains NaN or infinite values")
         gray = arr.astype(np.float64).mean(axis=0)
         return (gray >= threshold).astype(np.int64)
-    if arr.shape[0] > 1:
-        if not (arr == arr[:1]).all():
-            raise AhmError(
-                f"{path}: mask has {arr.shape[0]} channels with different values; expected a single-channel "
-                "label map (grey, palette, or colour with equal channels)"
-            )
+    if arr.shape[0] > 1 and not (arr == arr[:1]).all():
+        raise AhmError(
+            f"{path}: mask has {arr.shape[0]} channels with different values; expected a single-channel "
+            "label map (grey, palette, or colour with equal channels)"
+        )
     mask = arr[0]
     if mask.dtype.kind == "f":
         if not np.isfinite(mask).all():
@@ -391,7 +413,7 @@ def _nifti_open(path: Path, max_voxels: int, check_size: bool = True):
 
     _check_file(path)
     try:
-        img = nib.load(str(path), mmap=False)
+        img: Any = nib.load(str(path), mmap=False)  # a Nifti1Image; nibabel types it as the base class
         shape = tuple(int(s) for s in img.shape)
         header = img.header
         dtype = np.dtype(header.get_data_dtype())
@@ -409,7 +431,9 @@ def _nifti_open(path: Path, max_voxels: int, check_size: bool = True):
         except Exception as exc:
             raise AhmError(f"{path}: not a readable NIfTI file ({_describe(exc)})") from exc
         if path.stat().st_size < needed:
-            raise AhmError(f"{path}: truncated NIfTI file ({path.stat().st_size} bytes, header needs {needed})")
+            raise AhmError(
+                f"{path}: truncated NIfTI file ({path.stat().st_size} bytes, header needs {needed})"
+            )
     return img, shape
 
 
@@ -512,7 +536,7 @@ def read_label_volume(path: str | os.PathLike, *, max_voxels: int = DEFAULT_MAX_
 @dataclass
 class _Slice:
     path: Path
-    ds: object
+    ds: Any  # pydicom Dataset, header only
     position: np.ndarray | None
     instance: int | None
 
@@ -554,7 +578,7 @@ def _float_list(ds, name: str, n: int) -> np.ndarray | None:
         if value is None:
             return None
         arr = np.array([float(v) for v in value], dtype=np.float64)
-    except Exception:
+    except Exception:  # noqa: BLE001 - a corrupt header field counts as absent
         return None
     if arr.shape != (n,) or not np.isfinite(arr).all():
         return None
@@ -570,18 +594,22 @@ def _dicom_scan(folder: Path) -> list[_Slice]:
         ds = _dicom_header(p)
         try:
             frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
-        except Exception:
+        except Exception:  # noqa: BLE001 - a corrupt header field counts as absent
             frames = 1
         if frames > 1:
-            raise AhmError(f"{p}: multi-frame DICOM ({frames} frames) is not supported; export one file per slice")
+            raise AhmError(
+                f"{p}: multi-frame DICOM ({frames} frames) is not supported; export one file per slice"
+            )
         try:
             instance = int(ds.InstanceNumber) if getattr(ds, "InstanceNumber", None) is not None else None
-        except Exception:
+        except Exception:  # noqa: BLE001 - a corrupt header field counts as absent
             instance = None
         slices.append(_Slice(p, ds, _float_list(ds, "ImagePositionPatient", 3), instance))
     series = {str(getattr(s.ds, "SeriesInstanceUID", "")) for s in slices}
     if len(series) > 1:
-        raise AhmError(f"{folder}: folder holds {len(series)} DICOM series; put each series in its own folder")
+        raise AhmError(
+            f"{folder}: folder holds {len(series)} DICOM series; put each series in its own folder"
+        )
     first = slices[0].ds
     for s in slices[1:]:
         if (int(s.ds.Rows), int(s.ds.Columns)) != (int(first.Rows), int(first.Columns)):
@@ -629,7 +657,7 @@ def _dicom_affine(slices: list[_Slice]) -> np.ndarray:
     else:
         try:
             thickness = float(ds.SliceThickness) if getattr(ds, "SliceThickness", None) is not None else None
-        except Exception:
+        except Exception:  # noqa: BLE001 - a corrupt header field counts as absent
             thickness = None
         step = normal * (thickness if thickness and np.isfinite(thickness) and thickness > 0 else 1.0)
     lps = np.eye(4)
@@ -652,9 +680,11 @@ def _dicom_pixels(s: _Slice) -> np.ndarray:
         syntax = ""
         try:
             syntax = f", transfer syntax {ds.file_meta.TransferSyntaxUID.name}"  # type: ignore[possibly-undefined]
-        except Exception:
+        except Exception:  # noqa: BLE001, S110 - the syntax name only decorates the message
             pass
-        raise AhmError(f"{s.path}: truncated or undecodable DICOM pixel data ({_describe(exc)}{syntax})") from exc
+        raise AhmError(
+            f"{s.path}: truncated or undecodable DICOM pixel data ({_describe(exc)}{syntax})"
+        ) from exc
     rows, cols = int(s.ds.Rows), int(s.ds.Columns)
     if arr.shape[:2] != (rows, cols) or arr.ndim not in (2, 3):
         raise AhmError(f"{s.path}: pixel data shape {arr.shape} does not match {rows}x{cols}")
@@ -677,7 +707,7 @@ def _dicom_read(folder: Path, max_voxels: int, labels: bool) -> Volume:
     rows, cols = int(first.Rows), int(first.Columns)
     try:
         samples = int(getattr(first, "SamplesPerPixel", 1) or 1)
-    except Exception:
+    except Exception:  # noqa: BLE001 - a corrupt header field counts as absent
         samples = 1
     n_vox = rows * cols * len(slices) * max(samples, 1)
     if n_vox > max_voxels:
@@ -821,8 +851,8 @@ def _fit(height: int, width: int, size: int) -> tuple[int, int, int, int]:
     if size <= 0:
         raise AhmError(f"image_size must be positive, got {size}")
     scale = size / max(height, width)
-    new_h = min(size, max(1, int(round(height * scale))))
-    new_w = min(size, max(1, int(round(width * scale))))
+    new_h = min(size, max(1, round(height * scale)))
+    new_w = min(size, max(1, round(width * scale)))
     return new_h, new_w, (size - new_h) // 2, (size - new_w) // 2
 
 
@@ -849,8 +879,9 @@ def resize_image(arr: np.ndarray, size: int) -> np.ndarray:
         mode = "area" if new_h <= h and new_w <= w else "bilinear"
         kwargs = {"align_corners": False} if mode == "bilinear" else {}
         with torch.no_grad():
-            scaled = F.interpolate(torch.from_numpy(np.ascontiguousarray(arr))[None], size=(new_h, new_w),
-                                   mode=mode, **kwargs)[0].numpy()
+            scaled = F.interpolate(
+                torch.from_numpy(np.ascontiguousarray(arr))[None], size=(new_h, new_w), mode=mode, **kwargs
+            )[0].numpy()
     out = np.zeros((c, size, size), dtype=np.float32)
     out[:, top : top + new_h, left : left + new_w] = scaled
     return out

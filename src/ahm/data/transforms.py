@@ -8,7 +8,8 @@ same keys, shapes and dtypes as plain tensors. Every random draw comes from the 
 from __future__ import annotations
 
 import math
-from typing import Any, Hashable, Mapping
+from collections.abc import Hashable, Mapping
+from typing import Any
 
 import torch
 from monai.transforms import (
@@ -55,8 +56,14 @@ def _random_resized_crop(keys: list[str], image_size: int, min_area: float, mode
     # image (like torchvision's RandomResizedCrop), then is resized back to the training size.
     min_side = max(1, math.ceil(image_size * math.sqrt(min_area)))
     return [
-        RandSpatialCropd(keys=keys, roi_size=(min_side, min_side), max_roi_size=(image_size, image_size),
-                         random_center=True, random_size=True, allow_missing_keys=True),
+        RandSpatialCropd(
+            keys=keys,
+            roi_size=(min_side, min_side),
+            max_roi_size=(image_size, image_size),
+            random_center=True,
+            random_size=True,
+            allow_missing_keys=True,
+        ),
         Resized(keys=keys, spatial_size=(image_size, image_size), mode=modes, allow_missing_keys=True),
     ]
 
