@@ -48,8 +48,11 @@ def _nii(path: Path, data: np.ndarray) -> None:
     nib.save(nib.Nifti1Image(data, np.diag([1.25, 1.25, 2.5, 1.0])), str(path))
 
 
-def ball_volume(rng: np.random.Generator, shape: tuple[int, int, int], classes: int = 2,
-                ) -> tuple[np.ndarray, np.ndarray]:
+def ball_volume(
+    rng: np.random.Generator,
+    shape: tuple[int, int, int],
+    classes: int = 2,
+) -> tuple[np.ndarray, np.ndarray]:
     """float32 MRI-like volume and uint8 labels: a ball (1) with, for classes 3, a core (2)."""
     grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"))
     centre = np.array([s / 2 + rng.uniform(-1, 1) for s in shape])[:, None, None, None]
@@ -61,8 +64,15 @@ def ball_volume(rng: np.random.Generator, shape: tuple[int, int, int], classes: 
     return data, labels
 
 
-def make_folder_fixture(root: Path, masks: bool = True, subjects: int = 3, per_subject: int = 2,
-                        size: tuple[int, int] = (40, 48), rgb: bool = False, seed: int = 0) -> Path:
+def make_folder_fixture(
+    root: Path,
+    masks: bool = True,
+    subjects: int = 3,
+    per_subject: int = 2,
+    size: tuple[int, int] = (40, 48),
+    rgb: bool = False,
+    seed: int = 0,
+) -> Path:
     """`images/<subject>__<k>.png` (+ `masks/` with the same names, labels 0/1)."""
     rng = np.random.default_rng(seed)
     for s in range(subjects):
@@ -75,8 +85,9 @@ def make_folder_fixture(root: Path, masks: bool = True, subjects: int = 3, per_s
     return root
 
 
-def make_folder_volume_fixture(root: Path, volumes: int = 2, shape: tuple[int, int, int] = (20, 24, 6),
-                               masks: bool = True, seed: int = 0) -> Path:
+def make_folder_volume_fixture(
+    root: Path, volumes: int = 2, shape: tuple[int, int, int] = (20, 24, 6), masks: bool = True, seed: int = 0
+) -> Path:
     """`images/case<k>.nii.gz` float volumes (+ `masks/case<k>.nii.gz` labels 0/1/2)."""
     rng = np.random.default_rng(seed)
     for k in range(volumes):
@@ -87,8 +98,13 @@ def make_folder_volume_fixture(root: Path, volumes: int = 2, shape: tuple[int, i
     return root
 
 
-def make_msd_fixture(root: Path, cases: tuple[int, ...] = (3, 4, 5), test_cases: tuple[int, ...] = (15,),
-                     shape: tuple[int, int, int] = (24, 20, 5), seed: int = 0) -> Path:
+def make_msd_fixture(
+    root: Path,
+    cases: tuple[int, ...] = (3, 4, 5),
+    test_cases: tuple[int, ...] = (15,),
+    shape: tuple[int, int, int] = (24, 20, 5),
+    seed: int = 0,
+) -> Path:
     """A Task02_Heart-like folder: dataset.json, imagesTr/, labelsTr/, imagesTs/ with `la_NNN.nii.gz`,
     plus the macOS `._la_NNN.nii.gz` resource forks the real archive contains."""
     rng = np.random.default_rng(seed)
@@ -124,8 +140,9 @@ def make_msd_fixture(root: Path, cases: tuple[int, ...] = (3, 4, 5), test_cases:
 LGG_PATIENTS = ("TCGA_CS_4941_19960909", "TCGA_DU_7014_19860618", "TCGA_HT_7473_19970826")
 
 
-def make_lgg_fixture(root: Path, patients: tuple[str, ...] = LGG_PATIENTS, slices: int = 3, size: int = 32,
-                     seed: int = 0) -> Path:
+def make_lgg_fixture(
+    root: Path, patients: tuple[str, ...] = LGG_PATIENTS, slices: int = 3, size: int = 32, seed: int = 0
+) -> Path:
     """The Kaggle LGG download: `lgg-mri-segmentation/kaggle_3m/<patient>/<patient>_<n>.tif` (3-channel
     uint8) + `<patient>_<n>_mask.tif` (0/255), with data.csv and README.md. Returns the top folder."""
     rng = np.random.default_rng(seed)
@@ -137,13 +154,16 @@ def make_lgg_fixture(root: Path, patients: tuple[str, ...] = LGG_PATIENTS, slice
             rgb = np.stack([img, np.clip(img.astype(int) + 10, 0, 255).astype(np.uint8), img // 2], -1)
             _tif(base / patient / f"{patient}_{n}.tif", rgb)
             _tif(base / patient / f"{patient}_{n}_mask.tif", (disc * 255).astype(np.uint8))
-    (base / "data.csv").write_text("Patient,RNASeqCluster,MethylationCluster\n"
-                                   + "".join(f"{p[:12]},1,2\n" for p in patients))
+    (base / "data.csv").write_text(
+        "Patient,RNASeqCluster,MethylationCluster\n" + "".join(f"{p[:12]},1,2\n" for p in patients)
+    )
     (base / "README.md").write_text("LGG segmentation dataset\n")
     return top
 
 
-def make_busi_fixture(root: Path, per_class: int = 2, size: tuple[int, int] = (30, 40), seed: int = 0) -> Path:
+def make_busi_fixture(
+    root: Path, per_class: int = 2, size: tuple[int, int] = (30, 40), seed: int = 0
+) -> Path:
     """`Dataset_BUSI_with_GT/<class>/<class> (k).png` (grey stored as RGB) + `<class> (k)_mask.png` (0/255);
     `benign (1)` also has `_mask_1.png` (a second lesion). Normal images have empty masks."""
     rng = np.random.default_rng(seed)
@@ -162,11 +182,13 @@ def make_busi_fixture(root: Path, per_class: int = 2, size: tuple[int, int] = (3
     return top
 
 
-def make_isic_fixture(root: Path, n: int = 3, separate: bool = True, size: tuple[int, int] = (36, 48),
-                      seed: int = 0) -> Path:
+def make_isic_fixture(
+    root: Path, n: int = 3, separate: bool = True, size: tuple[int, int] = (36, 48), seed: int = 0
+) -> Path:
     """ISIC 2018 task 1: `ISIC2018_Task1-2_Training_Input/ISIC_0000000.jpg` and
     `ISIC2018_Task1_Training_GroundTruth/ISIC_0000000_segmentation.png` (0/255), with the archive's
-    LICENSE/ATTRIBUTION text files and a 2017-style `_superpixels.png` to ignore. `separate=False`: one folder."""
+    LICENSE/ATTRIBUTION text files and a 2017-style `_superpixels.png` to ignore.
+    `separate=False`: everything in one folder."""
     rng = np.random.default_rng(seed)
     top = root / "isic"
     data = top / ("ISIC2018_Task1-2_Training_Input" if separate else "ISIC2018_Task1_Training")
@@ -186,8 +208,9 @@ def make_isic_fixture(root: Path, n: int = 3, separate: bool = True, size: tuple
 KVASIR_NAMES = ("cju0qkwl35piu0993l0dewei2", "cju0qoxqj9q6s0835b43399p4", "cju0roawvklrq0799vmjorwfv")
 
 
-def make_kvasir_fixture(root: Path, names: tuple[str, ...] = KVASIR_NAMES, size: tuple[int, int] = (40, 44),
-                        seed: int = 0) -> Path:
+def make_kvasir_fixture(
+    root: Path, names: tuple[str, ...] = KVASIR_NAMES, size: tuple[int, int] = (40, 44), seed: int = 0
+) -> Path:
     """`Kvasir-SEG/images/<name>.jpg` (RGB) + `Kvasir-SEG/masks/<name>.jpg` (RGB JPEG, so noisy 0/255),
     and `kavsir_bboxes.json` (sic) beside them."""
     rng = np.random.default_rng(seed)
@@ -213,6 +236,8 @@ ALL_FIXTURES = {
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
-    """Every file under `folder` with its size and mtime: compare before/after to prove nothing was written."""
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*"))} | {".": (0, folder.stat().st_mtime_ns)}
+    """Every file under `folder` with its size and mtime: compare before/after to prove nothing is written."""
+    return {
+        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+    } | {".": (0, folder.stat().st_mtime_ns)}

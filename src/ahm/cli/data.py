@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -15,79 +16,113 @@ data_app.add_typer(prepare_app, name="prepare")
 app.add_typer(data_app, name="data")
 
 
-def _progress_callback(description: str):
-    """A rich progress bar driven by `progress(done, total)`, or nothing with --quiet."""
-    if is_quiet():
-        return None, None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+class _LazyBar:
+    """A rich progress bar for `progress(done, total)` callbacks, shown only once work starts (so an early
+    error prints cleanly), and never with --quiet."""
 
-    bar = Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                   console=console, transient=True)
-    task = bar.add_task(description, total=None)
+    def __init__(self, description: str) -> None:
+        self.description = description
+        self.bar: Any = None
+        self.task: Any = None
 
-    def update(done: int, total: int) -> None:
-        bar.update(task, completed=done, total=total)
+    def __call__(self, done: int, total: int) -> None:
+        if is_quiet():
+            return
+        if self.bar is None:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    return bar, update
+            self.bar = Progress(
+                TextColumn(self.description),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                console=console,
+                transient=True,
+            )
+            self.task = self.bar.add_task(self.description, total=total)
+            self.bar.start()
+        self.bar.update(self.task, completed=done, total=total)
+
+    def __enter__(self) -> _LazyBar:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
 
 
 @prepare_app.command("brain-demo")
 def brain_demo(
-    out_dir: Path = typer.Option(..., "--out", help="Folder to create (must be new, empty, or an earlier brain demo)."),
+    out_dir: Path = typer.Option(
+        ..., "--out", help="Folder to create (must be new, empty, or an earlier brain demo)."
+    ),
     image_size: int = typer.Option(128, "--image-size", help="Square size of the written slices in pixels."),
 ) -> None:
     """Build a labelled brain MRI set (background / grey / white matter) from nilearn's MNI152 template."""
     from ahm.data.brain_demo import prepare_brain_demo
 
-    bar, update = _progress_callback("writing slices")
-
     def go() -> dict:
-        if bar is None:
-            return prepare_brain_demo(out_dir, image_size=image_size)
-        with bar:
-            return prepare_brain_demo(out_dir, image_size=image_size, progress=update)
+        with _LazyBar("writing slices") as bar:
+            return prepare_brain_demo(out_dir, image_size=image_size, progress=bar)
 
     summary = run_guarded(go)
     assert isinstance(summary, dict)
     splits = ", ".join(f"{k} {v}" for k, v in summary["splits"].items())
-    out.print(f"wrote {summary['images']} slices of {image_size}x{image_size} px to {summary['out']}", highlight=False)
-    out.print(f"  images/ and masks/ (0 background, 1 grey matter, 2 white matter); splits.json: {splits}",
-              highlight=False)
+    out.print(
+        f"wrote {summary['images']} slices of {image_size}x{image_size} px to {summary['out']}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    out.print(
+        f"  images/ and masks/ (0 background, 1 grey matter, 2 white matter); splits.json: {splits}",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @data_app.command("check", no_args_is_help=True)
 def check(
     path: Path = typer.Argument(..., help="Dataset folder."),
     layout: str = typer.Option("auto", "--layout", help="auto, folder, msd, lgg, busi, isic or kvasir."),
-    slice_axis: int = typer.Option(2, "--slice-axis", help="Axis along which volumes are sliced (0, 1 or 2)."),
+    slice_axis: int = typer.Option(
+        2, "--slice-axis", help="Axis along which volumes are sliced (0, 1 or 2)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="Treat bad files as skipped (warning, exit 0) "
-                                                            "as training with --skip-bad would."),
+    skip_bad: bool = typer.Option(
+        False,
+        "--skip-bad",
+        help="Treat bad files as skipped (warning, exit 0) as training with --skip-bad would.",
+    ),
 ) -> None:
     """Read every image and mask; print layout, sizes, channels, labels, class balance and every problem.
 
     Exits 1 when there are problems (0 with --skip-bad if usable images remain).
     """
     from ahm.config import DataConfig, build_config
-    from ahm.data.check import check_dataset, format_report
+    from ahm.data.check import CheckReport, check_dataset, format_report
 
     def go():
-        cfg = build_config(DataConfig, overrides={"path": str(path), "layout": layout, "slice_axis": slice_axis},
-                           source="options")
-        bar, update = _progress_callback("reading")
-        if bar is None:
-            return check_dataset(path, cfg)
-        with bar:
-            return check_dataset(path, cfg, progress=update)
+        cfg = build_config(
+            DataConfig,
+            overrides={"path": str(path), "layout": layout, "slice_axis": slice_axis},
+            source="options",
+        )
+        with _LazyBar("reading") as bar:
+            return check_dataset(path, cfg, progress=bar)
 
     report = run_guarded(go)
+    assert isinstance(report, CheckReport)
     if as_json:
         out.print_json(json.dumps(report.to_dict()))
     else:
         out.print(format_report(report), highlight=False, markup=False, soft_wrap=True)
     if report.problems:
         if skip_bad and report.readable > 0:
-            console.print(f"[yellow]warning:[/] {len(report.problems)} bad file(s) would be skipped "
-                          f"({report.readable} of {report.items} images usable)", highlight=False)
+            console.print(
+                f"[yellow]warning:[/] {len(report.problems)} bad file(s) would be skipped "
+                f"({report.readable} of {report.items} images usable)",
+                highlight=False,
+                soft_wrap=True,
+            )
             return
         raise typer.Exit(1)

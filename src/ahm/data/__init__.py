@@ -49,7 +49,40 @@ _EXPORTS: dict[str, str] = {
     "format_report": "check",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "LAYOUTS",
+    "ArrayDataset",
+    "Arrays",
+    "CheckReport",
+    "DatasetIndex",
+    "ImageInfo",
+    "Item",
+    "Volume",
+    "check_dataset",
+    "count_slices",
+    "detect_layout",
+    "format_report",
+    "label_subset",
+    "load_arrays",
+    "make_splits",
+    "normalize",
+    "open_dataset",
+    "prepare_brain_demo",
+    "pretrain_augment",
+    "read_image",
+    "read_image_info",
+    "read_item",
+    "read_label_volume",
+    "read_mask",
+    "read_splits_file",
+    "read_volume",
+    "resize_image",
+    "resize_mask",
+    "sample_seed",
+    "segment_augment",
+    "undo_resize",
+    "volume_slice",
+]
 
 
 def __getattr__(name: str) -> Any:
@@ -70,8 +103,20 @@ if TYPE_CHECKING:  # pragma: no cover
     from ahm.data.check import CheckReport, check_dataset, format_report
     from ahm.data.dataset import ArrayDataset, Arrays, load_arrays, read_item, sample_seed
     from ahm.data.layouts import LAYOUTS, DatasetIndex, Item, detect_layout, open_dataset, read_splits_file
-    from ahm.data.readers import (ImageInfo, Volume, count_slices, normalize, read_image, read_image_info,
-                                  read_label_volume, read_mask, read_volume, resize_image, resize_mask,
-                                  undo_resize, volume_slice)
+    from ahm.data.readers import (
+        ImageInfo,
+        Volume,
+        count_slices,
+        normalize,
+        read_image,
+        read_image_info,
+        read_label_volume,
+        read_mask,
+        read_volume,
+        resize_image,
+        resize_mask,
+        undo_resize,
+        volume_slice,
+    )
     from ahm.data.splits import label_subset, make_splits
     from ahm.data.transforms import pretrain_augment, segment_augment

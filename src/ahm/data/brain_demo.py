@@ -31,22 +31,69 @@ MIN_BRAIN_FRACTION = 0.05
 FRACTIONS = {"val": 0.15, "test": 0.15}
 
 
-def _load_template() -> tuple[np.ndarray, np.ndarray]:
-    """T1 template and label volume (0/1/2) from nilearn's bundled MNI152 2009 files (no network)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            from nilearn import datasets
+_FILES = {name: f"mni_icbm152_{name}_tal_nlin_sym_09a_converted.nii.gz" for name in ("t1", "gm", "wm")}
 
-            t1 = np.asarray(datasets.load_mni152_template(resolution=2).get_fdata(), dtype=np.float32)
-            gm = np.asarray(datasets.load_mni152_gm_template(resolution=2).get_fdata(), dtype=np.float32)
-            wm = np.asarray(datasets.load_mni152_wm_template(resolution=2).get_fdata(), dtype=np.float32)
+
+def _read_bundled() -> dict[str, np.ndarray] | None:
+    """The 1 mm template files inside the nilearn wheel, read with nibabel.
+
+    Importing `nilearn.datasets` costs several seconds (it pulls in scikit-learn); the files are all we need.
+    None when this nilearn keeps them elsewhere.
+    """
+    import importlib.util
+
+    import nibabel as nib
+
+    spec = importlib.util.find_spec("nilearn")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data"
+    if not all((folder / f).is_file() for f in _FILES.values()):
+        return None
+    return {
+        name: np.asarray(nib.load(str(folder / f)).dataobj, dtype=np.float32)  # type: ignore[attr-defined]
+        for name, f in _FILES.items()
+    }
+
+
+def _read_with_loaders() -> dict[str, np.ndarray]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from nilearn import datasets
+
+        loaders = {
+            "t1": datasets.load_mni152_template,
+            "gm": datasets.load_mni152_gm_template,
+            "wm": datasets.load_mni152_wm_template,
+        }
+        return {
+            name: np.asarray(load(resolution=1).get_fdata(), dtype=np.float32)
+            for name, load in loaders.items()
+        }
+
+
+def _halve(volume: np.ndarray) -> np.ndarray:
+    # 2x2x2 block mean: the 2 mm grid, without the seconds of nilearn's resampling.
+    x, y, z = (s - s % 2 for s in volume.shape)
+    v = volume[:x, :y, :z]
+    return v.reshape(x // 2, 2, y // 2, 2, z // 2, 2).mean(axis=(1, 3, 5))
+
+
+def _load_template() -> tuple[np.ndarray, np.ndarray]:
+    """T1 image and label volume (0/1/2) at 2 mm, from nilearn's bundled MNI152 2009 files (no network)."""
+    try:
+        volumes = _read_bundled() or _read_with_loaders()
     except ImportError as exc:
         raise AhmError("brain demo: needs nilearn (pip install 'ahm[demo]' or pip install nilearn)") from exc
     except Exception as exc:  # a broken nilearn install: say so in one line
-        raise AhmError(f"brain demo: could not load nilearn's MNI152 template ({type(exc).__name__}: {exc})") from exc
+        raise AhmError(
+            f"brain demo: could not load nilearn's MNI152 template ({type(exc).__name__}: {exc})"
+        ) from exc
+    t1, gm, wm = (_halve(volumes[name]) for name in ("t1", "gm", "wm"))
     if not (t1.shape == gm.shape == wm.shape):
         raise AhmError(f"brain demo: nilearn template shapes differ ({t1.shape}, {gm.shape}, {wm.shape})")
+    # The files store probabilities as 0..255; nilearn's loaders divide by the maximum, and so do we.
+    gm, wm = gm / max(float(gm.max()), 1e-6), wm / max(float(wm.max()), 1e-6)
     probs = np.stack([gm, wm])
     labels = np.where(probs.max(axis=0) >= 0.5, probs.argmax(axis=0) + 1, 0).astype(np.uint8)
     return t1, labels
@@ -71,11 +118,11 @@ def plan_slabs(kept: list[int], slab_size: int = SLAB_SIZE, gap: int = GAP) -> l
 def _assign(n_slabs: int, rng: np.random.Generator) -> list[str]:
     sides = ["train"] * n_slabs
     order = rng.permutation(n_slabs)
-    n_test = max(1, int(round(FRACTIONS["test"] * n_slabs))) if n_slabs >= 3 else 0
-    n_val = max(1, int(round(FRACTIONS["val"] * n_slabs))) if n_slabs >= 3 else 0
+    n_test = max(1, round(FRACTIONS["test"] * n_slabs)) if n_slabs >= 3 else 0
+    n_val = max(1, round(FRACTIONS["val"] * n_slabs)) if n_slabs >= 3 else 0
     for k in order[:n_test]:
         sides[k] = "test"
-    for k in order[n_test:n_test + n_val]:
+    for k in order[n_test : n_test + n_val]:
         sides[k] = "val"
     return sides
 
@@ -93,8 +140,9 @@ def _save_png(path: Path, array: np.ndarray) -> None:
     Image.fromarray(np.ascontiguousarray(array.astype(np.uint8)), mode="L").save(path, format="PNG")
 
 
-def prepare_brain_demo(out: Path, image_size: int = 128, progress: Callable[[int, int], None] | None = None,
-                       seed: int = 0) -> dict:
+def prepare_brain_demo(
+    out: Path, image_size: int = 128, progress: Callable[[int, int], None] | None = None, seed: int = 0
+) -> dict:
     """Write the brain demo set to `out` (folder layout + splits.json) and return a summary.
 
     Refuses a non-empty `out` unless it is a previous brain demo (then replaced). The set is written to a
@@ -109,8 +157,10 @@ def prepare_brain_demo(out: Path, image_size: int = 128, progress: Callable[[int
         if not out.is_dir():
             raise AhmError(f"{out}: exists and is not a folder")
         if any(out.iterdir()) and not _is_previous_demo(out):
-            raise AhmError(f"{out}: folder is not empty and is not a previous brain demo; "
-                           "choose a new or empty folder (nothing was written)")
+            raise AhmError(
+                f"{out}: folder is not empty and is not a previous brain demo; "
+                "choose a new or empty folder (nothing was written)"
+            )
     out.parent.mkdir(parents=True, exist_ok=True)
 
     t1, labels = _load_template()
@@ -122,8 +172,11 @@ def prepare_brain_demo(out: Path, image_size: int = 128, progress: Callable[[int
     splits: dict[str, list[str]] = {"train": [], "val": [], "test": []}
     slab_counts = {"train": 0, "val": 0, "test": 0}
     for axis in range(3):
-        kept = [k for k in range(labels.shape[axis])
-                if (np.take(labels, k, axis=axis) > 0).mean() >= MIN_BRAIN_FRACTION]
+        kept = [
+            k
+            for k in range(labels.shape[axis])
+            if (np.take(labels, k, axis=axis) > 0).mean() >= MIN_BRAIN_FRACTION
+        ]
         slabs = plan_slabs(kept)
         for slab_no, (slab, side) in enumerate(zip(slabs, _assign(len(slabs), rng))):
             slab_counts[side] += 1
@@ -191,6 +244,8 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
     except OSError as exc:
         if old is not None:  # put the previous demo back rather than leave nothing
             os.replace(old / "previous", out)
-        raise AhmError(f"{out}: could not move the new brain demo into place ({exc.strerror or exc})") from exc
+        raise AhmError(
+            f"{out}: could not move the new brain demo into place ({exc.strerror or exc})"
+        ) from exc
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

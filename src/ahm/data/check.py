@@ -54,9 +54,14 @@ def check_dataset(path: str | Path, cfg: DataConfig, progress=None) -> CheckRepo
 
     lenient = cfg.model_copy(update={"skip_bad": True})
     index = _open_dataset(path, lenient, strict_splits=False)
-    report = CheckReport(root=str(index.root), layout=index.layout, items=len(index.items),
-                         has_labels=index.has_labels, declared_labels=index.label_values,
-                         problems=list(index.problems))
+    report = CheckReport(
+        root=str(index.root),
+        layout=index.layout,
+        items=len(index.items),
+        has_labels=index.has_labels,
+        declared_labels=index.label_values,
+        problems=list(index.problems),
+    )
     report.subjects = len({item.subject for item in index.items})
     report.volumes = len({item.volume for item in index.items if item.volume is not None})
 
@@ -93,9 +98,11 @@ def check_dataset(path: str | Path, cfg: DataConfig, progress=None) -> CheckRepo
     total = sum(pixels.values())
     report.class_balance = {str(v): pixels[v] / total for v in sorted(pixels)} if total else {}
     if len(channels) > 1 and cfg.channels is None:
-        report.problems.append(f"{index.root}: images have different channel counts "
-                               f"({', '.join(f'{n} with {c}' for c, n in report.channels.items())}); "
-                               "set data.channels to unify them")
+        report.problems.append(
+            f"{index.root}: images have different channel counts "
+            f"({', '.join(f'{n} with {c}' for c, n in report.channels.items())}); "
+            "set data.channels to unify them"
+        )
     try:
         report.splits = {name: len(ids) for name, ids in make_splits(index, cfg).items()}
     except AhmError as exc:

@@ -17,6 +17,7 @@ import torch
 
 from ahm.config import DataConfig
 from ahm.data.layouts import DatasetIndex, Item
+from ahm.data.readers import Modality
 from ahm.errors import AhmError
 
 
@@ -63,14 +64,17 @@ def _read_mask_2d(item: Item, index: DatasetIndex, cfg: DataConfig) -> np.ndarra
     for extra in item.extra_masks:
         more = read_mask(extra, max_pixels=cfg.max_pixels)
         if more.shape != mask.shape:
-            raise AhmError(f"{extra}: mask size {more.shape[0]}x{more.shape[1]} does not match "
-                           f"{item.mask.name} ({mask.shape[0]}x{mask.shape[1]})")
+            raise AhmError(
+                f"{extra}: mask size {more.shape[0]}x{more.shape[1]} does not match "
+                f"{item.mask.name} ({mask.shape[0]}x{mask.shape[1]})"
+            )
         mask = ((mask > 0) | (more > 0)).astype(np.int64)
     return mask
 
 
-def read_item(item: Item, index: DatasetIndex, cfg: DataConfig, labels: bool,
-              cache: _VolumeCache | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+def read_item(
+    item: Item, index: DatasetIndex, cfg: DataConfig, labels: bool, cache: _VolumeCache | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Raw image [C, H, W] float32 as stored and mask [H, W] int64 (or None), checked against each other."""
     from ahm.data.readers import read_image, volume_slice
 
@@ -92,23 +96,29 @@ def read_item(item: Item, index: DatasetIndex, cfg: DataConfig, labels: bool,
             label_volume = cache.get(item.mask, label=True)
             volume_shape = cache.get(item.image, label=False).shape[:3]
             if label_volume.shape[:3] != volume_shape:
-                raise AhmError(f"{item.mask}: label volume size {'x'.join(map(str, label_volume.shape[:3]))} "
-                               f"does not match image volume {item.image.name} "
-                               f"({'x'.join(map(str, volume_shape))})")
-            mask = volume_slice(label_volume, item.axis, item.slice)
+                raise AhmError(
+                    f"{item.mask}: label volume size {'x'.join(map(str, label_volume.shape[:3]))} "
+                    f"does not match image volume {item.image.name} "
+                    f"({'x'.join(map(str, volume_shape))})"
+                )
+            mask = volume_slice(label_volume, item.axis or 0, item.slice)
         else:
             mask = _read_mask_2d(item, index, cfg)
         if mask.shape != image.shape[1:]:
-            raise AhmError(f"{item.mask}: mask size {mask.shape[0]}x{mask.shape[1]} does not match image "
-                           f"{item.image.name} size {image.shape[1]}x{image.shape[2]}")
+            raise AhmError(
+                f"{item.mask}: mask size {mask.shape[0]}x{mask.shape[1]} does not match image "
+                f"{item.image.name} size {image.shape[1]}x{image.shape[2]}"
+            )
         mask = mask.astype(np.int64, copy=False)
         if index.label_values is not None:
             bad = sorted(set(np.unique(mask).tolist()) - set(index.label_values))
             if bad:
                 where = "dataset.json" if index.layout == "msd" else f"the {index.layout} layout"
                 shown = ", ".join(map(str, bad[:8])) + (" ..." if len(bad) > 8 else "")
-                raise AhmError(f"{item.mask}: label values {shown} are outside the set "
-                               f"{index.label_values} declared by {where}")
+                raise AhmError(
+                    f"{item.mask}: label values {shown} are outside the set "
+                    f"{index.label_values} declared by {where}"
+                )
     return image, mask
 
 
@@ -122,11 +132,11 @@ def _source_dtype(path: Path) -> str | None:
         return None
 
 
-def _modality(item: Item, index: DatasetIndex, cfg: DataConfig) -> tuple[str, str | None]:
+def _modality(item: Item, index: DatasetIndex, cfg: DataConfig) -> tuple[Modality, str | None]:
     if cfg.modality != "auto":
         return cfg.modality, None
-    if index.modality is not None:
-        return index.modality, None
+    if index.modality in ("mri", "ct", "photo"):
+        return index.modality, None  # type: ignore[return-value]
     if item.slice is not None:
         return "mri", None
     return "auto", _source_dtype(item.image)
@@ -140,12 +150,19 @@ def _unify_channels(image: np.ndarray, channels: int, path: Path) -> np.ndarray:
         return np.repeat(image, channels, axis=0)
     if have == 3 and channels == 1:
         return image.mean(axis=0, keepdims=True)
-    raise AhmError(f"{path}: has {have} channels but the data set uses {channels} "
-                   f"(set data.channels, or convert the file)")
+    raise AhmError(
+        f"{path}: has {have} channels but the data set uses {channels} "
+        f"(set data.channels, or convert the file)"
+    )
 
 
-def load_arrays(index: DatasetIndex, ids: list[str], cfg: DataConfig, labels: bool,
-                progress: Callable[[int, int], None] | None = None) -> Arrays:
+def load_arrays(
+    index: DatasetIndex,
+    ids: list[str],
+    cfg: DataConfig,
+    labels: bool,
+    progress: Callable[[int, int], None] | None = None,
+) -> Arrays:
     """Read, normalise and resize the items `ids` into arrays [N, C, S, S] (+ labels [N, S, S]).
 
     Channels follow `cfg.channels` or the first image. With `cfg.skip_bad` unreadable or inconsistent files
@@ -176,14 +193,21 @@ def load_arrays(index: DatasetIndex, ids: list[str], cfg: DataConfig, labels: bo
                 channels = image.shape[0]
             image = _unify_channels(image, channels, item.image)
             modality, source_dtype = _modality(item, index, cfg)
-            image = normalize(image.astype(np.float32, copy=False), modality, ct_window=cfg.ct_window,
-                              source_dtype=source_dtype)
+            image = normalize(
+                image.astype(np.float32, copy=False),
+                modality,
+                ct_window=cfg.ct_window,
+                source_dtype=source_dtype,
+            )
             hw = (int(image.shape[1]), int(image.shape[2]))
             resized = resize_image(image, size)
             if not np.isfinite(resized).all():
                 raise AhmError(f"{item.image}: normalisation produced NaN or infinite values")
-            results[k] = (resized.astype(np.float32, copy=False),
-                          None if mask is None else resize_mask(mask, size).astype(np.int64, copy=False), hw)
+            results[k] = (
+                resized.astype(np.float32, copy=False),
+                None if mask is None else resize_mask(mask, size).astype(np.int64, copy=False),
+                hw,
+            )
         except AhmError as exc:
             if not cfg.skip_bad:
                 raise
@@ -192,19 +216,27 @@ def load_arrays(index: DatasetIndex, ids: list[str], cfg: DataConfig, labels: bo
             progress(done, len(order))
     kept = [k for k in range(len(ids)) if k in results]
     if ids and not kept:
-        raise AhmError(f"{index.root}: none of the {len(ids)} images could be read "
-                       f"(first problem: {problems[0] if problems else 'unknown'})")
+        raise AhmError(
+            f"{index.root}: none of the {len(ids)} images could be read "
+            f"(first problem: {problems[0] if problems else 'unknown'})"
+        )
     n_channels = channels or (cfg.channels or 1)
     images = np.zeros((len(kept), n_channels, size, size), dtype=np.float32)
     label_array = np.zeros((len(kept), size, size), dtype=np.int64) if labels else None
     for row, k in enumerate(kept):
         images[row] = results[k][0]
-        if label_array is not None:
-            label_array[row] = results[k][1]
+        mask = results[k][1]
+        if label_array is not None and mask is not None:
+            label_array[row] = mask
     index.problems.extend(problems)
-    return Arrays(images=images, labels=label_array, ids=[ids[k] for k in kept],
-                  original_hw=[results[k][2] for k in kept], items=[by_id[ids[k]] for k in kept],
-                  problems=problems)
+    return Arrays(
+        images=images,
+        labels=label_array,
+        ids=[ids[k] for k in kept],
+        original_hw=[results[k][2] for k in kept],
+        items=[by_id[ids[k]] for k in kept],
+        problems=problems,
+    )
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -219,8 +251,13 @@ class ArrayDataset(torch.utils.data.Dataset):
     (seed, epoch, i): the same epoch gives the same samples again, in any DataLoader worker, after a resume.
     """
 
-    def __init__(self, images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor | None = None,
-                 transform: Callable[[dict], dict] | None = None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        images: np.ndarray | torch.Tensor,
+        labels: np.ndarray | torch.Tensor | None = None,
+        transform: Callable[[dict], dict] | None = None,
+        seed: int = 0,
+    ) -> None:
         self.images = torch.as_tensor(images, dtype=torch.float32)
         self.labels = None if labels is None else torch.as_tensor(labels, dtype=torch.long)
         if self.labels is not None and self.labels.shape[0] != self.images.shape[0]:

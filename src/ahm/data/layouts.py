@@ -141,8 +141,15 @@ def _is_ignorable(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in _IGNORED_SUFFIXES
 
 
-def _slice_items(stem: str, subject: str, image: Path, mask: Path | None, axis: int, problems: _Problems,
-                 extra: tuple[Path, ...] = ()) -> list[Item]:
+def _slice_items(
+    stem: str,
+    subject: str,
+    image: Path,
+    mask: Path | None,
+    axis: int,
+    problems: _Problems,
+    extra: tuple[Path, ...] = (),
+) -> list[Item]:
     from ahm.data.readers import count_slices
 
     try:
@@ -156,8 +163,16 @@ def _slice_items(stem: str, subject: str, image: Path, mask: Path | None, axis: 
     letter = _AXIS_LETTER[axis]
     base = safe_id(stem)
     return [
-        Item(id=f"{base}__{letter}{k:03d}", subject=subject, image=image, mask=mask, axis=axis, slice=k,
-             volume=base, extra_masks=extra)
+        Item(
+            id=f"{base}__{letter}{k:03d}",
+            subject=subject,
+            image=image,
+            mask=mask,
+            axis=axis,
+            slice=k,
+            volume=base,
+            extra_masks=extra,
+        )
         for k in range(count)
     ]
 
@@ -167,8 +182,9 @@ def _check_unique(items: list[Item], problems: _Problems) -> list[Item]:
     kept = []
     for item in items:
         if item.id in seen:
-            problems.add(f"{item.image}: same name as {seen[item.id].image} (item id {item.id!r}); "
-                         "rename one of them")
+            problems.add(
+                f"{item.image}: same name as {seen[item.id].image} (item id {item.id!r}); rename one of them"
+            )
             continue
         seen[item.id] = item
         kept.append(item)
@@ -181,8 +197,10 @@ def _relative_inside(root: Path, entry: Any, source: Path, what: str) -> Path:
         raise AhmError(f"{source}: {what} must be a relative path string, got {entry!r}")
     pure = PurePosixPath(entry.replace("\\", "/"))
     if pure.is_absolute() or re.match(r"^[A-Za-z]:", entry) or ".." in pure.parts:
-        raise AhmError(f"{source}: {what} {entry!r} points outside the dataset folder "
-                       "(absolute paths and '..' are not allowed)")
+        raise AhmError(
+            f"{source}: {what} {entry!r} points outside the dataset folder "
+            "(absolute paths and '..' are not allowed)"
+        )
     resolved = (root / Path(*[p for p in pure.parts if p not in (".", "")])).resolve()
     if not resolved.is_relative_to(root.resolve()):
         raise AhmError(f"{source}: {what} {entry!r} points outside the dataset folder (through a link)")
@@ -254,15 +272,18 @@ def _list_folder(root: Path, cfg: DataConfig, problems: _Problems) -> tuple[list
     labelled = bool(mask_entries)
 
     masks_by_stem: dict[str, Path] = {}
-    for mask in mask_entries:
-        if not (_is_image_file(mask) or _is_volume_file(mask) or _is_dicom_dir(mask)):
-            problems.add(f"{mask}: unsupported mask file type (expected {', '.join(IMAGE_SUFFIXES + VOLUME_SUFFIXES)})")
+    for mask_file in mask_entries:
+        if not (_is_image_file(mask_file) or _is_volume_file(mask_file) or _is_dicom_dir(mask_file)):
+            problems.add(
+                f"{mask_file}: unsupported mask file type "
+                f"(expected {', '.join(IMAGE_SUFFIXES + VOLUME_SUFFIXES)})"
+            )
             continue
-        stem = stem_of(mask)
+        stem = stem_of(mask_file)
         if stem in masks_by_stem:
-            problems.add(f"{mask}: two masks named {stem!r} (also {masks_by_stem[stem]})")
+            problems.add(f"{mask_file}: two masks named {stem!r} (also {masks_by_stem[stem]})")
             continue
-        masks_by_stem[stem] = mask
+        masks_by_stem[stem] = mask_file
 
     items: list[Item] = []
     used_masks: set[str] = set()
@@ -272,12 +293,14 @@ def _list_folder(root: Path, cfg: DataConfig, problems: _Problems) -> tuple[list
             continue
         is_volume = _is_volume_file(entry) or _is_dicom_dir(entry)
         if not is_volume and not _is_image_file(entry):
-            problems.add(f"{entry}: unsupported file type (expected {', '.join(IMAGE_SUFFIXES + VOLUME_SUFFIXES)} "
-                         "or a folder of DICOM files)")
+            problems.add(
+                f"{entry}: unsupported file type (expected {', '.join(IMAGE_SUFFIXES + VOLUME_SUFFIXES)} "
+                "or a folder of DICOM files)"
+            )
             continue
         saw_image = True
         stem = stem_of(entry)
-        mask = None
+        mask: Path | None = None
         if labelled:
             for key in (stem, f"{stem}_mask"):
                 if key in masks_by_stem:
@@ -285,17 +308,19 @@ def _list_folder(root: Path, cfg: DataConfig, problems: _Problems) -> tuple[list
                     used_masks.add(key)
                     break
             if mask is None:
-                problems.add(f"{entry}: no mask for this image in {masks_dir} (expected {stem}.<ext>); "
-                             "either every image has a mask or there is no masks/ folder")
+                problems.add(
+                    f"{entry}: no mask for this image in {masks_dir} (expected {stem}.<ext>); "
+                    "either every image has a mask or there is no masks/ folder"
+                )
                 continue
         subject = safe_id(subject_of_stem(stem))
         if is_volume:
             items.extend(_slice_items(stem, subject, entry, mask, cfg.slice_axis, problems))
         else:
             items.append(Item(id=safe_id(stem), subject=subject, image=entry, mask=mask))
-    for key, mask in masks_by_stem.items():
+    for key, unused in masks_by_stem.items():
         if key not in used_masks:
-            problems.add(f"{mask}: mask without an image in {images_dir}")
+            problems.add(f"{unused}: mask without an image in {images_dir}")
     if not saw_image and not problems.messages:
         raise AhmError(f"{images_dir}: no images found")
     return items, labelled
@@ -328,8 +353,11 @@ def _list_lgg(root: Path, cfg: DataConfig, problems: _Problems) -> tuple[list[It
         if not patient.is_dir():
             continue  # data.csv, README.md beside the patient folders
         files = [p for p in _children(patient) if p.is_file()]
-        images = {stem_of(p): p for p in files if p.suffix.lower() in (".tif", ".tiff")
-                  and not _LGG_MASK.match(stem_of(p))}
+        images = {
+            stem_of(p): p
+            for p in files
+            if p.suffix.lower() in (".tif", ".tiff") and not _LGG_MASK.match(stem_of(p))
+        }
         masks = {}
         for p in files:
             match = _LGG_MASK.match(stem_of(p))
@@ -371,8 +399,15 @@ def _list_busi(root: Path, cfg: DataConfig, problems: _Problems) -> tuple[list[I
                 problems.add(f"{image}: no mask {stem}_mask.png beside this image")
                 continue
             ident = safe_id(stem)
-            items.append(Item(id=ident, subject=ident, image=image, mask=found[0][1],
-                              extra_masks=tuple(p for _, p in found[1:])))
+            items.append(
+                Item(
+                    id=ident,
+                    subject=ident,
+                    image=image,
+                    mask=found[0][1],
+                    extra_masks=tuple(p for _, p in found[1:]),
+                )
+            )
         for stem, found in masks.items():
             if stem not in images:
                 for _, p in found:
@@ -424,7 +459,7 @@ def _msd_meta(root: Path) -> tuple[dict, list[int] | None, str | None]:
         try:
             label_values = sorted(int(k) for k in labels)
         except (TypeError, ValueError) as exc:
-            raise AhmError(f"{source}: 'labels' keys must be integers such as \"0\", \"1\"") from exc
+            raise AhmError(f'{source}: \'labels\' keys must be integers such as "0", "1"') from exc
     modality = None
     names = meta.get("modality")
     if isinstance(names, dict) and names:
@@ -457,8 +492,9 @@ def _list_msd(root: Path, cfg: DataConfig, problems: _Problems) -> tuple[list[It
     # The test entries are unlabelled and unused, but a path escaping the folder is still refused.
     for n, entry in enumerate(meta.get("test") or []):
         try:
-            _relative_inside(root, entry if isinstance(entry, str) else (entry or {}).get("image"), source,
-                             f"test[{n}]")
+            _relative_inside(
+                root, entry if isinstance(entry, str) else (entry or {}).get("image"), source, f"test[{n}]"
+            )
         except AhmError as exc:
             problems.add(str(exc))
     return items, True
@@ -528,7 +564,9 @@ def _open_dataset(path: str | Path, cfg: DataConfig, strict_splits: bool = True)
     if layout == "auto":
         layout = detect_layout(root)
     elif layout not in LAYOUTS:
-        raise AhmError(f"data.layout: unknown layout {cfg.layout!r}; choose auto or one of {', '.join(LAYOUTS)}")
+        raise AhmError(
+            f"data.layout: unknown layout {cfg.layout!r}; choose auto or one of {', '.join(LAYOUTS)}"
+        )
     required = {"folder": "images", "kvasir": "images", "msd": "dataset.json"}.get(layout)
     if required and not (root / required).exists():
         raise AhmError(f"{root}: layout {layout!r} needs {required} in this folder")
@@ -537,7 +575,11 @@ def _open_dataset(path: str | Path, cfg: DataConfig, strict_splits: bool = True)
     items, has_labels = _LISTERS[layout](root, cfg, problems)
     items = _check_unique(items, problems)
     if not items:
-        detail = f" ({len(problems.messages)} problem(s), first: {problems.messages[0]})" if problems.messages else ""
+        detail = (
+            f" ({len(problems.messages)} problem(s), first: {problems.messages[0]})"
+            if problems.messages
+            else ""
+        )
         raise AhmError(f"{root}: no usable images found for layout {layout!r}{detail}")
 
     label_values: list[int] | None = None
@@ -557,8 +599,16 @@ def _open_dataset(path: str | Path, cfg: DataConfig, strict_splits: bool = True)
             if strict_splits:
                 raise
             problems.messages.append(str(exc))
-    return DatasetIndex(root=root, layout=layout, items=items, has_labels=has_labels, label_values=label_values,
-                        splits_file=splits, problems=problems.messages, modality=modality)
+    return DatasetIndex(
+        root=root,
+        layout=layout,
+        items=items,
+        has_labels=has_labels,
+        label_values=label_values,
+        splits_file=splits,
+        problems=problems.messages,
+        modality=modality,
+    )
 
 
 def open_dataset(path: str | Path, cfg: DataConfig) -> DatasetIndex:

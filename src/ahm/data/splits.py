@@ -17,7 +17,7 @@ from ahm.errors import AhmError
 SPLIT_NAMES = ("train", "val", "test")
 
 
-def _subjects(items: list[Item]) -> "OrderedDict[str, list[str]]":
+def _subjects(items: list[Item]) -> OrderedDict[str, list[str]]:
     groups: OrderedDict[str, list[str]] = OrderedDict()
     for item in items:
         groups.setdefault(item.subject, []).append(item.id)
@@ -69,7 +69,7 @@ def make_splits(index: DatasetIndex, cfg: DataConfig) -> dict[str, list[str]]:
     order = [subjects[k] for k in np.random.default_rng(cfg.split_seed).permutation(n)]
 
     def share(fraction: float) -> int:
-        count = int(round(fraction * n))
+        count = round(fraction * n)
         return max(count, 1) if fraction > 0 and n >= 3 else count
 
     n_test, n_val = share(cfg.test_fraction), share(cfg.val_fraction)
@@ -80,11 +80,13 @@ def make_splits(index: DatasetIndex, cfg: DataConfig) -> dict[str, list[str]]:
             n_test -= 1
     chosen = {
         "test": set(order[:n_test]),
-        "val": set(order[n_test:n_test + n_val]),
+        "val": set(order[n_test : n_test + n_val]),
     }
     out: dict[str, list[str]] = {name: [] for name in SPLIT_NAMES}
     for item in index.items:  # dataset order inside each split: stable and easy to read
-        side = "test" if item.subject in chosen["test"] else "val" if item.subject in chosen["val"] else "train"
+        side = (
+            "test" if item.subject in chosen["test"] else "val" if item.subject in chosen["val"] else "train"
+        )
         out[side].append(item.id)
     return out
 
@@ -100,10 +102,11 @@ def label_subset(index: DatasetIndex, train_ids: list[str], fraction: float, see
             raise AhmError(f"{index.root}: unknown item id {ident!r} in the training split")
         groups.setdefault(subject_of[ident], []).append(ident)
     subjects = sorted(groups)
-    keep_n = len(subjects) if fraction >= 1.0 else int(round(fraction * len(subjects)))
+    keep_n = len(subjects) if fraction >= 1.0 else round(fraction * len(subjects))
     if keep_n == 0:
         raise AhmError(
-            f"--labels-fraction {fraction}: keeps no subject out of the {len(subjects)} in the training split; "
+            f"--labels-fraction {fraction}: keeps no subject out of the {len(subjects)} "
+            "in the training split; "
             f"use at least {1.0 / max(len(subjects), 1):.3g}"
         )
     rng = np.random.default_rng(seed)

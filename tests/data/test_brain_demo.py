@@ -1,0 +1,129 @@
+"""The brain demo set: built offline from nilearn's template, labelled 0/1/2, split by slab with gaps."""
+
+from __future__ import annotations
+
+import json
+import re
+from itertools import pairwise
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fixtures import snapshot
+from PIL import Image
+from typer.testing import CliRunner
+
+from ahm.cli.app import _register, app
+from ahm.config import DataConfig
+from ahm.data import make_splits, open_dataset, prepare_brain_demo
+from ahm.data.brain_demo import GAP, plan_slabs
+from ahm.errors import AhmError
+
+STEM = re.compile(r"^ax(?P<axis>[012])s(?P<slab>\d\d)__(?P<slice>\d{3})$")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("brain") / "demo"
+    seen: list[tuple[int, int]] = []
+    summary = prepare_brain_demo(out, image_size=64, progress=lambda d, t: seen.append((d, t)))
+    assert seen and seen[-1][0] == seen[-1][1] == summary["images"]
+    return out, summary
+
+
+def test_writes_the_folder_layout_with_labels_0_1_2(demo):
+    out, summary = demo
+    images = sorted((out / "images").glob("*.png"))
+    masks = sorted((out / "masks").glob("*.png"))
+    assert len(images) == len(masks) == summary["images"] > 100
+    assert [p.name for p in images] == [p.name for p in masks]
+    assert all(STEM.match(p.stem) for p in images)
+    assert {int(STEM.match(p.stem)["axis"]) for p in images} == {0, 1, 2}
+    values: set[int] = set()
+    for p in masks[::7]:
+        mask = np.asarray(Image.open(p))
+        assert mask.shape == (64, 64) and mask.dtype == np.uint8
+        values |= set(np.unique(mask).tolist())
+    assert values == {0, 1, 2}
+    image = np.asarray(Image.open(images[len(images) // 2]))
+    assert image.shape == (64, 64) and image.dtype == np.uint8 and image.max() > 100
+    assert json.loads((out / "brain_demo.json").read_text())["labels"] == {
+        "0": "background",
+        "1": "grey matter",
+        "2": "white matter",
+    }
+
+
+def test_splits_keep_slabs_whole_and_neighbouring_slices_apart(demo):
+    out, summary = demo
+    splits = json.loads((out / "splits.json").read_text())
+    assert {k: len(v) for k, v in splits.items()} == summary["splits"]
+    assert all(summary["splits"][side] > 0 for side in ("train", "val", "test"))
+    side_of_slab: dict[str, set[str]] = {}
+    slices: dict[int, list[tuple[int, str]]] = {0: [], 1: [], 2: []}
+    for side, stems in splits.items():
+        for stem in stems:
+            m = STEM.match(stem)
+            side_of_slab.setdefault(stem.split("__")[0], set()).add(side)
+            slices[int(m["axis"])].append((int(m["slice"]), side))
+    assert all(len(sides) == 1 for sides in side_of_slab.values())
+    for axis, entries in slices.items():
+        entries.sort()
+        assert len({k for k, _ in entries}) == len(entries)
+        for (k1, s1), (k2, s2) in pairwise(entries):
+            if s1 != s2:
+                assert k2 - k1 > GAP, (axis, k1, s1, k2, s2)
+
+
+def test_it_opens_as_a_folder_dataset_with_its_splits(demo):
+    out, summary = demo
+    index = open_dataset(out, DataConfig(image_size=64))
+    assert index.layout == "folder" and index.has_labels and len(index.items) == summary["images"]
+    splits = make_splits(index, DataConfig(split_seed=3))
+    assert {k: len(v) for k, v in splits.items()} == summary["splits"]
+    subject = {i.id: i.subject for i in index.items}
+    assert all(re.fullmatch(r"ax[012]s\d\d", subject[i]) for i in splits["test"])
+
+
+def test_plan_slabs_leaves_gaps():
+    slabs = plan_slabs(list(range(10, 40)), slab_size=8, gap=2)
+    assert slabs == [list(range(10, 18)), list(range(20, 28)), list(range(30, 38))]
+    assert plan_slabs([]) == []
+
+
+def test_refuses_an_unrelated_non_empty_folder(tmp_path: Path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("precious")
+    before = snapshot(tmp_path / "mine")
+    with pytest.raises(AhmError, match=r"mine: folder is not empty and is not a previous brain demo"):
+        prepare_brain_demo(tmp_path / "mine", image_size=64)
+    _register()
+    result = CliRunner().invoke(app, ["data", "prepare", "brain-demo", "--out", str(tmp_path / "mine")])
+    assert result.exit_code != 0
+    assert (
+        "is not empty and is not a previous brain demo" in result.output and "Traceback" not in result.output
+    )
+    assert snapshot(tmp_path / "mine") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no temp folder left behind
+
+
+@pytest.mark.slow
+def test_rebuilding_replaces_a_previous_demo(tmp_path: Path):
+    out = tmp_path / "demo"
+    prepare_brain_demo(out, image_size=32)
+    (out / "images" / "stale.png").write_bytes(b"x")
+    prepare_brain_demo(out, image_size=32)
+    assert not (out / "images" / "stale.png").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
+
+
+@pytest.mark.slow
+def test_bundled_files_match_nilearn_loaders_offline():
+    from ahm.data.brain_demo import _read_bundled, _read_with_loaders
+
+    bundled, loaded = _read_bundled(), _read_with_loaders()
+    assert bundled is not None
+    for name in ("t1", "gm", "wm"):
+        assert bundled[name].shape == loaded[name].shape == (197, 233, 189)
+        scaled = bundled[name] / bundled[name].max()
+        assert np.allclose(scaled, loaded[name] / loaded[name].max(), atol=1e-5), name
