@@ -47,7 +47,7 @@ def speed(
     if as_json:
         print(json.dumps(doc, indent=2))
     else:
-        out.print(format_speed(doc), highlight=False)
+        out.print(format_speed(doc), highlight=False, soft_wrap=True)
 
 
 @bench_app.command("compare", no_args_is_help=True)
