@@ -1,0 +1,169 @@
+"""`ahm finetune`, `ahm evaluate`, `ahm predict`: from a pretrained encoder to masks on new images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ahm.cli.app import app, console, fail, is_quiet, out, run_guarded
+
+
+def _pretrain_image_size(init: str) -> Optional[int]:
+    """The image size a pretraining run used, so `--image-size` need not be repeated (None if unknown)."""
+    from ahm.config import read_yaml
+    from ahm.errors import AhmError
+
+    try:
+        size = read_yaml(Path(init) / "config.yaml").get("data", {}).get("image_size")
+    except AhmError:
+        return None
+    return int(size) if isinstance(size, int) else None
+
+
+@app.command(no_args_is_help=True)
+def finetune(
+    data: Path = typer.Argument(..., help="Labelled dataset folder (any supported layout, with masks)."),
+    init: Optional[str] = typer.Option(None, "--init", help="Pretraining run directory, or 'none' to train from scratch."),
+    out_dir: Path = typer.Option(..., "--out", help="Run directory to create (or to continue with --resume)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Segmenter with --init none: unetr or unet "
+                                        "(with a pretraining run, its backbone decides)."),
+    labels_fraction: Optional[float] = typer.Option(None, "--labels-fraction",
+                                                    help="Share of training subjects whose labels are used (default 1)."),
+    epochs: Optional[int] = typer.Option(None, help="Training epochs over the labelled subset (default 30)."),
+    seed: Optional[int] = typer.Option(None, help="Seed for the labelled subset, data order, augmentation, init."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per step (default 8)."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate of the decoder/head (default 1e-3)."),
+    layer_decay: Optional[float] = typer.Option(None, "--layer-decay",
+                                                help="Layer-wise lr decay over pretrained ViT blocks (1: off)."),
+    encoder_lr_scale: Optional[float] = typer.Option(None, "--encoder-lr-scale",
+                                                     help="lr multiplier on pretrained weights (default 1)."),
+    image_size: Optional[int] = typer.Option(None, "--image-size",
+                                             help="Model grid size (default: the pretraining run's, else 128)."),
+    layout: Optional[str] = typer.Option(None, help="Dataset layout (default: auto-detect)."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable files (listed) instead of stopping."),
+    devices: Optional[int] = typer.Option(None, help="Number of devices."),
+    accelerator: Optional[str] = typer.Option(None, help="auto, cpu or cuda."),
+    precision: Optional[str] = typer.Option(None, help="32-true, bf16-mixed or 16-mixed."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML config; command-line options override it."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing run directory in --out."),
+) -> None:
+    """Fine-tune a segmenter on a fraction of the labels; keeps the best checkpoint by validation Dice."""
+    from ahm.config import FinetuneConfig, build_config
+    from ahm.errors import AhmError
+    from ahm.train.finetune import SEGMENTER_OF_BACKBONE, finetune as run_finetune
+
+    if model is not None and model not in ("unetr", "unet"):
+        fail(f"--model {model}: choose unetr or unet")
+
+    def go():
+        chosen_init = init
+        if chosen_init is None and not resume:
+            file_init = None
+            if config is not None:
+                from ahm.config import read_yaml
+
+                file_init = read_yaml(config).get("init")
+            if file_init is None:
+                raise AhmError("--init: give a pretraining run directory (from `ahm pretrain`), or 'none' to "
+                               "train from scratch")
+            chosen_init = str(file_init)
+        size = image_size
+        pretrained = chosen_init is not None and chosen_init.strip().lower() not in ("none", "scratch", "")
+        if pretrained and not resume:
+            from ahm.train.finetune import load_init
+
+            enc = load_init(chosen_init)
+            if model is not None and model != enc.segmenter:
+                raise AhmError(f"--model {model} does not match {enc.path}: a {enc.metadata.get('backbone')} encoder "
+                               f"is fine-tuned as {enc.segmenter} ({', '.join(f'{b} -> {s}' for b, s in SEGMENTER_OF_BACKBONE.items())})")
+            if size is None:
+                size = _pretrain_image_size(chosen_init)
+        overrides = {
+            "data": {"path": str(data), "image_size": size, "layout": layout, "skip_bad": skip_bad or None},
+            "init": chosen_init, "segmenter": model, "labels_fraction": labels_fraction,
+            "layer_decay": layer_decay, "encoder_lr_scale": encoder_lr_scale,
+            "train": {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "devices": devices,
+                      "accelerator": accelerator, "precision": precision},
+        }
+        cfg = build_config(FinetuneConfig, file=config, overrides=overrides)
+        if chosen_init is not None and not pretrained:
+            cfg.init = None
+        return run_finetune(cfg, out_dir, resume=resume, force=force, progress=not is_quiet())
+
+    summary = run_guarded(go)
+    if isinstance(summary, dict):
+        val = summary.get("val", {})
+        out.print(
+            f"fine-tuned [bold]{summary['segmenter']}[/] ({'from ' + str(summary['init']) if summary['init'] != 'none' else 'from scratch'}) "
+            f"for {summary['epochs']} epochs on {summary['labelled_images']} labelled images "
+            f"({summary['labelled_subjects']} subjects): best validation Dice {summary['best_val_dice']:.4f} "
+            f"(epoch {summary['best_epoch']})"
+            + (f"; IoU {val['iou']:.4f}" if isinstance(val.get("iou"), float) else "")
+            + f"\nrun directory: {out_dir}\nreport: {out_dir / 'report.html'}", highlight=False)
+
+
+@app.command(no_args_is_help=True)
+def evaluate(
+    run_dir: Path = typer.Argument(..., help="Fine-tuning run directory."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Labelled dataset (default: the one trained on)."),
+    split: str = typer.Option("test", "--split", help="train, val, test or all."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Images per inference batch."),
+    as_json: bool = typer.Option(False, "--json", help="Print metrics.json only."),
+) -> None:
+    """Dice, IoU and HD95 per class and mean on a split; writes eval/<split>/ and refreshes report.html."""
+    from ahm.eval.evaluate import evaluate as run_evaluate
+
+    metrics = run_guarded(lambda: run_evaluate(run_dir, data, split=split, batch_size=batch_size))
+    if not isinstance(metrics, dict):
+        return
+    if as_json:
+        out.print_json(json.dumps(metrics))
+        return
+    from rich.table import Table
+
+    def f(v, d=4):
+        return "-" if v is None else f"{v:.{d}f}"
+
+    table = Table(title=f"{split} split: {metrics['n_images']} images")
+    for col in ("class", "Dice", "IoU", "HD95"):
+        table.add_column(col, justify="right" if col != "class" else "left")
+    for name, vals in metrics["per_class"].items():
+        table.add_row(name, f(vals["dice"]), f(vals["iou"]), f(vals["hd95"], 2))
+    table.add_row("[bold]mean", f"[bold]{f(metrics['dice'])}", f"[bold]{f(metrics['iou'])}",
+                  f"[bold]{f(metrics['hd95'], 2)}")
+    out.print(table)
+    vol = metrics.get("volume_3d")
+    if vol:
+        out.print(f"3D over {vol['n_volumes']} re-stacked volumes: Dice {f(vol['dice'])}, IoU {f(vol['iou'])}, "
+                  f"HD95 {f(vol['hd95'], 2)}", highlight=False)
+    out.print(f"written to {run_dir / 'eval' / split} (metrics.json, per_image.csv); report: {run_dir / 'report.html'}",
+              highlight=False)
+
+
+@app.command(no_args_is_help=True)
+def predict(
+    run_dir: Path = typer.Argument(..., help="Fine-tuning run directory."),
+    inputs: list[Path] = typer.Argument(..., help="Images (PNG/JPEG/TIFF), NIfTI volumes, DICOM folders, or folders of them."),
+    out_dir: Path = typer.Option(..., "--out", help="Folder for the masks (<name>_mask.png / <name>_mask.nii.gz)."),
+    overlay: bool = typer.Option(False, "--overlay", help="Also write <name>_overlay.png."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Slices per inference batch."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
+) -> None:
+    """Segment new images with a fine-tuned run; masks keep each input's size (and a volume's affine)."""
+    from ahm.eval.predict import predict as run_predict
+
+    result = run_guarded(lambda: run_predict(run_dir, inputs, out_dir, overlay=overlay, force=force,
+                                             batch_size=batch_size))
+    if not isinstance(result, dict):
+        return
+    for line in result["failures"]:
+        console.print(f"[bold red]failed:[/] {line}", highlight=False, soft_wrap=True)
+    out.print(f"{result['n_ok']} of {result['n_inputs']} inputs segmented into {result['out_dir']} "
+              f"({result['slices']} slices, {result['slices_per_s']:.1f} slices/s)"
+              + (f"; {result['n_failed']} failed" if result["n_failed"] else ""), highlight=False)
+    if result["n_failed"]:
+        raise typer.Exit(1)
