@@ -121,8 +121,11 @@ def test_busi_extra_masks_are_merged_by_union(tmp_path: Path):
     assert np.array_equal(arrays.labels[0], (first | second).astype(np.int64))
 
 
-def test_isic_ignores_superpixels_and_text_files(tmp_path: Path):
+def test_isic_ignores_superpixels_text_files_and_macos_zip_folders(tmp_path: Path):
     root = make_isic_fixture(tmp_path)
+    (root / "__MACOSX" / "ISIC2018_Task1-2_Training_Input").mkdir(parents=True)
+    (root / "__MACOSX" / "ISIC2018_Task1-2_Training_Input" / "._ISIC_0000000.jpg").write_bytes(b"\0junk")
+    (root / "__MACOSX" / "ISIC_0000009.jpg").write_bytes(b"\0junk")
     index = open_dataset(root, CFG)
     assert [i.id for i in index.items] == ["ISIC_0000000", "ISIC_0000001", "ISIC_0000002"]
     assert all(i.mask.name == f"{i.id}_segmentation.png" for i in index.items)

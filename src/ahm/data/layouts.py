@@ -80,8 +80,8 @@ class _Problems:
 
 
 def _visible(path: Path) -> bool:
-    # macOS resource forks (`._x.nii.gz`), .DS_Store and other hidden files are never data.
-    return not path.name.startswith(".") and path.name not in ("Thumbs.db", "desktop.ini")
+    # macOS resource forks (`._x.nii.gz`, `__MACOSX/` in zips), .DS_Store, other hidden files: never data.
+    return not path.name.startswith(".") and path.name not in ("Thumbs.db", "desktop.ini", "__MACOSX")
 
 
 def _children(folder: Path) -> list[Path]:
