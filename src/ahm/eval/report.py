@@ -59,7 +59,8 @@ def learning_curves_png(records: list[dict[str, Any]]) -> Optional[bytes]:
     plt = _plt()
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
     if train:
-        axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], lw=1.2)
+        axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], lw=1.2,
+                     marker="o" if len(train) < 20 else None, ms=3)
     axes[0].set(title="training loss (Dice + CE)", xlabel="step")
     if val:
         axes[1].plot([r["step"] for r in val], [r["val_dice"] for r in val], marker="o", ms=3, color="tab:green")
