@@ -61,9 +61,10 @@ def mask_order(mask: Tensor) -> tuple[Tensor, int]:
     if mask.dim() != 2:
         raise ValueError(f"mask must be [B, L], got shape {tuple(mask.shape)}")
     counts = mask.sum(dim=1)
-    k = int(counts[0])
-    if bool((counts != k).any()):
+    low, high = torch.stack([counts.min(), counts.max()]).tolist()  # one device sync, not two
+    if low != high:
         raise ValueError("every row of the mask must mask the same number of patches")
+    k = int(low)
     # a stable sort of 0/1 keys puts visible (0) before masked (1) and keeps each group ascending
     order = torch.argsort(mask.to(torch.uint8), dim=1, stable=True)
     return order, k
