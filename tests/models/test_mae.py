@@ -9,7 +9,15 @@ from monai.networks.nets import UNETR
 
 from ahm.config import ModelConfig
 from ahm.errors import AhmError
-from ahm.models.mae import MAEViT, build_mim_model, fast_block_forward, masked_patch_loss, mask_order, patchify, unpatchify
+from ahm.models.mae import (
+    MAEViT,
+    build_mim_model,
+    fast_block_forward,
+    mask_order,
+    masked_patch_loss,
+    patchify,
+    unpatchify,
+)
 
 SIZE, PATCH = 32, 8  # 4x4 grid, L = 16
 
@@ -17,8 +25,17 @@ SIZE, PATCH = 32, 8  # 4x4 grid, L = 16
 def tiny_vit(channels: int = 1, norm_pix: bool = True, layers: int = 2) -> MAEViT:
     torch.manual_seed(0)
     return MAEViT(
-        image_size=SIZE, in_channels=channels, patch_size=PATCH, hidden_size=32, mlp_dim=64, num_layers=layers,
-        num_heads=2, decoder_dim=16, decoder_depth=1, decoder_heads=2, norm_pix=norm_pix,
+        image_size=SIZE,
+        in_channels=channels,
+        patch_size=PATCH,
+        hidden_size=32,
+        mlp_dim=64,
+        num_layers=layers,
+        num_heads=2,
+        decoder_dim=16,
+        decoder_depth=1,
+        decoder_heads=2,
+        norm_pix=norm_pix,
     )
 
 
@@ -118,7 +135,9 @@ def test_masked_patch_loss_is_zero_for_a_perfect_prediction() -> None:
     images = torch.rand(2, 3, SIZE, SIZE)
     mask = random_mask(2, 16, 6)
     order, k = mask_order(mask)
-    target = torch.gather(patchify(images, PATCH), 1, order[:, 16 - k:, None].expand(-1, -1, 3 * PATCH * PATCH))
+    target = torch.gather(
+        patchify(images, PATCH), 1, order[:, 16 - k :, None].expand(-1, -1, 3 * PATCH * PATCH)
+    )
     normed = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
     for norm_pix, pred in ((False, target), (True, normed)):
         out = masked_patch_loss(pred, images, mask, PATCH, (4, 4), norm_pix, order, k)
@@ -156,10 +175,28 @@ def test_sdpa_block_matches_monai_block(qkv_bias: bool) -> None:
 
 def test_encoder_weights_load_strictly_into_unetr_vit() -> None:
     torch.manual_seed(0)
-    model = MAEViT(image_size=32, in_channels=3, patch_size=16, hidden_size=32, mlp_dim=64, num_layers=12,
-                   num_heads=2, decoder_dim=16, decoder_depth=1, decoder_heads=2)
-    unetr = UNETR(in_channels=3, out_channels=2, img_size=32, feature_size=16, hidden_size=32, mlp_dim=64,
-                  num_heads=2, spatial_dims=2)
+    model = MAEViT(
+        image_size=32,
+        in_channels=3,
+        patch_size=16,
+        hidden_size=32,
+        mlp_dim=64,
+        num_layers=12,
+        num_heads=2,
+        decoder_dim=16,
+        decoder_depth=1,
+        decoder_heads=2,
+    )
+    unetr = UNETR(
+        in_channels=3,
+        out_channels=2,
+        img_size=32,
+        feature_size=16,
+        hidden_size=32,
+        mlp_dim=64,
+        num_heads=2,
+        spatial_dims=2,
+    )
     unetr.vit.load_state_dict(model.export_encoder(), strict=True)
     x = torch.randn(1, 3, 32, 32)
     assert torch.allclose(unetr.vit(x)[0], model.features(x), atol=1e-5)
@@ -177,10 +214,22 @@ def test_mask_rows_must_mask_the_same_number() -> None:
 
 
 def test_build_mim_model() -> None:
-    cfg = ModelConfig(preset="custom", hidden_size=32, mlp_dim=64, num_layers=2, num_heads=2, patch_size=8,
-                      decoder_dim=16, decoder_depth=1, decoder_heads=2, norm_pix=False)
+    cfg = ModelConfig(
+        preset="custom",
+        hidden_size=32,
+        mlp_dim=64,
+        num_layers=2,
+        num_heads=2,
+        patch_size=8,
+        decoder_dim=16,
+        decoder_depth=1,
+        decoder_heads=2,
+        norm_pix=False,
+    )
     model = build_mim_model(cfg, 32, 3)
-    assert isinstance(model, MAEViT) and model.in_channels == 3 and model.grid == (4, 4) and not model.norm_pix
+    assert (
+        isinstance(model, MAEViT) and model.in_channels == 3 and model.grid == (4, 4) and not model.norm_pix
+    )
     with pytest.raises(AhmError, match="--image-size 36.*--patch-size 8"):
         build_mim_model(cfg, 36, 3)
     with pytest.raises(AhmError, match="--num-layers"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -14,14 +16,29 @@ SIZE = 32
 
 
 def vit_cfg(**update: object) -> ModelConfig:
-    base = dict(preset="custom", hidden_size=32, mlp_dim=64, num_layers=12, num_heads=2, patch_size=16,
-                decoder_dim=16, decoder_depth=1, decoder_heads=2)
+    base = {
+        "preset": "custom",
+        "hidden_size": 32,
+        "mlp_dim": 64,
+        "num_layers": 12,
+        "num_heads": 2,
+        "patch_size": 16,
+        "decoder_dim": 16,
+        "decoder_depth": 1,
+        "decoder_heads": 2,
+    }
     base.update(update)
     return ModelConfig(**base)
 
 
 def unet_cfg(**update: object) -> ModelConfig:
-    base = dict(backbone="unet", patch_size=8, unet_channels=(4, 8, 16), unet_strides=(2, 2), unet_num_res_units=1)
+    base = {
+        "backbone": "unet",
+        "patch_size": 8,
+        "unet_channels": (4, 8, 16),
+        "unet_strides": (2, 2),
+        "unet_num_res_units": 1,
+    }
     base.update(update)
     return ModelConfig(**base)
 
@@ -105,7 +122,7 @@ def test_unetr_layer_decay_rises_with_depth_and_covers_every_parameter() -> None
     names = [g["name"] for g in groups]
     assert names == ["vit.patch_embedding"] + [f"vit.blocks.{i}" for i in range(12)] + ["vit.norm", "decoder"]
     lrs = [g["lr"] for g in groups]
-    assert all(a < b for a, b in zip(lrs, lrs[1:]))
+    assert all(a < b for a, b in itertools.pairwise(lrs))
     assert lrs[-2] == pytest.approx(5e-4) and lrs[-1] == pytest.approx(1e-3)
     assert lrs[1] == pytest.approx(5e-4 * 0.75**12) and lrs[0] == pytest.approx(5e-4 * 0.75**13)
     grouped = [id(p) for g in groups for p in g["params"]]
@@ -116,7 +133,10 @@ def test_unetr_layer_decay_rises_with_depth_and_covers_every_parameter() -> None
 def test_unet_groups_give_the_new_head_the_base_lr() -> None:
     seg = build_segmenter("unet", unet_cfg(), SIZE, 1, num_classes=2)
     groups = encoder_param_groups(seg, "unet", base_lr=1e-3, encoder_lr_scale=0.1, layer_decay=0.5)
-    assert [(g["name"], g["lr"]) for g in groups] == [("unet.pretrained", pytest.approx(1e-4)), ("unet.head", 1e-3)]
+    assert [(g["name"], g["lr"]) for g in groups] == [
+        ("unet.pretrained", pytest.approx(1e-4)),
+        ("unet.head", 1e-3),
+    ]
     assert sum(len(g["params"]) for g in groups) == len(list(seg.parameters()))
 
 

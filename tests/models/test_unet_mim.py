@@ -15,8 +15,14 @@ SIZE, PATCH = 32, 8
 
 
 def unet_cfg(norm_pix: bool = True) -> ModelConfig:
-    return ModelConfig(backbone="unet", patch_size=PATCH, unet_channels=(4, 8, 16), unet_strides=(2, 2),
-                       unet_num_res_units=1, norm_pix=norm_pix)
+    return ModelConfig(
+        backbone="unet",
+        patch_size=PATCH,
+        unet_channels=(4, 8, 16),
+        unet_strides=(2, 2),
+        unet_num_res_units=1,
+        norm_pix=norm_pix,
+    )
 
 
 def tiny_unet(channels: int = 1, norm_pix: bool = True) -> MaskedUNet:
@@ -65,8 +71,11 @@ def test_masked_pixels_never_reach_the_network() -> None:
     changed = torch.where(pixel_mask, torch.randn_like(images) * 4, images)
     first, second = model(images, mask), model(changed, mask)
     # same network output on the masked patches, so the same prediction there; only the targets moved
-    assert torch.allclose(first.prediction[pixel_mask.expand_as(images)],
-                          second.prediction[pixel_mask.expand_as(images)], atol=1e-6)
+    assert torch.allclose(
+        first.prediction[pixel_mask.expand_as(images)],
+        second.prediction[pixel_mask.expand_as(images)],
+        atol=1e-6,
+    )
     assert not torch.allclose(first.per_patch_loss, second.per_patch_loss)
 
 
@@ -82,7 +91,9 @@ def test_per_patch_loss_is_mean_over_the_patch_pixels() -> None:
 
 def test_export_fits_a_unet_of_the_same_layout() -> None:
     model = tiny_unet(channels=3)
-    net = UNet(spatial_dims=2, in_channels=3, out_channels=3, channels=(4, 8, 16), strides=(2, 2), num_res_units=1)
+    net = UNet(
+        spatial_dims=2, in_channels=3, out_channels=3, channels=(4, 8, 16), strides=(2, 2), num_res_units=1
+    )
     net.load_state_dict(model.export_encoder(), strict=True)
     meta = model.encoder_metadata()
     assert meta["backbone"] == "unet" and meta["unet_channels"] == "4,8,16" and meta["in_channels"] == "3"

@@ -3,7 +3,7 @@
     out = model(images, mask)     # images [B, C, H, W], mask bool [B, L] (True = masked, same K per row)
     out.loss                      # MSE over masked patches (targets per-patch normalised if norm_pix)
     out.per_patch_loss            # [B, L]: each masked patch's mean squared error, 0 on visible patches
-    out.prediction                # [B, C, H, W]: predicted pixels on masked patches, the input on visible ones
+    out.prediction                # [B, C, H, W]: predicted pixels on masked patches, input on visible ones
 
 Patch l covers rows (l // cols) * p ... and columns (l % cols) * p ...: row-major over the grid, the order
 of MONAI's conv patch embedding. A flattened patch is ordered (channel, row, column), the order of the
@@ -36,7 +36,7 @@ class MIMOutput:
 
 
 def patchify(images: Tensor, patch_size: int) -> Tensor:
-    """[B, C, H, W] -> [B, L, C*p*p], patches row-major over the grid, each flattened (channel, row, column)."""
+    """[B, C, H, W] -> [B, L, C*p*p]: patches row-major over the grid, each flattened (channel, row, col)."""
     b, c, h, w = images.shape
     p = patch_size
     gh, gw = h // p, w // p
@@ -76,8 +76,14 @@ def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
 
 
 def masked_patch_loss(
-    pred: Tensor, images: Tensor, mask: Tensor, patch_size: int, grid: tuple[int, int], norm_pix: bool,
-    order: Tensor, k: int,
+    pred: Tensor,
+    images: Tensor,
+    mask: Tensor,
+    patch_size: int,
+    grid: tuple[int, int],
+    norm_pix: bool,
+    order: Tensor,
+    k: int,
 ) -> MIMOutput:
     """Loss, per-patch loss and image-space prediction from predictions of the K masked patches.
 
@@ -86,7 +92,7 @@ def masked_patch_loss(
     b, c = images.shape[:2]
     num_patches = grid[0] * grid[1]
     patches = patchify(images, patch_size)
-    masked_idx = order[:, num_patches - k:]
+    masked_idx = order[:, num_patches - k :]
     target = gather_tokens(patches, masked_idx)
     if norm_pix:
         mean = target.mean(dim=-1, keepdim=True)
@@ -95,15 +101,19 @@ def masked_patch_loss(
     else:
         target_n = target
     loss_k = (pred - target_n).pow(2).mean(dim=-1)  # [B, K]
-    per_patch = torch.zeros(b, num_patches, dtype=loss_k.dtype, device=loss_k.device).scatter(1, masked_idx, loss_k)
+    per_patch = torch.zeros(b, num_patches, dtype=loss_k.dtype, device=loss_k.device).scatter(
+        1, masked_idx, loss_k
+    )
     loss = loss_k.mean()
     pred_pixels = pred * std + mean if norm_pix else pred
-    full = patches.detach().scatter(1, masked_idx.unsqueeze(-1).expand_as(pred_pixels), pred_pixels.to(patches.dtype))
+    full = patches.detach().scatter(
+        1, masked_idx.unsqueeze(-1).expand_as(pred_pixels), pred_pixels.to(patches.dtype)
+    )
     return MIMOutput(loss=loss, per_patch_loss=per_patch, prediction=unpatchify(full, patch_size, grid, c))
 
 
 def sincos_position_embedding(grid: tuple[int, int], dim: int, temperature: float = 10000.0) -> Tensor:
-    """Fixed 2D sin-cos position table [1, L, dim] (row-major grid); zero-padded when dim is not a multiple of 4."""
+    """Fixed 2D sin-cos position table [1, L, dim] (row-major), zero-padded if dim is not a multiple of 4."""
     quarter = dim // 4
     omega = 1.0 / temperature ** (torch.arange(quarter, dtype=torch.float32) / max(quarter, 1))
     rows, cols = torch.meshgrid(
@@ -122,7 +132,7 @@ def fast_block_forward(block: TransformerBlock, x: Tensor) -> Tensor:
     but without the einops rearranges and the explicit attention matrix.
     """
     attn = block.attn
-    b, n, d = x.shape
+    b, n, _ = x.shape
     h = attn.num_heads
     qkv = F.linear(block.norm1(x), attn.qkv.weight, attn.qkv.bias)
     # MONAI splits the qkv features as (qkv, head, head_dim)
@@ -170,16 +180,22 @@ class MIMModel(nn.Module):
         self.num_patches = self.grid[0] * self.grid[1]
 
     def _check_input(self, images: Tensor, mask: Tensor | None = None) -> None:
-        if images.dim() != 4 or images.shape[1] != self.in_channels or tuple(images.shape[2:]) != (
-            self.image_size, self.image_size
+        if (
+            images.dim() != 4
+            or images.shape[1] != self.in_channels
+            or tuple(images.shape[2:]) != (self.image_size, self.image_size)
         ):
             raise ValueError(
                 f"expected images [B, {self.in_channels}, {self.image_size}, {self.image_size}], "
                 f"got {tuple(images.shape)}"
             )
-        if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != (images.shape[0], self.num_patches)):
-            raise ValueError(f"expected a bool mask [{images.shape[0]}, {self.num_patches}], got "
-                             f"{mask.dtype} {tuple(mask.shape)}")
+        if mask is not None and (
+            mask.dtype != torch.bool or tuple(mask.shape) != (images.shape[0], self.num_patches)
+        ):
+            raise ValueError(
+                f"expected a bool mask [{images.shape[0]}, {self.num_patches}], got "
+                f"{mask.dtype} {tuple(mask.shape)}"
+            )
 
     def forward(self, images: Tensor, mask: Tensor) -> MIMOutput:  # pragma: no cover - interface
         raise NotImplementedError
@@ -224,18 +240,34 @@ class MAEViT(MIMModel):
         norm_pix: bool = True,
     ) -> None:
         super().__init__(image_size, patch_size, in_channels)
-        self.hidden_size, self.mlp_dim, self.num_layers, self.num_heads = hidden_size, mlp_dim, num_layers, num_heads
+        self.hidden_size, self.mlp_dim, self.num_layers, self.num_heads = (
+            hidden_size,
+            mlp_dim,
+            num_layers,
+            num_heads,
+        )
         self.norm_pix = norm_pix
         self.encoder = ViT(
-            in_channels=in_channels, img_size=image_size, patch_size=patch_size, hidden_size=hidden_size,
-            mlp_dim=mlp_dim, num_layers=num_layers, num_heads=num_heads, proj_type="conv", classification=False,
-            spatial_dims=2, qkv_bias=False,
+            in_channels=in_channels,
+            img_size=image_size,
+            patch_size=patch_size,
+            hidden_size=hidden_size,
+            mlp_dim=mlp_dim,
+            num_layers=num_layers,
+            num_heads=num_heads,
+            proj_type="conv",
+            classification=False,
+            spatial_dims=2,
+            qkv_bias=False,
         )
         patch_dim = in_channels * patch_size * patch_size
         self.decoder_embed = nn.Linear(hidden_size, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
         self.decoder_blocks = nn.ModuleList(
-            [TransformerBlock(decoder_dim, 4 * decoder_dim, decoder_heads, qkv_bias=True) for _ in range(decoder_depth)]
+            [
+                TransformerBlock(decoder_dim, 4 * decoder_dim, decoder_heads, qkv_bias=True)
+                for _ in range(decoder_depth)
+            ]
         )
         self.decoder_norm = nn.LayerNorm(decoder_dim)
         self.decoder_pred = nn.Linear(decoder_dim, patch_dim)
@@ -266,7 +298,7 @@ class MAEViT(MIMModel):
         return self.encoder.norm(tokens)
 
     def encode_visible(self, images: Tensor, mask: Tensor) -> Tensor:
-        """Encoder output [B, L-K, D] of the visible patches (ascending patch index); masked pixels never enter."""
+        """Encoder output [B, L-K, D] of the visible patches (ascending index); masked pixels never enter."""
         self._check_input(images, mask)
         order, k = mask_order(mask)
         return self._encode(images, order, k)
@@ -289,13 +321,15 @@ class MAEViT(MIMModel):
         x = torch.cat([latent, self.mask_token.expand(b, k, -1)], dim=1) + pos
         for block in self.decoder_blocks:
             x = fast_block_forward(block, x)
-        pred = self.decoder_pred(self.decoder_norm(x[:, self.num_patches - k:]))
+        pred = self.decoder_pred(self.decoder_norm(x[:, self.num_patches - k :]))
         return masked_patch_loss(pred, images, mask, self.patch_size, self.grid, self.norm_pix, order, k)
 
     def features(self, images: Tensor) -> Tensor:
         """Encoder output [B, L, D] for all patches of the unmasked image."""
         self._check_input(images)
-        tokens = self._embed(patchify(images, self.patch_size)) + self.encoder.patch_embedding.position_embeddings
+        tokens = (
+            self._embed(patchify(images, self.patch_size)) + self.encoder.patch_embedding.position_embeddings
+        )
         return self._encode_tokens(tokens)
 
     def export_encoder(self) -> dict[str, Tensor]:
@@ -337,10 +371,16 @@ def build_mim_model(model_cfg: ModelConfig, image_size: int, in_channels: int) -
     dims = model_cfg.vit_dims()
     if model_cfg.decoder_dim % model_cfg.decoder_heads:
         raise AhmError(
-            f"model.decoder_dim {model_cfg.decoder_dim} must be divisible by model.decoder_heads {model_cfg.decoder_heads}"
+            f"model.decoder_dim {model_cfg.decoder_dim} must be divisible by "
+            f"model.decoder_heads {model_cfg.decoder_heads}"
         )
     return MAEViT(
-        image_size=image_size, in_channels=in_channels, patch_size=model_cfg.patch_size, norm_pix=model_cfg.norm_pix,
-        decoder_dim=model_cfg.decoder_dim, decoder_depth=model_cfg.decoder_depth,
-        decoder_heads=model_cfg.decoder_heads, **dims,
+        image_size=image_size,
+        in_channels=in_channels,
+        patch_size=model_cfg.patch_size,
+        norm_pix=model_cfg.norm_pix,
+        decoder_dim=model_cfg.decoder_dim,
+        decoder_depth=model_cfg.decoder_depth,
+        decoder_heads=model_cfg.decoder_heads,
+        **dims,
     )

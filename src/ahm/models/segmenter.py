@@ -1,8 +1,8 @@
 """Segmenters that start from a pretrained MIM backbone: MONAI UNETR (ViT encoder) or MONAI UNet.
 
-    seg = build_segmenter("unetr", model_cfg, image_size, in_channels, num_classes)
-    summary = load_pretrained(seg, "unetr", weights, metadata)      # weights/metadata from export_encoder()
-    groups = encoder_param_groups(seg, "unetr", lr, encoder_lr_scale, layer_decay)   # for AdamW
+seg = build_segmenter("unetr", model_cfg, image_size, in_channels, num_classes)
+summary = load_pretrained(seg, "unetr", weights, metadata)      # weights/metadata from export_encoder()
+groups = encoder_param_groups(seg, "unetr", lr, encoder_lr_scale, layer_decay)   # for AdamW
 """
 
 from __future__ import annotations
@@ -28,8 +28,10 @@ def _check_kind(kind: str) -> None:
         raise AhmError(f"--segmenter {kind!r} is not known; choose one of {', '.join(SEGMENTERS)}")
 
 
-def build_segmenter(kind: str, model_cfg: ModelConfig, image_size: int, in_channels: int, num_classes: int) -> nn.Module:
-    """A 2D UNETR (ViT sizes from `model_cfg`) or UNet (same layout as the MIM UNet) with `num_classes` outputs."""
+def build_segmenter(
+    kind: str, model_cfg: ModelConfig, image_size: int, in_channels: int, num_classes: int
+) -> nn.Module:
+    """A 2D UNETR (ViT sizes from `model_cfg`) or UNet (the MIM UNet's layout) with `num_classes` outputs."""
     _check_kind(kind)
     if num_classes < 1:
         raise AhmError(f"--num-classes must be at least 1, got {num_classes}")
@@ -43,13 +45,18 @@ def build_segmenter(kind: str, model_cfg: ModelConfig, image_size: int, in_chann
                 f"{tuple(model_cfg.unet_strides)}"
             )
         return UNet(
-            spatial_dims=2, in_channels=in_channels, out_channels=num_classes, channels=tuple(model_cfg.unet_channels),
-            strides=tuple(model_cfg.unet_strides), num_res_units=model_cfg.unet_num_res_units,
+            spatial_dims=2,
+            in_channels=in_channels,
+            out_channels=num_classes,
+            channels=tuple(model_cfg.unet_channels),
+            strides=tuple(model_cfg.unet_strides),
+            num_res_units=model_cfg.unet_num_res_units,
         )
     if model_cfg.patch_size != UNETR_PATCH_SIZE:
         raise AhmError(
-            f"--patch-size {model_cfg.patch_size} cannot be used with --segmenter unetr: MONAI's UNETR always cuts "
-            f"{UNETR_PATCH_SIZE}x{UNETR_PATCH_SIZE} patches; pretrain with --patch-size 16 or fine-tune --segmenter unet"
+            f"--patch-size {model_cfg.patch_size} cannot be used with --segmenter unetr: MONAI's UNETR "
+            f"always cuts {UNETR_PATCH_SIZE}x{UNETR_PATCH_SIZE} patches; pretrain with --patch-size 16 "
+            f"or fine-tune --segmenter unet"
         )
     dims = model_cfg.vit_dims()
     if dims["num_layers"] != UNETR_NUM_LAYERS:
@@ -58,10 +65,18 @@ def build_segmenter(kind: str, model_cfg: ModelConfig, image_size: int, in_chann
             f"exactly {UNETR_NUM_LAYERS} transformer blocks"
         )
     if image_size % UNETR_PATCH_SIZE:
-        raise AhmError(f"--image-size {image_size} must be a multiple of {UNETR_PATCH_SIZE} for --segmenter unetr")
+        raise AhmError(
+            f"--image-size {image_size} must be a multiple of {UNETR_PATCH_SIZE} for --segmenter unetr"
+        )
     net = UNETR(
-        in_channels=in_channels, out_channels=num_classes, img_size=image_size, feature_size=16,
-        hidden_size=dims["hidden_size"], mlp_dim=dims["mlp_dim"], num_heads=dims["num_heads"], norm_name="instance",
+        in_channels=in_channels,
+        out_channels=num_classes,
+        img_size=image_size,
+        feature_size=16,
+        hidden_size=dims["hidden_size"],
+        mlp_dim=dims["mlp_dim"],
+        num_heads=dims["num_heads"],
+        norm_name="instance",
         spatial_dims=2,
     )
     # MONAI reads this flag only in forward: attention goes through SDPA, the weights and keys stay the same
@@ -101,7 +116,9 @@ def _head_prefix(seg: nn.Module) -> str:
     return f"model.{len(seg.model) - 1}."
 
 
-def load_pretrained(segmenter: nn.Module, kind: str, weights: dict[str, Tensor], metadata: dict[str, str]) -> dict[str, Any]:
+def load_pretrained(
+    segmenter: nn.Module, kind: str, weights: dict[str, Tensor], metadata: dict[str, str]
+) -> dict[str, Any]:
     """Load pretrained backbone weights: strictly into `segmenter.vit` (UNETR), or every UNet weight but the
     final up-sampling block, which the segmenter gets new (its output is classes, not pixels).
 
@@ -114,7 +131,8 @@ def load_pretrained(segmenter: nn.Module, kind: str, weights: dict[str, Tensor],
     got = metadata.get("backbone")
     if got != need:
         raise AhmError(
-            f"{source}: encoder was pretrained with backbone {got!r}, but --segmenter {kind} needs a {need!r} encoder"
+            f"{source}: encoder was pretrained with backbone {got!r}, "
+            f"but --segmenter {kind} needs a {need!r} encoder"
         )
     expected = _unetr_metadata(segmenter) if kind == "unetr" else _unet_metadata(segmenter)
     for key, value in expected.items():
@@ -127,7 +145,9 @@ def load_pretrained(segmenter: nn.Module, kind: str, weights: dict[str, Tensor],
         try:
             segmenter.vit.load_state_dict(weights, strict=True)
         except RuntimeError as exc:
-            raise AhmError(f"{source}: weights do not fit the UNETR encoder ({str(exc).splitlines()[0]})") from exc
+            raise AhmError(
+                f"{source}: weights do not fit the UNETR encoder ({str(exc).splitlines()[0]})"
+            ) from exc
         return {"loaded": len(weights), "skipped": []}
 
     head = _head_prefix(segmenter)
@@ -137,8 +157,13 @@ def load_pretrained(segmenter: nn.Module, kind: str, weights: dict[str, Tensor],
     unexpected = sorted(k for k in weights if k not in target)
     wrong = sorted(k for k in body if k in weights and tuple(weights[k].shape) != tuple(body[k].shape))
     if missing or unexpected or wrong:
-        what = (f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}" if unexpected
-                else f"shape of {wrong[0]} is {tuple(weights[wrong[0]].shape)}, needs {tuple(body[wrong[0]].shape)}")
+        if missing:
+            what = f"missing {missing[0]}"
+        elif unexpected:
+            what = f"unexpected {unexpected[0]}"
+        else:
+            key = wrong[0]
+            what = f"shape of {key} is {tuple(weights[key].shape)}, needs {tuple(body[key].shape)}"
         raise AhmError(f"{source}: weights do not fit the UNet segmenter ({what})")
     segmenter.load_state_dict({k: weights[k] for k in body}, strict=False)
     return {"loaded": len(body), "skipped": sorted(k for k in target if k.startswith(head))}
@@ -166,7 +191,11 @@ def encoder_param_groups(
     if kind == "unetr":
         vit = segmenter.vit
         depth = len(vit.blocks)
-        add("vit.patch_embedding", list(vit.patch_embedding.parameters()), encoder_lr * layer_decay ** (depth + 1))
+        add(
+            "vit.patch_embedding",
+            list(vit.patch_embedding.parameters()),
+            encoder_lr * layer_decay ** (depth + 1),
+        )
         for i, block in enumerate(vit.blocks):
             add(f"vit.blocks.{i}", list(block.parameters()), encoder_lr * layer_decay ** (depth - i))
         add("vit.norm", list(vit.norm.parameters()), encoder_lr)

@@ -17,7 +17,15 @@ from torch import Tensor, nn
 
 from ahm.config import ModelConfig
 from ahm.errors import AhmError
-from ahm.models.mae import MIMModel, MIMOutput, check_image_size, gather_tokens, mask_order, masked_patch_loss, patchify
+from ahm.models.mae import (
+    MIMModel,
+    MIMOutput,
+    check_image_size,
+    gather_tokens,
+    mask_order,
+    masked_patch_loss,
+    patchify,
+)
 
 
 class MaskedUNet(MIMModel):
@@ -39,8 +47,12 @@ class MaskedUNet(MIMModel):
         self.num_res_units = model_cfg.unet_num_res_units
         self.norm_pix = model_cfg.norm_pix
         self.net = UNet(
-            spatial_dims=2, in_channels=in_channels, out_channels=in_channels, channels=self.channels,
-            strides=self.strides, num_res_units=self.num_res_units,
+            spatial_dims=2,
+            in_channels=in_channels,
+            out_channels=in_channels,
+            channels=self.channels,
+            strides=self.strides,
+            num_res_units=self.num_res_units,
         )
         self.mask_value = nn.Parameter(torch.zeros(in_channels))
 
@@ -54,13 +66,15 @@ class MaskedUNet(MIMModel):
     def forward(self, images: Tensor, mask: Tensor) -> MIMOutput:
         self._check_input(images, mask)
         order, k = mask_order(mask)
-        masked_input = torch.where(self.pixel_mask(mask), self.mask_value.view(1, -1, 1, 1).to(images.dtype), images)
+        masked_input = torch.where(
+            self.pixel_mask(mask), self.mask_value.view(1, -1, 1, 1).to(images.dtype), images
+        )
         reconstruction = self.net(masked_input)
-        pred = gather_tokens(patchify(reconstruction, self.patch_size), order[:, self.num_patches - k:])
+        pred = gather_tokens(patchify(reconstruction, self.patch_size), order[:, self.num_patches - k :])
         return masked_patch_loss(pred, images, mask, self.patch_size, self.grid, self.norm_pix, order, k)
 
     def features(self, images: Tensor) -> Tensor:
-        """The decoder's last feature map (input of the final up-sampling block), averaged per patch: [B, L, D]."""
+        """The decoder's last feature map (input of the final up block), averaged per patch: [B, L, D]."""
         self._check_input(images)
         # MONAI's UNet is Sequential(first down block, skip connection holding the rest, final up block)
         down, inner = self.net.model[0], self.net.model[1]
