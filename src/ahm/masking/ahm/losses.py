@@ -49,7 +49,7 @@ def pairwise_critic_loss(values: Tensor, per_patch_loss: Tensor, mask: Tensor) -
 def agent_loss(logits: Tensor, values: Tensor, mask: Tensor, hard_idx: Tensor, per_patch_loss: Tensor, *,
                temperature: float = 1.0, critic_coef: float = 0.5, entropy_coef: float = 0.01,
                critic_loss: str = "mse") -> tuple[Tensor, dict[str, Tensor]]:
-    """Agent loss = actor + critic_coef * critic - entropy_coef * entropy, and its parts (detached).
+    """Agent loss = actor + critic_coef * critic - entropy_coef * entropy, and its loss parts (detached).
 
     Each actor-chosen patch is one sub-action of the Plackett-Luce draw, rewarded with its normalised
     loss r_i. Its baseline is the critic's value of the state it was drawn in: the expected V over the
@@ -85,6 +85,5 @@ def agent_loss(logits: Tensor, values: Tensor, mask: Tensor, hard_idx: Tensor, p
         "agent_loss": loss.detach(),
         "actor_loss": actor.detach(),
         "critic_loss": critic.detach(),
-        "entropy": entropy.detach(),
     }
     return loss, parts

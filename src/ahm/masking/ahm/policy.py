@@ -166,6 +166,11 @@ class AHMPolicy(MaskingPolicy):
         self._draw = _Draw(mask, hard_idx, logits, values, k, k_hard)
         return mask.to(images.device)
 
+    @property
+    def last_hard_indices(self) -> Optional[Tensor]:
+        """The actor-chosen patches [B, K_hard] of the last `propose` (draw order), until its `observe`."""
+        return None if self._draw is None else self._draw.hard_idx
+
     @torch.no_grad()
     def agent_maps(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """The actor's draw probabilities softmax(z / tau) and the critic's predicted loss, both [B, L]."""
