@@ -14,7 +14,7 @@ from ahm.eval.visualize import visualize_run
 from ahm.train.pretrain import pretrain
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
-from train_helpers import make_blob_folder, tiny_pretrain_overrides  # noqa: E402
+from train_helpers import make_blob_folder, tiny_pretrain_overrides
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

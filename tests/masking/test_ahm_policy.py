@@ -6,13 +6,12 @@ import io
 
 import pytest
 import torch
+from ahm_toy import GRID, PATCH, mean_metric, planted_batch, toy_loss
 
 from ahm.config import MaskingConfig, PretrainConfig, build_config
 from ahm.errors import AhmError
 from ahm.masking.ahm import AHMPolicy
 from ahm.masking.base import PolicyContext, build_policy, check_mask, hard_fraction_at, num_masked
-
-from ahm_toy import GRID, PATCH, mean_metric, planted_batch, toy_loss
 
 
 def _policy(seed: int = 0, **overrides: object) -> AHMPolicy:

@@ -16,7 +16,7 @@ from ahm.io import load_torch
 from ahm.train.pretrain import pretrain
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
-from train_helpers import make_blob_folder, tiny_pretrain_overrides  # noqa: E402
+from train_helpers import make_blob_folder, tiny_pretrain_overrides
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from ahm.masking.ahm.sampling import gumbel_noise, gumbel_topk, plackett_luce_log_prob, plackett_luce_steps
 from ahm.masking.ahm.policy import row_spearman
+from ahm.masking.ahm.sampling import gumbel_noise, gumbel_topk, plackett_luce_log_prob, plackett_luce_steps
 from ahm.masking.base import spearman
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -13,7 +12,7 @@ from ahm.cli.app import app, out, run_guarded
 @app.command("visualize", no_args_is_help=True)
 def visualize(
     run: Path = typer.Argument(..., help="Pretraining run directory (written by `ahm pretrain`)."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Dataset folder (default: the one the run used)."),
+    data: Path | None = typer.Option(None, "--data", help="Dataset folder (default: the one the run used)."),
     out_dir: Path = typer.Option(..., "--out", help="Folder for the PNG files."),
     n_images: int = typer.Option(8, "--n-images", help="How many held-out images to draw."),
 ) -> None:

@@ -12,7 +12,7 @@ import io as _io
 import json
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -74,7 +74,7 @@ def read_metrics(path: Path) -> list[dict[str, float]]:
     return records
 
 
-def plot_diagnostics(metrics_path: Path, out_path: Path) -> Optional[Path]:
+def plot_diagnostics(metrics_path: Path, out_path: Path) -> Path | None:
     """diagnostics.png: each logged diagnostic over training steps; None if nothing was logged."""
     records = read_metrics(metrics_path)
     keys = [k for k in DIAGNOSTIC_KEYS if any(isinstance(r.get(k), (int, float)) for r in records)]
@@ -99,7 +99,7 @@ def plot_diagnostics(metrics_path: Path, out_path: Path) -> Optional[Path]:
     return _save_figure(fig, out_path)
 
 
-def _recorded_data(recorded: Optional[str], run_dir: Path) -> Path:
+def _recorded_data(recorded: str | None, run_dir: Path) -> Path:
     """The dataset a run recorded; a relative path may be relative to where the run was started."""
     if not recorded:
         raise AhmError(f"--data: {run_dir} does not record its dataset; give the folder with --data")
@@ -110,7 +110,7 @@ def _recorded_data(recorded: Optional[str], run_dir: Path) -> Path:
     raise AhmError(f"--data: the run's dataset {recorded} is not found from here; give the folder with --data")
 
 
-def load_run(run_dir: Path, data_dir: Optional[Path], n_images: int) -> tuple[Any, Any, Any, Any]:
+def load_run(run_dir: Path, data_dir: Path | None, n_images: int) -> tuple[Any, Any, Any, Any]:
     """(config, model, policy, arrays) of a pretraining run, with `n_images` held-out images."""
     from ahm.config import PretrainConfig, load_config
     from ahm.data import load_arrays, make_splits, open_dataset

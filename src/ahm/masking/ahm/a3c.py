@@ -19,7 +19,7 @@ import queue as queue_mod
 import signal
 import time
 import weakref
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -34,7 +34,7 @@ class SharedAdam:
     """Adam whose moments and step count are shared-memory tensors, steppable from any process."""
 
     def __init__(self, params: list[Tensor], lr: float, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, shared: Optional[tuple[list[Tensor], list[Tensor], Tensor]] = None) -> None:
+                 eps: float = 1e-8, shared: tuple[list[Tensor], list[Tensor], Tensor] | None = None) -> None:
         self.params = list(params)
         self.lr = float(lr)
         self.betas = betas
@@ -50,7 +50,7 @@ class SharedAdam:
         return self.exp_avg, self.exp_avg_sq, self.step_count
 
     @torch.no_grad()
-    def step(self, grads: list[Optional[Tensor]]) -> None:
+    def step(self, grads: list[Tensor | None]) -> None:
         self.step_count += 1
         t = int(self.step_count)
         beta1, beta2 = self.betas
@@ -129,7 +129,7 @@ def _worker_main(rank: int, agent_kwargs: dict[str, Any], loss_kwargs: dict[str,
                     results.put_nowait({key: float(value) for key, value in parts.items()})
                 except queue_mod.Full:
                     pass
-    except BaseException as exc:  # report, then leave with a non-zero code
+    except BaseException as exc:  # noqa: BLE001 - any failure is reported to the parent, then exit 1
         errors.put((rank, f"{type(exc).__name__}: {exc}".splitlines()[0]))
         errors.close()
         errors.join_thread()  # the message must reach the pipe before this process ends
@@ -177,9 +177,9 @@ class A3CWorkers:
         self.dropped = 0
         self._pushed_since_start = 0
         self._procs: list[Any] = []
-        self._failure: Optional[str] = None
+        self._failure: str | None = None
         self._closed = False
-        self._finalizer: Optional[weakref.finalize] = None
+        self._finalizer: weakref.finalize | None = None
         self._lock: Any = None
 
     @property

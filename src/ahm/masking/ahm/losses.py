@@ -6,7 +6,6 @@ processes (each computes it on a transition with its local copy of the agent).
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

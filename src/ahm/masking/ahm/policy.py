@@ -18,8 +18,9 @@ checkpoint of another agent shape raises AhmError (one line naming the options t
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -102,7 +103,7 @@ class AHMPolicy(MaskingPolicy):
             torch.manual_seed(ctx.seed)
             self.agent = AhmAgent(ctx.in_channels, ctx.patch_size, ctx.grid, cfg.agent_dim, cfg.agent_depth,
                                   cfg.agent_heads)
-        self._draw: Optional[_Draw] = None
+        self._draw: _Draw | None = None
         self._workers: Any = None
         if self.asynchronous:
             from ahm.masking.ahm.a3c import A3CWorkers
@@ -121,7 +122,7 @@ class AHMPolicy(MaskingPolicy):
             "critic_loss": self.cfg.critic_loss,
         }
 
-    def _apply(self, fn: Callable, recurse: bool = True) -> "AHMPolicy":
+    def _apply(self, fn: Callable, recurse: bool = True) -> AHMPolicy:
         # the A3C global agent must stay in CPU shared memory where the workers see it
         if not self.asynchronous:
             return super()._apply(fn, recurse)
@@ -145,7 +146,7 @@ class AHMPolicy(MaskingPolicy):
     def hard_count(self, progress: float) -> tuple[int, int]:
         """(K, K_hard) at this point of training."""
         k = self.num_masked(progress)
-        return k, int(round(hard_fraction_at(self.cfg, progress) * k))
+        return k, round(hard_fraction_at(self.cfg, progress) * k)
 
     def propose(self, images: Tensor, progress: float) -> Tensor:
         if self._workers is not None:
@@ -167,7 +168,7 @@ class AHMPolicy(MaskingPolicy):
         return mask.to(images.device)
 
     @property
-    def last_hard_indices(self) -> Optional[Tensor]:
+    def last_hard_indices(self) -> Tensor | None:
         """The actor-chosen patches [B, K_hard] of the last `propose` (draw order), until its `observe`."""
         return None if self._draw is None else self._draw.hard_idx
 
@@ -252,7 +253,7 @@ class AHMPolicy(MaskingPolicy):
             )
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
-    def _state_mismatch(self, state_dict: Mapping[str, Any]) -> Optional[str]:
+    def _state_mismatch(self, state_dict: Mapping[str, Any]) -> str | None:
         mine = self.state_dict()
         missing = [key for key in mine if key not in state_dict]
         if missing:

@@ -10,13 +10,11 @@ so the draw costs one top-k and its log-probability is a sum of log-softmaxes ov
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
 
-def gumbel_noise(shape: tuple[int, ...], generator: Optional[torch.Generator]) -> Tensor:
+def gumbel_noise(shape: tuple[int, ...], generator: torch.Generator | None) -> Tensor:
     """Standard Gumbel noise, drawn on CPU from `generator` (so runs are reproducible on any device)."""
     u = torch.rand(shape, generator=generator)
     # the clamp keeps -log(-log(u)) finite at the float edges
