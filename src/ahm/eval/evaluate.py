@@ -119,7 +119,8 @@ def predict_labels(model: torch.nn.Module, images: np.ndarray | torch.Tensor, ba
             for start in range(0, len(images), batch_size):
                 batch = torch.as_tensor(np.asarray(images[start:start + batch_size]), dtype=torch.float32)
                 logits = model(batch.to(device))
-                out.append(logits.argmax(1).to(torch.int64).cpu().numpy())
+                # max().indices, not argmax(): the same labels, several times faster over the class axis on CPU
+                out.append(logits.max(1).indices.to(torch.int64).cpu().numpy())
     finally:
         model.train(was_training)
     if not out:

@@ -166,13 +166,24 @@ def _nifti_bytes(labels: np.ndarray, affine: np.ndarray, gz: bool) -> bytes:
 
 
 class _Batcher:
-    """Collects 2D model inputs across files so the network always sees full batches."""
+    """Collects 2D model inputs across files so the network always sees full batches.
+
+    Finished 2D masks are written by a small thread pool: encoding and the fsync of each atomic write overlap
+    with the next batch's compute instead of adding to it.
+    """
 
     def __init__(self, run: LoadedRun, batch_size: int) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
         self.run, self.batch_size = run, batch_size
         self.pending: list[tuple[np.ndarray, Callable[[np.ndarray], None]]] = []
         self.slices = 0
         self.seconds = 0.0
+        self.writer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ahm-predict-write")
+
+    def close(self) -> None:
+        self.flush()
+        self.writer.shutdown(wait=True)
 
     def add(self, x: np.ndarray, done: Callable[[np.ndarray], None]) -> None:
         self.pending.append((x, done))
@@ -221,7 +232,7 @@ def predict(run_dir: str | Path, inputs: list[Path], out_dir: str | Path, overla
                 _predict_image(run, job, batcher)
         except AhmError as exc:
             job.error = str(exc)
-    batcher.flush()
+    batcher.close()
     total_s = time.perf_counter() - t_start
     failures = [job.error for job in jobs if job.error is not None]
     outputs = [str(job.mask_out) for job in jobs if job.error is None]
@@ -242,17 +253,17 @@ def _predict_image(run: LoadedRun, job: _Job, batcher: _Batcher) -> None:
     norm, x = _prepare(run, image, modality, source_dtype)
     hw = (int(image.shape[1]), int(image.shape[2]))
 
-    def done(pred: np.ndarray) -> None:
-        # Runs when the batch holding this image is predicted, possibly while another input is being read.
+    def write(pred: np.ndarray) -> None:
         try:
             mask = undo_resize(pred, hw)
             write_bytes(job.mask_out, _mask_png(mask, run.num_classes))
             if job.overlay_out is not None:
                 write_bytes(job.overlay_out, _png_bytes(overlay_rgb(norm, mask)))
-        except AhmError as exc:
-            job.error = str(exc)
+        except Exception as exc:  # reported as this input's failure, never lost in the thread
+            job.error = str(exc) if isinstance(exc, AhmError) else f"{job.mask_out}: could not write ({exc})"
 
-    batcher.add(x, done)
+    # Runs when the batch holding this image is predicted, possibly while another input is being read.
+    batcher.add(x, lambda pred: batcher.writer.submit(write, pred))
 
 
 def _predict_volume(run: LoadedRun, job: _Job, batcher: _Batcher) -> None:
