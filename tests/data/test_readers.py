@@ -486,3 +486,18 @@ def test_only_raster_formats_are_decoded(tmp_path):
     eps = tmp_path / "trap.png"
     eps.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
     _raises_naming(eps, read_image, match="not a readable image")
+
+
+def test_dicom_with_corrupt_element_names_the_slice(tmp_path):
+    # pydicom parses elements lazily: a broken value representation must still surface as this file's error.
+    folder, _ = _ct_series(tmp_path)
+    victim = min(folder.iterdir())
+    data = victim.read_bytes()
+    tag = b"\x20\x00\x0e\x00UI"  # SeriesInstanceUID, explicit VR little endian
+    assert tag in data
+    victim.write_bytes(data.replace(tag, b"\x20\x00\x0e\x00\x55\x8f"))
+    for reader in (read_volume, read_label_volume, count_slices):
+        args = (2,) if reader is count_slices else ()
+        with pytest.raises(AhmError) as info:
+            reader(folder, *args)
+        assert str(info.value).startswith(str(victim)), info.value

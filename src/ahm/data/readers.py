@@ -562,9 +562,15 @@ def _dicom_header(path: Path):
         except InvalidDicomError:
             # Old files without the 128-byte preamble; accepted only if they look like an image below.
             ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        # pydicom parses elements lazily; parse them all now so a corrupt one fails here, naming the file,
+        # rather than on some later attribute access.
+        for _ in ds.iterall():
+            pass
+        if "Rows" not in ds or "Columns" not in ds:
+            raise AhmError(f"{path}: not a DICOM image (no Rows/Columns)")
         rows, cols = int(ds.Rows), int(ds.Columns)
-    except AttributeError as exc:
-        raise AhmError(f"{path}: not a DICOM image (no Rows/Columns)") from exc
+    except AhmError:
+        raise
     except Exception as exc:
         raise AhmError(f"{path}: not a readable DICOM file ({_describe(exc)})") from exc
     if rows <= 0 or cols <= 0:
