@@ -118,28 +118,52 @@ def _metric_table(metrics: dict[str, Any]) -> str:
     return "<table>" + "".join(rows) + "</table>"
 
 
-def _agent_section(init_dir: Optional[Path], cases: Optional[dict[str, np.ndarray]]) -> Optional[str]:
-    """The masks the AHM agent chooses, from ahm.eval.visualize when present, else the pretraining run's own figure."""
+def _agent_panels(init_dir: Path, cache: Path, n_images: int = 3) -> list[bytes]:
+    """Panels of the agent's masks drawn by ahm.eval.visualize for a few held-out images, cached in `cache`.
+
+    Empty when that module is absent or the pretraining run cannot be replayed (its data moved, say).
+    """
+    if cache.is_dir():
+        found = sorted(p for p in cache.glob("*.png"))
+        if found:
+            return [p.read_bytes() for p in found]
+    try:
+        from ahm.eval.visualize import visualize_run
+    except ImportError:
+        return []
+    import shutil
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix=".agent-", dir=cache.parent))
+    try:
+        written = visualize_run(init_dir, None, tmp, n_images=n_images)
+        panels = [p for p in written if p.suffix == ".png"]
+        if not panels:
+            return []
+        if cache.exists():
+            shutil.rmtree(cache)
+        tmp.rename(cache)
+        return [(cache / p.name).read_bytes() for p in panels]
+    except Exception:  # a figure must never break the report
+        return []
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _agent_section(init_dir: Optional[Path], run_dir: Path) -> Optional[str]:
+    """The masks the AHM agent chooses: ahm.eval.visualize's panels, else the pretraining run's own figure."""
     if init_dir is None or not init_dir.is_dir():
         return None
-    png = None
-    try:
-        from ahm.eval import visualize  # written alongside; absent in older installs
-    except ImportError:
-        visualize = None
-    fn = getattr(visualize, "agent_masks_figure", None) if visualize is not None else None
-    if fn is not None and cases is not None and len(cases.get("images", [])):
-        try:
-            png = fn(init_dir, np.asarray(cases["images"]))
-        except Exception:  # a figure must never break the report
-            png = None
-    if not isinstance(png, (bytes, bytearray)):
+    pngs = _agent_panels(init_dir, run_dir / "agent_masks")
+    if not pngs:
         fallback = init_dir / "reconstructions.png"
-        png = fallback.read_bytes() if fallback.is_file() else None
-    if png is None:
+        pngs = [fallback.read_bytes()] if fallback.is_file() else []
+    if not pngs:
         return None
-    return ("<h2>Masks chosen by the AHM agent</h2><p>Patches the pretraining agent masked (dimmed) on a few "
-            f"images, from the run in <code>{html.escape(str(init_dir))}</code>.</p>" + _img_tag(bytes(png), "agent masks"))
+    return ("<h2>Masks chosen by the AHM agent</h2><p>What the pretraining agent masks on a few images, from the "
+            f"run in <code>{html.escape(str(init_dir))}</code>.</p>"
+            + "".join(_img_tag(png, "agent masks") for png in pngs))
 
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
@@ -204,7 +228,7 @@ def write_report(run_dir: str | Path) -> Path:
 
     init = summary.get("init")
     if summary.get("init_policy") == "ahm" and init and init != "none":
-        section = _agent_section(Path(init), shown_cases)
+        section = _agent_section(Path(init), run_dir)
         if section:
             parts.append(section)
     parts.append("</body></html>")
