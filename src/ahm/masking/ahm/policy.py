@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ahm.config import MaskingConfig
@@ -64,11 +65,12 @@ class _Draw:
 
 
 def patch_std(images: Tensor, patch_size: int) -> Tensor:
-    """Pixel standard deviation of each patch, [B, L] in row-major patch order."""
-    b, c, h, w = images.shape
-    p = patch_size
-    patches = images.detach().float().reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
-    return patches.reshape(b, (h // p) * (w // p), c * p * p).std(dim=-1)
+    """Pixel standard deviation (population) of each patch over its channels, [B, L] in row-major patch order."""
+    x = images.detach().float()
+    # pooled first and second moments: Tensor.std over patch views is ~20x slower on CPU
+    mean = F.avg_pool2d(x, patch_size).mean(dim=1)
+    mean_sq = F.avg_pool2d(x * x, patch_size).mean(dim=1)
+    return (mean_sq - mean * mean).clamp_min(0.0).sqrt().flatten(1)
 
 
 def row_spearman(a: Tensor, b: Tensor) -> Tensor:
