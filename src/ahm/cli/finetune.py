@@ -92,6 +92,8 @@ def finetune(
         cfg = build_config(FinetuneConfig, file=config, overrides=overrides)
         if chosen_init is not None and not pretrained:
             cfg.init = None
+        if resume and epochs is None:
+            cfg.train.epochs = None  # keep the run's own length, not the default's (only --epochs changes it)
         return run_finetune(cfg, out_dir, resume=resume, force=force, progress=not is_quiet())
 
     summary = run_guarded(go)

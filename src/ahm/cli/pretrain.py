@@ -57,6 +57,8 @@ def pretrain(
         cfg = build_config(PretrainConfig, file=config, overrides=overrides)
         if epochs is not None and steps is None:
             cfg.train.steps = None
+        if resume and steps is None:
+            cfg.train.steps = None  # keep the run's own length, not the default's (only --steps changes it)
         return run_pretrain(cfg, out_dir, resume=resume, force=force, progress=not is_quiet())
 
     summary = run_guarded(go)

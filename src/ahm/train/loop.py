@@ -140,3 +140,11 @@ class Throughput:
             return 0.0
         s = sorted(self.rates)
         return s[len(s) // 2]
+
+
+def grads_finite(params: list[nn.Parameter]) -> bool:
+    """True if no gradient holds inf or NaN (one device sync for all of them)."""
+    peaks = [p.grad.detach().abs().amax() for p in params if p.grad is not None and p.grad.numel()]
+    if not peaks:
+        return True
+    return bool(torch.isfinite(torch.stack([x.float() for x in peaks])).all())

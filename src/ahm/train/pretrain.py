@@ -9,7 +9,7 @@ import math
 import os
 from collections import defaultdict, deque
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -26,10 +26,11 @@ from ahm.train.loop import (
     all_reduce_grads,
     batch_order,
     decay_param_groups,
+    grads_finite,
     make_fabric,
     stop_on_sigint,
 )
-from ahm.train.rundir import CHECKPOINT_DIR, LAST, MetricsLog, prepare_run_dir
+from ahm.train.rundir import CHECKPOINT_DIR, LAST, MetricsLog, prepare_run_dir, read_metrics, unstarted_run
 from ahm.train.schedule import lr_factor, set_lr
 
 SUMMARY_WINDOW = 50
@@ -113,16 +114,20 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: bool = False, force: 
     """
     out = Path(out)
     check_config(cfg)
+    restart = resume and unstarted_run(out, "pretrain")
     if resume:
         # The run's own config decides everything but its length.
         saved = out / "config.yaml"
-        if not saved.is_file():
+        if saved.is_file():
+            steps = cfg.train.steps
+            cfg = build_config(PretrainConfig, file=saved)
+            if steps is not None and steps != cfg.train.steps:
+                cfg.train.steps = steps
+        elif not restart:  # killed before config.yaml was written: the options given now are the run's
             raise AhmError(f"--resume: {saved} not found")
-        steps = cfg.train.steps
-        cfg = build_config(PretrainConfig, file=saved)
-        if steps is not None and steps != cfg.train.steps:
-            cfg.train.steps = steps
     prepare_run_dir(out, "pretrain", cfg.train.seed, resume=resume, force=force)
+    if restart:
+        resume = False  # killed before its first checkpoint: start again from step 0 in the same folder
     if not resume:
         save_config(cfg, out / "config.yaml")
     if cfg.train.num_threads:
@@ -179,6 +184,7 @@ def _train(fabric, cfg, out, resume, progress, model, policy, arrays, total, ste
     optimizer, policy_params = build_optimizer(model, policy, cfg)
 
     start_step = 0
+    skipped_before = 0
     if resume:
         ckpt = _load_checkpoint(out)
         path = _checkpoint_path(out)
@@ -190,6 +196,7 @@ def _train(fabric, cfg, out, resume, progress, model, policy, arrays, total, ste
         except (ValueError, KeyError, RuntimeError) as exc:
             raise AhmError(f"{path}: optimiser state does not match this run ({exc})") from exc
         start_step = int(ckpt["step"])
+        skipped_before = int(ckpt.get("skipped_batches", 0))
     policy.to(fabric.device)
     raw_model = model
     if cfg.train.compile:
@@ -200,12 +207,20 @@ def _train(fabric, cfg, out, resume, progress, model, policy, arrays, total, ste
                            seed=cfg.train.seed)
     log = MetricsLog(out, resume_step=start_step if resume else None, tensorboard=is_main) if is_main else None
     window: dict[str, deque] = defaultdict(lambda: deque(maxlen=SUMMARY_WINDOW))
+    if resume and is_main:
+        # The summary averages recent steps; after a resume near the end those are in the log, not in memory.
+        for record in read_metrics(out)[-SUMMARY_WINDOW:]:
+            for key, value in record.items():
+                if key not in ("step", "lr", "images_per_s", "skipped_batches") and isinstance(value, (int, float)):
+                    window[key].append(float(value))
     pending: dict[str, list[float]] = defaultdict(list)
     meter = Throughput()
-    skipped = 0
+    skipped = skipped_before
     last_loss = float("nan")
     step = start_step
     bar = _progress_bar(progress and is_main, total, start_step)
+
+    saved: dict[str, Optional[int]] = {"step": start_step if resume else None}
 
     def save_checkpoint(next_step: int) -> None:
         if not is_main:
@@ -216,6 +231,7 @@ def _train(fabric, cfg, out, resume, progress, model, policy, arrays, total, ste
             "policy": policy.state_dict(), "policy_extra": policy.extra_state(),
             "config": cfg.model_dump(mode="json"), "skipped_batches": skipped,
         })
+        saved["step"] = next_step
 
     epoch_cache: dict[int, list[list[int]]] = {}
     try:
@@ -233,38 +249,52 @@ def _train(fabric, cfg, out, resume, progress, model, policy, arrays, total, ste
                 lr = set_lr(optimizer, lr_factor(step, total, cfg.train.warmup_steps, cfg.train.min_lr / max(cfg.train.lr, 1e-12)))
 
                 loss, out_mim, pstep = forward_step(model, policy, images, progress_frac)
-                if not torch.isfinite(loss.detach()).all():
-                    if cfg.train.nan_policy == "skip":
-                        skipped += 1
-                        optimizer.zero_grad(set_to_none=True)
-                        step += 1
-                        continue
-                    raise NonFiniteLoss(
-                        f"step {step}: the loss is {float(loss.detach())}; run stopped. Last good checkpoint: "
-                        f"{_checkpoint_path(out) if _checkpoint_path(out).is_file() else 'none yet'} "
-                        f"(lower --lr, or set train.nan_policy: skip to skip bad batches)"
-                    )
                 optimizer.zero_grad(set_to_none=True)
-                fabric.backward(loss)
-                all_reduce_grads(fabric, policy_params)
-                if cfg.train.clip_grad > 0:
-                    fabric.clip_gradients(model, optimizer, max_norm=cfg.train.clip_grad, error_if_nonfinite=False)
-                    if policy_params:
-                        torch.nn.utils.clip_grad_norm_(policy_params, cfg.train.clip_grad)
-                optimizer.step()
+                bad = None if torch.isfinite(loss.detach()).all() else f"the loss is {float(loss.detach())}"
+                if world > 1:
+                    # Every rank must take the same branch, or the others wait forever in backward's all-reduce.
+                    flag = fabric.all_reduce(torch.tensor(float(bad is not None), device=fabric.device), reduce_op="sum")
+                    if bad is None and float(flag) > 0:
+                        bad = "the loss is not finite on another device"
+                if bad is None:
+                    fabric.backward(loss)
+                    all_reduce_grads(fabric, policy_params)
+                    # A finite loss with inf/NaN gradients would poison the weights and every later checkpoint.
+                    # (16-mixed is exempt: its grad scaler expects inf gradients now and then and skips those steps.)
+                    if cfg.train.precision != "16-mixed" and not grads_finite(list(raw_model.parameters()) + policy_params):
+                        bad = f"the loss is {float(loss.detach()):.4g} but a gradient is not finite"
+                if bad is not None:
+                    if cfg.train.nan_policy != "skip":
+                        good = _checkpoint_path(out)
+                        raise NonFiniteLoss(
+                            f"step {step + 1}: {bad}; run stopped. Last good checkpoint: "
+                            + (f"{good} (step {saved['step']})" if saved["step"] is not None and good.is_file()
+                               else "none yet")
+                            + " (lower --lr, or set train.nan_policy: skip to skip bad batches)"
+                        )
+                    skipped += 1
+                    optimizer.zero_grad(set_to_none=True)
+                else:
+                    if cfg.train.clip_grad > 0:
+                        fabric.clip_gradients(model, optimizer, max_norm=cfg.train.clip_grad, error_if_nonfinite=False)
+                        if policy_params:
+                            torch.nn.utils.clip_grad_norm_(policy_params, cfg.train.clip_grad)
+                    optimizer.step()
                 rate = meter.stop(len(idx) * world)
                 step += 1
-                last_loss = float(out_mim.loss.detach())
-
-                pending["loss"].append(last_loss)
-                window["loss"].append(last_loss)
-                for key, value in pstep.metrics.items():
-                    if value is not None and not (isinstance(value, float) and math.isnan(value)):
-                        pending[key].append(float(value))
-                        window[key].append(float(value))
+                if bad is None:
+                    last_loss = float(out_mim.loss.detach())
+                    pending["loss"].append(last_loss)
+                    window["loss"].append(last_loss)
+                    for key, value in pstep.metrics.items():
+                        if value is not None and not (isinstance(value, float) and math.isnan(value)):
+                            pending[key].append(float(value))
+                            window[key].append(float(value))
                 if log is not None and (step % cfg.train.log_every == 0 or step == total):
                     record = {"step": step, "lr": lr, "images_per_s": rate}
                     record.update({k: float(np.mean(v)) for k, v in pending.items() if v})
+                    if skipped:
+                        record["skipped_batches"] = skipped
                     log.log(record)
                     pending.clear()
                 if bar is not None:

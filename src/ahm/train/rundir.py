@@ -25,12 +25,17 @@ def prepare_run_dir(out: str | Path, kind: str, seed: int, resume: bool = False,
     if out.exists() and not out.is_dir():
         raise AhmError(f"--out {out}: exists and is not a directory")
     nonempty = out.is_dir() and any(out.iterdir())
-    if resume:
+    if resume and unstarted_run(out, kind):
+        # Stopped (killed) before its first checkpoint: nothing was trained, so resuming is starting again.
+        shutil.rmtree(out)
+        nonempty = False
+    elif resume:
         if not (out / CHECKPOINT_DIR / LAST).is_file():
             raise AhmError(f"--resume: {out / CHECKPOINT_DIR / LAST} not found; nothing to resume")
         info = read_run_info(out)
         if info.get("kind") != kind:
             raise AhmError(f"--resume: {out} is a {info.get('kind', 'unknown')} run, not a {kind} run")
+        remove_stale_temps(out)
         return out
     if nonempty:
         if not force:
@@ -47,6 +52,43 @@ def prepare_run_dir(out: str | Path, kind: str, seed: int, resume: bool = False,
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     })
     return out
+
+
+def _is_temp(path: Path) -> bool:
+    # ahm.io.atomic_write's temp files: ".<name>.<random>.tmp", left behind only by a killed process.
+    return path.is_file() and path.name.startswith(".") and path.name.endswith(".tmp")
+
+
+def unstarted_run(out: str | Path, kind: str) -> bool:
+    """True if `out` is a `kind` run directory killed before its first checkpoint (nothing in it worth keeping).
+
+    That is: no checkpoint, and either its run.json names `kind`, or it holds nothing but an empty checkpoint
+    folder and temp files (killed while being created), or nothing at all.
+    """
+    out = Path(out)
+    if not out.is_dir() or (out / CHECKPOINT_DIR / LAST).is_file():
+        return False
+    if (out / "run.json").is_file():
+        try:
+            return read_run_info(out).get("kind") == kind
+        except AhmError:
+            return False
+    ckpt_dir = out / CHECKPOINT_DIR
+    return all(
+        _is_temp(p) or (p == ckpt_dir and p.is_dir() and all(_is_temp(q) for q in p.iterdir())) for p in out.iterdir()
+    )
+
+
+def remove_stale_temps(run_dir: str | Path) -> int:
+    """Delete temp files a killed run left in `run_dir` and its checkpoint folder; returns how many."""
+    removed = 0
+    for folder in (Path(run_dir), Path(run_dir) / CHECKPOINT_DIR):
+        if folder.is_dir():
+            for p in folder.iterdir():
+                if _is_temp(p):
+                    p.unlink(missing_ok=True)
+                    removed += 1
+    return removed
 
 
 def read_run_info(run_dir: str | Path) -> dict[str, Any]:
@@ -84,14 +126,20 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step)
+                # Events after the checkpoint's step are stale; the checkpoint's own step is not re-logged.
+                purge = resume_step + 1 if resume_step is not None else None
+                self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=purge)
             except Exception:  # tensorboard is optional at run time
                 self._tb = None
 
     def log(self, record: dict[str, Any]) -> None:
         clean = {k: (float(v) if hasattr(v, "__float__") and not isinstance(v, (int, str)) else v) for k, v in record.items()}
-        self._fh.write(json.dumps(clean) + "\n")
-        self._fh.flush()
+        try:
+            self._fh.write(json.dumps(clean) + "\n")
+            self._fh.flush()
+        except OSError as exc:  # disk full, quota: stop with one line; checkpoints are written atomically
+            raise AhmError(f"{self.path}: could not write ({exc.strerror or exc}); "
+                           f"the last checkpoint is kept, resume with --resume once there is room") from exc
         if self._tb is not None:
             step = int(record.get("step", 0))
             for key, value in clean.items():
@@ -99,7 +147,10 @@ class MetricsLog:
                     self._tb.add_scalar(key, value, step)
 
     def close(self) -> None:
-        self._fh.close()
+        try:
+            self._fh.close()
+        except OSError:  # a failed write was already reported by log(); do not mask that error here
+            pass
         if self._tb is not None:
             self._tb.flush()
             self._tb.close()

@@ -1,0 +1,5 @@
+"""`python -m ahm ...`: the same command line as the `ahm` script."""
+
+from ahm.cli import main
+
+main()
