@@ -8,12 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from eval_helpers import make_run
 from PIL import Image
 
 from ahm.errors import AhmError
 from ahm.eval.evaluate import evaluate, score_arrays
-
-from eval_helpers import make_run
 
 
 def _folder(root: Path, n_subjects: int = 6, masks: bool = True, max_label: int = 1) -> Path:
@@ -55,7 +54,8 @@ def test_test_split_is_a_subject_split_of_another_dataset(tmp_path: Path) -> Non
     run = make_run(tmp_path / "run")
     data = _folder(tmp_path / "data", n_subjects=8)
     metrics = evaluate(run, data, split="test")
-    ids = [r["id"] for r in csv.DictReader(open(run / "eval" / "test" / "per_image.csv"))]
+    with open(run / "eval" / "test" / "per_image.csv") as fh:
+        ids = [r["id"] for r in csv.DictReader(fh)]
     assert 0 < metrics["n_images"] < 16
     subjects = {i.split("__")[0] for i in ids}
     assert all(f"{s}__0" in ids and f"{s}__1" in ids for s in subjects)  # whole subjects only

@@ -7,13 +7,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from eval_helpers import make_run
 from PIL import Image
 from typer.testing import CliRunner
 
 from ahm.errors import AhmError
 from ahm.eval.predict import predict
-
-from eval_helpers import make_run
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from train_helpers import make_blob_folder
 from typer.testing import CliRunner
 
 from ahm.config import FinetuneConfig, ModelConfig, PretrainConfig, build_config, save_config
@@ -17,8 +18,6 @@ from ahm.errors import AhmError
 from ahm.io import load_torch, save_safetensors, write_json
 from ahm.train.finetune import finetune
 from ahm.train.loop import Interrupted
-
-from train_helpers import make_blob_folder
 
 UNET = {"backbone": "unet", "unet_channels": [4, 8], "unet_strides": [2], "unet_num_res_units": 0}
 VIT = {"backbone": "vit", "preset": "custom", "patch_size": 16, "hidden_size": 16, "mlp_dim": 32, "num_layers": 12,

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 from ahm.cli.app import app, console, fail, is_quiet, out, run_guarded
 
 
-def _pretrain_image_size(init: str) -> Optional[int]:
+def _pretrain_image_size(init: str) -> int | None:
     """The image size a pretraining run used, so `--image-size` need not be repeated (None if unknown)."""
     from ahm.config import read_yaml
     from ahm.errors import AhmError
@@ -26,35 +25,36 @@ def _pretrain_image_size(init: str) -> Optional[int]:
 @app.command(no_args_is_help=True)
 def finetune(
     data: Path = typer.Argument(..., help="Labelled dataset folder (any supported layout, with masks)."),
-    init: Optional[str] = typer.Option(None, "--init", help="Pretraining run directory, or 'none' to train from scratch."),
+    init: str | None = typer.Option(None, "--init", help="Pretraining run directory, or 'none' to train from scratch."),
     out_dir: Path = typer.Option(..., "--out", help="Run directory to create (or to continue with --resume)."),
-    model: Optional[str] = typer.Option(None, "--model", help="Segmenter with --init none: unetr or unet "
+    model: str | None = typer.Option(None, "--model", help="Segmenter with --init none: unetr or unet "
                                         "(with a pretraining run, its backbone decides)."),
-    labels_fraction: Optional[float] = typer.Option(None, "--labels-fraction",
+    labels_fraction: float | None = typer.Option(None, "--labels-fraction",
                                                     help="Share of training subjects whose labels are used (default 1)."),
-    epochs: Optional[int] = typer.Option(None, help="Training epochs over the labelled subset (default 30)."),
-    seed: Optional[int] = typer.Option(None, help="Seed for the labelled subset, data order, augmentation, init."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per step (default 8)."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate of the decoder/head (default 1e-3)."),
-    layer_decay: Optional[float] = typer.Option(None, "--layer-decay",
+    epochs: int | None = typer.Option(None, help="Training epochs over the labelled subset (default 30)."),
+    seed: int | None = typer.Option(None, help="Seed for the labelled subset, data order, augmentation, init."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Images per step (default 8)."),
+    lr: float | None = typer.Option(None, help="Peak learning rate of the decoder/head (default 1e-3)."),
+    layer_decay: float | None = typer.Option(None, "--layer-decay",
                                                 help="Layer-wise lr decay over pretrained ViT blocks (1: off)."),
-    encoder_lr_scale: Optional[float] = typer.Option(None, "--encoder-lr-scale",
+    encoder_lr_scale: float | None = typer.Option(None, "--encoder-lr-scale",
                                                      help="lr multiplier on pretrained weights (default 1)."),
-    image_size: Optional[int] = typer.Option(None, "--image-size",
+    image_size: int | None = typer.Option(None, "--image-size",
                                              help="Model grid size (default: the pretraining run's, else 128)."),
-    layout: Optional[str] = typer.Option(None, help="Dataset layout (default: auto-detect)."),
+    layout: str | None = typer.Option(None, help="Dataset layout (default: auto-detect)."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable files (listed) instead of stopping."),
-    devices: Optional[int] = typer.Option(None, help="Number of devices."),
-    accelerator: Optional[str] = typer.Option(None, help="auto, cpu or cuda."),
-    precision: Optional[str] = typer.Option(None, help="32-true, bf16-mixed or 16-mixed."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML config; command-line options override it."),
+    devices: int | None = typer.Option(None, help="Number of devices."),
+    accelerator: str | None = typer.Option(None, help="auto, cpu or cuda."),
+    precision: str | None = typer.Option(None, help="32-true, bf16-mixed or 16-mixed."),
+    config: Path | None = typer.Option(None, "--config", help="YAML config; command-line options override it."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
     force: bool = typer.Option(False, "--force", help="Replace an existing run directory in --out."),
 ) -> None:
     """Fine-tune a segmenter on a fraction of the labels; keeps the best checkpoint by validation Dice."""
     from ahm.config import FinetuneConfig, build_config
     from ahm.errors import AhmError
-    from ahm.train.finetune import SEGMENTER_OF_BACKBONE, finetune as run_finetune
+    from ahm.train.finetune import SEGMENTER_OF_BACKBONE
+    from ahm.train.finetune import finetune as run_finetune
 
     if model is not None and model not in ("unetr", "unet"):
         fail(f"--model {model}: choose unetr or unet")
@@ -111,7 +111,7 @@ def finetune(
 @app.command(no_args_is_help=True)
 def evaluate(
     run_dir: Path = typer.Argument(..., help="Fine-tuning run directory."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Labelled dataset (default: the one trained on)."),
+    data: Path | None = typer.Option(None, "--data", help="Labelled dataset (default: the one trained on)."),
     split: str = typer.Option("test", "--split", help="train, val, test or all."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per inference batch."),
     as_json: bool = typer.Option(False, "--json", help="Print metrics.json only."),

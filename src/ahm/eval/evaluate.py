@@ -14,7 +14,7 @@ import csv
 import io as _io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -54,7 +54,7 @@ class LoadedRun:
         return int(self.meta["image_size"])
 
 
-def inference_device(cfg: Optional[FinetuneConfig] = None) -> torch.device:
+def inference_device(cfg: FinetuneConfig | None = None) -> torch.device:
     if cfg is not None and cfg.train.accelerator == "cpu":
         return torch.device("cpu")
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -107,7 +107,7 @@ def load_run(run_dir: str | Path, checkpoint: str = BEST) -> LoadedRun:
 
 
 def predict_labels(model: torch.nn.Module, images: np.ndarray | torch.Tensor, batch_size: int = 32,
-                   device: Optional[torch.device] = None) -> np.ndarray:
+                   device: torch.device | None = None) -> np.ndarray:
     """Argmax class map `[N, S, S]` (int64) for images `[N, C, S, S]`, in batches, without autograd."""
     if device is None:
         device = next(model.parameters()).device
@@ -180,7 +180,7 @@ def _pick_cases(images, labels, preds, ids, dice_means) -> dict[str, np.ndarray]
 
 
 def score_arrays(out_dir: Path, preds: np.ndarray, labels: np.ndarray, images: np.ndarray, ids: list[str],
-                 items: Optional[list], num_classes: int, split: str, extra: Optional[dict] = None) -> dict:
+                 items: list | None, num_classes: int, split: str, extra: dict | None = None) -> dict:
     """Metrics, per-image CSV and report cases for predictions already made; written to `out_dir`."""
     if labels.size and int(labels.max()) >= num_classes:
         raise AhmError(f"split {split!r}: ground-truth labels go up to {int(labels.max())} but the model predicts "
@@ -190,7 +190,7 @@ def score_arrays(out_dir: Path, preds: np.ndarray, labels: np.ndarray, images: n
     means = case_means(per_case)
     metrics: dict[str, Any] = summarize(per_case, names)
     metrics.update({
-        "n_images": int(len(ids)), "split": split,
+        "n_images": len(ids), "split": split,
         "grid": f"model grid {labels.shape[-1]}x{labels.shape[-1]} (aspect kept, zero-padded)",
         "hd95_unit": "pixels of the model grid", "empty_masks": EMPTY_CONVENTION,
     })
@@ -225,7 +225,7 @@ def score_arrays(out_dir: Path, preds: np.ndarray, labels: np.ndarray, images: n
     return metrics
 
 
-def _none_if_nan(v: float) -> Optional[float]:
+def _none_if_nan(v: float) -> float | None:
     return None if not np.isfinite(v) else v
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -42,7 +42,7 @@ def _as_labels(a, name: str) -> torch.Tensor:
     return t.detach().cpu().long()
 
 
-def case_metrics(pred, target, num_classes: int, spacing: Optional[Sequence[float]] = None,
+def case_metrics(pred, target, num_classes: int, spacing: Sequence[float] | None = None,
                  chunk: int = 64) -> dict[str, np.ndarray]:
     """Per-case, per-foreground-class Dice, IoU and HD95.
 
@@ -95,7 +95,7 @@ def _nanmean(a: np.ndarray, axis=None):
         return np.nanmean(a, axis=axis)
 
 
-def summarize(per_case: dict[str, np.ndarray], class_names: Optional[Sequence[str]] = None) -> dict:
+def summarize(per_case: dict[str, np.ndarray], class_names: Sequence[str] | None = None) -> dict:
     """Means over cases per class and overall: {"dice", "iou", "hd95", "per_class": {name: {...}}}.
 
     NaN (undefined) entries are excluded; a figure that is undefined everywhere is reported as None.
@@ -112,7 +112,7 @@ def summarize(per_case: dict[str, np.ndarray], class_names: Optional[Sequence[st
     return summary
 
 
-def _finite_or_none(value) -> Optional[float]:
+def _finite_or_none(value) -> float | None:
     value = float(value)
     return value if math.isfinite(value) else None
 

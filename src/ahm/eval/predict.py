@@ -10,9 +10,10 @@ from __future__ import annotations
 import gzip
 import io as _io
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import numpy as np
 
@@ -30,8 +31,8 @@ class _Job:
     source: Path
     volume: bool
     mask_out: Path
-    overlay_out: Optional[Path]
-    error: Optional[str] = None
+    overlay_out: Path | None
+    error: str | None = None
 
 
 def _image_suffixes() -> tuple[str, ...]:
@@ -97,7 +98,7 @@ def _plan(inputs: list[Path], out_dir: Path, overlay: bool) -> list[_Job]:
     return jobs
 
 
-def _modality(run: LoadedRun, volume: bool, path: Path) -> tuple[str, Optional[str]]:
+def _modality(run: LoadedRun, volume: bool, path: Path) -> tuple[str, str | None]:
     """The normalisation rule training used for this kind of input (mirrors ahm.data.load_arrays)."""
     cfg = run.cfg.data
     if cfg.modality != "auto":
@@ -121,7 +122,7 @@ def _check_channels(run: LoadedRun, path: Path, channels: int) -> None:
                        f"{run.in_channels}; convert it to {want} first")
 
 
-def _prepare(run: LoadedRun, image: np.ndarray, modality: str, source_dtype: Optional[str]) -> tuple[np.ndarray, np.ndarray]:
+def _prepare(run: LoadedRun, image: np.ndarray, modality: str, source_dtype: str | None) -> tuple[np.ndarray, np.ndarray]:
     from ahm.data.readers import normalize, resize_image
 
     norm = normalize(image.astype(np.float32, copy=False), modality, ct_window=run.cfg.data.ct_window,
@@ -259,7 +260,7 @@ def _predict_image(run: LoadedRun, job: _Job, batcher: _Batcher) -> None:
             write_bytes(job.mask_out, _mask_png(mask, run.num_classes))
             if job.overlay_out is not None:
                 write_bytes(job.overlay_out, _png_bytes(overlay_rgb(norm, mask)))
-        except Exception as exc:  # reported as this input's failure, never lost in the thread
+        except Exception as exc:  # noqa: BLE001  (reported as this input's failure, never lost in the thread)
             job.error = str(exc) if isinstance(exc, AhmError) else f"{job.mask_out}: could not write ({exc})"
 
     # Runs when the batch holding this image is predicted, possibly while another input is being read.

@@ -11,7 +11,7 @@ import html
 import io as _io
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -43,14 +43,14 @@ def _plt():
     return plt
 
 
-def _load_json(path: Path) -> Optional[dict]:
+def _load_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return None
 
 
-def learning_curves_png(records: list[dict[str, Any]]) -> Optional[bytes]:
+def learning_curves_png(records: list[dict[str, Any]]) -> bytes | None:
     """Training loss, validation Dice and learning rate against the step."""
     train = [r for r in records if "loss" in r and "step" in r]
     val = [r for r in records if r.get("val_dice") is not None and "step" in r]
@@ -77,7 +77,7 @@ def learning_curves_png(records: list[dict[str, Any]]) -> Optional[bytes]:
     return _fig_png(fig)
 
 
-def cases_png(cases: dict[str, np.ndarray]) -> Optional[bytes]:
+def cases_png(cases: dict[str, np.ndarray]) -> bytes | None:
     """One row per case: the image, the ground truth and the prediction as overlays."""
     from ahm.eval.predict import overlay_rgb
 
@@ -144,14 +144,14 @@ def _agent_panels(init_dir: Path, cache: Path, n_images: int = 3) -> list[bytes]
             shutil.rmtree(cache)
         tmp.rename(cache)
         return [(cache / p.name).read_bytes() for p in panels]
-    except Exception:  # a figure must never break the report
+    except Exception:  # noqa: BLE001  (a figure must never break the report)
         return []
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _agent_section(init_dir: Optional[Path], run_dir: Path) -> Optional[str]:
+def _agent_section(init_dir: Path | None, run_dir: Path) -> str | None:
     """The masks the AHM agent chooses: ahm.eval.visualize's panels, else the pretraining run's own figure."""
     if init_dir is None or not init_dir.is_dir():
         return None
@@ -177,8 +177,8 @@ def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     summary = _load_json(run_dir / "summary.json") or {}
     run_info = _load_json(run_dir / "run.json") or {}
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>ahm report: {html.escape(run_dir.name)}</title>"
-             f"<style>{_CSS}</style></head><body><h1>Segmentation report: {html.escape(run_dir.name)}</h1>"]
+    parts = [(f"<!doctype html><html><head><meta charset='utf-8'><title>ahm report: {html.escape(run_dir.name)}</title>"
+              f"<style>{_CSS}</style></head><body><h1>Segmentation report: {html.escape(run_dir.name)}</h1>")]
     facts = [("segmenter", summary.get("segmenter")), ("encoder", summary.get("init")),
              ("pretraining policy", summary.get("init_policy")), ("labels fraction", summary.get("labels_fraction")),
              ("labelled subjects / images", f"{summary.get('labelled_subjects', '?')} / {summary.get('labelled_images', '?')}"),
@@ -198,7 +198,7 @@ def write_report(run_dir: str | Path) -> Path:
     splits = sorted((p for p in eval_root.iterdir() if (p / "metrics.json").is_file()),
                     key=lambda p: (SPLIT_ORDER.index(p.name) if p.name in SPLIT_ORDER else 99, p.name)) \
         if eval_root.is_dir() else []
-    shown_cases: Optional[dict[str, np.ndarray]] = None
+    shown_cases: dict[str, np.ndarray] | None = None
     for split_dir in splits:
         metrics = _load_json(split_dir / "metrics.json")
         if not metrics:

@@ -17,7 +17,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,7 +44,7 @@ class PretrainedEncoder:
     metadata: dict[str, str]
     pretrain_cfg: PretrainConfig
     segmenter: str
-    policy: Optional[str] = None
+    policy: str | None = None
 
 
 @dataclass
@@ -60,7 +60,7 @@ class _Data:
     subjects: list[str] = field(default_factory=list)
 
 
-def _is_none(init: Optional[str]) -> bool:
+def _is_none(init: str | None) -> bool:
     return init is None or str(init).strip().lower() in ("", "none", "scratch")
 
 
@@ -229,7 +229,7 @@ def finetune(cfg: FinetuneConfig, out: str | Path, resume: bool = False, force: 
     return _train(fabric, cfg, out, resume, progress, data, enc)
 
 
-def _meta(cfg: FinetuneConfig, data: _Data, enc: Optional[PretrainedEncoder]) -> dict[str, Any]:
+def _meta(cfg: FinetuneConfig, data: _Data, enc: PretrainedEncoder | None) -> dict[str, Any]:
     return {"segmenter": cfg.segmenter, "num_classes": data.num_classes, "in_channels": data.in_channels,
             "image_size": cfg.data.image_size, "slice_axis": cfg.data.slice_axis,
             "index_modality": data.index.modality, "layout": data.index.layout,
@@ -238,7 +238,7 @@ def _meta(cfg: FinetuneConfig, data: _Data, enc: Optional[PretrainedEncoder]) ->
 
 
 def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool, data: _Data,
-           enc: Optional[PretrainedEncoder]) -> dict[str, Any]:
+           enc: PretrainedEncoder | None) -> dict[str, Any]:
     from monai.losses import DiceCELoss
 
     from ahm.data import ArrayDataset, segment_augment
@@ -424,7 +424,7 @@ class _Bar:
         self.task = self.progress.add_task("finetune", total=total, completed=start, loss=math.nan, val="-", rate=0.0)
         self.progress.start()
 
-    def update(self, step: int, loss: float, val: Optional[float], rate: float) -> None:
+    def update(self, step: int, loss: float, val: float | None, rate: float) -> None:
         fields = {"loss": loss, "rate": rate}
         if val is not None:
             fields["val"] = f"{val:.3f}"
