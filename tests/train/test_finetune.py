@@ -120,6 +120,14 @@ def test_resume_after_interrupt_is_exact(blobs: Path, tmp_path: Path, monkeypatc
     assert rows("straight") == rows("resumed")
 
 
+def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_again(blobs: Path, tmp_path: Path) -> None:
+    from ahm.train.rundir import prepare_run_dir
+
+    out = prepare_run_dir(tmp_path / "run", "finetune", seed=1)
+    summary = finetune(_cfg(blobs), out, resume=True, progress=False)
+    assert summary["steps"] > 0 and (out / "checkpoints" / "best.ckpt").is_file()
+
+
 @pytest.mark.parametrize("model, segmenter", [(UNET, "unet"), (VIT, "unetr")])
 def test_from_pretraining_run(blobs: Path, tmp_path: Path, model: dict, segmenter: str) -> None:
     pre = _fake_pretrain_run(tmp_path / "pre", model, policy="ahm")

@@ -27,7 +27,7 @@ from ahm.config import FinetuneConfig, PretrainConfig, build_config, save_config
 from ahm.errors import AhmError
 from ahm.io import load_torch, save_torch, write_json
 from ahm.train.loop import Interrupted, NonFiniteLoss, Throughput, batch_order, make_fabric, stop_on_sigint
-from ahm.train.rundir import CHECKPOINT_DIR, LAST, MetricsLog, prepare_run_dir
+from ahm.train.rundir import CHECKPOINT_DIR, LAST, MetricsLog, prepare_run_dir, unstarted_run
 from ahm.train.schedule import lr_factor, set_lr
 
 BEST = "best.ckpt"
@@ -189,18 +189,26 @@ def finetune(cfg: FinetuneConfig, out: str | Path, resume: bool = False, force: 
              progress: bool = True) -> dict[str, Any]:
     """Fine-tune (or resume) into run directory `out`; returns the summary written to summary.json."""
     out = Path(out)
+    # Killed before its first checkpoint: nothing was trained, so --resume starts it again (same config if saved).
+    restart = resume and unstarted_run(out, "finetune")
     if resume:
         # The run's own config decides everything but its length.
         saved = out / "config.yaml"
-        if not saved.is_file():
-            raise AhmError(f"--resume: {saved} not found; nothing to resume")
         epochs = cfg.train.epochs
-        cfg = build_config(FinetuneConfig, file=saved)
+        if saved.is_file():
+            cfg = build_config(FinetuneConfig, file=saved)
+        elif not restart:
+            raise AhmError(f"--resume: {saved} not found; nothing to resume")
+        else:
+            cfg = cfg.model_copy(deep=True)
         if epochs is not None:
             cfg.train.epochs = epochs
+        elif cfg.train.epochs is None:
+            cfg.train.epochs = FinetuneConfig().train.epochs
+        resume = not restart
     else:
         cfg = cfg.model_copy(deep=True)
-    _check_out(out, resume, force)
+    _check_out(out, resume or restart, force)
 
     enc = None
     if _is_none(cfg.init):
@@ -212,7 +220,8 @@ def finetune(cfg: FinetuneConfig, out: str | Path, resume: bool = False, force: 
         torch.set_num_threads(cfg.train.num_threads)
     data = _prepare_data(cfg, out, resume)
 
-    prepare_run_dir(out, "finetune", cfg.train.seed, resume=resume, force=force)
+    # prepare_run_dir clears an unstarted run when asked to resume it
+    prepare_run_dir(out, "finetune", cfg.train.seed, resume=resume or restart, force=force)
     if not resume:
         save_config(cfg, out / "config.yaml")
         write_json(out / "splits.json", data.splits)
@@ -254,8 +263,12 @@ def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool,
     # A labelled subset smaller than one batch still trains: the batch shrinks to what is there.
     batch_size = min(cfg.train.batch_size, n_train // world)
     steps_per_epoch = n_train // (batch_size * world)
-    epochs = cfg.train.epochs or 1
-    total = epochs * steps_per_epoch
+    if cfg.train.epochs is None and cfg.train.steps:  # a config that counts steps instead of epochs
+        total = cfg.train.steps
+        epochs = math.ceil(total / steps_per_epoch)
+    else:
+        epochs = cfg.train.epochs or 1
+        total = epochs * steps_per_epoch
     meta = _meta(cfg, data, enc)
 
     torch.manual_seed(cfg.train.seed)
