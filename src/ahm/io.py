@@ -7,8 +7,9 @@ import json
 import os
 import pickle
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -92,11 +93,23 @@ def load_torch(path: str | os.PathLike) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise AhmError(
-            f"{path}: refused to load: the file is not a plain weights checkpoint "
-            f"(it would need to run code to load)"
+            f"{path}: refused to load: not a plain weights checkpoint ({_refusal_reason(str(exc))}); "
+            f"ahm never runs code from a file"
         ) from exc
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError) as exc:
-        raise AhmError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {str(exc)[:120]})") from exc
+    except Exception as exc:  # a damaged file fails inside the unpickler in many ways (IndexError, TypeError, ...)
+        first = (str(exc).strip().splitlines() or [""])[0][:120]
+        raise AhmError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {first})") from exc
+
+
+def _refusal_reason(text: str) -> str:
+    """The one informative line of torch's long weights_only message."""
+    import re
+
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        return f"loading it would call {found.group(1)}"
+    found = re.search(r"(Unsupported [^\n]*)", text)
+    return found.group(1)[:100] if found else "not a weights-only pickle"
 
 
 def save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:

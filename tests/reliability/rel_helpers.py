@@ -9,11 +9,10 @@ from typing import Any
 
 import torch
 import yaml
+from train_helpers import tiny_pretrain_overrides
 
 from ahm.config import PretrainConfig, build_config
 from ahm.io import load_torch
-
-from train_helpers import tiny_pretrain_overrides
 
 
 def tiny_overrides(data: Path, steps: int, policy: str = "random", **train: Any) -> dict:

@@ -15,13 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from ahm.config import FinetuneConfig, PretrainConfig, build_config
-from ahm.errors import AhmError
-from ahm.io import load_torch
-from ahm.train.loop import Interrupted
-from ahm.train.pretrain import pretrain
-
 from rel_helpers import (
     assert_same_checkpoint,
     last_ckpt,
@@ -31,6 +24,12 @@ from rel_helpers import (
     write_yaml_config,
 )
 from train_helpers import make_blob_folder
+
+from ahm.config import FinetuneConfig, PretrainConfig, build_config
+from ahm.errors import AhmError
+from ahm.io import load_torch
+from ahm.train.loop import Interrupted
+from ahm.train.pretrain import pretrain
 
 
 @pytest.fixture(scope="module")

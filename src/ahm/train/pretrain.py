@@ -220,7 +220,7 @@ def _train(fabric, cfg, out, resume, progress, model, policy, arrays, total, ste
     step = start_step
     bar = _progress_bar(progress and is_main, total, start_step)
 
-    saved: dict[str, Optional[int]] = {"step": start_step if resume else None}
+    saved: dict[str, int | None] = {"step": start_step if resume else None}
 
     def save_checkpoint(next_step: int) -> None:
         if not is_main:
