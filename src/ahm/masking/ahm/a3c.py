@@ -113,7 +113,7 @@ def _worker_main(rank: int, agent_kwargs: dict[str, Any], loss_kwargs: dict[str,
             if "fault" in item:
                 raise RuntimeError(item["fault"])
             local.load_state_dict(global_agent.state_dict())
-            logits, values = local(item["images"])
+            logits, values = local(item["images"].float())
             loss, parts = agent_loss(logits, values, item["mask"], item["hard_idx"], item["loss"], **loss_kwargs)
             local.zero_grad(set_to_none=True)
             applied = bool(torch.isfinite(loss))
@@ -238,6 +238,20 @@ class A3CWorkers:
         if self._closed:
             raise AhmError("A3C workers were already stopped (policy closed); no more transitions can be trained on")
         self.start()
+        if self._transitions.full():
+            self.dropped += 1
+            return False
+        try:
+            # placed in shared memory here, not in the queue's feeder thread, so a full /dev/shm is an error
+            # the run sees instead of a transition silently lost
+            for value in transition.values():
+                if isinstance(value, Tensor):
+                    value.share_memory_()
+        except RuntimeError as exc:
+            raise AhmError(
+                f"--agent-workers: could not put a transition in shared memory ({str(exc).splitlines()[0][:100]}); "
+                "free /dev/shm, lower masking.queue_size or use --agent-workers 0"
+            ) from exc
         try:
             self._transitions.put_nowait(transition)
         except queue_mod.Full:

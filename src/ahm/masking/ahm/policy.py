@@ -199,7 +199,8 @@ class AHMPolicy(MaskingPolicy):
         if self.asynchronous:
             if finite and self.training:
                 self._workers.push({
-                    "images": images.detach().to("cpu", torch.float32, copy=True),
+                    # half precision halves the shared memory a queued batch holds; the agent standardises anyway
+                    "images": images.detach().to("cpu", torch.float16, copy=True),
                     "mask": draw.mask.cpu(),
                     "hard_idx": draw.hard_idx.cpu(),
                     "loss": loss.cpu(),
