@@ -178,3 +178,14 @@ def test_eval_propose_alone_and_non_finite_loss_skipped() -> None:
     assert out.aux_loss is None and out.metrics["agent_skipped"] == 1.0
     with pytest.raises(RuntimeError, match="propose"):
         policy.observe(images, mask, loss, 0.5)
+
+
+def test_patch_std_matches_direct_computation() -> None:
+    from ahm.masking.ahm.policy import patch_std
+
+    x = torch.rand(3, 2, 32, 32, generator=torch.Generator().manual_seed(0))
+    x[0, :, :16, :16] = 0.5  # one constant (background-like) patch
+    direct = x.reshape(3, 2, 2, 16, 2, 16).permute(0, 2, 4, 1, 3, 5).reshape(3, 4, -1).std(-1, unbiased=False)
+    got = patch_std(x, 16)
+    assert torch.allclose(got, direct, atol=1e-4)
+    assert float(got[0, 0]) < 1e-3
