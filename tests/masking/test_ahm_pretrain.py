@@ -71,3 +71,14 @@ def test_async_run_end_to_end(blobs: Path, tmp_path: Path) -> None:
     later = load_torch(tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert later["step"] == 8
     assert later["policy_extra"]["a3c"]["transitions_pushed"] >= ckpt["policy_extra"]["a3c"]["transitions_pushed"]
+
+
+@pytest.mark.slow
+def test_ddp_ranks_end_with_the_same_agent(blobs: Path, tmp_path: Path) -> None:
+    cfg = _cfg(blobs, steps=3)
+    cfg.train.devices = 2
+    cfg.train.batch_size = 2
+    summary = pretrain(cfg, tmp_path / "run", progress=False)
+    assert summary["world_size"] == 2 and summary["ranks_agree"]
+    prints = json.loads((tmp_path / "run" / "rank_fingerprints.json").read_text())
+    assert prints["0"] == prints["1"]  # includes every agent parameter (all-reduced A2C gradients)
