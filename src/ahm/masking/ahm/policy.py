@@ -201,9 +201,10 @@ class AHMPolicy(MaskingPolicy):
                 self._workers.push({
                     # half precision halves the shared memory a queued batch holds; the agent standardises anyway
                     "images": images.detach().to("cpu", torch.float16, copy=True),
-                    "mask": draw.mask.cpu(),
-                    "hard_idx": draw.hard_idx.cpu(),
-                    "loss": loss.cpu(),
+                    # copies: queueing moves a tensor's storage to shared memory, and these may be the loop's own
+                    "mask": draw.mask.to("cpu", copy=True),
+                    "hard_idx": draw.hard_idx.to("cpu", copy=True),
+                    "loss": loss.to("cpu", copy=True),
                     "progress": float(progress),
                 })
             metrics.update(self._workers.collect())
