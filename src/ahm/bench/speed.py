@@ -112,7 +112,8 @@ def _reference_candidate(cfg: PretrainConfig, channels: int, device: torch.devic
         hidden_size=dims["hidden_size"], mlp_dim=dims["mlp_dim"], num_layers=dims["num_layers"],
         num_heads=dims["num_heads"], masking_ratio=cfg.masking.mask_ratio, spatial_dims=2,
     ).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=(0.9, 0.95), weight_decay=0.05)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=(0.9, 0.95), weight_decay=0.05,
+                                  foreach=True)  # the same optimiser implementation as ours
     p = cfg.model.patch_size
 
     def step(images: torch.Tensor, progress: float) -> None:  # noqa: ARG001

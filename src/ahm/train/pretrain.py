@@ -70,7 +70,8 @@ def build_optimizer(model, policy, cfg: PretrainConfig) -> tuple[torch.optim.Opt
     if policy_params:
         groups.append({"params": policy_params, "lr": cfg.masking.policy_lr, "base_lr": cfg.masking.policy_lr,
                        "weight_decay": 0.0})
-    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.95)), policy_params
+    # foreach: one fused kernel per tensor list instead of a Python loop over parameters (about 9% of a CPU step).
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.95), foreach=True), policy_params
 
 
 def _checkpoint_path(run_dir: Path) -> Path:
@@ -125,6 +126,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: bool = False, force: 
                 cfg.train.steps = steps
         elif not restart:  # killed before config.yaml was written: the options given now are the run's
             raise AhmError(f"--resume: {saved} not found")
+    fabric = make_fabric(cfg.train)  # an unusable accelerator/precision is refused before the run dir is made
     prepare_run_dir(out, "pretrain", cfg.train.seed, resume=resume, force=force)
     if restart:
         resume = False  # killed before its first checkpoint: start again from step 0 in the same folder
@@ -133,7 +135,6 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: bool = False, force: 
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
 
-    fabric = make_fabric(cfg.train)
     if fabric.world_size > 1 and "LOCAL_RANK" not in os.environ:
         # --devices N without torchrun: spawn N processes that each run the loop; rank 0's summary comes back.
         try:
@@ -225,12 +226,19 @@ def _train(fabric, cfg, out, resume, progress, model, policy, arrays, total, ste
     def save_checkpoint(next_step: int) -> None:
         if not is_main:
             return
-        save_torch(_checkpoint_path(out), {
-            "kind": "pretrain", "version": __version__, "step": next_step,
-            "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-            "policy": policy.state_dict(), "policy_extra": policy.extra_state(),
-            "config": cfg.model_dump(mode="json"), "skipped_batches": skipped,
-        })
+        try:
+            save_torch(_checkpoint_path(out), {
+                "kind": "pretrain", "version": __version__, "step": next_step,
+                "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                "policy": policy.state_dict(), "policy_extra": policy.extra_state(),
+                "config": cfg.model_dump(mode="json"), "skipped_batches": skipped,
+            })
+        except AhmError as exc:  # disk full, quota: atomic_write kept the old file; say which step it holds
+            reason = getattr(exc.__cause__, "strerror", None) or str(exc)
+            kept = (f"the previous checkpoint (step {saved['step']}) is kept" if saved["step"] is not None
+                    else "no checkpoint was written yet")
+            raise AhmError(f"{_checkpoint_path(out)}: could not save the checkpoint of step {next_step} ({reason}); "
+                           f"{kept}; run stopped, continue with --resume once there is room") from exc
         saved["step"] = next_step
 
     epoch_cache: dict[int, list[list[int]]] = {}
