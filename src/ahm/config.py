@@ -6,6 +6,7 @@ which overrides these defaults.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -57,6 +58,19 @@ class DataConfig(_Strict):
             raise ValueError("slice_axis must be 0, 1 or 2")
         return v
 
+    @field_validator("channels", "max_pixels")
+    @classmethod
+    def _at_least_one(cls, v: Optional[int]) -> Optional[int]:
+        if v is not None and v < 1:
+            raise ValueError("must be at least 1")
+        return v
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "DataConfig":
+        if not self.ct_window[0] < self.ct_window[1]:
+            raise ValueError("ct_window must be (low, high) with low < high")
+        return self
+
 
 VIT_PRESETS: dict[str, dict[str, int]] = {
     # depth 12 throughout: MONAI UNETR taps layers 3, 6, 9 and 12.
@@ -93,6 +107,16 @@ class ModelConfig(_Strict):
             raise ValueError("patch_size must be at least 2")
         if len(self.unet_strides) != len(self.unet_channels) - 1:
             raise ValueError("unet_strides must have one entry fewer than unet_channels")
+        sizes = {"hidden_size": self.hidden_size, "mlp_dim": self.mlp_dim, "num_layers": self.num_layers,
+                 "num_heads": self.num_heads, "decoder_dim": self.decoder_dim, "decoder_depth": self.decoder_depth,
+                 "decoder_heads": self.decoder_heads}
+        for name, value in sizes.items():
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.decoder_dim % self.decoder_heads:
+            raise ValueError(f"decoder_dim {self.decoder_dim} must be divisible by decoder_heads {self.decoder_heads}")
+        if min(self.unet_channels, default=1) < 1 or min(self.unet_strides, default=1) < 1 or self.unet_num_res_units < 0:
+            raise ValueError("unet_channels and unet_strides must be at least 1, unet_num_res_units at least 0")
         return self
 
     def vit_dims(self) -> dict[str, int]:
@@ -145,6 +169,27 @@ class MaskingConfig(_Strict):
             raise ValueError("must be in [0, 1]")
         return v
 
+    @field_validator("agent_dim", "agent_depth", "agent_heads", "queue_size")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("must be at least 1")
+        return v
+
+    @field_validator("policy_lr", "critic_coef", "entropy_coef")
+    @classmethod
+    def _nonneg(cls, v: float) -> float:
+        if not (math.isfinite(v) and v >= 0):
+            raise ValueError("must be a non-negative number")
+        return v
+
+    @field_validator("ema_decay")
+    @classmethod
+    def _ema(cls, v: float) -> float:
+        if not 0.0 <= v < 1.0:
+            raise ValueError("ema_decay must be in [0, 1)")
+        return v
+
     @field_validator("agent_workers")
     @classmethod
     def _workers(cls, v: int) -> int:
@@ -195,8 +240,29 @@ class TrainConfig(_Strict):
     @field_validator("lr", "min_lr", "weight_decay", "clip_grad")
     @classmethod
     def _nonneg(cls, v: float) -> float:
-        if v < 0 or v != v:
+        if not (math.isfinite(v) and v >= 0):
             raise ValueError("must be a non-negative number")
+        return v
+
+    @field_validator("warmup_steps")
+    @classmethod
+    def _warmup(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError("must be 0 or more")
+        return v
+
+    @field_validator("num_threads")
+    @classmethod
+    def _threads(cls, v: Optional[int]) -> Optional[int]:
+        if v is not None and v < 1:
+            raise ValueError("must be at least 1")
+        return v
+
+    @field_validator("accelerator")
+    @classmethod
+    def _accelerator(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "cuda", "gpu", "mps"):
+            raise ValueError("accelerator must be auto, cpu, cuda, gpu or mps")
         return v
 
     @field_validator("precision")
@@ -251,12 +317,13 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
     return f"{source}: {where}{msg}{more}"
 
 
-def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+def _deep_merge(base: dict[str, Any], override: dict[str, Any], keep_none: bool = False) -> dict[str, Any]:
+    """Nested update. CLI overrides use None for "not given"; in a YAML file an explicit null is a value."""
     out = dict(base)
     for key, value in override.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        elif value is not None:
+            out[key] = _deep_merge(out[key], value, keep_none)
+        elif value is not None or keep_none:
             out[key] = value
     return out
 
@@ -287,7 +354,7 @@ def build_config(kind: type[_Strict], file: str | Path | None = None, overrides:
         section = _SECTIONS.get(kind.__name__)
         if section and (section in loaded or set(loaded) <= set(_SECTIONS.values())):
             loaded = loaded.get(section) or {}
-        merged = _deep_merge(merged, loaded)
+        merged = _deep_merge(merged, loaded, keep_none=True)
         source = str(file)
     if overrides:
         merged = _deep_merge(merged, overrides)

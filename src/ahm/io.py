@@ -36,6 +36,7 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[_io.BufferedWriter],
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    existed = path.exists()
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -49,7 +50,8 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[_io.BufferedWriter],
         except OSError:
             pass
         if isinstance(exc, OSError):
-            raise AhmError(f"{path}: could not write ({exc.strerror or exc}); the previous file is kept") from exc
+            kept = "the previous file is kept" if existed else "nothing was written"
+            raise AhmError(f"{path}: could not write ({exc.strerror or exc}); {kept}") from exc
         raise
     _fsync_dir(path.parent)
     return path

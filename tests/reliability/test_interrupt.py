@@ -125,6 +125,9 @@ def test_sigint_during_finetuning_resumes_exactly(tmp_path: Path, monkeypatch) -
         ft.finetune(cfg, tmp_path / "run", progress=False)
     monkeypatch.undo()
     assert load_torch(last_ckpt(tmp_path / "run"))["state"]["step"] == 3
+    # what a process killed after logging step 4 but before its next checkpoint leaves behind
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as fh:
+        fh.write(json.dumps({"epoch": 2, "step": 4, "loss": 123.0, "lr": 0.1, "images_per_s": 1.0}) + "\n")
     # resumed as a user would, from the command line without repeating the options: the run keeps its 2 epochs
     result = _cli(["finetune", str(data), "--out", str(tmp_path / "run"), "--resume"])
     assert result.exit_code == 0, result.output
@@ -132,6 +135,12 @@ def test_sigint_during_finetuning_resumes_exactly(tmp_path: Path, monkeypatch) -
         a = load_torch(tmp_path / "ref" / "checkpoints" / name)["model"]
         b = load_torch(tmp_path / "run" / "checkpoints" / name)["model"]
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+    def rows(run: str) -> list[dict]:
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k != "images_per_s"} for line in lines]
+
+    assert rows("ref") == rows("run")
 
 
 @pytest.mark.slow
@@ -188,7 +197,7 @@ def _checkpoint_state(run: Path) -> int | None:
 
 @pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume(blobs: Path, tmp_path: Path) -> None:
-    steps, kills = 12, 4
+    steps, kills = 20, 4
     cfg = tiny_cfg(blobs, steps=steps, checkpoint_every=1)
     # Forked from a server that imported torch once: a kill can land anywhere in set-up, steps or writes
     # without paying the import for each of the runs.

@@ -26,7 +26,15 @@ from ahm import __version__
 from ahm.config import FinetuneConfig, PretrainConfig, build_config, save_config
 from ahm.errors import AhmError
 from ahm.io import load_torch, save_torch, write_json
-from ahm.train.loop import Interrupted, NonFiniteLoss, Throughput, batch_order, make_fabric, stop_on_sigint
+from ahm.train.loop import (
+    Interrupted,
+    NonFiniteLoss,
+    Throughput,
+    batch_order,
+    grads_finite,
+    make_fabric,
+    stop_on_sigint,
+)
 from ahm.train.rundir import CHECKPOINT_DIR, LAST, MetricsLog, prepare_run_dir, unstarted_run
 from ahm.train.schedule import lr_factor, set_lr
 
@@ -309,7 +317,7 @@ def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool,
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     transform = segment_augment(cfg.data.image_size) if cfg.train.augment else None
     dataset = ArrayDataset(data.train.images, data.train.labels, transform, seed=cfg.train.seed)
-    log = MetricsLog(out, resume_step=state["step"] + 1 if resume else None, tensorboard=is_main) if is_main else None
+    log = MetricsLog(out, resume_step=state["step"] if resume else None, tensorboard=is_main) if is_main else None
     meter = Throughput()
     bar = _Bar(total, state["step"]) if progress and is_main else None
     min_ratio = cfg.train.min_lr / max(cfg.train.lr, 1e-12)
@@ -350,17 +358,28 @@ def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool,
                 meter.start()
                 model.train()
                 loss = loss_fn(model(images), labels)
-                if not torch.isfinite(loss.detach()):
+                optimizer.zero_grad(set_to_none=True)
+                bad = None if torch.isfinite(loss.detach()) else f"the loss is {float(loss.detach())}"
+                if world > 1:
+                    # Every rank must take the same branch, or the others wait forever in backward's all-reduce.
+                    flag = fabric.all_reduce(torch.tensor(float(bad is not None), device=fabric.device), reduce_op="sum")
+                    if bad is None and float(flag) > 0:
+                        bad = "the loss is not finite on another device"
+                if bad is None:
+                    fabric.backward(loss)
+                    # A finite loss with inf/NaN gradients would poison the weights and every later checkpoint
+                    # (16-mixed is exempt: its grad scaler skips such steps itself).
+                    if cfg.train.precision != "16-mixed" and not grads_finite(list(raw_model.parameters())):
+                        bad = f"the loss is {float(loss.detach()):.4g} but a gradient is not finite"
+                if bad is not None:
                     if cfg.train.nan_policy != "skip":
                         raise NonFiniteLoss(
-                            f"step {step}: the loss is {float(loss.detach())}; run stopped. Last good checkpoint: "
+                            f"step {step + 1}: {bad}; run stopped. Last good checkpoint: "
                             f"{last_path if last_path.is_file() else 'none yet'} (lower --lr, or set "
                             f"train.nan_policy: skip)")
                     state["skipped"] += 1
                     optimizer.zero_grad(set_to_none=True)
                 else:
-                    optimizer.zero_grad(set_to_none=True)
-                    fabric.backward(loss)
                     if cfg.train.clip_grad > 0:
                         fabric.clip_gradients(model, optimizer, max_norm=cfg.train.clip_grad, error_if_nonfinite=False)
                     optimizer.step()
@@ -380,7 +399,8 @@ def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool,
                     val_dice = validate(epoch + 1)
                     if log is not None:
                         log.log({"epoch": epoch + 1, "step": step, "train_loss": state["loss_sum"] / max(state["loss_n"], 1),
-                                 "val_dice": val_dice, "lr": lr, "images_per_s": meter.median() or rate})
+                                 "val_dice": val_dice, "lr": lr, "images_per_s": meter.median() or rate,
+                                 **({"skipped_batches": state["skipped"]} if state["skipped"] else {})})
                     state["loss_sum"], state["loss_n"] = 0.0, 0
                     save_last()
                 elif step % cfg.train.checkpoint_every == 0:
