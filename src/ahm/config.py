@@ -361,7 +361,19 @@ def build_config(kind: type[_Strict], file: str | Path | None = None, overrides:
     try:
         return kind.model_validate(merged)
     except ValidationError as exc:
+        if file is not None and _given(overrides, exc.errors()[0].get("loc", ())):
+            source = "options"  # the bad value came from the command line, not from the file
         raise AhmError(_format_validation_error(exc, source)) from exc
+
+
+def _given(overrides: dict[str, Any] | None, loc: tuple) -> bool:
+    """Whether `overrides` sets the (non-None) value at the error location `loc`."""
+    node: Any = overrides or {}
+    for key in loc:
+        if not isinstance(node, dict) or node.get(key) is None:
+            return False
+        node = node[key]
+    return bool(loc)
 
 
 def save_config(config: _Strict, path: str | Path) -> Path:

@@ -333,3 +333,12 @@ def test_finetune_nan_stops_or_skips(seg: Path, tmp_path: Path, monkeypatch) -> 
     assert summary["skipped_batches"] == 1
     logged = [json.loads(line) for line in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
     assert logged[-1].get("skipped_batches") == 1
+
+
+def test_refusal_names_where_the_bad_value_came_from(blobs: Path, tmp_path: Path) -> None:
+    config = write_yaml_config(tmp_path / "tiny.yaml", blobs, steps=2, batch_size=0)
+    from_file = _cli(["pretrain", str(blobs), "--out", str(tmp_path / "a"), "--config", str(config)])
+    assert f"{config}: train.batch_size" in from_file.output
+    config = write_yaml_config(tmp_path / "tiny.yaml", blobs, steps=2)
+    from_option = _cli(["pretrain", str(blobs), "--out", str(tmp_path / "b"), "--config", str(config), "--steps", "-1"])
+    assert "options: train.steps" in from_option.output and str(config) not in from_option.output
