@@ -345,8 +345,8 @@ _SECTIONS = {"PretrainConfig": "pretrain", "FinetuneConfig": "finetune"}
 
 
 def build_config(kind: type[_Strict], file: str | Path | None = None, overrides: dict[str, Any] | None = None,
-                 source: str = "options") -> Any:
-    """Defaults <- YAML file <- CLI overrides (nested dict, None values ignored), validated."""
+                 source: str = "options", nulls: bool = False) -> Any:
+    """Defaults <- YAML file <- overrides (nested dict; None means "not given" unless `nulls`), validated."""
     merged: dict[str, Any] = kind().model_dump()
     if file is not None:
         loaded = read_yaml(file)
@@ -357,7 +357,7 @@ def build_config(kind: type[_Strict], file: str | Path | None = None, overrides:
         merged = _deep_merge(merged, loaded, keep_none=True)
         source = str(file)
     if overrides:
-        merged = _deep_merge(merged, overrides)
+        merged = _deep_merge(merged, overrides, keep_none=nulls)
     try:
         return kind.model_validate(merged)
     except ValidationError as exc:

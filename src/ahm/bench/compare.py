@@ -38,7 +38,8 @@ def _check_names(policies: list[str], backbones: list[str]) -> None:
 def run_compare(data: str | Path, out: str | Path, policies: list[str], backbones: list[str], seeds: int,
                 labels_fraction: float, pretrain_steps: int, finetune_epochs: int,
                 base_config: Optional[str | Path] = None, overrides: Optional[dict[str, Any]] = None,
-                split: str = "test", log: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
+                split: str = "test", log: Optional[Callable[[str], None]] = None,
+                finetune_steps: Optional[int] = None) -> dict[str, Any]:
     """Run every unfinished cell of the grid; write results.csv, results.md and results.png; return the table."""
     from ahm.eval.evaluate import evaluate
     from ahm.train.finetune import finetune
@@ -68,7 +69,7 @@ def run_compare(data: str | Path, out: str | Path, policies: list[str], backbone
             pre_cfg = build_config(PretrainConfig, file=base_config, overrides=_merge(overrides.get("pretrain", {}), {
                 "data": {"path": str(data)}, "model": {"backbone": backbone},
                 "masking": {"policy": policy}, "train": {"steps": pretrain_steps, "seed": seed},
-            }))
+            }), nulls=True)
             t0 = time.perf_counter()
             summary_path = pre_dir / "summary.json"
             if summary_path.is_file():
@@ -84,8 +85,9 @@ def run_compare(data: str | Path, out: str | Path, policies: list[str], backbone
         ft_cfg = build_config(FinetuneConfig, overrides=_merge(overrides.get("finetune", {}), {
             "data": {"path": str(data)}, "model": {"backbone": backbone},
             "segmenter": BACKBONE_SEGMENTER[backbone], "init": init, "labels_fraction": labels_fraction,
-            "train": {"epochs": finetune_epochs, "seed": seed},
-        }))
+            "train": ({"epochs": None, "steps": finetune_steps} if finetune_steps else {"epochs": finetune_epochs})
+            | {"seed": seed},
+        }), nulls=True)
         ft_dir = cell_dir / "finetune"
         t0 = time.perf_counter()
         resume = (ft_dir / "checkpoints" / "last.ckpt").is_file()

@@ -60,6 +60,7 @@ def compare(
     labels_fraction: float = typer.Option(0.1, "--labels-fraction", help="Share of training subjects labelled."),
     pretrain_steps: int = typer.Option(400, "--pretrain-steps"),
     finetune_epochs: int = typer.Option(30, "--finetune-epochs"),
+    finetune_steps: Optional[int] = typer.Option(None, "--finetune-steps", help="Budget fine-tuning in steps instead of epochs."),
     split: str = typer.Option("test", help="Split the table reports (choices are made on val, never on it)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML with `pretrain:` and `finetune:` sections."),
 ) -> None:
@@ -72,7 +73,7 @@ def compare(
         return run_compare(
             data, out_dir, [p.strip() for p in policies.split(",") if p.strip()],
             [b.strip() for b in backbones.split(",") if b.strip()], seeds, labels_fraction, pretrain_steps,
-            finetune_epochs, overrides=overrides, split=split,
+            finetune_epochs, overrides=overrides, split=split, finetune_steps=finetune_steps,
             log=None if is_quiet() else (lambda msg: console.print(msg, highlight=False)),
         )
 

@@ -1,0 +1,82 @@
+"""`ahm bench speed` document shape and `ahm bench compare` grid, tables and resumability on a tiny set."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from ahm.config import PretrainConfig, build_config
+from ahm.errors import AhmError
+
+import sys
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
+from train_helpers import make_blob_folder, tiny_pretrain_overrides  # noqa: E402
+
+
+def test_speed_document(tmp_path: Path) -> None:
+    from ahm.bench.speed import format_speed, run_speed
+
+    over = tiny_pretrain_overrides(tmp_path)
+    cfg = build_config(PretrainConfig, overrides=over)
+    doc = run_speed(cfg, ["random", "block"], steps=1, warmup=1, rounds=1)
+    assert doc["reference"]["name"].endswith("MaskedAutoEncoderViT")
+    assert set(doc["policies"]) == {"random", "block"}
+    for row in doc["policies"].values():
+        assert row["images_per_s"] > 0 and row["ratio"] > 0 and row["peak_mem_mib"] > 0
+        assert row["ratio"] == pytest.approx(row["images_per_s"] / doc["reference"]["images_per_s"])
+    assert "MONAI MAE" in format_speed(doc)
+    with pytest.raises(AhmError, match="--policies"):
+        run_speed(cfg, ["nope"])
+
+
+def _grid_overrides(tmp: Path) -> dict:
+    pre = tiny_pretrain_overrides(tmp, backbone="unet", steps=2)
+    pre["data"].pop("path")
+    ft = {
+        "data": dict(pre["data"]),
+        "model": dict(pre["model"]),
+        "train": {"epochs": None, "steps": 2, "batch_size": 2, "warmup_steps": 1, "accelerator": "cpu"},
+    }
+    return {"pretrain": pre, "finetune": ft}
+
+
+def test_compare_grid_tables_and_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ahm.bench import compare
+
+    data = make_blob_folder(tmp_path / "data", n=16)
+    out = tmp_path / "grid"
+    result = compare.run_compare(data, out, ["scratch", "random"], ["unet"], seeds=2, labels_fraction=0.5,
+                                 pretrain_steps=2, finetune_epochs=1, overrides=_grid_overrides(tmp_path))
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert len(rows) == 4 and {r["policy"] for r in rows} == {"scratch", "random"}
+    assert all(0.0 <= float(r["dice"]) <= 1.0 for r in rows)
+    table = {(e["backbone"], e["policy"]): e for e in result["table"]}
+    assert table[("unet", "random")]["n"] == 2
+    md = (out / "results.md").read_text()
+    assert "| unet | scratch | 2 |" in md and "+-" in md
+    assert (out / "results.png").stat().st_size > 1000
+
+    # A second run reuses every finished cell: nothing is trained again.
+    def boom(*a, **k):
+        raise AssertionError("a finished cell was rerun")
+
+    monkeypatch.setattr("ahm.train.finetune.finetune", boom)
+    monkeypatch.setattr("ahm.train.pretrain.pretrain", boom)
+    again = compare.run_compare(data, out, ["scratch", "random"], ["unet"], seeds=2, labels_fraction=0.5,
+                                pretrain_steps=2, finetune_epochs=1, overrides=_grid_overrides(tmp_path))
+    assert [r["dice"] for r in again["rows"]] == [r["dice"] for r in result["rows"]]
+    cell = json.loads(next((out / "cells").glob("unet-random-seed0*/cell.json")).read_text())
+    assert cell["pretrain_final_loss"] is not None
+
+
+def test_compare_rejects_unknown_names(tmp_path: Path) -> None:
+    from ahm.bench.compare import run_compare
+
+    with pytest.raises(AhmError, match="--policies"):
+        run_compare(tmp_path, tmp_path / "o", ["magic"], ["unet"], 1, 0.1, 1, 1)
+    with pytest.raises(AhmError, match="--backbones"):
+        run_compare(tmp_path, tmp_path / "o", ["random"], ["resnet"], 1, 0.1, 1, 1)
