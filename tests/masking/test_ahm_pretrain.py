@@ -82,3 +82,29 @@ def test_ddp_ranks_end_with_the_same_agent(blobs: Path, tmp_path: Path) -> None:
     assert summary["world_size"] == 2 and summary["ranks_agree"]
     prints = json.loads((tmp_path / "run" / "rank_fingerprints.json").read_text())
     assert prints["0"] == prints["1"]  # includes every agent parameter (all-reduced A2C gradients)
+
+
+@pytest.mark.slow
+def test_worker_crash_stops_the_run_keeps_checkpoint_and_leaves_no_process(blobs: Path, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from ahm.masking.ahm.policy import AHMPolicy
+
+    seen: dict[str, object] = {"calls": 0}
+    original = AHMPolicy.observe
+
+    def observe(self, images, mask, per_patch_loss, progress):  # noqa: ANN001, ANN202
+        step = original(self, images, mask, per_patch_loss, progress)
+        seen["calls"] = int(seen["calls"]) + 1
+        if seen["calls"] == 3:
+            seen["pids"] = self.workers.pids
+            self.workers.inject_fault("simulated worker bug")
+            self.flush(timeout=180)  # surfaces the failure at this step, deterministically
+        return step
+
+    monkeypatch.setattr(AHMPolicy, "observe", observe)
+    run = tmp_path / "run"
+    with pytest.raises(AhmError, match="A3C worker 0 failed: RuntimeError: simulated worker bug"):
+        pretrain(_cfg(blobs, workers=1, steps=8), run, progress=False)
+    assert load_torch(run / "checkpoints" / "last.ckpt")["step"] == 2
+    for pid in seen["pids"]:
+        assert not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
