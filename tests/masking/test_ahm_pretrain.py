@@ -92,7 +92,7 @@ def test_worker_crash_stops_the_run_keeps_checkpoint_and_leaves_no_process(blobs
     seen: dict[str, object] = {"calls": 0}
     original = AHMPolicy.observe
 
-    def observe(self, images, mask, per_patch_loss, progress):  # noqa: ANN001, ANN202
+    def observe(self, images, mask, per_patch_loss, progress):
         step = original(self, images, mask, per_patch_loss, progress)
         seen["calls"] = int(seen["calls"]) + 1
         if seen["calls"] == 3:
