@@ -64,6 +64,7 @@ class SharedAdam:
             param.addcdiv_(m, (v / bias2).sqrt_().add_(self.eps), value=-self.lr / bias1)
 
     def state_dict(self) -> dict[str, Any]:
+        self.check()  # a checkpoint is never written over a failed worker unnoticed (e.g. on the last step)
         return {
             "step": int(self.step_count),
             "exp_avg": [m.clone() for m in self.exp_avg],
@@ -327,6 +328,7 @@ class A3CWorkers:
         self.check()
 
     def state_dict(self) -> dict[str, Any]:
+        self.check()  # a checkpoint is never written over a failed worker unnoticed (e.g. on the last step)
         # the lock gives a consistent snapshot; a timeout, in case a killed worker died holding it
         locked = self._lock is not None and not self._closed and self._lock.acquire(timeout=5.0)
         try:
