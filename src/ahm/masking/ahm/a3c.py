@@ -64,7 +64,6 @@ class SharedAdam:
             param.addcdiv_(m, (v / bias2).sqrt_().add_(self.eps), value=-self.lr / bias1)
 
     def state_dict(self) -> dict[str, Any]:
-        self.check()  # a checkpoint is never written over a failed worker unnoticed (e.g. on the last step)
         return {
             "step": int(self.step_count),
             "exp_avg": [m.clone() for m in self.exp_avg],
