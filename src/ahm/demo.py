@@ -20,9 +20,9 @@ def demo_configs(quick: bool, data: Path) -> tuple[PretrainConfig, FinetuneConfi
 
     preset = read_yaml(CONFIG_DIR / ("demo-quick.yaml" if quick else "demo.yaml"))
     pre = build_config(PretrainConfig, overrides={**preset.get("pretrain", {}), "data": {
-        **preset.get("pretrain", {}).get("data", {}), "path": str(data)}}, source="demo preset")
+        **preset.get("pretrain", {}).get("data", {}), "path": str(data)}}, source="demo preset", nulls=True)
     ft = build_config(FinetuneConfig, overrides={**preset.get("finetune", {}), "data": {
-        **preset.get("finetune", {}).get("data", {}), "path": str(data)}}, source="demo preset")
+        **preset.get("finetune", {}).get("data", {}), "path": str(data)}}, source="demo preset", nulls=True)
     return pre, ft
 
 
