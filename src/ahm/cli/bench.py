@@ -78,5 +78,5 @@ def compare(
         )
 
     run_guarded(go)
-    out.print((out_dir / "results.md").read_text(), highlight=False)
+    out.print((out_dir / "results.md").read_text(), highlight=False, soft_wrap=True)
     out.print(f"results: {out_dir / 'results.csv'}, {out_dir / 'results.png'}")
