@@ -33,6 +33,7 @@ from ahm.train.loop import (
     batch_order,
     grads_finite,
     make_fabric,
+    nonfinite_loss_reason,
     stop_on_sigint,
 )
 from ahm.train.rundir import CHECKPOINT_DIR, LAST, MetricsLog, prepare_run_dir, unstarted_run
@@ -359,12 +360,7 @@ def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool,
                 model.train()
                 loss = loss_fn(model(images), labels)
                 optimizer.zero_grad(set_to_none=True)
-                bad = None if torch.isfinite(loss.detach()) else f"the loss is {float(loss.detach())}"
-                if world > 1:
-                    # Every rank must take the same branch, or the others wait forever in backward's all-reduce.
-                    flag = fabric.all_reduce(torch.tensor(float(bad is not None), device=fabric.device), reduce_op="sum")
-                    if bad is None and float(flag) > 0:
-                        bad = "the loss is not finite on another device"
+                bad = nonfinite_loss_reason(fabric, loss)
                 if bad is None:
                     fabric.backward(loss)
                     # A finite loss with inf/NaN gradients would poison the weights and every later checkpoint

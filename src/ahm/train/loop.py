@@ -148,3 +148,16 @@ def grads_finite(params: list[nn.Parameter]) -> bool:
     if not peaks:
         return True
     return bool(torch.isfinite(torch.stack([x.float() for x in peaks])).all())
+
+
+def nonfinite_loss_reason(fabric, loss: torch.Tensor) -> str | None:
+    """Why this step's loss must not be backpropagated (None if it may), agreed across all ranks.
+
+    Every rank must take the same branch, or the others wait forever in backward's all-reduce.
+    """
+    bad = None if bool(torch.isfinite(loss.detach()).all()) else f"the loss is {float(loss.detach())}"
+    if fabric.world_size > 1:
+        flag = fabric.all_reduce(torch.tensor(float(bad is not None), device=fabric.device), reduce_op="sum")
+        if bad is None and float(flag) > 0:
+            bad = "the loss is not finite on another device"
+    return bad

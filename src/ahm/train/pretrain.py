@@ -28,6 +28,7 @@ from ahm.train.loop import (
     decay_param_groups,
     grads_finite,
     make_fabric,
+    nonfinite_loss_reason,
     stop_on_sigint,
 )
 from ahm.train.rundir import CHECKPOINT_DIR, LAST, MetricsLog, prepare_run_dir, read_metrics, unstarted_run
@@ -258,12 +259,7 @@ def _train(fabric, cfg, out, resume, progress, model, policy, arrays, total, ste
 
                 loss, out_mim, pstep = forward_step(model, policy, images, progress_frac)
                 optimizer.zero_grad(set_to_none=True)
-                bad = None if torch.isfinite(loss.detach()).all() else f"the loss is {float(loss.detach())}"
-                if world > 1:
-                    # Every rank must take the same branch, or the others wait forever in backward's all-reduce.
-                    flag = fabric.all_reduce(torch.tensor(float(bad is not None), device=fabric.device), reduce_op="sum")
-                    if bad is None and float(flag) > 0:
-                        bad = "the loss is not finite on another device"
+                bad = nonfinite_loss_reason(fabric, loss)
                 if bad is None:
                     fabric.backward(loss)
                     all_reduce_grads(fabric, policy_params)
