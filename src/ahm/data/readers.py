@@ -385,15 +385,7 @@ def read_mask(
             "label map (grey, palette, or colour with equal channels)"
         )
     mask = arr[0]
-    if mask.dtype.kind == "f":
-        if not np.isfinite(mask).all():
-            raise AhmError(f"{path}: mask contains NaN or infinite values")
-        if not (mask == np.round(mask)).all():
-            raise AhmError(f"{path}: mask has non-integral values (a probability map, not a label map?)")
-        if mask.size and np.abs(mask).max() > 2**31:
-            raise AhmError(f"{path}: mask values are too large to be labels")
-    if mask.size and mask.min() < 0:
-        raise AhmError(f"{path}: mask has negative values; labels must be 0, 1, 2, ...")
+    _check_label_values(path, mask, "mask", "values")
     mask = mask.astype(np.int64)
     values = np.unique(mask)
     if values.size and values.max() == 255 and np.isin(values, (0, 255)).all():
@@ -493,20 +485,25 @@ def read_volume(path: str | os.PathLike, *, max_voxels: int = DEFAULT_MAX_VOXELS
     return Volume(np.ascontiguousarray(data), _affine_or_identity(img.affine), path)
 
 
+def _check_label_values(path: Path, data: np.ndarray, noun: str, unit: str) -> None:
+    """Refuse what cannot be a label map (2D mask or label volume): NaN/inf, fractions, huge or negative values."""
+    if data.dtype.kind == "f":
+        if not np.isfinite(data).all():
+            raise AhmError(f"{path}: contains NaN or infinite {unit}")
+        if not (data == np.round(data)).all():
+            raise AhmError(f"{path}: {noun} has non-integral values (a probability map, not a label map?)")
+        if data.size and np.abs(data).max() > 2**31:
+            raise AhmError(f"{path}: {noun} values are too large to be labels")
+    if data.size and data.min() < 0:
+        raise AhmError(f"{path}: {noun} has negative values; labels must be 0, 1, 2, ...")
+
+
 def _to_labels(path: Path, data: np.ndarray) -> np.ndarray:
     if data.ndim == 4:
         if data.shape[3] != 1:
             raise AhmError(f"{path}: label volume has {data.shape[3]} channels; expected a 3D label map")
         data = data[..., 0]
-    if data.dtype.kind == "f":
-        if not np.isfinite(data).all():
-            raise AhmError(f"{path}: contains NaN or infinite voxels")
-        if not (data == np.round(data)).all():
-            raise AhmError(f"{path}: label volume has non-integral values")
-        if data.size and np.abs(data).max() > 2**31:
-            raise AhmError(f"{path}: label values are too large")
-    if data.size and data.min() < 0:
-        raise AhmError(f"{path}: label volume has negative values; labels must be 0, 1, 2, ...")
+    _check_label_values(path, data, "label volume", "voxels")
     top = int(data.max()) if data.size else 0
     # Compact storage: label volumes can be large and rarely hold more than 255 classes.
     dtype = np.uint8 if top < 256 else np.int32 if top < 2**31 else np.int64
