@@ -19,6 +19,7 @@ import torch
 
 from ahm.errors import AhmError
 from ahm.io import load_torch, write_bytes
+from ahm.train.loop import restore_state
 
 DIAGNOSTIC_KEYS = ("loss", "hardness_ratio", "critic_spearman", "policy_entropy", "mean_reward", "background_share",
                    "background_share_actor", "hard_fraction", "agent_loss", "transitions_dropped")
@@ -135,22 +136,14 @@ def load_run(run_dir: Path, data_dir: Path | None, n_images: int) -> tuple[Any, 
     arrays = load_arrays(index, ids, data_cfg, labels=False)
     in_channels = int(arrays.images.shape[1])
     model = build_mim_model(cfg.model, cfg.data.image_size, in_channels)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0][:160]
-        raise AhmError(f"{ckpt_path}: the model does not match {config_path} or --data's channels ({first})") from exc
+    restore_state(model, ckpt["model"], "model (or --data's channel count)", ckpt_path)
     model.eval()
     # no A3C workers for looking: the agent's weights are the same in both modes
     masking = cfg.masking.model_copy(update={"agent_workers": 0})
     ctx = PolicyContext(grid=model.grid, patch_size=model.patch_size, in_channels=in_channels,
                         total_steps=int(ckpt.get("step") or cfg.train.steps or 1), seed=cfg.train.seed, model=model)
     policy = build_policy(masking, ctx)
-    try:
-        policy.load_state_dict(ckpt["policy"])
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0][:160]
-        raise AhmError(f"{ckpt_path}: the masking policy does not match {config_path} ({first})") from exc
+    restore_state(policy, ckpt["policy"], "masking policy", ckpt_path)
     policy.eval()
     return cfg, model, policy, arrays
 

@@ -161,3 +161,12 @@ def nonfinite_loss_reason(fabric, loss: torch.Tensor) -> str | None:
         if bad is None and float(flag) > 0:
             bad = "the loss is not finite on another device"
     return bad
+
+
+def restore_state(module: nn.Module, state: dict, what: str, path) -> None:
+    """load_state_dict, or one line naming the checkpoint file when its tensors do not fit the module."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, KeyError, TypeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0][:160]
+        raise AhmError(f"{path}: the {what} in this checkpoint does not match the configured one ({first})") from exc

@@ -20,6 +20,7 @@ from ahm.errors import AhmError
 from ahm.io import load_torch, save_safetensors, save_torch, write_json
 from ahm.masking import PolicyContext, build_policy
 from ahm.train.loop import (
+    restore_state,
     Interrupted,
     NonFiniteLoss,
     Throughput,
@@ -84,14 +85,6 @@ def _load_checkpoint(run_dir: Path) -> dict[str, Any]:
     if not isinstance(ckpt, dict) or ckpt.get("kind") != "pretrain" or "model" not in ckpt:
         raise AhmError(f"{_checkpoint_path(run_dir)}: not an ahm pretraining checkpoint")
     return ckpt
-
-
-def _restore(module: torch.nn.Module, state: dict, what: str, path: Path) -> None:
-    try:
-        module.load_state_dict(state)
-    except (RuntimeError, KeyError, TypeError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0][:160]
-        raise AhmError(f"{path}: the {what} in this checkpoint does not match the configured one ({first})") from exc
 
 
 def check_config(cfg: PretrainConfig) -> None:
@@ -190,8 +183,8 @@ def _train(fabric, cfg, out, resume, progress, model, policy, arrays, total, ste
     if resume:
         ckpt = _load_checkpoint(out)
         path = _checkpoint_path(out)
-        _restore(model, ckpt["model"], "model", path)
-        _restore(policy, ckpt["policy"], f"{cfg.masking.policy} masking policy", path)
+        restore_state(model, ckpt["model"], "model", path)
+        restore_state(policy, ckpt["policy"], f"{cfg.masking.policy} masking policy", path)
         policy.load_extra_state(ckpt.get("policy_extra", {}))
         try:
             optimizer.load_state_dict(ckpt["optimizer"])
