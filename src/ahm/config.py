@@ -299,6 +299,16 @@ class FinetuneConfig(_Strict):
     layer_decay: float = 1.0  # layer-wise lr decay for a pretrained ViT encoder (1.0: off)
     encoder_lr_scale: float = 1.0  # lr multiplier on pretrained weights
     num_classes: Optional[int] = None  # None: from the labels found in the data
+    # Steps between validations (and the best-checkpoint choice). None: every epoch, but at most about 50
+    # times per run, so a small labelled subset (an epoch of 2 steps) does not spend its time validating.
+    val_every: Optional[int] = None
+
+    @field_validator("val_every")
+    @classmethod
+    def _val_every(cls, v: Optional[int]) -> Optional[int]:
+        if v is not None and v < 1:
+            raise ValueError("must be at least 1")
+        return v
 
     @field_validator("labels_fraction")
     @classmethod

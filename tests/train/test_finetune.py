@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from pathlib import Path
 
 import nibabel as nib
@@ -248,3 +249,27 @@ def test_cli_model_must_match_encoder(blobs: Path, tmp_path: Path) -> None:
     assert res.exit_code == 2 and "--model unetr does not match" in res.output
     res = CliRunner().invoke(app, ["-q", "finetune", str(blobs), "--out", str(tmp_path / "run")])
     assert res.exit_code == 2 and "--init" in res.output
+    res = CliRunner().invoke(app, ["-q", "finetune", str(blobs), "--init", "none", "--steps", "3", "--epochs", "2",
+                                   "--out", str(tmp_path / "run")])
+    assert res.exit_code == 2 and "--steps and --epochs" in res.output and not (tmp_path / "run").exists()
+
+
+def test_validation_interval_default_caps_validations() -> None:
+    from ahm.train.finetune import MAX_VALIDATIONS, validation_interval
+
+    assert validation_interval(None, steps_per_epoch=2, total=900) == 18  # 900 / 50, not every 2-step epoch
+    assert validation_interval(None, steps_per_epoch=40, total=400) == 40  # a long epoch: once per epoch
+    assert validation_interval(7, steps_per_epoch=2, total=900) == 7
+    assert math.ceil(900 / validation_interval(None, 2, 900)) <= MAX_VALIDATIONS
+
+
+def test_val_every_sets_when_validation_runs(blobs: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cfg = _cfg(blobs, val_every=3)
+    cfg.train.epochs, cfg.train.steps = None, 7
+    summary = finetune(cfg, out, progress=False)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val_dice" in r] == [3, 6, 7]  # every 3 steps, and the last one
+    assert summary["val_every"] == 3 and summary["steps"] == 7
+    with pytest.raises(AhmError, match="val_every"):
+        _cfg(blobs, val_every=0)

@@ -32,6 +32,9 @@ def finetune(
     labels_fraction: float | None = typer.Option(None, "--labels-fraction",
                                                     help="Share of training subjects whose labels are used (default 1)."),
     epochs: int | None = typer.Option(None, help="Training epochs over the labelled subset (default 30)."),
+    steps: int | None = typer.Option(None, help="Training steps instead of --epochs (small labelled subsets)."),
+    val_every: int | None = typer.Option(None, "--val-every",
+                                         help="Steps between validations (default: each epoch, at most ~50 per run)."),
     seed: int | None = typer.Option(None, help="Seed for the labelled subset, data order, augmentation, init."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Images per step (default 8)."),
     lr: float | None = typer.Option(None, help="Peak learning rate of the decoder/head (default 1e-3)."),
@@ -58,6 +61,8 @@ def finetune(
 
     if model is not None and model not in ("unetr", "unet"):
         fail(f"--model {model}: choose unetr or unet")
+    if steps is not None and epochs is not None:
+        fail("--steps and --epochs: give one of them")
 
     def go():
         chosen_init = init
@@ -85,14 +90,16 @@ def finetune(
         overrides = {
             "data": {"path": str(data), "image_size": size, "layout": layout, "skip_bad": skip_bad or None},
             "init": chosen_init, "segmenter": model, "labels_fraction": labels_fraction,
-            "layer_decay": layer_decay, "encoder_lr_scale": encoder_lr_scale,
-            "train": {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "devices": devices,
+            "layer_decay": layer_decay, "encoder_lr_scale": encoder_lr_scale, "val_every": val_every,
+            "train": {"epochs": epochs, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "devices": devices,
                       "accelerator": accelerator, "precision": precision},
         }
         cfg = build_config(FinetuneConfig, file=config, overrides=overrides)
         if chosen_init is not None and not pretrained:
             cfg.init = None
-        if resume and epochs is None:
+        if steps is not None:
+            cfg.train.epochs = None  # the run counts steps
+        if resume and epochs is None and steps is None:
             cfg.train.epochs = None  # keep the run's own length, not the default's (only --epochs changes it)
         return run_finetune(cfg, out_dir, resume=resume, force=force, progress=not is_quiet())
 

@@ -69,6 +69,16 @@ class _Data:
     subjects: list[str] = field(default_factory=list)
 
 
+MAX_VALIDATIONS = 50
+
+
+def validation_interval(val_every: int | None, steps_per_epoch: int, total: int) -> int:
+    """Steps between validations: `val_every` when set, else one epoch but at most ~MAX_VALIDATIONS per run."""
+    if val_every is not None:
+        return val_every
+    return max(steps_per_epoch, math.ceil(total / MAX_VALIDATIONS))
+
+
 def _is_none(init: str | None) -> bool:
     return init is None or str(init).strip().lower() in ("", "none", "scratch")
 
@@ -278,6 +288,7 @@ def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool,
     else:
         epochs = cfg.train.epochs or 1
         total = epochs * steps_per_epoch
+    val_every = validation_interval(cfg.val_every, steps_per_epoch, total)
     meta = _meta(cfg, data, enc)
 
     torch.manual_seed(cfg.train.seed)
@@ -389,9 +400,8 @@ def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool,
                     log.log({"epoch": epoch + 1, "step": step, "loss": float(np.mean(pending)), "lr": lr,
                              "images_per_s": rate})
                     pending.clear()
-                epoch_done = step % steps_per_epoch == 0
                 val_dice = None
-                if epoch_done:
+                if step % val_every == 0 or step == total:
                     val_dice = validate(epoch + 1)
                     if log is not None:
                         log.log({"epoch": epoch + 1, "step": step, "train_loss": state["loss_sum"] / max(state["loss_n"], 1),
@@ -422,7 +432,7 @@ def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool,
         "labelled_images": len(data.train.ids), "val_images": len(data.val.ids), "validation_on": data.val_source,
         "init": meta["init"], "init_policy": meta["init_policy"], "encoder_loaded": encoder_loaded,
         "images_per_s": meter.median() or rate, "train_s": time.perf_counter() - t_start,
-        "skipped_batches": state["skipped"], "seed": cfg.train.seed,
+        "skipped_batches": state["skipped"], "seed": cfg.train.seed, "val_every": val_every,
     }
     if is_main:
         from ahm.eval.evaluate import score_arrays
