@@ -127,3 +127,34 @@ def test_bundled_files_match_nilearn_loaders_offline():
         assert bundled[name].shape == loaded[name].shape == (197, 233, 189)
         scaled = bundled[name] / bundled[name].max()
         assert np.allclose(scaled, loaded[name] / loaded[name].max(), atol=1e-5), name
+
+
+def test_labels_are_decided_on_the_model_grid_and_align_with_the_image(tmp_path, monkeypatch):
+    # A synthetic template: a grey-matter core (T1 200) inside a white-matter shell (T1 100) inside background,
+    # with boundaries that fall inside the pixels of the coarser model grid. A label must say what most of its
+    # pixel's area is (area-averaged probabilities) and sit where the image shows that tissue, on every axis.
+    from ahm.data import brain_demo
+
+    shape = (41, 47, 53)
+    gm = np.zeros(shape, np.float32)
+    wm = np.zeros(shape, np.float32)
+    wm[5:36, 6:41, 7:46] = 1.0
+    wm[11:29, 13:33, 15:38] = 0.0
+    gm[11:29, 13:33, 15:38] = 1.0
+    t1 = 200.0 * gm + 100.0 * wm
+    probs = np.stack([gm, wm])
+    monkeypatch.setattr(brain_demo, "_load_template", lambda: (t1, probs, brain_demo.tissue_labels(probs)))
+    out = tmp_path / "synthetic"
+    prepare_brain_demo(out, image_size=32)
+    assert json.loads((out / "brain_demo.json").read_text())["format"] == 2
+    checked = 0
+    for path in sorted((out / "images").glob("*.png")):
+        image = np.asarray(Image.open(path)).astype(float)
+        mask = np.asarray(Image.open(out / "masks" / path.name))
+        # After scaling, grey is 255 and white 128; grey only borders white, white borders background, so the
+        # area-averaged intensity tells each pixel's majority tissue.
+        assert (mask[image >= 200] == 1).all(), path.name  # mostly grey
+        assert (mask[(image >= 70) & (image <= 126)] == 2).all(), path.name  # mostly white, rest background
+        assert (mask[image <= 58] == 0).all(), path.name  # mostly background
+        checked += int((image >= 200).any())
+    assert checked > 20

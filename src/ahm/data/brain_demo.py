@@ -1,6 +1,8 @@
 """A small labelled brain MRI set built offline from the MNI152 template that ships inside nilearn.
 
-Labels: 0 background, 1 grey matter, 2 white matter (the larger tissue probability, when it is >= 0.5).
+Labels: 0 background, 1 grey matter, 2 white matter (the larger tissue probability, when it is >= 0.5),
+decided on the model grid: the probability maps are area-averaged to the slice's size like the T1 image, so a
+label says what most of its pixel's area is, instead of what one 1 mm voxel inside it happens to be.
 2D slices along all three axes are written in the `folder` layout. Neighbouring slices of one axis are
 nearly identical, so slices are grouped into slabs (the "subjects" of this set), whole slabs go to one
 split, and a gap of slices between slabs is dropped: adjacent slices never sit on two sides of a split.
@@ -79,8 +81,9 @@ def _halve(volume: np.ndarray) -> np.ndarray:
     return v.reshape(x // 2, 2, y // 2, 2, z // 2, 2).mean(axis=(1, 3, 5))
 
 
-def _load_template() -> tuple[np.ndarray, np.ndarray]:
-    """T1 image and label volume (0/1/2) at 1 mm, from nilearn's bundled MNI152 2009 files (no network)."""
+def _load_template() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """T1 image, grey/white matter probabilities `[2, X, Y, Z]` (0..1) and the 1 mm label volume (0/1/2),
+    from nilearn's bundled MNI152 2009 files (no network)."""
     try:
         volumes = _read_bundled() or _read_with_loaders()
     except ImportError as exc:
@@ -97,8 +100,12 @@ def _load_template() -> tuple[np.ndarray, np.ndarray]:
     # The files store probabilities as 0..255; nilearn's loaders divide by the maximum, and so do we.
     gm, wm = gm / max(float(gm.max()), 1e-6), wm / max(float(wm.max()), 1e-6)
     probs = np.stack([gm, wm])
-    labels = np.where(probs.max(axis=0) >= 0.5, probs.argmax(axis=0) + 1, 0).astype(np.uint8)
-    return t1, labels
+    return t1, probs, tissue_labels(probs)
+
+
+def tissue_labels(probs: np.ndarray) -> np.ndarray:
+    """0 background, 1 grey matter, 2 white matter from probabilities `[2, ...]`: the larger one when >= 0.5."""
+    return np.where(probs.max(axis=0) >= 0.5, probs.argmax(axis=0) + 1, 0).astype(np.uint8)
 
 
 def plan_slabs(kept: list[int], slab_size: int = SLAB_SIZE, gap: int = GAP) -> list[list[int]]:
@@ -150,7 +157,7 @@ def prepare_brain_demo(
     Refuses a non-empty `out` unless it is a previous brain demo (then replaced). The set is written to a
     temporary folder beside `out` and renamed into place, so `out` is never left half written.
     """
-    from ahm.data.readers import resize_image, resize_mask
+    from ahm.data.readers import resize_image
 
     out = Path(out).expanduser()
     if not 16 <= image_size <= 1024:
@@ -165,7 +172,7 @@ def prepare_brain_demo(
             )
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    t1, labels = _load_template()
+    t1, probs, labels = _load_template()
     scale = float(np.percentile(t1[labels > 0], 99.5)) or 1.0
     t1_8bit = np.clip(np.round(t1 / scale * 255.0), 0, 255).astype(np.uint8)
     rng = np.random.default_rng(seed)
@@ -194,9 +201,11 @@ def prepare_brain_demo(
         for done, (stem, _, axis, k) in enumerate(work, start=1):
             # rot90 puts the superior (or anterior) direction up, the way the slices are usually viewed.
             image = np.rot90(np.take(t1_8bit, k, axis=axis)).astype(np.float32)
-            label = np.rot90(np.take(labels, k, axis=axis)).astype(np.int64)
             image = resize_image(image[None], image_size)[0]
-            label = resize_mask(label, image_size)
+            # Labels from probabilities resized like the image (area-averaged), not nearest-sampled 1 mm labels:
+            # on a grid ~1.7x coarser, nearest sampling keeps one voxel in three and frays the thin grey ribbon.
+            tissue = np.rot90(np.take(probs, k, axis=axis + 1), axes=(1, 2)).astype(np.float32)
+            label = tissue_labels(resize_image(tissue, image_size))
             _save_png(tmp / "images" / f"{stem}.png", np.clip(np.round(image), 0, 255))
             _save_png(tmp / "masks" / f"{stem}.png", label)
             if progress is not None:
@@ -204,7 +213,7 @@ def prepare_brain_demo(
         counts = {side: len(ids) for side, ids in splits.items()}
         info = {
             "kind": KIND,
-            "format": 1,
+            "format": 2,  # 2: labels decided on the model grid from area-averaged probabilities
             "source": "nilearn MNI152 2009 template, 1 mm (T1 image, grey/white matter probability maps)",
             "labels": LABELS,
             "image_size": image_size,
