@@ -302,6 +302,16 @@ class FinetuneConfig(_Strict):
     # Steps between validations (and the best-checkpoint choice). None: every epoch, but at most about 50
     # times per run, so a small labelled subset (an epoch of 2 steps) does not spend its time validating.
     val_every: Optional[int] = None
+    # Random resized crop of the fine-tuning augmentation keeps this much of the image at least (1: no crop,
+    # flips and intensity jitter only).
+    min_crop_area: float = 0.7
+
+    @field_validator("min_crop_area")
+    @classmethod
+    def _crop(cls, v: float) -> float:
+        if not 0.0 < v <= 1.0:
+            raise ValueError("must be in (0, 1]")
+        return v
 
     @field_validator("val_every")
     @classmethod

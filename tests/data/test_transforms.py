@@ -93,3 +93,20 @@ def test_global_random_state_not_used():
 def test_bad_size_refused():
     with pytest.raises(AhmError, match="image_size"):
         pretrain_augment(1)
+
+
+def test_segment_without_crop_only_flips_the_geometry():
+    # min_crop_area 1: no rescaling, so every output label is one of the four flips of the input label.
+    aug = segment_augment(SIZE, min_crop_area=1.0)
+    sample = _sample()
+    label = sample["label"]
+    flips = [label, label.flip(1), label.flip(2), label.flip(1).flip(2)]
+    seen = set()
+    for seed in range(16):
+        out = _run(aug, sample, seed)["label"]
+        matches = [k for k, f in enumerate(flips) if torch.equal(out, f)]
+        assert matches, seed
+        seen.add(matches[0])
+    assert len(seen) >= 3
+    with pytest.raises(AhmError, match="min_crop_area"):
+        segment_augment(SIZE, min_crop_area=0.0)

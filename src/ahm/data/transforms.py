@@ -85,14 +85,17 @@ def pretrain_augment(image_size: int) -> Compose:
     )
 
 
-def segment_augment(image_size: int) -> Compose:
+def segment_augment(image_size: int, min_crop_area: float = 0.7) -> Compose:
     """Spatial augmentation applied identically to image and label (nearest for the label, so label
-    values are never blended): random resized crop (area 0.7-1), flips; then small intensity jitter on the
-    image only. The label key is optional. Seed with `.set_random_state(seed=...)`."""
+    values are never blended): random resized crop (area `min_crop_area`-1; 1 turns it off), flips; then
+    small intensity jitter on the image only. The label key is optional. Seed with `.set_random_state(seed=...)`."""
     size = _check_size(image_size)
+    if not 0.0 < min_crop_area <= 1.0:
+        raise AhmError(f"min_crop_area: must be in (0, 1], got {min_crop_area}")
     keys = [IMAGE, LABEL]
+    crop = _random_resized_crop(keys, size, min_crop_area, ["bilinear", "nearest"]) if min_crop_area < 1 else []
     return Compose(
-        _random_resized_crop(keys, size, 0.7, ["bilinear", "nearest"])
+        crop
         + [
             RandFlipd(keys=keys, prob=0.5, spatial_axis=0, allow_missing_keys=True),
             RandFlipd(keys=keys, prob=0.5, spatial_axis=1, allow_missing_keys=True),

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from ahm.config import ModelConfig
 from ahm.errors import AhmError
 from ahm.models.mae import freeze_unused_norms
+from ahm.models.norm import fast_instance_norms
 
 SEGMENTERS = ("unetr", "unet")
 _BACKBONE_OF = {"unetr": "vit", "unet": "unet"}
@@ -44,7 +45,7 @@ def build_segmenter(
                 f"--image-size {image_size} is not divisible by {factor}, the product of model.unet_strides "
                 f"{tuple(model_cfg.unet_strides)}"
             )
-        return UNet(
+        unet = UNet(
             spatial_dims=2,
             in_channels=in_channels,
             out_channels=num_classes,
@@ -52,6 +53,8 @@ def build_segmenter(
             strides=tuple(model_cfg.unet_strides),
             num_res_units=model_cfg.unet_num_res_units,
         )
+        fast_instance_norms(unet)
+        return unet
     if model_cfg.patch_size != UNETR_PATCH_SIZE:
         raise AhmError(
             f"--patch-size {model_cfg.patch_size} cannot be used with --segmenter unetr: MONAI's UNETR "
@@ -83,6 +86,7 @@ def build_segmenter(
     for block in net.vit.blocks:
         block.attn.use_flash_attention = True
     freeze_unused_norms(net)
+    fast_instance_norms(net)
     return net
 
 

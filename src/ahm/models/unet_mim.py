@@ -26,6 +26,7 @@ from ahm.models.mae import (
     masked_patch_loss,
     patchify,
 )
+from ahm.models.norm import fast_instance_norms
 
 
 class MaskedUNet(MIMModel):
@@ -54,6 +55,7 @@ class MaskedUNet(MIMModel):
             strides=self.strides,
             num_res_units=self.num_res_units,
         )
+        fast_instance_norms(self.net)
         self.mask_value = nn.Parameter(torch.zeros(in_channels))
 
     def pixel_mask(self, mask: Tensor) -> Tensor:
