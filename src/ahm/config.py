@@ -305,12 +305,20 @@ class FinetuneConfig(_Strict):
     # Random resized crop of the fine-tuning augmentation keeps this much of the image at least (1: no crop,
     # flips and intensity jitter only).
     min_crop_area: float = 0.7
+    rotate_deg: float = 0.0  # random in-plane rotation of up to +- this many degrees, half of the time (0: off)
 
     @field_validator("min_crop_area")
     @classmethod
     def _crop(cls, v: float) -> float:
         if not 0.0 < v <= 1.0:
             raise ValueError("must be in (0, 1]")
+        return v
+
+    @field_validator("rotate_deg")
+    @classmethod
+    def _rot(cls, v: float) -> float:
+        if not 0.0 <= v <= 180.0:
+            raise ValueError("must be in [0, 180]")
         return v
 
     @field_validator("val_every")

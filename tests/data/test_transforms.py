@@ -110,3 +110,20 @@ def test_segment_without_crop_only_flips_the_geometry():
     assert len(seen) >= 3
     with pytest.raises(AhmError, match="min_crop_area"):
         segment_augment(SIZE, min_crop_area=0.0)
+
+
+def test_segment_rotation_moves_label_and_image_together():
+    aug = segment_augment(SIZE, min_crop_area=1.0, rotate_deg=30.0)
+    sample = _sample()
+    sample["image"][0] = sample["label"][0].float()
+    rotated = 0
+    flips = [sample["label"], sample["label"].flip(1), sample["label"].flip(2), sample["label"].flip(1).flip(2)]
+    for seed in range(12):
+        out = _run(aug, sample, seed)
+        assert out["label"].dtype == torch.long and set(out["label"].unique().tolist()) <= {0, 1, 4}
+        image_fg = out["image"][0] > out["image"][0].median() + 0.5
+        assert (image_fg == (out["label"][0] > 0)).float().mean() > 0.9
+        rotated += int(not any(torch.equal(out["label"], f) for f in flips))
+    assert rotated >= 3
+    with pytest.raises(AhmError, match="rotate_deg"):
+        segment_augment(SIZE, rotate_deg=-1.0)

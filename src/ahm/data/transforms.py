@@ -16,6 +16,7 @@ from monai.transforms import (
     Compose,
     MapTransform,
     RandFlipd,
+    RandRotated,
     RandScaleIntensityd,
     RandShiftIntensityd,
     RandSpatialCropd,
@@ -85,17 +86,25 @@ def pretrain_augment(image_size: int) -> Compose:
     )
 
 
-def segment_augment(image_size: int, min_crop_area: float = 0.7) -> Compose:
+def segment_augment(image_size: int, min_crop_area: float = 0.7, rotate_deg: float = 0.0) -> Compose:
     """Spatial augmentation applied identically to image and label (nearest for the label, so label
-    values are never blended): random resized crop (area `min_crop_area`-1; 1 turns it off), flips; then
-    small intensity jitter on the image only. The label key is optional. Seed with `.set_random_state(seed=...)`."""
+    values are never blended): random rotation by up to +-`rotate_deg` degrees (half of the time; 0 turns it
+    off), random resized crop (area `min_crop_area`-1; 1 turns it off), flips; then small intensity jitter on
+    the image only. The label key is optional. Seed with `.set_random_state(seed=...)`."""
     size = _check_size(image_size)
     if not 0.0 < min_crop_area <= 1.0:
         raise AhmError(f"min_crop_area: must be in (0, 1], got {min_crop_area}")
+    if not 0.0 <= rotate_deg <= 180.0:
+        raise AhmError(f"rotate_deg: must be in [0, 180], got {rotate_deg}")
     keys = [IMAGE, LABEL]
+    rotate = [
+        RandRotated(keys=keys, range_x=math.radians(rotate_deg), prob=0.5, mode=["bilinear", "nearest"],
+                    padding_mode="zeros", keep_size=True, allow_missing_keys=True)
+    ] if rotate_deg > 0 else []
     crop = _random_resized_crop(keys, size, min_crop_area, ["bilinear", "nearest"]) if min_crop_area < 1 else []
     return Compose(
-        crop
+        rotate
+        + crop
         + [
             RandFlipd(keys=keys, prob=0.5, spatial_axis=0, allow_missing_keys=True),
             RandFlipd(keys=keys, prob=0.5, spatial_axis=1, allow_missing_keys=True),
