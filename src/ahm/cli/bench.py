@@ -80,3 +80,24 @@ def compare(
     run_guarded(go)
     out.print((out_dir / "results.md").read_text(), highlight=False, soft_wrap=True)
     out.print(f"results: {out_dir / 'results.csv'}, {out_dir / 'results.png'}")
+
+
+@bench_app.command("predict", no_args_is_help=True)
+def predict_speed(
+    run_dir: Path = typer.Argument(..., help="Fine-tuning run directory (from `ahm finetune`)."),
+    inputs: Optional[list[Path]] = typer.Argument(None, help="Images to segment (default: --n synthetic slices)."),
+    n: int = typer.Option(100, "--n", help="Synthetic slices of the run's grid size, when no inputs are given."),
+    rounds: int = typer.Option(3, help="Timed rounds (the median is reported)."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Slices per inference batch."),
+    threads: Optional[int] = typer.Option(None, help="torch threads (default: torch's choice)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the JSON document only."),
+) -> None:
+    """Slices per second of `ahm predict` with a fine-tuned run: end to end and the model alone."""
+    from ahm.bench.predict_speed import format_predict_bench, run_predict_bench
+
+    doc = run_guarded(lambda: run_predict_bench(run_dir, n=n, inputs=inputs or None, rounds=rounds,
+                                                batch_size=batch_size, threads=threads))
+    if as_json:
+        print(json.dumps(doc, indent=2))
+    else:
+        out.print(format_predict_bench(doc), highlight=False, soft_wrap=True)
