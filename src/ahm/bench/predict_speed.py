@@ -86,8 +86,8 @@ def run_predict_bench(run_dir: str | Path, n: int = 100, inputs: list[Path] | No
 def format_predict_bench(doc: dict[str, Any]) -> str:
     return "\n".join([
         f"ahm predict with {doc['segmenter']} ({doc['image_size']} px grid, {doc['num_classes']} classes), "
-        f"{doc['source']}, batch {doc['batch_size']}, {doc['threads']} thread(s), median of "
-        f"{len(doc['rounds'])} round(s):",
+        + f"{doc['source']}, batch {doc['batch_size']}, {doc['threads']} thread(s), median of "
+        + f"{len(doc['rounds'])} round(s):",
         f"  end to end (read, model, write; as `ahm predict` reports it): {doc['slices_per_s']:.1f} slices/s",
         f"  model alone: {doc['model_slices_per_s']:.1f} slices/s",
         f"  loading the run (once per command): {doc['load_s']:.2f} s",
