@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
 from ahm.config import PretrainConfig, build_config
 from ahm.errors import AhmError
-
-import sys
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
 from train_helpers import make_blob_folder, tiny_pretrain_overrides  # noqa: E402

@@ -7,14 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_helpers import make_blob_folder, tiny_pretrain_overrides
 from typer.testing import CliRunner
 
 from ahm.config import PretrainConfig, build_config
 from ahm.errors import AhmError
 from ahm.io import load_safetensors, load_torch
 from ahm.train.pretrain import pretrain
-
-from train_helpers import make_blob_folder, tiny_pretrain_overrides
 
 
 @pytest.fixture(scope="module")

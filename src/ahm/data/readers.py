@@ -286,7 +286,7 @@ def _tiff_read(path: Path, max_pixels: int) -> tuple[np.ndarray, str]:
         except Exception as exc:
             raise AhmError(f"{path}: truncated or unreadable TIFF ({_describe(exc)})") from exc
     arr = _check_numeric(path, np.array(arr))
-    return np.ascontiguousarray(arr), str(plan["dtype"]) if plan["dtype"] != bool else "uint8"
+    return np.ascontiguousarray(arr), str(plan["dtype"]) if plan["dtype"] != bool else "uint8"  # noqa: E721 (a numpy dtype compares equal to bool)
 
 
 # --------------------------------------------------------------------------------------- 2D public API
@@ -331,7 +331,7 @@ def read_image_info(path: str | os.PathLike, max_pixels: int | None = None) -> I
         with tf:
             plan = _tiff_plan(path, tf, limit)
         dims = dict(zip(plan["axes"], plan["shape"]))
-        dtype = "uint8" if plan["dtype"] == bool else str(plan["dtype"])
+        dtype = "uint8" if plan["dtype"] == bool else str(plan["dtype"])  # noqa: E721
         return ImageInfo(path, dims["Y"], dims["X"], plan["channels"], dtype)
     if suffix in PIL_SUFFIXES:
         im = _pil_open(path, limit)

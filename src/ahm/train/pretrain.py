@@ -20,7 +20,6 @@ from ahm.errors import AhmError
 from ahm.io import load_torch, save_safetensors, save_torch, write_json
 from ahm.masking import PolicyContext, build_policy
 from ahm.train.loop import (
-    restore_state,
     Interrupted,
     NonFiniteLoss,
     Throughput,
@@ -30,6 +29,7 @@ from ahm.train.loop import (
     grads_finite,
     make_fabric,
     nonfinite_loss_reason,
+    restore_state,
     stop_on_sigint,
 )
 from ahm.train.rundir import CHECKPOINT_DIR, LAST, MetricsLog, prepare_run_dir, read_metrics, unstarted_run
