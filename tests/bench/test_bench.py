@@ -48,8 +48,16 @@ def test_compare_grid_tables_and_resume(tmp_path: Path, monkeypatch: pytest.Monk
 
     data = make_blob_folder(tmp_path / "data", n=16)
     out = tmp_path / "grid"
+    # The grid split over two calls with disjoint seed ranges (as two processes would run it), then gathered.
+    first = compare.run_compare(data, out, ["scratch", "random"], ["unet"], seeds=1, labels_fraction=0.5,
+                                pretrain_steps=2, finetune_epochs=1, overrides=_grid_overrides(tmp_path))
+    second = compare.run_compare(data, out, ["scratch", "random"], ["unet"], seeds=1, labels_fraction=0.5,
+                                 pretrain_steps=2, finetune_epochs=1, overrides=_grid_overrides(tmp_path),
+                                 first_seed=1)
+    assert {r["seed"] for r in first["rows"]} == {0} and {r["seed"] for r in second["rows"]} == {1}
     result = compare.run_compare(data, out, ["scratch", "random"], ["unet"], seeds=2, labels_fraction=0.5,
                                  pretrain_steps=2, finetune_epochs=1, overrides=_grid_overrides(tmp_path))
+    assert sorted(r["dice"] for r in result["rows"]) == sorted(r["dice"] for r in first["rows"] + second["rows"])
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert len(rows) == 4 and {r["policy"] for r in rows} == {"scratch", "random"}
     assert all(0.0 <= float(r["dice"]) <= 1.0 for r in rows)
@@ -77,5 +85,7 @@ def test_compare_rejects_unknown_names(tmp_path: Path) -> None:
 
     with pytest.raises(AhmError, match="--policies"):
         run_compare(tmp_path, tmp_path / "o", ["magic"], ["unet"], 1, 0.1, 1, 1)
+    with pytest.raises(AhmError, match="--first-seed"):
+        run_compare(tmp_path, tmp_path / "o", ["scratch"], ["unet"], 1, 0.1, 1, 1, first_seed=-1)
     with pytest.raises(AhmError, match="--backbones"):
         run_compare(tmp_path, tmp_path / "o", ["random"], ["resnet"], 1, 0.1, 1, 1)

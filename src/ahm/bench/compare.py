@@ -39,8 +39,11 @@ def run_compare(data: str | Path, out: str | Path, policies: list[str], backbone
                 labels_fraction: float, pretrain_steps: int, finetune_epochs: int,
                 base_config: Optional[str | Path] = None, overrides: Optional[dict[str, Any]] = None,
                 split: str = "test", log: Optional[Callable[[str], None]] = None,
-                finetune_steps: Optional[int] = None) -> dict[str, Any]:
-    """Run every unfinished cell of the grid; write results.csv, results.md and results.png; return the table."""
+                finetune_steps: Optional[int] = None, first_seed: int = 0) -> dict[str, Any]:
+    """Run every unfinished cell of the grid; write results.csv, results.md and results.png; return the table.
+
+    Seeds are `first_seed .. first_seed + seeds - 1`: two processes (or machines) can share one grid directory
+    with disjoint seed ranges, and a last call over all seeds then only gathers the finished cells."""
     from ahm.eval.evaluate import evaluate
     from ahm.train.finetune import finetune
     from ahm.train.pretrain import pretrain
@@ -48,12 +51,14 @@ def run_compare(data: str | Path, out: str | Path, policies: list[str], backbone
     _check_names(policies, backbones)
     if seeds < 1:
         raise AhmError("--seeds must be at least 1")
+    if first_seed < 0:
+        raise AhmError("--first-seed must be at least 0")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     overrides = overrides or {}
     say = log or (lambda msg: None)
     rows: list[dict[str, Any]] = []
-    cells = [(b, p, s) for b in backbones for p in policies for s in range(seeds)]
+    cells = [(b, p, s) for b in backbones for p in policies for s in range(first_seed, first_seed + seeds)]
     for n, (backbone, policy, seed) in enumerate(cells, 1):
         cell_dir = out / "cells" / f"{backbone}-{policy}-seed{seed}-labels{labels_fraction:g}"
         done = cell_dir / "cell.json"

@@ -57,6 +57,8 @@ def compare(
     policies: str = typer.Option("scratch,random,ahm", help="Comma-separated: scratch and any masking policy."),
     backbones: str = typer.Option("unet", help="Comma-separated: vit, unet."),
     seeds: int = typer.Option(3, help="Seeds per cell (mean +- std reported)."),
+    first_seed: int = typer.Option(0, "--first-seed", help="First seed (runs seeds first..first+seeds-1; "
+                                   "split a grid across processes with disjoint ranges)."),
     labels_fraction: float = typer.Option(0.1, "--labels-fraction", help="Share of training subjects labelled."),
     pretrain_steps: int = typer.Option(400, "--pretrain-steps"),
     finetune_epochs: int = typer.Option(30, "--finetune-epochs"),
@@ -73,7 +75,7 @@ def compare(
         return run_compare(
             data, out_dir, [p.strip() for p in policies.split(",") if p.strip()],
             [b.strip() for b in backbones.split(",") if b.strip()], seeds, labels_fraction, pretrain_steps,
-            finetune_epochs, overrides=overrides, split=split, finetune_steps=finetune_steps,
+            finetune_epochs, overrides=overrides, split=split, finetune_steps=finetune_steps, first_seed=first_seed,
             log=None if is_quiet() else (lambda msg: console.print(msg, highlight=False)),
         )
 
