@@ -8,14 +8,29 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from ahm.errors import AhmError
 from ahm.io import write_text
 
+
+def _optional_at_least_one(v: Optional[int]) -> Optional[int]:
+    if v is not None and v < 1:
+        raise ValueError("must be at least 1")
+    return v
+
+
+def _fraction(v: float) -> float:
+    if not 0.0 < v <= 1.0:
+        raise ValueError("must be in (0, 1]")
+    return v
+
+
+OptionalCount = Annotated[Optional[int], AfterValidator(_optional_at_least_one)]  # None, or 1 and more
+Fraction = Annotated[float, AfterValidator(_fraction)]  # in (0, 1]
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -220,7 +235,7 @@ class TrainConfig(_Strict):
     checkpoint_every: int = 100
     log_every: int = 10
     augment: bool = True
-    num_threads: Optional[int] = None
+    num_threads: OptionalCount = None
     nan_policy: Literal["stop", "skip"] = "stop"
 
     @field_validator("batch_size", "checkpoint_every", "log_every", "devices")
@@ -249,13 +264,6 @@ class TrainConfig(_Strict):
     def _warmup(cls, v: int) -> int:
         if v < 0:
             raise ValueError("must be 0 or more")
-        return v
-
-    @field_validator("num_threads")
-    @classmethod
-    def _threads(cls, v: Optional[int]) -> Optional[int]:
-        if v is not None and v < 1:
-            raise ValueError("must be at least 1")
         return v
 
     @field_validator("accelerator")
@@ -295,24 +303,17 @@ class FinetuneConfig(_Strict):
     train: TrainConfig = TrainConfig(epochs=30, batch_size=8, lr=1e-3, weight_decay=1e-4, warmup_steps=20)
     init: Optional[str] = None  # pretraining run directory, or None for scratch
     segmenter: Literal["unetr", "unet"] = "unetr"
-    labels_fraction: float = 1.0
+    labels_fraction: Fraction = 1.0
     layer_decay: float = 1.0  # layer-wise lr decay for a pretrained ViT encoder (1.0: off)
     encoder_lr_scale: float = 1.0  # lr multiplier on pretrained weights
     num_classes: Optional[int] = None  # None: from the labels found in the data
     # Steps between validations (and the best-checkpoint choice). None: every epoch, but at most about 50
     # times per run, so a small labelled subset (an epoch of 2 steps) does not spend its time validating.
-    val_every: Optional[int] = None
+    val_every: OptionalCount = None
     # Random resized crop of the fine-tuning augmentation keeps this much of the image at least (1: no crop,
     # flips and intensity jitter only).
-    min_crop_area: float = 0.7
+    min_crop_area: Fraction = 0.7
     rotate_deg: float = 0.0  # random in-plane rotation of up to +- this many degrees, half of the time (0: off)
-
-    @field_validator("min_crop_area")
-    @classmethod
-    def _crop(cls, v: float) -> float:
-        if not 0.0 < v <= 1.0:
-            raise ValueError("must be in (0, 1]")
-        return v
 
     @field_validator("rotate_deg")
     @classmethod
@@ -321,19 +322,6 @@ class FinetuneConfig(_Strict):
             raise ValueError("must be in [0, 180]")
         return v
 
-    @field_validator("val_every")
-    @classmethod
-    def _val_every(cls, v: Optional[int]) -> Optional[int]:
-        if v is not None and v < 1:
-            raise ValueError("must be at least 1")
-        return v
-
-    @field_validator("labels_fraction")
-    @classmethod
-    def _frac(cls, v: float) -> float:
-        if not 0.0 < v <= 1.0:
-            raise ValueError("labels_fraction must be in (0, 1]")
-        return v
 
 
 def _format_validation_error(exc: ValidationError, source: str) -> str:
