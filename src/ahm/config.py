@@ -113,6 +113,11 @@ class ModelConfig(_Strict):
     unet_channels: tuple[int, ...] = (32, 64, 128, 256)
     unet_strides: tuple[int, ...] = (2, 2, 2)
     unet_num_res_units: int = 2
+    # Normalisation of the convolution blocks (the UNet; UNETR's convolutional decoder). "batch" keeps the
+    # absolute intensity that tells tissues apart in MRI/CT; "instance" (MONAI's default, and this project's
+    # until 0.1) normalises every feature map per image and so cannot see it: on the brain set it cost 0.08
+    # validation Dice (docs/pretraining.md).
+    norm: Literal["batch", "instance"] = "batch"
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
@@ -313,6 +318,9 @@ class FinetuneConfig(_Strict):
     # Random resized crop of the fine-tuning augmentation keeps this much of the image at least (1: no crop,
     # flips and intensity jitter only).
     min_crop_area: Fraction = 0.7
+    # Random intensity scale/shift of the image (up to +- this fraction, half of the time each; 0: off).
+    # Off by default: where a tissue boundary is an intensity threshold, jitter moves it and adds label noise.
+    intensity_jitter: float = 0.0
     rotate_deg: float = 0.0  # random in-plane rotation of up to +- this many degrees, half of the time (0: off)
 
     @field_validator("rotate_deg")
@@ -320,6 +328,13 @@ class FinetuneConfig(_Strict):
     def _rot(cls, v: float) -> float:
         if not 0.0 <= v <= 180.0:
             raise ValueError("must be in [0, 180]")
+        return v
+
+    @field_validator("intensity_jitter")
+    @classmethod
+    def _jitter(cls, v: float) -> float:
+        if not 0.0 <= v < 1.0:
+            raise ValueError("must be in [0, 1)")
         return v
 
 
@@ -397,4 +412,14 @@ def save_config(config: _Strict, path: str | Path) -> Path:
 
 
 def load_config(kind: type[_Strict], path: str | Path) -> Any:
-    return build_config(kind, file=path)
+    """The config.yaml of an existing run. Runs written before `model.norm` existed used instance norm."""
+    cfg = build_config(kind, file=path)
+    model = getattr(cfg, "model", None)
+    if isinstance(model, ModelConfig):
+        saved = read_yaml(path)
+        section = _SECTIONS.get(kind.__name__)
+        if section and section in saved:
+            saved = saved.get(section) or {}
+        if "norm" not in (saved.get("model") or {}):
+            model.norm = "instance"
+    return cfg

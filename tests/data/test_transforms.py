@@ -127,3 +127,24 @@ def test_segment_rotation_moves_label_and_image_together():
     assert rotated >= 3
     with pytest.raises(AhmError, match="rotate_deg"):
         segment_augment(SIZE, rotate_deg=-1.0)
+
+
+def test_segment_intensity_jitter_is_off_by_default_and_bounded_when_on():
+    sample = _sample()
+    image = sample["image"]
+    flips = [image, image.flip(1), image.flip(2), image.flip(1).flip(2)]
+    plain = segment_augment(SIZE, min_crop_area=1.0)
+    for seed in range(8):
+        out = _run(plain, sample, seed)["image"]
+        assert any(torch.equal(out, f) for f in flips), seed  # intensities untouched: only the geometry moved
+    jittered = segment_augment(SIZE, min_crop_area=1.0, intensity_jitter=0.2)
+    changed = 0
+    for seed in range(8):
+        out = _run(jittered, sample, seed)["image"]
+        # each pixel is at most scaled by 1.2 and shifted by 0.2 relative to its flipped original
+        close = [float((out - f).abs().max()) for f in flips]
+        assert min(close) <= 0.2 * float(image.abs().max()) * 1.2 + 0.2 + 1e-5
+        changed += int(not any(torch.equal(out, f) for f in flips))
+    assert changed >= 3
+    with pytest.raises(AhmError, match="intensity_jitter"):
+        segment_augment(SIZE, intensity_jitter=1.5)

@@ -149,3 +149,46 @@ def test_build_segmenter_refuses_what_unetr_cannot_hold() -> None:
         build_segmenter("unetr", vit_cfg(), 40, 1, 2)
     with pytest.raises(AhmError, match="--segmenter 'swin'"):
         build_segmenter("swin", vit_cfg(), SIZE, 1, 2)
+
+
+def test_instance_norm_is_blind_to_brightness_and_batch_norm_is_not() -> None:
+    # Why model.norm defaults to batch: in a UNet whose convolutions are each followed by instance norm,
+    # scaling the intensities (a*x, a > 0; an offset too, but for the zero padding at the borders) gives
+    # exactly the same scores, so the network cannot use the intensity level that tells tissues apart.
+    # (Residual units let some of it through their shortcuts.)
+    torch.manual_seed(0)
+    cfg = unet_cfg(unet_num_res_units=0)
+    assert cfg.norm == "batch"
+    x = torch.rand(2, 1, SIZE, SIZE)
+    for norm, blind in (("instance", True), ("batch", False)):
+        seg = build_segmenter("unet", cfg.model_copy(update={"norm": norm}), SIZE, 1, num_classes=3)
+        seg.train()
+        seg(torch.rand(8, 1, SIZE, SIZE))  # gives batch norm running statistics to use in eval
+        seg.eval()
+        with torch.no_grad():
+            gap = float((seg(x) - seg(1.7 * x)).abs().max())
+        assert (gap < 1e-3) if blind else (gap > 1e-2), (norm, gap)
+        assert any(isinstance(m, torch.nn.BatchNorm2d) for m in seg.modules()) == (norm == "batch")
+
+
+def test_unetr_decoder_follows_model_norm() -> None:
+    for norm in ("batch", "instance"):
+        seg = build_segmenter("unetr", vit_cfg(norm=norm), SIZE, 1, num_classes=3)
+        assert any(isinstance(m, torch.nn.BatchNorm2d) for m in seg.modules()) == (norm == "batch")
+    assert seg(torch.rand(2, 1, SIZE, SIZE)).shape == (2, 3, SIZE, SIZE)
+
+
+def test_unet_norm_must_match_the_pretrained_encoder() -> None:
+    torch.manual_seed(0)
+    mim = build_mim_model(unet_cfg(norm="instance"), SIZE, 1)
+    weights, meta = mim.export_encoder(), mim.encoder_metadata()
+    assert meta["norm"] == "instance"
+    seg = build_segmenter("unet", unet_cfg(), SIZE, 1, num_classes=3)
+    with pytest.raises(AhmError, match="instance norm but the segmenter has batch norm.*model.norm: instance"):
+        load_pretrained(seg, "unet", weights, meta)
+    # encoders saved before the option existed carry no "norm": they were instance-normalised
+    legacy = {k: v for k, v in meta.items() if k != "norm"}
+    with pytest.raises(AhmError, match="instance norm but the segmenter has batch norm"):
+        load_pretrained(seg, "unet", weights, legacy)
+    seg = build_segmenter("unet", unet_cfg(norm="instance"), SIZE, 1, num_classes=3)
+    assert load_pretrained(seg, "unet", weights, legacy)["loaded"] > 0

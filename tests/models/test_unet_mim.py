@@ -92,11 +92,13 @@ def test_per_patch_loss_is_mean_over_the_patch_pixels() -> None:
 def test_export_fits_a_unet_of_the_same_layout() -> None:
     model = tiny_unet(channels=3)
     net = UNet(
-        spatial_dims=2, in_channels=3, out_channels=3, channels=(4, 8, 16), strides=(2, 2), num_res_units=1
+        spatial_dims=2, in_channels=3, out_channels=3, channels=(4, 8, 16), strides=(2, 2), num_res_units=1,
+        norm="batch",
     )
     net.load_state_dict(model.export_encoder(), strict=True)
     meta = model.encoder_metadata()
     assert meta["backbone"] == "unet" and meta["unet_channels"] == "4,8,16" and meta["in_channels"] == "3"
+    assert meta["norm"] == "batch"
 
 
 def test_image_size_must_divide() -> None:

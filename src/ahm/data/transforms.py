@@ -86,30 +86,38 @@ def pretrain_augment(image_size: int) -> Compose:
     )
 
 
-def segment_augment(image_size: int, min_crop_area: float = 0.7, rotate_deg: float = 0.0) -> Compose:
+def segment_augment(
+    image_size: int, min_crop_area: float = 0.7, rotate_deg: float = 0.0, intensity_jitter: float = 0.0
+) -> Compose:
     """Spatial augmentation applied identically to image and label (nearest for the label, so label
     values are never blended): random rotation by up to +-`rotate_deg` degrees (half of the time; 0 turns it
-    off), random resized crop (area `min_crop_area`-1; 1 turns it off), flips; then small intensity jitter on
-    the image only. The label key is optional. Seed with `.set_random_state(seed=...)`."""
+    off), random resized crop (area `min_crop_area`-1; 1 turns it off), flips; then, on the image only, a
+    random intensity scale and shift of up to +-`intensity_jitter` (half of the time each; 0 turns it off).
+    The label key is optional. Seed with `.set_random_state(seed=...)`."""
     size = _check_size(image_size)
     if not 0.0 < min_crop_area <= 1.0:
         raise AhmError(f"min_crop_area: must be in (0, 1], got {min_crop_area}")
     if not 0.0 <= rotate_deg <= 180.0:
         raise AhmError(f"rotate_deg: must be in [0, 180], got {rotate_deg}")
+    if not 0.0 <= intensity_jitter < 1.0:
+        raise AhmError(f"intensity_jitter: must be in [0, 1), got {intensity_jitter}")
     keys = [IMAGE, LABEL]
     rotate = [
         RandRotated(keys=keys, range_x=math.radians(rotate_deg), prob=0.5, mode=["bilinear", "nearest"],
                     padding_mode="zeros", keep_size=True, allow_missing_keys=True)
     ] if rotate_deg > 0 else []
     crop = _random_resized_crop(keys, size, min_crop_area, ["bilinear", "nearest"]) if min_crop_area < 1 else []
+    jitter = [
+        RandScaleIntensityd(keys=[IMAGE], factors=intensity_jitter, prob=0.5),
+        RandShiftIntensityd(keys=[IMAGE], offsets=intensity_jitter, prob=0.5),
+    ] if intensity_jitter > 0 else []
     return Compose(
         rotate
         + crop
         + [
             RandFlipd(keys=keys, prob=0.5, spatial_axis=0, allow_missing_keys=True),
             RandFlipd(keys=keys, prob=0.5, spatial_axis=1, allow_missing_keys=True),
-            RandScaleIntensityd(keys=[IMAGE], factors=0.05, prob=0.5),
-            RandShiftIntensityd(keys=[IMAGE], offsets=0.05, prob=0.5),
-            _AsPlainTensors(),
         ]
+        + jitter
+        + [_AsPlainTensors()]
     )

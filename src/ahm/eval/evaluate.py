@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ahm.config import FinetuneConfig, build_config
+from ahm.config import FinetuneConfig, load_config
 from ahm.errors import AhmError
 from ahm.eval.metrics import METRICS, case_means, case_metrics, summarize
 from ahm.io import load_torch, write_json, write_text
@@ -84,7 +84,7 @@ def load_run(run_dir: str | Path, checkpoint: str = BEST) -> LoadedRun:
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():
         raise AhmError(f"{run_dir}: not a fine-tuning run directory (no config.yaml)")
-    cfg = build_config(FinetuneConfig, file=cfg_path)
+    cfg = load_config(FinetuneConfig, cfg_path)
     path = run_dir / "checkpoints" / checkpoint
     if not path.is_file():
         raise AhmError(f"{path}: not found; the fine-tuning run has not finished an epoch yet "

@@ -39,3 +39,8 @@ def fast_instance_norms(module: nn.Module) -> int:
         else:
             swapped += fast_instance_norms(child)
     return swapped
+
+
+def conv_norm(module: nn.Module) -> str:
+    """"batch" if the network normalises with batch norm, else "instance" (the config's `model.norm`)."""
+    return "batch" if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()) else "instance"

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ahm.config import ModelConfig
 from ahm.errors import AhmError
 from ahm.models.mae import freeze_unused_norms
-from ahm.models.norm import fast_instance_norms
+from ahm.models.norm import conv_norm, fast_instance_norms
 
 SEGMENTERS = ("unetr", "unet")
 _BACKBONE_OF = {"unetr": "vit", "unet": "unet"}
@@ -52,6 +52,7 @@ def build_segmenter(
             channels=tuple(model_cfg.unet_channels),
             strides=tuple(model_cfg.unet_strides),
             num_res_units=model_cfg.unet_num_res_units,
+            norm=model_cfg.norm,
         )
         fast_instance_norms(unet)
         return unet
@@ -79,7 +80,7 @@ def build_segmenter(
         hidden_size=dims["hidden_size"],
         mlp_dim=dims["mlp_dim"],
         num_heads=dims["num_heads"],
-        norm_name="instance",
+        norm_name=model_cfg.norm,
         spatial_dims=2,
     )
     # MONAI reads this flag only in forward: attention goes through SDPA, the weights and keys stay the same
@@ -112,6 +113,7 @@ def _unet_metadata(seg: nn.Module) -> dict[str, str]:
         "unet_strides": ",".join(str(s) for s in seg.strides),
         "unet_num_res_units": str(seg.num_res_units),
         "in_channels": str(seg.in_channels),
+        "norm": conv_norm(seg),
     }
 
 
@@ -140,9 +142,16 @@ def load_pretrained(
         )
     expected = _unetr_metadata(segmenter) if kind == "unetr" else _unet_metadata(segmenter)
     for key, value in expected.items():
-        if metadata.get(key) != value:
+        # encoders saved before the norm option existed were all instance-normalised
+        got_value = metadata.get(key, "instance" if key == "norm" else None)
+        if got_value != value:
+            if key == "norm":
+                raise AhmError(
+                    f"{source}: encoder was pretrained with {got_value} norm but the segmenter has {value} norm; "
+                    f"fine-tune with the pretraining run's model settings (model.norm: {got_value})"
+                )
             raise AhmError(
-                f"{source}: encoder has {key}={metadata.get(key)!r} but the segmenter needs {key}={value!r}; "
+                f"{source}: encoder has {key}={got_value!r} but the segmenter needs {key}={value!r}; "
                 f"fine-tune with the pretraining run's model and data settings"
             )
     if kind == "unetr":

@@ -47,6 +47,7 @@ class MaskedUNet(MIMModel):
         self.strides = tuple(model_cfg.unet_strides)
         self.num_res_units = model_cfg.unet_num_res_units
         self.norm_pix = model_cfg.norm_pix
+        self.norm = model_cfg.norm
         self.net = UNet(
             spatial_dims=2,
             in_channels=in_channels,
@@ -54,6 +55,7 @@ class MaskedUNet(MIMModel):
             channels=self.channels,
             strides=self.strides,
             num_res_units=self.num_res_units,
+            norm=self.norm,
         )
         fast_instance_norms(self.net)
         self.mask_value = nn.Parameter(torch.zeros(in_channels))
@@ -92,6 +94,7 @@ class MaskedUNet(MIMModel):
             "unet_channels": ",".join(str(c) for c in self.channels),
             "unet_strides": ",".join(str(s) for s in self.strides),
             "unet_num_res_units": str(self.num_res_units),
+            "norm": self.norm,
             "patch_size": str(self.patch_size),
             "image_size": str(self.image_size),
             "in_channels": str(self.in_channels),

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ahm import __version__
-from ahm.config import FinetuneConfig, PretrainConfig, build_config, save_config
+from ahm.config import FinetuneConfig, PretrainConfig, load_config, save_config
 from ahm.errors import AhmError
 from ahm.io import load_torch, save_torch, write_json
 from ahm.train.loop import (
@@ -105,7 +105,7 @@ def load_init(init: str | Path) -> PretrainedEncoder:
     cfg_path = run / "config.yaml"
     if not cfg_path.is_file():
         raise AhmError(f"--init {run}: config.yaml not found; it is needed to rebuild the pretrained network")
-    pre_cfg = build_config(PretrainConfig, file=cfg_path)
+    pre_cfg = load_config(PretrainConfig, cfg_path)
     if pre_cfg.model.backbone != backbone:
         raise AhmError(f"{path}: encoder backbone {backbone!r} does not match {cfg_path} "
                        f"(model.backbone {pre_cfg.model.backbone!r})")
@@ -127,7 +127,9 @@ def _apply_init(cfg: FinetuneConfig, enc: PretrainedEncoder) -> None:
             raise AhmError(f"data.channels {cfg.data.channels} does not match the encoder in {enc.path} "
                            f"({channels} input channels)")
         cfg.data.channels = channels
-    cfg.model = enc.pretrain_cfg.model.model_copy()
+    # A UNet's norm layers are pretrained with it; UNETR's convolutional decoder (and its norm) starts fresh.
+    norm = enc.pretrain_cfg.model.norm if enc.segmenter == "unet" else cfg.model.norm
+    cfg.model = enc.pretrain_cfg.model.model_copy(update={"norm": norm})
     cfg.segmenter = enc.segmenter
 
 
@@ -215,7 +217,7 @@ def finetune(cfg: FinetuneConfig, out: str | Path, resume: bool = False, force: 
         saved = out / "config.yaml"
         epochs = cfg.train.epochs
         if saved.is_file():
-            cfg = build_config(FinetuneConfig, file=saved)
+            cfg = load_config(FinetuneConfig, saved)
         elif not restart:
             raise AhmError(f"--resume: {saved} not found; nothing to resume")
         else:
@@ -327,7 +329,8 @@ def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool,
         model = torch.compile(model)
     model, optimizer = fabric.setup(model, optimizer)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    transform = segment_augment(cfg.data.image_size, cfg.min_crop_area, cfg.rotate_deg) if cfg.train.augment else None
+    transform = (segment_augment(cfg.data.image_size, cfg.min_crop_area, cfg.rotate_deg, cfg.intensity_jitter)
+                 if cfg.train.augment else None)
     dataset = ArrayDataset(data.train.images, data.train.labels, transform, seed=cfg.train.seed)
     log = MetricsLog(out, resume_step=state["step"] if resume else None, tensorboard=is_main) if is_main else None
     meter = Throughput()

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ahm import __version__
-from ahm.config import PretrainConfig, build_config, save_config
+from ahm.config import PretrainConfig, load_config, save_config
 from ahm.errors import AhmError
 from ahm.io import load_torch, save_safetensors, save_torch, write_json
 from ahm.masking import PolicyContext, build_policy
@@ -115,7 +115,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: bool = False, force: 
         saved = out / "config.yaml"
         if saved.is_file():
             steps = cfg.train.steps
-            cfg = build_config(PretrainConfig, file=saved)
+            cfg = load_config(PretrainConfig, saved)
             if steps is not None and steps != cfg.train.steps:
                 cfg.train.steps = steps
         elif not restart:  # killed before config.yaml was written: the options given now are the run's
