@@ -103,3 +103,28 @@ def predict_speed(
         print(json.dumps(doc, indent=2))
     else:
         out.print(format_predict_bench(doc), highlight=False, soft_wrap=True)
+
+
+@bench_app.command("baseline", no_args_is_help=True)
+def baseline(
+    data: Path = typer.Argument(..., help="Labelled dataset folder."),
+    labels_fraction: float = typer.Option(0.1, "--labels-fraction", help="Share of training subjects labelled."),
+    seeds: int = typer.Option(3, help="Seeds (each draws the labelled subset `ahm finetune --seed S` uses)."),
+    first_seed: int = typer.Option(0, "--first-seed", help="First seed."),
+    bins: int = typer.Option(256, help="Intensity bins per channel."),
+    split: str = typer.Option("test", help="Split reported beside val."),
+    image_size: int = typer.Option(128, "--image-size", help="Model grid size (as for fine-tuning)."),
+    layout: str = typer.Option("auto", "--layout", help="Dataset layout (default: auto-detect)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the JSON document only."),
+) -> None:
+    """Intensity-only baseline: a lookup from intensity to class fitted on the labelled subset, scored like
+    `ahm evaluate`. A segmenter that does not beat it has learned nothing a threshold could not."""
+    from ahm.bench.baseline import format_baseline, run_baseline
+
+    note = None if (is_quiet() or as_json) else (lambda msg: console.print(f"[dim]{msg}[/]"))
+    doc = run_guarded(lambda: run_baseline(data, labels_fraction, seeds, first_seed=first_seed, bins=bins,
+                                           split=split, image_size=image_size, layout=layout, log=note))
+    if as_json:
+        print(json.dumps(doc, indent=2))
+    else:
+        out.print(format_baseline(doc), highlight=False, soft_wrap=True)

@@ -1,0 +1,129 @@
+"""The intensity baseline: how far the pixel intensity alone goes on a data set, with the same labelled subset.
+
+A segmenter that cannot beat a lookup table from (normalised) intensity to class has not learned anything a
+threshold could not; on a set where the tissues differ mainly by intensity (like the built-in brain set, whose
+labels come from the same template as its image) it is the floor a network must clear. This is how we found
+that instance norm hid the intensity level from our UNets (docs/pretraining.md).
+
+The table maps each intensity bin (the joint bin of all channels) to the class seen most often there in the
+labelled training images; a bin never seen takes the class of the nearest seen bin (one channel) or the most
+common class (several channels). Scored with the metrics of `ahm evaluate` on the model grid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ahm.errors import AhmError
+
+MAX_TABLE = 1 << 24  # bins ** channels
+
+
+def _bin_index(images: np.ndarray, bins: int) -> np.ndarray:
+    """[N, C, S, S] floats in [0, 1] -> [N, S, S] joint bin index."""
+    q = np.clip((images * bins).astype(np.int64), 0, bins - 1)
+    index = np.zeros(q.shape[:1] + q.shape[2:], dtype=np.int64)
+    for c in range(q.shape[1]):
+        index = index * bins + q[:, c]
+    return index
+
+
+def fit_intensity_lookup(images: np.ndarray, labels: np.ndarray, num_classes: int, bins: int = 256) -> np.ndarray:
+    """Class per joint intensity bin, from `images` [N, C, S, S] (normalised to [0, 1]) and `labels` [N, S, S]."""
+    if bins < 2:
+        raise AhmError(f"--bins must be at least 2, got {bins}")
+    channels = int(images.shape[1])
+    size = bins ** channels
+    if size > MAX_TABLE:
+        raise AhmError(f"--bins {bins} with {channels} channels gives {size} bins (at most {MAX_TABLE}); "
+                       f"use fewer bins")
+    index = _bin_index(images, bins).ravel()
+    counts = np.zeros((size, num_classes), dtype=np.int64)
+    np.add.at(counts, (index, labels.ravel().astype(np.int64)), 1)
+    seen = counts.sum(axis=1) > 0
+    table = counts.argmax(axis=1)
+    if not seen.any():
+        raise AhmError("the labelled images are empty; nothing to fit the intensity baseline on")
+    if channels == 1:
+        where = np.flatnonzero(seen)
+        nearest = where[np.clip(np.searchsorted(where, np.arange(size)), 0, len(where) - 1)]
+        below = where[np.clip(np.searchsorted(where, np.arange(size)) - 1, 0, len(where) - 1)]
+        pick = np.where(np.abs(below - np.arange(size)) <= np.abs(nearest - np.arange(size)), below, nearest)
+        table = np.where(seen, table, table[pick])
+    else:
+        table = np.where(seen, table, int(counts.sum(axis=0).argmax()))
+    return table
+
+
+def apply_intensity_lookup(table: np.ndarray, images: np.ndarray, bins: int = 256) -> np.ndarray:
+    return table[_bin_index(images, bins)]
+
+
+def run_baseline(data: str | Path, labels_fraction: float, seeds: int, first_seed: int = 0, bins: int = 256,
+                 split: str = "test", image_size: int = 128, layout: str = "auto",
+                 log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Fit the lookup on each seed's labelled subset (the one `ahm finetune --seed S` uses); score val and `split`."""
+    from ahm.config import DataConfig
+    from ahm.data import label_subset, load_arrays, make_splits, open_dataset
+    from ahm.eval.metrics import case_metrics, summarize
+
+    if seeds < 1:
+        raise AhmError(f"--seeds must be at least 1, got {seeds}")
+    cfg = DataConfig(path=str(data), image_size=image_size, layout=layout)
+    index = open_dataset(data, cfg)
+    if not index.has_labels:
+        raise AhmError(f"{data}: no masks found ({index.layout} layout); the baseline needs labelled images")
+    splits = make_splits(index, cfg)
+    names = ["val", split] if split != "val" else ["val"]
+    for name in names:
+        if not splits.get(name):
+            raise AhmError(f"{data}: the {name} split is empty")
+    evaluated = {name: load_arrays(index, list(splits[name]), cfg, labels=True) for name in names}
+    rows = []
+    for seed in range(first_seed, first_seed + seeds):
+        labelled = label_subset(index, list(splits["train"]), labels_fraction, seed)
+        train = load_arrays(index, labelled, cfg, labels=True)
+        num_classes = max(2, int(max([train.labels.max(initial=0)] +
+                                     [a.labels.max(initial=0) for a in evaluated.values()])) + 1)
+        table = fit_intensity_lookup(train.images, train.labels, num_classes, bins)
+        row: dict[str, Any] = {"seed": seed, "labelled_images": len(train.ids)}
+        for name, arrays in evaluated.items():
+            preds = apply_intensity_lookup(table, arrays.images, bins)
+            metrics = summarize(case_metrics(preds, arrays.labels, num_classes))
+            prefix = "" if name == split else "val_"
+            row.update({f"{prefix}dice": metrics["dice"], f"{prefix}iou": metrics["iou"],
+                        f"{prefix}hd95": metrics["hd95"]})
+        rows.append(row)
+        if log is not None:
+            log(f"seed {seed}: {len(train.ids)} labelled images, {split} Dice {_fmt(row['dice'])}, "
+                f"val Dice {_fmt(row['val_dice'])}")
+    summary = {}
+    for key in ("dice", "iou", "hd95", "val_dice"):
+        values = np.array([r[key] for r in rows if r.get(key) is not None], dtype=float)
+        summary[key] = {"mean": float(values.mean()) if values.size else None,
+                        "std": float(values.std(ddof=1)) if values.size > 1 else 0.0}
+    return {"data": str(data), "labels_fraction": labels_fraction, "bins": bins, "split": split,
+            "image_size": image_size, "rows": rows, "summary": summary}
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def format_baseline(doc: dict[str, Any]) -> str:
+    s = doc["summary"]
+
+    def ms(key: str, digits: int = 4) -> str:
+        m = s[key]
+        return "-" if m["mean"] is None else f"{m['mean']:.{digits}f} +- {m['std']:.{digits}f}"
+
+    split = doc["split"]
+    lines = [f"Intensity lookup baseline ({doc['bins']} bins, {doc['labels_fraction']:g} of the labels, "
+             f"{len(doc['rows'])} seed(s)): the floor a segmenter should clear.",
+             f"| n | Dice ({split}) | IoU ({split}) | HD95 ({split}) | val Dice |", "|---|---|---|---|---|",
+             f"| {len(doc['rows'])} | {ms('dice')} | {ms('iou')} | {ms('hd95', 2)} | {ms('val_dice')} |"]
+    return "\n".join(lines)

@@ -1,0 +1,68 @@
+"""`ahm bench baseline`: the intensity lookup fits what intensity explains and nothing more; bad input is one line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
+from train_helpers import make_blob_folder  # noqa: E402
+
+from ahm.bench.baseline import apply_intensity_lookup, fit_intensity_lookup, run_baseline  # noqa: E402
+from ahm.errors import AhmError  # noqa: E402
+
+
+def test_lookup_takes_the_majority_class_per_bin_and_fills_unseen_bins_from_the_nearest() -> None:
+    images = np.array([0.05, 0.05, 0.05, 0.55, 0.95, 0.95], dtype=np.float32).reshape(1, 1, 2, 3)
+    labels = np.array([0, 0, 1, 2, 1, 1]).reshape(1, 2, 3)
+    table = fit_intensity_lookup(images, labels, num_classes=3, bins=10)
+    # bin 0: two of class 0, one of class 1; bin 5: class 2; bin 9: class 1; the rest from the nearest seen bin
+    assert table.tolist() == [0, 0, 0, 2, 2, 2, 2, 2, 1, 1]
+    test = np.array([0.0, 0.31, 0.72, 0.99], dtype=np.float32).reshape(1, 1, 2, 2)
+    assert apply_intensity_lookup(table, test, bins=10).tolist() == [[[0, 2], [2, 1]]]
+    two = np.stack([images[:, 0], 1 - images[:, 0]], axis=1)
+    table2 = fit_intensity_lookup(two, labels, num_classes=3, bins=4)
+    assert table2.shape == (16,) and apply_intensity_lookup(table2, two, bins=4).tolist() == [[[0, 0, 0], [2, 1, 1]]]
+    with pytest.raises(AhmError, match="--bins"):
+        fit_intensity_lookup(images, labels, 3, bins=1)
+
+
+def test_intensity_explains_bright_discs_but_not_a_position_label(tmp_path: Path) -> None:
+    discs = make_blob_folder(tmp_path / "discs", n=16)
+    doc = run_baseline(discs, labels_fraction=0.5, seeds=2, image_size=32)
+    assert [r["seed"] for r in doc["rows"]] == [0, 1] and doc["summary"]["dice"]["mean"] > 0.95
+    # Same images, but the label is the left half of each image: intensity says nothing about it.
+    half = tmp_path / "half"
+    (half / "masks").mkdir(parents=True)
+    (half / "images").symlink_to(discs / "images")
+    for png in sorted((discs / "images").glob("*.png")):
+        mask = np.zeros((32, 32), dtype=np.uint8)
+        mask[:, :16] = 1
+        Image.fromarray(mask).save(half / "masks" / png.name)
+    doc = run_baseline(half, labels_fraction=0.5, seeds=1, image_size=32)
+    assert doc["summary"]["dice"]["mean"] < 0.7
+
+
+def test_bad_input_is_one_line(tmp_path: Path) -> None:
+    from ahm.cli.app import _register, app
+
+    unlabelled = make_blob_folder(tmp_path / "unlabelled", n=8, labels=False)
+    with pytest.raises(AhmError, match="no masks found"):
+        run_baseline(unlabelled, 0.5, 1, image_size=32)
+    _register()
+    res = CliRunner().invoke(app, ["bench", "baseline", str(unlabelled), "--image-size", "32"])
+    assert res.exit_code == 2 and "no masks found" in res.output and "Traceback" not in res.output
+    labelled = make_blob_folder(tmp_path / "labelled", n=16)
+    res = CliRunner().invoke(app, ["bench", "baseline", str(labelled), "--labels-fraction", "0.01",
+                                   "--image-size", "32"])
+    assert res.exit_code == 2 and "--labels-fraction 0.01" in res.output
+    res = CliRunner().invoke(app, ["bench", "baseline", str(labelled), "--seeds", "1", "--image-size", "32",
+                                   "--labels-fraction", "0.5", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["rows"][0]["labelled_images"] > 0
