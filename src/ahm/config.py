@@ -315,9 +315,12 @@ class FinetuneConfig(_Strict):
     # Steps between validations (and the best-checkpoint choice). None: every epoch, but at most about 50
     # times per run, so a small labelled subset (an epoch of 2 steps) does not spend its time validating.
     val_every: OptionalCount = None
-    # Random resized crop of the fine-tuning augmentation keeps this much of the image at least (1: no crop,
-    # flips and intensity jitter only).
-    min_crop_area: Fraction = 0.7
+    # Random crop without resampling, this share of each side (rounded down to what the UNet's strides divide;
+    # UNETR's fixed grid gets it zero-padded back). It keeps every pixel's intensity and label exactly as they
+    # are, which a resized crop does not (1: off).
+    crop_fraction: Fraction = 0.75
+    # Random resized crop (rescaled back to the grid) keeping at least this share of the area (1: off).
+    min_crop_area: Fraction = 1.0
     # Random intensity scale/shift of the image (up to +- this fraction, half of the time each; 0: off).
     # Off by default: where a tissue boundary is an intensity threshold, jitter moves it and adds label noise.
     intensity_jitter: float = 0.0

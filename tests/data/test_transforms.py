@@ -23,6 +23,11 @@ def _sample(with_label: bool = True) -> dict:
     return sample
 
 
+def _every_aug(size: int = SIZE):
+    """segment_augment with every random part switched on (the defaults leave only the crop and flips)."""
+    return segment_augment(size, min_crop_area=0.7, rotate_deg=10.0, intensity_jitter=0.05, crop_size=size - 4)
+
+
 def _run(aug, sample, seed):
     aug.set_random_state(seed=seed)
     return aug({k: v.clone() for k, v in sample.items()})
@@ -41,7 +46,7 @@ def test_pretrain_shapes_types_and_determinism():
 
 
 def test_segment_keeps_labels_and_moves_them_with_the_image():
-    aug = segment_augment(SIZE)
+    aug = segment_augment(SIZE, min_crop_area=0.7, intensity_jitter=0.05, crop_size=SIZE - 4)
     sample = _sample()
     # The image carries the label in its first channel: after augmentation the two must still coincide.
     sample["image"][0] = sample["label"][0].float()
@@ -62,7 +67,7 @@ def test_segment_keeps_labels_and_moves_them_with_the_image():
 
 
 def test_segment_works_without_label_and_differs_by_seed():
-    aug = segment_augment(SIZE)
+    aug = _every_aug()
     sample = _sample(with_label=False)
     outs = [_run(aug, sample, s)["image"] for s in range(4)]
     assert all(o.shape == (3, SIZE, SIZE) for o in outs)
@@ -71,16 +76,16 @@ def test_segment_works_without_label_and_differs_by_seed():
 
 def test_same_seed_same_output_across_fresh_instances():
     sample = _sample()
-    a = _run(segment_augment(SIZE), sample, 123)
-    b = _run(segment_augment(SIZE), sample, 123)
+    a = _run(_every_aug(), sample, 123)
+    b = _run(_every_aug(), sample, 123)
     assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
-    c = _run(segment_augment(SIZE), sample, 124)
+    c = _run(_every_aug(), sample, 124)
     assert not (torch.equal(a["image"], c["image"]) and torch.equal(a["label"], c["label"]))
 
 
 def test_global_random_state_not_used():
     sample = _sample()
-    aug = segment_augment(SIZE)
+    aug = _every_aug()
     torch.manual_seed(0)
     np.random.seed(0)
     a = _run(aug, sample, 5)
@@ -148,3 +153,44 @@ def test_segment_intensity_jitter_is_off_by_default_and_bounded_when_on():
     assert changed >= 3
     with pytest.raises(AhmError, match="intensity_jitter"):
         segment_augment(SIZE, intensity_jitter=1.5)
+
+
+def test_segment_crop_keeps_pixels_exact_and_pads_back_when_asked():
+    sample = _sample()
+    sample["image"] = sample["image"][:1]
+    image, label = sample["image"][0], sample["label"][0]
+    for pad in (True, False):
+        aug = segment_augment(SIZE, crop_size=16, pad=pad)
+        for seed in range(6):
+            out = _run(aug, sample, seed)
+            assert out["image"].shape == ((1, SIZE, SIZE) if pad else (1, 16, 16))
+            # undo the flips, find the 16x16 window of the input that the output holds: values equal exactly
+            found = False
+            for flip in ([], [1], [2], [1, 2]):
+                img = out["image"].flip(flip) if flip else out["image"]
+                lab = out["label"].flip(flip) if flip else out["label"]
+                if pad:
+                    nz = (img[0] != 0).nonzero()
+                    top, left = int(nz[:, 0].min()), int(nz[:, 1].min())
+                    img, lab = img[:, top:top + 16, left:left + 16], lab[:, top:top + 16, left:left + 16]
+                for y in range(SIZE - 15):
+                    for x in range(SIZE - 15):
+                        if torch.equal(img[0], image[y:y + 16, x:x + 16]):
+                            found = found or torch.equal(lab[0], label[y:y + 16, x:x + 16])
+            assert found, (pad, seed)
+    with pytest.raises(AhmError, match="crop size"):
+        segment_augment(SIZE, crop_size=SIZE + 1)
+
+
+def test_train_crop_size_fits_the_unet_strides():
+    from ahm.config import FinetuneConfig
+    from ahm.train.finetune import train_crop_size
+
+    cfg = FinetuneConfig(segmenter="unet", data={"image_size": 128},
+                         model={"backbone": "unet", "unet_channels": (4, 8, 16, 32), "unet_strides": (2, 2, 2)})
+    assert train_crop_size(cfg) == 96
+    assert train_crop_size(cfg.model_copy(update={"crop_fraction": 0.3})) == 32  # 38 rounded down to 8s
+    assert train_crop_size(cfg.model_copy(update={"crop_fraction": 0.01})) == 8
+    assert train_crop_size(cfg.model_copy(update={"crop_fraction": 1.0})) is None
+    unetr = FinetuneConfig(segmenter="unetr", data={"image_size": 128}, crop_fraction=0.3)
+    assert train_crop_size(unetr) == 38

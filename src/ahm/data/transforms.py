@@ -21,6 +21,7 @@ from monai.transforms import (
     RandShiftIntensityd,
     RandSpatialCropd,
     Resized,
+    SpatialPadd,
 )
 
 from ahm.errors import AhmError
@@ -87,13 +88,21 @@ def pretrain_augment(image_size: int) -> Compose:
 
 
 def segment_augment(
-    image_size: int, min_crop_area: float = 0.7, rotate_deg: float = 0.0, intensity_jitter: float = 0.0
+    image_size: int,
+    min_crop_area: float = 1.0,
+    rotate_deg: float = 0.0,
+    intensity_jitter: float = 0.0,
+    *,
+    crop_size: int | None = None,
+    pad: bool = True,
 ) -> Compose:
     """Spatial augmentation applied identically to image and label (nearest for the label, so label
     values are never blended): random rotation by up to +-`rotate_deg` degrees (half of the time; 0 turns it
-    off), random resized crop (area `min_crop_area`-1; 1 turns it off), flips; then, on the image only, a
-    random intensity scale and shift of up to +-`intensity_jitter` (half of the time each; 0 turns it off).
-    The label key is optional. Seed with `.set_random_state(seed=...)`."""
+    off), random resized crop (area `min_crop_area`-1; 1 turns it off), random crop of `crop_size` x `crop_size`
+    pixels without any resampling (None turns it off; with `pad` it is zero-padded back to `image_size`, else
+    the sample keeps the crop's size), flips; then, on the image only, a random intensity scale and shift of up
+    to +-`intensity_jitter` (half of the time each; 0 turns it off). The label key is optional. Seed with
+    `.set_random_state(seed=...)`."""
     size = _check_size(image_size)
     if not 0.0 < min_crop_area <= 1.0:
         raise AhmError(f"min_crop_area: must be in (0, 1], got {min_crop_area}")
@@ -101,12 +110,19 @@ def segment_augment(
         raise AhmError(f"rotate_deg: must be in [0, 180], got {rotate_deg}")
     if not 0.0 <= intensity_jitter < 1.0:
         raise AhmError(f"intensity_jitter: must be in [0, 1), got {intensity_jitter}")
+    if crop_size is not None and not 1 <= crop_size <= size:
+        raise AhmError(f"crop size: must be in [1, {size}] pixels, got {crop_size}")
     keys = [IMAGE, LABEL]
     rotate = [
         RandRotated(keys=keys, range_x=math.radians(rotate_deg), prob=0.5, mode=["bilinear", "nearest"],
                     padding_mode="zeros", keep_size=True, allow_missing_keys=True)
     ] if rotate_deg > 0 else []
     crop = _random_resized_crop(keys, size, min_crop_area, ["bilinear", "nearest"]) if min_crop_area < 1 else []
+    if crop_size is not None and crop_size < size:
+        crop.append(RandSpatialCropd(keys=keys, roi_size=(crop_size, crop_size), random_size=False,
+                                     allow_missing_keys=True))
+        if pad:
+            crop.append(SpatialPadd(keys=keys, spatial_size=(size, size), mode="constant", allow_missing_keys=True))
     jitter = [
         RandScaleIntensityd(keys=[IMAGE], factors=intensity_jitter, prob=0.5),
         RandShiftIntensityd(keys=[IMAGE], offsets=intensity_jitter, prob=0.5),

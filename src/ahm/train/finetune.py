@@ -79,6 +79,17 @@ def validation_interval(val_every: int | None, steps_per_epoch: int, total: int)
     return max(steps_per_epoch, math.ceil(total / MAX_VALIDATIONS))
 
 
+def train_crop_size(cfg: FinetuneConfig) -> int | None:
+    """Side of the fine-tuning crop in pixels (None: no crop). A UNet trains on the crop itself, so the side is
+    a multiple of the product of its strides; UNETR gets the crop padded back to its fixed grid."""
+    size = cfg.data.image_size
+    if cfg.crop_fraction >= 1.0:
+        return None
+    step = math.prod(cfg.model.unet_strides) if cfg.segmenter == "unet" else 1
+    side = max(step, int(cfg.crop_fraction * size) // step * step)
+    return side if side < size else None
+
+
 def _is_none(init: str | None) -> bool:
     return init is None or str(init).strip().lower() in ("", "none", "scratch")
 
@@ -329,7 +340,8 @@ def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool,
         model = torch.compile(model)
     model, optimizer = fabric.setup(model, optimizer)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    transform = (segment_augment(cfg.data.image_size, cfg.min_crop_area, cfg.rotate_deg, cfg.intensity_jitter)
+    transform = (segment_augment(cfg.data.image_size, cfg.min_crop_area, cfg.rotate_deg, cfg.intensity_jitter,
+                                 crop_size=train_crop_size(cfg), pad=cfg.segmenter == "unetr")
                  if cfg.train.augment else None)
     dataset = ArrayDataset(data.train.images, data.train.labels, transform, seed=cfg.train.seed)
     log = MetricsLog(out, resume_step=state["step"] if resume else None, tensorboard=is_main) if is_main else None
