@@ -65,6 +65,15 @@ def test_compare_grid_tables_and_resume(tmp_path: Path, monkeypatch: pytest.Monk
     assert table[("unet", "random")]["n"] == 2
     md = (out / "results.md").read_text()
     assert "| unet | scratch | 2 |" in md and "+-" in md
+    # the intensity floor, fitted on the labelled subsets of the same two seeds and the grid's own splits
+    from ahm.bench.baseline import run_baseline
+
+    assert [r["seed"] for r in result["baseline"]["rows"]] == [0, 1]
+    assert "Intensity lookup baseline" in md and f"{result['baseline']['summary']['dice']['mean']:.4f}" in md
+    own = run_baseline(data, 0.5, 2, data_cfg=compare.build_config(
+        compare.FinetuneConfig, overrides=_grid_overrides(tmp_path)["finetune"]).data)
+    assert own["rows"] == result["baseline"]["rows"]
+    assert json.loads((out / "baseline.json").read_text())["rows"] == own["rows"]
     assert (out / "results.png").stat().st_size > 1000
 
     # A second run reuses every finished cell: nothing is trained again.

@@ -65,15 +65,19 @@ def apply_intensity_lookup(table: np.ndarray, images: np.ndarray, bins: int = 25
 
 def run_baseline(data: str | Path, labels_fraction: float, seeds: int, first_seed: int = 0, bins: int = 256,
                  split: str = "test", image_size: int = 128, layout: str = "auto",
-                 log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Fit the lookup on each seed's labelled subset (the one `ahm finetune --seed S` uses); score val and `split`."""
+                 log: Callable[[str], None] | None = None, data_cfg: Any = None) -> dict[str, Any]:
+    """Fit the lookup on each seed's labelled subset (the one `ahm finetune --seed S` uses); score val and `split`.
+
+    `data_cfg` (a DataConfig) gives the splits and the grid of a fine-tuning config; else `image_size`/`layout`
+    with the default splits."""
     from ahm.config import DataConfig
     from ahm.data import label_subset, load_arrays, make_splits, open_dataset
     from ahm.eval.metrics import case_metrics, summarize
 
     if seeds < 1:
         raise AhmError(f"--seeds must be at least 1, got {seeds}")
-    cfg = DataConfig(path=str(data), image_size=image_size, layout=layout)
+    cfg = (data_cfg.model_copy(update={"path": str(data)}) if data_cfg is not None
+           else DataConfig(path=str(data), image_size=image_size, layout=layout))
     index = open_dataset(data, cfg)
     if not index.has_labels:
         raise AhmError(f"{data}: no masks found ({index.layout} layout); the baseline needs labelled images")
@@ -107,7 +111,7 @@ def run_baseline(data: str | Path, labels_fraction: float, seeds: int, first_see
         summary[key] = {"mean": float(values.mean()) if values.size else None,
                         "std": float(values.std(ddof=1)) if values.size > 1 else 0.0}
     return {"data": str(data), "labels_fraction": labels_fraction, "bins": bins, "split": split,
-            "image_size": image_size, "rows": rows, "summary": summary}
+            "image_size": cfg.image_size, "rows": rows, "summary": summary}
 
 
 def _fmt(value: float | None) -> str:

@@ -104,8 +104,15 @@ def run_compare(data: str | Path, out: str | Path, policies: list[str], backbone
         write_json(done, row)
         rows.append(row)
     table = aggregate(rows)
-    write_results(out, rows, table, split)
-    return {"rows": rows, "table": table}
+    # The floor every cell should clear: intensity alone, fitted on the same labelled subsets.
+    from ahm.bench.baseline import run_baseline
+
+    data_cfg = build_config(FinetuneConfig, overrides=_merge(overrides.get("finetune", {}),
+                                                             {"data": {"path": str(data)}}), nulls=True).data
+    baseline = run_baseline(data, labels_fraction, seeds, first_seed, split=split, data_cfg=data_cfg)
+    write_json(out / "baseline.json", baseline)
+    write_results(out, rows, table, split, baseline)
+    return {"rows": rows, "table": table, "baseline": baseline}
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -143,7 +150,8 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return table
 
 
-def write_results(out: Path, rows: list[dict[str, Any]], table: list[dict[str, Any]], split: str) -> None:
+def write_results(out: Path, rows: list[dict[str, Any]], table: list[dict[str, Any]], split: str,
+                  baseline: dict[str, Any] | None = None) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
     writer.writeheader()
@@ -163,11 +171,22 @@ def write_results(out: Path, rows: list[dict[str, Any]], table: list[dict[str, A
             f"{e['iou']:.4f} +- {e['iou_std']:.4f} | {e['hd95']:.2f} +- {e['hd95_std']:.2f} | "
             f"{e['val_dice']:.4f} +- {e['val_dice_std']:.4f} |"
         )
+    floor = None
+    if baseline is not None:
+        b = baseline["summary"]
+        floor = b["dice"]["mean"]
+        lines += ["", f"Intensity lookup baseline (`ahm bench baseline`, same labelled subsets, "
+                      f"{len(baseline['rows'])} seed(s)): Dice ({split}) "
+                      f"{_pm(b['dice'])}, IoU {_pm(b['iou'])}, HD95 {_pm(b['hd95'], 2)}, val Dice {_pm(b['val_dice'])}."]
     write_text(out / "results.md", "\n".join(lines) + "\n")
-    _plot(out / "results.png", table, split)
+    _plot(out / "results.png", table, split, floor)
 
 
-def _plot(path: Path, table: list[dict[str, Any]], split: str) -> None:
+def _pm(m: dict[str, Any], digits: int = 4) -> str:
+    return "-" if m.get("mean") is None else f"{m['mean']:.{digits}f} +- {m['std']:.{digits}f}"
+
+
+def _plot(path: Path, table: list[dict[str, Any]], split: str, floor: float | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -187,9 +206,12 @@ def _plot(path: Path, table: list[dict[str, Any]], split: str) -> None:
             means.append(e["dice"])
             stds.append(e["dice_std"])
         ax.bar(xs, means, width=width, yerr=stds, capsize=3, label=backbone)
+    if floor is not None:
+        ax.axhline(floor, color="0.3", linestyle="--", linewidth=1, label="intensity lookup")
     ax.set_xticks([i + width * (len(backbones) - 1) / 2 for i in range(len(policies))], policies)
     ax.set_ylabel(f"mean Dice ({split})")
-    lo = min((e["dice"] - e["dice_std"] for e in table if not math.isnan(e["dice"])), default=0.0)
+    lo = min([e["dice"] - e["dice_std"] for e in table if not math.isnan(e["dice"])]
+             + ([floor] if floor is not None else []), default=0.0)
     ax.set_ylim(max(0.0, lo - 0.05), 1.0)
     ax.legend()
     fig.tight_layout()
