@@ -115,7 +115,7 @@ class ModelConfig(_Strict):
     unet_num_res_units: int = 2
     # Normalisation of the convolution blocks (the UNet; UNETR's convolutional decoder). "batch" keeps the
     # absolute intensity that tells tissues apart in MRI/CT; "instance" (MONAI's default, and this project's
-    # until 0.1) normalises every feature map per image and so cannot see it: on the brain set it cost 0.08
+    # before the option existed) normalises every feature map per image and so cannot see it: on the brain set it cost 0.08
     # validation Dice (docs/pretraining.md).
     norm: Literal["batch", "instance"] = "batch"
 
@@ -339,7 +339,6 @@ class FinetuneConfig(_Strict):
         if not 0.0 <= v < 1.0:
             raise ValueError("must be in [0, 1)")
         return v
-
 
 
 def _format_validation_error(exc: ValidationError, source: str) -> str:

@@ -49,6 +49,19 @@ def test_intensity_explains_bright_discs_but_not_a_position_label(tmp_path: Path
     assert doc["summary"]["dice"]["mean"] < 0.7
 
 
+def test_colour_images_get_a_joint_table_of_32_bins_per_channel(tmp_path: Path) -> None:
+    grey = make_blob_folder(tmp_path / "grey", n=16)
+    colour = tmp_path / "colour"
+    (colour / "images").mkdir(parents=True)
+    (colour / "masks").symlink_to(grey / "masks")
+    for png in sorted((grey / "images").glob("*.png")):
+        Image.open(png).convert("RGB").save(colour / "images" / png.name)
+    doc = run_baseline(colour, labels_fraction=0.5, seeds=1, image_size=32)
+    assert doc["bins"] == 32 and doc["summary"]["dice"]["mean"] > 0.95
+    with pytest.raises(AhmError, match="--bins 256 with 3 channels"):
+        run_baseline(colour, labels_fraction=0.5, seeds=1, image_size=32, bins=256)
+
+
 def test_bad_input_is_one_line(tmp_path: Path) -> None:
     from ahm.cli.app import _register, app
 

@@ -273,3 +273,23 @@ def test_val_every_sets_when_validation_runs(blobs: Path, tmp_path: Path) -> Non
     assert summary["val_every"] == 3 and summary["steps"] == 7
     with pytest.raises(AhmError, match="val_every"):
         _cfg(blobs, val_every=0)
+
+
+def test_run_configs_written_before_model_norm_existed_mean_instance_norm(tmp_path: Path) -> None:
+    import yaml
+
+    from ahm.config import load_config
+
+    cfg = FinetuneConfig()
+    assert cfg.model.norm == "batch"
+    saved = cfg.model_dump(mode="json")
+    del saved["model"]["norm"]
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump(saved))
+    assert load_config(FinetuneConfig, tmp_path / "old.yaml").model.norm == "instance"
+    assert build_config(FinetuneConfig, file=tmp_path / "old.yaml").model.norm == "batch"  # a user's file: default
+    save_config(cfg, tmp_path / "new.yaml")
+    assert load_config(FinetuneConfig, tmp_path / "new.yaml").model.norm == "batch"
+    pre = PretrainConfig().model_dump(mode="json")
+    del pre["model"]["norm"]
+    (tmp_path / "pre.yaml").write_text(yaml.safe_dump(pre))
+    assert load_config(PretrainConfig, tmp_path / "pre.yaml").model.norm == "instance"

@@ -20,7 +20,12 @@ import numpy as np
 
 from ahm.errors import AhmError
 
-MAX_TABLE = 1 << 24  # bins ** channels
+MAX_TABLE = 1 << 20  # bins ** channels
+
+
+def default_bins(channels: int) -> int:
+    """256 levels for one channel; 32 per channel for colour (a joint table of 32**3 bins)."""
+    return 256 if channels == 1 else 32
 
 
 def _bin_index(images: np.ndarray, bins: int) -> np.ndarray:
@@ -63,10 +68,11 @@ def apply_intensity_lookup(table: np.ndarray, images: np.ndarray, bins: int = 25
     return table[_bin_index(images, bins)]
 
 
-def run_baseline(data: str | Path, labels_fraction: float, seeds: int, first_seed: int = 0, bins: int = 256,
+def run_baseline(data: str | Path, labels_fraction: float, seeds: int, first_seed: int = 0, bins: int | None = None,
                  split: str = "test", image_size: int = 128, layout: str = "auto",
                  log: Callable[[str], None] | None = None, data_cfg: Any = None) -> dict[str, Any]:
     """Fit the lookup on each seed's labelled subset (the one `ahm finetune --seed S` uses); score val and `split`.
+    `bins` per channel, default `default_bins(channels)`.
 
     `data_cfg` (a DataConfig) gives the splits and the grid of a fine-tuning config; else `image_size`/`layout`
     with the default splits."""
@@ -76,6 +82,8 @@ def run_baseline(data: str | Path, labels_fraction: float, seeds: int, first_see
 
     if seeds < 1:
         raise AhmError(f"--seeds must be at least 1, got {seeds}")
+    if bins is not None and bins < 2:
+        raise AhmError(f"--bins must be at least 2, got {bins}")
     cfg = (data_cfg.model_copy(update={"path": str(data)}) if data_cfg is not None
            else DataConfig(path=str(data), image_size=image_size, layout=layout))
     index = open_dataset(data, cfg)
@@ -91,6 +99,8 @@ def run_baseline(data: str | Path, labels_fraction: float, seeds: int, first_see
     for seed in range(first_seed, first_seed + seeds):
         labelled = label_subset(index, list(splits["train"]), labels_fraction, seed)
         train = load_arrays(index, labelled, cfg, labels=True)
+        if bins is None:
+            bins = default_bins(int(train.images.shape[1]))
         num_classes = max(2, int(max([train.labels.max(initial=0)] +
                                      [a.labels.max(initial=0) for a in evaluated.values()])) + 1)
         table = fit_intensity_lookup(train.images, train.labels, num_classes, bins)

@@ -111,7 +111,7 @@ def baseline(
     labels_fraction: float = typer.Option(0.1, "--labels-fraction", help="Share of training subjects labelled."),
     seeds: int = typer.Option(3, help="Seeds (each draws the labelled subset `ahm finetune --seed S` uses)."),
     first_seed: int = typer.Option(0, "--first-seed", help="First seed."),
-    bins: int = typer.Option(256, help="Intensity bins per channel."),
+    bins: Optional[int] = typer.Option(None, help="Intensity bins per channel (default 256; 32 for colour)."),
     split: str = typer.Option("test", help="Split reported beside val."),
     image_size: int = typer.Option(128, "--image-size", help="Model grid size (as for fine-tuning)."),
     layout: str = typer.Option("auto", "--layout", help="Dataset layout (default: auto-detect)."),
