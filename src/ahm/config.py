@@ -32,6 +32,7 @@ def _fraction(v: float) -> float:
 OptionalCount = Annotated[Optional[int], AfterValidator(_optional_at_least_one)]  # None, or 1 and more
 Fraction = Annotated[float, AfterValidator(_fraction)]  # in (0, 1]
 
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -115,8 +116,8 @@ class ModelConfig(_Strict):
     unet_num_res_units: int = 2
     # Normalisation of the convolution blocks (the UNet; UNETR's convolutional decoder). "batch" keeps the
     # absolute intensity that tells tissues apart in MRI/CT; "instance" (MONAI's default, and this project's
-    # before the option existed) normalises every feature map per image and so cannot see it: on the brain set it cost 0.08
-    # validation Dice (docs/pretraining.md).
+    # before the option existed) normalises every feature map per image and so cannot see it: on the brain
+    # set it cost 0.08 validation Dice (docs/pretraining.md).
     norm: Literal["batch", "instance"] = "batch"
 
     @model_validator(mode="after")
@@ -377,16 +378,20 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 _SECTIONS = {"PretrainConfig": "pretrain", "FinetuneConfig": "finetune"}
 
 
+def _section_for(kind: type[_Strict], loaded: dict[str, Any]) -> dict[str, Any]:
+    """A preset file may hold both `pretrain:` and `finetune:` sections; the one for this kind."""
+    section = _SECTIONS.get(kind.__name__)
+    if section and (section in loaded or set(loaded) <= set(_SECTIONS.values())):
+        return loaded.get(section) or {}
+    return loaded
+
+
 def build_config(kind: type[_Strict], file: str | Path | None = None, overrides: dict[str, Any] | None = None,
                  source: str = "options", nulls: bool = False) -> Any:
     """Defaults <- YAML file <- overrides (nested dict; None means "not given" unless `nulls`), validated."""
     merged: dict[str, Any] = kind().model_dump()
     if file is not None:
-        loaded = read_yaml(file)
-        # A preset file may hold both `pretrain:` and `finetune:` sections; take the one for this kind.
-        section = _SECTIONS.get(kind.__name__)
-        if section and (section in loaded or set(loaded) <= set(_SECTIONS.values())):
-            loaded = loaded.get(section) or {}
+        loaded = _section_for(kind, read_yaml(file))
         merged = _deep_merge(merged, loaded, keep_none=True)
         source = str(file)
     if overrides:
@@ -418,10 +423,7 @@ def load_config(kind: type[_Strict], path: str | Path) -> Any:
     cfg = build_config(kind, file=path)
     model = getattr(cfg, "model", None)
     if isinstance(model, ModelConfig):
-        saved = read_yaml(path)
-        section = _SECTIONS.get(kind.__name__)
-        if section and section in saved:
-            saved = saved.get(section) or {}
+        saved = _section_for(kind, read_yaml(path))
         if "norm" not in (saved.get("model") or {}):
             model.norm = "instance"
     return cfg

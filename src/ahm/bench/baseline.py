@@ -54,11 +54,12 @@ def fit_intensity_lookup(images: np.ndarray, labels: np.ndarray, num_classes: in
     if not seen.any():
         raise AhmError("the labelled images are empty; nothing to fit the intensity baseline on")
     if channels == 1:
-        where = np.flatnonzero(seen)
-        nearest = where[np.clip(np.searchsorted(where, np.arange(size)), 0, len(where) - 1)]
-        below = where[np.clip(np.searchsorted(where, np.arange(size)) - 1, 0, len(where) - 1)]
-        pick = np.where(np.abs(below - np.arange(size)) <= np.abs(nearest - np.arange(size)), below, nearest)
-        table = np.where(seen, table, table[pick])
+        # each bin takes the class of the closest seen bin (the lower one on a tie)
+        where, levels = np.flatnonzero(seen), np.arange(size)
+        pos = np.searchsorted(where, levels)
+        above = where[np.minimum(pos, len(where) - 1)]
+        below = where[np.maximum(pos - 1, 0)]
+        table = np.where(seen, table, table[np.where(levels - below <= np.abs(above - levels), below, above)])
     else:
         table = np.where(seen, table, int(counts.sum(axis=0).argmax()))
     return table
