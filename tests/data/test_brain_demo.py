@@ -158,3 +158,48 @@ def test_labels_are_decided_on_the_model_grid_and_align_with_the_image(tmp_path,
         assert (mask[image <= 58] == 0).all(), path.name  # mostly background
         checked += int((image >= 200).any())
     assert checked > 20
+
+
+def test_acquisition_shift_is_a_fixed_per_slice_draw_that_keeps_the_background():
+    from ahm.data.brain_demo import acquisition_shift
+
+    image = np.zeros((48, 40), np.uint8)
+    image[8:40, 6:34] = np.linspace(40, 220, 28, dtype=np.uint8)[None, :]
+    a = acquisition_shift(image, "ax0s01__010")
+    assert a.shape == image.shape and a.dtype == np.uint8
+    assert np.array_equal(a, acquisition_shift(image, "ax0s01__010"))  # same name, same draw
+    b = acquisition_shift(image, "ax0s01__011")
+    assert not np.array_equal(a, b)  # each slice its own acquisition
+    assert (a[image == 0] == 0).all() and a.max() == 255  # no noise outside the head; full scale kept
+    # Not a monotone remapping of the original: the bias field and noise make equal inputs differ.
+    assert len(np.unique(a[8:40, 6][image[8:40, 6] == image[8, 6]])) > 1
+
+
+def test_shifted_set_keeps_masks_and_splits_and_defeats_the_intensity_lookup(demo, tmp_path):
+    from ahm.bench.baseline import run_baseline
+
+    plain, _ = demo
+    shifted = tmp_path / "shifted"
+    _register()
+    result = CliRunner().invoke(
+        app, ["data", "prepare", "brain-demo", "--out", str(shifted), "--image-size", "64", "--shift"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "simulated acquisition shift" in result.output
+    assert json.loads((shifted / "brain_demo.json").read_text())["shift"]["gamma"] == [0.6, 1.6]
+    assert json.loads((plain / "brain_demo.json").read_text())["shift"] is None
+    assert (shifted / "splits.json").read_text() == (plain / "splits.json").read_text()
+    names = sorted(p.name for p in (plain / "masks").glob("*.png"))
+    assert names == sorted(p.name for p in (shifted / "masks").glob("*.png"))
+    changed = 0
+    for name in names[::9]:
+        assert (shifted / "masks" / name).read_bytes() == (plain / "masks" / name).read_bytes()
+        changed += not np.array_equal(
+            np.asarray(Image.open(shifted / "images" / name)), np.asarray(Image.open(plain / "images" / name))
+        )
+    assert changed == len(names[::9])
+    floors = {
+        name: run_baseline(path, 0.1, seeds=1, image_size=64)["summary"]["val_dice"]["mean"]
+        for name, path in (("plain", plain), ("shifted", shifted))
+    }
+    assert floors["plain"] > 0.85 and floors["shifted"] < floors["plain"] - 0.08, floors

@@ -8,6 +8,11 @@ nearly identical, so slices are grouped into slabs (the "subjects" of this set),
 split, and a gap of slices between slabs is dropped: adjacent slices never sit on two sides of a split.
 Slices of different axes do intersect; the set is for demonstrating and testing the pipeline, not for
 reporting accuracy.
+
+With `shift=True` every slice also gets its own simulated acquisition (`acquisition_shift`): a random gamma,
+a smooth multiplicative bias field, a global gain and noise, as if each slice came from a different scanner
+and session. The labels do not change. On the plain set a lookup table from intensity to tissue nearly
+solves the task (`ahm bench baseline`); on the shifted set it does not, so a network has to use context.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import os
 import shutil
 import tempfile
 import warnings
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,6 +37,10 @@ SLAB_SIZE = 4
 GAP = 2
 MIN_BRAIN_FRACTION = 0.05
 FRACTIONS = {"val": 0.15, "test": 0.15}
+# The simulated acquisition of `shift=True`, per slice: gamma log-uniform in GAMMA, bias field
+# exp(c . [x, y, xy, x^2, y^2]) with c ~ N(0, BIAS_SD) on a [-1, 1] grid, gain uniform in GAIN, Gaussian noise
+# of NOISE_SD (of full scale) inside non-zero pixels; then rescaled so the brightest pixel is 255.
+SHIFT = {"gamma": (0.6, 1.6), "bias_sd": 0.15, "gain": (0.7, 1.3), "noise_sd": 0.02}
 
 
 _FILES = {name: f"mni_icbm152_{name}_tal_nlin_sym_09a_converted.nii.gz" for name in ("t1", "gm", "wm")}
@@ -124,6 +134,27 @@ def plan_slabs(kept: list[int], slab_size: int = SLAB_SIZE, gap: int = GAP) -> l
     return slabs
 
 
+def acquisition_shift(image: np.ndarray, name: str) -> np.ndarray:
+    """`image` (uint8, 2D) as if acquired differently: random gamma, smooth bias field, gain and noise (`SHIFT`).
+
+    The draw depends only on `name` (the slice's file stem), so a slice gets the same shift on every build and
+    on every machine, whatever the order of the work.
+    """
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
+    h, w = image.shape
+    grid = np.mgrid[:h, :w].astype(np.float64)
+    yy, xx = grid[0] / max(h - 1, 1) * 2 - 1, grid[1] / max(w - 1, 1) * 2 - 1
+    img = image.astype(np.float64) / 255.0
+    low, high = SHIFT["gamma"]
+    gamma = np.exp(rng.uniform(np.log(low), np.log(high)))
+    c = rng.normal(0.0, SHIFT["bias_sd"], size=5)
+    bias = np.exp(c[0] * xx + c[1] * yy + c[2] * xx * yy + c[3] * xx**2 + c[4] * yy**2)
+    shifted = (img**gamma) * bias * rng.uniform(*SHIFT["gain"])
+    shifted = shifted + rng.normal(0.0, SHIFT["noise_sd"], size=shifted.shape) * (img > 0)
+    shifted = np.clip(shifted / max(float(shifted.max()), 1e-6), 0.0, 1.0)
+    return (shifted * 255.0).round().astype(np.uint8)
+
+
 def _assign(n_slabs: int, rng: np.random.Generator) -> list[str]:
     sides = ["train"] * n_slabs
     order = rng.permutation(n_slabs)
@@ -150,9 +181,15 @@ def _save_png(path: Path, array: np.ndarray) -> None:
 
 
 def prepare_brain_demo(
-    out: Path, image_size: int = 128, progress: Callable[[int, int], None] | None = None, seed: int = 0
+    out: Path,
+    image_size: int = 128,
+    progress: Callable[[int, int], None] | None = None,
+    seed: int = 0,
+    shift: bool = False,
 ) -> dict:
     """Write the brain demo set to `out` (folder layout + splits.json) and return a summary.
+
+    `shift`: give every slice its own simulated acquisition (`acquisition_shift`); masks and splits are the same.
 
     Refuses a non-empty `out` unless it is a previous brain demo (then replaced). The set is written to a
     temporary folder beside `out` and renamed into place, so `out` is never left half written.
@@ -206,7 +243,10 @@ def prepare_brain_demo(
             # on a grid ~1.7x coarser, nearest sampling keeps one voxel in three and frays the thin grey ribbon.
             tissue = np.rot90(np.take(probs, k, axis=axis + 1), axes=(1, 2)).astype(np.float32)
             label = tissue_labels(resize_image(tissue, image_size))
-            _save_png(tmp / "images" / f"{stem}.png", np.clip(np.round(image), 0, 255))
+            pixels = np.clip(np.round(image), 0, 255).astype(np.uint8)
+            if shift:
+                pixels = acquisition_shift(pixels, stem)
+            _save_png(tmp / "images" / f"{stem}.png", pixels)
             _save_png(tmp / "masks" / f"{stem}.png", label)
             if progress is not None:
                 progress(done, len(work))
@@ -221,6 +261,7 @@ def prepare_brain_demo(
             "gap": GAP,
             "min_brain_fraction": MIN_BRAIN_FRACTION,
             "seed": seed,
+            "shift": SHIFT if shift else None,
             "images": len(work),
             "splits": counts,
             "slabs": slab_counts,
@@ -237,6 +278,7 @@ def prepare_brain_demo(
         "splits": counts,
         "slabs": slab_counts,
         "image_size": image_size,
+        "shift": shift,
         "labels": LABELS,
         "paths": {name: str(out / name) for name in ("images", "masks", "splits.json", MARKER)},
     }
