@@ -75,6 +75,13 @@ def test_compare_grid_tables_and_resume(tmp_path: Path, monkeypatch: pytest.Monk
     assert own["rows"] == result["baseline"]["rows"]
     assert json.loads((out / "baseline.json").read_text())["rows"] == own["rows"]
     assert (out / "results.png").stat().st_size > 1000
+    # random - scratch, paired by seed
+    (pair,) = result["paired"]
+    by = {(r["policy"], r["seed"]): r["dice"] for r in result["rows"]}
+    diffs = [by[("random", s)] - by[("scratch", s)] for s in (0, 1)]
+    assert (pair["policy"], pair["reference"], pair["n"]) == ("random", "scratch", 2)
+    assert pair["dice"] == pytest.approx(sum(diffs) / 2)
+    assert "| unet | random - scratch | 2 |" in md
 
     # A second run reuses every finished cell: nothing is trained again.
     def boom(*a, **k):
@@ -87,6 +94,30 @@ def test_compare_grid_tables_and_resume(tmp_path: Path, monkeypatch: pytest.Monk
     assert [r["dice"] for r in again["rows"]] == [r["dice"] for r in result["rows"]]
     cell = json.loads(next((out / "cells").glob("unet-random-seed0*/cell.json")).read_text())
     assert cell["pretrain_final_loss"] is not None
+
+
+def test_paired_differences_by_seed_with_exact_sign_flip_p() -> None:
+    from ahm.bench.compare import paired_differences, sign_flip_p
+
+    # all 3 differences positive: only "all +" and "all -" of the 8 sign patterns reach |mean| -> p = 2/8
+    assert sign_flip_p([0.01, 0.02, 0.03]) == pytest.approx(0.25)
+    # +3, -1, +1: patterns with |sum| >= 3 are (+3,+-1,+-1) with sum 3 or 5 and mirrored: 6 of 8
+    assert sign_flip_p([3.0, -1.0, 1.0]) == pytest.approx(6 / 8)
+    assert sign_flip_p([0.5] * 8) == pytest.approx(2 / 256)
+    rows = []
+    for seed, (scratch, random, ahm) in enumerate([(0.80, 0.79, 0.83), (0.82, 0.83, 0.84), (0.81, 0.80, 0.80)]):
+        for policy, dice in (("scratch", scratch), ("random", random), ("ahm", ahm)):
+            rows.append({"backbone": "unet", "policy": policy, "seed": seed, "dice": dice, "val_dice": dice - 0.1})
+    rows.append({"backbone": "unet", "policy": "ahm", "seed": 7, "dice": 0.9, "val_dice": 0.9})  # unpaired: left out
+    got = {(e["policy"], e["reference"]): e for e in paired_differences(rows)}
+    assert set(got) == {("random", "scratch"), ("ahm", "scratch"), ("ahm", "random")}
+    e = got[("ahm", "scratch")]
+    assert e["n"] == 3 and e["dice"] == pytest.approx((0.03 + 0.02 - 0.01) / 3)
+    assert e["dice_std"] == pytest.approx(0.02081666, abs=1e-6) and e["dice_ahead"] == 2
+    assert e["dice_p"] == pytest.approx(sign_flip_p([0.03, 0.02, -0.01]))
+    assert got[("ahm", "random")]["dice_ahead"] == 2 and got[("ahm", "random")]["val_dice"] == pytest.approx(
+        (0.04 + 0.01 + 0.0) / 3
+    )
 
 
 def test_compare_rejects_unknown_names(tmp_path: Path) -> None:

@@ -66,7 +66,11 @@ def compare(
     split: str = typer.Option("test", help="Split the table reports (choices are made on val, never on it)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML with `pretrain:` and `finetune:` sections."),
 ) -> None:
-    """Run the policy x backbone x seed grid; write results.csv, results.md (mean +- std) and results.png."""
+    """Run the policy x backbone x seed grid; write results.csv, results.md and results.png.
+
+    results.md: mean +- std per backbone and policy; each policy minus scratch (and minus random) paired by seed,
+    with the seeds it was ahead on and an exact sign-flip p-value; the intensity-lookup floor.
+    """
     from ahm.bench.compare import run_compare
     from ahm.config import read_yaml
 
