@@ -37,9 +37,9 @@ SLAB_SIZE = 4
 GAP = 2
 MIN_BRAIN_FRACTION = 0.05
 FRACTIONS = {"val": 0.15, "test": 0.15}
-# The simulated acquisition of `shift=True`, per slice: gamma log-uniform in GAMMA, bias field
-# exp(c . [x, y, xy, x^2, y^2]) with c ~ N(0, BIAS_SD) on a [-1, 1] grid, gain uniform in GAIN, Gaussian noise
-# of NOISE_SD (of full scale) inside non-zero pixels; then rescaled so the brightest pixel is 255.
+# The simulated acquisition of `shift=True`, per slice: gamma log-uniform in "gamma", bias field
+# exp(c . [x, y, xy, x^2, y^2]) with c ~ N(0, "bias_sd") on a [-1, 1] grid, gain uniform in "gain", Gaussian
+# noise of "noise_sd" (of full scale) inside non-zero pixels; then rescaled so the brightest pixel is 255.
 SHIFT = {"gamma": (0.6, 1.6), "bias_sd": 0.15, "gain": (0.7, 1.3), "noise_sd": 0.02}
 
 
