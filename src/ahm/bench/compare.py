@@ -186,9 +186,9 @@ def paired_differences(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 continue
             entry: dict[str, Any] = {"backbone": backbone, "policy": policy, "reference": reference, "n": len(seeds)}
             for metric in ("dice", "val_dice"):
-                diffs = [by_cell[(backbone, policy, s)].get(metric) for s in seeds]
-                refs = [by_cell[(backbone, reference, s)].get(metric) for s in seeds]
-                d = [a - b for a, b in zip(diffs, refs) if a is not None and b is not None]
+                values = [(by_cell[(backbone, policy, s)].get(metric), by_cell[(backbone, reference, s)].get(metric))
+                          for s in seeds]
+                d = [a - b for a, b in values if a is not None and b is not None]
                 entry[metric], entry[metric + "_std"] = _mean_std(d)
                 entry[metric + "_ahead"] = sum(x > 0 for x in d)
                 entry[metric + "_p"] = sign_flip_p(d)
