@@ -325,6 +325,12 @@ class FinetuneConfig(_Strict):
     # Random intensity scale/shift of the image (up to +- this fraction, half of the time each; 0: off).
     # Off by default: where a tissue boundary is an intensity threshold, jitter moves it and adds label noise.
     intensity_jitter: float = 0.0
+    # Simulated acquisition changes on the image, half of the time each (0: off): a gamma drawn in
+    # [1/(1+gamma), 1+gamma], and a smooth multiplicative bias field with coefficients in [-bias_field,
+    # bias_field]. For sets whose scans differ in contrast and shading (e.g. brain-demo --shift); both keep
+    # the order of intensities within an image, unlike jitter across a threshold.
+    gamma: float = 0.0
+    bias_field: float = 0.0
     rotate_deg: float = 0.0  # random in-plane rotation of up to +- this many degrees, half of the time (0: off)
 
     @field_validator("rotate_deg")
@@ -339,6 +345,20 @@ class FinetuneConfig(_Strict):
     def _jitter(cls, v: float) -> float:
         if not 0.0 <= v < 1.0:
             raise ValueError("must be in [0, 1)")
+        return v
+
+    @field_validator("gamma")
+    @classmethod
+    def _gamma(cls, v: float) -> float:
+        if not 0.0 <= v <= 4.0:
+            raise ValueError("must be in [0, 4]")
+        return v
+
+    @field_validator("bias_field")
+    @classmethod
+    def _bias(cls, v: float) -> float:
+        if not 0.0 <= v <= 1.0:
+            raise ValueError("must be in [0, 1]")
         return v
 
 

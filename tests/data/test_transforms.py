@@ -25,7 +25,8 @@ def _sample(with_label: bool = True) -> dict:
 
 def _every_aug(size: int = SIZE):
     """segment_augment with every random part switched on (the defaults leave only the crop and flips)."""
-    return segment_augment(size, min_crop_area=0.7, rotate_deg=10.0, intensity_jitter=0.05, crop_size=size - 4)
+    return segment_augment(size, min_crop_area=0.7, rotate_deg=10.0, intensity_jitter=0.05, gamma=0.5,
+                           bias_field=0.2, crop_size=size - 4)
 
 
 def _run(aug, sample, seed):
@@ -153,6 +154,65 @@ def test_segment_intensity_jitter_is_off_by_default_and_bounded_when_on():
     assert changed >= 3
     with pytest.raises(AhmError, match="intensity_jitter"):
         segment_augment(SIZE, intensity_jitter=1.5)
+
+
+def _flipped_to_match(out: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """The flip of `image` whose zero pattern matches `out` (the acquisition changes keep zeros at zero)."""
+    flips = [image, image.flip(1), image.flip(2), image.flip(1).flip(2)]
+    return next(f for f in flips if torch.equal(f == 0, out == 0))
+
+
+def test_segment_gamma_keeps_intensity_order_and_labels():
+    sample = _sample()
+    image = sample["image"]
+    image[:, :4] = 0.0  # background bands in one corner (so each flip has its own zero pattern): they stay zero
+    image[:, :, :2] = 0.0
+    plain = segment_augment(SIZE, min_crop_area=1.0)
+    aug = segment_augment(SIZE, min_crop_area=1.0, gamma=0.5)
+    changed = 0
+    for seed in range(10):
+        out = _run(aug, sample, seed)
+        ref = _run(plain, sample, seed)  # the same flips: only the intensities differ
+        assert torch.equal(out["label"], ref["label"])
+        before = _flipped_to_match(out["image"], image)
+        assert torch.equal(before, ref["image"])
+        for c in range(image.shape[0]):  # a gamma on each image's own range is monotone: ranks kept
+            x, y = before[c].flatten(), out["image"][c].flatten()
+            order = torch.argsort(x)
+            assert bool((y[order][1:] >= y[order][:-1] - 1e-6).all()), seed
+            assert float(y.min()) == pytest.approx(float(x.min()), abs=1e-6)
+            assert float(y.max()) == pytest.approx(float(x.max()), abs=1e-4)
+        changed += int(not torch.allclose(out["image"], before))
+    assert 2 <= changed <= 9  # half of the time, give or take
+
+
+def test_segment_bias_field_is_smooth_positive_and_keeps_zeros():
+    sample = _sample()
+    image = sample["image"] + 0.1  # no zeros inside, so the field can be read off everywhere
+    image[:, :, :3] = 0.0
+    image[:, :2] = 0.0
+    sample["image"] = image
+    aug = segment_augment(SIZE, min_crop_area=1.0, bias_field=0.3)
+    changed = 0
+    for seed in range(10):
+        out = _run(aug, sample, seed)
+        before = _flipped_to_match(out["image"], image)
+        inside = before > 0
+        assert torch.equal(out["image"][~inside], before[~inside])
+        field = out["image"][inside] / before[inside]
+        assert float(field.min()) > 0
+        if not torch.allclose(field, torch.ones_like(field)):
+            changed += 1
+            ratio = torch.where(inside, out["image"] / before.clamp_min(1e-12), torch.nan)[0]
+            steps = (ratio[2:, 4:] - ratio[2:, 3:-1]).abs()  # neighbours inside: a smooth field moves little
+            assert float(steps[~steps.isnan()].max()) < 0.25 * float(field.max())
+            # the same multiplicative field on every channel of one image
+            assert torch.allclose(out["image"][1] * before[0], out["image"][0] * before[1], atol=1e-5)
+    assert 2 <= changed <= 9
+    with pytest.raises(AhmError, match="gamma"):
+        segment_augment(SIZE, gamma=-0.1)
+    with pytest.raises(AhmError, match="bias_field"):
+        segment_augment(SIZE, bias_field=2.0)
 
 
 def test_segment_crop_keeps_pixels_exact_and_pads_back_when_asked():

@@ -293,3 +293,21 @@ def test_run_configs_written_before_model_norm_existed_mean_instance_norm(tmp_pa
     del pre["model"]["norm"]
     (tmp_path / "pre.yaml").write_text(yaml.safe_dump(pre))
     assert load_config(PretrainConfig, tmp_path / "pre.yaml").model.norm == "instance"
+
+
+def test_acquisition_augmentation_reaches_training_and_is_validated(blobs: Path, tmp_path: Path) -> None:
+    import yaml
+
+    runs = {}
+    for name, extra in (("plain", {}), ("acq", {"gamma": 0.5, "bias_field": 0.3})):
+        cfg = _cfg(blobs, train={"epochs": 2}, **extra)
+        finetune(cfg, tmp_path / name, progress=False)
+        runs[name] = [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+                      if "loss" in json.loads(line)]
+    saved = yaml.safe_load((tmp_path / "acq" / "config.yaml").read_text())
+    assert saved["gamma"] == 0.5 and saved["bias_field"] == 0.3
+    assert runs["plain"] != runs["acq"]  # same seed, same data order: only the images' intensities differ
+    with pytest.raises(AhmError, match="gamma"):
+        _cfg(blobs, gamma=-1.0)
+    with pytest.raises(AhmError, match="bias_field"):
+        _cfg(blobs, bias_field=3.0)

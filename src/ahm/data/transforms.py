@@ -15,6 +15,8 @@ import torch
 from monai.transforms import (
     Compose,
     MapTransform,
+    RandAdjustContrastd,
+    RandBiasFieldd,
     RandFlipd,
     RandRotated,
     RandScaleIntensityd,
@@ -92,6 +94,8 @@ def segment_augment(
     min_crop_area: float = 1.0,
     rotate_deg: float = 0.0,
     intensity_jitter: float = 0.0,
+    gamma: float = 0.0,
+    bias_field: float = 0.0,
     *,
     crop_size: int | None = None,
     pad: bool = True,
@@ -100,8 +104,11 @@ def segment_augment(
     values are never blended): random rotation by up to +-`rotate_deg` degrees (half of the time; 0 turns it
     off), random resized crop (area `min_crop_area`-1; 1 turns it off), random crop of `crop_size` x `crop_size`
     pixels without any resampling (None turns it off; with `pad` it is zero-padded back to `image_size`, else
-    the sample keeps the crop's size), flips; then, on the image only, a random intensity scale and shift of up
-    to +-`intensity_jitter` (half of the time each; 0 turns it off). The label key is optional. Seed with
+    the sample keeps the crop's size), flips; then, on the image only, simulated acquisition changes, each half
+    of the time and 0 turning it off: a gamma drawn in [1/(1+`gamma`), 1+`gamma`] (MONAI's contrast adjustment,
+    on each image's own min-max range), a smooth multiplicative bias field (MONAI's degree-3 Legendre field, its
+    coefficients drawn in [-`bias_field`, `bias_field`]; zero background stays zero), and a random intensity
+    scale and shift of up to +-`intensity_jitter`. The label key is optional. Seed with
     `.set_random_state(seed=...)`."""
     size = _check_size(image_size)
     if not 0.0 < min_crop_area <= 1.0:
@@ -110,6 +117,10 @@ def segment_augment(
         raise AhmError(f"rotate_deg: must be in [0, 180], got {rotate_deg}")
     if not 0.0 <= intensity_jitter < 1.0:
         raise AhmError(f"intensity_jitter: must be in [0, 1), got {intensity_jitter}")
+    if not 0.0 <= gamma <= 4.0:
+        raise AhmError(f"gamma: must be in [0, 4], got {gamma}")
+    if not 0.0 <= bias_field <= 1.0:
+        raise AhmError(f"bias_field: must be in [0, 1], got {bias_field}")
     if crop_size is not None and not 1 <= crop_size <= size:
         raise AhmError(f"crop size: must be in [1, {size}] pixels, got {crop_size}")
     keys = [IMAGE, LABEL]
@@ -123,6 +134,10 @@ def segment_augment(
                                      allow_missing_keys=True))
         if pad:
             crop.append(SpatialPadd(keys=keys, spatial_size=(size, size), mode="constant", allow_missing_keys=True))
+    acquisition = ([RandAdjustContrastd(keys=[IMAGE], gamma=(1.0 / (1.0 + gamma), 1.0 + gamma), prob=0.5)]
+                   if gamma > 0 else [])
+    acquisition += ([RandBiasFieldd(keys=[IMAGE], degree=3, coeff_range=(-bias_field, bias_field), prob=0.5)]
+                    if bias_field > 0 else [])
     jitter = [
         RandScaleIntensityd(keys=[IMAGE], factors=intensity_jitter, prob=0.5),
         RandShiftIntensityd(keys=[IMAGE], offsets=intensity_jitter, prob=0.5),
@@ -134,6 +149,7 @@ def segment_augment(
             RandFlipd(keys=keys, prob=0.5, spatial_axis=0, allow_missing_keys=True),
             RandFlipd(keys=keys, prob=0.5, spatial_axis=1, allow_missing_keys=True),
         ]
+        + acquisition
         + jitter
         + [_AsPlainTensors()]
     )

@@ -341,7 +341,7 @@ def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool,
     model, optimizer = fabric.setup(model, optimizer)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     transform = (segment_augment(cfg.data.image_size, cfg.min_crop_area, cfg.rotate_deg, cfg.intensity_jitter,
-                                 crop_size=train_crop_size(cfg), pad=cfg.segmenter == "unetr")
+                                 cfg.gamma, cfg.bias_field, crop_size=train_crop_size(cfg), pad=cfg.segmenter == "unetr")
                  if cfg.train.augment else None)
     dataset = ArrayDataset(data.train.images, data.train.labels, transform, seed=cfg.train.seed)
     log = MetricsLog(out, resume_step=state["step"] if resume else None, tensorboard=is_main) if is_main else None
