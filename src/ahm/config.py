@@ -312,6 +312,9 @@ class FinetuneConfig(_Strict):
     labels_fraction: Fraction = 1.0
     layer_decay: float = 1.0  # layer-wise lr decay for a pretrained ViT encoder (1.0: off)
     encoder_lr_scale: float = 1.0  # lr multiplier on pretrained weights
+    # Steps at the start in which only the new layers train (the pretrained weights wait at lr 0, then get their
+    # own warm-up and cosine): linear probing, then fine-tuning (LP-FT). 0: off; no effect from scratch.
+    head_warmup_steps: int = 0
     num_classes: Optional[int] = None  # None: from the labels found in the data
     # Steps between validations (and the best-checkpoint choice). None: every epoch, but at most about 50
     # times per run, so a small labelled subset (an epoch of 2 steps) does not spend its time validating.
@@ -345,6 +348,13 @@ class FinetuneConfig(_Strict):
     def _jitter(cls, v: float) -> float:
         if not 0.0 <= v < 1.0:
             raise ValueError("must be in [0, 1)")
+        return v
+
+    @field_validator("head_warmup_steps")
+    @classmethod
+    def _head_warmup(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError("must be 0 or more")
         return v
 
     @field_validator("gamma")

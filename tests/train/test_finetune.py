@@ -311,3 +311,48 @@ def test_acquisition_augmentation_reaches_training_and_is_validated(blobs: Path,
         _cfg(blobs, gamma=-1.0)
     with pytest.raises(AhmError, match="bias_field"):
         _cfg(blobs, bias_field=3.0)
+
+
+def test_pretrained_lr_factor_waits_then_has_its_own_warmup_and_cosine() -> None:
+    from ahm.train.schedule import lr_factor, pretrained_lr_factor
+
+    assert pretrained_lr_factor(5, 100, 10, 0.01, 0) is None
+    assert [pretrained_lr_factor(s, 100, 10, 0.01, 30) for s in range(30)] == [0.0] * 30
+    assert pretrained_lr_factor(30, 100, 10, 0.01, 30) == pytest.approx(0.1)  # first step of its warm-up
+    assert pretrained_lr_factor(39, 100, 10, 0.01, 30) == pytest.approx(1.0)
+    assert pretrained_lr_factor(99, 100, 10, 0.01, 30) == pytest.approx(lr_factor(69, 70, 10, 0.01))
+    assert pretrained_lr_factor(99, 100, 10, 0.01, 30) < 0.02
+
+
+def test_head_warmup_trains_only_the_new_layers_first(blobs: Path, tmp_path: Path, monkeypatch) -> None:
+    import ahm.train.finetune as ft
+
+    pre = _fake_pretrain_run(tmp_path / "pre", UNET)
+    original = ft.set_lr
+    seen: list[tuple[dict[str, float], torch.Tensor, torch.Tensor]] = []
+
+    def recording(optimizer, *args):
+        out = original(optimizer, *args)
+        groups = {g["name"]: g["lr"] for g in optimizer.param_groups}
+        by_name = {g["name"]: g["params"] for g in optimizer.param_groups}
+        seen.append((groups, by_name["unet.pretrained"][0].detach().clone(),
+                     by_name["unet.head"][0].detach().clone()))
+        return out
+
+    monkeypatch.setattr(ft, "set_lr", recording)
+    cfg = _cfg(blobs, init=str(pre), head_warmup_steps=3, train={"warmup_steps": 1})
+    cfg.train.epochs, cfg.train.steps = None, 6
+    finetune(cfg, tmp_path / "ft", progress=False)
+    assert len(seen) == 6
+    assert [s[0]["unet.pretrained"] for s in seen[:3]] == [0.0, 0.0, 0.0]
+    assert all(s[0]["unet.pretrained"] > 0 for s in seen[3:])
+    assert all(s[0]["unet.head"] > 0 for s in seen)
+    # weights as each step begins: the pretrained ones still untouched after three steps, the head moving at once
+    assert all(torch.equal(seen[0][1], s[1]) for s in seen[1:4]) and not torch.equal(seen[3][1], seen[5][1])
+    assert not torch.equal(seen[0][2], seen[1][2])
+    cfg.head_warmup_steps = 6
+    with pytest.raises(AhmError, match="head_warmup_steps"):
+        finetune(cfg, tmp_path / "ft2", progress=False)
+    assert not (tmp_path / "ft2").exists()
+    with pytest.raises(AhmError, match="head_warmup_steps"):
+        _cfg(blobs, head_warmup_steps=-1)

@@ -190,15 +190,15 @@ def encoder_param_groups(
     UNETR: layer-wise decay over the ViT, block i (0-based) at base*scale*decay**(num_layers - i), the patch
     embedding one step further (decay**(num_layers + 1)), the final norm at base*scale, the decoder at base.
     UNet: every layer but the final up-sampling block is pretrained.
-    Each group has a "name" for logging.
+    Each group has a "name" for logging and "pretrained" (False only for the new layers).
     """
     _check_kind(kind)
     groups: list[dict[str, Any]] = []
 
-    def add(name: str, params: list[nn.Parameter], lr: float) -> None:
+    def add(name: str, params: list[nn.Parameter], lr: float, pretrained: bool = True) -> None:
         params = [p for p in params if p.requires_grad]
         if params:
-            groups.append({"name": name, "params": params, "lr": lr})
+            groups.append({"name": name, "params": params, "lr": lr, "pretrained": pretrained})
 
     encoder_lr = base_lr * encoder_lr_scale
     if kind == "unetr":
@@ -213,11 +213,11 @@ def encoder_param_groups(
             add(f"vit.blocks.{i}", list(block.parameters()), encoder_lr * layer_decay ** (depth - i))
         add("vit.norm", list(vit.norm.parameters()), encoder_lr)
         in_vit = {id(p) for p in vit.parameters()}
-        add("decoder", [p for p in segmenter.parameters() if id(p) not in in_vit], base_lr)
+        add("decoder", [p for p in segmenter.parameters() if id(p) not in in_vit], base_lr, pretrained=False)
         return groups
 
     head = _head_prefix(segmenter)
     named = list(segmenter.named_parameters())
     add("unet.pretrained", [p for n, p in named if not n.startswith(head)], encoder_lr)
-    add("unet.head", [p for n, p in named if n.startswith(head)], base_lr)
+    add("unet.head", [p for n, p in named if n.startswith(head)], base_lr, pretrained=False)
     return groups

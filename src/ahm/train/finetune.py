@@ -37,7 +37,7 @@ from ahm.train.loop import (
     stop_on_sigint,
 )
 from ahm.train.rundir import CHECKPOINT_DIR, LAST, MetricsLog, prepare_run_dir, unstarted_run
-from ahm.train.schedule import lr_factor, set_lr
+from ahm.train.schedule import lr_factor, pretrained_lr_factor, set_lr
 
 BEST = "best.ckpt"
 SEGMENTER_OF_BACKBONE = {"vit": "unetr", "unet": "unet"}
@@ -251,6 +251,10 @@ def finetune(cfg: FinetuneConfig, out: str | Path, resume: bool = False, force: 
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     data = _prepare_data(cfg, out, resume)
+    total = run_length(cfg, len(data.train.images), max(1, cfg.train.devices))[3]
+    if cfg.init is not None and cfg.head_warmup_steps >= total:
+        raise AhmError(f"head_warmup_steps: {cfg.head_warmup_steps} leaves none of the run's {total} steps to "
+                       f"fine-tune the pretrained weights")
 
     # prepare_run_dir clears an unstarted run when asked to resume it
     prepare_run_dir(out, "finetune", cfg.train.seed, resume=resume or restart, force=force)
@@ -268,6 +272,20 @@ def finetune(cfg: FinetuneConfig, out: str | Path, resume: bool = False, force: 
             raise AhmError(f"a DDP process failed: {last}") from exc
     fabric.launch()
     return _train(fabric, cfg, out, resume, progress, data, enc)
+
+
+def run_length(cfg: FinetuneConfig, n_train: int, world: int) -> tuple[int, int, int, int]:
+    """(batch size, steps per epoch, epochs, total steps) of a run on `n_train` labelled images."""
+    # A labelled subset smaller than one batch still trains: the batch shrinks to what is there.
+    batch_size = max(1, min(cfg.train.batch_size, n_train // world))
+    steps_per_epoch = max(1, n_train // (batch_size * world))
+    if cfg.train.epochs is None and cfg.train.steps:  # a config that counts steps instead of epochs
+        total = cfg.train.steps
+        epochs = math.ceil(total / steps_per_epoch)
+    else:
+        epochs = cfg.train.epochs or 1
+        total = epochs * steps_per_epoch
+    return batch_size, steps_per_epoch, epochs, total
 
 
 def _meta(cfg: FinetuneConfig, data: _Data, enc: PretrainedEncoder | None) -> dict[str, Any]:
@@ -292,16 +310,9 @@ def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool,
     n_train = len(data.train.images)
     if n_train < world:
         raise AhmError(f"{cfg.data.path}: {n_train} labelled training images, fewer than {world} devices")
-    # A labelled subset smaller than one batch still trains: the batch shrinks to what is there.
-    batch_size = min(cfg.train.batch_size, n_train // world)
-    steps_per_epoch = n_train // (batch_size * world)
-    if cfg.train.epochs is None and cfg.train.steps:  # a config that counts steps instead of epochs
-        total = cfg.train.steps
-        epochs = math.ceil(total / steps_per_epoch)
-    else:
-        epochs = cfg.train.epochs or 1
-        total = epochs * steps_per_epoch
+    batch_size, steps_per_epoch, epochs, total = run_length(cfg, n_train, world)
     val_every = validation_interval(cfg.val_every, steps_per_epoch, total)
+    head_steps = cfg.head_warmup_steps if cfg.init is not None else 0
     meta = _meta(cfg, data, enc)
 
     torch.manual_seed(cfg.train.seed)
@@ -381,7 +392,8 @@ def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool,
                 samples = [dataset[i] for i in batches[within]]
                 images = torch.stack([s["image"] for s in samples]).to(fabric.device)
                 labels = torch.stack([s["label"] for s in samples]).unsqueeze(1).to(fabric.device)
-                lr = set_lr(optimizer, lr_factor(step, total, cfg.train.warmup_steps, min_ratio))
+                lr = set_lr(optimizer, lr_factor(step, total, cfg.train.warmup_steps, min_ratio),
+                            pretrained_lr_factor(step, total, cfg.train.warmup_steps, min_ratio, head_steps))
                 meter.start()
                 model.train()
                 loss = loss_fn(model(images), labels)
