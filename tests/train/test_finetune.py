@@ -252,6 +252,10 @@ def test_cli_model_must_match_encoder(blobs: Path, tmp_path: Path) -> None:
     res = CliRunner().invoke(app, ["-q", "finetune", str(blobs), "--init", "none", "--steps", "3", "--epochs", "2",
                                    "--out", str(tmp_path / "run")])
     assert res.exit_code == 2 and "--steps and --epochs" in res.output and not (tmp_path / "run").exists()
+    res = CliRunner().invoke(app, ["-q", "finetune", str(blobs), "--init", str(pre), "--steps", "4",
+                                   "--head-warmup-steps", "4", "--out", str(tmp_path / "run")])
+    assert res.exit_code != 0 and "head_warmup_steps: 4 leaves none of the run's 4 steps" in res.output
+    assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
 
 
 def test_validation_interval_default_caps_validations() -> None:

@@ -42,6 +42,9 @@ def finetune(
                                                 help="Layer-wise lr decay over pretrained ViT blocks (1: off)."),
     encoder_lr_scale: float | None = typer.Option(None, "--encoder-lr-scale",
                                                      help="lr multiplier on pretrained weights (default 1)."),
+    head_warmup_steps: int | None = typer.Option(
+        None, "--head-warmup-steps",
+        help="First steps in which only the new layers train, pretrained weights at lr 0 (LP-FT; default 0)."),
     image_size: int | None = typer.Option(None, "--image-size",
                                              help="Model grid size (default: the pretraining run's, else 128)."),
     layout: str | None = typer.Option(None, help="Dataset layout (default: auto-detect)."),
@@ -91,6 +94,7 @@ def finetune(
             "data": {"path": str(data), "image_size": size, "layout": layout, "skip_bad": skip_bad or None},
             "init": chosen_init, "segmenter": model, "labels_fraction": labels_fraction,
             "layer_decay": layer_decay, "encoder_lr_scale": encoder_lr_scale, "val_every": val_every,
+            "head_warmup_steps": head_warmup_steps,
             "train": {"epochs": epochs, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "devices": devices,
                       "accelerator": accelerator, "precision": precision},
         }
