@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ahm.config import PretrainConfig, build_config
@@ -104,6 +105,16 @@ def test_paired_differences_by_seed_with_exact_sign_flip_p() -> None:
     # +3, -1, +1: patterns with |sum| >= 3 are (+3,+-1,+-1) with sum 3 or 5 and mirrored: 6 of 8
     assert sign_flip_p([3.0, -1.0, 1.0]) == pytest.approx(6 / 8)
     assert sign_flip_p([0.5] * 8) == pytest.approx(2 / 256)
+    assert sign_flip_p([0.0, 0.0]) == 1.0 and sign_flip_p([0.2, -0.2]) == 1.0
+    # the counting by halves against plain enumeration of every pattern, with ties (integers) and without
+    rng = np.random.default_rng(0)
+    for values in [rng.integers(-3, 4, 9).astype(float), rng.normal(0.004, 0.012, 11), rng.normal(0, 1, 1)]:
+        signs = np.array([[-1.0 if k >> i & 1 else 1.0 for i in range(len(values))] for k in range(2 ** len(values))])
+        brute = float(np.mean(np.abs(signs @ values) >= abs(values.sum()) - 1e-12))
+        assert sign_flip_p(list(values)) == pytest.approx(brute, abs=1e-12)
+    assert sign_flip_p([0.01] * 30) == pytest.approx(2 / 2 ** 30)  # beyond plain enumeration
+    with pytest.raises(AhmError, match="sign-flip"):
+        sign_flip_p([0.01] * 41)
     rows = []
     for seed, (scratch, random, ahm) in enumerate([(0.80, 0.79, 0.83), (0.82, 0.83, 0.84), (0.81, 0.80, 0.80)]):
         for policy, dice in (("scratch", scratch), ("random", random), ("ahm", ahm)):
