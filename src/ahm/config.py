@@ -23,6 +23,12 @@ def _optional_at_least_one(v: Optional[int]) -> Optional[int]:
     return v
 
 
+def _at_least_zero(v: int) -> int:
+    if v < 0:
+        raise ValueError("must be 0 or more")
+    return v
+
+
 def _fraction(v: float) -> float:
     if not 0.0 < v <= 1.0:
         raise ValueError("must be in (0, 1]")
@@ -31,6 +37,7 @@ def _fraction(v: float) -> float:
 
 OptionalCount = Annotated[Optional[int], AfterValidator(_optional_at_least_one)]  # None, or 1 and more
 Fraction = Annotated[float, AfterValidator(_fraction)]  # in (0, 1]
+StepCount = Annotated[int, AfterValidator(_at_least_zero)]  # 0 and more
 
 
 class _Strict(BaseModel):
@@ -231,7 +238,7 @@ class TrainConfig(_Strict):
     lr: float = 1.5e-3
     min_lr: float = 1e-5
     weight_decay: float = 0.05
-    warmup_steps: int = 20
+    warmup_steps: StepCount = 20
     clip_grad: float = 1.0
     seed: int = 0
     precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed
@@ -263,13 +270,6 @@ class TrainConfig(_Strict):
     def _nonneg(cls, v: float) -> float:
         if not (math.isfinite(v) and v >= 0):
             raise ValueError("must be a non-negative number")
-        return v
-
-    @field_validator("warmup_steps")
-    @classmethod
-    def _warmup(cls, v: int) -> int:
-        if v < 0:
-            raise ValueError("must be 0 or more")
         return v
 
     @field_validator("accelerator")
@@ -314,7 +314,7 @@ class FinetuneConfig(_Strict):
     encoder_lr_scale: float = 1.0  # lr multiplier on pretrained weights
     # Steps at the start in which only the new layers train (the pretrained weights wait at lr 0, then get their
     # own warm-up and cosine): linear probing, then fine-tuning (LP-FT). 0: off; no effect from scratch.
-    head_warmup_steps: int = 0
+    head_warmup_steps: StepCount = 0
     num_classes: Optional[int] = None  # None: from the labels found in the data
     # Steps between validations (and the best-checkpoint choice). None: every epoch, but at most about 50
     # times per run, so a small labelled subset (an epoch of 2 steps) does not spend its time validating.
@@ -348,13 +348,6 @@ class FinetuneConfig(_Strict):
     def _jitter(cls, v: float) -> float:
         if not 0.0 <= v < 1.0:
             raise ValueError("must be in [0, 1)")
-        return v
-
-    @field_validator("head_warmup_steps")
-    @classmethod
-    def _head_warmup(cls, v: int) -> int:
-        if v < 0:
-            raise ValueError("must be 0 or more")
         return v
 
     @field_validator("gamma")
