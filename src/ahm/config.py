@@ -319,6 +319,10 @@ class FinetuneConfig(_Strict):
     # Steps between validations (and the best-checkpoint choice). None: every epoch, but at most about 50
     # times per run, so a small labelled subset (an epoch of 2 steps) does not spend its time validating.
     val_every: OptionalCount = None
+    # The validation figure that keeps the best checkpoint; neither can be won by predicting nothing:
+    # dataset_dice (mean over foreground classes of the pooled 2 TP / (2 TP + FP + FN) over the split) or
+    # case_dice (mean per-case Dice, cases where a class is absent from prediction and truth left out).
+    select_by: Literal["dataset_dice", "case_dice"] = "dataset_dice"
     # Random crop without resampling, this share of each side (rounded down to what the UNet's strides divide;
     # UNETR's fixed grid gets it zero-padded back). It keeps every pixel's intensity and label exactly as they
     # are, which a resized crop does not (1: off).

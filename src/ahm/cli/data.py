@@ -64,17 +64,23 @@ def brain_demo(
         "intensity alone no longer tells grey from white matter, so a network must use context. "
         "Masks and splits are unchanged.",
     ),
+    lesions: bool = typer.Option(
+        False,
+        "--lesions",
+        help="A small-structure task instead: simulated T1-hypointense lesions (3-7 mm spheres in white matter) "
+        "in about a third of the slices; the only label is 1 = lesion. Most slices hold none.",
+    ),
 ) -> None:
     """Build a labelled brain MRI set (background / grey / white matter) from nilearn's MNI152 template.
 
     The plain set is nearly solved by intensity alone (see `ahm bench baseline`); `--shift` makes the harder
-    variant on which pretraining has room to help.
+    variant on which pretraining has room to help; `--lesions` labels simulated small lesions instead of tissue.
     """
     from ahm.data.brain_demo import prepare_brain_demo
 
     def go() -> dict:
         with _LazyBar("writing slices") as bar:
-            return prepare_brain_demo(out_dir, image_size=image_size, progress=bar, shift=shift)
+            return prepare_brain_demo(out_dir, image_size=image_size, progress=bar, shift=shift, lesions=lesions)
 
     summary = run_guarded(go)
     assert isinstance(summary, dict)
@@ -86,7 +92,8 @@ def brain_demo(
         soft_wrap=True,
     )
     out.print(
-        f"  images/ and masks/ (0 background, 1 grey matter, 2 white matter); splits.json: {splits}",
+        f"  images/ and masks/ ({', '.join(f'{k} {v}' for k, v in summary['labels'].items())}); "
+        f"labels.json; splits.json: {splits}",
         highlight=False,
         soft_wrap=True,
     )

@@ -58,6 +58,7 @@ class DatasetIndex:
     splits_file: dict | None = None
     problems: list[str] = field(default_factory=list)
     modality: str | None = None  # from dataset.json (msd) or implied by the layout; None = unknown
+    class_names: dict[int, str] | None = None  # foreground class -> name (dataset.json, labels.json, the layout)
 
     def by_id(self) -> dict[str, Item]:
         return {item.id: item for item in self.items}
@@ -448,6 +449,32 @@ def _read_json(path: Path) -> Any:
         raise AhmError(f"{path}: cannot read ({exc.strerror or exc})") from exc
 
 
+# What the single-structure public layouts segment, by their datasets' own definitions.
+_LAYOUT_CLASS = {"lgg": "FLAIR abnormality", "busi": "lesion", "isic": "lesion", "kvasir": "polyp"}
+
+
+def read_class_names(source: Path, labels: Any) -> dict[int, str]:
+    """Class names from a {"0": "background", "1": "tumour", ...} mapping (dataset.json's `labels`, or a
+    labels.json beside a folder dataset); one line naming `source` if it is not such a mapping."""
+    if not isinstance(labels, dict):
+        raise AhmError(f'{source}: class names must be a mapping such as {{"0": "background", "1": "tumour"}}')
+    names: dict[int, str] = {}
+    for key, value in labels.items():
+        try:
+            value_int = int(key)
+        except (TypeError, ValueError) as exc:
+            raise AhmError(f'{source}: label keys must be integers such as "0", "1"; got {key!r}') from exc
+        if not isinstance(value, str) or not value.strip():
+            raise AhmError(f"{source}: the name of label {key} must be a non-empty string")
+        names[value_int] = value.strip()
+    return names
+
+
+def _folder_class_names(root: Path) -> dict[int, str] | None:
+    source = root / "labels.json"
+    return read_class_names(source, _read_json(source)) if source.is_file() else None
+
+
 def _msd_meta(root: Path) -> tuple[dict, list[int] | None, str | None]:
     source = root / "dataset.json"
     meta = _read_json(source)
@@ -584,11 +611,17 @@ def _open_dataset(path: str | Path, cfg: DataConfig, strict_splits: bool = True)
 
     label_values: list[int] | None = None
     modality: str | None = None
+    class_names: dict[int, str] | None = None
     if layout == "msd":
-        _, label_values, modality = _msd_meta(root)
-    elif layout in ("lgg", "busi", "isic", "kvasir"):
+        meta, label_values, modality = _msd_meta(root)
+        if meta.get("labels") is not None:
+            class_names = read_class_names(root / "dataset.json", meta["labels"])
+    elif layout in _LAYOUT_CLASS:
         label_values = [0, 1]  # binary lesion masks by the dataset's definition
         modality = "photo"  # 8-bit files, whatever the scanner
+        class_names = {1: _LAYOUT_CLASS[layout]}
+    elif layout == "folder":
+        class_names = _folder_class_names(root)
 
     splits = None
     splits_path = root / "splits.json"
@@ -608,6 +641,7 @@ def _open_dataset(path: str | Path, cfg: DataConfig, strict_splits: bool = True)
         splits_file=splits,
         problems=problems.messages,
         modality=modality,
+        class_names=class_names,
     )
 
 
