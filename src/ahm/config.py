@@ -250,6 +250,9 @@ class TrainConfig(_Strict):
     augment: bool = True
     num_threads: OptionalCount = None
     nan_policy: Literal["stop", "skip"] = "stop"
+    # DataLoader worker processes that read and preprocess pretraining samples ahead of the step (0: in the
+    # training process). None: half the CPU cores, at most 4. The samples do not depend on it.
+    workers: Optional[StepCount] = None
 
     @field_validator("batch_size", "checkpoint_every", "log_every", "devices")
     @classmethod
@@ -288,11 +291,38 @@ class TrainConfig(_Strict):
         return v
 
 
+class SourceConfig(_Strict):
+    """One source of a pretraining corpus: a dataset folder in any layout (or as listed in a corpus.json)."""
+
+    path: str
+    layout: Optional[str] = None  # None: data.layout
+    modality: Optional[Literal["auto", "mri", "ct", "photo"]] = None  # None: data.modality
+    ct_window: Optional[tuple[float, float]] = None  # None: data.ct_window
+    # Relative sampling weight: each epoch draws weight x (the source's images), whole copies plus a seeded
+    # subset for the fraction (2: every image twice an epoch; 0.5: half of them, a different half each epoch).
+    weight: float = 1.0
+    all_splits: Optional[bool] = None  # a labelled source's val/test images too (None: the run's all_splits)
+
+    @field_validator("weight")
+    @classmethod
+    def _weight(cls, v: float) -> float:
+        if not (v > 0 and math.isfinite(v)):
+            raise ValueError("weight must be a positive number")
+        return v
+
+
 class PretrainConfig(_Strict):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     masking: MaskingConfig = MaskingConfig()
     train: TrainConfig = TrainConfig(steps=400)
+    # The corpus: empty means the one dataset at data.path. Of an unlabelled source every image is pretraining
+    # data; of a labelled one its training split, unless all_splits (then its val and test images too).
+    sources: list[SourceConfig] = []
+    all_splits: bool = False
+    # Read the corpus into memory before training (yes), stream it from disk (no), or preload it when its
+    # preprocessed size is at most 1 GiB (auto). The samples are the same either way.
+    preload: Literal["auto", "yes", "no"] = "auto"
 
     @model_validator(mode="after")
     def _check(self) -> "PretrainConfig":

@@ -13,7 +13,10 @@ from ahm.masking.base import policy_names
 
 @app.command(no_args_is_help=True)
 def pretrain(
-    data: Path = typer.Argument(..., help="Dataset folder (any supported layout; labels not needed)."),
+    data: list[Path] = typer.Argument(
+        ..., help="Dataset folders (any supported layout; labels not needed) or corpus.json manifests: the corpus. "
+                  "Of a labelled source its training split is used (all of it with --all-splits), of an "
+                  "unlabelled one every image."),
     out_dir: Path = typer.Option(..., "--out", help="Run directory to create (or to continue with --resume)."),
     policy: Optional[str] = typer.Option(None, help=f"Masking policy: {', '.join(policy_names())} (default random)."),
     backbone: Optional[str] = typer.Option(None, help="vit (MAE, loads into UNETR) or unet (masked-input MONAI UNet)."),
@@ -36,24 +39,38 @@ def pretrain(
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
     layout: Optional[str] = typer.Option(None, help="Dataset layout (default: auto-detect)."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable files (counted) instead of stopping."),
+    all_splits: bool = typer.Option(False, "--all-splits",
+                                    help="Pretrain on every image of labelled sources, their val/test splits too."),
+    workers: Optional[int] = typer.Option(None, "--workers",
+                                          help="DataLoader processes reading samples ahead (default: half the "
+                                               "CPU cores, at most 4; 0: in the training process)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config; command-line options override it."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
     force: bool = typer.Option(False, "--force", help="Replace an existing run directory in --out."),
 ) -> None:
-    """Pretrain a backbone by masked image modeling; writes encoder.safetensors for `ahm finetune --init`."""
+    """Pretrain a backbone by masked image modeling on a corpus of one or more sources, streamed from disk;
+    writes encoder.safetensors for `ahm finetune --init`."""
     from ahm.config import PretrainConfig, build_config
     from ahm.train.pretrain import pretrain as run_pretrain
 
     overrides = {
-        "data": {"path": str(data), "image_size": image_size, "layout": layout, "skip_bad": skip_bad or None},
+        "data": {"path": str(data[0]), "image_size": image_size, "layout": layout, "skip_bad": skip_bad or None},
+        "all_splits": all_splits or None,
         "model": {"backbone": backbone, "patch_size": patch_size, "preset": model, "norm_pix": norm_pix},
         "masking": {"policy": policy, "mask_ratio": mask_ratio, "mask_ratio_end": mask_ratio_end,
                     "agent_workers": agent_workers, "hard_fraction_max": hard_fraction},
         "train": {"steps": steps, "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
-                  "devices": devices, "accelerator": accelerator, "precision": precision, "compile": compile},
+                  "devices": devices, "accelerator": accelerator, "precision": precision, "compile": compile,
+                  "workers": workers},
     }
 
     def go():
+        from ahm.data.corpus import resolve_sources
+
+        if len(data) > 1 or data[0].is_file():
+            sources = resolve_sources(data)
+            overrides["sources"] = [s.model_dump() for s in sources]
+            overrides["data"]["path"] = sources[0].path
         cfg = build_config(PretrainConfig, file=config, overrides=overrides)
         if epochs is not None and steps is None:
             cfg.train.steps = None

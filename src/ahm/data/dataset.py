@@ -156,6 +156,31 @@ def _unify_channels(image: np.ndarray, channels: int, path: Path) -> np.ndarray:
     )
 
 
+def prepare_item(item: Item, index: DatasetIndex, cfg: DataConfig, labels: bool, channels: int | None,
+                 cache: _VolumeCache | None = None) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int]]:
+    """One item as a network sees it: image [C, S, S] float32 (channels unified to `channels` when given,
+    normalised for its modality, resized to the model grid), mask [S, S] int64 or None, and the stored (H, W).
+
+    The one reading and preprocessing path: `load_arrays` (in memory) and the streamed corpus both call it.
+    """
+    from ahm.data.readers import normalize, resize_image, resize_mask
+
+    image, mask = read_item(item, index, cfg, labels, cache)
+    if labels and mask is None:
+        raise AhmError(f"{item.image}: no mask for this image")
+    if channels is not None:
+        image = _unify_channels(image, channels, item.image)
+    modality, source_dtype = _modality(item, index, cfg)
+    image = normalize(image.astype(np.float32, copy=False), modality, ct_window=cfg.ct_window,
+                      source_dtype=source_dtype)
+    hw = (int(image.shape[1]), int(image.shape[2]))
+    resized = resize_image(image, cfg.image_size)
+    if not np.isfinite(resized).all():
+        raise AhmError(f"{item.image}: normalisation produced NaN or infinite values")
+    return (resized.astype(np.float32, copy=False),
+            None if mask is None else resize_mask(mask, cfg.image_size).astype(np.int64, copy=False), hw)
+
+
 def load_arrays(
     index: DatasetIndex,
     ids: list[str],
@@ -168,8 +193,6 @@ def load_arrays(
     Channels follow `cfg.channels` or the first image. With `cfg.skip_bad` unreadable or inconsistent files
     are left out and listed in `Arrays.problems` (and `index.problems`); otherwise the first one raises.
     """
-    from ahm.data.readers import normalize, resize_image, resize_mask
-
     by_id = index.by_id()
     missing = [i for i in ids if i not in by_id]
     if missing:
@@ -186,28 +209,10 @@ def load_arrays(
     for done, k in enumerate(order, start=1):
         item = by_id[ids[k]]
         try:
-            image, mask = read_item(item, index, cfg, labels, cache)
-            if labels and mask is None:
-                raise AhmError(f"{item.image}: no mask for this image")
+            image, mask, hw = prepare_item(item, index, cfg, labels, channels, cache)
             if channels is None:
                 channels = image.shape[0]
-            image = _unify_channels(image, channels, item.image)
-            modality, source_dtype = _modality(item, index, cfg)
-            image = normalize(
-                image.astype(np.float32, copy=False),
-                modality,
-                ct_window=cfg.ct_window,
-                source_dtype=source_dtype,
-            )
-            hw = (int(image.shape[1]), int(image.shape[2]))
-            resized = resize_image(image, size)
-            if not np.isfinite(resized).all():
-                raise AhmError(f"{item.image}: normalisation produced NaN or infinite values")
-            results[k] = (
-                resized.astype(np.float32, copy=False),
-                None if mask is None else resize_mask(mask, size).astype(np.int64, copy=False),
-                hw,
-            )
+            results[k] = (image, mask, hw)
         except AhmError as exc:
             if not cfg.skip_bad:
                 raise
@@ -244,6 +249,18 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch), int(index)]).generate_state(1)[0])
 
 
+def apply_seeded(transform: Callable[[dict], dict], sample: dict[str, Any], seed: int) -> dict[str, Any]:
+    """`transform(sample)` with its randomness fixed by `seed` alone (a MONAI transform is re-seeded; a plain
+    callable runs on a forked torch generator), so a sample is the same in any worker, in any order."""
+    if hasattr(transform, "set_random_state"):
+        transform.set_random_state(seed=seed)
+        return transform(sample)
+    # A plain callable may draw from torch's global generator; fork it so the caller's stream is untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return transform(sample)
+
+
 class ArrayDataset(torch.utils.data.Dataset):
     """Samples `{"image": [C,S,S] float, "label": [S,S] long, "index": i}` with reproducible augmentation.
 
@@ -277,16 +294,7 @@ class ArrayDataset(torch.utils.data.Dataset):
         if self.labels is not None:
             sample["label"] = self.labels[i].unsqueeze(0).clone()
         if self.transform is not None:
-            seed = sample_seed(self.seed, self.epoch, i)
-            if hasattr(self.transform, "set_random_state"):
-                self.transform.set_random_state(seed=seed)
-                sample = self.transform(sample)
-            else:
-                # A plain callable may draw from torch's global generator; fork it so the caller's stream is
-                # untouched and the draw depends on the sample only.
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(seed)
-                    sample = self.transform(sample)
+            sample = apply_seeded(self.transform, sample, sample_seed(self.seed, self.epoch, i))
         out: dict[str, Any] = {"image": _plain(sample["image"]).float().contiguous(), "index": i}
         if self.labels is not None:
             label = _plain(sample["label"])
