@@ -102,6 +102,7 @@ LOSSLESS_PAIRS = [
     (PYDICOM_TESTS / "MR_small_jp2klossless.dcm", PYDICOM_TESTS / "MR_small.dcm"),
     (PYDICOM_TESTS / "SC_rgb_rle.dcm", PYDICOM_DATA / "SC_rgb.dcm"),
     (PYDICOM_TESTS / "SC_rgb_rle_2frame.dcm", PYDICOM_DATA / "SC_rgb_2frame.dcm"),
+    (PYDICOM_DATA / "color-pl.dcm", PYDICOM_DATA / "color-px.dcm"),  # planar configuration 1 vs 0
 ]
 
 
