@@ -25,7 +25,8 @@ def _pretrain_image_size(init: str) -> int | None:
 @app.command(no_args_is_help=True)
 def finetune(
     data: Path = typer.Argument(..., help="Labelled dataset folder (any supported layout, with masks)."),
-    init: str | None = typer.Option(None, "--init", help="Pretraining run directory, or 'none' to train from scratch."),
+    init: str | None = typer.Option(None, "--init", help="Pretraining run directory, or 'none' to train from scratch; "
+                                    "its channels, image size, patch grid and normalisation must match DATA."),
     out_dir: Path = typer.Option(..., "--out", help="Run directory to create (or to continue with --resume)."),
     model: str | None = typer.Option(None, "--model", help="Segmenter with --init none: unetr or unet "
                                         "(with a pretraining run, its backbone decides)."),
