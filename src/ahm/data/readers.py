@@ -871,6 +871,35 @@ def volume_slice(vol_data: np.ndarray, axis: int, index: int) -> np.ndarray:
     return np.ascontiguousarray(plane.astype(np.float32))
 
 
+def read_volume_info(path: str | os.PathLike) -> tuple[tuple[int, int, int], int]:
+    """Spatial shape [X, Y, Z] and channel count of a volume, from its header(s) only (what `read_volume`
+    would return). Raw NIfTI and NRRD/MetaImage data shorter than the header declares is refused here too."""
+    path = Path(path)
+    if path.is_dir():
+        slices = _dicom_scan(path)
+        ds = slices[0].ds
+        try:
+            samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
+        except Exception:  # noqa: BLE001 - a corrupt header field counts as absent
+            samples = 1
+        return (int(ds.Columns), int(ds.Rows), len(slices)), samples
+    _volume_source(path)
+    suffix = _suffix(path)
+    if suffix in DICOM_SUFFIXES:
+        info = _dicom_file_info(path)
+        return (info.cols, info.rows, info.frames), info.channels
+    if suffix in ITK_SUFFIXES:
+        from ahm.data.itk_files import _check_truncation
+
+        itk = _itk_info(path)
+        _check_truncation(itk)
+        size = tuple(itk.size) + (1, 1)
+        channels = itk.components * (itk.size[3] if itk.dimension == 4 else 1)
+        return (int(size[0]), int(size[1]), int(size[2])), int(channels)
+    _, shape = _nifti_open(path, max_voxels=2**62)
+    return (int(shape[0]), int(shape[1]), int(shape[2])), int(shape[3]) if len(shape) == 4 else 1
+
+
 def count_slices(path: str | os.PathLike, axis: int) -> int:
     """Number of slices along `axis`, from headers only (NIfTI, DICOM, NRRD/MetaImage headers; a DICOM
     series: its slice files, or rows/columns)."""
