@@ -277,3 +277,20 @@ def test_huge_truncated_and_junk_dicom_files_are_one_line_each(tmp_path):
         with pytest.raises(AhmError) as info:
             reader(junk)
         assert str(info.value).startswith(str(junk)) and "\n" not in str(info.value)
+
+
+def test_series_slices_go_through_the_same_header_pipeline(tmp_path):
+    from reader_samples import write_dicom_series
+
+    stored = np.stack([np.full((6, 5), 100 * (k + 1), np.int16) for k in range(3)])
+    paths = write_dicom_series(tmp_path / "s", stored, slope=2.0, intercept=-1024.0)
+    plain = read_volume(tmp_path / "s").data
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        ds.PhotometricInterpretation = "MONOCHROME1"
+        ds.WindowCenter, ds.WindowWidth = 0, 100  # a display window: never applied to a series
+        ds.save_as(path, enforce_file_format=True)
+    inverted = read_volume(tmp_path / "s").data
+    # Inverted over the stored 16-bit signed range mapped by the rescale: lo + hi - value.
+    lo, hi = -32768 * 2.0 - 1024, 32767 * 2.0 - 1024
+    np.testing.assert_array_equal(inverted, (lo + hi) - plain)

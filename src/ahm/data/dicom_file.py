@@ -68,7 +68,10 @@ def read_dicom_info(path: Path) -> DicomInfo:
     from ahm.data.readers import _check_file, _dicom_header
 
     _check_file(path)
-    ds = _dicom_header(path)
+    return _info_from(path, _dicom_header(path))
+
+
+def _info_from(path: Path, ds) -> DicomInfo:
     rows, cols = int(ds.Rows), int(ds.Columns)
     frames = _int(ds, "NumberOfFrames", 1)
     if frames < 1:
@@ -282,6 +285,26 @@ def _finish(info: DicomInfo, ds, arr: np.ndarray, as_labels: bool) -> np.ndarray
     if info.samples == 1:
         return _grey_pipeline(info, ds, arr, window=info.frames == 1 and _uses_window(ds))
     return arr
+
+
+def series_slice(path: Path, ds, labels: bool) -> np.ndarray:
+    """One file of a DICOM series, its header `ds` already read: [rows, cols(, C)] with the modality LUT or
+    rescale applied (labels too, as series readers do), MONOCHROME1 inverted and colour as RGB for images; no
+    VOI window, so the slices of a series stay comparable."""
+    info = _info_from(path, ds)
+    full, arr = _decode(info)
+    if labels:
+        if info.samples != 1:
+            raise AhmError(f"{path}: a colour DICOM image cannot be a label map")
+        try:
+            return np.asarray(_modality_lut(full, arr, 1))
+        except AhmError:
+            raise
+        except Exception as exc:
+            raise AhmError(f"{path}: unusable modality LUT in the header ({_describe(exc)})") from exc
+    if info.samples == 1 and info.photometric != "PALETTE COLOR":
+        return _grey_pipeline(info, full, arr, window=False)
+    return _finish(info, full, arr, as_labels=False)
 
 
 def dicom_image(info: DicomInfo, as_mask: bool = False) -> np.ndarray:

@@ -712,7 +712,8 @@ def _dicom_scan(folder: Path) -> list[_Slice]:
             frames = 1
         if frames > 1:
             raise AhmError(
-                f"{p}: multi-frame DICOM ({frames} frames) is not supported; export one file per slice"
+                f"{p}: multi-frame DICOM ({frames} frames) inside a series folder; a multi-frame file is a "
+                "volume by itself: put it where volumes go, not in a folder of slices"
             )
         try:
             instance = int(ds.InstanceNumber) if getattr(ds, "InstanceNumber", None) is not None else None
@@ -782,37 +783,22 @@ def _dicom_affine(slices: list[_Slice]) -> np.ndarray:
     return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # DICOM is LPS+, NIfTI is RAS+
 
 
-def _dicom_pixels(s: _Slice) -> np.ndarray:
-    import pydicom
+def _dicom_pixels(s: _Slice, labels: bool) -> np.ndarray:
+    """One slice of a series through pydicom's decoders and LUT helpers (`dicom_file.series_slice`)."""
+    from ahm.data.dicom_file import series_slice
 
     try:
-        ds = pydicom.dcmread(s.path, force=True)
-        arr = np.asarray(ds.pixel_array)
-    except MemoryError as exc:
-        raise AhmError(f"{s.path}: not enough memory to decode the slice") from exc
-    except Exception as exc:
-        syntax = ""
-        try:
-            syntax = f", transfer syntax {ds.file_meta.TransferSyntaxUID.name}"  # type: ignore[possibly-undefined]
-        except Exception:  # noqa: BLE001, S110 - the syntax name only decorates the message
-            pass
-        raise AhmError(
-            f"{s.path}: truncated or undecodable DICOM pixel data ({_describe(exc)}{syntax})"
-        ) from exc
-    rows, cols = int(s.ds.Rows), int(s.ds.Columns)
-    if arr.shape[:2] != (rows, cols) or arr.ndim not in (2, 3):
-        raise AhmError(f"{s.path}: pixel data shape {arr.shape} does not match {rows}x{cols}")
-    arr = _check_numeric(s.path, arr)
-    try:
-        slope = float(ds.RescaleSlope) if getattr(ds, "RescaleSlope", None) is not None else 1.0
-        intercept = float(ds.RescaleIntercept) if getattr(ds, "RescaleIntercept", None) is not None else 0.0
+        slope = float(s.ds.RescaleSlope) if getattr(s.ds, "RescaleSlope", None) is not None else 1.0
+        intercept = float(s.ds.RescaleIntercept) if getattr(s.ds, "RescaleIntercept", None) is not None else 0.0
     except Exception as exc:
         raise AhmError(f"{s.path}: unreadable RescaleSlope/RescaleIntercept ({_describe(exc)})") from exc
     if not (np.isfinite(slope) and np.isfinite(intercept)):
         raise AhmError(f"{s.path}: RescaleSlope/RescaleIntercept is not a finite number")
-    if slope != 1.0 or intercept != 0.0:
-        arr = arr.astype(np.float64) * slope + intercept
-    return arr
+    arr = series_slice(s.path, s.ds, labels)
+    rows, cols = int(s.ds.Rows), int(s.ds.Columns)
+    if arr.shape[:2] != (rows, cols) or arr.ndim not in (2, 3):
+        raise AhmError(f"{s.path}: pixel data shape {arr.shape} does not match {rows}x{cols}")
+    return _check_numeric(s.path, arr)
 
 
 def _dicom_read(folder: Path, max_voxels: int, labels: bool) -> Volume:
@@ -829,7 +815,7 @@ def _dicom_read(folder: Path, max_voxels: int, labels: bool) -> Volume:
             f"{folder}: series of {len(slices)} slices of {rows}x{cols} has {n_vox} voxels, above the limit "
             f"of {max_voxels}"
         )
-    planes = [_dicom_pixels(s) for s in slices]
+    planes = [_dicom_pixels(s, labels) for s in slices]
     for s, plane in zip(slices, planes):
         if plane.shape != planes[0].shape:
             raise AhmError(f"{s.path}: pixel data shape {plane.shape} differs from the rest of the series")
