@@ -161,7 +161,8 @@ def evaluate(
 @app.command(no_args_is_help=True)
 def predict(
     run_dir: Path = typer.Argument(..., help="Fine-tuning run directory."),
-    inputs: list[Path] = typer.Argument(..., help="Images (PNG/JPEG/TIFF), NIfTI volumes, DICOM folders, or folders of them."),
+    inputs: list[Path] = typer.Argument(..., help="Images (PNG/JPEG/TIFF, DICOM files), volumes (NIfTI, NRRD/MetaImage, multi-frame "
+                                "DICOM, DICOM series folders), or folders of them."),
     out_dir: Path = typer.Option(..., "--out", help="Folder for the masks (<name>_mask.png / <name>_mask.nii.gz)."),
     overlay: bool = typer.Option(False, "--overlay", help="Also write <name>_overlay.png."),
     batch_size: int = typer.Option(32, "--batch-size", help="Slices per inference batch."),
