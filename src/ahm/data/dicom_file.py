@@ -99,18 +99,6 @@ def _info_from(path: Path, ds) -> DicomInfo:
     return DicomInfo(path, ds, rows, cols, frames, samples, channels, photometric, dtype)
 
 
-def is_dicom_file(path: Path) -> bool:
-    """A `.dcm`/`.dicom` name, or the DICM magic word after the 128-byte preamble."""
-    if path.suffix.lower() in DICOM_SUFFIXES:
-        return True
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:132] == b"DICM"
-
-
 def _check_truncation(info: DicomInfo, ds) -> None:
     """Uncompressed pixel data shorter than the header declares is refused before it is read.
 

@@ -255,8 +255,10 @@ def read_itk_pixels(info: ItkInfo) -> np.ndarray:
 def itk_volume(info: ItkInfo) -> tuple[np.ndarray, np.ndarray]:
     """Data [X, Y, Z] or [X, Y, Z, C] (a 2D file gives Z = 1; a 4th axis or vector pixels give C) and its
     voxel -> RAS+ affine (ITK geometry is LPS+)."""
-    arr = read_itk_pixels(info)
     dim = info.dimension
+    if dim == 4 and info.components > 1:
+        raise AhmError(f"{info.path}: 4D image with vector pixels is not supported")
+    arr = read_itk_pixels(info)
     spatial = min(dim, 3)
     # SimpleITK returns the axes reversed ([t,] z, y, x), components last.
     order = list(range(dim))[::-1]
@@ -265,10 +267,6 @@ def itk_volume(info: ItkInfo) -> tuple[np.ndarray, np.ndarray]:
     arr = np.transpose(arr, order)  # -> x, y[, z[, t]][, c]
     if dim == 2:
         arr = arr[:, :, None] if info.components == 1 else arr[:, :, None, :]
-    elif dim == 4:
-        if info.components > 1:
-            raise AhmError(f"{info.path}: 4D image with vector pixels is not supported")
-    affine = np.eye(4)
     direction = np.asarray(info.direction, dtype=np.float64).reshape(dim, dim)[:spatial, :spatial]
     lps = np.eye(4)
     lps[:spatial, :spatial] = direction * np.asarray(info.spacing[:spatial])[None, :]
