@@ -149,7 +149,7 @@ def _decode(info: DicomInfo):
         except Exception:  # noqa: BLE001, S110 - the syntax name only decorates the message
             pass
         raise AhmError(f"{info.path}: truncated or undecodable DICOM pixel data ({_describe(exc)}{syntax})") from exc
-    expect = (info.rows, info.cols)
+    expect: tuple[int, ...] = (info.rows, info.cols)
     if info.frames > 1:
         expect = (info.frames,) + expect
     if arr.shape[: len(expect)] != expect or arr.ndim not in (len(expect), len(expect) + 1):
