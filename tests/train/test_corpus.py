@@ -237,3 +237,20 @@ def test_torchrun_on_several_nodes_gives_fabric_the_nodes_and_processes_per_node
         monkeypatch.setenv(key, value)
     fabric = make_fabric(TrainConfig(accelerator="cpu", devices=1))
     assert (fabric.world_size, fabric.global_rank, fabric.node_rank, fabric.local_rank) == (8, 5, 1, 1)
+
+
+def test_a_manifest_written_by_data_index_is_a_corpus(tmp_path, blobs, volumes):
+    import shutil
+
+    from ahm.cli.app import _register, app
+
+    root = tmp_path / "archive"
+    shutil.copytree(blobs, root / "a")
+    shutil.copytree(volumes, root / "b")
+    _register()
+    res = CliRunner().invoke(app, ["data", "index", str(root / "a"), str(root / "b"), "--out", str(root / "corpus.json")])
+    assert res.exit_code == 0, res.output
+    specs = resolve_sources([root / "corpus.json"])
+    assert [Path(s.path) for s in specs] == [(root / "a").resolve(), (root / "b").resolve()]
+    corpus = open_corpus(_cfg(root / "a", sources=[s.model_dump() for s in specs]))
+    assert corpus.n_entries == len(corpus.sources[0].ids) + 30

@@ -260,7 +260,7 @@ def test_refuses_missing_encoder(blobs: Path, tmp_path: Path) -> None:
 
 def test_refuses_mismatched_encoder(blobs: Path, tmp_path: Path) -> None:
     pre = _fake_pretrain_run(tmp_path / "pre", VIT, image_size=48)
-    with pytest.raises(AhmError, match="--image-size 32 does not match"):
+    with pytest.raises(AhmError, match="image size 48 pretrained vs 32 here .omit --image-size or use 48.; patch grid 3x3"):
         finetune(_cfg(blobs, init=str(pre)), tmp_path / "run", progress=False)
     # An encoder whose shapes disagree with the run's config: the loader names the file.
     pre2 = _fake_pretrain_run(tmp_path / "pre2", UNET)

@@ -1,4 +1,4 @@
-"""`ahm data`: build the brain demo set, check a dataset before training on it."""
+"""`ahm data`: build the brain demo set, check a dataset before training on it, index a corpus."""
 
 from __future__ import annotations
 
@@ -144,4 +144,41 @@ def check(
                 soft_wrap=True,
             )
             return
+        raise typer.Exit(1)
+
+
+@data_app.command("index", no_args_is_help=True)
+def index(
+    sources: list[Path] = typer.Argument(..., help="Dataset folders (any supported layout, labelled or not)."),
+    out_file: Path = typer.Option(..., "--out", help="Manifest to write, e.g. corpus.json."),
+    layout: str = typer.Option("auto", "--layout", help="auto, folder, msd, lgg, busi, isic or kvasir (all sources)."),
+    slice_axis: int = typer.Option(2, "--slice-axis", help="Axis along which volumes are sliced (0, 1 or 2)."),
+    skip_bad: bool = typer.Option(
+        False, "--skip-bad", help="Exit 0 when some files are bad (they are listed in the manifest and skipped)."
+    ),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out file."),
+) -> None:
+    """Index a corpus from file headers only: files, volumes, slices, modalities and problems of each source,
+    written as a manifest listing the sources (paths relative to the manifest's folder when inside it).
+
+    Exits 1 when a file is bad (0 with --skip-bad); the manifest is written either way.
+    """
+    from ahm.config import DataConfig, build_config
+    from ahm.data.corpus_index import format_corpus, index_corpus
+    from ahm.errors import AhmError
+    from ahm.io import write_json
+
+    def go():
+        if out_file.exists() and not force:
+            raise AhmError(f"--out {out_file}: already exists; use --force to replace it")
+        cfg = build_config(DataConfig, overrides={"layout": layout, "slice_axis": slice_axis}, source="options")
+        with _LazyBar("indexing sources") as bar:
+            manifest = index_corpus(list(sources), cfg, out_file, progress=bar)
+        write_json(out_file, manifest)
+        return manifest
+
+    manifest = run_guarded(go)
+    assert isinstance(manifest, dict)
+    out.print(format_corpus(manifest, out_file), highlight=False, markup=False, soft_wrap=True)
+    if manifest["totals"]["problems"] and not skip_bad:
         raise typer.Exit(1)

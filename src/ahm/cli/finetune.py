@@ -25,7 +25,8 @@ def _pretrain_image_size(init: str) -> int | None:
 @app.command(no_args_is_help=True)
 def finetune(
     data: Path = typer.Argument(..., help="Labelled dataset folder (any supported layout, with masks)."),
-    init: str | None = typer.Option(None, "--init", help="Pretraining run directory, or 'none' to train from scratch."),
+    init: str | None = typer.Option(None, "--init", help="Pretraining run directory, or 'none' to train from scratch; "
+                                    "its channels, image size, patch grid and normalisation must match DATA."),
     out_dir: Path = typer.Option(..., "--out", help="Run directory to create (or to continue with --resume)."),
     model: str | None = typer.Option(None, "--model", help="Segmenter with --init none: unetr or unet "
                                         "(with a pretraining run, its backbone decides)."),
@@ -178,7 +179,8 @@ def evaluate(
 @app.command(no_args_is_help=True)
 def predict(
     run_dir: Path = typer.Argument(..., help="Fine-tuning run directory."),
-    inputs: list[Path] = typer.Argument(..., help="Images (PNG/JPEG/TIFF), NIfTI volumes, DICOM folders, or folders of them."),
+    inputs: list[Path] = typer.Argument(..., help="Images (PNG/JPEG/TIFF, DICOM files), volumes (NIfTI, NRRD/MetaImage, multi-frame "
+                                "DICOM, DICOM series folders), or folders of them."),
     out_dir: Path = typer.Option(..., "--out", help="Folder for the masks (<name>_mask.png / <name>_mask.nii.gz)."),
     overlay: bool = typer.Option(False, "--overlay", help="Also write <name>_overlay.png."),
     batch_size: int = typer.Option(32, "--batch-size", help="Slices per inference batch."),

@@ -34,6 +34,7 @@ WINDOW_ITEMS = 2048  # slots shuffled together: a window of 2D files, or the sli
 WINDOW_VOLUMES = 8  # volumes per window at most (each worker keeps this many preprocessed volumes)
 PRELOAD_BYTES = 1 << 30  # preload: "auto" reads a corpus into memory when its preprocessed size is at most this
 MANIFEST_NAMES = (".json",)
+DESCRIPTIVE_KEYS = ("index",)
 MAX_SUBSTITUTES = 8  # with skip_bad, how many following entries may stand in for an unreadable one
 
 
@@ -78,6 +79,8 @@ def read_manifest(path: Path) -> list[SourceConfig]:
             entry = {"path": entry}
         if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
             raise AhmError(f"{path}: source {n} must be an object with a 'path'")
+        # What `ahm data index` records about a source (its "index" counts) describes it; it is not a setting.
+        entry = {k: v for k, v in entry.items() if k not in DESCRIPTIVE_KEYS}
         where = Path(entry["path"]).expanduser()
         if not where.is_absolute():
             where = (root / where).resolve()
@@ -186,6 +189,14 @@ class Corpus:
                 window, volumes = [], 0
         order += [window[i] for i in torch.randperm(len(window), generator=g).tolist()]
         return order
+
+    def normalization(self) -> str:
+        """The intensity rule of the corpus (`normalization_rule`), kept with the pretrained weights; sources
+        normalised differently are joined with " + " (a fine-tuning set then matches none of them alone)."""
+        from ahm.data.dataset import normalization_rule
+
+        rules = list(dict.fromkeys(normalization_rule(s.data_cfg, s.index) for s in self.sources))
+        return " + ".join(rules)
 
     def nbytes(self) -> int:
         """Memory the preprocessed corpus would take (float32 on the model grid)."""

@@ -31,6 +31,7 @@ class Arrays:
     original_hw: list[tuple[int, int]]
     items: list[Item]
     problems: list[str] = field(default_factory=list)  # files skipped with cfg.skip_bad
+    normalization: str = "auto"  # the intensity rule applied (`normalization_rule`), kept with pretrained weights
 
 
 class _VolumeCache:
@@ -142,6 +143,19 @@ def _modality(item: Item, index: DatasetIndex, cfg: DataConfig) -> tuple[Modalit
     return "auto", _source_dtype(item.image)
 
 
+def normalization_rule(cfg: DataConfig, index: DatasetIndex) -> str:
+    """The intensity normalisation `load_arrays` applies to this dataset, as one comparable string.
+
+    A pretrained encoder has learned intensities mapped by this rule; fine-tuning elsewhere should map its own
+    the same way ("ct -1000..1000", "mri", "photo", or "auto" when it is decided file by file).
+    """
+    modality = cfg.modality if cfg.modality != "auto" else (index.modality or "auto")
+    if modality == "ct":
+        lo, hi = (float(v) for v in cfg.ct_window)
+        return f"ct {lo:g}..{hi:g}"
+    return modality
+
+
 def _unify_channels(image: np.ndarray, channels: int, path: Path) -> np.ndarray:
     have = image.shape[0]
     if have == channels:
@@ -241,6 +255,7 @@ def load_arrays(
         original_hw=[results[k][2] for k in kept],
         items=[by_id[ids[k]] for k in kept],
         problems=problems,
+        normalization=normalization_rule(cfg, index),
     )
 
 

@@ -15,12 +15,15 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ahm.config import DataConfig
+from ahm.data.readers import HEADER_KIND_SUFFIXES
 from ahm.errors import AhmError
 
 LAYOUTS = ("folder", "msd", "lgg", "busi", "isic", "kvasir")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 VOLUME_SUFFIXES = (".nii.gz", ".nii")
+# DICOM files and NRRD/MetaImage: a 2D image or a volume, as their header says (frames, slices).
+_SUPPORTED = ", ".join(IMAGE_SUFFIXES + VOLUME_SUFFIXES + HEADER_KIND_SUFFIXES)
 # Files users keep beside their images; listing them as problems would only be noise.
 _IGNORED_SUFFIXES = (".txt", ".md", ".csv", ".json", ".xlsx", ".xls", ".pdf", ".yaml", ".yml")
 _AXIS_LETTER = "xyz"
@@ -95,7 +98,7 @@ def _children(folder: Path) -> list[Path]:
 def stem_of(path: Path) -> str:
     """File name without its image/volume suffix (`a.nii.gz` -> `a`)."""
     name = path.name
-    for suffix in VOLUME_SUFFIXES + IMAGE_SUFFIXES + (".dcm",):
+    for suffix in VOLUME_SUFFIXES + IMAGE_SUFFIXES + HEADER_KIND_SUFFIXES:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return path.stem if path.is_file() else name
@@ -113,12 +116,39 @@ def subject_of_stem(stem: str) -> str:
     return head or stem
 
 
-def _is_volume_file(path: Path) -> bool:
-    return path.is_file() and path.name.lower().endswith(VOLUME_SUFFIXES)
-
-
 def _is_image_file(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def _file_kind(path: Path) -> str | None:
+    """Whether `path` is read as a "volume" or an "image", or None when it is no file we read.
+
+    DICOM and NRRD/MetaImage files are asked their header, so an unreadable one raises AhmError naming it.
+    """
+    from ahm.data.readers import is_volume_file
+
+    if not path.is_file():
+        return None
+    name = path.name.lower()
+    if name.endswith(VOLUME_SUFFIXES):
+        return "volume"
+    if name.endswith(HEADER_KIND_SUFFIXES):
+        return "volume" if is_volume_file(path) else "image"
+    return "image" if path.suffix.lower() in IMAGE_SUFFIXES else None
+
+
+def _detached_data(entries: list[Path]) -> set[Path]:
+    """Data files of `.nhdr`/`.mhd` headers among `entries`: part of their header's image, not items."""
+    from ahm.data.itk_files import detached_data_files
+
+    found: set[Path] = set()
+    for entry in entries:
+        if entry.is_file() and entry.suffix.lower() in (".nhdr", ".mhd"):
+            try:
+                found.update(detached_data_files(entry))
+            except AhmError:
+                continue  # reported when the header itself is listed
+    return found
 
 
 def _is_dicom_dir(path: Path) -> bool:
@@ -272,13 +302,18 @@ def _list_folder(root: Path, cfg: DataConfig, problems: _Problems) -> tuple[list
     mask_entries = [m for m in mask_entries if not _is_ignorable(m)]
     labelled = bool(mask_entries)
 
+    data_files = _detached_data(entries + mask_entries)
     masks_by_stem: dict[str, Path] = {}
     for mask_file in mask_entries:
-        if not (_is_image_file(mask_file) or _is_volume_file(mask_file) or _is_dicom_dir(mask_file)):
-            problems.add(
-                f"{mask_file}: unsupported mask file type "
-                f"(expected {', '.join(IMAGE_SUFFIXES + VOLUME_SUFFIXES)})"
-            )
+        if mask_file in data_files:
+            continue
+        try:
+            kind = _file_kind(mask_file)
+        except AhmError as exc:
+            problems.add(str(exc))
+            continue
+        if kind is None and not _is_dicom_dir(mask_file):
+            problems.add(f"{mask_file}: unsupported mask file type (expected {_SUPPORTED})")
             continue
         stem = stem_of(mask_file)
         if stem in masks_by_stem:
@@ -290,14 +325,16 @@ def _list_folder(root: Path, cfg: DataConfig, problems: _Problems) -> tuple[list
     used_masks: set[str] = set()
     saw_image = False
     for entry in entries:
-        if _is_ignorable(entry):
+        if _is_ignorable(entry) or entry in data_files:
             continue
-        is_volume = _is_volume_file(entry) or _is_dicom_dir(entry)
-        if not is_volume and not _is_image_file(entry):
-            problems.add(
-                f"{entry}: unsupported file type (expected {', '.join(IMAGE_SUFFIXES + VOLUME_SUFFIXES)} "
-                "or a folder of DICOM files)"
-            )
+        try:
+            kind = _file_kind(entry)
+        except AhmError as exc:
+            problems.add(str(exc))
+            continue
+        is_volume = kind == "volume" or _is_dicom_dir(entry)
+        if not is_volume and kind != "image":
+            problems.add(f"{entry}: unsupported file type (expected {_SUPPORTED} or a folder of DICOM files)")
             continue
         saw_image = True
         stem = stem_of(entry)

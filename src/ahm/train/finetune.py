@@ -125,19 +125,14 @@ def load_init(init: str | Path) -> PretrainedEncoder:
 
 
 def _apply_init(cfg: FinetuneConfig, enc: PretrainedEncoder) -> None:
-    """The encoder decides the network: its backbone, sizes, image size and channel count."""
-    pre_size = int(enc.metadata.get("image_size", enc.pretrain_cfg.data.image_size))
-    # A ViT's position embeddings fix its grid; convolution weights fit any size the strides divide.
-    if enc.segmenter == "unetr" and cfg.data.image_size != pre_size:
-        raise AhmError(f"--image-size {cfg.data.image_size} does not match the encoder in {enc.path} "
-                       f"(pretrained at {pre_size}); omit --image-size or use {pre_size}")
+    """The encoder decides the network: its backbone and sizes. Image size, channels and normalisation are
+    checked against the data once it is read (`init_check`)."""
     channels = enc.metadata.get("in_channels")
     if channels is not None:
         channels = int(channels)
         if cfg.data.channels is not None and cfg.data.channels != channels:
             raise AhmError(f"data.channels {cfg.data.channels} does not match the encoder in {enc.path} "
                            f"({channels} input channels)")
-        cfg.data.channels = channels
     # A UNet's norm layers are pretrained with it; UNETR's convolutional decoder (and its norm) starts fresh.
     norm = enc.pretrain_cfg.model.norm if enc.segmenter == "unet" else cfg.model.norm
     cfg.model = enc.pretrain_cfg.model.model_copy(update={"norm": norm})
@@ -251,6 +246,11 @@ def finetune(cfg: FinetuneConfig, out: str | Path, resume: bool = False, force: 
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     data = _prepare_data(cfg, out, resume)
+    if enc is not None:
+        from ahm.train.init_check import check_init_matches
+
+        check_init_matches(enc, cfg, data.in_channels, data.train.normalization)
+        cfg.data.channels = data.in_channels
     total = run_length(cfg, len(data.train.images), max(1, cfg.train.devices))[3]
     if cfg.init is not None and cfg.head_warmup_steps >= total:
         raise AhmError(f"head_warmup_steps: {cfg.head_warmup_steps} leaves none of the run's {total} steps to "

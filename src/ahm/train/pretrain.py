@@ -365,7 +365,8 @@ def _train(fabric, cfg, out, resume, progress, model, policy, corpus, total, ste
             summary["ranks_agree"] = bool((prints == prints[0]).all())
     if is_main:
         save_safetensors(out / "encoder.safetensors", raw_model.export_encoder(),
-                         metadata={**raw_model.encoder_metadata(), "policy": cfg.masking.policy})
+                         metadata={**raw_model.encoder_metadata(), "policy": cfg.masking.policy,
+                                   "normalization": corpus.normalization()})
         _write_reconstructions(raw_model, policy, dataset, out / "reconstructions.png", fabric.device)
         write_json(out / "summary.json", summary)
     return summary
