@@ -165,14 +165,16 @@ class ModelConfig(_Strict):
 class MaskingConfig(_Strict):
     """Which patches get masked, and how learned policies learn."""
 
-    policy: str = "random"  # random | block | hpm | adamae | ahm
+    policy: str = "random"  # random | block | hpm | adamae | ahm | ahm-official
     mask_ratio: float = 0.75
     mask_ratio_end: Optional[float] = None  # if set: linear rise from mask_ratio to this over training
     hard_fraction_max: float = 0.5  # easy-to-hard schedule end for hpm / ahm (alpha_max)
     hard_fraction_warmup: float = 0.0  # share of training before the hard fraction starts rising
     policy_lr: float = 1e-3
     ema_decay: float = 0.999  # hpm teacher
-    # AHM agent
+    # AHM agent: "transformer" (our design: patch embedding + transformer blocks) or "conv" (the authors' fully
+    # convolutional actor-critic, masking/ahm/agent.py ConvAgent; agent_dim is its width, 64 in the paper)
+    agent: Literal["transformer", "conv"] = "transformer"
     agent_dim: int = 64
     agent_depth: int = 1
     agent_heads: int = 4
@@ -182,6 +184,20 @@ class MaskingConfig(_Strict):
     critic_loss: Literal["mse", "pairwise"] = "mse"
     agent_workers: int = 0  # 0: synchronous A2C in-process; N>0: asynchronous A3C with N worker processes
     queue_size: int = 16
+    # ahm-official: the authors' staged pipeline (docs/method.md). Stage lengths as shares of the run's steps:
+    # reconstructor warm-up with random masks, then agent training against the frozen reconstructor; the rest is
+    # masked image modeling with the frozen agent's top-k masks.
+    official_recon_fraction: float = 0.4
+    official_agent_fraction: float = 0.2
+    official_agent_lr: float = 2e-4  # the authors' Adam
+    official_lr_step: int = 25  # StepLR: the agent's lr times official_lr_gamma every this many agent steps
+    official_lr_gamma: float = 0.9
+    official_balance: float = 0.5  # weight of the "balance" term (squared predicted intensity) in the reward
+    official_probe_every: int = 10  # steps between hardness probes (extra no-grad forwards with a random mask)
+    # The published code's defects, each restorable (off by default; docs/method.md, "Defects"):
+    reward_scope: Literal["image", "batch"] = "image"  # batch: each patch's reward summed over the whole batch
+    reward_window: Optional[int] = None  # None: the patch; N: N-px windows at N-px pitch (the authors': 20 on 16)
+    loss_patches: Literal["masked", "all"] = "masked"  # all: actor and critic terms over every patch, masked or not
 
     @field_validator("mask_ratio", "mask_ratio_end")
     @classmethod
@@ -217,6 +233,47 @@ class MaskingConfig(_Strict):
         if not 0.0 <= v < 1.0:
             raise ValueError("ema_decay must be in [0, 1)")
         return v
+
+    @field_validator("official_recon_fraction", "official_agent_fraction")
+    @classmethod
+    def _stage_share(cls, v: float) -> float:
+        if not 0.0 <= v < 1.0:
+            raise ValueError("must be in [0, 1)")
+        return v
+
+    @field_validator("official_agent_lr", "official_balance")
+    @classmethod
+    def _nonneg_official(cls, v: float) -> float:
+        if not (math.isfinite(v) and v >= 0):
+            raise ValueError("must be a non-negative number")
+        return v
+
+    @field_validator("official_lr_step", "official_probe_every")
+    @classmethod
+    def _positive_official(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("must be at least 1")
+        return v
+
+    @field_validator("official_lr_gamma")
+    @classmethod
+    def _gamma(cls, v: float) -> float:
+        if not 0.0 < v <= 1.0:
+            raise ValueError("must be in (0, 1]")
+        return v
+
+    @field_validator("reward_window")
+    @classmethod
+    def _window(cls, v: Optional[int]) -> Optional[int]:
+        if v is not None and v < 1:
+            raise ValueError("must be at least 1 (pixels)")
+        return v
+
+    @model_validator(mode="after")
+    def _stages(self) -> "MaskingConfig":
+        if self.official_recon_fraction + self.official_agent_fraction >= 1.0:
+            raise ValueError("official_recon_fraction + official_agent_fraction must leave a share for the MIM stage")
+        return self
 
     @field_validator("agent_workers")
     @classmethod
