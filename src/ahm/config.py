@@ -121,6 +121,10 @@ class ModelConfig(_Strict):
     unet_channels: tuple[int, ...] = (32, 64, 128, 256)
     unet_strides: tuple[int, ...] = (2, 2, 2)
     unet_num_res_units: int = 2
+    # "unet": MONAI UNet; "basic-unet": MONAI BasicUNet, the classic U-Net of the AHM authors' reconstructor
+    # (five unet_channels, strides 2,2,2,2; models/unet_nets.py). unet_dropout: per encoder level (basic-unet).
+    unet_network: Literal["unet", "basic-unet"] = "unet"
+    unet_dropout: tuple[float, ...] = ()
     # Normalisation of the convolution blocks (the UNet; UNETR's convolutional decoder). "batch" keeps the
     # absolute intensity that tells tissues apart in MRI/CT; "instance" (MONAI's default, and this project's
     # before the option existed) normalises every feature map per image and so cannot see it: on the brain
@@ -143,6 +147,8 @@ class ModelConfig(_Strict):
                 raise ValueError(f"{name} must be at least 1")
         if self.decoder_dim % self.decoder_heads:
             raise ValueError(f"decoder_dim {self.decoder_dim} must be divisible by decoder_heads {self.decoder_heads}")
+        if any(not 0.0 <= p < 1.0 for p in self.unet_dropout) or len(self.unet_dropout) > len(self.unet_channels):
+            raise ValueError("unet_dropout: at most one value per level, each in [0, 1)")
         if min(self.unet_channels, default=1) < 1 or min(self.unet_strides, default=1) < 1 or self.unet_num_res_units < 0:
             raise ValueError("unet_channels and unet_strides must be at least 1, unet_num_res_units at least 0")
         return self
