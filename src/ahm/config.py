@@ -48,7 +48,7 @@ class DataConfig(_Strict):
     """Where the images are and how they become tensors."""
 
     path: Optional[str] = None
-    layout: str = "auto"  # auto | folder | msd | lgg | busi | isic | kvasir
+    layout: str = "auto"  # auto | folder | msd | lgg | busi | isic | kvasir | img-anno
     image_size: int = 128
     channels: Optional[int] = None  # None: as stored (grayscale 1, RGB 3)
     modality: Literal["auto", "mri", "ct", "photo"] = "auto"
