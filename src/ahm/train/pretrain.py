@@ -299,7 +299,8 @@ def _train(fabric, cfg, out, resume, progress, model, policy, arrays, total, ste
                         if value is not None and not (isinstance(value, float) and math.isnan(value)):
                             pending[key].append(float(value))
                             window[key].append(float(value))
-                if log is not None and (step % cfg.train.log_every == 0 or step == total):
+                # a stage's last step is always logged, so every stage has final diagnostics in metrics.jsonl
+                if log is not None and (step % cfg.train.log_every == 0 or step == total or step == stage.end):
                     record = {"step": step, "lr": lr, "images_per_s": rate}
                     if staged:
                         record["stage"] = stages.index(stage)
