@@ -126,6 +126,14 @@ class OfficialAHMPolicy(MaskingPolicy):
         self._draw = _Draw(mask, logits, values, learn)
         return mask.to(images.device)
 
+    @property
+    def last_hard_indices(self) -> Tensor | None:
+        """The agent-chosen patches [B, K] of the last propose (all masked ones: a top-k), None in the warm-up."""
+        if self._draw is None:
+            return None
+        k = int(self._draw.mask[0].sum())
+        return self._draw.mask.to(torch.uint8).topk(k, dim=1).indices
+
     @torch.no_grad()
     def agent_maps(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """The policy map sigmoid(z) and the value map, both [B, L] (agent in eval mode)."""
