@@ -270,9 +270,7 @@ def _train(fabric, cfg, out, resume, progress, model, policy, arrays, total, ste
                     # (16-mixed is exempt: its grad scaler expects inf gradients now and then and skips those steps.)
                     if cfg.train.precision != "16-mixed" and not grads_finite(list(raw_model.parameters()) + policy_params):
                         bad = f"the loss is {float(loss.detach()):.4g} but a gradient is not finite"
-                if not stage.trains_model:
-                    pass
-                elif bad is not None:
+                if stage.trains_model and bad is not None:
                     if cfg.train.nan_policy != "skip":
                         good = _checkpoint_path(out)
                         raise NonFiniteLoss(
@@ -283,7 +281,7 @@ def _train(fabric, cfg, out, resume, progress, model, policy, arrays, total, ste
                         )
                     skipped += 1
                     optimizer.zero_grad(set_to_none=True)
-                else:
+                elif stage.trains_model:
                     if cfg.train.clip_grad > 0:
                         fabric.clip_gradients(model, optimizer, max_norm=cfg.train.clip_grad, error_if_nonfinite=False)
                         if policy_params:
