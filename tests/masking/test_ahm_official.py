@@ -73,6 +73,9 @@ def test_reward_of_an_image_ignores_the_rest_of_its_batch_unless_scope_batch() -
         first = official_reward(*_terms(images, prediction), 0.5, scope)
         second = official_reward(*_terms(other_images, other_pred), 0.5, scope)
         assert torch.allclose(first[0], second[0]) is same
+    perm = torch.tensor([2, 0, 3, 1])
+    per_image = official_reward(*_terms(images, prediction), 0.5, "image")
+    assert torch.allclose(official_reward(*_terms(images[perm], prediction[perm]), 0.5, "image"), per_image[perm])
     batch = official_reward(*_terms(images, prediction), 0.5, "batch")
     assert torch.allclose(batch[0], batch[3])  # the published defect: one reward map for the whole batch
 
