@@ -32,6 +32,10 @@ def pretrain(
     norm_pix: Optional[bool] = typer.Option(None, "--norm-pix/--no-norm-pix", help="Per-patch normalised targets."),
     agent_workers: Optional[int] = typer.Option(None, "--agent-workers", help="AHM: A3C worker processes (0: synchronous A2C)."),
     hard_fraction: Optional[float] = typer.Option(None, "--hard-fraction", help="HPM/AHM: final share of masked patches chosen as hard (default 0.5)."),
+    agent: Optional[str] = typer.Option(None, "--agent", help="AHM agent: transformer (ours) or conv (the authors'; ahm-official always uses it)."),
+    reward_scope: Optional[str] = typer.Option(None, "--reward-scope", help="ahm-official: image (default) or batch (the published code's shared batch reward)."),
+    reward_window: Optional[int] = typer.Option(None, "--reward-window", help="ahm-official: reward window in px (default: the patch; 20 restores the published misaligned one)."),
+    loss_patches: Optional[str] = typer.Option(None, "--loss-patches", help="ahm-official: masked (default) or all (the published loss over visible patches too)."),
     seed: Optional[int] = typer.Option(None, help="Seed for data order, masks, initialisation and the agent."),
     devices: Optional[int] = typer.Option(None, help="Number of devices (DDP when > 1; CPU uses gloo)."),
     accelerator: Optional[str] = typer.Option(None, help="auto, cpu or cuda."),
@@ -58,7 +62,8 @@ def pretrain(
         "all_splits": all_splits or None,
         "model": {"backbone": backbone, "patch_size": patch_size, "preset": model, "norm_pix": norm_pix},
         "masking": {"policy": policy, "mask_ratio": mask_ratio, "mask_ratio_end": mask_ratio_end,
-                    "agent_workers": agent_workers, "hard_fraction_max": hard_fraction},
+                    "agent_workers": agent_workers, "hard_fraction_max": hard_fraction, "agent": agent,
+                    "reward_scope": reward_scope, "reward_window": reward_window, "loss_patches": loss_patches},
         "train": {"steps": steps, "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
                   "devices": devices, "accelerator": accelerator, "precision": precision, "compile": compile,
                   "workers": workers},
@@ -85,3 +90,8 @@ def pretrain(
         out.print(f"pretrained [bold]{summary['policy']}[/]/{summary['backbone']} for {summary['steps']} steps: "
                   f"final loss {summary['final_loss']:.4f}, {summary['images_per_s']:.0f} images/s"
                   + (f"; {diag}" if diag else "") + f"\nrun directory: {out_dir}")
+        for stage in summary.get("stages", []):
+            diag = ", ".join(f"{k} {stage[k]:.3g}" for k in ("hardness_ratio", "critic_spearman", "background_share")
+                             if k in stage)
+            out.print(f"  stage {stage['name']}: steps {stage['start']}-{stage['end']}"
+                      + ("" if stage["trains_model"] else " (model frozen)") + (f"; {diag}" if diag else ""))

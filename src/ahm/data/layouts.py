@@ -18,7 +18,7 @@ from ahm.config import DataConfig
 from ahm.data.readers import HEADER_KIND_SUFFIXES
 from ahm.errors import AhmError
 
-LAYOUTS = ("folder", "msd", "lgg", "busi", "isic", "kvasir")
+LAYOUTS = ("folder", "msd", "lgg", "busi", "isic", "kvasir", "img-anno")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 VOLUME_SUFFIXES = (".nii.gz", ".nii")
@@ -47,6 +47,8 @@ class Item:
     volume: str | None = None
     # BUSI stores some lesions as extra masks (`_mask_1.png`, ...); they are merged with `mask` by union.
     extra_masks: tuple[Path, ...] = ()
+    # A split the layout itself fixes ("test" for img-anno's Test/ folder); None: drawn by subject
+    split: str | None = None
 
 
 @dataclass
@@ -272,8 +274,27 @@ def _looks_kvasir(root: Path) -> bool:
     return bool(mask_files) and all(p.suffix.lower() in (".jpg", ".jpeg") for p in mask_files)
 
 
+def _split_dirs(root: Path) -> dict[str, Path]:
+    """img-anno: {"Train": path, "Test": path} of the split folders that hold an img/ folder (any letter case)."""
+    found = {}
+    for sub in _children(root):
+        name = sub.name.lower()
+        if sub.is_dir() and name in ("train", "test") and _child_dir(sub, "img") is not None:
+            found[name.title()] = sub
+    return found
+
+
+def _child_dir(folder: Path, name: str) -> Path | None:
+    for sub in _children(folder):
+        if sub.is_dir() and sub.name.lower() == name:
+            return sub
+    return None
+
+
 def detect_layout(root: Path) -> str:
     """Name of the layout of `root`, or AhmError saying what was expected."""
+    if "Train" in _split_dirs(root):
+        return "img-anno"
     if (root / "dataset.json").is_file():
         return "msd"
     if (root / "images").is_dir():
@@ -288,7 +309,7 @@ def detect_layout(root: Path) -> str:
         f"{root}: no known dataset layout found. Expected one of: images/ (+ optional masks/) [folder]; "
         "dataset.json with imagesTr/ labelsTr/ [msd]; patient folders with *_mask.tif [lgg]; "
         "benign/ malignant/ normal/ [busi]; ISIC_*.jpg + ISIC_*_segmentation.png [isic]; "
-        "images/ + masks/ of .jpg [kvasir]"
+        "images/ + masks/ of .jpg [kvasir]; Train/img, Train/anno, Test/img, Test/anno [img-anno]"
     )
 
 
@@ -564,6 +585,73 @@ def _list_msd(root: Path, cfg: DataConfig, problems: _Problems) -> tuple[list[It
     return items, True
 
 
+_TRAILING_NUMBER = re.compile(r"^(?P<subject>.+?)[ _-]+\d+$")
+
+
+def subject_of_slice_name(stem: str) -> str:
+    """img-anno: the subject of a slice file: the part before `__` if there is one (as in the folder layout),
+    else the stem without its trailing slice number (`TCGA_CS_4941_19960909_12` -> `TCGA_CS_4941_19960909`, the
+    Kaggle LGG patient scan; `la_003_45` -> `la_003`); a stem without a trailing number is its own subject."""
+    if "__" in stem:
+        return subject_of_stem(stem)
+    match = _TRAILING_NUMBER.match(stem)
+    return match["subject"] if match else stem
+
+
+def _list_img_anno(root: Path, cfg: DataConfig, problems: _Problems) -> tuple[list[Item], bool]:
+    """The layout of the AHM authors' loaders: Train/img + Train/anno (train and validation, drawn by subject)
+    and Test/img + Test/anno (the test split). An annotation is paired with its image by name: the same stem, or
+    the stem plus `_mask` (the Kaggle LGG naming), any image suffix."""
+    splits = _split_dirs(root)
+    if "Train" not in splits:
+        raise AhmError(f"{root}: layout 'img-anno' needs Train/img in this folder")
+    listed: list[tuple[str, Path, Path | None]] = []  # (split, image dir, anno dir)
+    for name in ("Train", "Test"):
+        if name in splits:
+            img_dir = _child_dir(splits[name], "img")
+            assert img_dir is not None
+            listed.append((name, img_dir, _child_dir(splits[name], "anno")))
+    labelled = any(anno is not None and any(not _is_ignorable(p) for p in _children(anno)) for _, _, anno in listed)
+    items: list[Item] = []
+    for name, img_dir, anno_dir in listed:
+        annos: dict[str, Path] = {}
+        for anno in _children(anno_dir) if anno_dir is not None else []:
+            if _is_ignorable(anno):
+                continue
+            if not _is_image_file(anno):
+                problems.add(f"{anno}: unsupported annotation file type (expected {', '.join(IMAGE_SUFFIXES)})")
+                continue
+            stem = stem_of(anno)
+            if stem in annos:
+                problems.add(f"{anno}: two annotations named {stem!r} (also {annos[stem]})")
+                continue
+            annos[stem] = anno
+        used: set[str] = set()
+        for image in _children(img_dir):
+            if _is_ignorable(image):
+                continue
+            if not _is_image_file(image):
+                problems.add(f"{image}: unsupported file type (expected {', '.join(IMAGE_SUFFIXES)})")
+                continue
+            stem = stem_of(image)
+            mask = None
+            if labelled:
+                key = next((k for k in (stem, f"{stem}_mask") if k in annos), None)
+                if key is None:
+                    where = anno_dir if anno_dir is not None else img_dir.parent / "anno"
+                    problems.add(f"{image}: no annotation for this image in {where} (expected {stem}.<ext> or "
+                                 f"{stem}_mask.<ext>)")
+                    continue
+                used.add(key)
+                mask = annos[key]
+            items.append(Item(id=safe_id(stem), subject=safe_id(subject_of_slice_name(stem)), image=image,
+                              mask=mask, split="test" if name == "Test" else None))
+        for key, anno in annos.items():
+            if key not in used:
+                problems.add(f"{anno}: annotation without an image in {img_dir}")
+    return items, labelled
+
+
 _LISTERS: dict[str, Callable[[Path, DataConfig, _Problems], tuple[list[Item], bool]]] = {
     "folder": _list_folder,
     "msd": _list_msd,
@@ -571,6 +659,7 @@ _LISTERS: dict[str, Callable[[Path, DataConfig, _Problems], tuple[list[Item], bo
     "busi": _list_busi,
     "isic": _list_isic,
     "kvasir": _list_kvasir,
+    "img-anno": _list_img_anno,
 }
 
 
@@ -658,6 +747,9 @@ def _open_dataset(path: str | Path, cfg: DataConfig, strict_splits: bool = True)
         modality = "photo"  # 8-bit files, whatever the scanner
         class_names = {1: _LAYOUT_CLASS[layout]}
     elif layout == "folder":
+        class_names = _folder_class_names(root)
+    elif layout == "img-anno":
+        modality = "photo"  # the authors' 8-bit PNG/TIFF slices, read as value / 255
         class_names = _folder_class_names(root)
 
     splits = None

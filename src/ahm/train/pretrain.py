@@ -49,14 +49,17 @@ def load_pretrain_data(cfg: PretrainConfig):
     return corpus, splits
 
 
-def forward_step(model, policy, images: torch.Tensor, progress: float):
+def forward_step(model, policy, images: torch.Tensor, progress: float, trains_model: bool = True):
     """One MIM step's forward: the policy proposes, the model reconstructs, the policy observes.
 
     Returns (total loss to backpropagate, MIMOutput, PolicyStep). Shared by the loop and `ahm bench speed`.
+    `trains_model` False (a staged policy's frozen-model stage): the model runs without gradient, and the
+    returned loss is only for logging (the policy learnt inside `observe_output`).
     """
     mask = policy.propose(images, progress)
-    out = model(images, mask)
-    pstep = policy.observe(images, mask, out.per_patch_loss.detach().float(), progress)
+    with torch.set_grad_enabled(trains_model and torch.is_grad_enabled()):
+        out = model(images, mask)
+    pstep = policy.observe_output(images, mask, out, progress)
     loss = out.loss if pstep.aux_loss is None else out.loss + pstep.aux_loss
     return loss, out, pstep
 
@@ -232,6 +235,8 @@ def _train(fabric, cfg, out, resume, progress, model, policy, corpus, total, ste
     bar = _progress_bar(progress and is_main, total, start_step)
 
     saved: dict[str, int | None] = {"step": start_step if resume else None}
+    stages = policy.stages()
+    staged = len(stages) > 1
 
     def save_checkpoint(next_step: int) -> None:
         if not is_main:
@@ -267,19 +272,24 @@ def _train(fabric, cfg, out, resume, progress, model, policy, corpus, total, ste
                     seen.extend(idx)
                 images = batch["image"].to(fabric.device)
                 progress_frac = step / total
-                lr = set_lr(optimizer, lr_factor(step, total, cfg.train.warmup_steps, cfg.train.min_lr / max(cfg.train.lr, 1e-12)))
+                # each stage starts its own warm-up and cosine (MAE's schedule per MIM stage); one stage: the run's
+                stage = policy.stage_at(step)
+                model.train(stage.trains_model)
+                lr = set_lr(optimizer, lr_factor(step - stage.start, stage.steps, cfg.train.warmup_steps,
+                                                 cfg.train.min_lr / max(cfg.train.lr, 1e-12)))
 
-                loss, out_mim, pstep = forward_step(model, policy, images, progress_frac)
+                loss, out_mim, pstep = forward_step(model, policy, images, progress_frac, stage.trains_model)
                 optimizer.zero_grad(set_to_none=True)
-                bad = nonfinite_loss_reason(fabric, loss)
-                if bad is None:
+                # a frozen-model stage has nothing to backpropagate (the policy stepped its own optimiser)
+                bad = nonfinite_loss_reason(fabric, loss) if stage.trains_model else None
+                if stage.trains_model and bad is None:
                     fabric.backward(loss)
                     all_reduce_grads(fabric, policy_params)
                     # A finite loss with inf/NaN gradients would poison the weights and every later checkpoint.
                     # (16-mixed is exempt: its grad scaler expects inf gradients now and then and skips those steps.)
                     if cfg.train.precision != "16-mixed" and not grads_finite(list(raw_model.parameters()) + policy_params):
                         bad = f"the loss is {float(loss.detach()):.4g} but a gradient is not finite"
-                if bad is not None:
+                if stage.trains_model and bad is not None:
                     if cfg.train.nan_policy != "skip":
                         good = _checkpoint_path(out)
                         raise NonFiniteLoss(
@@ -290,7 +300,7 @@ def _train(fabric, cfg, out, resume, progress, model, policy, corpus, total, ste
                         )
                     skipped += 1
                     optimizer.zero_grad(set_to_none=True)
-                else:
+                elif stage.trains_model:
                     if cfg.train.clip_grad > 0:
                         fabric.clip_gradients(model, optimizer, max_norm=cfg.train.clip_grad, error_if_nonfinite=False)
                         if policy_params:
@@ -298,7 +308,7 @@ def _train(fabric, cfg, out, resume, progress, model, policy, corpus, total, ste
                     optimizer.step()
                 rate = meter.stop(len(idx) * world)
                 step += 1
-                if bad is None:
+                if bad is None and math.isfinite(float(out_mim.loss.detach())):
                     last_loss = float(out_mim.loss.detach())
                     pending["loss"].append(last_loss)
                     window["loss"].append(last_loss)
@@ -306,8 +316,11 @@ def _train(fabric, cfg, out, resume, progress, model, policy, corpus, total, ste
                         if value is not None and not (isinstance(value, float) and math.isnan(value)):
                             pending[key].append(float(value))
                             window[key].append(float(value))
-                if log is not None and (step % cfg.train.log_every == 0 or step == total):
+                # a stage's last step is always logged, so every stage has final diagnostics in metrics.jsonl
+                if log is not None and (step % cfg.train.log_every == 0 or step == total or step == stage.end):
                     record = {"step": step, "lr": lr, "images_per_s": rate}
+                    if staged:
+                        record["stage"] = stages.index(stage)
                     record.update({k: float(np.mean(v)) for k, v in pending.items() if v})
                     if skipped:
                         record["skipped_batches"] = skipped
@@ -345,6 +358,7 @@ def _train(fabric, cfg, out, resume, progress, model, policy, corpus, total, ste
         "corpus_images": corpus.n_entries,
         "loader_workers": workers,
         "preloaded": dataset.preloaded,
+        "agent_parameters": int(policy.agent_parameters),
     }
     if problems:
         summary["skipped_files"] = {"count": len(problems), "first": problems[:5]}
@@ -363,6 +377,8 @@ def _train(fabric, cfg, out, resume, progress, model, policy, corpus, total, ste
             write_json(out / "rank_samples.json", {str(r): [int(k) for k in entries[r] if k >= 0]
                                                    for r in range(world)})
             summary["ranks_agree"] = bool((prints == prints[0]).all())
+    if staged and is_main:
+        summary["stages"] = stage_summaries(read_metrics(out), stages)
     if is_main:
         save_safetensors(out / "encoder.safetensors", raw_model.export_encoder(),
                          metadata={**raw_model.encoder_metadata(), "policy": cfg.masking.policy,
@@ -370,6 +386,26 @@ def _train(fabric, cfg, out, resume, progress, model, policy, corpus, total, ste
         _write_reconstructions(raw_model, policy, dataset, out / "reconstructions.png", fabric.device)
         write_json(out / "summary.json", summary)
     return summary
+
+
+STAGE_DIAGNOSTICS = ("loss", "hardness_ratio", "critic_spearman", "background_share", "agent_loss", "mean_reward")
+STAGE_TAIL = 5  # logged records averaged for a stage's final diagnostics
+
+
+def stage_summaries(records: list[dict[str, Any]], stages: list) -> list[dict[str, Any]]:
+    """Per stage: its steps and the mean of each diagnostic over its last few logged records (from metrics.jsonl,
+    so a resumed run reports what an uninterrupted one does)."""
+    result = []
+    for stage in stages:
+        entry: dict[str, Any] = {"name": stage.name, "start": stage.start, "end": stage.end, "steps": stage.steps,
+                                 "trains_model": stage.trains_model}
+        inside = [r for r in records if stage.start < int(r.get("step", -1)) <= stage.end]
+        for key in STAGE_DIAGNOSTICS:
+            values = [float(r[key]) for r in inside if isinstance(r.get(key), (int, float))][-STAGE_TAIL:]
+            if values:
+                entry[key] = float(np.mean(values))
+        result.append(entry)
+    return result
 
 
 def _fingerprint(model: torch.nn.Module, policy: torch.nn.Module) -> torch.Tensor:
