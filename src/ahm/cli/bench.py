@@ -141,3 +141,31 @@ def baseline(
         print(json.dumps(doc, indent=2))
     else:
         out.print(format_baseline(doc), highlight=False, soft_wrap=True)
+
+
+@bench_app.command("data")
+def data_bench(
+    root: Path = typer.Option(..., "--root", help="Folder for the generated corpora and runs (reused if present)."),
+    large: int = typer.Option(200, "--large", help="Volumes of the large corpus."),
+    small: int = typer.Option(20, "--small", help="Volumes of the small corpus."),
+    slices: int = typer.Option(100, "--slices", help="Slices per volume."),
+    size: int = typer.Option(128, "--size", help="Volume side in voxels (also the model grid)."),
+    steps: int = typer.Option(50, "--steps", help="Pretraining steps per run."),
+    workers: int = typer.Option(2, "--workers", help="DataLoader workers of the streamed runs."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Pretraining YAML for every run (model, batch)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the JSON document only."),
+) -> None:
+    """Streamed pretraining at scale: peak memory on a large vs a small generated NIfTI corpus (same settings),
+    time to the first step, and the streamed pace against the preloaded one."""
+    from ahm.bench.data import format_data_bench, run_data_bench
+
+    note = None if (is_quiet() or as_json) else (lambda msg: console.print(f"[dim]{msg}[/]"))
+    doc = run_guarded(lambda: run_data_bench(root, large, small, slices, size, steps, workers, config,
+                                             extra=["--image-size", str(size)], log=note))
+    if not isinstance(doc, dict):
+        return
+    (root / "bench_data.json").write_text(json.dumps(doc, indent=2) + "\n")
+    if as_json:
+        print(json.dumps(doc, indent=2))
+    else:
+        out.print(format_data_bench(doc), highlight=False, soft_wrap=True)
