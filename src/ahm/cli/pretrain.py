@@ -93,6 +93,10 @@ def pretrain(
         out.print(f"pretrained [bold]{summary['policy']}[/]/{summary['backbone']} for {summary['steps']} steps: "
                   f"final loss {summary['final_loss']:.4f}, {summary['images_per_s']:.0f} images/s"
                   + (f"; {diag}" if diag else "") + f"\nrun directory: {out_dir}")
+        skipped = summary.get("skipped_files")
+        if skipped:
+            out.print(f"skipped {skipped['count']} unreadable file(s) (--skip-bad), first: "
+                      + "; ".join(skipped["first"][:3]), highlight=False, soft_wrap=True)
         for stage in summary.get("stages", []):
             diag = ", ".join(f"{k} {stage[k]:.3g}" for k in ("hardness_ratio", "critic_spearman", "background_share")
                              if k in stage)

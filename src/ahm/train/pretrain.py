@@ -206,7 +206,7 @@ def _train(fabric, cfg, out, resume, progress, model, policy, corpus, total, ste
 
     dataset = CorpusDataset(corpus, pretrain_augment(cfg.data.image_size) if cfg.train.augment else None,
                             seed=cfg.train.seed)
-    problems: list[str] = []
+    problems: list[str] = [p for source in corpus.sources for p in source.index.problems]  # found while listing
     if cfg.preload == "yes" or (cfg.preload == "auto" and corpus.nbytes() <= PRELOAD_BYTES):
         problems += dataset.preload()
     end = total if stop_at is None else min(total, stop_at)
