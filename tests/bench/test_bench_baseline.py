@@ -107,3 +107,22 @@ def test_bad_input_is_one_line(tmp_path: Path) -> None:
                                    "--labels-fraction", "0.5", "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.output)["rows"][0]["labelled_images"] > 0
+
+
+def test_floors_are_scored_per_volume_when_the_images_are_slices_of_volumes(tmp_path: Path) -> None:
+    import nibabel as nib
+
+    data = tmp_path / "vols"
+    (data / "images").mkdir(parents=True)
+    (data / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    for s in range(8):
+        img = rng.normal(50, 5, size=(24, 24, 4)).astype(np.float32)
+        lab = np.zeros((24, 24, 4), np.uint8)
+        lab[6:16, 8:18, :2] = 1
+        img[lab == 1] += 100
+        nib.save(nib.Nifti1Image(img, np.eye(4)), data / "images" / f"v{s}.nii.gz")
+        nib.save(nib.Nifti1Image(lab, np.eye(4)), data / "masks" / f"v{s}.nii.gz")
+    doc = run_baseline(data, labels_fraction=1.0, seeds=1, image_size=32)
+    assert doc["level"] == "volume" and doc["rows"][0]["level"] == "volume"
+    assert doc["empty_prediction"]["dice"] == 0.0

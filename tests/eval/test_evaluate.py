@@ -136,3 +136,21 @@ def test_refuses_bad_labels_json(tmp_path: Path) -> None:
     (data / "labels.json").write_text(json.dumps(["background", "tumour"]))
     with pytest.raises(AhmError, match="labels.json"):
         evaluate(run, data, split="all")
+
+
+def test_cli_prints_both_levels_names_the_convention_and_refuses_a_bad_one(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from ahm.cli.app import _register, app
+
+    run = make_run(tmp_path / "run")
+    data = _folder(tmp_path / "data")
+    _register()
+    res = CliRunner().invoke(app, ["evaluate", str(run), "--data", str(data), "--split", "all"],
+                             env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    assert "dataset Dice" in res.output and "excluded" in res.output and "absent from prediction" in res.output
+    old = CliRunner().invoke(app, ["evaluate", str(run), "--data", str(data), "--split", "all", "--empty-cases", "one"])
+    assert old.exit_code == 0 and "OLD CONVENTION" in old.output
+    bad = CliRunner().invoke(app, ["evaluate", str(run), "--data", str(data), "--empty-cases", "zero"])
+    assert bad.exit_code != 0 and "--empty-cases" in bad.output and "Traceback" not in bad.output

@@ -254,3 +254,39 @@ def test_a_manifest_written_by_data_index_is_a_corpus(tmp_path, blobs, volumes):
     assert [Path(s.path) for s in specs] == [(root / "a").resolve(), (root / "b").resolve()]
     corpus = open_corpus(_cfg(root / "a", sources=[s.model_dump() for s in specs]))
     assert corpus.n_entries == len(corpus.sources[0].ids) + 30
+
+
+def test_skip_bad_passes_over_a_whole_unreadable_volume_and_counts_it_once(tmp_path, volumes):
+    import shutil
+
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for v in range(3):  # volumes of 12 slices: more than the stand-ins a slice may try
+        nib.save(nib.Nifti1Image(rng.normal(100, 20, (24, 20, 12)).astype(np.float32), np.eye(4)),
+                 data / "images" / f"vol{v}.nii.gz")
+    victim = data / "images" / "vol1.nii.gz"
+    open_corpus(_cfg(data))  # listed while whole
+    victim.write_bytes(victim.read_bytes()[:400])
+    for preload in ("no", "yes"):
+        cfg = _cfg(data, steps=12, preload=preload, train={"workers": 1, "batch_size": 4})
+        cfg.data.skip_bad = True
+        summary = pretrain(cfg, tmp_path / f"run-{preload}", progress=False)
+        assert summary["steps"] == 12 and (tmp_path / f"run-{preload}" / "reconstructions.png").is_file()
+        assert summary["skipped_files"]["count"] == 1 and "vol1" in summary["skipped_files"]["first"][0]
+    shutil.rmtree(data)
+
+
+def test_a_2d_source_of_weight_2_spreads_its_copies_over_the_epoch(tmp_path):
+    from PIL import Image
+
+    data = tmp_path / "pngs"
+    (data / "images").mkdir(parents=True)
+    for k in range(200):
+        Image.fromarray(np.full((32, 32), k, np.uint8)).save(data / "images" / f"p{k:03d}.png")
+    corpus = open_corpus(_cfg(data, sources=_sources({"path": str(data), "weight": 2.0})))
+    order = corpus.epoch_order(0, seed=0)
+    assert len(order) == 400 and sorted(np.bincount(order).tolist()) == [2] * 200
+    batches = [order[i:i + 16] for i in range(0, 400, 16)]
+    repeated = sum(len(set(b)) < len(b) for b in batches)
+    assert repeated < len(batches) / 2  # copies are not kept side by side

@@ -72,11 +72,13 @@ def apply_intensity_lookup(table: np.ndarray, images: np.ndarray, bins: int = 25
 FIGURES = ("dice", "dataset_dice", "iou", "hd95")
 
 
-def _scores(preds: np.ndarray, labels: np.ndarray, num_classes: int, empty: str, prefix: str) -> dict[str, Any]:
-    from ahm.eval.metrics import case_metrics, summarize
+def _scores(preds: np.ndarray, arrays: Any, num_classes: int, empty: str, prefix: str) -> dict[str, Any]:
+    """The figures of `ahm evaluate` at its primary level (re-stacked volumes when the images are their slices),
+    so that a floor and a network are compared on the same cases."""
+    from ahm.eval.evaluate import leveled_scores
 
-    metrics = summarize(case_metrics(preds, labels, num_classes, empty=empty), empty=empty)
-    return {f"{prefix}{key}": metrics.get(key) for key in FIGURES}
+    metrics = leveled_scores(preds, arrays.labels, arrays.items, num_classes, empty=empty)[0]
+    return {f"{prefix}{key}": metrics.get(key) for key in FIGURES} | {f"{prefix}level": metrics["level"]}
 
 
 def _mean_std(rows: list[dict[str, Any]], key: str) -> dict[str, float | None]:
@@ -119,7 +121,7 @@ def run_baseline(data: str | Path, labels_fraction: float, seeds: int, first_see
     num_classes = max(2, int(max(a.labels.max(initial=0) for a in evaluated.values())) + 1)
     nothing: dict[str, Any] = {}
     for name, arrays in evaluated.items():
-        nothing.update(_scores(np.zeros_like(arrays.labels), arrays.labels, num_classes, empty,
+        nothing.update(_scores(np.zeros_like(arrays.labels), arrays, num_classes, empty,
                                "" if name == split else "val_"))
     for seed in range(first_seed, first_seed + seeds):
         labelled = label_subset(index, list(splits["train"]), labels_fraction, seed)
@@ -131,7 +133,7 @@ def run_baseline(data: str | Path, labels_fraction: float, seeds: int, first_see
         row: dict[str, Any] = {"seed": seed, "labelled_images": len(train.ids)}
         for name, arrays in evaluated.items():
             preds = apply_intensity_lookup(table, arrays.images, bins)
-            row.update(_scores(preds, arrays.labels, classes, empty, "" if name == split else "val_"))
+            row.update(_scores(preds, arrays, classes, empty, "" if name == split else "val_"))
         rows.append(row)
         if log is not None:
             log(f"seed {seed}: {len(train.ids)} labelled images, {split} Dice {_fmt(row['dice'])}, "
@@ -139,7 +141,8 @@ def run_baseline(data: str | Path, labels_fraction: float, seeds: int, first_see
     keys = FIGURES + tuple(f"val_{k}" for k in FIGURES)
     summary = {key: _mean_std(rows, key) for key in keys}
     return {"data": str(data), "labels_fraction": labels_fraction, "bins": bins, "split": split,
-            "image_size": cfg.image_size, "empty_cases": empty, "rows": rows, "summary": summary,
+            "image_size": cfg.image_size, "empty_cases": empty, "level": nothing.get("level"), "rows": rows,
+            "summary": summary,
             "empty_prediction": {key: nothing.get(key) for key in keys}}
 
 

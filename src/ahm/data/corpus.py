@@ -157,6 +157,9 @@ class Corpus:
         """Entries that share a volume share a key (read together); a 2D file is its own group."""
         return self._keys[k]
 
+    def is_volume(self, k: int) -> bool:
+        return self.entry(k)[1].slice is not None
+
     def _group_key(self, k: int) -> str:
         source, item = self.entry(k)
         return f"{source.start}:{item.image}" if item.slice is not None else f"{source.start}:{item.id}"
@@ -183,7 +186,7 @@ class Corpus:
         for gi in torch.randperm(len(keys), generator=g).tolist():
             members = groups[keys[gi]]
             window += members
-            volumes += len(members) > 1
+            volumes += self.is_volume(members[0])  # a 2D file drawn twice (weight 2) is still one file
             if len(window) >= WINDOW_ITEMS or volumes >= WINDOW_VOLUMES:
                 order += [window[i] for i in torch.randperm(len(window), generator=g).tolist()]
                 window, volumes = [], 0
@@ -281,6 +284,7 @@ class CorpusDataset(torch.utils.data.Dataset):
         self.seed = int(seed)
         self._slices: VolumeSlices | None = None
         self._preloaded: torch.Tensor | None = None
+        self._failed: dict[str, str] = {}  # group key -> the problem, for files found unreadable
 
     def __len__(self) -> int:
         return len(self.corpus)
@@ -293,11 +297,11 @@ class CorpusDataset(torch.utils.data.Dataset):
                               self.corpus.image_size), dtype=torch.float32)
         problems: list[str] = []
         for k in range(len(self.corpus)):
-            image, _, found, failed = self._read(k)
-            problems += found
+            image, j, found, failed = self.read(k)
+            problems += [p for p in found if p not in problems]
             if failed:
                 raise AhmError(found[-1])
-            images[k] = image
+            images[k] = image  # with skip_bad, a stand-in's image for an unreadable entry
             if progress is not None:
                 progress(k + 1, len(self.corpus))
         self._preloaded, self._slices = images, None
@@ -314,26 +318,32 @@ class CorpusDataset(torch.utils.data.Dataset):
             self._slices = VolumeSlices()
         return torch.from_numpy(np.ascontiguousarray(self._slices.get(self.corpus, k)))
 
-    def _read(self, k: int) -> tuple[torch.Tensor | None, int, list[str], bool]:
-        """(image, entry read, problems, failed): with data.skip_bad an unreadable entry is replaced by the next
-        readable one (reported in problems); without it, or when none of the next few reads, failed."""
+    def read(self, k: int) -> tuple[torch.Tensor | None, int, list[str], bool]:
+        """(image, entry read, problems, failed): with data.skip_bad an unreadable entry is replaced by the first
+        readable one of the next files (never by another slice of a volume that failed: a volume is read whole,
+        so its other slices would fail too; a failed file is remembered and not read again by this process);
+        without skip_bad, or when none of the next few files reads, failed."""
         problems: list[str] = []
         skip = self.corpus.sources[0].data_cfg.skip_bad
-        for attempt in range(MAX_SUBSTITUTES + 1 if skip else 1):
-            j = (k + attempt) % len(self.corpus)
-            try:
-                return self.image(j).clone(), j, problems, False
-            except AhmError as exc:
-                problems.append(str(exc))
+        j = k
+        for _ in range(MAX_SUBSTITUTES + 1 if skip else 1):
+            key = self.corpus.group_key(j)
+            if key not in self._failed:
+                try:
+                    return self.image(j).clone(), j, problems, False
+                except AhmError as exc:
+                    self._failed[key] = str(exc)
+            problems.append(self._failed[key])
+            j = (self.corpus.members[key][-1] + 1) % len(self.corpus)  # the first entry of the next file
         return None, k, problems, True
 
     def __getitem__(self, key: tuple[int, int, int]) -> dict[str, Any]:
-        """A bad file found while streaming is reported with the sample (see `_read`), for the loop to count
+        """A bad file found while streaming is reported with the sample (see `read`), for the loop to count
         or to stop on with one line."""
         from ahm.data.dataset import _plain, apply_seeded, sample_seed
 
         epoch, position, k = key
-        image, j, problems, failed = self._read(k)
+        image, j, problems, failed = self.read(k)
         if failed:
             return {"image": None, "entry": k, "problems": problems, "error": True}
         sample: dict[str, Any] = {"image": image}

@@ -207,6 +207,25 @@ def _volume_level(preds: np.ndarray, labels: np.ndarray, groups: dict[str, list[
     return vol
 
 
+def leveled_scores(preds: np.ndarray, labels: np.ndarray, items: list | None, num_classes: int,
+                   names: list[str] | None = None, empty: str = "exclude",
+                   per_case: dict[str, np.ndarray] | None = None) -> tuple[dict, dict, dict | None]:
+    """(primary figures with their `level`, slice level, volume level or None): the volume level is primary when
+    every image belongs to a re-stacked volume. `ahm evaluate` and the floors of `ahm bench` score this way."""
+    names = list(names) if names is not None else class_names(num_classes)
+    if per_case is None:
+        per_case = case_metrics(preds, labels, num_classes, empty=empty)
+    slice_level = summarize(per_case, names, empty)
+    slice_level.update({"n_cases": len(labels), "case": "image (2D slice)", "hd95_unit": "pixels of the model grid"})
+    volume_level = None
+    groups = _volume_groups(items) if items is not None else {}
+    if groups:
+        volume_level = _volume_level(preds, labels, groups, num_classes, names, empty)
+    level = "volume" if groups and sum(len(r) for r in groups.values()) == len(labels) else "slice"
+    primary = volume_level if level == "volume" else slice_level
+    return {"level": level, **{key: primary.get(key) for key in LEVEL_KEYS}}, slice_level, volume_level
+
+
 def score_arrays(out_dir: Path, preds: np.ndarray, labels: np.ndarray, images: np.ndarray, ids: list[str],
                  items: list | None, num_classes: int, split: str, extra: dict | None = None,
                  empty: str = "exclude", names: list[str] | None = None) -> dict:
@@ -222,17 +241,10 @@ def score_arrays(out_dir: Path, preds: np.ndarray, labels: np.ndarray, images: n
     names = list(names) if names is not None else class_names(num_classes)
     per_case = case_metrics(preds, labels, num_classes, empty=empty)
     means = case_means(per_case)
-    slice_level = summarize(per_case, names, empty)
-    slice_level.update({"n_cases": len(ids), "case": "image (2D slice)", "hd95_unit": "pixels of the model grid"})
-    volume_level = None
-    groups = _volume_groups(items) if items is not None else {}
-    if groups:
-        volume_level = _volume_level(preds, labels, groups, num_classes, names, empty)
-    level = "volume" if groups and sum(len(r) for r in groups.values()) == len(ids) else "slice"
-    primary = volume_level if level == "volume" else slice_level
-    metrics: dict[str, Any] = {key: primary.get(key) for key in LEVEL_KEYS}
+    metrics, slice_level, volume_level = leveled_scores(preds, labels, items, num_classes, names, empty, per_case)
+    primary = volume_level if metrics["level"] == "volume" else slice_level
     metrics.update({
-        "level": level, "n_images": len(ids), "split": split, "class_names": names,
+        "n_images": len(ids), "split": split, "class_names": names,
         "grid": f"model grid {labels.shape[-1]}x{labels.shape[-1]} (aspect kept, zero-padded)",
         "hd95_unit": primary["hd95_unit"], "empty_cases": empty, "empty_masks": EMPTY_DESCRIPTION[empty],
         "slice_level": slice_level,

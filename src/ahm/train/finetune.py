@@ -349,6 +349,10 @@ def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool,
                            f"({str(exc).strip().splitlines()[0][:160]})") from exc
         for key in state:
             state[key] = ckpt["state"][key]
+        if "select_by" not in saved_meta:
+            # A run from before select_by kept its best by the old per-case figure: not comparable with the new
+            # one, so the next validation sets the best afresh.
+            state["best_val_dice"], state["best_epoch"] = -1.0, 0
         encoder_loaded = ckpt.get("encoder_loaded", {})
         meta["init"], meta["init_policy"] = saved_meta.get("init", meta["init"]), saved_meta.get("init_policy")
     raw_model = model

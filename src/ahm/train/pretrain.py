@@ -261,7 +261,7 @@ def _train(fabric, cfg, out, resume, progress, model, policy, corpus, total, ste
             while step < end:
                 meter.start()
                 batch = next(batches)
-                problems.extend(batch["problems"])
+                problems.extend(p for p in batch["problems"] if p not in problems)  # distinct files
                 if batch["error"] is not None:
                     good = _checkpoint_path(out)
                     raise AhmError(f"{batch['error']}; run stopped at step {step}. Last checkpoint: "
@@ -451,8 +451,13 @@ def _write_reconstructions(model, policy, dataset, path: Path, device, n: int = 
 
     from ahm.io import write_bytes
 
-    n = min(n, len(dataset))
-    images = torch.stack([dataset.image(k) for k in range(n)]).float().to(device)
+    # the first readable images (with skip_bad an unreadable one is passed over here too)
+    read = [dataset.read(k) for k in range(min(n, len(dataset)))]
+    picked = [image for image, _, _, failed in read if not failed]
+    if not picked:
+        return
+    n = len(picked)
+    images = torch.stack(picked).float().to(device)
     was_training = model.training
     model.eval()
     state = policy.generator.get_state()
