@@ -3,8 +3,8 @@
 A corpus is any number of dataset folders (any layout, labelled or not) or a manifest (`corpus.json`). Listing it
 reads headers only (a volume's slice count from its header); pixels are read when a sample is drawn, by
 `prepare_item` (the path in-memory loading uses too), in DataLoader worker processes ahead of the step. Memory
-therefore does not grow with the corpus: a worker holds the preprocessed slices of the few volumes it is reading
-(`VolumeSlices`), not the corpus.
+therefore does not grow with the corpus: a worker holds the last few volumes it read (`VolumeSlices`: a window's
+worth, within a byte budget), not the corpus.
 
 Order and determinism: an epoch's order is a function of (seed, epoch) only (`Corpus.epoch_order`): sources are
 drawn by weight, then volumes are shuffled and grouped into windows of a few volumes whose slices are shuffled
@@ -31,7 +31,8 @@ from ahm.data.layouts import DatasetIndex, Item
 from ahm.errors import AhmError
 
 WINDOW_ITEMS = 2048  # slots shuffled together: a window of 2D files, or the slices of a few volumes
-WINDOW_VOLUMES = 8  # volumes per window at most (each worker keeps this many preprocessed volumes)
+WINDOW_VOLUMES = 8  # volumes per window at most (each worker keeps this many raw volumes, within a byte budget)
+VOLUME_BUDGET_BYTES = 1 << 29  # raw volumes a loader worker keeps (LRU; at least the one it reads)
 PRELOAD_BYTES = 1 << 30  # preload: "auto" reads a corpus into memory when its preprocessed size is at most this
 MANIFEST_NAMES = (".json",)
 DESCRIPTIVE_KEYS = ("index",)
@@ -248,30 +249,33 @@ def open_corpus(cfg: PretrainConfig, log: Callable[[str], None] | None = None) -
 
 
 class VolumeSlices:
-    """A worker's small cache: the preprocessed corpus slices of the last few volumes it read (LRU)."""
+    """A worker's small cache: the last volumes it read, raw, within a byte budget (LRU, at least one), so that a
+    slice is preprocessed when it is drawn and a volume is read about once per window of the epoch order."""
 
-    def __init__(self, capacity: int = WINDOW_VOLUMES) -> None:
-        self.capacity = capacity
-        self._held: OrderedDict[str, dict[int, np.ndarray]] = OrderedDict()
+    def __init__(self, budget_bytes: int = VOLUME_BUDGET_BYTES, capacity: int = WINDOW_VOLUMES) -> None:
+        self.budget, self.capacity = budget_bytes, capacity
+        self._held: OrderedDict[str, np.ndarray] = OrderedDict()
 
-    def get(self, corpus: Corpus, k: int) -> np.ndarray:
-        from ahm.data.dataset import _VolumeCache, prepare_item
+    # The `_VolumeCache` interface `read_item` reads volumes through.
+    def get(self, path: Path, label: bool) -> np.ndarray:
+        from ahm.data.readers import read_label_volume, read_volume
+
+        key = f"{'label' if label else 'image'}:{path}"
+        if key not in self._held:
+            data = (read_label_volume(path) if label else read_volume(path)).data
+            while self._held and (len(self._held) >= self.capacity
+                                  or sum(v.nbytes for v in self._held.values()) + data.nbytes > self.budget):
+                self._held.popitem(last=False)
+            self._held[key] = data
+        self._held.move_to_end(key)
+        return self._held[key]
+
+    def sample(self, corpus: Corpus, k: int) -> np.ndarray:
+        from ahm.data.dataset import prepare_item
 
         source, item = corpus.entry(k)
-        if item.slice is None:
-            return prepare_item(item, source.index, source.data_cfg, False, corpus.channels)[0]
-        key = corpus.group_key(k)
-        if key not in self._held:
-            while len(self._held) >= self.capacity:
-                self._held.popitem(last=False)
-            # Every corpus slice of this volume, preprocessed from one read of it.
-            cache = _VolumeCache()
-            members = corpus.members[key]
-            self._held[key] = {
-                j: prepare_item(corpus.entry(j)[1], source.index, source.data_cfg, False, corpus.channels, cache)[0]
-                for j in members}
-        self._held.move_to_end(key)
-        return self._held[key][k]
+        cache = self if item.slice is not None else None
+        return prepare_item(item, source.index, source.data_cfg, False, corpus.channels, cache)[0]
 
 
 class CorpusDataset(torch.utils.data.Dataset):
@@ -316,7 +320,7 @@ class CorpusDataset(torch.utils.data.Dataset):
             return self._preloaded[k]
         if self._slices is None:
             self._slices = VolumeSlices()
-        return torch.from_numpy(np.ascontiguousarray(self._slices.get(self.corpus, k)))
+        return torch.from_numpy(np.ascontiguousarray(self._slices.sample(self.corpus, k)))
 
     def read(self, k: int) -> tuple[torch.Tensor | None, int, list[str], bool]:
         """(image, entry read, problems, failed): with data.skip_bad an unreadable entry is replaced by the first
