@@ -238,6 +238,7 @@ class MAEViT(MIMModel):
         decoder_depth: int = 2,
         decoder_heads: int = 4,
         norm_pix: bool = True,
+        decoder_mlp_dim: int | None = None,
     ) -> None:
         super().__init__(image_size, patch_size, in_channels)
         self.hidden_size, self.mlp_dim, self.num_layers, self.num_heads = (
@@ -265,7 +266,7 @@ class MAEViT(MIMModel):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
         self.decoder_blocks = nn.ModuleList(
             [
-                TransformerBlock(decoder_dim, 4 * decoder_dim, decoder_heads, qkv_bias=True)
+                TransformerBlock(decoder_dim, decoder_mlp_dim or 4 * decoder_dim, decoder_heads, qkv_bias=True)
                 for _ in range(decoder_depth)
             ]
         )
@@ -382,5 +383,6 @@ def build_mim_model(model_cfg: ModelConfig, image_size: int, in_channels: int) -
         decoder_dim=model_cfg.decoder_dim,
         decoder_depth=model_cfg.decoder_depth,
         decoder_heads=model_cfg.decoder_heads,
+        decoder_mlp_dim=model_cfg.decoder_dims()["decoder_mlp_dim"],
         **dims,
     )
