@@ -265,7 +265,7 @@ def _plain_mae_loss(model: MAEViT, images: torch.Tensor, mask: torch.Tensor) -> 
 @pytest.mark.parametrize("norm_pix", [True, False])
 def test_fast_training_step_equals_the_plain_computation(norm_pix: bool) -> None:
     """Loss and every gradient of the hot path (visible-only matmul embedding, SDPA blocks, tokens in
-    [visible, masked] order) equal the plain computation's."""
+    [visible, masked] order, one patchify, no image-space prediction) equal the plain computation's."""
     model = tiny_vit(channels=3, norm_pix=norm_pix)
     with torch.no_grad():
         for p in model.parameters():  # move off the init so biases and norms matter
@@ -279,6 +279,7 @@ def test_fast_training_step_equals_the_plain_computation(norm_pix: bool) -> None
     assert torch.allclose(out.loss, plain, rtol=1e-5, atol=1e-6)
     for g, h in zip(grads, plain_grads):
         assert h is not None and torch.allclose(g, h, rtol=1e-4, atol=1e-6)
+    assert not out.prediction.requires_grad  # built on demand, outside the graph
 
 
 def test_decoder_mlp_dim_is_configurable() -> None:
