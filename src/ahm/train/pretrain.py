@@ -243,9 +243,11 @@ def _train(fabric, cfg, out, resume, progress, model, policy, arrays, total, ste
         saved["step"] = next_step
 
     epoch_cache: dict[int, list[list[int]]] = {}
+    end = total if stop_at is None else min(total, stop_at)
+    ahead = _BatchAhead(dataset)
     try:
         with stop_on_sigint() as sig:
-            while step < (total if stop_at is None else min(total, stop_at)):
+            while step < end:
                 epoch, within = divmod(step, steps_per_epoch)
                 if epoch not in epoch_cache:
                     epoch_cache.clear()
@@ -253,7 +255,10 @@ def _train(fabric, cfg, out, resume, progress, model, policy, arrays, total, ste
                     dataset.set_epoch(epoch)
                 idx = epoch_cache[epoch][within]
                 meter.start()
-                images = torch.stack([dataset[i]["image"] for i in idx]).to(fabric.device)
+                images = ahead.take(step) if ahead.holds(step) else _stack_batch(dataset, idx)
+                if within + 1 < steps_per_epoch and step + 1 < end:  # never across an epoch (set_epoch)
+                    ahead.put(step + 1, epoch_cache[epoch][within + 1])
+                images = images.to(fabric.device)
                 progress_frac = step / total
                 lr = set_lr(optimizer, lr_factor(step, total, cfg.train.warmup_steps, cfg.train.min_lr / max(cfg.train.lr, 1e-12)))
 
@@ -313,6 +318,7 @@ def _train(fabric, cfg, out, resume, progress, model, policy, arrays, total, ste
                     )
         save_checkpoint(step)
     finally:
+        ahead.close()
         if bar is not None:
             bar.close()
         if log is not None:
@@ -345,6 +351,43 @@ def _train(fabric, cfg, out, resume, progress, model, policy, arrays, total, ste
         _write_reconstructions(raw_model, policy, dataset, out / "reconstructions.png", fabric.device)
         write_json(out / "summary.json", summary)
     return summary
+
+
+def _stack_batch(dataset, idx: list[int]) -> torch.Tensor:
+    return torch.stack([dataset[i]["image"] for i in idx])
+
+
+class _BatchAhead:
+    """Assembles the next batch (augmentation included) in one background thread while the current step runs.
+
+    The augmented samples on this CPU cost about a third of a ViT-Tiny MAE step (0.17 of 0.47 CPU s at batch 32,
+    one thread); assembled in the step's shadow they stop adding to it. The samples are the same as without it:
+    each is seeded by (seed, epoch, index), and a batch is never fetched ahead across an epoch boundary, where
+    the dataset's epoch changes. (A DataLoader would need worker processes and a sampler for the same effect.)
+    """
+
+    def __init__(self, dataset) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.dataset = dataset
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ahm-batch")
+        self.step: int | None = None
+        self.future = None
+
+    def put(self, step: int, idx: list[int]) -> None:
+        self.step, self.future = step, self.pool.submit(_stack_batch, self.dataset, idx)
+
+    def holds(self, step: int) -> bool:
+        return self.future is not None and self.step == step
+
+    def take(self, step: int) -> torch.Tensor:
+        future, self.step, self.future = self.future, None, None
+        return future.result()  # an error while loading surfaces here, in the loop
+
+    def close(self) -> None:
+        if self.future is not None:
+            self.future.cancel()
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _fingerprint(model: torch.nn.Module, policy: torch.nn.Module) -> torch.Tensor:
