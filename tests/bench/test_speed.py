@@ -63,17 +63,19 @@ def test_vit_reference_has_our_encoder_and_decoder(tmp_path: Path, decoder: dict
     assert text.count(f"MLP {ours['decoder_mlp_dim']};") == 2  # both settings printed
 
 
-def test_unet_reference_is_the_same_unet(tmp_path: Path) -> None:
+@pytest.mark.parametrize("network", ["unet", "basic-unet"])
+def test_unet_reference_is_the_same_unet(tmp_path: Path, network: str) -> None:
     from ahm.bench.speed import format_speed, run_speed
 
-    cfg = _cfg(tmp_path, backbone="unet")
+    sizes = ({"unet_channels": [8, 16], "unet_strides": [2], "unet_num_res_units": 1} if network == "unet" else
+             {"unet_channels": [4, 4, 8, 8, 8], "unet_strides": [2, 2, 2, 2], "unet_num_res_units": 0})
+    cfg = _cfg(tmp_path, backbone="unet", unet_network=network, **sizes)
     doc = run_speed(cfg, ["random"], steps=1, warmup=1, rounds=1)
     assert doc["reference"]["name"].startswith("monai.networks.nets.UNet")
     _check_rows(doc, {"random"})
     ours, ref = doc["setting"], doc["reference"]["setting"]
-    keys = ("unet_channels", "unet_strides", "unet_num_res_units")
-    assert {k: ours[k] for k in keys} == {k: ref[k] for k in keys} == {
-        "unet_channels": [8, 16], "unet_strides": [2], "unet_num_res_units": 1}
+    keys = ("unet_network", "unet_channels", "unet_strides", "unet_num_res_units")
+    assert {k: ours[k] for k in keys} == {k: ref[k] for k in keys} == {"unet_network": network, **sizes}
     # ours adds only the learned fill value of masked patches, one per channel
     assert ours["parameters"] - ref["parameters"] == 1
     assert "MONAI UNet" in format_speed(doc)

@@ -1,4 +1,4 @@
-"""The pretraining hot path: fused AdamW takes the foreach steps; batches assembled ahead are the same batches."""
+"""The pretraining hot path: the fused AdamW kernel takes the same steps as the foreach one."""
 
 from __future__ import annotations
 
@@ -42,23 +42,3 @@ def test_fused_adamw_takes_the_foreach_steps() -> None:
         assert not torch.equal(a, start)  # the steps did move every parameter
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
 
-
-def test_batches_assembled_ahead_are_the_batches() -> None:
-    from ahm.data import ArrayDataset, pretrain_augment
-    from ahm.train.pretrain import _BatchAhead, _stack_batch
-
-    images = torch.rand(6, 1, 32, 32, generator=torch.Generator().manual_seed(0))
-    dataset = ArrayDataset(images, None, pretrain_augment(32), seed=5)
-    ahead = _BatchAhead(dataset)
-    try:
-        ahead.put(7, [4, 1, 2])
-        assert ahead.holds(7) and not ahead.holds(8)
-        got = ahead.take(7)
-        assert not ahead.holds(7)
-    finally:
-        ahead.close()
-    want = _stack_batch(dataset, [4, 1, 2])
-    assert torch.equal(got, want)  # the same augmented samples: seeded per (seed, epoch, index)
-    assert not torch.equal(want, images[[4, 1, 2]])  # and they were augmented
-    dataset.set_epoch(1)
-    assert not torch.equal(_stack_batch(dataset, [4, 1, 2]), want)

@@ -15,7 +15,7 @@ import gc
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
@@ -73,6 +73,8 @@ class _Candidate:
     times: list[float]
     peak_mib: float = 0.0
     policy_parameters: int = 0
+    staged: bool = False
+    stage_names: list[str] = field(default_factory=list)  # the stage of each step taken (warm-up first)
 
 
 def trainable_parameters(module: torch.nn.Module) -> int:
@@ -95,8 +97,8 @@ def vit_mae_setting(encoder_blocks, encoder_norm: torch.nn.LayerNorm, decoder_em
 
 def unet_setting(net, parameters: int) -> dict[str, Any]:
     """A MONAI UNet's sizes as built, and the trainable parameters."""
-    return {"unet_channels": list(net.channels), "unet_strides": list(net.strides),
-            "unet_num_res_units": net.num_res_units, "parameters": parameters}
+    return {"unet_network": getattr(net, "network", "unet"), "unet_channels": list(net.channels),
+            "unet_strides": list(net.strides), "unet_num_res_units": net.num_res_units, "parameters": parameters}
 
 
 def _model_setting(model) -> dict[str, Any]:
@@ -112,7 +114,7 @@ def _policy_candidate(name: str, cfg: PretrainConfig, channels: int, device: tor
     from ahm.models import build_mim_model
     from ahm.train.pretrain import build_optimizer, forward_step
 
-    policy_name, _, variant = name.partition("-")
+    policy_name, _, variant = (name, "", "") if name in policy_names() else name.partition("-")
     masking = cfg.masking.model_copy(update={"policy": policy_name})
     if variant == "async":
         masking = masking.model_copy(update={"agent_workers": max(1, cfg.masking.agent_workers or 2)})
@@ -126,14 +128,23 @@ def _policy_candidate(name: str, cfg: PretrainConfig, channels: int, device: tor
     policy.to(device)
     optimizer, policy_params = build_optimizer(model, policy, run_cfg)
 
+    stage_names: list[str] = []
+
     def step(images: torch.Tensor, progress: float) -> None:
-        loss, _, _ = forward_step(model, policy, images, progress)
+        # a staged policy (ahm-official) runs each stage as the loop would: a frozen-model stage has no model update
+        stage = policy.stage_at(int(round(progress * total)))
+        stage_names.append(stage.name)
+        model.train(stage.trains_model)
+        loss, _, _ = forward_step(model, policy, images, progress, stage.trains_model)
+        if not stage.trains_model:
+            return
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad)
         optimizer.step()
 
-    cand = _Candidate(name, step, policy.close, [], policy_parameters=trainable_parameters(policy))
+    cand = _Candidate(name, step, policy.close, [], policy_parameters=trainable_parameters(policy),
+                      staged=len(policy.stages()) > 1, stage_names=stage_names)
     return cand, _model_setting(model)
 
 
@@ -185,15 +196,13 @@ def _mae_reference(cfg: PretrainConfig, channels: int, device: torch.device):
 
 
 def _unet_reference(cfg: PretrainConfig, channels: int, device: torch.device):
-    """The same MONAI UNet as our MaskedUNet's, trained to reproduce its unmasked input (pixel MSE): the floor."""
-    from monai.networks.nets import UNet
-
+    """The same MONAI U-Net as our MaskedUNet's (`model.unet_network`), trained to reproduce its unmasked input
+    (pixel MSE): the cost floor of masked-input pretraining."""
     from ahm.models.norm import fast_instance_norms
+    from ahm.models.unet_nets import build_unet_network
 
-    m = cfg.model
     torch.manual_seed(0)
-    model = UNet(spatial_dims=2, in_channels=channels, out_channels=channels, channels=tuple(m.unet_channels),
-                 strides=tuple(m.unet_strides), num_res_units=m.unet_num_res_units, norm=m.norm).to(device)
+    model = build_unet_network(cfg.model, channels, channels).to(device)
     fast_instance_norms(model)  # as in MaskedUNet: the same network, in the same (channels-last) memory format,
     model.to(memory_format=torch.channels_last)  # so the ratio is the cost of the masking and the per-patch loss
     optimizer = _reference_optimizer(model, cfg)
@@ -210,7 +219,7 @@ def _unet_reference(cfg: PretrainConfig, channels: int, device: torch.device):
 REFERENCES: dict[str, Callable[..., tuple[_Candidate, dict[str, Any]]]] = {"vit": _mae_reference,
                                                                             "unet": _unet_reference}
 REFERENCE_NAMES = {"vit": "monai.networks.nets.MaskedAutoEncoderViT",
-                   "unet": "monai.networks.nets.UNet (pixel MSE on the unmasked image)"}
+                   "unet": "monai.networks.nets.UNet or BasicUNet (model.unet_network; pixel MSE, unmasked)"}
 REFERENCE_LABELS = {"vit": "MONAI MAE", "unet": "MONAI UNet"}
 
 
@@ -342,6 +351,16 @@ def run_speed(cfg: PretrainConfig, policies: Optional[list[str]] = None, channel
             "images_per_s_rounds": round_rates(c), "peak_mem_mib": c.peak_mib,
             "policy_parameters": c.policy_parameters,
         }
+        if c.staged:
+            # the timed steps follow the stage layout over warm-up + timed steps; the mean rate over them carries
+            # the staged overhead (frozen-model agent steps, hardness probes) that a median would hide
+            timed = c.stage_names[warmup:]
+            per_stage: dict[str, list[float]] = {}
+            for stage_name, seconds in zip(timed, c.times):
+                per_stage.setdefault(stage_name, []).append(seconds)
+            doc["policies"][c.name]["mean_images_per_s"] = bs * len(c.times) / sum(c.times)
+            doc["policies"][c.name]["stages"] = {
+                stage_name: bs * len(times) / sum(times) for stage_name, times in per_stage.items()}
     if profiles:
         doc["profiles"] = profiles
     return doc
@@ -349,7 +368,7 @@ def run_speed(cfg: PretrainConfig, policies: Optional[list[str]] = None, channel
 
 def _describe(backbone: str, s: dict[str, Any]) -> str:
     if backbone == "unet":
-        return (f"UNet channels {tuple(s['unet_channels'])}, strides {tuple(s['unet_strides'])}, "
+        return (f"{s.get('unet_network', 'unet')} channels {tuple(s['unet_channels'])}, strides {tuple(s['unet_strides'])}, "
                 f"{s['unet_num_res_units']} res units; {s['parameters']:,} parameters")
     return (f"encoder {s['hidden_size']} wide, {s['num_layers']} layers, {s['num_heads']} heads, MLP {s['mlp_dim']}; "
             f"decoder {s['decoder_dim']} wide, {s['decoder_depth']} layers, {s['decoder_heads']} heads, "
@@ -382,6 +401,11 @@ def format_speed(doc: dict[str, Any]) -> str:
     ref = doc["reference"]
     lines.append(f"| {label:<10} | {ref['images_per_s']:>9.1f} | {1.0:>12.2f} | {'-':>14} | {'-':>8} "
                  f"| {ref['peak_mem_mib']:>8.0f} |")
+    for name, row in doc["policies"].items():
+        if "stages" in row:
+            parts = ", ".join(f"{stage} {value:.1f}" for stage, value in row["stages"].items())
+            lines.append(f"{name}: {row['mean_images_per_s']:.1f} images/s over all its timed steps, staged "
+                         f"overhead included ({parts})")
     for name, table in doc.get("profiles", {}).items():
         lines += ["", f"profile of one step: {name}", table]
     return "\n".join(lines)
