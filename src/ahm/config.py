@@ -116,6 +116,7 @@ class ModelConfig(_Strict):
     decoder_dim: int = 128
     decoder_depth: int = 2
     decoder_heads: int = 4
+    decoder_mlp_dim: Optional[int] = None  # the decoder blocks' MLP width; None: 4 x decoder_dim
     norm_pix: bool = True
     # unet backbone (MONAI UNet)
     unet_channels: tuple[int, ...] = (32, 64, 128, 256)
@@ -141,7 +142,7 @@ class ModelConfig(_Strict):
             raise ValueError("unet_strides must have one entry fewer than unet_channels")
         sizes = {"hidden_size": self.hidden_size, "mlp_dim": self.mlp_dim, "num_layers": self.num_layers,
                  "num_heads": self.num_heads, "decoder_dim": self.decoder_dim, "decoder_depth": self.decoder_depth,
-                 "decoder_heads": self.decoder_heads}
+                 "decoder_heads": self.decoder_heads, "decoder_mlp_dim": self.decoder_mlp_dim}
         for name, value in sizes.items():
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1")
@@ -152,6 +153,11 @@ class ModelConfig(_Strict):
         if min(self.unet_channels, default=1) < 1 or min(self.unet_strides, default=1) < 1 or self.unet_num_res_units < 0:
             raise ValueError("unet_channels and unet_strides must be at least 1, unet_num_res_units at least 0")
         return self
+
+    def decoder_dims(self) -> dict[str, int]:
+        """The MAE decoder's decoder_dim, decoder_depth, decoder_heads and decoder_mlp_dim (4 x dim unless set)."""
+        return {"decoder_dim": self.decoder_dim, "decoder_depth": self.decoder_depth,
+                "decoder_heads": self.decoder_heads, "decoder_mlp_dim": self.decoder_mlp_dim or 4 * self.decoder_dim}
 
     def vit_dims(self) -> dict[str, int]:
         """hidden_size, mlp_dim, num_layers, num_heads after applying the preset."""

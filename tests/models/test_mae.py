@@ -236,3 +236,55 @@ def test_build_mim_model() -> None:
         build_mim_model(ModelConfig(preset="custom", hidden_size=32, mlp_dim=64, num_heads=2), 32, 1)
     with pytest.raises(AhmError, match="decoder_heads"):
         build_mim_model(cfg.model_copy(update={"decoder_heads": 3}), 32, 1)
+
+
+def _plain_mae_loss(model: MAEViT, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The MAE loss written the plain way, from the model's own modules: MONAI's conv patch embedding on the
+    whole image, MONAI's block forwards, tokens kept in grid order, mask tokens scattered in."""
+    b = images.shape[0]
+    embed = model.encoder.patch_embedding
+    tokens = embed(images)  # conv + learnable position table, all L patches
+    keep = (~mask).nonzero()[:, 1].view(b, -1)  # visible indices, ascending
+    x = torch.stack([tokens[i, keep[i]] for i in range(b)])
+    for block in model.encoder.blocks:
+        x = block(x)
+    x = model.decoder_embed(model.encoder.norm(x))
+    full = model.mask_token.expand(b, model.num_patches, -1).clone()
+    for i in range(b):
+        full[i, keep[i]] = x[i]
+    y = full + model.decoder_pos
+    for block in model.decoder_blocks:
+        y = block(y)
+    pred = model.decoder_pred(model.decoder_norm(y))  # [B, L, patch]
+    target = patchify(images, model.patch_size)
+    if model.norm_pix:
+        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+    return (pred - target).pow(2).mean(-1)[mask].mean()
+
+
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_fast_training_step_equals_the_plain_computation(norm_pix: bool) -> None:
+    """Loss and every gradient of the hot path (visible-only matmul embedding, SDPA blocks, tokens in
+    [visible, masked] order, one patchify, no image-space prediction) equal the plain computation's."""
+    model = tiny_vit(channels=3, norm_pix=norm_pix)
+    with torch.no_grad():
+        for p in model.parameters():  # move off the init so biases and norms matter
+            p.add_(torch.randn_like(p) * 0.05)
+    images = torch.rand(3, 3, SIZE, SIZE)
+    mask = random_mask(3, 16, 11, seed=4)
+    out = model(images, mask)
+    grads = torch.autograd.grad(out.loss, [p for p in model.parameters() if p.requires_grad])
+    plain = _plain_mae_loss(model, images, mask)
+    plain_grads = torch.autograd.grad(plain, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
+    assert torch.allclose(out.loss, plain, rtol=1e-5, atol=1e-6)
+    for g, h in zip(grads, plain_grads):
+        assert h is not None and torch.allclose(g, h, rtol=1e-4, atol=1e-6)
+    assert not out.prediction.requires_grad  # built on demand, outside the graph
+
+
+def test_decoder_mlp_dim_is_configurable() -> None:
+    cfg = ModelConfig(preset="custom", hidden_size=32, mlp_dim=64, num_layers=1, num_heads=2, patch_size=8,
+                      decoder_dim=24, decoder_depth=2, decoder_heads=3, decoder_mlp_dim=40)
+    model = build_mim_model(cfg, 32, 1)
+    assert [b.mlp.linear1.out_features for b in model.decoder_blocks] == [40, 40]
+    assert build_mim_model(cfg.model_copy(update={"decoder_mlp_dim": None}), 32, 1).decoder_blocks[0].mlp.linear1.out_features == 96

@@ -107,3 +107,33 @@ def test_image_size_must_divide() -> None:
     cfg = ModelConfig(backbone="unet", patch_size=4, unet_channels=(4, 8, 16, 32), unet_strides=(2, 2, 2))
     with pytest.raises(AhmError, match="--image-size 20 is not divisible by 8"):
         build_mim_model(cfg, 20, 1)
+
+
+def test_channels_last_step_equals_the_plain_contiguous_computation() -> None:
+    """The hot path (channels-last weights and input, loss from the K masked patches, no image-space prediction)
+    gives the loss and gradients of the plain computation on a contiguous copy of the same UNet."""
+    model = tiny_unet(channels=3)
+    with torch.no_grad():
+        model.mask_value.add_(0.3)
+    plain = UNet(spatial_dims=2, in_channels=3, out_channels=3, channels=(4, 8, 16), strides=(2, 2),
+                 num_res_units=1, norm="batch")
+    plain.load_state_dict(model.export_encoder(), strict=True)
+    exported = model.export_encoder()
+    assert all(v.is_contiguous() for v in exported.values())  # safetensors needs plain layouts
+    assert model.net.model[0].conv.unit0.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    images = torch.rand(2, 3, SIZE, SIZE)
+    mask = random_mask(2, 9, seed=3)
+    out = model(images, mask)
+    out.loss.backward()
+    fill = model.mask_value.detach().clone().requires_grad_(True)
+    pix = model.pixel_mask(mask)
+    rec = plain(torch.where(pix, fill.view(1, -1, 1, 1), images))
+    target = patchify(images, PATCH)
+    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+    loss = (patchify(rec, PATCH) - target).pow(2).mean(-1)[mask].mean()
+    loss.backward()
+    assert torch.allclose(out.loss, loss, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(model.mask_value.grad, fill.grad, rtol=1e-4, atol=1e-6)
+    for (name, p), q in zip(model.net.named_parameters(), plain.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-5), name
+    assert not out.prediction.requires_grad

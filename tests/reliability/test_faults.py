@@ -252,8 +252,8 @@ def _faulty_forward(monkeypatch, nan_at: tuple[int, ...] = (), inf_grad_at: tupl
     real = pt.forward_step
     calls = {"n": 0}
 
-    def forward_step(model, policy, images, progress):
-        loss, out, pstep = real(model, policy, images, progress)
+    def forward_step(model, policy, images, progress, *rest):  # rest: the staged loop's trains_model
+        loss, out, pstep = real(model, policy, images, progress, *rest)
         calls["n"] += 1
         if calls["n"] in nan_at:
             loss = loss * float("nan")

@@ -1,6 +1,10 @@
-"""`ahm bench speed`: pretraining step throughput of each masking policy against MONAI's MaskedAutoEncoderViT.
+"""`ahm bench speed`: pretraining step throughput of each masking policy against MONAI's own model of the same size.
 
-All candidates run in one process with the same ViT size, image size, batch and thread count. Rounds are
+The ViT backbone is measured against MONAI's `MaskedAutoEncoderViT` built with exactly our encoder and decoder
+sizes (width, depth, heads, MLP); the UNet backbone against a plain step of the same MONAI `UNet` with a pixel
+MSE on the unmasked image, the cost floor of masked-input pretraining. The sizes in the document are read off
+the built modules, for ours and for the reference. All candidates run in one process with the same image size,
+batch and thread count. Rounds are
 interleaved (policy A, B, ..., reference; then again) so drift on a shared machine hits all of them alike; the
 figure is the median of the timed steps after warm-up.
 """
@@ -8,6 +12,7 @@ figure is the median of the timed steps after warm-up.
 from __future__ import annotations
 
 import gc
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -19,15 +24,11 @@ from ahm.config import PretrainConfig
 from ahm.errors import AhmError
 from ahm.masking.base import policy_names
 
-REFERENCE = "monai-mae"
-
 
 def _rss_mib() -> float:
     try:
         with open("/proc/self/statm") as fh:
             pages = int(fh.read().split()[1])
-        import os
-
         return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
     except (OSError, ValueError):
         return float("nan")
@@ -71,11 +72,44 @@ class _Candidate:
     close: Callable[[], None]
     times: list[float]
     peak_mib: float = 0.0
+    policy_parameters: int = 0
     staged: bool = False
     stage_names: list[str] = field(default_factory=list)  # the stage of each step taken (warm-up first)
 
 
-def _policy_candidate(name: str, cfg: PretrainConfig, channels: int, device: torch.device, total: int) -> _Candidate:
+def trainable_parameters(module: torch.nn.Module) -> int:
+    """Parameters the optimiser updates (requires_grad), counted once each."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def vit_mae_setting(encoder_blocks, encoder_norm: torch.nn.LayerNorm, decoder_embed: torch.nn.Linear,
+                    decoder_blocks, parameters: int) -> dict[str, Any]:
+    """Encoder and decoder sizes read off the built modules (not the config), and the trainable parameters."""
+    first, dec = encoder_blocks[0], decoder_blocks[0]
+    return {
+        "hidden_size": encoder_norm.normalized_shape[0], "mlp_dim": first.mlp.linear1.out_features,
+        "num_layers": len(encoder_blocks), "num_heads": first.attn.num_heads,
+        "decoder_dim": decoder_embed.out_features, "decoder_depth": len(decoder_blocks),
+        "decoder_heads": dec.attn.num_heads, "decoder_mlp_dim": dec.mlp.linear1.out_features,
+        "parameters": parameters,
+    }
+
+
+def unet_setting(net, parameters: int) -> dict[str, Any]:
+    """A MONAI UNet's sizes as built, and the trainable parameters."""
+    return {"unet_network": getattr(net, "network", "unet"), "unet_channels": list(net.channels),
+            "unet_strides": list(net.strides), "unet_num_res_units": net.num_res_units, "parameters": parameters}
+
+
+def _model_setting(model) -> dict[str, Any]:
+    if model.backbone == "unet":
+        return unet_setting(model.net, trainable_parameters(model))
+    return vit_mae_setting(model.encoder.blocks, model.encoder.norm, model.decoder_embed, model.decoder_blocks,
+                           trainable_parameters(model))
+
+
+def _policy_candidate(name: str, cfg: PretrainConfig, channels: int, device: torch.device,
+                      total: int) -> tuple[_Candidate, dict[str, Any]]:
     from ahm.masking import PolicyContext, build_policy
     from ahm.models import build_mim_model
     from ahm.train.pretrain import build_optimizer, forward_step
@@ -109,21 +143,43 @@ def _policy_candidate(name: str, cfg: PretrainConfig, channels: int, device: tor
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad)
         optimizer.step()
 
-    return _Candidate(name, step, policy.close, [], staged=len(policy.stages()) > 1, stage_names=stage_names)
+    cand = _Candidate(name, step, policy.close, [], policy_parameters=trainable_parameters(policy),
+                      staged=len(policy.stages()) > 1, stage_names=stage_names)
+    return cand, _model_setting(model)
 
 
-def _reference_candidate(cfg: PretrainConfig, channels: int, device: torch.device) -> _Candidate:
+def _optimizer_step(model: torch.nn.Module, loss: torch.Tensor, optimizer, clip: float) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    optimizer.step()
+
+
+def _reference_optimizer(model: torch.nn.Module, cfg: PretrainConfig) -> torch.optim.Optimizer:
+    from ahm.train.pretrain import adamw_kernel
+
+    # the same optimiser implementation as ours (AdamW, same kernel), one group: weight-decay groups cost nothing
+    return torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=(0.9, 0.95), weight_decay=0.05,
+                             **adamw_kernel(model))
+
+
+def _mae_reference(cfg: PretrainConfig, channels: int, device: torch.device):
+    """MONAI's MaskedAutoEncoderViT with our encoder and decoder sizes; MSE on the masked patches."""
     from monai.networks.nets import MaskedAutoEncoderViT
 
-    dims = cfg.model.vit_dims()
+    from ahm.models.mae import freeze_unused_norms
+
+    dims, dec = cfg.model.vit_dims(), cfg.model.decoder_dims()
     torch.manual_seed(0)
     model = MaskedAutoEncoderViT(
         in_channels=channels, img_size=cfg.data.image_size, patch_size=cfg.model.patch_size,
         hidden_size=dims["hidden_size"], mlp_dim=dims["mlp_dim"], num_layers=dims["num_layers"],
         num_heads=dims["num_heads"], masking_ratio=cfg.masking.mask_ratio, spatial_dims=2,
+        decoder_hidden_size=dec["decoder_dim"], decoder_num_layers=dec["decoder_depth"],
+        decoder_num_heads=dec["decoder_heads"], decoder_mlp_dim=dec["decoder_mlp_dim"],
     ).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=(0.9, 0.95), weight_decay=0.05,
-                                  foreach=True)  # the same optimiser implementation as ours
+    freeze_unused_norms(model)  # as ours: the never-used cross-attention norms are not optimiser parameters
+    optimizer = _reference_optimizer(model, cfg)
     p = cfg.model.patch_size
 
     def step(images: torch.Tensor, progress: float) -> None:  # noqa: ARG001
@@ -131,12 +187,40 @@ def _reference_candidate(cfg: PretrainConfig, channels: int, device: torch.devic
         b, c, h, w = images.shape
         target = images.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1).reshape(b, -1, p * p * c)
         loss = (((pred - target) ** 2).mean(-1) * mask).sum() / mask.sum()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad)
-        optimizer.step()
+        _optimizer_step(model, loss, optimizer, cfg.train.clip_grad)
 
-    return _Candidate(REFERENCE, step, lambda: None, [])
+    blocks = list(model.blocks)
+    setting = vit_mae_setting(blocks[:-1], blocks[-1], model.decoder_embed, list(model.decoder_blocks)[:-1],
+                              trainable_parameters(model))
+    return _Candidate(REFERENCE_NAMES["vit"], step, lambda: None, []), setting
+
+
+def _unet_reference(cfg: PretrainConfig, channels: int, device: torch.device):
+    """The same MONAI U-Net as our MaskedUNet's (`model.unet_network`), trained to reproduce its unmasked input
+    (pixel MSE): the cost floor of masked-input pretraining."""
+    from ahm.models.norm import fast_instance_norms
+    from ahm.models.unet_nets import build_unet_network
+
+    torch.manual_seed(0)
+    model = build_unet_network(cfg.model, channels, channels).to(device)
+    fast_instance_norms(model)  # as in MaskedUNet: the same network, in the same (channels-last) memory format,
+    model.to(memory_format=torch.channels_last)  # so the ratio is the cost of the masking and the per-patch loss
+    optimizer = _reference_optimizer(model, cfg)
+
+    def step(images: torch.Tensor, progress: float) -> None:  # noqa: ARG001
+        x = images.contiguous(memory_format=torch.channels_last)
+        loss = torch.nn.functional.mse_loss(model(x), x)
+        _optimizer_step(model, loss, optimizer, cfg.train.clip_grad)
+
+    return _Candidate(REFERENCE_NAMES["unet"], step, lambda: None, []), unet_setting(model, trainable_parameters(model))
+
+
+# The reference each backbone is measured against: MONAI's own model of the same size, by backbone name.
+REFERENCES: dict[str, Callable[..., tuple[_Candidate, dict[str, Any]]]] = {"vit": _mae_reference,
+                                                                            "unet": _unet_reference}
+REFERENCE_NAMES = {"vit": "monai.networks.nets.MaskedAutoEncoderViT",
+                   "unet": "monai.networks.nets.UNet or BasicUNet (model.unet_network; pixel MSE, unmasked)"}
+REFERENCE_LABELS = {"vit": "MONAI MAE", "unet": "MONAI UNet"}
 
 
 def _synthetic_batch(batch: int, channels: int, size: int, seed: int = 0) -> torch.Tensor:
@@ -152,25 +236,59 @@ def _synthetic_batch(batch: int, channels: int, size: int, seed: int = 0) -> tor
     return (imgs / imgs.amax(dim=(1, 2, 3), keepdim=True)).clamp(0, 1)
 
 
+def _median(values: list[float]) -> float:
+    s = sorted(values)
+    n = len(s)
+    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+
+def _load() -> Optional[float]:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def _profile_rows(cand: _Candidate, images: torch.Tensor, progress: float, rows: int) -> str:
+    """torch.profiler's table of one step, the `rows` operators with the most self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        cand.step(images, progress)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
 def run_speed(cfg: PretrainConfig, policies: Optional[list[str]] = None, channels: int = 1, steps: int = 8,
               warmup: int = 3, rounds: int = 3, threads: Optional[int] = None,
-              progress: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
-    """Measure images/s per policy and for the MONAI reference; returns the `--json` document."""
+              progress: Optional[Callable[[str], None]] = None, profile_rows: int = 0) -> dict[str, Any]:
+    """Measure images/s per policy and for the MONAI reference of the backbone; returns the `--json` document.
+
+    Each figure is the median over all timed steps; `ratio` is the median over rounds of (our median / the
+    reference's median in the same round), with the rounds' lowest and highest beside it.
+    """
     known = policy_names() + ["ahm-async"]
     names = policies or known
     for name in names:
         if name not in known:
             raise AhmError(f"--policies: unknown policy {name!r}; choose from {', '.join(known)}")
+    backbone = cfg.model.backbone
+    if backbone not in REFERENCES:
+        raise AhmError(f"--backbone: no speed reference for {backbone!r}; choose {', '.join(REFERENCES)}")
     if threads:
         torch.set_num_threads(threads)
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.accelerator != "cpu" else "cpu")
     images = _synthetic_batch(cfg.train.batch_size, channels, cfg.data.image_size).to(device)
     total = warmup + rounds * steps
     candidates: list[_Candidate] = []
+    load_start = _load()
+    ours: dict[str, Any] = {}
+    profiles: dict[str, str] = {}
     try:
         for name in names:
-            candidates.append(_policy_candidate(name, cfg, channels, device, total))
-        candidates.append(_reference_candidate(cfg, channels, device))
+            cand, ours = _policy_candidate(name, cfg, channels, device, total)
+            candidates.append(cand)
+        ref, ref_setting = REFERENCES[backbone](cfg, channels, device)
+        candidates.append(ref)
         for cand in candidates:
             if progress:
                 progress(f"warming up {cand.name}")
@@ -193,32 +311,46 @@ def run_speed(cfg: PretrainConfig, policies: Optional[list[str]] = None, channel
                             torch.cuda.synchronize(device)
                         cand.times.append(time.perf_counter() - t0)
                 cand.peak_mib = max(cand.peak_mib, sampler.peak)
+        if profile_rows > 0:
+            for cand in candidates:
+                if progress:
+                    progress(f"profiling {cand.name}")
+                profiles[cand.name] = _profile_rows(cand, images, 1.0, profile_rows)
     finally:
         for cand in candidates:
             cand.close()
 
-    def rate(c: _Candidate) -> float:
-        s = sorted(c.times)
-        return cfg.train.batch_size / s[len(s) // 2]
+    bs = cfg.train.batch_size
 
-    ref = next(c for c in candidates if c.name == REFERENCE)
-    ref_rate = rate(ref)
+    def rate(c: _Candidate) -> float:
+        return bs / _median(c.times)
+
+    def round_rates(c: _Candidate) -> list[float]:
+        return [bs / _median(c.times[r * steps:(r + 1) * steps]) for r in range(rounds)]
+
+    ref_rounds = round_rates(ref)
+    setting = {
+        "backbone": backbone, "model": cfg.model.preset if backbone == "vit" else None, **ours,
+        "image_size": cfg.data.image_size, "patch_size": cfg.model.patch_size, "batch_size": bs,
+        "mask_ratio": cfg.masking.mask_ratio, "norm": cfg.model.norm, "channels": channels,
+        "threads": torch.get_num_threads(), "device": str(device), "timed_steps": rounds * steps,
+        "rounds": rounds, "load_1min": [load_start, _load()],
+    }
     doc: dict[str, Any] = {
-        "reference": {"name": "monai.networks.nets.MaskedAutoEncoderViT", "images_per_s": ref_rate,
-                      "peak_mem_mib": ref.peak_mib},
+        "reference": {"name": REFERENCE_NAMES[backbone], "images_per_s": rate(ref), "peak_mem_mib": ref.peak_mib,
+                      "images_per_s_rounds": ref_rounds, "setting": ref_setting},
         "policies": {},
-        "setting": {
-            "model": cfg.model.preset, **cfg.model.vit_dims(), "image_size": cfg.data.image_size,
-            "patch_size": cfg.model.patch_size, "batch_size": cfg.train.batch_size, "mask_ratio": cfg.masking.mask_ratio,
-            "channels": channels, "threads": torch.get_num_threads(), "device": str(device),
-            "timed_steps": rounds * steps, "backbone": cfg.model.backbone,
-        },
+        "setting": setting,
     }
     for c in candidates:
         if c is ref:
             continue
-        r = rate(c)
-        doc["policies"][c.name] = {"images_per_s": r, "ratio": r / ref_rate, "peak_mem_mib": c.peak_mib}
+        ratios = [a / b for a, b in zip(round_rates(c), ref_rounds)]
+        doc["policies"][c.name] = {
+            "images_per_s": rate(c), "ratio": _median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+            "images_per_s_rounds": round_rates(c), "peak_mem_mib": c.peak_mib,
+            "policy_parameters": c.policy_parameters,
+        }
         if c.staged:
             # the timed steps follow the stage layout over warm-up + timed steps; the mean rate over them carries
             # the staged overhead (frozen-model agent steps, hardness probes) that a median would hide
@@ -226,32 +358,54 @@ def run_speed(cfg: PretrainConfig, policies: Optional[list[str]] = None, channel
             per_stage: dict[str, list[float]] = {}
             for stage_name, seconds in zip(timed, c.times):
                 per_stage.setdefault(stage_name, []).append(seconds)
-            doc["policies"][c.name]["mean_images_per_s"] = cfg.train.batch_size * len(c.times) / sum(c.times)
+            doc["policies"][c.name]["mean_images_per_s"] = bs * len(c.times) / sum(c.times)
             doc["policies"][c.name]["stages"] = {
-                stage_name: cfg.train.batch_size * len(times) / sum(times) for stage_name, times in per_stage.items()}
+                stage_name: bs * len(times) / sum(times) for stage_name, times in per_stage.items()}
+    if profiles:
+        doc["profiles"] = profiles
     return doc
+
+
+def _describe(backbone: str, s: dict[str, Any]) -> str:
+    if backbone == "unet":
+        return (f"{s.get('unet_network', 'unet')} channels {tuple(s['unet_channels'])}, strides {tuple(s['unet_strides'])}, "
+                f"{s['unet_num_res_units']} res units; {s['parameters']:,} parameters")
+    return (f"encoder {s['hidden_size']} wide, {s['num_layers']} layers, {s['num_heads']} heads, MLP {s['mlp_dim']}; "
+            f"decoder {s['decoder_dim']} wide, {s['decoder_depth']} layers, {s['decoder_heads']} heads, "
+            f"MLP {s['decoder_mlp_dim']}; {s['parameters']:,} parameters")
 
 
 def format_speed(doc: dict[str, Any]) -> str:
     s = doc["setting"]
+    backbone = s["backbone"]
+    label = REFERENCE_LABELS.get(backbone, "reference")
+    load = ", ".join("?" if v is None else f"{v:.2f}" for v in s.get("load_1min", []))
     lines = [
-        f"pretraining step throughput: {s['backbone']} {s['model']} ({s['hidden_size']} wide, {s['num_layers']} layers), "
-        f"{s['image_size']}px, patch {s['patch_size']}, batch {s['batch_size']}, mask {s['mask_ratio']}, "
-        f"{s['threads']} threads, {s['device']}; median of {s['timed_steps']} steps",
+        f"pretraining step throughput: {backbone}{' ' + s['model'] if s.get('model') else ''}, {s['image_size']}px, patch {s['patch_size']}, "
+        f"batch {s['batch_size']}, mask {s['mask_ratio']}, {s['channels']} channel(s), {s['threads']} threads, "
+        f"{s['device']}; median of {s['timed_steps']} steps in {s['rounds']} interleaved rounds; "
+        f"load (1 min) at start, end: {load}",
+        f"  ours:      {_describe(backbone, s)}",
+        f"  {label + ':':<10} {_describe(backbone, doc['reference']['setting'])}",
         "",
-        f"| {'policy':<10} | {'images/s':>9} | {'x MONAI MAE':>11} | {'x random':>8} | {'peak MiB':>8} |",
-        f"|{'-' * 12}|{'-' * 11}|{'-' * 13}|{'-' * 10}|{'-' * 10}|",
+        f"| {'policy':<10} | {'images/s':>9} | {'x ' + label:>12} | {'rounds min-max':>14} | {'x random':>8} "
+        f"| {'peak MiB':>8} |",
+        f"|{'-' * 12}|{'-' * 11}|{'-' * 14}|{'-' * 16}|{'-' * 10}|{'-' * 10}|",
     ]
     rand = doc["policies"].get("random", {}).get("images_per_s")
     for name, row in doc["policies"].items():
         vs_random = f"{row['images_per_s'] / rand:.2f}" if rand else "-"
-        lines.append(f"| {name:<10} | {row['images_per_s']:>9.1f} | {row['ratio']:>11.2f} | {vs_random:>8} | "
-                     f"{row['peak_mem_mib']:>8.0f} |")
+        spread = f"{row['ratio_min']:.2f}-{row['ratio_max']:.2f}"
+        lines.append(f"| {name:<10} | {row['images_per_s']:>9.1f} | {row['ratio']:>12.2f} | {spread:>14} | "
+                     f"{vs_random:>8} | {row['peak_mem_mib']:>8.0f} |")
     ref = doc["reference"]
-    lines.append(f"| {'MONAI MAE':<10} | {ref['images_per_s']:>9.1f} | {1.0:>11.2f} | {'-':>8} | {ref['peak_mem_mib']:>8.0f} |")
+    lines.append(f"| {label:<10} | {ref['images_per_s']:>9.1f} | {1.0:>12.2f} | {'-':>14} | {'-':>8} "
+                 f"| {ref['peak_mem_mib']:>8.0f} |")
     for name, row in doc["policies"].items():
         if "stages" in row:
             parts = ", ".join(f"{stage} {value:.1f}" for stage, value in row["stages"].items())
             lines.append(f"{name}: {row['mean_images_per_s']:.1f} images/s over all its timed steps, staged "
                          f"overhead included ({parts})")
+    for name, table in doc.get("profiles", {}).items():
+        lines += ["", f"profile of one step: {name}", table]
     return "\n".join(lines)

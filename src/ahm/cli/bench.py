@@ -17,7 +17,15 @@ app.add_typer(bench_app, name="bench")
 @bench_app.command("speed")
 def speed(
     policies: Optional[str] = typer.Option(None, help="Comma-separated subset, e.g. random,ahm,ahm-async."),
+    backbone: str = typer.Option("vit", "--backbone", help="vit: vs MONAI MaskedAutoEncoderViT of the same size; "
+                                 "unet: vs a plain step of the same MONAI UNet (pixel MSE, no masking)."),
     model: str = typer.Option("tiny", "--model", help="ViT preset for every candidate."),
+    decoder_dim: Optional[int] = typer.Option(None, "--decoder-dim", help="MAE decoder width, ours and MONAI's "
+                                              "(default: the config's 128; MONAI's own default is 384)."),
+    decoder_depth: Optional[int] = typer.Option(None, "--decoder-depth", help="MAE decoder layers (default 2; MONAI 4)."),
+    decoder_heads: Optional[int] = typer.Option(None, "--decoder-heads", help="MAE decoder heads (default 4; MONAI 12)."),
+    decoder_mlp_dim: Optional[int] = typer.Option(None, "--decoder-mlp-dim",
+                                                  help="MAE decoder MLP width (default 4 x --decoder-dim; MONAI 512)."),
     image_size: int = typer.Option(128, "--image-size"),
     patch_size: int = typer.Option(16, "--patch-size"),
     batch_size: int = typer.Option(32, "--batch-size"),
@@ -27,21 +35,32 @@ def speed(
     rounds: int = typer.Option(3, help="Interleaved rounds."),
     warmup: int = typer.Option(3, help="Untimed warm-up steps per candidate."),
     threads: Optional[int] = typer.Option(None, help="torch threads (default: torch's choice)."),
+    profile: int = typer.Option(0, "--profile", help="Also profile one step of each candidate (torch.profiler) "
+                                "and show this many operators by self CPU time."),
     as_json: bool = typer.Option(False, "--json", help="Print the JSON document only."),
 ) -> None:
-    """Step throughput of each masking policy vs MONAI's MaskedAutoEncoderViT, same size and threads."""
+    """Step throughput of each masking policy vs MONAI's own model at exactly the same size, same threads.
+
+    Rounds are interleaved (each policy, then the reference, again) so a busy machine slows all alike; the
+    ratio is the median over rounds, with the lowest and highest round beside it, and the 1-minute load is
+    recorded at start and end.
+    """
     from ahm.bench.speed import format_speed, run_speed
     from ahm.config import PretrainConfig, build_config
 
     def go():
         cfg = build_config(PretrainConfig, overrides={
-            "data": {"image_size": image_size}, "model": {"preset": model, "patch_size": patch_size},
+            "data": {"image_size": image_size},
+            "model": {"backbone": backbone, "preset": model, "patch_size": patch_size, **{
+                k: v for k, v in (("decoder_dim", decoder_dim), ("decoder_depth", decoder_depth),
+                                  ("decoder_heads", decoder_heads), ("decoder_mlp_dim", decoder_mlp_dim))
+                if v is not None}},
             "masking": {"mask_ratio": mask_ratio}, "train": {"batch_size": batch_size},
         })
         names = [p.strip() for p in policies.split(",") if p.strip()] if policies else None
         note = None if (is_quiet() or as_json) else (lambda msg: console.print(f"[dim]{msg}[/]"))
         return run_speed(cfg, names, channels=channels, steps=steps, warmup=warmup, rounds=rounds,
-                         threads=threads, progress=note)
+                         threads=threads, progress=note, profile_rows=profile)
 
     doc = run_guarded(go)
     if as_json:

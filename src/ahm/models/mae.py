@@ -4,6 +4,7 @@
     out.loss                      # MSE over masked patches (targets per-patch normalised if norm_pix)
     out.per_patch_loss            # [B, L]: each masked patch's mean squared error, 0 on visible patches
     out.prediction                # [B, C, H, W]: predicted pixels on masked patches, input on visible ones
+                                  # (built on first read, without gradient: not on the training hot path)
 
 Patch l covers rows (l // cols) * p ... and columns (l % cols) * p ...: row-major over the grid, the order
 of MONAI's conv patch embedding. A flattened patch is ordered (channel, row, column), the order of the
@@ -12,7 +13,7 @@ conv kernel, so the patch embedding can run as one matmul on the visible patches
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -26,13 +27,32 @@ from ahm.errors import AhmError
 _NORM_PIX_EPS = 1e-6
 
 
-@dataclass
 class MIMOutput:
-    """What one masked-image-modeling forward pass returns."""
+    """What one masked-image-modeling forward pass returns.
 
-    loss: Tensor  # scalar: mean of per_patch_loss over the masked patches
-    per_patch_loss: Tensor  # [B, L]: mean squared error of each masked patch, 0 on visible ones; carries grad
-    prediction: Tensor  # [B, C, H, W]: de-normalised prediction on masked patches, input pixels elsewhere
+    `prediction` is built only when read (pictures, tests): the training step needs the loss and the
+    per-patch loss alone, and scattering the prediction back into image space every step cost time for nothing.
+    It is computed without gradient.
+    """
+
+    def __init__(self, loss: Tensor, per_patch_loss: Tensor, prediction: Tensor | None = None,
+                 build_prediction: Callable[[], Tensor] | None = None) -> None:
+        if (prediction is None) == (build_prediction is None):
+            raise ValueError("give exactly one of prediction and build_prediction")
+        self.loss = loss  # scalar: mean of per_patch_loss over the masked patches
+        self.per_patch_loss = per_patch_loss  # [B, L]: mean squared error of each masked patch, 0 elsewhere; grad
+        self._prediction = prediction
+        self._build = build_prediction
+
+    @property
+    def prediction(self) -> Tensor:
+        """[B, C, H, W]: de-normalised prediction on masked patches, input pixels elsewhere (no grad)."""
+        if self._prediction is None:
+            assert self._build is not None
+            with torch.no_grad():
+                self._prediction = self._build()
+            self._build = None
+        return self._prediction
 
 
 def patchify(images: Tensor, patch_size: int) -> Tensor:
@@ -84,16 +104,21 @@ def masked_patch_loss(
     norm_pix: bool,
     order: Tensor,
     k: int,
+    patches: Tensor | None = None,
 ) -> MIMOutput:
-    """Loss, per-patch loss and image-space prediction from predictions of the K masked patches.
+    """Loss, per-patch loss and (lazily) the image-space prediction from predictions of the K masked patches.
 
     `pred` is [B, K, C*p*p] for the patches `order[:, L-K:]` (in that order), in normalised units if norm_pix.
+    `patches` is `patchify(images, patch_size)` when the caller has it already (it is computed once a step).
     """
-    b, c = images.shape[:2]
+    c = images.shape[1]
+    b = images.shape[0]
     num_patches = grid[0] * grid[1]
-    patches = patchify(images, patch_size)
+    if patches is None:
+        patches = patchify(images, patch_size)
     masked_idx = order[:, num_patches - k :]
     target = gather_tokens(patches, masked_idx)
+    mean = std = None
     if norm_pix:
         mean = target.mean(dim=-1, keepdim=True)
         std = (target.var(dim=-1, keepdim=True) + _NORM_PIX_EPS).sqrt()
@@ -105,11 +130,15 @@ def masked_patch_loss(
         1, masked_idx, loss_k
     )
     loss = loss_k.mean()
-    pred_pixels = pred * std + mean if norm_pix else pred
-    full = patches.detach().scatter(
-        1, masked_idx.unsqueeze(-1).expand_as(pred_pixels), pred_pixels.to(patches.dtype)
-    )
-    return MIMOutput(loss=loss, per_patch_loss=per_patch, prediction=unpatchify(full, patch_size, grid, c))
+
+    def build() -> Tensor:
+        pixels = pred.detach()
+        if norm_pix:
+            pixels = pixels * std + mean
+        full = patches.detach().scatter(1, masked_idx.unsqueeze(-1).expand_as(pixels), pixels.to(patches.dtype))
+        return unpatchify(full, patch_size, grid, c)
+
+    return MIMOutput(loss=loss, per_patch_loss=per_patch, build_prediction=build)
 
 
 def sincos_position_embedding(grid: tuple[int, int], dim: int, temperature: float = 10000.0) -> Tensor:
@@ -238,6 +267,7 @@ class MAEViT(MIMModel):
         decoder_depth: int = 2,
         decoder_heads: int = 4,
         norm_pix: bool = True,
+        decoder_mlp_dim: int | None = None,
     ) -> None:
         super().__init__(image_size, patch_size, in_channels)
         self.hidden_size, self.mlp_dim, self.num_layers, self.num_heads = (
@@ -265,7 +295,7 @@ class MAEViT(MIMModel):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
         self.decoder_blocks = nn.ModuleList(
             [
-                TransformerBlock(decoder_dim, 4 * decoder_dim, decoder_heads, qkv_bias=True)
+                TransformerBlock(decoder_dim, decoder_mlp_dim or 4 * decoder_dim, decoder_heads, qkv_bias=True)
                 for _ in range(decoder_depth)
             ]
         )
@@ -301,12 +331,12 @@ class MAEViT(MIMModel):
         """Encoder output [B, L-K, D] of the visible patches (ascending index); masked pixels never enter."""
         self._check_input(images, mask)
         order, k = mask_order(mask)
-        return self._encode(images, order, k)
+        return self._encode(patchify(images, self.patch_size), order, k)
 
-    def _encode(self, images: Tensor, order: Tensor, k: int) -> Tensor:
+    def _encode(self, patches: Tensor, order: Tensor, k: int) -> Tensor:
         visible_idx = order[:, : self.num_patches - k]
-        visible = gather_tokens(patchify(images, self.patch_size), visible_idx)
-        pos = self.encoder.patch_embedding.position_embeddings.expand(images.shape[0], -1, -1)
+        visible = gather_tokens(patches, visible_idx)
+        pos = self.encoder.patch_embedding.position_embeddings.expand(patches.shape[0], -1, -1)
         tokens = self._embed(visible) + gather_tokens(pos, visible_idx)
         return self._encode_tokens(tokens)
 
@@ -314,7 +344,8 @@ class MAEViT(MIMModel):
         self._check_input(images, mask)
         order, k = mask_order(mask)
         b = images.shape[0]
-        latent = self.decoder_embed(self._encode(images, order, k))
+        patches = patchify(images, self.patch_size)  # once: the encoder's input and the loss's target
+        latent = self.decoder_embed(self._encode(patches, order, k))
         # attention does not care about token order, so the decoder takes [visible..., masked...] with each
         # token's own position added: no scatter back into grid order is needed
         pos = gather_tokens(self.decoder_pos.expand(b, -1, -1), order)
@@ -322,7 +353,7 @@ class MAEViT(MIMModel):
         for block in self.decoder_blocks:
             x = fast_block_forward(block, x)
         pred = self.decoder_pred(self.decoder_norm(x[:, self.num_patches - k :]))
-        return masked_patch_loss(pred, images, mask, self.patch_size, self.grid, self.norm_pix, order, k)
+        return masked_patch_loss(pred, images, mask, self.patch_size, self.grid, self.norm_pix, order, k, patches)
 
     def features(self, images: Tensor) -> Tensor:
         """Encoder output [B, L, D] for all patches of the unmasked image."""
@@ -382,5 +413,6 @@ def build_mim_model(model_cfg: ModelConfig, image_size: int, in_channels: int) -
         decoder_dim=model_cfg.decoder_dim,
         decoder_depth=model_cfg.decoder_depth,
         decoder_heads=model_cfg.decoder_heads,
+        decoder_mlp_dim=model_cfg.decoder_dims()["decoder_mlp_dim"],
         **dims,
     )

@@ -71,8 +71,15 @@ def build_optimizer(model, policy, cfg: PretrainConfig) -> tuple[torch.optim.Opt
     if policy_params:
         groups.append({"params": policy_params, "lr": cfg.masking.policy_lr, "base_lr": cfg.masking.policy_lr,
                        "weight_decay": 0.0})
-    # foreach: one fused kernel per tensor list instead of a Python loop over parameters (about 9% of a CPU step).
-    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.95), foreach=True), policy_params
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.95), **adamw_kernel(model)), policy_params
+
+
+def adamw_kernel(model) -> dict[str, bool]:
+    """AdamW's fastest exact implementation for where the model lives: `fused` (one kernel for every tensor;
+    3.7% of a CPU MAE step over `foreach`, which itself saved about 9% over the per-parameter loop) on CPU and
+    CUDA, `foreach` elsewhere."""
+    kinds = {p.device.type for p in model.parameters()}
+    return {"fused": True} if kinds <= {"cpu", "cuda"} else {"foreach": True}
 
 
 def _checkpoint_path(run_dir: Path) -> Path:

@@ -1,0 +1,106 @@
+"""`ahm bench speed`: the reference is MONAI's model at exactly our size, and the document says so."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from ahm.config import PretrainConfig, build_config
+from ahm.errors import AhmError
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
+from train_helpers import tiny_pretrain_overrides  # noqa: E402
+
+SIZE_KEYS = ("hidden_size", "mlp_dim", "num_layers", "num_heads",
+             "decoder_dim", "decoder_depth", "decoder_heads", "decoder_mlp_dim")
+
+
+def _cfg(tmp: Path, backbone: str = "vit", **model) -> PretrainConfig:
+    over = tiny_pretrain_overrides(tmp, backbone=backbone)
+    over["model"].update(model)
+    return build_config(PretrainConfig, overrides=over)
+
+
+def _check_rows(doc: dict, names: set[str]) -> None:
+    assert set(doc["policies"]) == names
+    ref = doc["reference"]
+    for row in doc["policies"].values():
+        assert row["images_per_s"] > 0 and row["peak_mem_mib"] > 0
+        assert row["ratio_min"] <= row["ratio"] <= row["ratio_max"]
+        # ratio: median over rounds of (ours / reference) in the same round
+        per_round = sorted(a / b for a, b in zip(row["images_per_s_rounds"], ref["images_per_s_rounds"]))
+        assert row["ratio"] == pytest.approx(per_round[len(per_round) // 2])
+
+
+@pytest.mark.parametrize("decoder", [{}, {"decoder_dim": 48, "decoder_depth": 3, "decoder_heads": 3,
+                                          "decoder_mlp_dim": 40}])
+def test_vit_reference_has_our_encoder_and_decoder(tmp_path: Path, decoder: dict) -> None:
+    from ahm.bench.speed import format_speed, run_speed
+
+    cfg = _cfg(tmp_path, **decoder)
+    doc = run_speed(cfg, ["random", "block"], steps=1, warmup=1, rounds=3)
+    assert doc["reference"]["name"].endswith("MaskedAutoEncoderViT")
+    _check_rows(doc, {"random", "block"})
+    ours, ref = doc["setting"], doc["reference"]["setting"]
+    # every size read off the built modules agrees, and matches what was asked for
+    assert {k: ours[k] for k in SIZE_KEYS} == {k: ref[k] for k in SIZE_KEYS}
+    want = {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2, "decoder_mlp_dim": 128} | decoder
+    assert {k: ours[k] for k in want} == want
+    # Parameters differ by exactly what the two designs differ in, nothing else:
+    #   + L x hidden: our encoder's position table is trainable (UNETR fine-tunes it); MONAI's sin-cos is fixed
+    #   + depth x 3 x decoder_dim: our decoder's qkv biases (MONAI has one qkv_bias flag, off as in our encoder)
+    #   - hidden: MONAI's class token
+    patches = (cfg.data.image_size // cfg.model.patch_size) ** 2
+    expected = patches * ours["hidden_size"] + 3 * ours["decoder_depth"] * ours["decoder_dim"] - ours["hidden_size"]
+    assert ours["parameters"] - ref["parameters"] == expected
+    assert abs(expected) < 0.02 * ref["parameters"] + 3000  # small against the model at any realistic size
+    text = format_speed(doc)
+    assert "MONAI MAE" in text and f"decoder {ours['decoder_dim']} wide, {ours['decoder_depth']} layers" in text
+    assert text.count(f"MLP {ours['decoder_mlp_dim']};") == 2  # both settings printed
+
+
+@pytest.mark.parametrize("network", ["unet", "basic-unet"])
+def test_unet_reference_is_the_same_unet(tmp_path: Path, network: str) -> None:
+    from ahm.bench.speed import format_speed, run_speed
+
+    sizes = ({"unet_channels": [8, 16], "unet_strides": [2], "unet_num_res_units": 1} if network == "unet" else
+             {"unet_channels": [4, 4, 8, 8, 8], "unet_strides": [2, 2, 2, 2], "unet_num_res_units": 0})
+    cfg = _cfg(tmp_path, backbone="unet", unet_network=network, **sizes)
+    doc = run_speed(cfg, ["random"], steps=1, warmup=1, rounds=1)
+    assert doc["reference"]["name"].startswith("monai.networks.nets.UNet")
+    _check_rows(doc, {"random"})
+    ours, ref = doc["setting"], doc["reference"]["setting"]
+    keys = ("unet_network", "unet_channels", "unet_strides", "unet_num_res_units")
+    assert {k: ours[k] for k in keys} == {k: ref[k] for k in keys} == {"unet_network": network, **sizes}
+    # ours adds only the learned fill value of masked patches, one per channel
+    assert ours["parameters"] - ref["parameters"] == 1
+    assert "MONAI UNet" in format_speed(doc)
+
+
+def test_unknown_policy_is_refused(tmp_path: Path) -> None:
+    from ahm.bench.speed import run_speed
+
+    with pytest.raises(AhmError, match="--policies"):
+        run_speed(_cfg(tmp_path), ["nope"])
+
+
+def test_cli_json_and_decoder_options() -> None:
+    from ahm.cli.app import _register, app
+
+    _register()
+    result = CliRunner().invoke(app, [
+        "bench", "speed", "--policies", "random", "--image-size", "32", "--patch-size", "8", "--batch-size", "2",
+        "--steps", "1", "--rounds", "1", "--warmup", "1", "--decoder-dim", "24", "--decoder-depth", "1",
+        "--decoder-heads", "3", "--decoder-mlp-dim", "20", "--profile", "5", "--json",
+    ])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    for setting in (doc["setting"], doc["reference"]["setting"]):
+        assert (setting["decoder_dim"], setting["decoder_depth"], setting["decoder_heads"],
+                setting["decoder_mlp_dim"]) == (24, 1, 3, 20)
+    assert set(doc["profiles"]) == {"random", doc["reference"]["name"]}
+    assert "Self CPU" in doc["profiles"]["random"]
