@@ -145,3 +145,19 @@ def test_cli_says_simulated_and_writes_the_set(tmp_path):
     assert "3 simulated subjects" in result.output
     info = json.loads((tmp_path / "s" / MARKER).read_text())
     assert info["contrasts"] == {"t1-remap": 0, "gmm": 3} and info["settings"]["gmm_share"] == 1.0
+
+
+def test_min_contrast_keeps_grey_and_white_matter_apart():
+    clean = dict(bias_sd=0.0, noise_sd=(0.0, 0.0), blur_px=(0.0, 0.0))
+
+    def separations(**settings) -> list[float]:
+        sim = BrainSimulator(seed=0, image_size=SIZE, slices_per_axis=1, settings=SimulationSettings(**clean,
+                                                                                                   **settings))
+        out = []
+        for k in range(20):
+            image, label = sim.subject(k)["slices"][f"sub{k:05d}__z00"]
+            out.append(abs(float(image[label == 1].mean()) - float(image[label == 2].mean())))
+        return out
+
+    assert min(separations()) > 20  # the default 0.2 of full scale, less partial volume
+    assert min(separations(min_contrast=0.0)) < 20  # without it some draws leave the tissues nearly alike

@@ -49,6 +49,7 @@ MARKER = "brain_subjects.json"
 KIND = "ahm-brain-subjects"
 MONTAGE = "montage.png"
 AXIS_LETTERS = "xyz"
+_REDRAWS = 100  # contrast draws before the last one is kept whatever its separation
 
 
 @dataclass(frozen=True)
@@ -66,11 +67,15 @@ class SimulationSettings:
     remap_concentration: float = 2.0  # Dirichlet concentration of its steps (smaller: wilder curves)
     gmm_share: float = 0.4  # share of subjects with a per-tissue Gaussian-mixture contrast instead
     gmm_mean: tuple[float, float] = (0.1, 1.0)  # range of each tissue's mean intensity
-    gmm_sd: tuple[float, float] = (0.02, 0.08)  # range of each tissue's intensity spread
+    gmm_sd: tuple[float, float] = (0.01, 0.05)  # range of each tissue's intensity spread
+    # Least difference between the grey and white matter levels (0..1, before bias and noise), in either
+    # order, under both contrasts (half of it between CSF and the nearer tissue under the mixture): a draw that
+    # misses it is drawn again, so no subject is a scan in which the tissues cannot be told apart at all.
+    min_contrast: float = 0.2
     bias_points: int = 4  # bias field: control points per axis
     bias_sd: float = 0.25  # bias field: standard deviation of its log at each control point
-    blur_px: tuple[float, float] = (0.0, 1.2)  # in-plane Gaussian blur sigma, pixels
-    noise_sd: tuple[float, float] = (0.01, 0.05)  # noise standard deviation, of the brain's 99th percentile
+    blur_px: tuple[float, float] = (0.0, 1.0)  # in-plane Gaussian blur sigma, pixels
+    noise_sd: tuple[float, float] = (0.01, 0.04)  # noise standard deviation, of the brain's 99th percentile
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -108,6 +113,7 @@ class Template:
     probs: dict[str, np.ndarray]  # csf, gm, wm
     centre: np.ndarray  # voxel index of the brain's bounding-box centre
     half_extent: np.ndarray  # half of the brain's bounding box, mm per axis
+    levels: dict[str, float]  # median T1 (0..1) where grey, white matter is the most likely tissue
 
 
 @lru_cache(maxsize=1)
@@ -135,8 +141,9 @@ def load_template() -> Template:
               (("t1", t1), ("csf", csf), ("gm", gm), ("wm", wm))}
     inside = np.argwhere(gm + wm >= 0.5)
     low, high = inside.min(axis=0), inside.max(axis=0)
+    levels = {"gm": float(np.median(t1[(gm >= 0.5) & (gm > wm)])), "wm": float(np.median(t1[(wm >= 0.5) & (wm > gm)]))}
     return Template(t1=smooth["t1"], probs={k: smooth[k] for k in ("csf", "gm", "wm")},
-                    centre=(low + high) / 2.0, half_extent=(high - low) / 2.0)
+                    centre=(low + high) / 2.0, half_extent=(high - low) / 2.0, levels=levels)
 
 
 def _smooth_field(rng: np.random.Generator, points: int, sd: float, coords: np.ndarray, fov: float,
@@ -237,14 +244,21 @@ class BrainSimulator:
         # Contrast.
         gmm = bool(rng.random() < s.gmm_share)
         if gmm:
-            means = rng.uniform(*s.gmm_mean, size=3)
+            for _ in range(_REDRAWS):
+                means = rng.uniform(*s.gmm_mean, size=3)  # csf, gm, wm
+                if abs(means[1] - means[2]) >= s.min_contrast and \
+                        min(abs(means[0] - means[1]), abs(means[0] - means[2])) >= s.min_contrast / 2:
+                    break
             sds = rng.uniform(*s.gmm_sd, size=3)
             image = np.zeros(pts.shape[:-1])
             for c, name in enumerate(("csf", "gm", "wm")):
                 texture = rng.normal(0.0, 1.0, size=image.shape)
                 image += probs[name] * (means[c] + sds[c] * texture)
         else:
-            curve = _monotone_curve(rng, s.remap_knots, s.remap_concentration)
+            for _ in range(_REDRAWS):
+                curve = _monotone_curve(rng, s.remap_knots, s.remap_concentration)
+                if float(curve(np.array(tpl.levels["wm"])) - curve(np.array(tpl.levels["gm"]))) >= s.min_contrast:
+                    break
             image = curve(sample(tpl.t1))
         # Scan: bias field, resolution, noise.
         image = image * np.exp(_smooth_field(bias_rng, s.bias_points, s.bias_sd, pts, s.fov_mm, 1)[0])
