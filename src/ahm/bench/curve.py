@@ -229,6 +229,14 @@ def write_results(out: Path, rows: list[dict[str, Any]], table: list[dict[str, A
     _plot(out / "results.png", table, split)
 
 
+def _log_ticks(ax, values: list[int]) -> None:
+    """A log axis labelled at the grid's own values (1, 2, 5, 42), not at powers of ten."""
+    ticks = sorted({int(v) for v in values if v})
+    ax.set_xscale("log")
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.minorticks_off()
+
+
 def _plot(path: Path, table: list[dict[str, Any]], split: str) -> None:
     """Left: Dice against labelled subjects, one line per (backbone, policy, corpus). Right (when the grid has
     more than one corpus): Dice against corpus subjects, one line per (backbone, policy, labels), scratch as a
@@ -249,7 +257,7 @@ def _plot(path: Path, table: list[dict[str, Any]], split: str) -> None:
             (f" [{key[0]}]" if len({e['backbone'] for e in table}) > 1 else "")
         ax.errorbar([e["labelled_subjects"] for e in pts], [e["dice"] for e in pts],
                     yerr=[e["dice_std"] for e in pts], marker="o", capsize=3, label=label)
-    ax.set_xscale("log")
+    _log_ticks(ax, [e["labelled_subjects"] for e in table])
     ax.set_xlabel("labelled training subjects")
     ax.set_ylabel(f"mean Dice ({split})")
     ax.legend(fontsize=8)
@@ -264,7 +272,7 @@ def _plot(path: Path, table: list[dict[str, Any]], split: str) -> None:
         for e in table:
             if e["corpus"] == "-":
                 ax.axhline(e["dice"], linestyle="--", linewidth=1, color="0.4")
-        ax.set_xscale("log")
+        _log_ticks(ax, [e["corpus_subjects"] for e in table if e["corpus"] != "-"])
         ax.set_xlabel("unlabelled corpus (training subjects); dashed: scratch")
         ax.set_ylabel(f"mean Dice ({split})")
         ax.legend(fontsize=8)
