@@ -48,7 +48,7 @@ class DataConfig(_Strict):
     """Where the images are and how they become tensors."""
 
     path: Optional[str] = None
-    layout: str = "auto"  # auto | folder | msd | lgg | busi | isic | kvasir
+    layout: str = "auto"  # auto | folder | msd | lgg | busi | isic | kvasir | img-anno
     image_size: int = 128
     channels: Optional[int] = None  # None: as stored (grayscale 1, RGB 3)
     modality: Literal["auto", "mri", "ct", "photo"] = "auto"
@@ -121,6 +121,10 @@ class ModelConfig(_Strict):
     unet_channels: tuple[int, ...] = (32, 64, 128, 256)
     unet_strides: tuple[int, ...] = (2, 2, 2)
     unet_num_res_units: int = 2
+    # "unet": MONAI UNet; "basic-unet": MONAI BasicUNet, the classic U-Net of the AHM authors' reconstructor
+    # (five unet_channels, strides 2,2,2,2; models/unet_nets.py). unet_dropout: per encoder level (basic-unet).
+    unet_network: Literal["unet", "basic-unet"] = "unet"
+    unet_dropout: tuple[float, ...] = ()
     # Normalisation of the convolution blocks (the UNet; UNETR's convolutional decoder). "batch" keeps the
     # absolute intensity that tells tissues apart in MRI/CT; "instance" (MONAI's default, and this project's
     # before the option existed) normalises every feature map per image and so cannot see it: on the brain
@@ -143,6 +147,8 @@ class ModelConfig(_Strict):
                 raise ValueError(f"{name} must be at least 1")
         if self.decoder_dim % self.decoder_heads:
             raise ValueError(f"decoder_dim {self.decoder_dim} must be divisible by decoder_heads {self.decoder_heads}")
+        if any(not 0.0 <= p < 1.0 for p in self.unet_dropout) or len(self.unet_dropout) > len(self.unet_channels):
+            raise ValueError("unet_dropout: at most one value per level, each in [0, 1)")
         if min(self.unet_channels, default=1) < 1 or min(self.unet_strides, default=1) < 1 or self.unet_num_res_units < 0:
             raise ValueError("unet_channels and unet_strides must be at least 1, unet_num_res_units at least 0")
         return self
@@ -165,14 +171,16 @@ class ModelConfig(_Strict):
 class MaskingConfig(_Strict):
     """Which patches get masked, and how learned policies learn."""
 
-    policy: str = "random"  # random | block | hpm | adamae | ahm
+    policy: str = "random"  # random | block | hpm | adamae | ahm | ahm-official
     mask_ratio: float = 0.75
     mask_ratio_end: Optional[float] = None  # if set: linear rise from mask_ratio to this over training
     hard_fraction_max: float = 0.5  # easy-to-hard schedule end for hpm / ahm (alpha_max)
     hard_fraction_warmup: float = 0.0  # share of training before the hard fraction starts rising
     policy_lr: float = 1e-3
     ema_decay: float = 0.999  # hpm teacher
-    # AHM agent
+    # AHM agent: "transformer" (our design: patch embedding + transformer blocks) or "conv" (the authors' fully
+    # convolutional actor-critic, masking/ahm/agent.py ConvAgent; agent_dim is its width, 64 in the paper)
+    agent: Literal["transformer", "conv"] = "transformer"
     agent_dim: int = 64
     agent_depth: int = 1
     agent_heads: int = 4
@@ -182,6 +190,20 @@ class MaskingConfig(_Strict):
     critic_loss: Literal["mse", "pairwise"] = "mse"
     agent_workers: int = 0  # 0: synchronous A2C in-process; N>0: asynchronous A3C with N worker processes
     queue_size: int = 16
+    # ahm-official: the authors' staged pipeline (docs/method.md). Stage lengths as shares of the run's steps:
+    # reconstructor warm-up with random masks, then agent training against the frozen reconstructor; the rest is
+    # masked image modeling with the frozen agent's top-k masks.
+    official_recon_fraction: float = 0.4
+    official_agent_fraction: float = 0.2
+    official_agent_lr: float = 2e-4  # the authors' Adam
+    official_lr_step: int = 25  # StepLR: the agent's lr times official_lr_gamma every this many agent steps
+    official_lr_gamma: float = 0.9
+    official_balance: float = 0.5  # weight of the "balance" term (squared predicted intensity) in the reward
+    official_probe_every: int = 10  # steps between hardness probes (extra no-grad forwards with a random mask)
+    # The published code's defects, each restorable (off by default; docs/method.md, "Defects"):
+    reward_scope: Literal["image", "batch"] = "image"  # batch: each patch's reward summed over the whole batch
+    reward_window: Optional[int] = None  # None: the patch; N: N-px windows at N-px pitch (the authors': 20 on 16)
+    loss_patches: Literal["masked", "all"] = "masked"  # all: actor and critic terms over every patch, masked or not
 
     @field_validator("mask_ratio", "mask_ratio_end")
     @classmethod
@@ -218,6 +240,47 @@ class MaskingConfig(_Strict):
             raise ValueError("ema_decay must be in [0, 1)")
         return v
 
+    @field_validator("official_recon_fraction", "official_agent_fraction")
+    @classmethod
+    def _stage_share(cls, v: float) -> float:
+        if not 0.0 <= v < 1.0:
+            raise ValueError("must be in [0, 1)")
+        return v
+
+    @field_validator("official_agent_lr", "official_balance")
+    @classmethod
+    def _nonneg_official(cls, v: float) -> float:
+        if not (math.isfinite(v) and v >= 0):
+            raise ValueError("must be a non-negative number")
+        return v
+
+    @field_validator("official_lr_step", "official_probe_every")
+    @classmethod
+    def _positive_official(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("must be at least 1")
+        return v
+
+    @field_validator("official_lr_gamma")
+    @classmethod
+    def _gamma(cls, v: float) -> float:
+        if not 0.0 < v <= 1.0:
+            raise ValueError("must be in (0, 1]")
+        return v
+
+    @field_validator("reward_window")
+    @classmethod
+    def _window(cls, v: Optional[int]) -> Optional[int]:
+        if v is not None and v < 1:
+            raise ValueError("must be at least 1 (pixels)")
+        return v
+
+    @model_validator(mode="after")
+    def _stages(self) -> "MaskingConfig":
+        if self.official_recon_fraction + self.official_agent_fraction >= 1.0:
+            raise ValueError("official_recon_fraction + official_agent_fraction must leave a share for the MIM stage")
+        return self
+
     @field_validator("agent_workers")
     @classmethod
     def _workers(cls, v: int) -> int:
@@ -250,6 +313,9 @@ class TrainConfig(_Strict):
     augment: bool = True
     num_threads: OptionalCount = None
     nan_policy: Literal["stop", "skip"] = "stop"
+    # DataLoader worker processes that read and preprocess pretraining samples ahead of the step (0: in the
+    # training process). None: half the CPU cores, at most 4. The samples do not depend on it.
+    workers: Optional[StepCount] = None
 
     @field_validator("batch_size", "checkpoint_every", "log_every", "devices")
     @classmethod
@@ -288,11 +354,38 @@ class TrainConfig(_Strict):
         return v
 
 
+class SourceConfig(_Strict):
+    """One source of a pretraining corpus: a dataset folder in any layout (or as listed in a corpus.json)."""
+
+    path: str
+    layout: Optional[str] = None  # None: data.layout
+    modality: Optional[Literal["auto", "mri", "ct", "photo"]] = None  # None: data.modality
+    ct_window: Optional[tuple[float, float]] = None  # None: data.ct_window
+    # Relative sampling weight: each epoch draws weight x (the source's images), whole copies plus a seeded
+    # subset for the fraction (2: every image twice an epoch; 0.5: half of them, a different half each epoch).
+    weight: float = 1.0
+    all_splits: Optional[bool] = None  # a labelled source's val/test images too (None: the run's all_splits)
+
+    @field_validator("weight")
+    @classmethod
+    def _weight(cls, v: float) -> float:
+        if not (v > 0 and math.isfinite(v)):
+            raise ValueError("weight must be a positive number")
+        return v
+
+
 class PretrainConfig(_Strict):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     masking: MaskingConfig = MaskingConfig()
     train: TrainConfig = TrainConfig(steps=400)
+    # The corpus: empty means the one dataset at data.path. Of an unlabelled source every image is pretraining
+    # data; of a labelled one its training split, unless all_splits (then its val and test images too).
+    sources: list[SourceConfig] = []
+    all_splits: bool = False
+    # Read the corpus into memory before training (yes), stream it from disk (no), or preload it when its
+    # preprocessed size is at most 1 GiB (auto). The samples are the same either way.
+    preload: Literal["auto", "yes", "no"] = "auto"
 
     @model_validator(mode="after")
     def _check(self) -> "PretrainConfig":
@@ -322,6 +415,10 @@ class FinetuneConfig(_Strict):
     # Steps between validations (and the best-checkpoint choice). None: every epoch, but at most about 50
     # times per run, so a small labelled subset (an epoch of 2 steps) does not spend its time validating.
     val_every: OptionalCount = None
+    # The validation figure that keeps the best checkpoint; neither can be won by predicting nothing:
+    # dataset_dice (mean over foreground classes of the pooled 2 TP / (2 TP + FP + FN) over the split) or
+    # case_dice (mean per-case Dice, cases where a class is absent from prediction and truth left out).
+    select_by: Literal["dataset_dice", "case_dice"] = "dataset_dice"
     # Random crop without resampling, this share of each side (rounded down to what the UNet's strides divide;
     # UNETR's fixed grid gets it zero-padded back). It keeps every pixel's intensity and label exactly as they
     # are, which a resized crop does not (1: off).

@@ -70,7 +70,15 @@ def test_compare_grid_tables_and_resume(tmp_path: Path, monkeypatch: pytest.Monk
     from ahm.bench.baseline import run_baseline
 
     assert [r["seed"] for r in result["baseline"]["rows"]] == [0, 1]
-    assert "Intensity lookup baseline" in md and f"{result['baseline']['summary']['dice']['mean']:.4f}" in md
+    assert "Floors (same labelled subsets" in md and f"{result['baseline']['summary']['dice']['mean']:.4f}" in md
+    # the second floor: predicting nothing scores 0 under the default metrics (every test image has a blob)
+    assert result["baseline"]["empty_prediction"]["dice"] == 0.0
+    assert result["baseline"]["empty_prediction"]["dataset_dice"] == 0.0
+    assert "Predict nothing (all background): Dice (test) 0.0000, dataset Dice 0.0000" in md
+    for e in result["table"]:  # every row says whether it clears both floors
+        flag = "above both" if not compare.below_floors(e, compare.floors(result["baseline"])) else "**not above"
+        assert flag in next(line for line in md.splitlines() if line.startswith(f"| unet | {e['policy']} |"))
+    assert all(r["empty_cases"] == "exclude" and r["dataset_dice"] is not None for r in result["rows"])
     own = run_baseline(data, 0.5, 2, data_cfg=compare.build_config(
         compare.FinetuneConfig, overrides=_grid_overrides(tmp_path)["finetune"]).data)
     assert own["rows"] == result["baseline"]["rows"]
@@ -95,6 +103,19 @@ def test_compare_grid_tables_and_resume(tmp_path: Path, monkeypatch: pytest.Monk
     assert [r["dice"] for r in again["rows"]] == [r["dice"] for r in result["rows"]]
     cell = json.loads(next((out / "cells").glob("unet-random-seed0*/cell.json")).read_text())
     assert cell["pretrain_final_loss"] is not None
+
+    # A cell from before dataset-level Dice, and a gather under the old convention: re-scored, never retrained.
+    path = next((out / "cells").glob("unet-scratch-seed1*/cell.json"))
+    before = json.loads(path.read_text())
+    path.write_text(json.dumps({k: v for k, v in before.items() if k not in ("dataset_dice", "empty_cases")}))
+    rescored = compare.run_compare(data, out, ["scratch", "random"], ["unet"], seeds=2, labels_fraction=0.5,
+                                   pretrain_steps=2, finetune_epochs=1, overrides=_grid_overrides(tmp_path))
+    assert json.loads(path.read_text())["dataset_dice"] == pytest.approx(before["dataset_dice"])
+    assert [r["dice"] for r in rescored["rows"]] == [r["dice"] for r in result["rows"]]
+    old = compare.run_compare(data, out, ["scratch", "random"], ["unet"], seeds=2, labels_fraction=0.5,
+                              pretrain_steps=2, finetune_epochs=1, overrides=_grid_overrides(tmp_path), empty="one")
+    assert all(r["empty_cases"] == "one" for r in old["rows"]) and old["baseline"]["empty_cases"] == "one"
+    assert "OLD CONVENTION" in (out / "results.md").read_text()
 
 
 def test_paired_differences_by_seed_with_exact_sign_flip_p() -> None:

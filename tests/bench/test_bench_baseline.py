@@ -49,6 +49,34 @@ def test_intensity_explains_bright_discs_but_not_a_position_label(tmp_path: Path
     assert doc["summary"]["dice"]["mean"] < 0.7
 
 
+def test_predict_nothing_floor_under_both_conventions(tmp_path: Path) -> None:
+    """Blobs in a quarter of the images: predicting nothing scores 0 now, and 0.75 under the old convention."""
+    discs = make_blob_folder(tmp_path / "discs", n=16)
+    sparse = tmp_path / "sparse"
+    (sparse / "masks").mkdir(parents=True)
+    (sparse / "images").symlink_to(discs / "images")
+    for k, png in enumerate(sorted((discs / "masks").glob("*.png"))):
+        mask = np.asarray(Image.open(png))
+        Image.fromarray(mask if k % 4 == 0 else np.zeros_like(mask)).save(sparse / "masks" / png.name)
+    doc = run_baseline(sparse, labels_fraction=1.0, seeds=1, image_size=32)
+    nothing = doc["empty_prediction"]
+    assert nothing["dice"] == 0.0 and nothing["dataset_dice"] == 0.0 and nothing["val_dice"] == 0.0
+    old = run_baseline(sparse, labels_fraction=1.0, seeds=1, image_size=32, empty="one")
+    from ahm.config import DataConfig
+    from ahm.data import load_arrays, make_splits, open_dataset
+
+    cfg = DataConfig(path=str(sparse), image_size=32)
+    index = open_dataset(sparse, cfg)
+    test = load_arrays(index, list(make_splits(index, cfg)["test"]), cfg, labels=True)
+    share_empty = float((test.labels.reshape(len(test.labels), -1).max(1) == 0).mean())
+    assert 0 < share_empty < 1
+    assert old["empty_prediction"]["dice"] == pytest.approx(share_empty)
+    assert old["empty_prediction"]["dataset_dice"] == 0.0  # pooled Dice cannot be won either way
+    from ahm.bench.baseline import format_baseline
+
+    assert "predict nothing" in format_baseline(doc) and "OLD CONVENTION" in format_baseline(old)
+
+
 def test_colour_images_get_a_joint_table_of_32_bins_per_channel(tmp_path: Path) -> None:
     grey = make_blob_folder(tmp_path / "grey", n=16)
     colour = tmp_path / "colour"

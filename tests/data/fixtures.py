@@ -241,3 +241,31 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
         str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
         for p in sorted(folder.rglob("*"))
     } | {".": (0, folder.stat().st_mtime_ns)}
+
+
+IMG_ANNO_TRAIN = ("TCGA_CS_4941_19960909", "TCGA_DU_7014_19860618", "TCGA_HT_7473_19970826")
+IMG_ANNO_TEST = ("TCGA_FG_5962_20000626",)
+
+
+def make_img_anno_fixture(root: Path, kind: str = "brain", slices: int = 2, size: int = 32, seed: int = 0) -> Path:
+    """The folder the AHM authors' loaders read: `Train/img`, `Train/anno`, `Test/img`, `Test/anno`.
+
+    kind "brain": Kaggle LGG slices, 3-channel uint8 TIFF `<patient>_<n>.tif` with annotation `<patient>_<n>_mask.tif`
+    (0/255); kind "heart": grey PNG `la_<case>_<n>.png` (the 2D PNG version of MSD Task02_Heart) with annotations of
+    the same name. Three training subjects and one test subject, `slices` slices each."""
+    rng = np.random.default_rng(seed)
+    subjects = {"Train": IMG_ANNO_TRAIN, "Test": IMG_ANNO_TEST}
+    if kind == "heart":
+        subjects = {"Train": ("la_003", "la_004", "la_005"), "Test": ("la_007",)}
+    for split, names in subjects.items():
+        for subject in names:
+            for n in range(1, slices + 1):
+                img, disc = disc_pair(rng, size, size)
+                if kind == "heart":
+                    _png(root / split / "img" / f"{subject}_{n}.png", img)
+                    _png(root / split / "anno" / f"{subject}_{n}.png", (disc * 255).astype(np.uint8))
+                else:
+                    rgb = np.stack([img, img, np.clip(img.astype(int) + 10, 0, 255).astype(np.uint8)], -1)
+                    _tif(root / split / "img" / f"{subject}_{n}.tif", rgb)
+                    _tif(root / split / "anno" / f"{subject}_{n}_mask.tif", (disc * 255).astype(np.uint8))
+    return root

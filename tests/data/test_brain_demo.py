@@ -203,3 +203,31 @@ def test_shifted_set_keeps_masks_and_splits_and_defeats_the_intensity_lookup(dem
         for name, path in (("plain", plain), ("shifted", shifted))
     }
     assert floors["plain"] > 0.85 and floors["shifted"] < floors["plain"] - 0.08, floors
+
+
+def test_lesion_variant_labels_small_lesions_in_about_a_third_of_the_slices(tmp_path: Path, demo):
+    plain, _ = demo
+    out = tmp_path / "lesions"
+    summary = prepare_brain_demo(out, image_size=64, lesions=True)
+    assert summary["labels"] == {"0": "background", "1": "lesion"}
+    assert json.loads((out / "labels.json").read_text()) == {"0": "background", "1": "lesion"}
+    index = open_dataset(out, DataConfig(path=str(out), image_size=64))
+    assert index.class_names == {0: "background", 1: "lesion"}
+    masks = {p.stem: np.asarray(Image.open(p)) for p in sorted((out / "masks").glob("*.png"))}
+    assert set(np.unique(np.stack(list(masks.values()))).tolist()) == {0, 1}
+    with_lesion = [stem for stem, m in masks.items() if m.any()]
+    assert 0.2 < len(with_lesion) / len(masks) < 0.5
+    sizes = [int(masks[s].sum()) for s in with_lesion]
+    assert max(sizes) < 0.02 * 64 * 64  # a small structure: under 2% of a slice
+    # same slices and splits as the tissue set; lesions are darker than the tissue they replace
+    assert sorted(masks) == sorted(p.stem for p in (plain / "masks").glob("*.png"))
+    assert json.loads((out / "splits.json").read_text()) == json.loads((plain / "splits.json").read_text())
+    darker = []
+    for stem in with_lesion[:10]:
+        image = np.asarray(Image.open(out / "images" / f"{stem}.png")).astype(float)
+        before = np.asarray(Image.open(plain / "images" / f"{stem}.png")).astype(float)
+        darker.append(image[masks[stem] > 0].mean() < before[masks[stem] > 0].mean())
+    assert all(darker)
+    again = prepare_brain_demo(tmp_path / "again", image_size=64, lesions=True)
+    assert again["splits"] == summary["splits"]
+    assert all((np.asarray(Image.open(tmp_path / "again" / "masks" / f"{s}.png")) == m).all() for s, m in masks.items())

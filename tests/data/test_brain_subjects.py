@@ -68,6 +68,7 @@ def test_layout_check_and_splits_by_subject(small):
     cfg = DataConfig(path=str(out))
     index = open_dataset(out, cfg)
     assert index.layout == "folder" and len(index.items) == 5 * 3 * 2
+    assert index.class_names == {0: "background", 1: "grey matter", 2: "white matter"}
     report = check_dataset(out, cfg)
     assert not report.problems
     splits = make_splits(index, cfg)

@@ -209,7 +209,59 @@ def _build_seeds(root: Path) -> dict[str, list[tuple[str, bytes]]]:
         (".nii.gz", data_of(write_nifti(root / "v.nii.gz", vol))),
         (".nii.gz", data_of(write_nifti(root / "l.nii.gz", labels))),
     ]
+    seeds["dicom_file"] = _dicom_file_seeds(root, rng)
+    seeds["itk"] = _itk_seeds(root, rng, vol, labels)
     return seeds
+
+
+def _dicom_file_seeds(root: Path, rng) -> list[tuple[str, bytes]]:
+    """Single DICOM files: a CT slice, a MONOCHROME1 radiograph with a window, a multi-frame MR, RGB, RLE."""
+    import pydicom
+    from pydicom.uid import RLELossless
+
+    ct = write_dicom_series(root / "one", rng.integers(-500, 1500, (1, 8, 6)).astype(np.int16))[0]
+    out = [(".dcm", ct.read_bytes())]
+    ds = pydicom.dcmread(ct)
+    ds.Modality, ds.PhotometricInterpretation = "DX", "MONOCHROME1"
+    ds.WindowCenter, ds.WindowWidth = 0, 800
+    ds.save_as(root / "dx.dcm", enforce_file_format=True)
+    out.append((".dcm", (root / "dx.dcm").read_bytes()))
+    ds.compress(RLELossless)
+    ds.save_as(root / "rle.dcm", enforce_file_format=True)
+    out.append((".dcm", (root / "rle.dcm").read_bytes()))
+    ds = pydicom.dcmread(ct)
+    ds.NumberOfFrames, ds.Modality = 3, "MR"
+    ds.PixelData = rng.integers(0, 900, (3, 8, 6)).astype("<i2").tobytes()
+    ds.save_as(root / "mf.dcm", enforce_file_format=True)
+    out.append((".dcm", (root / "mf.dcm").read_bytes()))
+    ds = pydicom.dcmread(ct)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    del ds.RescaleSlope, ds.RescaleIntercept
+    ds.PixelData = rng.integers(0, 255, (8, 6, 3)).astype(np.uint8).tobytes()
+    ds.save_as(root / "rgb.dcm", enforce_file_format=True)
+    out.append((".dcm", (root / "rgb.dcm").read_bytes()))
+    return out
+
+
+def _itk_seeds(root: Path, rng, vol: np.ndarray, labels: np.ndarray) -> list[tuple[str, bytes]]:
+    """NRRD and MetaImage with their data attached (raw and gzip), 3D, 2D and vector."""
+    import SimpleITK as sitk
+
+    def written(name: str, arr: np.ndarray, **kwargs) -> tuple[str, bytes]:
+        image = sitk.GetImageFromArray(arr, isVector=kwargs.pop("vector", False))
+        image.SetSpacing((0.5,) * image.GetDimension())
+        sitk.WriteImage(image, str(root / name), **kwargs)
+        return Path(name).suffix, (root / name).read_bytes()
+
+    return [
+        written("v.nrrd", vol),
+        written("z.nrrd", labels, useCompression=True),
+        written("v.mha", vol.astype(np.int16)),
+        written("z.mha", labels, useCompression=True),
+        written("flat.mha", vol[0]),
+        written("rgb.nrrd", rng.integers(0, 255, (5, 4, 3)).astype(np.uint8), vector=True),
+    ]
 
 
 with tempfile.TemporaryDirectory(prefix="ahm-fuzz-seeds-") as _tmp:
@@ -377,6 +429,22 @@ def test_fuzz_read_volume_nifti_gz(case):
     suffix, data, note = case
     with tempfile.TemporaryDirectory() as d:
         _run_case("read_volume.nii.gz", "volume", read_volume, _case_file(d, suffix, data), note)
+
+
+@given(mutated(SEEDS["dicom_file"], "dicom_file"), st.sampled_from(["image", "volume", "labels"]))
+def test_fuzz_read_dicom_file(case, kind):
+    suffix, data, note = case
+    reader = {"image": read_image, "volume": read_volume, "labels": read_label_volume}[kind]
+    with tempfile.TemporaryDirectory() as d:
+        _run_case(f"{reader.__name__}.dcm", kind, reader, _case_file(d, suffix, data), note)
+
+
+@given(mutated(SEEDS["itk"], "itk"), st.sampled_from(["image", "volume", "labels"]))
+def test_fuzz_read_nrrd_metaimage(case, kind):
+    suffix, data, note = case
+    reader = {"image": read_image, "volume": read_volume, "labels": read_label_volume}[kind]
+    with tempfile.TemporaryDirectory() as d:
+        _run_case(f"{reader.__name__}{suffix}", kind, reader, _case_file(d, suffix, data), note)
 
 
 def _dicom_variant(path: Path, draw) -> str:

@@ -39,7 +39,8 @@ def test_evaluate_writes_metrics_csv_and_report(tmp_path: Path) -> None:
     assert metrics["n_images"] == 12 and metrics["split"] == "all"
     for key in ("dice", "iou", "hd95", "per_class"):
         assert key in metrics
-    assert "volume_3d" not in metrics  # 2D files: nothing to re-stack
+    assert "volume_level" not in metrics and metrics["level"] == "slice"  # 2D files: nothing to re-stack
+    assert metrics["empty_cases"] == "exclude" and metrics["class_names"] == ["1"]
     saved = json.loads((run / "eval" / "all" / "metrics.json").read_text())
     assert saved["dice"] == metrics["dice"]
     with open(run / "eval" / "all" / "per_image.csv") as fh:
@@ -87,3 +88,51 @@ def test_score_arrays_picks_best_and_worst_cases(tmp_path: Path) -> None:
         kinds, ids = list(npz["kind"]), list(npz["ids"])
     assert ids[:3] == ["c0", "c1", "c2"] and kinds[:3] == ["best"] * 3
     assert ids[3:] == ["c5", "c4", "c3"] and kinds[3:] == ["worst"] * 3
+
+
+def test_volume_level_restacks_slices_by_volume(tmp_path: Path) -> None:
+    """Two volumes of two slices: per volume, the 3D Dice pools its slices (a slice-level mean would not)."""
+    from ahm.data.layouts import Item
+
+    labels = np.zeros((4, 4, 4), np.int64)
+    preds = np.zeros_like(labels)
+    labels[0, 0:2, 0:2] = 1  # volume a, slice 0: 4 px, found
+    preds[0, 0:2, 0:2] = 1
+    labels[1, 0, 0] = 1  # volume a, slice 1: 1 px, missed
+    labels[2, 1:3, 1:3] = 1  # volume b, slice 0: 4 px, half found
+    preds[2, 1, 1:3] = 1
+    items = [Item(id=f"{v}{k}", subject=v, image=Path(f"{v}.nii.gz"), mask=None, axis=2, slice=k, volume=v)
+             for v, k in (("a", 1), ("a", 0), ("b", 0), ("b", 1))]  # listed out of slice order on purpose
+    # rows 0, 1 of volume a are slices 1, 0; rows 2, 3 of volume b are slices 0, 1 (slice 1 empty-empty)
+    images = np.zeros((4, 1, 4, 4), np.float32)
+    m = score_arrays(tmp_path, preds, labels, images, [i.id for i in items], items, 2, "test")
+    assert m["level"] == "volume" and m["volume_level"]["n_volumes"] == 2
+    per_volume = {v["volume"]: v["dice"] for v in m["volume_level"]["per_volume"]}
+    assert per_volume["a"] == pytest.approx(2 * 4 / (5 + 4))  # TP 4, |gt| 5, |pred| 4
+    assert per_volume["b"] == pytest.approx(2 * 2 / (4 + 2))
+    assert m["dice"] == pytest.approx((8 / 9 + 4 / 6) / 2)
+    # slice level: 1, 0, 2/3 and one empty-empty slice excluded
+    assert m["slice_level"]["dice"] == pytest.approx((1 + 0 + 4 / 6) / 3)
+    assert m["slice_level"]["excluded_empty"] == {"1": 1}
+    # pooled over the split, both levels: TP 6, FP 0, FN 3
+    assert m["dataset_dice"] == pytest.approx(12 / 15) == m["slice_level"]["dataset_dice"]
+
+
+def test_class_names_and_the_old_convention_reach_the_outputs(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run")
+    data = _folder(tmp_path / "data")
+    (data / "labels.json").write_text(json.dumps({"0": "background", "1": "left atrium"}))
+    metrics = evaluate(run, data, split="all", empty="one")
+    assert list(metrics["per_class"]) == ["left atrium"] and metrics["class_names"] == ["left atrium"]
+    assert metrics["empty_cases"] == "one" and "OLD CONVENTION" in metrics["empty_masks"]
+    header = (run / "eval" / "all" / "per_image.csv").read_text().splitlines()[0]
+    assert "dice_left_atrium" in header
+    assert "left atrium" in (run / "report.html").read_text()
+
+
+def test_refuses_bad_labels_json(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run")
+    data = _folder(tmp_path / "data")
+    (data / "labels.json").write_text(json.dumps(["background", "tumour"]))
+    with pytest.raises(AhmError, match="labels.json"):
+        evaluate(run, data, split="all")

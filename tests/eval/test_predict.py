@@ -69,6 +69,29 @@ def test_nifti_keeps_shape_and_affine(tmp_path: Path, axis: int) -> None:
     assert (tmp_path / "out" / "vol_overlay.png").is_file()
 
 
+def test_dicom_file_and_nrrd_volume_are_predicted(run1: Path, tmp_path: Path) -> None:
+    import SimpleITK as sitk
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta, ds.SOPClassUID, ds.SOPInstanceUID = meta, meta.MediaStorageSOPClassUID, generate_uid()
+    ds.Modality, ds.Rows, ds.Columns, ds.SamplesPerPixel = "DX", 30, 41, 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = np.random.default_rng(0).integers(0, 255, (30, 41)).astype(np.uint8).tobytes()
+    ds.save_as(tmp_path / "xray.dcm", enforce_file_format=True)
+    sitk.WriteImage(sitk.GetImageFromArray(np.random.default_rng(1).random((5, 24, 20))), str(tmp_path / "v.nrrd"))
+    result = predict(run1, [tmp_path / "xray.dcm", tmp_path / "v.nrrd"], tmp_path / "out")
+    assert result["n_ok"] == 2, result["failures"]
+    assert np.asarray(Image.open(tmp_path / "out" / "xray_mask.png")).shape == (30, 41)
+    assert nib.load(tmp_path / "out" / "v_mask.nii.gz").shape == (20, 24, 5)
+
+
 def test_bad_inputs_are_listed_and_the_rest_continue(run1: Path, tmp_path: Path) -> None:
     good = _png(tmp_path / "good.png", 20, 20)
     broken = tmp_path / "broken.png"

@@ -80,6 +80,38 @@ def test_scratch_run_directory(blobs: Path, tmp_path: Path) -> None:
     assert "Learning curves" in html and "data:image/png;base64," in html
 
 
+def test_best_checkpoint_is_chosen_by_dataset_dice_and_never_by_predicting_nothing(blobs: Path, tmp_path: Path,
+                                                                                     monkeypatch) -> None:
+    """The first validation sees a checkpoint that finds the structure (half of each blob), every later one an
+    all-background prediction: those score 0 and are never kept."""
+    import ahm.eval.evaluate as ev
+    from ahm.data import load_arrays, make_splits, open_dataset
+
+    cfg = _cfg(blobs, val_every=2, train={"epochs": 3})
+    index = open_dataset(blobs, cfg.data)
+    val = load_arrays(index, list(make_splits(index, cfg.data)["val"]), cfg.data, labels=True)
+    finds = val.labels.copy()
+    finds[:, : finds.shape[1] // 2] = 0
+    calls = {"n": 0}
+
+    def finds_then_nothing(model, images, **kw):
+        calls["n"] += 1
+        assert len(images) == len(val.labels)
+        return finds.copy() if calls["n"] == 1 else np.zeros_like(finds)
+
+    monkeypatch.setattr(ev, "predict_labels", finds_then_nothing)
+    summary = finetune(cfg, tmp_path / "run", progress=False)
+    tp = ((finds == 1) & (val.labels == 1)).sum()
+    expected = 2 * tp / ((finds == 1).sum() + (val.labels == 1).sum())
+    assert 0 < expected < 1 and summary["best_val_dice"] == pytest.approx(expected)
+    assert summary["best_epoch"] == 1
+    assert "dataset_dice" in summary["selection_metric"]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    later = [r["val_dice"] for r in records if "val_dice" in r][1:]
+    assert len(later) >= 2 and set(later) == {0.0}
+    assert load_torch(tmp_path / "run" / "checkpoints" / "best.ckpt")["meta"]["select_by"] == "dataset_dice"
+
+
 def test_resume_after_interrupt_is_exact(blobs: Path, tmp_path: Path, monkeypatch) -> None:
     """Also the determinism test: two runs from one seed, one of them interrupted, end with equal weights."""
     import ahm.train.finetune as ft
@@ -180,7 +212,10 @@ def test_evaluate_after_finetune_with_volumes(tmp_path: Path) -> None:
     finetune(cfg, tmp_path / "run", progress=False)
     metrics = evaluate(tmp_path / "run", data, split="all")
     assert metrics["n_images"] == 24 and metrics["split"] == "all"
-    assert metrics["volume_3d"]["n_volumes"] == 6
+    # every image is a slice of a volume: the re-stacked volumes are the primary level
+    assert metrics["level"] == "volume" and metrics["volume_level"]["n_volumes"] == 6
+    assert metrics["dice"] == metrics["volume_level"]["dice"]
+    assert metrics["slice_level"]["n_cases"] == 24
     assert set(metrics["per_class"]) == {"1"}
     assert (tmp_path / "run" / "eval" / "all" / "per_image.csv").read_text().count("\n") == 25
     test = evaluate(tmp_path / "run", data, split="test")
@@ -237,7 +272,7 @@ def test_refuses_missing_encoder(blobs: Path, tmp_path: Path) -> None:
 
 def test_refuses_mismatched_encoder(blobs: Path, tmp_path: Path) -> None:
     pre = _fake_pretrain_run(tmp_path / "pre", VIT, image_size=48)
-    with pytest.raises(AhmError, match="--image-size 32 does not match"):
+    with pytest.raises(AhmError, match="image size 48 pretrained vs 32 here .omit --image-size or use 48.; patch grid 3x3"):
         finetune(_cfg(blobs, init=str(pre)), tmp_path / "run", progress=False)
     # An encoder whose shapes disagree with the run's config: the loader names the file.
     pre2 = _fake_pretrain_run(tmp_path / "pre2", UNET)

@@ -139,3 +139,11 @@ def test_ddp_two_cpu_processes_agree(blobs: Path, tmp_path: Path) -> None:
     prints = json.loads((tmp_path / "run" / "rank_fingerprints.json").read_text())
     assert len(prints) == 2
     assert prints["0"] == prints["1"]
+    # the streamed corpus is sharded: within an epoch each rank reads its own samples (2 a step, 3 steps)
+    seen = json.loads((tmp_path / "run" / "rank_samples.json").read_text())
+    assert len(seen["0"]) == len(seen["1"]) == 6
+    per_epoch = 2 * (json.loads((tmp_path / "run" / "corpus.json").read_text())["images_per_epoch"] // 4)
+    assert per_epoch >= 2
+    for start in range(0, 6, per_epoch):
+        a, b = seen["0"][start:start + per_epoch], seen["1"][start:start + per_epoch]
+        assert not set(a) & set(b) and len(set(a + b)) == len(a + b)

@@ -69,18 +69,37 @@ def apply_intensity_lookup(table: np.ndarray, images: np.ndarray, bins: int = 25
     return table[_bin_index(images, bins)]
 
 
+FIGURES = ("dice", "dataset_dice", "iou", "hd95")
+
+
+def _scores(preds: np.ndarray, labels: np.ndarray, num_classes: int, empty: str, prefix: str) -> dict[str, Any]:
+    from ahm.eval.metrics import case_metrics, summarize
+
+    metrics = summarize(case_metrics(preds, labels, num_classes, empty=empty), empty=empty)
+    return {f"{prefix}{key}": metrics.get(key) for key in FIGURES}
+
+
+def _mean_std(rows: list[dict[str, Any]], key: str) -> dict[str, float | None]:
+    values = np.array([r[key] for r in rows if r.get(key) is not None], dtype=float)
+    return {"mean": float(values.mean()) if values.size else None,
+            "std": float(values.std(ddof=1)) if values.size > 1 else 0.0}
+
+
 def run_baseline(data: str | Path, labels_fraction: float, seeds: int, first_seed: int = 0, bins: int | None = None,
                  split: str = "test", image_size: int = 128, layout: str = "auto",
-                 log: Callable[[str], None] | None = None, data_cfg: Any = None) -> dict[str, Any]:
+                 log: Callable[[str], None] | None = None, data_cfg: Any = None,
+                 empty: str = "exclude") -> dict[str, Any]:
     """Fit the lookup on each seed's labelled subset (the one `ahm finetune --seed S` uses); score val and `split`.
     `bins` per channel, default `default_bins(channels)`.
 
     `data_cfg` (a DataConfig) gives the splits and the grid of a fine-tuning config; else `image_size`/`layout`
-    with the default splits."""
+    with the default splits. Also scores the "predict nothing" floor (`empty_prediction`), the same for every seed.
+    `empty`: the empty-case convention of `ahm.eval.metrics`."""
     from ahm.config import DataConfig
     from ahm.data import label_subset, load_arrays, make_splits, open_dataset
-    from ahm.eval.metrics import case_metrics, summarize
+    from ahm.eval.metrics import check_empty
 
+    check_empty(empty)
     if seeds < 1:
         raise AhmError(f"--seeds must be at least 1, got {seeds}")
     if bins is not None and bins < 2:
@@ -97,32 +116,31 @@ def run_baseline(data: str | Path, labels_fraction: float, seeds: int, first_see
             raise AhmError(f"{data}: the {name} split is empty")
     evaluated = {name: load_arrays(index, list(splits[name]), cfg, labels=True) for name in names}
     rows = []
+    num_classes = max(2, int(max(a.labels.max(initial=0) for a in evaluated.values())) + 1)
+    nothing: dict[str, Any] = {}
+    for name, arrays in evaluated.items():
+        nothing.update(_scores(np.zeros_like(arrays.labels), arrays.labels, num_classes, empty,
+                               "" if name == split else "val_"))
     for seed in range(first_seed, first_seed + seeds):
         labelled = label_subset(index, list(splits["train"]), labels_fraction, seed)
         train = load_arrays(index, labelled, cfg, labels=True)
         if bins is None:
             bins = default_bins(int(train.images.shape[1]))
-        num_classes = max(2, int(max([train.labels.max(initial=0)] +
-                                     [a.labels.max(initial=0) for a in evaluated.values()])) + 1)
-        table = fit_intensity_lookup(train.images, train.labels, num_classes, bins)
+        classes = max(num_classes, int(train.labels.max(initial=0)) + 1)
+        table = fit_intensity_lookup(train.images, train.labels, classes, bins)
         row: dict[str, Any] = {"seed": seed, "labelled_images": len(train.ids)}
         for name, arrays in evaluated.items():
             preds = apply_intensity_lookup(table, arrays.images, bins)
-            metrics = summarize(case_metrics(preds, arrays.labels, num_classes))
-            prefix = "" if name == split else "val_"
-            row.update({f"{prefix}dice": metrics["dice"], f"{prefix}iou": metrics["iou"],
-                        f"{prefix}hd95": metrics["hd95"]})
+            row.update(_scores(preds, arrays.labels, classes, empty, "" if name == split else "val_"))
         rows.append(row)
         if log is not None:
             log(f"seed {seed}: {len(train.ids)} labelled images, {split} Dice {_fmt(row['dice'])}, "
                 f"val Dice {_fmt(row['val_dice'])}")
-    summary = {}
-    for key in ("dice", "iou", "hd95", "val_dice"):
-        values = np.array([r[key] for r in rows if r.get(key) is not None], dtype=float)
-        summary[key] = {"mean": float(values.mean()) if values.size else None,
-                        "std": float(values.std(ddof=1)) if values.size > 1 else 0.0}
+    keys = FIGURES + tuple(f"val_{k}" for k in FIGURES)
+    summary = {key: _mean_std(rows, key) for key in keys}
     return {"data": str(data), "labels_fraction": labels_fraction, "bins": bins, "split": split,
-            "image_size": cfg.image_size, "rows": rows, "summary": summary}
+            "image_size": cfg.image_size, "empty_cases": empty, "rows": rows, "summary": summary,
+            "empty_prediction": {key: nothing.get(key) for key in keys}}
 
 
 def _fmt(value: float | None) -> str:
@@ -133,12 +151,23 @@ def format_baseline(doc: dict[str, Any]) -> str:
     s = doc["summary"]
 
     def ms(key: str, digits: int = 4) -> str:
-        m = s[key]
+        m = s.get(key) or {"mean": None}
         return "-" if m["mean"] is None else f"{m['mean']:.{digits}f} +- {m['std']:.{digits}f}"
 
+    def one(key: str, digits: int = 4) -> str:
+        v = (doc.get("empty_prediction") or {}).get(key)
+        return "-" if v is None else f"{v:.{digits}f}"
+
     split = doc["split"]
-    lines = [f"Intensity lookup baseline ({doc['bins']} bins, {doc['labels_fraction']:g} of the labels, "
-             f"{len(doc['rows'])} seed(s)): the floor a segmenter should clear.",
-             f"| n | Dice ({split}) | IoU ({split}) | HD95 ({split}) | val Dice |", "|---|---|---|---|---|",
-             f"| {len(doc['rows'])} | {ms('dice')} | {ms('iou')} | {ms('hd95', 2)} | {ms('val_dice')} |"]
+    convention = " (OLD CONVENTION: a class absent from prediction and truth scores 1)" \
+        if doc.get("empty_cases") == "one" else ""
+    lines = [f"Floors a segmenter should clear ({doc['labels_fraction']:g} of the labels, {len(doc['rows'])} seed(s))"
+             f"{convention}: an intensity lookup ({doc['bins']} bins) and predicting nothing.",
+             f"| floor | n | Dice ({split}) | dataset Dice ({split}) | IoU ({split}) | HD95 ({split}) | val Dice | "
+             "val dataset Dice |", "|---|---|---|---|---|---|---|---|",
+             f"| intensity lookup | {len(doc['rows'])} | {ms('dice')} | {ms('dataset_dice')} | {ms('iou')} | "
+             f"{ms('hd95', 2)} | {ms('val_dice')} | {ms('val_dataset_dice')} |"]
+    if doc.get("empty_prediction"):
+        lines.append(f"| predict nothing | 1 | {one('dice')} | {one('dataset_dice')} | {one('iou')} | {one('hd95', 2)} "
+                     f"| {one('val_dice')} | {one('val_dataset_dice')} |")
     return "\n".join(lines)

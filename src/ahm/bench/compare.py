@@ -3,6 +3,10 @@
 Each cell pretrains (unless `scratch`), fine-tunes with a fraction of the labels, and evaluates on the held-out
 split. Cells are directories; a finished cell holds `cell.json` and is never rerun, so the grid is resumable.
 Pretraining runs are shared between cells that differ only in what is downstream of them.
+
+Scores follow `ahm.eval.metrics` (empty-in-both cases excluded by default; dataset-level Dice beside the per-case
+mean). A finished cell scored under another empty-case convention, or before dataset-level Dice existed, is
+re-evaluated from its kept checkpoint (no retraining) when the grid is gathered.
 """
 
 from __future__ import annotations
@@ -23,8 +27,11 @@ from ahm.io import write_bytes, write_json, write_text
 from ahm.masking.base import policy_names
 
 BACKBONE_SEGMENTER = {"vit": "unetr", "unet": "unet"}
-COLUMNS = ["backbone", "policy", "seed", "labels_fraction", "dice", "iou", "hd95", "val_dice", "pretrain_final_loss",
-           "hardness_ratio", "critic_spearman", "pretrain_s", "finetune_s"]
+COLUMNS = ["backbone", "policy", "seed", "labels_fraction", "dice", "dataset_dice", "iou", "hd95", "val_dice",
+           "selection", "empty_cases", "pretrain_final_loss", "hardness_ratio", "critic_spearman", "pretrain_s",
+           "finetune_s"]
+# The figure of each fine-tuning run's checkpoint choice, for cells from before `select_by` existed.
+OLD_SELECTION = "validation per-case mean Dice, empty-in-both = 1 (before select_by)"
 MAX_SIGN_FLIP = 40  # seeds the exact paired test can count (2 x 2^20 sums)
 
 
@@ -42,15 +49,18 @@ def run_compare(data: str | Path, out: str | Path, policies: list[str], backbone
                 labels_fraction: float, pretrain_steps: int, finetune_epochs: int,
                 base_config: Optional[str | Path] = None, overrides: Optional[dict[str, Any]] = None,
                 split: str = "test", log: Optional[Callable[[str], None]] = None,
-                finetune_steps: Optional[int] = None, first_seed: int = 0) -> dict[str, Any]:
+                finetune_steps: Optional[int] = None, first_seed: int = 0,
+                empty: str = "exclude") -> dict[str, Any]:
     """Run every unfinished cell of the grid; write results.csv, results.md and results.png; return the table.
 
     Seeds are `first_seed .. first_seed + seeds - 1`: two processes (or machines) can share one grid directory
     with disjoint seed ranges, and a last call over all seeds then only gathers the finished cells."""
     from ahm.eval.evaluate import evaluate
+    from ahm.eval.metrics import check_empty
     from ahm.train.finetune import finetune
     from ahm.train.pretrain import pretrain
 
+    check_empty(empty)
     _check_names(policies, backbones)
     if seeds < 1:
         raise AhmError("--seeds must be at least 1")
@@ -66,8 +76,15 @@ def run_compare(data: str | Path, out: str | Path, policies: list[str], backbone
         cell_dir = out / "cells" / f"{backbone}-{policy}-seed{seed}-labels{labels_fraction:g}"
         done = cell_dir / "cell.json"
         if done.is_file():
-            rows.append(json.loads(done.read_text()))
-            say(f"[{n}/{len(cells)}] {cell_dir.name}: done earlier, kept")
+            row = json.loads(done.read_text())
+            if row.get("empty_cases") != empty or "dataset_dice" not in row:
+                row.update(_scores(evaluate(cell_dir / "finetune", data, split=split, progress=False, empty=empty)))
+                row.setdefault("selection", OLD_SELECTION)
+                write_json(done, row)
+                say(f"[{n}/{len(cells)}] {cell_dir.name}: done earlier, re-scored ({empty} empty cases)")
+            else:
+                say(f"[{n}/{len(cells)}] {cell_dir.name}: done earlier, kept")
+            rows.append(row)
             continue
         say(f"[{n}/{len(cells)}] {cell_dir.name}")
         row: dict[str, Any] = {"backbone": backbone, "policy": policy, "seed": seed, "labels_fraction": labels_fraction}
@@ -102,8 +119,8 @@ def run_compare(data: str | Path, out: str | Path, policies: list[str], backbone
         ft_summary = finetune(ft_cfg, ft_dir, resume=resume, force=not resume and ft_dir.exists(), progress=False)
         row["finetune_s"] = time.perf_counter() - t0
         row["val_dice"] = ft_summary.get("best_val_dice")
-        metrics = evaluate(ft_dir, data, split=split, progress=False)
-        row.update({"dice": metrics["dice"], "iou": metrics["iou"], "hd95": metrics["hd95"]})
+        row["selection"] = ft_summary.get("selection_metric", OLD_SELECTION)
+        row.update(_scores(evaluate(ft_dir, data, split=split, progress=False, empty=empty)))
         write_json(done, row)
         rows.append(row)
     table = aggregate(rows)
@@ -113,10 +130,16 @@ def run_compare(data: str | Path, out: str | Path, policies: list[str], backbone
 
     data_cfg = build_config(FinetuneConfig, overrides=_merge(overrides.get("finetune", {}),
                                                              {"data": {"path": str(data)}}), nulls=True).data
-    baseline = run_baseline(data, labels_fraction, seeds, first_seed, split=split, data_cfg=data_cfg)
+    baseline = run_baseline(data, labels_fraction, seeds, first_seed, split=split, data_cfg=data_cfg, empty=empty)
     write_json(out / "baseline.json", baseline)
     write_results(out, rows, table, split, baseline, paired)
     return {"rows": rows, "table": table, "baseline": baseline, "paired": paired}
+
+
+def _scores(metrics: dict[str, Any]) -> dict[str, Any]:
+    """What a cell keeps of `evaluate`'s metrics: the primary level's figures and how they were computed."""
+    return {"dice": metrics["dice"], "dataset_dice": metrics.get("dataset_dice"), "iou": metrics["iou"],
+            "hd95": metrics["hd95"], "empty_cases": metrics.get("empty_cases"), "level": metrics.get("level")}
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -148,7 +171,7 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for backbone, policy in keys:
         group = [r for r in rows if r["backbone"] == backbone and r["policy"] == policy]
         entry: dict[str, Any] = {"backbone": backbone, "policy": policy, "n": len(group)}
-        for metric in ("dice", "iou", "hd95", "val_dice"):
+        for metric in ("dice", "dataset_dice", "iou", "hd95", "val_dice"):
             entry[metric], entry[metric + "_std"] = _mean_std([r.get(metric) for r in group])
         table.append(entry)
     return table
@@ -212,6 +235,34 @@ def paired_differences(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def floors(baseline: dict[str, Any] | None) -> dict[str, dict[str, float | None]]:
+    """The floors every policy must beat, by name: mean test Dice and dataset Dice of each."""
+    if baseline is None:
+        return {}
+    out = {"intensity lookup": {k: (baseline["summary"].get(k) or {}).get("mean") for k in ("dice", "dataset_dice")}}
+    if baseline.get("empty_prediction"):
+        out["predict nothing"] = {k: baseline["empty_prediction"].get(k) for k in ("dice", "dataset_dice")}
+    return out
+
+
+def below_floors(entry: dict[str, Any], floor: dict[str, dict[str, float | None]]) -> list[str]:
+    """The floors a table entry does not beat on the mean of both Dice figures (per case and dataset-level)."""
+    failed = []
+    for name, values in floor.items():
+        for key in ("dice", "dataset_dice"):
+            mine, theirs = entry.get(key), values.get(key)
+            if theirs is None or mine is None or (isinstance(mine, float) and math.isnan(mine)):
+                continue
+            if not mine > theirs:
+                failed.append(name)
+                break
+    return failed
+
+
+def _f(value: Any, digits: int = 4, sign: str = "") -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:{sign}.{digits}f}"
+
+
 def write_results(out: Path, rows: list[dict[str, Any]], table: list[dict[str, Any]], split: str,
                   baseline: dict[str, Any] | None = None, paired: list[dict[str, Any]] | None = None) -> None:
     buf = io.StringIO()
@@ -220,18 +271,29 @@ def write_results(out: Path, rows: list[dict[str, Any]], table: list[dict[str, A
     for r in rows:
         writer.writerow({k: r.get(k, "") for k in COLUMNS})
     write_text(out / "results.csv", buf.getvalue())
+    conventions = sorted({str(r.get("empty_cases")) for r in rows})
+    old = "one" in conventions
+    floor = floors(baseline)
     lines = [
-        f"Mean +- sample std over seeds; metrics on the `{split}` split (never used for choices); val Dice is the "
-        "fine-tuning validation score used for model selection.",
+        f"Mean +- sample std over seeds; metrics on the `{split}` split (never used for choices). Dice: mean over "
+        "cases (volumes where the images are slices of volumes), "
+        + ("**OLD CONVENTION: a class absent from prediction and ground truth scores 1**" if old
+           else "cases where a class is absent from prediction and ground truth left out")
+        + "; dataset Dice: pooled over the split. val Dice is each fine-tuning run's model-selection figure "
+        f"({'; '.join(sorted({str(r.get('selection')) for r in rows}))}).",
         "",
-        f"| backbone | policy | n | Dice ({split}) | IoU ({split}) | HD95 ({split}) | val Dice |",
-        "|---|---|---|---|---|---|---|",
+        f"| backbone | policy | n | Dice ({split}) | dataset Dice ({split}) | IoU ({split}) | HD95 ({split}) | "
+        "val Dice | floors |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for e in table:
+        failed = below_floors(e, floor)
+        flag = ("**not above: " + ", ".join(failed) + "**") if failed else ("above both" if floor else "-")
         lines.append(
-            f"| {e['backbone']} | {e['policy']} | {e['n']} | {e['dice']:.4f} +- {e['dice_std']:.4f} | "
-            f"{e['iou']:.4f} +- {e['iou_std']:.4f} | {e['hd95']:.2f} +- {e['hd95_std']:.2f} | "
-            f"{e['val_dice']:.4f} +- {e['val_dice_std']:.4f} |"
+            f"| {e['backbone']} | {e['policy']} | {e['n']} | {_f(e['dice'])} +- {_f(e['dice_std'])} | "
+            f"{_f(e.get('dataset_dice'))} +- {_f(e.get('dataset_dice_std'))} | "
+            f"{_f(e['iou'])} +- {_f(e['iou_std'])} | {_f(e['hd95'], 2)} +- {_f(e['hd95_std'], 2)} | "
+            f"{_f(e['val_dice'])} +- {_f(e['val_dice_std'])} | {flag} |"
         )
     if paired:
         lines += ["", "Paired by seed (same labelled subset): difference of Dice, mean +- std over seeds, seeds "
@@ -245,15 +307,22 @@ def write_results(out: Path, rows: list[dict[str, Any]], table: list[dict[str, A
                 f"{e['val_dice']:+.4f} +- {e['val_dice_std']:.4f} | {e['val_dice_ahead']}/{e['n']} | "
                 f"{e['val_dice_p']:.3f} |"
             )
-    floor = None
+    line_floor = None
     if baseline is not None:
         b = baseline["summary"]
-        floor = b["dice"]["mean"]
-        lines += ["", f"Intensity lookup baseline (`ahm bench baseline`, same labelled subsets, "
-                      f"{len(baseline['rows'])} seed(s)): Dice ({split}) "
-                      f"{_pm(b['dice'])}, IoU {_pm(b['iou'])}, HD95 {_pm(b['hd95'], 2)}, val Dice {_pm(b['val_dice'])}."]
+        line_floor = b["dice"]["mean"]
+        lines += ["", f"Floors (same labelled subsets, same metrics; `ahm bench baseline`): intensity lookup "
+                      f"({len(baseline['rows'])} seed(s)): Dice ({split}) {_pm(b['dice'])}, dataset Dice "
+                      f"{_pm(b.get('dataset_dice') or {})}, IoU {_pm(b['iou'])}, HD95 {_pm(b['hd95'], 2)}, "
+                      f"val Dice {_pm(b['val_dice'])}."]
+        nothing = baseline.get("empty_prediction")
+        if nothing:
+            lines.append(f"Predict nothing (all background): Dice ({split}) {_f(nothing.get('dice'))}, dataset Dice "
+                         f"{_f(nothing.get('dataset_dice'))}, IoU {_f(nothing.get('iou'))}, HD95 "
+                         f"{_f(nothing.get('hd95'), 2)}, val Dice {_f(nothing.get('val_dice'))}.")
+        lines.append("A policy flagged **not above** does not beat that floor on Dice or dataset Dice.")
     write_text(out / "results.md", "\n".join(lines) + "\n")
-    _plot(out / "results.png", table, split, floor)
+    _plot(out / "results.png", table, split, line_floor)
 
 
 def _pm(m: dict[str, Any], digits: int = 4) -> str:

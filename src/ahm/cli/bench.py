@@ -65,11 +65,16 @@ def compare(
     finetune_steps: Optional[int] = typer.Option(None, "--finetune-steps", help="Budget fine-tuning in steps instead of epochs."),
     split: str = typer.Option("test", help="Split the table reports (choices are made on val, never on it)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML with `pretrain:` and `finetune:` sections."),
+    empty_cases: str = typer.Option("exclude", "--empty-cases",
+                                    help="exclude (default) or one: the old convention, a class absent from "
+                                         "prediction and truth scores 1 (named in the output)."),
 ) -> None:
     """Run the policy x backbone x seed grid; write results.csv, results.md and results.png.
 
-    results.md: mean +- std per backbone and policy; each policy minus scratch (and minus random) paired by seed,
-    with the seeds it was ahead on and an exact sign-flip p-value; the intensity-lookup floor.
+    results.md: mean +- std per backbone and policy (per-case and dataset-level Dice); each policy minus scratch
+    (and minus random) paired by seed, with the seeds it was ahead on and an exact sign-flip p-value; the two
+    floors (intensity lookup, predict nothing), and a flag on every policy that does not beat both. Finished cells
+    scored under another --empty-cases are re-scored from their checkpoints, not retrained.
     """
     from ahm.bench.compare import run_compare
     from ahm.config import read_yaml
@@ -80,7 +85,7 @@ def compare(
             data, out_dir, [p.strip() for p in policies.split(",") if p.strip()],
             [b.strip() for b in backbones.split(",") if b.strip()], seeds, labels_fraction, pretrain_steps,
             finetune_epochs, overrides=overrides, split=split, finetune_steps=finetune_steps, first_seed=first_seed,
-            log=None if is_quiet() else (lambda msg: console.print(msg, highlight=False)),
+            empty=empty_cases, log=None if is_quiet() else (lambda msg: console.print(msg, highlight=False)),
         )
 
     run_guarded(go)
@@ -161,16 +166,48 @@ def baseline(
     split: str = typer.Option("test", help="Split reported beside val."),
     image_size: int = typer.Option(128, "--image-size", help="Model grid size (as for fine-tuning)."),
     layout: str = typer.Option("auto", "--layout", help="Dataset layout (default: auto-detect)."),
+    empty_cases: str = typer.Option("exclude", "--empty-cases",
+                                    help="exclude (default) or one: the old convention, a class absent from "
+                                         "prediction and truth scores 1 (named in the output)."),
     as_json: bool = typer.Option(False, "--json", help="Print the JSON document only."),
 ) -> None:
-    """Intensity-only baseline: a lookup from intensity to class fitted on the labelled subset, scored like
-    `ahm evaluate`. A segmenter that does not beat it has learned nothing a threshold could not."""
+    """Floors: an intensity-only lookup fitted on the labelled subset, and predicting nothing, scored like
+    `ahm evaluate`. A segmenter that does not beat both has learned nothing a threshold could not."""
     from ahm.bench.baseline import format_baseline, run_baseline
 
     note = None if (is_quiet() or as_json) else (lambda msg: console.print(f"[dim]{msg}[/]"))
     doc = run_guarded(lambda: run_baseline(data, labels_fraction, seeds, first_seed=first_seed, bins=bins,
-                                           split=split, image_size=image_size, layout=layout, log=note))
+                                           split=split, image_size=image_size, layout=layout, log=note,
+                                           empty=empty_cases))
     if as_json:
         print(json.dumps(doc, indent=2))
     else:
         out.print(format_baseline(doc), highlight=False, soft_wrap=True)
+
+
+@bench_app.command("data")
+def data_bench(
+    root: Path = typer.Option(..., "--root", help="Folder for the generated corpora and runs (reused if present)."),
+    large: int = typer.Option(200, "--large", help="Volumes of the large corpus."),
+    small: int = typer.Option(20, "--small", help="Volumes of the small corpus."),
+    slices: int = typer.Option(100, "--slices", help="Slices per volume."),
+    size: int = typer.Option(128, "--size", help="Volume side in voxels (also the model grid)."),
+    steps: int = typer.Option(50, "--steps", help="Pretraining steps per run."),
+    workers: int = typer.Option(2, "--workers", help="DataLoader workers of the streamed runs."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Pretraining YAML for every run (model, batch)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the JSON document only."),
+) -> None:
+    """Streamed pretraining at scale: peak memory on a large vs a small generated NIfTI corpus (same settings),
+    time to the first step, and the streamed pace against the preloaded one."""
+    from ahm.bench.data import format_data_bench, run_data_bench
+
+    note = None if (is_quiet() or as_json) else (lambda msg: console.print(f"[dim]{msg}[/]"))
+    doc = run_guarded(lambda: run_data_bench(root, large, small, slices, size, steps, workers, config,
+                                             extra=["--image-size", str(size)], log=note))
+    if not isinstance(doc, dict):
+        return
+    (root / "bench_data.json").write_text(json.dumps(doc, indent=2) + "\n")
+    if as_json:
+        print(json.dumps(doc, indent=2))
+    else:
+        out.print(format_data_bench(doc), highlight=False, soft_wrap=True)

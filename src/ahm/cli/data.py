@@ -1,4 +1,5 @@
-"""`ahm data`: build the brain demo set or simulated brain subjects, check a dataset before training on it."""
+"""`ahm data`: build the brain demo set or simulated brain subjects, check a dataset before training on it,
+index a corpus."""
 
 from __future__ import annotations
 
@@ -64,17 +65,23 @@ def brain_demo(
         "intensity alone no longer tells grey from white matter, so a network must use context. "
         "Masks and splits are unchanged.",
     ),
+    lesions: bool = typer.Option(
+        False,
+        "--lesions",
+        help="A small-structure task instead: simulated T1-hypointense lesions (3-7 mm spheres in white matter) "
+        "in about a third of the slices; the only label is 1 = lesion. Most slices hold none.",
+    ),
 ) -> None:
     """Build a labelled brain MRI set (background / grey / white matter) from nilearn's MNI152 template.
 
     The plain set is nearly solved by intensity alone (see `ahm bench baseline`); `--shift` makes the harder
-    variant on which pretraining has room to help.
+    variant on which pretraining has room to help; `--lesions` labels simulated small lesions instead of tissue.
     """
     from ahm.data.brain_demo import prepare_brain_demo
 
     def go() -> dict:
         with _LazyBar("writing slices") as bar:
-            return prepare_brain_demo(out_dir, image_size=image_size, progress=bar, shift=shift)
+            return prepare_brain_demo(out_dir, image_size=image_size, progress=bar, shift=shift, lesions=lesions)
 
     summary = run_guarded(go)
     assert isinstance(summary, dict)
@@ -86,7 +93,8 @@ def brain_demo(
         soft_wrap=True,
     )
     out.print(
-        f"  images/ and masks/ (0 background, 1 grey matter, 2 white matter); splits.json: {splits}",
+        f"  images/ and masks/ ({', '.join(f'{k} {v}' for k, v in summary['labels'].items())}); "
+        f"labels.json; splits.json: {splits}",
         highlight=False,
         soft_wrap=True,
     )
@@ -191,4 +199,41 @@ def check(
                 soft_wrap=True,
             )
             return
+        raise typer.Exit(1)
+
+
+@data_app.command("index", no_args_is_help=True)
+def index(
+    sources: list[Path] = typer.Argument(..., help="Dataset folders (any supported layout, labelled or not)."),
+    out_file: Path = typer.Option(..., "--out", help="Manifest to write, e.g. corpus.json."),
+    layout: str = typer.Option("auto", "--layout", help="auto, folder, msd, lgg, busi, isic or kvasir (all sources)."),
+    slice_axis: int = typer.Option(2, "--slice-axis", help="Axis along which volumes are sliced (0, 1 or 2)."),
+    skip_bad: bool = typer.Option(
+        False, "--skip-bad", help="Exit 0 when some files are bad (they are listed in the manifest and skipped)."
+    ),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out file."),
+) -> None:
+    """Index a corpus from file headers only: files, volumes, slices, modalities and problems of each source,
+    written as a manifest listing the sources (paths relative to the manifest's folder when inside it).
+
+    Exits 1 when a file is bad (0 with --skip-bad); the manifest is written either way.
+    """
+    from ahm.config import DataConfig, build_config
+    from ahm.data.corpus_index import format_corpus, index_corpus
+    from ahm.errors import AhmError
+    from ahm.io import write_json
+
+    def go():
+        if out_file.exists() and not force:
+            raise AhmError(f"--out {out_file}: already exists; use --force to replace it")
+        cfg = build_config(DataConfig, overrides={"layout": layout, "slice_axis": slice_axis}, source="options")
+        with _LazyBar("indexing sources") as bar:
+            manifest = index_corpus(list(sources), cfg, out_file, progress=bar)
+        write_json(out_file, manifest)
+        return manifest
+
+    manifest = run_guarded(go)
+    assert isinstance(manifest, dict)
+    out.print(format_corpus(manifest, out_file), highlight=False, markup=False, soft_wrap=True)
+    if manifest["totals"]["problems"] and not skip_bad:
         raise typer.Exit(1)

@@ -25,7 +25,8 @@ def _pretrain_image_size(init: str) -> int | None:
 @app.command(no_args_is_help=True)
 def finetune(
     data: Path = typer.Argument(..., help="Labelled dataset folder (any supported layout, with masks)."),
-    init: str | None = typer.Option(None, "--init", help="Pretraining run directory, or 'none' to train from scratch."),
+    init: str | None = typer.Option(None, "--init", help="Pretraining run directory, or 'none' to train from scratch; "
+                                    "its channels, image size, patch grid and normalisation must match DATA."),
     out_dir: Path = typer.Option(..., "--out", help="Run directory to create (or to continue with --resume)."),
     model: str | None = typer.Option(None, "--model", help="Segmenter with --init none: unetr or unet "
                                         "(with a pretraining run, its backbone decides)."),
@@ -48,6 +49,10 @@ def finetune(
     head_warmup_steps: int | None = typer.Option(
         None, "--head-warmup-steps",
         help="First steps in which only the new layers train, pretrained weights at lr 0 (LP-FT; default 0)."),
+    select_by: str | None = typer.Option(
+        None, "--select-by",
+        help="Validation figure that keeps the best checkpoint: dataset_dice (default; pooled over the split) or "
+             "case_dice (per-case mean, empty-in-both cases left out). Neither can be won by predicting nothing."),
     image_size: int | None = typer.Option(None, "--image-size",
                                              help="Model grid size (default: the pretraining run's, else 128)."),
     layout: str | None = typer.Option(None, help="Dataset layout (default: auto-detect)."),
@@ -59,7 +64,8 @@ def finetune(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
     force: bool = typer.Option(False, "--force", help="Replace an existing run directory in --out."),
 ) -> None:
-    """Fine-tune a segmenter on a fraction of the labels; keeps the best checkpoint by validation Dice."""
+    """Fine-tune a segmenter on a fraction of the labels; keeps the best checkpoint by validation Dice
+    (dataset-level by default, see --select-by)."""
     from ahm.config import FinetuneConfig, build_config
     from ahm.errors import AhmError
     from ahm.train.finetune import SEGMENTER_OF_BACKBONE
@@ -100,7 +106,7 @@ def finetune(
             "init": chosen_init, "segmenter": model, "labels_fraction": labels_fraction,
             "labels_subjects": labels_subjects,
             "layer_decay": layer_decay, "encoder_lr_scale": encoder_lr_scale, "val_every": val_every,
-            "head_warmup_steps": head_warmup_steps,
+            "head_warmup_steps": head_warmup_steps, "select_by": select_by,
             "train": {"epochs": epochs, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "devices": devices,
                       "accelerator": accelerator, "precision": precision},
         }
@@ -119,7 +125,8 @@ def finetune(
         out.print(
             f"fine-tuned [bold]{summary['segmenter']}[/] ({'from ' + str(summary['init']) if summary['init'] != 'none' else 'from scratch'}) "
             f"for {summary['epochs']} epochs on {summary['labelled_images']} labelled images "
-            f"({summary['labelled_subjects']} subjects): best validation Dice {summary['best_val_dice']:.4f} "
+            f"({summary['labelled_subjects']} subjects): best validation {summary.get('selection_metric', 'Dice').split(' (')[0]} "
+            f"{summary['best_val_dice']:.4f} "
             f"(epoch {summary['best_epoch']})"
             + (f"; IoU {val['iou']:.4f}" if isinstance(val.get("iou"), float) else "")
             + f"\nrun directory: {out_dir}\nreport: {out_dir / 'report.html'}", highlight=False)
@@ -131,12 +138,19 @@ def evaluate(
     data: Path | None = typer.Option(None, "--data", help="Labelled dataset (default: the one trained on)."),
     split: str = typer.Option("test", "--split", help="train, val, test or all."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per inference batch."),
+    empty_cases: str = typer.Option(
+        "exclude", "--empty-cases",
+        help="Cases where a class is absent from both prediction and ground truth: 'exclude' (undefined, left out "
+             "of per-case means, as nnU-Net) or 'one' (scored 1, the old convention of some papers; it rewards "
+             "predicting nothing where a structure is rare)."),
     as_json: bool = typer.Option(False, "--json", help="Print metrics.json only."),
 ) -> None:
-    """Dice, IoU and HD95 per class and mean on a split; writes eval/<split>/ and refreshes report.html."""
+    """Dice (per case and dataset-level), IoU, HD95 and detection counts per class on a split; writes eval/<split>/
+    and refreshes report.html. Slices of volumes are also re-stacked and scored per volume (the primary level)."""
     from ahm.eval.evaluate import evaluate as run_evaluate
 
-    metrics = run_guarded(lambda: run_evaluate(run_dir, data, split=split, batch_size=batch_size))
+    metrics = run_guarded(lambda: run_evaluate(run_dir, data, split=split, batch_size=batch_size,
+                                               empty=empty_cases))
     if not isinstance(metrics, dict):
         return
     if as_json:
@@ -147,18 +161,23 @@ def evaluate(
     def f(v, d=4):
         return "-" if v is None else f"{v:.{d}f}"
 
-    table = Table(title=f"{split} split: {metrics['n_images']} images")
-    for col in ("class", "Dice", "IoU", "HD95"):
-        table.add_column(col, justify="right" if col != "class" else "left")
-    for name, vals in metrics["per_class"].items():
-        table.add_row(name, f(vals["dice"]), f(vals["iou"]), f(vals["hd95"], 2))
-    table.add_row("[bold]mean", f"[bold]{f(metrics['dice'])}", f"[bold]{f(metrics['iou'])}",
-                  f"[bold]{f(metrics['hd95'], 2)}")
-    out.print(table)
-    vol = metrics.get("volume_3d")
-    if vol:
-        out.print(f"3D over {vol['n_volumes']} re-stacked volumes: Dice {f(vol['dice'])}, IoU {f(vol['iou'])}, "
-                  f"HD95 {f(vol['hd95'], 2)}", highlight=False)
+    levels = [metrics.get("volume_level"), metrics.get("slice_level")]
+    if metrics.get("level") != "volume":
+        levels.reverse()
+    for n, level in enumerate(x for x in levels if x):
+        table = Table(title=f"{split} split, {'primary: ' if n == 0 else ''}each case one {level['case']} "
+                            f"({level['n_cases']} cases)")
+        for col in ("class", "Dice", "dataset Dice", "IoU", "HD95", "missed", "false det.", "excluded"):
+            table.add_column(col, justify="right" if col != "class" else "left")
+        for name, vals in level["per_class"].items():
+            table.add_row(name, f(vals["dice"]), f(vals.get("dataset_dice")), f(vals["iou"]), f(vals["hd95"], 2),
+                          f"{vals.get('missed', '-')}/{vals.get('present', '-')}",
+                          f"{vals.get('false_detections', '-')}/{vals.get('absent', '-')}",
+                          str(vals.get("excluded_empty", "-")))
+        table.add_row("[bold]mean", f"[bold]{f(level['dice'])}", f"[bold]{f(level.get('dataset_dice'))}",
+                      f"[bold]{f(level['iou'])}", f"[bold]{f(level['hd95'], 2)}", "", "", "")
+        out.print(table)
+    out.print(f"empty cases: {metrics['empty_masks']}; HD95 in {metrics['hd95_unit']}", highlight=False)
     out.print(f"written to {run_dir / 'eval' / split} (metrics.json, per_image.csv); report: {run_dir / 'report.html'}",
               highlight=False)
 
@@ -166,7 +185,8 @@ def evaluate(
 @app.command(no_args_is_help=True)
 def predict(
     run_dir: Path = typer.Argument(..., help="Fine-tuning run directory."),
-    inputs: list[Path] = typer.Argument(..., help="Images (PNG/JPEG/TIFF), NIfTI volumes, DICOM folders, or folders of them."),
+    inputs: list[Path] = typer.Argument(..., help="Images (PNG/JPEG/TIFF, DICOM files), volumes (NIfTI, NRRD/MetaImage, multi-frame "
+                                "DICOM, DICOM series folders), or folders of them."),
     out_dir: Path = typer.Option(..., "--out", help="Folder for the masks (<name>_mask.png / <name>_mask.nii.gz)."),
     overlay: bool = typer.Option(False, "--overlay", help="Also write <name>_overlay.png."),
     batch_size: int = typer.Option(32, "--batch-size", help="Slices per inference batch."),

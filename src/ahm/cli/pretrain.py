@@ -13,7 +13,10 @@ from ahm.masking.base import policy_names
 
 @app.command(no_args_is_help=True)
 def pretrain(
-    data: Path = typer.Argument(..., help="Dataset folder (any supported layout; labels not needed)."),
+    data: list[Path] = typer.Argument(
+        ..., help="Dataset folders (any supported layout; labels not needed) or corpus.json manifests: the corpus. "
+                  "Of a labelled source its training split is used (all of it with --all-splits), of an "
+                  "unlabelled one every image."),
     out_dir: Path = typer.Option(..., "--out", help="Run directory to create (or to continue with --resume)."),
     policy: Optional[str] = typer.Option(None, help=f"Masking policy: {', '.join(policy_names())} (default random)."),
     backbone: Optional[str] = typer.Option(None, help="vit (MAE, loads into UNETR) or unet (masked-input MONAI UNet)."),
@@ -29,6 +32,10 @@ def pretrain(
     norm_pix: Optional[bool] = typer.Option(None, "--norm-pix/--no-norm-pix", help="Per-patch normalised targets."),
     agent_workers: Optional[int] = typer.Option(None, "--agent-workers", help="AHM: A3C worker processes (0: synchronous A2C)."),
     hard_fraction: Optional[float] = typer.Option(None, "--hard-fraction", help="HPM/AHM: final share of masked patches chosen as hard (default 0.5)."),
+    agent: Optional[str] = typer.Option(None, "--agent", help="AHM agent: transformer (ours) or conv (the authors'; ahm-official always uses it)."),
+    reward_scope: Optional[str] = typer.Option(None, "--reward-scope", help="ahm-official: image (default) or batch (the published code's shared batch reward)."),
+    reward_window: Optional[int] = typer.Option(None, "--reward-window", help="ahm-official: reward window in px (default: the patch; 20 restores the published misaligned one)."),
+    loss_patches: Optional[str] = typer.Option(None, "--loss-patches", help="ahm-official: masked (default) or all (the published loss over visible patches too)."),
     seed: Optional[int] = typer.Option(None, help="Seed for data order, masks, initialisation and the agent."),
     devices: Optional[int] = typer.Option(None, help="Number of devices (DDP when > 1; CPU uses gloo)."),
     accelerator: Optional[str] = typer.Option(None, help="auto, cpu or cuda."),
@@ -36,24 +43,42 @@ def pretrain(
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
     layout: Optional[str] = typer.Option(None, help="Dataset layout (default: auto-detect)."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable files (counted) instead of stopping."),
+    all_splits: bool = typer.Option(False, "--all-splits",
+                                    help="Pretrain on every image of labelled sources, their val/test splits too."),
+    preload: Optional[str] = typer.Option(None, "--preload",
+                                          help="auto (default: read the corpus into memory when it takes at most "
+                                               "1 GiB preprocessed), yes, or no (stream it from disk)."),
+    workers: Optional[int] = typer.Option(None, "--workers",
+                                          help="DataLoader processes reading samples ahead (default: half the "
+                                               "CPU cores, at most 4; 0: in the training process)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config; command-line options override it."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
     force: bool = typer.Option(False, "--force", help="Replace an existing run directory in --out."),
 ) -> None:
-    """Pretrain a backbone by masked image modeling; writes encoder.safetensors for `ahm finetune --init`."""
+    """Pretrain a backbone by masked image modeling on a corpus of one or more sources, streamed from disk;
+    writes encoder.safetensors for `ahm finetune --init`."""
     from ahm.config import PretrainConfig, build_config
     from ahm.train.pretrain import pretrain as run_pretrain
 
     overrides = {
-        "data": {"path": str(data), "image_size": image_size, "layout": layout, "skip_bad": skip_bad or None},
+        "data": {"path": str(data[0]), "image_size": image_size, "layout": layout, "skip_bad": skip_bad or None},
+        "all_splits": all_splits or None, "preload": preload,
         "model": {"backbone": backbone, "patch_size": patch_size, "preset": model, "norm_pix": norm_pix},
         "masking": {"policy": policy, "mask_ratio": mask_ratio, "mask_ratio_end": mask_ratio_end,
-                    "agent_workers": agent_workers, "hard_fraction_max": hard_fraction},
+                    "agent_workers": agent_workers, "hard_fraction_max": hard_fraction, "agent": agent,
+                    "reward_scope": reward_scope, "reward_window": reward_window, "loss_patches": loss_patches},
         "train": {"steps": steps, "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
-                  "devices": devices, "accelerator": accelerator, "precision": precision, "compile": compile},
+                  "devices": devices, "accelerator": accelerator, "precision": precision, "compile": compile,
+                  "workers": workers},
     }
 
     def go():
+        from ahm.data.corpus import resolve_sources
+
+        if len(data) > 1 or data[0].is_file():
+            sources = resolve_sources(data)
+            overrides["sources"] = [s.model_dump() for s in sources]
+            overrides["data"]["path"] = sources[0].path
         cfg = build_config(PretrainConfig, file=config, overrides=overrides)
         if epochs is not None and steps is None:
             cfg.train.steps = None
@@ -68,3 +93,12 @@ def pretrain(
         out.print(f"pretrained [bold]{summary['policy']}[/]/{summary['backbone']} for {summary['steps']} steps: "
                   f"final loss {summary['final_loss']:.4f}, {summary['images_per_s']:.0f} images/s"
                   + (f"; {diag}" if diag else "") + f"\nrun directory: {out_dir}")
+        skipped = summary.get("skipped_files")
+        if skipped:
+            out.print(f"skipped {skipped['count']} unreadable file(s) (--skip-bad), first: "
+                      + "; ".join(skipped["first"][:3]), highlight=False, soft_wrap=True)
+        for stage in summary.get("stages", []):
+            diag = ", ".join(f"{k} {stage[k]:.3g}" for k in ("hardness_ratio", "critic_spearman", "background_share")
+                             if k in stage)
+            out.print(f"  stage {stage['name']}: steps {stage['start']}-{stage['end']}"
+                      + ("" if stage["trains_model"] else " (model frozen)") + (f"; {diag}" if diag else ""))

@@ -13,6 +13,11 @@ With `shift=True` every slice also gets its own simulated acquisition (`acquisit
 a smooth multiplicative bias field, a global gain and noise, as if each slice came from a different scanner
 and session. The labels do not change. On the plain set a lookup table from intensity to tissue nearly
 solves the task (`ahm bench baseline`); on the shifted set it does not, so a network has to use context.
+
+With `lesions=True` the task is a small structure instead: simulated lesions (small spheres of 3-7 mm radius,
+T1-hypointense, at random white-matter positions drawn from the seed) are planted in the template until about a
+third of the kept slices of each axis cut one, and the only label is 1 = lesion. Most slices hold no lesion: the
+set on which a metric that scores "absent from both" as a success rewards predicting nothing.
 """
 
 from __future__ import annotations
@@ -41,6 +46,10 @@ FRACTIONS = {"val": 0.15, "test": 0.15}
 # exp(c . [x, y, xy, x^2, y^2]) with c ~ N(0, "bias_sd") on a [-1, 1] grid, gain uniform in "gain", Gaussian
 # noise of "noise_sd" (of full scale) inside non-zero pixels; then rescaled so the brightest pixel is 255.
 SHIFT = {"gamma": (0.6, 1.6), "bias_sd": 0.15, "gain": (0.7, 1.3), "noise_sd": 0.02}
+LESION_LABELS = {"0": "background", "1": "lesion"}
+# The simulated lesions of `lesions=True`: radius (mm, uniform), T1 contrast (intensity x (1 - contrast) at the
+# centre, a 1 mm linear edge), the share of kept slices per axis they should cut, and where they may sit.
+LESIONS = {"radius_mm": (3.0, 7.0), "contrast": 0.45, "slice_share": 1 / 3, "min_wm": 0.9, "max_lesions": 40}
 
 
 _FILES = {name: f"mni_icbm152_{name}_tal_nlin_sym_09a_converted.nii.gz" for name in ("t1", "gm", "wm")}
@@ -155,6 +164,31 @@ def acquisition_shift(image: np.ndarray, name: str) -> np.ndarray:
     return (shifted * 255.0).round().astype(np.uint8)
 
 
+def plant_lesions(t1: np.ndarray, wm: np.ndarray, kept: list[list[int]], rng: np.random.Generator,
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """T1 with lesions planted and the lesion probability volume (0..1), 1 mm grid.
+
+    Spheres are added at random white-matter voxels until, on average over the three axes, `LESIONS["slice_share"]`
+    of the kept slices (`kept[axis]`) cut at least one lesion."""
+    centres = np.argwhere(wm >= LESIONS["min_wm"])
+    if not len(centres):
+        raise AhmError("brain demo: no white matter found in the template to plant lesions in")
+    grid = np.ogrid[tuple(slice(0, n) for n in t1.shape)]
+    lesion = np.zeros(t1.shape, dtype=np.float32)
+    covered = [set() for _ in range(3)]
+    for _ in range(LESIONS["max_lesions"]):
+        share = np.mean([len(covered[a] & set(kept[a])) / max(len(kept[a]), 1) for a in range(3)])
+        if share >= LESIONS["slice_share"]:
+            break
+        centre = centres[rng.integers(len(centres))]
+        radius = rng.uniform(*LESIONS["radius_mm"])
+        dist = np.sqrt(sum((g - c) ** 2 for g, c in zip(grid, centre)))
+        lesion = np.maximum(lesion, np.clip(radius + 0.5 - dist, 0.0, 1.0).astype(np.float32))
+        for a in range(3):
+            covered[a].update(range(int(np.floor(centre[a] - radius)), int(np.ceil(centre[a] + radius)) + 1))
+    return t1 * (1.0 - LESIONS["contrast"] * lesion), lesion
+
+
 def _assign(n_slabs: int, rng: np.random.Generator) -> list[str]:
     sides = ["train"] * n_slabs
     order = rng.permutation(n_slabs)
@@ -186,10 +220,12 @@ def prepare_brain_demo(
     progress: Callable[[int, int], None] | None = None,
     seed: int = 0,
     shift: bool = False,
+    lesions: bool = False,
 ) -> dict:
-    """Write the brain demo set to `out` (folder layout + splits.json) and return a summary.
+    """Write the brain demo set to `out` (folder layout + splits.json + labels.json) and return a summary.
 
     `shift`: give every slice its own simulated acquisition (`acquisition_shift`); masks and splits are the same.
+    `lesions`: plant simulated lesions (`plant_lesions`) and label only them (the small-structure variant).
 
     Refuses a non-empty `out` unless it is a previous brain demo (then replaced). The set is written to a
     temporary folder beside `out` and renamed into place, so `out` is never left half written.
@@ -211,19 +247,20 @@ def prepare_brain_demo(
 
     t1, probs, labels = _load_template()
     scale = float(np.percentile(t1[labels > 0], 99.5)) or 1.0
-    t1_8bit = np.clip(np.round(t1 / scale * 255.0), 0, 255).astype(np.uint8)
     rng = np.random.default_rng(seed)
+    kept_by_axis = [[k for k in range(labels.shape[axis])
+                     if (np.take(labels, k, axis=axis) > 0).mean() >= MIN_BRAIN_FRACTION] for axis in range(3)]
+    if lesions:
+        t1, lesion = plant_lesions(t1, probs[1], kept_by_axis, np.random.default_rng([seed, 1]))
+        probs = lesion[None]
+    t1_8bit = np.clip(np.round(t1 / scale * 255.0), 0, 255).astype(np.uint8)
+    names = LESION_LABELS if lesions else LABELS
 
     work: list[tuple[str, str, int, int]] = []  # (stem, side, axis, index)
     splits: dict[str, list[str]] = {"train": [], "val": [], "test": []}
     slab_counts = {"train": 0, "val": 0, "test": 0}
     for axis in range(3):
-        kept = [
-            k
-            for k in range(labels.shape[axis])
-            if (np.take(labels, k, axis=axis) > 0).mean() >= MIN_BRAIN_FRACTION
-        ]
-        slabs = plan_slabs(kept)
+        slabs = plan_slabs(kept_by_axis[axis])
         for slab_no, (slab, side) in enumerate(zip(slabs, _assign(len(slabs), rng))):
             slab_counts[side] += 1
             for k in slab:
@@ -242,7 +279,8 @@ def prepare_brain_demo(
             # Labels from probabilities resized like the image (area-averaged), not nearest-sampled 1 mm labels:
             # on a grid ~1.7x coarser, nearest sampling keeps one voxel in three and frays the thin grey ribbon.
             tissue = np.rot90(np.take(probs, k, axis=axis + 1), axes=(1, 2)).astype(np.float32)
-            label = tissue_labels(resize_image(tissue, image_size))
+            resized = resize_image(tissue, image_size)
+            label = (resized[0] >= 0.5).astype(np.uint8) if lesions else tissue_labels(resized)
             pixels = np.clip(np.round(image), 0, 255).astype(np.uint8)
             if shift:
                 pixels = acquisition_shift(pixels, stem)
@@ -255,7 +293,8 @@ def prepare_brain_demo(
             "kind": KIND,
             "format": 2,  # 2: labels decided on the model grid from area-averaged probabilities
             "source": "nilearn MNI152 2009 template, 1 mm (T1 image, grey/white matter probability maps)",
-            "labels": LABELS,
+            "labels": names,
+            "lesions": LESIONS if lesions else None,
             "image_size": image_size,
             "slab_size": SLAB_SIZE,
             "gap": GAP,
@@ -267,6 +306,7 @@ def prepare_brain_demo(
             "slabs": slab_counts,
         }
         (tmp / "splits.json").write_text(json.dumps(splits, indent=1) + "\n")
+        (tmp / "labels.json").write_text(json.dumps(names, indent=1) + "\n")
         (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")
         _swap_into_place(tmp, out)
     except BaseException:
@@ -279,7 +319,8 @@ def prepare_brain_demo(
         "slabs": slab_counts,
         "image_size": image_size,
         "shift": shift,
-        "labels": LABELS,
+        "lesions": lesions,
+        "labels": names,
         "paths": {name: str(out / name) for name in ("images", "masks", "splits.json", MARKER)},
     }
 

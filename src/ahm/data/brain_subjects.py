@@ -13,7 +13,7 @@ No real multi-subject labelled brain set can be installed offline, so this is th
 
 Labels: 0 background, 1 grey matter, 2 white matter (the larger warped probability, when >= 0.5), decided on
 the written pixel grid. Each subject contributes `slices_per_axis` slices along each of the three axes, written
-in the `folder` layout (`images/`, `masks/`, `splits.json`); the stem `subNNNNN__<axis><j>` makes the subject
+in the `folder` layout (`images/`, `masks/`, `splits.json`, `labels.json`); the stem `subNNNNN__<axis><j>` makes the subject
 the split unit: the first test subjects go to test, the next val ones to val, the rest to train. Subjects are
 independent draws, so taking them in order is a random split, and a larger set keeps the same val, test and
 first training subjects (the corpus-size axis of `ahm bench curve` depends on that).
@@ -385,6 +385,7 @@ def prepare_brain_subjects(out: Path, subjects: int = 60, seed: int = 0, image_s
             "settings": sim.settings.to_dict(),
         }
         (tmp / "splits.json").write_text(json.dumps(splits, indent=1) + "\n")
+        (tmp / "labels.json").write_text(json.dumps(LABELS, indent=1) + "\n")  # class names, read by the layout
         (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")
         _swap_into_place(tmp, out)
     except BaseException:

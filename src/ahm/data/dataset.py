@@ -31,6 +31,7 @@ class Arrays:
     original_hw: list[tuple[int, int]]
     items: list[Item]
     problems: list[str] = field(default_factory=list)  # files skipped with cfg.skip_bad
+    normalization: str = "auto"  # the intensity rule applied (`normalization_rule`), kept with pretrained weights
 
 
 class _VolumeCache:
@@ -142,6 +143,19 @@ def _modality(item: Item, index: DatasetIndex, cfg: DataConfig) -> tuple[Modalit
     return "auto", _source_dtype(item.image)
 
 
+def normalization_rule(cfg: DataConfig, index: DatasetIndex) -> str:
+    """The intensity normalisation `load_arrays` applies to this dataset, as one comparable string.
+
+    A pretrained encoder has learned intensities mapped by this rule; fine-tuning elsewhere should map its own
+    the same way ("ct -1000..1000", "mri", "photo", or "auto" when it is decided file by file).
+    """
+    modality = cfg.modality if cfg.modality != "auto" else (index.modality or "auto")
+    if modality == "ct":
+        lo, hi = (float(v) for v in cfg.ct_window)
+        return f"ct {lo:g}..{hi:g}"
+    return modality
+
+
 def _unify_channels(image: np.ndarray, channels: int, path: Path) -> np.ndarray:
     have = image.shape[0]
     if have == channels:
@@ -156,6 +170,31 @@ def _unify_channels(image: np.ndarray, channels: int, path: Path) -> np.ndarray:
     )
 
 
+def prepare_item(item: Item, index: DatasetIndex, cfg: DataConfig, labels: bool, channels: int | None,
+                 cache: _VolumeCache | None = None) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int]]:
+    """One item as a network sees it: image [C, S, S] float32 (channels unified to `channels` when given,
+    normalised for its modality, resized to the model grid), mask [S, S] int64 or None, and the stored (H, W).
+
+    The one reading and preprocessing path: `load_arrays` (in memory) and the streamed corpus both call it.
+    """
+    from ahm.data.readers import normalize, resize_image, resize_mask
+
+    image, mask = read_item(item, index, cfg, labels, cache)
+    if labels and mask is None:
+        raise AhmError(f"{item.image}: no mask for this image")
+    if channels is not None:
+        image = _unify_channels(image, channels, item.image)
+    modality, source_dtype = _modality(item, index, cfg)
+    image = normalize(image.astype(np.float32, copy=False), modality, ct_window=cfg.ct_window,
+                      source_dtype=source_dtype)
+    hw = (int(image.shape[1]), int(image.shape[2]))
+    resized = resize_image(image, cfg.image_size)
+    if not np.isfinite(resized).all():
+        raise AhmError(f"{item.image}: normalisation produced NaN or infinite values")
+    return (resized.astype(np.float32, copy=False),
+            None if mask is None else resize_mask(mask, cfg.image_size).astype(np.int64, copy=False), hw)
+
+
 def load_arrays(
     index: DatasetIndex,
     ids: list[str],
@@ -168,8 +207,6 @@ def load_arrays(
     Channels follow `cfg.channels` or the first image. With `cfg.skip_bad` unreadable or inconsistent files
     are left out and listed in `Arrays.problems` (and `index.problems`); otherwise the first one raises.
     """
-    from ahm.data.readers import normalize, resize_image, resize_mask
-
     by_id = index.by_id()
     missing = [i for i in ids if i not in by_id]
     if missing:
@@ -186,28 +223,10 @@ def load_arrays(
     for done, k in enumerate(order, start=1):
         item = by_id[ids[k]]
         try:
-            image, mask = read_item(item, index, cfg, labels, cache)
-            if labels and mask is None:
-                raise AhmError(f"{item.image}: no mask for this image")
+            image, mask, hw = prepare_item(item, index, cfg, labels, channels, cache)
             if channels is None:
                 channels = image.shape[0]
-            image = _unify_channels(image, channels, item.image)
-            modality, source_dtype = _modality(item, index, cfg)
-            image = normalize(
-                image.astype(np.float32, copy=False),
-                modality,
-                ct_window=cfg.ct_window,
-                source_dtype=source_dtype,
-            )
-            hw = (int(image.shape[1]), int(image.shape[2]))
-            resized = resize_image(image, size)
-            if not np.isfinite(resized).all():
-                raise AhmError(f"{item.image}: normalisation produced NaN or infinite values")
-            results[k] = (
-                resized.astype(np.float32, copy=False),
-                None if mask is None else resize_mask(mask, size).astype(np.int64, copy=False),
-                hw,
-            )
+            results[k] = (image, mask, hw)
         except AhmError as exc:
             if not cfg.skip_bad:
                 raise
@@ -236,12 +255,25 @@ def load_arrays(
         original_hw=[results[k][2] for k in kept],
         items=[by_id[ids[k]] for k in kept],
         problems=problems,
+        normalization=normalization_rule(cfg, index),
     )
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """A 32-bit seed that depends on (seed, epoch, index) only, never on worker or call order."""
     return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch), int(index)]).generate_state(1)[0])
+
+
+def apply_seeded(transform: Callable[[dict], dict], sample: dict[str, Any], seed: int) -> dict[str, Any]:
+    """`transform(sample)` with its randomness fixed by `seed` alone (a MONAI transform is re-seeded; a plain
+    callable runs on a forked torch generator), so a sample is the same in any worker, in any order."""
+    if hasattr(transform, "set_random_state"):
+        transform.set_random_state(seed=seed)
+        return transform(sample)
+    # A plain callable may draw from torch's global generator; fork it so the caller's stream is untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return transform(sample)
 
 
 class ArrayDataset(torch.utils.data.Dataset):
@@ -277,16 +309,7 @@ class ArrayDataset(torch.utils.data.Dataset):
         if self.labels is not None:
             sample["label"] = self.labels[i].unsqueeze(0).clone()
         if self.transform is not None:
-            seed = sample_seed(self.seed, self.epoch, i)
-            if hasattr(self.transform, "set_random_state"):
-                self.transform.set_random_state(seed=seed)
-                sample = self.transform(sample)
-            else:
-                # A plain callable may draw from torch's global generator; fork it so the caller's stream is
-                # untouched and the draw depends on the sample only.
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(seed)
-                    sample = self.transform(sample)
+            sample = apply_seeded(self.transform, sample, sample_seed(self.seed, self.epoch, i))
         out: dict[str, Any] = {"image": _plain(sample["image"]).float().contiguous(), "index": i}
         if self.labels is not None:
             label = _plain(sample["label"])

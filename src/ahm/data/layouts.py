@@ -15,12 +15,15 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ahm.config import DataConfig
+from ahm.data.readers import HEADER_KIND_SUFFIXES
 from ahm.errors import AhmError
 
-LAYOUTS = ("folder", "msd", "lgg", "busi", "isic", "kvasir")
+LAYOUTS = ("folder", "msd", "lgg", "busi", "isic", "kvasir", "img-anno")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 VOLUME_SUFFIXES = (".nii.gz", ".nii")
+# DICOM files and NRRD/MetaImage: a 2D image or a volume, as their header says (frames, slices).
+_SUPPORTED = ", ".join(IMAGE_SUFFIXES + VOLUME_SUFFIXES + HEADER_KIND_SUFFIXES)
 # Files users keep beside their images; listing them as problems would only be noise.
 _IGNORED_SUFFIXES = (".txt", ".md", ".csv", ".json", ".xlsx", ".xls", ".pdf", ".yaml", ".yml")
 _AXIS_LETTER = "xyz"
@@ -44,6 +47,8 @@ class Item:
     volume: str | None = None
     # BUSI stores some lesions as extra masks (`_mask_1.png`, ...); they are merged with `mask` by union.
     extra_masks: tuple[Path, ...] = ()
+    # A split the layout itself fixes ("test" for img-anno's Test/ folder); None: drawn by subject
+    split: str | None = None
 
 
 @dataclass
@@ -58,6 +63,7 @@ class DatasetIndex:
     splits_file: dict | None = None
     problems: list[str] = field(default_factory=list)
     modality: str | None = None  # from dataset.json (msd) or implied by the layout; None = unknown
+    class_names: dict[int, str] | None = None  # foreground class -> name (dataset.json, labels.json, the layout)
 
     def by_id(self) -> dict[str, Item]:
         return {item.id: item for item in self.items}
@@ -94,7 +100,7 @@ def _children(folder: Path) -> list[Path]:
 def stem_of(path: Path) -> str:
     """File name without its image/volume suffix (`a.nii.gz` -> `a`)."""
     name = path.name
-    for suffix in VOLUME_SUFFIXES + IMAGE_SUFFIXES + (".dcm",):
+    for suffix in VOLUME_SUFFIXES + IMAGE_SUFFIXES + HEADER_KIND_SUFFIXES:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return path.stem if path.is_file() else name
@@ -112,12 +118,39 @@ def subject_of_stem(stem: str) -> str:
     return head or stem
 
 
-def _is_volume_file(path: Path) -> bool:
-    return path.is_file() and path.name.lower().endswith(VOLUME_SUFFIXES)
-
-
 def _is_image_file(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def _file_kind(path: Path) -> str | None:
+    """Whether `path` is read as a "volume" or an "image", or None when it is no file we read.
+
+    DICOM and NRRD/MetaImage files are asked their header, so an unreadable one raises AhmError naming it.
+    """
+    from ahm.data.readers import is_volume_file
+
+    if not path.is_file():
+        return None
+    name = path.name.lower()
+    if name.endswith(VOLUME_SUFFIXES):
+        return "volume"
+    if name.endswith(HEADER_KIND_SUFFIXES):
+        return "volume" if is_volume_file(path) else "image"
+    return "image" if path.suffix.lower() in IMAGE_SUFFIXES else None
+
+
+def _detached_data(entries: list[Path]) -> set[Path]:
+    """Data files of `.nhdr`/`.mhd` headers among `entries`: part of their header's image, not items."""
+    from ahm.data.itk_files import detached_data_files
+
+    found: set[Path] = set()
+    for entry in entries:
+        if entry.is_file() and entry.suffix.lower() in (".nhdr", ".mhd"):
+            try:
+                found.update(detached_data_files(entry))
+            except AhmError:
+                continue  # reported when the header itself is listed
+    return found
 
 
 def _is_dicom_dir(path: Path) -> bool:
@@ -241,8 +274,27 @@ def _looks_kvasir(root: Path) -> bool:
     return bool(mask_files) and all(p.suffix.lower() in (".jpg", ".jpeg") for p in mask_files)
 
 
+def _split_dirs(root: Path) -> dict[str, Path]:
+    """img-anno: {"Train": path, "Test": path} of the split folders that hold an img/ folder (any letter case)."""
+    found = {}
+    for sub in _children(root):
+        name = sub.name.lower()
+        if sub.is_dir() and name in ("train", "test") and _child_dir(sub, "img") is not None:
+            found[name.title()] = sub
+    return found
+
+
+def _child_dir(folder: Path, name: str) -> Path | None:
+    for sub in _children(folder):
+        if sub.is_dir() and sub.name.lower() == name:
+            return sub
+    return None
+
+
 def detect_layout(root: Path) -> str:
     """Name of the layout of `root`, or AhmError saying what was expected."""
+    if "Train" in _split_dirs(root):
+        return "img-anno"
     if (root / "dataset.json").is_file():
         return "msd"
     if (root / "images").is_dir():
@@ -257,7 +309,7 @@ def detect_layout(root: Path) -> str:
         f"{root}: no known dataset layout found. Expected one of: images/ (+ optional masks/) [folder]; "
         "dataset.json with imagesTr/ labelsTr/ [msd]; patient folders with *_mask.tif [lgg]; "
         "benign/ malignant/ normal/ [busi]; ISIC_*.jpg + ISIC_*_segmentation.png [isic]; "
-        "images/ + masks/ of .jpg [kvasir]"
+        "images/ + masks/ of .jpg [kvasir]; Train/img, Train/anno, Test/img, Test/anno [img-anno]"
     )
 
 
@@ -271,13 +323,18 @@ def _list_folder(root: Path, cfg: DataConfig, problems: _Problems) -> tuple[list
     mask_entries = [m for m in mask_entries if not _is_ignorable(m)]
     labelled = bool(mask_entries)
 
+    data_files = _detached_data(entries + mask_entries)
     masks_by_stem: dict[str, Path] = {}
     for mask_file in mask_entries:
-        if not (_is_image_file(mask_file) or _is_volume_file(mask_file) or _is_dicom_dir(mask_file)):
-            problems.add(
-                f"{mask_file}: unsupported mask file type "
-                f"(expected {', '.join(IMAGE_SUFFIXES + VOLUME_SUFFIXES)})"
-            )
+        if mask_file in data_files:
+            continue
+        try:
+            kind = _file_kind(mask_file)
+        except AhmError as exc:
+            problems.add(str(exc))
+            continue
+        if kind is None and not _is_dicom_dir(mask_file):
+            problems.add(f"{mask_file}: unsupported mask file type (expected {_SUPPORTED})")
             continue
         stem = stem_of(mask_file)
         if stem in masks_by_stem:
@@ -289,14 +346,16 @@ def _list_folder(root: Path, cfg: DataConfig, problems: _Problems) -> tuple[list
     used_masks: set[str] = set()
     saw_image = False
     for entry in entries:
-        if _is_ignorable(entry):
+        if _is_ignorable(entry) or entry in data_files:
             continue
-        is_volume = _is_volume_file(entry) or _is_dicom_dir(entry)
-        if not is_volume and not _is_image_file(entry):
-            problems.add(
-                f"{entry}: unsupported file type (expected {', '.join(IMAGE_SUFFIXES + VOLUME_SUFFIXES)} "
-                "or a folder of DICOM files)"
-            )
+        try:
+            kind = _file_kind(entry)
+        except AhmError as exc:
+            problems.add(str(exc))
+            continue
+        is_volume = kind == "volume" or _is_dicom_dir(entry)
+        if not is_volume and kind != "image":
+            problems.add(f"{entry}: unsupported file type (expected {_SUPPORTED} or a folder of DICOM files)")
             continue
         saw_image = True
         stem = stem_of(entry)
@@ -448,6 +507,32 @@ def _read_json(path: Path) -> Any:
         raise AhmError(f"{path}: cannot read ({exc.strerror or exc})") from exc
 
 
+# What the single-structure public layouts segment, by their datasets' own definitions.
+_LAYOUT_CLASS = {"lgg": "FLAIR abnormality", "busi": "lesion", "isic": "lesion", "kvasir": "polyp"}
+
+
+def read_class_names(source: Path, labels: Any) -> dict[int, str]:
+    """Class names from a {"0": "background", "1": "tumour", ...} mapping (dataset.json's `labels`, or a
+    labels.json beside a folder dataset); one line naming `source` if it is not such a mapping."""
+    if not isinstance(labels, dict):
+        raise AhmError(f'{source}: class names must be a mapping such as {{"0": "background", "1": "tumour"}}')
+    names: dict[int, str] = {}
+    for key, value in labels.items():
+        try:
+            value_int = int(key)
+        except (TypeError, ValueError) as exc:
+            raise AhmError(f'{source}: label keys must be integers such as "0", "1"; got {key!r}') from exc
+        if not isinstance(value, str) or not value.strip():
+            raise AhmError(f"{source}: the name of label {key} must be a non-empty string")
+        names[value_int] = value.strip()
+    return names
+
+
+def _folder_class_names(root: Path) -> dict[int, str] | None:
+    source = root / "labels.json"
+    return read_class_names(source, _read_json(source)) if source.is_file() else None
+
+
 def _msd_meta(root: Path) -> tuple[dict, list[int] | None, str | None]:
     source = root / "dataset.json"
     meta = _read_json(source)
@@ -500,6 +585,73 @@ def _list_msd(root: Path, cfg: DataConfig, problems: _Problems) -> tuple[list[It
     return items, True
 
 
+_TRAILING_NUMBER = re.compile(r"^(?P<subject>.+?)[ _-]+\d+$")
+
+
+def subject_of_slice_name(stem: str) -> str:
+    """img-anno: the subject of a slice file: the part before `__` if there is one (as in the folder layout),
+    else the stem without its trailing slice number (`TCGA_CS_4941_19960909_12` -> `TCGA_CS_4941_19960909`, the
+    Kaggle LGG patient scan; `la_003_45` -> `la_003`); a stem without a trailing number is its own subject."""
+    if "__" in stem:
+        return subject_of_stem(stem)
+    match = _TRAILING_NUMBER.match(stem)
+    return match["subject"] if match else stem
+
+
+def _list_img_anno(root: Path, cfg: DataConfig, problems: _Problems) -> tuple[list[Item], bool]:
+    """The layout of the AHM authors' loaders: Train/img + Train/anno (train and validation, drawn by subject)
+    and Test/img + Test/anno (the test split). An annotation is paired with its image by name: the same stem, or
+    the stem plus `_mask` (the Kaggle LGG naming), any image suffix."""
+    splits = _split_dirs(root)
+    if "Train" not in splits:
+        raise AhmError(f"{root}: layout 'img-anno' needs Train/img in this folder")
+    listed: list[tuple[str, Path, Path | None]] = []  # (split, image dir, anno dir)
+    for name in ("Train", "Test"):
+        if name in splits:
+            img_dir = _child_dir(splits[name], "img")
+            assert img_dir is not None
+            listed.append((name, img_dir, _child_dir(splits[name], "anno")))
+    labelled = any(anno is not None and any(not _is_ignorable(p) for p in _children(anno)) for _, _, anno in listed)
+    items: list[Item] = []
+    for name, img_dir, anno_dir in listed:
+        annos: dict[str, Path] = {}
+        for anno in _children(anno_dir) if anno_dir is not None else []:
+            if _is_ignorable(anno):
+                continue
+            if not _is_image_file(anno):
+                problems.add(f"{anno}: unsupported annotation file type (expected {', '.join(IMAGE_SUFFIXES)})")
+                continue
+            stem = stem_of(anno)
+            if stem in annos:
+                problems.add(f"{anno}: two annotations named {stem!r} (also {annos[stem]})")
+                continue
+            annos[stem] = anno
+        used: set[str] = set()
+        for image in _children(img_dir):
+            if _is_ignorable(image):
+                continue
+            if not _is_image_file(image):
+                problems.add(f"{image}: unsupported file type (expected {', '.join(IMAGE_SUFFIXES)})")
+                continue
+            stem = stem_of(image)
+            mask = None
+            if labelled:
+                key = next((k for k in (stem, f"{stem}_mask") if k in annos), None)
+                if key is None:
+                    where = anno_dir if anno_dir is not None else img_dir.parent / "anno"
+                    problems.add(f"{image}: no annotation for this image in {where} (expected {stem}.<ext> or "
+                                 f"{stem}_mask.<ext>)")
+                    continue
+                used.add(key)
+                mask = annos[key]
+            items.append(Item(id=safe_id(stem), subject=safe_id(subject_of_slice_name(stem)), image=image,
+                              mask=mask, split="test" if name == "Test" else None))
+        for key, anno in annos.items():
+            if key not in used:
+                problems.add(f"{anno}: annotation without an image in {img_dir}")
+    return items, labelled
+
+
 _LISTERS: dict[str, Callable[[Path, DataConfig, _Problems], tuple[list[Item], bool]]] = {
     "folder": _list_folder,
     "msd": _list_msd,
@@ -507,6 +659,7 @@ _LISTERS: dict[str, Callable[[Path, DataConfig, _Problems], tuple[list[Item], bo
     "busi": _list_busi,
     "isic": _list_isic,
     "kvasir": _list_kvasir,
+    "img-anno": _list_img_anno,
 }
 
 
@@ -584,11 +737,20 @@ def _open_dataset(path: str | Path, cfg: DataConfig, strict_splits: bool = True)
 
     label_values: list[int] | None = None
     modality: str | None = None
+    class_names: dict[int, str] | None = None
     if layout == "msd":
-        _, label_values, modality = _msd_meta(root)
-    elif layout in ("lgg", "busi", "isic", "kvasir"):
+        meta, label_values, modality = _msd_meta(root)
+        if meta.get("labels") is not None:
+            class_names = read_class_names(root / "dataset.json", meta["labels"])
+    elif layout in _LAYOUT_CLASS:
         label_values = [0, 1]  # binary lesion masks by the dataset's definition
         modality = "photo"  # 8-bit files, whatever the scanner
+        class_names = {1: _LAYOUT_CLASS[layout]}
+    elif layout == "folder":
+        class_names = _folder_class_names(root)
+    elif layout == "img-anno":
+        modality = "photo"  # the authors' 8-bit PNG/TIFF slices, read as value / 255
+        class_names = _folder_class_names(root)
 
     splits = None
     splits_path = root / "splits.json"
@@ -608,6 +770,7 @@ def _open_dataset(path: str | Path, cfg: DataConfig, strict_splits: bool = True)
         splits_file=splits,
         problems=problems.messages,
         modality=modality,
+        class_names=class_names,
     )
 
 

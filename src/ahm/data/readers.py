@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from ahm.data.dicom_file import DICOM_SUFFIXES
+from ahm.data.itk_files import ITK_SUFFIXES
 from ahm.errors import AhmError
 
 DEFAULT_MAX_PIXELS = 64_000_000
@@ -27,6 +29,8 @@ TIFF_SUFFIXES = (".tif", ".tiff")
 PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 IMAGE_SUFFIXES = PIL_SUFFIXES + TIFF_SUFFIXES
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+# Files that hold a 2D image or a volume, which of the two their header says (frames, slices).
+HEADER_KIND_SUFFIXES = DICOM_SUFFIXES + ITK_SUFFIXES
 
 Modality = Literal["mri", "ct", "photo", "auto"]
 
@@ -301,10 +305,24 @@ def _read_any(path: Path, max_pixels: int, as_mask: bool) -> tuple[np.ndarray, s
         im = _pil_open(path, max_pixels)
         with im:
             arr, source = _pil_decode(path, im, as_mask)
+    elif suffix in DICOM_SUFFIXES:
+        from ahm.data.dicom_file import dicom_image
+
+        info = _dicom_file_info(path)
+        _check_pixels(path, info.rows, info.cols, max_pixels)
+        _check_channels(path, info.channels)
+        arr, source = _check_numeric(path, dicom_image(info, as_mask=as_mask)), info.dtype
+    elif suffix in ITK_SUFFIXES:
+        from ahm.data.itk_files import itk_image
+
+        itk = _itk_info(path)
+        _check_pixels(path, itk.size[1] if itk.dimension > 1 else 1, itk.size[0], max_pixels)
+        _check_channels(path, itk.components)
+        arr, source = _check_numeric(path, itk_image(itk)), str(itk.dtype)
     else:
         raise AhmError(
             f"{path}: unsupported image type {suffix or '(no suffix)'!r}; expected one of "
-            f"{', '.join(IMAGE_SUFFIXES)}"
+            f"{', '.join(IMAGE_SUFFIXES + HEADER_KIND_SUFFIXES)}"
         )
     if arr.ndim != 3 or arr.shape[1] == 0 or arr.shape[2] == 0:
         raise AhmError(f"{path}: image has no pixels (shape {arr.shape})")
@@ -342,13 +360,57 @@ def read_image_info(path: str | os.PathLike, max_pixels: int | None = None) -> I
             except Exception as exc:
                 raise AhmError(f"{path}: unreadable image header ({_describe(exc)})") from exc
             return ImageInfo(path, height, width, channels, _PIL_DTYPES.get(im.mode, "uint8"))
+    if suffix in DICOM_SUFFIXES:
+        info = _dicom_file_info(path)
+        if info.is_volume:
+            raise AhmError(f"{path}: multi-frame DICOM ({info.frames} frames) is a volume, not a 2D image")
+        _check_pixels(path, info.rows, info.cols, limit)
+        return ImageInfo(path, info.rows, info.cols, info.channels, info.dtype)
+    if suffix in ITK_SUFFIXES:
+        itk = _itk_info(path)
+        if itk.is_volume or itk.dimension > 3:
+            raise AhmError(f"{path}: {'x'.join(map(str, itk.size))} image is a volume, not a 2D image")
+        height = itk.size[1] if itk.dimension > 1 else 1
+        _check_pixels(path, height, itk.size[0], limit)
+        return ImageInfo(path, height, itk.size[0], itk.components, str(itk.dtype))
     raise AhmError(f"{path}: unsupported image type {suffix or '(no suffix)'!r}")
+
+
+def _dicom_file_info(path: Path):
+    from ahm.data.dicom_file import read_dicom_info
+
+    return read_dicom_info(path)
+
+
+def _itk_info(path: Path):
+    from ahm.data.itk_files import read_itk_info
+
+    _check_file(path)
+    return read_itk_info(path)
+
+
+def is_volume_file(path: str | os.PathLike) -> bool:
+    """Whether a file is read as a volume (NIfTI; multi-frame DICOM; NRRD/MetaImage of several slices) or as a
+    2D image (everything else), from its name and, for DICOM and NRRD/MetaImage, its header."""
+    path = Path(path)
+    suffix = _suffix(path)
+    if suffix in NIFTI_SUFFIXES:
+        return True
+    if suffix in DICOM_SUFFIXES:
+        return _dicom_file_info(path).is_volume
+    if suffix in ITK_SUFFIXES:
+        itk = _itk_info(path)
+        return itk.is_volume or itk.dimension > 3
+    return False
 
 
 def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Read a 2D image as float32 [C, H, W], values as stored (no scaling).
 
-    PNG, JPEG, BMP, GIF, WebP via Pillow; TIFF via tifffile (8/16-bit, float, multi-channel). RGBA drops
+    PNG, JPEG, BMP, GIF, WebP via Pillow; TIFF via tifffile (8/16-bit, float, multi-channel); a one-frame
+    DICOM file via pydicom (any transfer syntax its plugins decode) with its header applied: rescale or
+    modality LUT, VOI LUT or window (not for CT, MR, PET, NM, whose values stay calibrated), MONOCHROME1
+    inverted, YBR and palette colour as RGB; a 2D NRRD/MetaImage via SimpleITK (H along y). RGBA drops
     alpha, a palette image becomes its colours (one channel if the palette is grey). Only the first
     page/frame of a multi-page TIFF or animated image is read (channel pages of an ImageJ/OME hyperstack
     are kept as channels). Pillow reads 16-bit colour PNGs as 8-bit; 16-bit grey PNGs keep 16 bits.
@@ -462,20 +524,69 @@ def _affine_or_identity(affine) -> np.ndarray:
     return affine
 
 
+_VOLUME_TYPES = ".nii, .nii.gz, .dcm (multi-frame), .nrrd, .nhdr, .mha, .mhd or a folder of DICOM files"
+
+
+def _header_volume(path: Path, max_voxels: int, labels: bool) -> tuple[np.ndarray, np.ndarray] | None:
+    """DICOM file or NRRD/MetaImage: checked from the header, then decoded; None for other suffixes."""
+    suffix = _suffix(path)
+    if suffix in DICOM_SUFFIXES:
+        from ahm.data.dicom_file import dicom_volume
+
+        info = _dicom_file_info(path)
+        shape: tuple[int, ...] = (info.cols, info.rows, info.frames) + ((info.channels,) if info.channels > 1 else ())
+        _check_voxels(path, shape, max_voxels)
+        data, affine = dicom_volume(info, labels=labels)
+    elif suffix in ITK_SUFFIXES:
+        from ahm.data.itk_files import itk_volume
+
+        itk = _itk_info(path)
+        shape = itk.size + ((itk.components,) if itk.components > 1 else ())
+        _check_voxels(path, shape, max_voxels)
+        data, affine = itk_volume(itk)
+    else:
+        return None
+    if data.ndim == 4 and data.shape[3] > MAX_CHANNELS:
+        raise AhmError(f"{path}: volume has {data.shape[3]} channels; at most {MAX_CHANNELS} are supported")
+    return _check_numeric(path, data), _affine_or_identity(affine)
+
+
+def _check_voxels(path: Path, shape: tuple[int, ...], max_voxels: int) -> None:
+    n_vox = int(np.prod(shape, dtype=np.float64))
+    if n_vox > max_voxels:
+        raise AhmError(
+            f"{path}: volume of shape {shape} has {n_vox} voxels, above the limit of {max_voxels}; "
+            "refused before decoding"
+        )
+
+
+def _volume_source(path: Path) -> None:
+    if not path.exists():
+        raise AhmError(f"{path}: file not found")
+    if not _is_nifti(path) and _suffix(path) not in HEADER_KIND_SUFFIXES:
+        raise AhmError(f"{path}: unsupported volume type; expected {_VOLUME_TYPES}")
+
+
 def read_volume(path: str | os.PathLike, *, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume:
-    """Read a NIfTI file (.nii, .nii.gz) or a folder holding one DICOM series as a float32 volume.
+    """Read a volume as float32: NIfTI (.nii, .nii.gz), a DICOM file (its frames), NRRD/MetaImage (.nrrd,
+    .nhdr, .mha, .mhd; a 2D file is one slice), or a folder holding one DICOM series.
 
     Data is [X, Y, Z] or [X, Y, Z, C] with scaling applied (NIfTI scl_slope/inter, DICOM rescale
-    slope/intercept); `affine` maps voxel indices to RAS+ millimetres. DICOM slices are ordered by their
-    position along the slice normal (InstanceNumber, then file name, when positions are missing).
+    slope/intercept or modality LUT, MONOCHROME1 inverted); `affine` maps voxel indices to RAS+ millimetres.
+    DICOM slices are ordered by their position along the slice normal (InstanceNumber, then file name, when
+    positions are missing). Sizes are checked from the header before decoding.
     """
     path = Path(path)
     if path.is_dir():
         return _dicom_read(path, max_voxels, labels=False)
-    if not path.exists():
-        raise AhmError(f"{path}: file not found")
-    if not _is_nifti(path):
-        raise AhmError(f"{path}: unsupported volume type; expected .nii, .nii.gz or a folder of DICOM files")
+    _volume_source(path)
+    decoded = _header_volume(path, max_voxels, labels=False)
+    if decoded is not None:
+        with np.errstate(all="ignore"):
+            data = decoded[0].astype(np.float32)
+        if not np.isfinite(data).all():
+            raise AhmError(f"{path}: contains NaN or infinite voxels")
+        return Volume(np.ascontiguousarray(data), decoded[1], path)
     img, shape = _nifti_open(path, max_voxels)
     data = _nifti_data(path, img, shape)
     with np.errstate(all="ignore"):
@@ -518,10 +629,10 @@ def read_label_volume(path: str | os.PathLike, *, max_voxels: int = DEFAULT_MAX_
     path = Path(path)
     if path.is_dir():
         return _dicom_read(path, max_voxels, labels=True)
-    if not path.exists():
-        raise AhmError(f"{path}: file not found")
-    if not _is_nifti(path):
-        raise AhmError(f"{path}: unsupported volume type; expected .nii, .nii.gz or a folder of DICOM files")
+    _volume_source(path)
+    decoded = _header_volume(path, max_voxels, labels=True)
+    if decoded is not None:
+        return Volume(_to_labels(path, decoded[0]), decoded[1], path)
     img, shape = _nifti_open(path, max_voxels)
     data = _nifti_data(path, img, shape)
     return Volume(_to_labels(path, data), _affine_or_identity(img.affine), path)
@@ -601,7 +712,8 @@ def _dicom_scan(folder: Path) -> list[_Slice]:
             frames = 1
         if frames > 1:
             raise AhmError(
-                f"{p}: multi-frame DICOM ({frames} frames) is not supported; export one file per slice"
+                f"{p}: multi-frame DICOM ({frames} frames) inside a series folder; a multi-frame file is a "
+                "volume by itself: put it where volumes go, not in a folder of slices"
             )
         try:
             instance = int(ds.InstanceNumber) if getattr(ds, "InstanceNumber", None) is not None else None
@@ -671,37 +783,22 @@ def _dicom_affine(slices: list[_Slice]) -> np.ndarray:
     return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # DICOM is LPS+, NIfTI is RAS+
 
 
-def _dicom_pixels(s: _Slice) -> np.ndarray:
-    import pydicom
+def _dicom_pixels(s: _Slice, labels: bool) -> np.ndarray:
+    """One slice of a series through pydicom's decoders and LUT helpers (`dicom_file.series_slice`)."""
+    from ahm.data.dicom_file import series_slice
 
     try:
-        ds = pydicom.dcmread(s.path, force=True)
-        arr = np.asarray(ds.pixel_array)
-    except MemoryError as exc:
-        raise AhmError(f"{s.path}: not enough memory to decode the slice") from exc
-    except Exception as exc:
-        syntax = ""
-        try:
-            syntax = f", transfer syntax {ds.file_meta.TransferSyntaxUID.name}"  # type: ignore[possibly-undefined]
-        except Exception:  # noqa: BLE001, S110 - the syntax name only decorates the message
-            pass
-        raise AhmError(
-            f"{s.path}: truncated or undecodable DICOM pixel data ({_describe(exc)}{syntax})"
-        ) from exc
-    rows, cols = int(s.ds.Rows), int(s.ds.Columns)
-    if arr.shape[:2] != (rows, cols) or arr.ndim not in (2, 3):
-        raise AhmError(f"{s.path}: pixel data shape {arr.shape} does not match {rows}x{cols}")
-    arr = _check_numeric(s.path, arr)
-    try:
-        slope = float(ds.RescaleSlope) if getattr(ds, "RescaleSlope", None) is not None else 1.0
-        intercept = float(ds.RescaleIntercept) if getattr(ds, "RescaleIntercept", None) is not None else 0.0
+        slope = float(s.ds.RescaleSlope) if getattr(s.ds, "RescaleSlope", None) is not None else 1.0
+        intercept = float(s.ds.RescaleIntercept) if getattr(s.ds, "RescaleIntercept", None) is not None else 0.0
     except Exception as exc:
         raise AhmError(f"{s.path}: unreadable RescaleSlope/RescaleIntercept ({_describe(exc)})") from exc
     if not (np.isfinite(slope) and np.isfinite(intercept)):
         raise AhmError(f"{s.path}: RescaleSlope/RescaleIntercept is not a finite number")
-    if slope != 1.0 or intercept != 0.0:
-        arr = arr.astype(np.float64) * slope + intercept
-    return arr
+    arr = series_slice(s.path, s.ds, labels)
+    rows, cols = int(s.ds.Rows), int(s.ds.Columns)
+    if arr.shape[:2] != (rows, cols) or arr.ndim not in (2, 3):
+        raise AhmError(f"{s.path}: pixel data shape {arr.shape} does not match {rows}x{cols}")
+    return _check_numeric(s.path, arr)
 
 
 def _dicom_read(folder: Path, max_voxels: int, labels: bool) -> Volume:
@@ -718,7 +815,7 @@ def _dicom_read(folder: Path, max_voxels: int, labels: bool) -> Volume:
             f"{folder}: series of {len(slices)} slices of {rows}x{cols} has {n_vox} voxels, above the limit "
             f"of {max_voxels}"
         )
-    planes = [_dicom_pixels(s) for s in slices]
+    planes = [_dicom_pixels(s, labels) for s in slices]
     for s, plane in zip(slices, planes):
         if plane.shape != planes[0].shape:
             raise AhmError(f"{s.path}: pixel data shape {plane.shape} differs from the rest of the series")
@@ -760,8 +857,38 @@ def volume_slice(vol_data: np.ndarray, axis: int, index: int) -> np.ndarray:
     return np.ascontiguousarray(plane.astype(np.float32))
 
 
+def read_volume_info(path: str | os.PathLike) -> tuple[tuple[int, int, int], int]:
+    """Spatial shape [X, Y, Z] and channel count of a volume, from its header(s) only (what `read_volume`
+    would return). Raw NIfTI and NRRD/MetaImage data shorter than the header declares is refused here too."""
+    path = Path(path)
+    if path.is_dir():
+        slices = _dicom_scan(path)
+        ds = slices[0].ds
+        try:
+            samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
+        except Exception:  # noqa: BLE001 - a corrupt header field counts as absent
+            samples = 1
+        return (int(ds.Columns), int(ds.Rows), len(slices)), samples
+    _volume_source(path)
+    suffix = _suffix(path)
+    if suffix in DICOM_SUFFIXES:
+        info = _dicom_file_info(path)
+        return (info.cols, info.rows, info.frames), info.channels
+    if suffix in ITK_SUFFIXES:
+        from ahm.data.itk_files import _check_truncation
+
+        itk = _itk_info(path)
+        _check_truncation(itk)
+        size = tuple(itk.size) + (1, 1)
+        channels = itk.components * (itk.size[3] if itk.dimension == 4 else 1)
+        return (int(size[0]), int(size[1]), int(size[2])), int(channels)
+    _, shape = _nifti_open(path, max_voxels=2**62)
+    return (int(shape[0]), int(shape[1]), int(shape[2])), int(shape[3]) if len(shape) == 4 else 1
+
+
 def count_slices(path: str | os.PathLike, axis: int) -> int:
-    """Number of slices along `axis`, from headers only (NIfTI header; DICOM: slice files, or rows/columns)."""
+    """Number of slices along `axis`, from headers only (NIfTI, DICOM, NRRD/MetaImage headers; a DICOM
+    series: its slice files, or rows/columns)."""
     path = Path(path)
     if axis not in (0, 1, 2):
         raise AhmError(f"{path}: slice axis must be 0, 1 or 2, got {axis}")
@@ -769,10 +896,13 @@ def count_slices(path: str | os.PathLike, axis: int) -> int:
         slices = _dicom_scan(path)
         ds = slices[0].ds
         return [int(ds.Columns), int(ds.Rows), len(slices)][axis]
-    if not path.exists():
-        raise AhmError(f"{path}: file not found")
-    if not _is_nifti(path):
-        raise AhmError(f"{path}: unsupported volume type; expected .nii, .nii.gz or a folder of DICOM files")
+    _volume_source(path)
+    if _suffix(path) in DICOM_SUFFIXES:
+        info = _dicom_file_info(path)
+        return [info.cols, info.rows, info.frames][axis]
+    if _suffix(path) in ITK_SUFFIXES:
+        size = _itk_info(path).size
+        return int((tuple(size) + (1, 1))[axis])
     _, shape = _nifti_open(path, max_voxels=2**62, check_size=False)
     return int(shape[axis])
 

@@ -57,12 +57,16 @@ def _from_file(index: DatasetIndex) -> dict[str, list[str]]:
 def make_splits(index: DatasetIndex, cfg: DataConfig) -> dict[str, list[str]]:
     """Item ids for train/val/test, whole subjects per side, seeded by `cfg.split_seed`.
 
-    A `splits.json` in the dataset folder wins (items it does not list are left out). Otherwise
+    A `splits.json` in the dataset folder wins (items it does not list are left out). A layout's own test split
+    (img-anno's Test/ folder) is kept, validation drawn from the rest by subject. Otherwise
     `cfg.val_fraction` and `cfg.test_fraction` of the subjects go to val and test (at least one subject
     each when the fraction is positive and there are three subjects or more); train always keeps one.
     """
     if index.splits_file is not None:
         return _from_file(index)
+    fixed = [item for item in index.items if item.split is not None]
+    if fixed:
+        return _with_fixed_splits(index, cfg)
     groups = _subjects(index.items)
     subjects = sorted(groups)
     n = len(subjects)
@@ -88,6 +92,27 @@ def make_splits(index: DatasetIndex, cfg: DataConfig) -> dict[str, list[str]]:
             "test" if item.subject in chosen["test"] else "val" if item.subject in chosen["val"] else "train"
         )
         out[side].append(item.id)
+    return out
+
+
+def _with_fixed_splits(index: DatasetIndex, cfg: DataConfig) -> dict[str, list[str]]:
+    """A layout that fixes the test split (img-anno's Test/): those items are the test split; validation is
+    `cfg.val_fraction` of the other items' subjects (seeded, at least one when positive and there are two or more)."""
+    rest = [item for item in index.items if item.split is None]
+    subjects = sorted({item.subject for item in rest})
+    n = len(subjects)
+    order = [subjects[k] for k in np.random.default_rng(cfg.split_seed).permutation(n)]
+    n_val = round(cfg.val_fraction * n)
+    if cfg.val_fraction > 0 and n >= 2:
+        n_val = max(n_val, 1)
+    n_val = min(n_val, max(n - 1, 0))
+    val = set(order[:n_val])
+    out: dict[str, list[str]] = {name: [] for name in SPLIT_NAMES}
+    for item in index.items:
+        side = item.split if item.split is not None else ("val" if item.subject in val else "train")
+        out[side].append(item.id)
+    if not out["train"]:
+        raise AhmError(f"{index.root}: no training images (Train/img is empty)")
     return out
 
 

@@ -21,14 +21,22 @@ import torch
 
 from ahm.config import FinetuneConfig, load_config
 from ahm.errors import AhmError
-from ahm.eval.metrics import METRICS, case_means, case_metrics, summarize
+from ahm.eval.metrics import (
+    EMPTY_DESCRIPTION,
+    METRICS,
+    case_means,
+    case_metrics,
+    check_empty,
+    class_names,
+    summarize,
+)
 from ahm.io import load_torch, write_json, write_text
 
 BEST = "best.ckpt"
 N_CASES = 4  # best and worst cases kept for the report
 
-EMPTY_CONVENTION = ("class absent from prediction and ground truth: Dice 1, IoU 1, HD95 excluded; "
-                    "absent from exactly one: Dice 0, IoU 0, HD95 = grid diagonal")
+# The figures of the primary level are copied to the top of metrics.json, where `ahm bench compare` reads them.
+LEVEL_KEYS = ("dice", "iou", "hd95", "dataset_dice", "dataset_iou", "per_class", "excluded_empty", "detection")
 
 
 @dataclass
@@ -128,8 +136,8 @@ def predict_labels(model: torch.nn.Module, images: np.ndarray | torch.Tensor, ba
     return np.concatenate(out, 0)
 
 
-def _class_names(num_classes: int) -> list[str]:
-    return [str(c) for c in range(1, num_classes)]
+def _csv_name(name: str) -> str:
+    return "_".join(name.split()) or "class"
 
 
 def _volume_groups(items) -> dict[str, list[int]]:
@@ -145,7 +153,7 @@ def _per_image_csv(ids, items, per_case, means, names) -> str:
     writer = csv.writer(buf)
     header = ["id", "subject", "volume", "slice"]
     for name in names:
-        header += [f"{m}_{name}" for m in METRICS]
+        header += [f"{m}_{_csv_name(name)}" for m in METRICS]
     header += [f"{m}_mean" for m in METRICS]
     writer.writerow(header)
     for row, item_id in enumerate(ids):
@@ -179,38 +187,58 @@ def _pick_cases(images, labels, preds, ids, dice_means) -> dict[str, np.ndarray]
     }
 
 
+def _volume_level(preds: np.ndarray, labels: np.ndarray, groups: dict[str, list[int]], num_classes: int,
+                  names: list[str], empty: str) -> dict:
+    """Re-stacked volumes scored in 3D: each volume is one case."""
+    keys = None
+    stacked: dict[str, list[np.ndarray]] = {}
+    per_volume = []
+    for name, rows in sorted(groups.items()):
+        m = case_metrics(preds[rows][None], labels[rows][None], num_classes, empty=empty)
+        keys = keys or list(m)
+        for key in keys:
+            stacked.setdefault(key, []).append(m[key][0])
+        per_volume.append({"volume": name, "n_slices": len(rows),
+                           **{key: _none_if_nan(float(np.nanmean(m[key][0])) if np.isfinite(m[key][0]).any()
+                                                else float("nan")) for key in METRICS}})
+    vol = summarize({k: np.stack(v) for k, v in stacked.items()}, names, empty)
+    vol.update({"n_cases": len(groups), "n_volumes": len(groups), "case": "re-stacked volume",
+                "hd95_unit": "voxels of the re-stacked model grid", "per_volume": per_volume})
+    return vol
+
+
 def score_arrays(out_dir: Path, preds: np.ndarray, labels: np.ndarray, images: np.ndarray, ids: list[str],
-                 items: list | None, num_classes: int, split: str, extra: dict | None = None) -> dict:
-    """Metrics, per-image CSV and report cases for predictions already made; written to `out_dir`."""
+                 items: list | None, num_classes: int, split: str, extra: dict | None = None,
+                 empty: str = "exclude", names: list[str] | None = None) -> dict:
+    """Metrics, per-image CSV and report cases for predictions already made; written to `out_dir`.
+
+    metrics.json holds `slice_level` (each image a case), `volume_level` when images are slices of volumes
+    (re-stacked, each volume a case), and at its top the figures of the primary level, named by `level`: the
+    volume level when every image belongs to a re-stacked volume, else the slice level."""
+    check_empty(empty)
     if labels.size and int(labels.max()) >= num_classes:
         raise AhmError(f"split {split!r}: ground-truth labels go up to {int(labels.max())} but the model predicts "
                        f"{num_classes} classes (0..{num_classes - 1}); was it trained on another label set?")
-    names = _class_names(num_classes)
-    per_case = case_metrics(preds, labels, num_classes)
+    names = list(names) if names is not None else class_names(num_classes)
+    per_case = case_metrics(preds, labels, num_classes, empty=empty)
     means = case_means(per_case)
-    metrics: dict[str, Any] = summarize(per_case, names)
+    slice_level = summarize(per_case, names, empty)
+    slice_level.update({"n_cases": len(ids), "case": "image (2D slice)", "hd95_unit": "pixels of the model grid"})
+    volume_level = None
+    groups = _volume_groups(items) if items is not None else {}
+    if groups:
+        volume_level = _volume_level(preds, labels, groups, num_classes, names, empty)
+    level = "volume" if groups and sum(len(r) for r in groups.values()) == len(ids) else "slice"
+    primary = volume_level if level == "volume" else slice_level
+    metrics: dict[str, Any] = {key: primary.get(key) for key in LEVEL_KEYS}
     metrics.update({
-        "n_images": len(ids), "split": split,
+        "level": level, "n_images": len(ids), "split": split, "class_names": names,
         "grid": f"model grid {labels.shape[-1]}x{labels.shape[-1]} (aspect kept, zero-padded)",
-        "hd95_unit": "pixels of the model grid", "empty_masks": EMPTY_CONVENTION,
+        "hd95_unit": primary["hd95_unit"], "empty_cases": empty, "empty_masks": EMPTY_DESCRIPTION[empty],
+        "slice_level": slice_level,
     })
-    if items is not None:
-        groups = _volume_groups(items)
-        if groups:
-            vol_cases = {m: [] for m in METRICS}
-            per_volume = []
-            for name, rows in sorted(groups.items()):
-                m = case_metrics(preds[rows][None], labels[rows][None], num_classes)
-                for key in METRICS:
-                    vol_cases[key].append(m[key][0])
-                per_volume.append({"volume": name, "n_slices": len(rows),
-                                   **{key: _none_if_nan(float(np.nanmean(m[key][0])) if np.isfinite(m[key][0]).any()
-                                                        else float("nan")) for key in METRICS}})
-            stacked = {k: np.stack(v) for k, v in vol_cases.items()}
-            vol = summarize(stacked, names)
-            vol.update({"n_volumes": len(groups), "hd95_unit": "voxels of the re-stacked model grid",
-                        "per_volume": per_volume})
-            metrics["volume_3d"] = vol
+    if volume_level is not None:
+        metrics["volume_level"] = volume_level
     if extra:
         metrics.update(extra)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -257,14 +285,17 @@ def _split_ids(run_dir: Path, index, cfg, split: str) -> list[str]:
 
 
 def evaluate(run_dir: str | Path, data_dir: str | Path | None = None, split: str = "test", batch_size: int = 32,
-             report: bool = True, progress: bool = False) -> dict[str, Any]:
+             report: bool = True, progress: bool = False, empty: str = "exclude") -> dict[str, Any]:
     """Score the run's best checkpoint on `split` of `data_dir` (default: the data it was trained on).
+    `empty`: "exclude" (default) leaves cases where a class is absent from prediction and ground truth out of the
+    per-case means; "one" scores them 1 (the convention of some papers; named in the output).
 
     Writes eval/<split>/metrics.json, per_image.csv and cases.npz into the run directory, refreshes report.html,
     and returns the metrics.
     """
     from ahm.data import load_arrays, open_dataset
 
+    check_empty(empty)
     run_dir = Path(run_dir)
     loaded = load_run(run_dir)
     cfg = loaded.cfg
@@ -282,7 +313,8 @@ def evaluate(run_dir: str | Path, data_dir: str | Path | None = None, split: str
     arrays = load_arrays(index, ids, data_cfg, labels=True)
     preds = predict_labels(loaded.model, arrays.images, batch_size=batch_size, device=loaded.device)
     metrics = score_arrays(run_dir / "eval" / split, preds, arrays.labels, arrays.images, arrays.ids,
-                           arrays.items, loaded.num_classes, split,
+                           arrays.items, loaded.num_classes, split, empty=empty,
+                           names=class_names(loaded.num_classes, index.class_names),
                            extra={"data": str(data_path), "checkpoint": f"checkpoints/{BEST}",
                                   "checkpoint_epoch": loaded.meta.get("epoch"),
                                   "skipped_files": list(arrays.problems)})

@@ -36,21 +36,29 @@ class _Job:
 
 
 def _image_suffixes() -> tuple[str, ...]:
-    from ahm.data.readers import IMAGE_SUFFIXES
+    """2D formats, and DICOM/NRRD/MetaImage files (an image or a volume, as their header says)."""
+    from ahm.data.readers import HEADER_KIND_SUFFIXES, IMAGE_SUFFIXES
 
-    return tuple(IMAGE_SUFFIXES)
+    return tuple(IMAGE_SUFFIXES) + tuple(HEADER_KIND_SUFFIXES)
 
 
 def _stem(path: Path) -> str:
     name = path.name
-    for suffix in VOLUME_SUFFIXES + _image_suffixes() + (".dcm",):
+    for suffix in VOLUME_SUFFIXES + _image_suffixes():
         if name.lower().endswith(suffix):
             return name[: -len(suffix)] or name
     return name
 
 
 def _is_volume(path: Path) -> bool:
-    return path.is_dir() or path.name.lower().endswith(VOLUME_SUFFIXES)
+    from ahm.data.readers import is_volume_file
+
+    if path.is_dir() or path.name.lower().endswith(VOLUME_SUFFIXES):
+        return True
+    try:
+        return path.is_file() and is_volume_file(path)  # multi-frame DICOM, 3D NRRD/MetaImage
+    except AhmError:
+        return False  # read as an image, which then fails with this file's one-line error
 
 
 def _looks_dicom_dir(path: Path) -> bool:

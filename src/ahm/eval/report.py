@@ -109,12 +109,18 @@ def _fmt(v: Any, digits: int = 3) -> str:
 
 
 def _metric_table(metrics: dict[str, Any]) -> str:
-    rows = ["<tr><th>class</th><th>Dice</th><th>IoU</th><th>HD95</th></tr>"]
+    rows = ["<tr><th>class</th><th>Dice (per case)</th><th>Dice (dataset)</th><th>IoU (per case)</th><th>HD95</th>"
+            "<th>missed / present</th><th>false detections / absent</th><th>excluded (empty in both)</th></tr>"]
     for name, vals in (metrics.get("per_class") or {}).items():
+        missed = f"{vals['missed']} / {vals['present']}" if "missed" in vals else "–"
+        false = f"{vals['false_detections']} / {vals['absent']}" if "false_detections" in vals else "–"
         rows.append(f"<tr><td>{html.escape(str(name))}</td><td>{_fmt(vals.get('dice'))}</td>"
-                    f"<td>{_fmt(vals.get('iou'))}</td><td>{_fmt(vals.get('hd95'), 2)}</td></tr>")
-    rows.append(f"<tr class='mean'><td>mean</td><td>{_fmt(metrics.get('dice'))}</td><td>{_fmt(metrics.get('iou'))}</td>"
-                f"<td>{_fmt(metrics.get('hd95'), 2)}</td></tr>")
+                    f"<td>{_fmt(vals.get('dataset_dice'))}</td><td>{_fmt(vals.get('iou'))}</td>"
+                    f"<td>{_fmt(vals.get('hd95'), 2)}</td><td>{missed}</td><td>{false}</td>"
+                    f"<td>{_fmt(vals.get('excluded_empty'))}</td></tr>")
+    rows.append(f"<tr class='mean'><td>mean</td><td>{_fmt(metrics.get('dice'))}</td>"
+                f"<td>{_fmt(metrics.get('dataset_dice'))}</td><td>{_fmt(metrics.get('iou'))}</td>"
+                f"<td>{_fmt(metrics.get('hd95'), 2)}</td><td></td><td></td><td></td></tr>")
     return "<table>" + "".join(rows) + "</table>"
 
 
@@ -204,10 +210,18 @@ def write_report(run_dir: str | Path) -> Path:
         if not metrics:
             continue
         parts.append(f"<h2>Metrics: {html.escape(split_dir.name)} split ({metrics.get('n_images', '?')} images)</h2>")
-        parts.append(_metric_table(metrics))
-        if metrics.get("volume_3d"):
-            vol = metrics["volume_3d"]
-            parts.append(f"<h3>Re-stacked volumes, 3D ({vol.get('n_volumes', '?')} volumes)</h3>" + _metric_table(vol))
+        levels = [("volume_level", "re-stacked volumes, scored in 3D"), ("slice_level", "2D images (slices)")]
+        if metrics.get("level") != "volume":
+            levels.reverse()
+        shown = False
+        for key, what in levels:
+            level = metrics.get(key)
+            if level:
+                parts.append(f"<h3>Each case one of the {level.get('n_cases', '?')} {what}"
+                             f"{' (primary)' if not shown else ''}</h3>" + _metric_table(level))
+                shown = True
+        if not shown:  # a metrics.json from before the levels existed
+            parts.append(_metric_table(metrics))
         parts.append(f"<p class='note'>Computed on the {html.escape(str(metrics.get('grid', 'model grid')))}; "
                      f"HD95 in {html.escape(str(metrics.get('hd95_unit', 'pixels')))}. Empty masks: "
                      f"{html.escape(str(metrics.get('empty_masks', '')))}. Per-image figures: "

@@ -8,6 +8,12 @@ The pretraining loop never branches on a policy's name:
     loss = out.loss + step.aux_loss (if any)                # one backward, one optimiser (policy params included)
 
 `progress` is the fraction of training done, in [0, 1].
+
+Staged policies (ahm-official) split the run into stages (`stages()`): the loop asks `stage_at(step)` each step
+whether the MIM model's weights train in it (`trains_model`; if not, the model runs in eval mode without
+gradient and no model update happens) and restarts its learning-rate schedule at each stage's first step. The
+loop hands the whole MIMOutput to `observe_output` (by default: `observe` on its per-patch loss), for policies
+whose reward needs the prediction itself. Single-stage policies need none of this.
 """
 
 from __future__ import annotations
@@ -49,6 +55,20 @@ class PolicyStep:
 
     aux_loss: Optional[Tensor] = None
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A span of training steps [start, end) with one role; `trains_model` False: the MIM model is frozen."""
+
+    name: str
+    start: int
+    end: int
+    trains_model: bool = True
+
+    @property
+    def steps(self) -> int:
+        return self.end - self.start
 
 
 def num_masked(ratio: float, num_patches: int) -> int:
@@ -117,6 +137,27 @@ class MaskingPolicy(nn.Module):
     def observe(self, images: Tensor, mask: Tensor, per_patch_loss: Tensor, progress: float) -> PolicyStep:
         return PolicyStep()
 
+    def observe_output(self, images: Tensor, mask: Tensor, out: Any, progress: float) -> PolicyStep:
+        """What the loop calls after the model's forward (`out` a MIMOutput); by default `observe` on its loss."""
+        return self.observe(images, mask, out.per_patch_loss.detach().float(), progress)
+
+    def stages(self) -> list[Stage]:
+        """The run's stages in order; one that trains the model throughout unless the policy is staged."""
+        return [Stage("mim", 0, self.ctx.total_steps, True)]
+
+    def stage_at(self, step: int) -> Stage:
+        """The stage holding step `step` (0-based); the last one past the end."""
+        stages = self.stages()
+        for stage in stages:
+            if stage.start <= step < stage.end:
+                return stage
+        return stages[-1]
+
+    @property
+    def agent_parameters(self) -> int:
+        """Parameters the policy learns (its agent, sampler or predictor); 0 for fixed rules such as random."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
     def extra_state(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state()}
 
@@ -135,6 +176,7 @@ _LAZY: dict[str, str] = {
     "hpm": "ahm.masking.hpm",
     "adamae": "ahm.masking.adamae",
     "ahm": "ahm.masking.ahm",
+    "ahm-official": "ahm.masking.official",
 }
 
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from monai.networks.nets import UNETR, UNet
+from monai.networks.nets import UNETR
 from torch import Tensor, nn
 
 from ahm.config import ModelConfig
 from ahm.errors import AhmError
 from ahm.models.mae import freeze_unused_norms
 from ahm.models.norm import conv_norm, fast_instance_norms
+from ahm.models.unet_nets import build_unet_network, head_prefix
 
 SEGMENTERS = ("unetr", "unet")
 _BACKBONE_OF = {"unetr": "vit", "unet": "unet"}
@@ -45,15 +46,7 @@ def build_segmenter(
                 f"--image-size {image_size} is not divisible by {factor}, the product of model.unet_strides "
                 f"{tuple(model_cfg.unet_strides)}"
             )
-        unet = UNet(
-            spatial_dims=2,
-            in_channels=in_channels,
-            out_channels=num_classes,
-            channels=tuple(model_cfg.unet_channels),
-            strides=tuple(model_cfg.unet_strides),
-            num_res_units=model_cfg.unet_num_res_units,
-            norm=model_cfg.norm,
-        )
+        unet = build_unet_network(model_cfg, in_channels, num_classes)
         fast_instance_norms(unet)
         return unet
     if model_cfg.patch_size != UNETR_PATCH_SIZE:
@@ -114,12 +107,12 @@ def _unet_metadata(seg: nn.Module) -> dict[str, str]:
         "unet_num_res_units": str(seg.num_res_units),
         "in_channels": str(seg.in_channels),
         "norm": conv_norm(seg),
+        "unet_network": getattr(seg, "network", "unet"),
     }
 
 
 def _head_prefix(seg: nn.Module) -> str:
-    # MONAI's UNet is Sequential(first down block, skip connection holding the rest, final up block)
-    return f"model.{len(seg.model) - 1}."
+    return head_prefix(seg)
 
 
 def load_pretrained(
@@ -143,7 +136,7 @@ def load_pretrained(
     expected = _unetr_metadata(segmenter) if kind == "unetr" else _unet_metadata(segmenter)
     for key, value in expected.items():
         # encoders saved before the norm option existed were all instance-normalised
-        got_value = metadata.get(key, "instance" if key == "norm" else None)
+        got_value = metadata.get(key, {"norm": "instance", "unet_network": "unet"}.get(key))
         if got_value != value:
             if key == "norm":
                 raise AhmError(

@@ -12,7 +12,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from monai.networks.nets import UNet
 from torch import Tensor, nn
 
 from ahm.config import ModelConfig
@@ -27,6 +26,7 @@ from ahm.models.mae import (
     patchify,
 )
 from ahm.models.norm import fast_instance_norms
+from ahm.models.unet_nets import build_unet_network, decoder_features
 
 
 class MaskedUNet(MIMModel):
@@ -48,15 +48,9 @@ class MaskedUNet(MIMModel):
         self.num_res_units = model_cfg.unet_num_res_units
         self.norm_pix = model_cfg.norm_pix
         self.norm = model_cfg.norm
-        self.net = UNet(
-            spatial_dims=2,
-            in_channels=in_channels,
-            out_channels=in_channels,
-            channels=self.channels,
-            strides=self.strides,
-            num_res_units=self.num_res_units,
-            norm=self.norm,
-        )
+        self.network = model_cfg.unet_network
+        self.net = build_unet_network(model_cfg, in_channels, in_channels)
+        self.num_res_units = int(self.net.num_res_units)  # 0 for basic-unet, whatever the config says
         fast_instance_norms(self.net)
         self.mask_value = nn.Parameter(torch.zeros(in_channels))
 
@@ -80,9 +74,7 @@ class MaskedUNet(MIMModel):
     def features(self, images: Tensor) -> Tensor:
         """The decoder's last feature map (input of the final up block), averaged per patch: [B, L, D]."""
         self._check_input(images)
-        # MONAI's UNet is Sequential(first down block, skip connection holding the rest, final up block)
-        down, inner = self.net.model[0], self.net.model[1]
-        fmap = inner(down(images))
+        fmap = decoder_features(self.net, images)
         return F.adaptive_avg_pool2d(fmap, self.grid).flatten(2).transpose(1, 2)
 
     def export_encoder(self) -> dict[str, Tensor]:
@@ -95,6 +87,7 @@ class MaskedUNet(MIMModel):
             "unet_strides": ",".join(str(s) for s in self.strides),
             "unet_num_res_units": str(self.num_res_units),
             "norm": self.norm,
+            "unet_network": self.network,
             "patch_size": str(self.patch_size),
             "image_size": str(self.image_size),
             "in_channels": str(self.in_channels),

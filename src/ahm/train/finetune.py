@@ -125,19 +125,14 @@ def load_init(init: str | Path) -> PretrainedEncoder:
 
 
 def _apply_init(cfg: FinetuneConfig, enc: PretrainedEncoder) -> None:
-    """The encoder decides the network: its backbone, sizes, image size and channel count."""
-    pre_size = int(enc.metadata.get("image_size", enc.pretrain_cfg.data.image_size))
-    # A ViT's position embeddings fix its grid; convolution weights fit any size the strides divide.
-    if enc.segmenter == "unetr" and cfg.data.image_size != pre_size:
-        raise AhmError(f"--image-size {cfg.data.image_size} does not match the encoder in {enc.path} "
-                       f"(pretrained at {pre_size}); omit --image-size or use {pre_size}")
+    """The encoder decides the network: its backbone and sizes. Image size, channels and normalisation are
+    checked against the data once it is read (`init_check`)."""
     channels = enc.metadata.get("in_channels")
     if channels is not None:
         channels = int(channels)
         if cfg.data.channels is not None and cfg.data.channels != channels:
             raise AhmError(f"data.channels {cfg.data.channels} does not match the encoder in {enc.path} "
                            f"({channels} input channels)")
-        cfg.data.channels = channels
     # A UNet's norm layers are pretrained with it; UNETR's convolutional decoder (and its norm) starts fresh.
     norm = enc.pretrain_cfg.model.norm if enc.segmenter == "unet" else cfg.model.norm
     cfg.model = enc.pretrain_cfg.model.model_copy(update={"norm": norm})
@@ -252,6 +247,11 @@ def finetune(cfg: FinetuneConfig, out: str | Path, resume: bool = False, force: 
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     data = _prepare_data(cfg, out, resume)
+    if enc is not None:
+        from ahm.train.init_check import check_init_matches
+
+        check_init_matches(enc, cfg, data.in_channels, data.train.normalization)
+        cfg.data.channels = data.in_channels
     total = run_length(cfg, len(data.train.images), max(1, cfg.train.devices))[3]
     if cfg.init is not None and cfg.head_warmup_steps >= total:
         raise AhmError(f"head_warmup_steps: {cfg.head_warmup_steps} leaves none of the run's {total} steps to "
@@ -291,11 +291,14 @@ def run_length(cfg: FinetuneConfig, n_train: int, world: int) -> tuple[int, int,
 
 
 def _meta(cfg: FinetuneConfig, data: _Data, enc: PretrainedEncoder | None) -> dict[str, Any]:
+    from ahm.eval.metrics import class_names
+
     return {"segmenter": cfg.segmenter, "num_classes": data.num_classes, "in_channels": data.in_channels,
             "image_size": cfg.data.image_size, "slice_axis": cfg.data.slice_axis,
             "index_modality": data.index.modality, "layout": data.index.layout,
             "init": str(enc.run_dir) if enc is not None else "none",
-            "init_policy": enc.policy if enc is not None else None}
+            "init_policy": enc.policy if enc is not None else None, "select_by": cfg.select_by,
+            "class_names": class_names(data.num_classes, data.index.class_names)}
 
 
 def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool, data: _Data,
@@ -304,7 +307,7 @@ def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool,
 
     from ahm.data import ArrayDataset, segment_augment
     from ahm.eval.evaluate import predict_labels, save_model_checkpoint
-    from ahm.eval.metrics import mean_foreground_dice
+    from ahm.eval.metrics import selection_score
     from ahm.models import build_segmenter, load_pretrained
 
     rank, world = fabric.global_rank, fabric.world_size
@@ -335,7 +338,9 @@ def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool,
         if not isinstance(ckpt, dict) or ckpt.get("kind") != "finetune" or "model" not in ckpt:
             raise AhmError(f"{last_path}: not an ahm fine-tuning checkpoint")
         saved_meta = ckpt.get("meta", {})
-        for key in ("num_classes", "in_channels", "segmenter"):
+        for key in ("num_classes", "in_channels", "segmenter", "select_by"):
+            if key == "select_by" and key not in saved_meta:
+                continue  # a run from before the choice existed
             if saved_meta.get(key) != meta[key]:
                 raise AhmError(f"--resume: {key} is {meta[key]} for this data but {saved_meta.get(key)} in {last_path}")
         try:
@@ -370,7 +375,7 @@ def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool,
 
     def validate(epoch: int) -> float:
         preds = predict_labels(model, data.val.images, batch_size=max(batch_size, 16), device=fabric.device)
-        dice = mean_foreground_dice(preds, data.val.labels, data.num_classes)
+        dice = selection_score(preds, data.val.labels, data.num_classes, cfg.select_by)
         if dice > state["best_val_dice"]:
             state["best_val_dice"], state["best_epoch"] = dice, epoch
             if is_main:
@@ -463,6 +468,7 @@ def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool,
         "init": meta["init"], "init_policy": meta["init_policy"], "encoder_loaded": encoder_loaded,
         "images_per_s": meter.median() or rate, "train_s": time.perf_counter() - t_start,
         "skipped_batches": state["skipped"], "seed": cfg.train.seed, "val_every": val_every,
+        "selection_metric": f"validation {cfg.select_by} (best_val_dice is this figure)",
     }
     if is_main:
         from ahm.eval.evaluate import score_arrays
@@ -472,10 +478,10 @@ def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool,
         raw_model.load_state_dict(best["model"])
         preds = predict_labels(raw_model, data.val.images, batch_size=max(batch_size, 16), device=fabric.device)
         val_metrics = score_arrays(out / "eval" / "val", preds, data.val.labels, data.val.images, data.val.ids,
-                                   data.val.items, data.num_classes, "val",
+                                   data.val.items, data.num_classes, "val", names=meta["class_names"],
                                    extra={"checkpoint": f"checkpoints/{BEST}", "checkpoint_epoch": best["epoch"],
                                           "data": str(cfg.data.path), "source": data.val_source})
-        summary["val"] = {k: val_metrics[k] for k in ("dice", "iou", "hd95")}
+        summary["val"] = {k: val_metrics[k] for k in ("dice", "iou", "hd95", "dataset_dice", "level")}
         write_json(out / "summary.json", summary)
         write_report(out)
     return summary

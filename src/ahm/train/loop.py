@@ -33,15 +33,21 @@ def make_fabric(train: TrainConfig):
     if accelerator == "auto":
         accelerator = "cuda" if torch.cuda.is_available() else "cpu"
     under_torchrun = "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
-    devices = int(os.environ["WORLD_SIZE"]) if under_torchrun else train.devices
+    devices, num_nodes = train.devices, 1
+    if under_torchrun:
+        # torchrun decides: LOCAL_WORLD_SIZE processes on each of WORLD_SIZE / LOCAL_WORLD_SIZE nodes.
+        world = int(os.environ["WORLD_SIZE"])
+        devices = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        num_nodes = max(1, world // max(devices, 1))
     strategy = "auto"
-    if devices > 1:
+    if devices * num_nodes > 1:
         strategy = "ddp" if under_torchrun else "ddp_spawn"
     precision = "32-true" if train.precision == "32" else train.precision
     if precision == "16-mixed" and accelerator == "cpu":
         raise AhmError("--precision 16-mixed needs a GPU; on the CPU use bf16-mixed or 32-true")
     try:
-        return Fabric(accelerator=accelerator, devices=devices, strategy=strategy, precision=precision)
+        return Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
+                      precision=precision)
     except (ValueError, RuntimeError, TypeError) as exc:
         raise AhmError(f"--accelerator/--devices/--precision: {str(exc).splitlines()[0]}") from exc
 

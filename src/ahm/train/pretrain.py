@@ -24,7 +24,6 @@ from ahm.train.loop import (
     NonFiniteLoss,
     Throughput,
     all_reduce_grads,
-    batch_order,
     decay_param_groups,
     grads_finite,
     make_fabric,
@@ -36,31 +35,31 @@ from ahm.train.rundir import CHECKPOINT_DIR, LAST, MetricsLog, prepare_run_dir, 
 from ahm.train.schedule import lr_factor, set_lr
 
 SUMMARY_WINDOW = 50
+MAX_SEEN = 4096  # entries per rank kept as evidence of disjoint DDP shards (rank_samples.json)
 
 
-def load_pretrain_data(cfg: PretrainConfig, progress: bool = False):
-    """The training split's images as normalised arrays (labels are not needed), plus the splits."""
-    from ahm.data import load_arrays, make_splits, open_dataset
+def load_pretrain_data(cfg: PretrainConfig):
+    """The corpus (listed from headers; pixels are read while training) and the first source's splits."""
+    from ahm.data.corpus import open_corpus
+    from ahm.data.splits import make_splits
 
-    if not cfg.data.path:
-        raise AhmError("DATA: no dataset path given")
-    index = open_dataset(cfg.data.path, cfg.data)
-    splits = make_splits(index, cfg.data)
-    train_ids = splits["train"]
-    if not train_ids:
-        raise AhmError(f"{cfg.data.path}: no training images after splitting")
-    arrays = load_arrays(index, train_ids, cfg.data, labels=False)
-    return arrays, splits, index
+    corpus = open_corpus(cfg)
+    first = corpus.sources[0]
+    splits = make_splits(first.index, first.data_cfg) if first.index.has_labels else {"train": list(first.ids)}
+    return corpus, splits
 
 
-def forward_step(model, policy, images: torch.Tensor, progress: float):
+def forward_step(model, policy, images: torch.Tensor, progress: float, trains_model: bool = True):
     """One MIM step's forward: the policy proposes, the model reconstructs, the policy observes.
 
     Returns (total loss to backpropagate, MIMOutput, PolicyStep). Shared by the loop and `ahm bench speed`.
+    `trains_model` False (a staged policy's frozen-model stage): the model runs without gradient, and the
+    returned loss is only for logging (the policy learnt inside `observe_output`).
     """
     mask = policy.propose(images, progress)
-    out = model(images, mask)
-    pstep = policy.observe(images, mask, out.per_patch_loss.detach().float(), progress)
+    with torch.set_grad_enabled(trains_model and torch.is_grad_enabled()):
+        out = model(images, mask)
+    pstep = policy.observe_output(images, mask, out, progress)
     loss = out.loss if pstep.aux_loss is None else out.loss + pstep.aux_loss
     return loss, out, pstep
 
@@ -95,10 +94,12 @@ def check_config(cfg: PretrainConfig) -> None:
         raise AhmError(f"--policy: unknown masking policy {cfg.masking.policy!r}; choose one of {', '.join(policy_names())}")
     if cfg.model.backbone == "vit":
         cfg.model.vit_dims()
-    if not cfg.data.path:
+    paths = [s.path for s in cfg.sources] or ([cfg.data.path] if cfg.data.path else [])
+    if not paths:
         raise AhmError("DATA: no dataset path given")
-    if not Path(cfg.data.path).exists():
-        raise AhmError(f"{cfg.data.path}: dataset folder not found")
+    for path in paths:
+        if not Path(path).exists():
+            raise AhmError(f"{path}: dataset folder not found")
 
 
 def pretrain(cfg: PretrainConfig, out: str | Path, resume: bool = False, force: bool = False,
@@ -141,22 +142,24 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: bool = False, force: 
 
 
 def _run(fabric, cfg: PretrainConfig, out: Path, resume: bool, progress: bool, stop_at: Optional[int] = None) -> dict[str, Any]:
+    from ahm.data.corpus import describe
     from ahm.models import build_mim_model
 
     rank, world = fabric.global_rank, fabric.world_size
     is_main = rank == 0
-    arrays, splits, index = load_pretrain_data(cfg)
+    corpus, splits = load_pretrain_data(cfg)
     if is_main and not resume:
         write_json(out / "splits.json", splits)
-    n_items = len(arrays.images)
-    in_channels = int(arrays.images.shape[1])
+        write_json(out / "corpus.json", describe(corpus))
+    n_items = corpus.epoch_size
+    in_channels = corpus.channels
     per_step = cfg.train.batch_size * world
     if n_items < per_step:
         raise AhmError(
             f"{cfg.data.path}: {n_items} training images, fewer than --batch-size {cfg.train.batch_size}"
             + (f" x {world} devices" if world > 1 else "")
         )
-    steps_per_epoch = n_items // per_step
+    steps_per_epoch = corpus.steps_per_epoch(cfg.train.batch_size, world)
     total = cfg.train.steps if cfg.train.steps is not None else (cfg.train.epochs or 1) * steps_per_epoch
 
     torch.manual_seed(cfg.train.seed)
@@ -167,13 +170,14 @@ def _run(fabric, cfg: PretrainConfig, out: Path, resume: bool, progress: bool, s
     )
     policy = build_policy(cfg.masking, ctx)
     try:
-        return _train(fabric, cfg, out, resume, progress, model, policy, arrays, total, steps_per_epoch, is_main, stop_at)
+        return _train(fabric, cfg, out, resume, progress, model, policy, corpus, total, steps_per_epoch, is_main, stop_at)
     finally:
         policy.close()
 
 
-def _train(fabric, cfg, out, resume, progress, model, policy, arrays, total, steps_per_epoch, is_main, stop_at=None):
-    from ahm.data import ArrayDataset, pretrain_augment
+def _train(fabric, cfg, out, resume, progress, model, policy, corpus, total, steps_per_epoch, is_main, stop_at=None):
+    from ahm.data import pretrain_augment
+    from ahm.data.corpus import CorpusDataset, StepBatches, default_workers, make_loader
 
     rank, world = fabric.global_rank, fabric.world_size
     optimizer, policy_params = build_optimizer(model, policy, cfg)
@@ -198,8 +202,23 @@ def _train(fabric, cfg, out, resume, progress, model, policy, arrays, total, ste
         model = torch.compile(model)
     model, optimizer = fabric.setup(model, optimizer)
 
-    dataset = ArrayDataset(arrays.images, None, pretrain_augment(cfg.data.image_size) if cfg.train.augment else None,
-                           seed=cfg.train.seed)
+    from ahm.data.corpus import PRELOAD_BYTES
+
+    dataset = CorpusDataset(corpus, pretrain_augment(cfg.data.image_size) if cfg.train.augment else None,
+                            seed=cfg.train.seed)
+    problems: list[str] = [p for source in corpus.sources for p in source.index.problems]  # found while listing
+    if cfg.preload == "yes" or (cfg.preload == "auto" and corpus.nbytes() <= PRELOAD_BYTES):
+        problems += dataset.preload()
+    end = total if stop_at is None else min(total, stop_at)
+    workers = cfg.train.workers if cfg.train.workers is not None else default_workers()
+    import multiprocessing
+
+    if multiprocessing.current_process().daemon:
+        workers = 0  # a daemonic process (a pool worker, a test harness) may not start DataLoader processes
+    loader = make_loader(dataset, StepBatches(corpus, cfg.train.seed, cfg.train.batch_size, start_step, end, rank,
+                                              world), workers)
+    batches = iter(loader)
+    seen: list[int] = []
     log = MetricsLog(out, resume_step=start_step if resume else None, tensorboard=is_main) if is_main else None
     window: dict[str, deque] = defaultdict(lambda: deque(maxlen=SUMMARY_WINDOW))
     if resume and is_main:
@@ -216,6 +235,8 @@ def _train(fabric, cfg, out, resume, progress, model, policy, arrays, total, ste
     bar = _progress_bar(progress and is_main, total, start_step)
 
     saved: dict[str, int | None] = {"step": start_step if resume else None}
+    stages = policy.stages()
+    staged = len(stages) > 1
 
     def save_checkpoint(next_step: int) -> None:
         if not is_main:
@@ -235,32 +256,40 @@ def _train(fabric, cfg, out, resume, progress, model, policy, arrays, total, ste
                            f"{kept}; run stopped, continue with --resume once there is room") from exc
         saved["step"] = next_step
 
-    epoch_cache: dict[int, list[list[int]]] = {}
     try:
         with stop_on_sigint() as sig:
-            while step < (total if stop_at is None else min(total, stop_at)):
-                epoch, within = divmod(step, steps_per_epoch)
-                if epoch not in epoch_cache:
-                    epoch_cache.clear()
-                    epoch_cache[epoch] = batch_order(len(dataset), epoch, cfg.train.seed, cfg.train.batch_size, rank, world)
-                    dataset.set_epoch(epoch)
-                idx = epoch_cache[epoch][within]
+            while step < end:
                 meter.start()
-                images = torch.stack([dataset[i]["image"] for i in idx]).to(fabric.device)
+                batch = next(batches)
+                problems.extend(batch["problems"])
+                if batch["error"] is not None:
+                    good = _checkpoint_path(out)
+                    raise AhmError(f"{batch['error']}; run stopped at step {step}. Last checkpoint: "
+                                   + (f"{good} (step {saved['step']})" if saved["step"] is not None and good.is_file()
+                                      else "none yet") + " (set data.skip_bad to skip unreadable files)")
+                idx = batch["entry"]
+                if len(seen) < MAX_SEEN:
+                    seen.extend(idx)
+                images = batch["image"].to(fabric.device)
                 progress_frac = step / total
-                lr = set_lr(optimizer, lr_factor(step, total, cfg.train.warmup_steps, cfg.train.min_lr / max(cfg.train.lr, 1e-12)))
+                # each stage starts its own warm-up and cosine (MAE's schedule per MIM stage); one stage: the run's
+                stage = policy.stage_at(step)
+                model.train(stage.trains_model)
+                lr = set_lr(optimizer, lr_factor(step - stage.start, stage.steps, cfg.train.warmup_steps,
+                                                 cfg.train.min_lr / max(cfg.train.lr, 1e-12)))
 
-                loss, out_mim, pstep = forward_step(model, policy, images, progress_frac)
+                loss, out_mim, pstep = forward_step(model, policy, images, progress_frac, stage.trains_model)
                 optimizer.zero_grad(set_to_none=True)
-                bad = nonfinite_loss_reason(fabric, loss)
-                if bad is None:
+                # a frozen-model stage has nothing to backpropagate (the policy stepped its own optimiser)
+                bad = nonfinite_loss_reason(fabric, loss) if stage.trains_model else None
+                if stage.trains_model and bad is None:
                     fabric.backward(loss)
                     all_reduce_grads(fabric, policy_params)
                     # A finite loss with inf/NaN gradients would poison the weights and every later checkpoint.
                     # (16-mixed is exempt: its grad scaler expects inf gradients now and then and skips those steps.)
                     if cfg.train.precision != "16-mixed" and not grads_finite(list(raw_model.parameters()) + policy_params):
                         bad = f"the loss is {float(loss.detach()):.4g} but a gradient is not finite"
-                if bad is not None:
+                if stage.trains_model and bad is not None:
                     if cfg.train.nan_policy != "skip":
                         good = _checkpoint_path(out)
                         raise NonFiniteLoss(
@@ -271,7 +300,7 @@ def _train(fabric, cfg, out, resume, progress, model, policy, arrays, total, ste
                         )
                     skipped += 1
                     optimizer.zero_grad(set_to_none=True)
-                else:
+                elif stage.trains_model:
                     if cfg.train.clip_grad > 0:
                         fabric.clip_gradients(model, optimizer, max_norm=cfg.train.clip_grad, error_if_nonfinite=False)
                         if policy_params:
@@ -279,7 +308,7 @@ def _train(fabric, cfg, out, resume, progress, model, policy, arrays, total, ste
                     optimizer.step()
                 rate = meter.stop(len(idx) * world)
                 step += 1
-                if bad is None:
+                if bad is None and math.isfinite(float(out_mim.loss.detach())):
                     last_loss = float(out_mim.loss.detach())
                     pending["loss"].append(last_loss)
                     window["loss"].append(last_loss)
@@ -287,8 +316,11 @@ def _train(fabric, cfg, out, resume, progress, model, policy, arrays, total, ste
                         if value is not None and not (isinstance(value, float) and math.isnan(value)):
                             pending[key].append(float(value))
                             window[key].append(float(value))
-                if log is not None and (step % cfg.train.log_every == 0 or step == total):
+                # a stage's last step is always logged, so every stage has final diagnostics in metrics.jsonl
+                if log is not None and (step % cfg.train.log_every == 0 or step == total or step == stage.end):
                     record = {"step": step, "lr": lr, "images_per_s": rate}
+                    if staged:
+                        record["stage"] = stages.index(stage)
                     record.update({k: float(np.mean(v)) for k, v in pending.items() if v})
                     if skipped:
                         record["skipped_batches"] = skipped
@@ -306,6 +338,7 @@ def _train(fabric, cfg, out, resume, progress, model, policy, arrays, total, ste
                     )
         save_checkpoint(step)
     finally:
+        del batches  # stops the loader's workers
         if bar is not None:
             bar.close()
         if log is not None:
@@ -322,22 +355,57 @@ def _train(fabric, cfg, out, resume, progress, model, policy, arrays, total, ste
         "skipped_batches": skipped,
         "world_size": world,
         "seed": cfg.train.seed,
+        "corpus_images": corpus.n_entries,
+        "loader_workers": workers,
+        "preloaded": dataset.preloaded,
+        "agent_parameters": int(policy.agent_parameters),
     }
+    if problems:
+        summary["skipped_files"] = {"count": len(problems), "first": problems[:5]}
     for key, values in window.items():
         if key != "loss" and values:
             summary[key] = float(np.mean(values))
     if world > 1:
         # Evidence that ranks stayed in lock-step: model (DDP) and policy (all-reduced grads) weights agree.
         prints = fabric.all_gather(_fingerprint(raw_model, policy).to(fabric.device)).cpu()
+        # The entries each rank trained on (the first MAX_SEEN): evidence that the ranks read disjoint shards.
+        shown = torch.full((MAX_SEEN,), -1, dtype=torch.long)
+        shown[:min(len(seen), MAX_SEEN)] = torch.tensor(seen[:MAX_SEEN], dtype=torch.long)
+        entries = fabric.all_gather(shown.to(fabric.device)).cpu()
         if is_main:
             write_json(out / "rank_fingerprints.json", {str(r): prints[r].tolist() for r in range(world)})
+            write_json(out / "rank_samples.json", {str(r): [int(k) for k in entries[r] if k >= 0]
+                                                   for r in range(world)})
             summary["ranks_agree"] = bool((prints == prints[0]).all())
+    if staged and is_main:
+        summary["stages"] = stage_summaries(read_metrics(out), stages)
     if is_main:
         save_safetensors(out / "encoder.safetensors", raw_model.export_encoder(),
-                         metadata={**raw_model.encoder_metadata(), "policy": cfg.masking.policy})
+                         metadata={**raw_model.encoder_metadata(), "policy": cfg.masking.policy,
+                                   "normalization": corpus.normalization()})
         _write_reconstructions(raw_model, policy, dataset, out / "reconstructions.png", fabric.device)
         write_json(out / "summary.json", summary)
     return summary
+
+
+STAGE_DIAGNOSTICS = ("loss", "hardness_ratio", "critic_spearman", "background_share", "agent_loss", "mean_reward")
+STAGE_TAIL = 5  # logged records averaged for a stage's final diagnostics
+
+
+def stage_summaries(records: list[dict[str, Any]], stages: list) -> list[dict[str, Any]]:
+    """Per stage: its steps and the mean of each diagnostic over its last few logged records (from metrics.jsonl,
+    so a resumed run reports what an uninterrupted one does)."""
+    result = []
+    for stage in stages:
+        entry: dict[str, Any] = {"name": stage.name, "start": stage.start, "end": stage.end, "steps": stage.steps,
+                                 "trains_model": stage.trains_model}
+        inside = [r for r in records if stage.start < int(r.get("step", -1)) <= stage.end]
+        for key in STAGE_DIAGNOSTICS:
+            values = [float(r[key]) for r in inside if isinstance(r.get(key), (int, float))][-STAGE_TAIL:]
+            if values:
+                entry[key] = float(np.mean(values))
+        result.append(entry)
+    return result
 
 
 def _fingerprint(model: torch.nn.Module, policy: torch.nn.Module) -> torch.Tensor:
@@ -384,7 +452,7 @@ def _write_reconstructions(model, policy, dataset, path: Path, device, n: int = 
     from ahm.io import write_bytes
 
     n = min(n, len(dataset))
-    images = torch.from_numpy(np.ascontiguousarray(dataset.images[:n])).float().to(device)
+    images = torch.stack([dataset.image(k) for k in range(n)]).float().to(device)
     was_training = model.training
     model.eval()
     state = policy.generator.get_state()

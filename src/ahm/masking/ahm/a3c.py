@@ -94,11 +94,11 @@ def _worker_main(rank: int, agent_kwargs: dict[str, Any], loss_kwargs: dict[str,
     torch.set_num_threads(1)
     results.cancel_join_thread()
     try:
-        from ahm.masking.ahm.agent import AhmAgent
+        from ahm.masking.ahm.agent import build_agent
         from ahm.masking.ahm.losses import agent_loss
 
         torch.manual_seed(seed + 7919 * (rank + 1))
-        local = AhmAgent(**agent_kwargs)
+        local = build_agent(**agent_kwargs)
         global_params = list(global_agent.parameters())
         optimizer = SharedAdam(global_params, adam_lr, shared=adam_shared)
         while not stop.is_set():

@@ -1,4 +1,5 @@
-"""The AHM actor-critic: a light network over the patch tokens of an image.
+"""The AHM actor-critics: a light transformer over the patch tokens of an image (`AhmAgent`, our design), and the
+authors' fully convolutional agent (`ConvAgent`), chosen with `masking.agent`.
 
 It never runs the MIM encoder: its own strided-conv patch embedding and one or two small transformer
 blocks are the whole cost, which is what separates AHM from HPM (whose teacher encodes every patch).
@@ -80,6 +81,7 @@ class AhmAgent(nn.Module):
     def init_kwargs(self) -> dict[str, object]:
         """Constructor arguments that rebuild an agent of the same shape (used by A3C worker processes)."""
         return {
+            "kind": "transformer",
             "in_channels": self.in_channels,
             "patch_size": self.patch_size,
             "grid": self.grid,
@@ -87,3 +89,85 @@ class AhmAgent(nn.Module):
             "depth": len(self.blocks),
             "heads": self.blocks[0].heads if len(self.blocks) else 1,
         }
+
+
+def conv_agent_levels(patch_size: int) -> int:
+    """How many stride-2 levels take the image to its patch grid: log2(patch size); refused if not a power of two."""
+    if patch_size < 2 or patch_size & (patch_size - 1):
+        raise AhmError(
+            f"--patch-size {patch_size}: the convolutional agent halves the image once per level down to the patch "
+            f"grid, so the patch size must be a power of two (4, 8, 16, 32)"
+        )
+    return patch_size.bit_length() - 1
+
+
+def _conv_bn_relu(channels: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(channels, channels, kernel_size=3, stride=stride, padding=1),
+        nn.BatchNorm2d(channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+class ConvAgent(nn.Module):
+    """The authors' agent (AHMN, Xu et al. 2025) rebuilt from its description: a small fully convolutional
+    actor-critic whose output maps have one cell per patch.
+
+    Stem: 3x3 conv to `width` channels (no bias) + BN + ReLU6. Trunk: log2(patch) stride-2 3x3 conv-BN-ReLU
+    layers (four for 16 px patches: a 320 px image gives a 20x20 grid). Two heads of the same shape, three 3x3
+    conv-BN-ReLU layers and a 1x1 conv: the policy logit z (the paper's policy map is sigmoid(z)) and the value,
+    which the paper passes through BN + ReLU6 (`value_head="bn-relu6"`, bounded in [0, 6]); `"linear"` leaves it
+    unbounded for the joint AHM variant, whose rewards are standardised and so half negative.
+    At width 64 and 1 input channel it has 371,396 parameters, as the authors' network does.
+    forward(images [B,C,H,W]) -> (logits [B,L], values [B,L]), L = (H/patch) * (W/patch), row-major.
+    """
+
+    def __init__(self, in_channels: int, patch_size: int, grid: tuple[int, int], width: int = 64,
+                 value_head: str = "bn-relu6") -> None:
+        super().__init__()
+        if value_head not in ("bn-relu6", "linear"):
+            raise AhmError(f"agent value head {value_head!r} is not known; choose bn-relu6 or linear")
+        self.grid = (int(grid[0]), int(grid[1]))
+        self.patch_size = int(patch_size)
+        self.in_channels = int(in_channels)
+        self.width = int(width)
+        self.value_head = value_head
+        levels = conv_agent_levels(self.patch_size)
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, width, kernel_size=3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU6(),
+        )
+        self.down = nn.Sequential(*(_conv_bn_relu(width, 2) for _ in range(levels)))
+        self.policy_head = nn.Sequential(*(_conv_bn_relu(width, 1) for _ in range(3)), nn.Conv2d(width, 1, 1))
+        self.value_trunk = nn.Sequential(*(_conv_bn_relu(width, 1) for _ in range(3)), nn.Conv2d(width, 1, 1))
+        self.value_out = nn.Sequential(nn.BatchNorm2d(1), nn.ReLU6()) if value_head == "bn-relu6" else nn.Identity()
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        x = images.detach().float()
+        if x.shape[1] != self.in_channels:
+            raise AhmError(f"agent: built for {self.in_channels} input channels, got images with {x.shape[1]}")
+        feats = self.down(self.stem(x))
+        if tuple(feats.shape[-2:]) != self.grid:
+            raise AhmError(
+                f"agent: a {x.shape[-2]}x{x.shape[-1]} image gives a {feats.shape[-2]}x{feats.shape[-1]} map, not the "
+                f"{self.grid[0]}x{self.grid[1]} patch grid; use --image-size divisible by --patch-size {self.patch_size}"
+            )
+        logits = self.policy_head(feats).flatten(1)
+        values = self.value_out(self.value_trunk(feats)).flatten(1)
+        return logits, values
+
+    def init_kwargs(self) -> dict[str, object]:
+        """Constructor arguments that rebuild an agent of the same shape (A3C worker processes)."""
+        return {"kind": "conv", "in_channels": self.in_channels, "patch_size": self.patch_size, "grid": self.grid,
+                "width": self.width, "value_head": self.value_head}
+
+
+AGENT_KINDS = ("transformer", "conv")
+
+
+def build_agent(kind: str = "transformer", **kwargs: object) -> nn.Module:
+    """An agent by kind ("transformer": AhmAgent, "conv": ConvAgent) from its `init_kwargs()` or config."""
+    if kind == "transformer":
+        return AhmAgent(**kwargs)  # type: ignore[arg-type]
+    if kind == "conv":
+        return ConvAgent(**kwargs)  # type: ignore[arg-type]
+    raise AhmError(f"--agent {kind!r} is not known; choose one of {', '.join(AGENT_KINDS)}")

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ahm.config import MaskingConfig
 from ahm.errors import AhmError
-from ahm.masking.ahm.agent import AhmAgent
+from ahm.masking.ahm.agent import build_agent
 from ahm.masking.ahm.losses import agent_loss, normalised_reward
 from ahm.masking.ahm.sampling import gumbel_noise, gumbel_topk
 from ahm.masking.base import (
@@ -103,8 +103,14 @@ class AHMPolicy(MaskingPolicy):
         # seeded from the run seed only, so every DDP rank starts from the same agent
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(ctx.seed)
-            self.agent = AhmAgent(ctx.in_channels, ctx.patch_size, ctx.grid, cfg.agent_dim, cfg.agent_depth,
-                                  cfg.agent_heads)
+            if cfg.agent == "conv":
+                # the authors' network with an unbounded value: this variant's rewards are standardised
+                self.agent = build_agent("conv", in_channels=ctx.in_channels, patch_size=ctx.patch_size,
+                                         grid=ctx.grid, width=cfg.agent_dim, value_head="linear")
+            else:
+                self.agent = build_agent("transformer", in_channels=ctx.in_channels, patch_size=ctx.patch_size,
+                                         grid=ctx.grid, dim=cfg.agent_dim, depth=cfg.agent_depth,
+                                         heads=cfg.agent_heads)
         self._draw: _Draw | None = None
         self._workers: Any = None
         if self.asynchronous:
@@ -137,7 +143,7 @@ class AHMPolicy(MaskingPolicy):
 
     @property
     def agent_device(self) -> torch.device:
-        return self.agent.pos_embed.device
+        return next(self.agent.parameters()).device
 
     @property
     def workers(self) -> Any:
@@ -253,7 +259,7 @@ class AHMPolicy(MaskingPolicy):
         problem = self._state_mismatch(state_dict)
         if problem is not None:
             raise AgentCheckpointMismatch(
-                f"{problem}; use the run's --agent-dim/-depth/-heads, --patch-size, --image-size"
+                f"{problem}; use the run's --agent, --agent-dim/-depth/-heads, --patch-size, --image-size"
             )
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 

@@ -1,0 +1,398 @@
+"""The pretraining corpus: one or more sources, listed from headers, read lazily by a torch DataLoader.
+
+A corpus is any number of dataset folders (any layout, labelled or not) or a manifest (`corpus.json`). Listing it
+reads headers only (a volume's slice count from its header); pixels are read when a sample is drawn, by
+`prepare_item` (the path in-memory loading uses too), in DataLoader worker processes ahead of the step. Memory
+therefore does not grow with the corpus: a worker holds the preprocessed slices of the few volumes it is reading
+(`VolumeSlices`), not the corpus.
+
+Order and determinism: an epoch's order is a function of (seed, epoch) only (`Corpus.epoch_order`): sources are
+drawn by weight, then volumes are shuffled and grouped into windows of a few volumes whose slices are shuffled
+together (so a worker reads each volume about once an epoch instead of once per slice; 2D files form windows of
+`WINDOW_ITEMS`), and augmentation is seeded by (seed, epoch, position). The batches of step s are the same in
+any number of workers and after a resume mid-epoch; under DDP each rank takes its own disjoint share of every
+global batch (`StepBatches`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from ahm.config import DataConfig, PretrainConfig, SourceConfig
+from ahm.data.layouts import DatasetIndex, Item
+from ahm.errors import AhmError
+
+WINDOW_ITEMS = 2048  # slots shuffled together: a window of 2D files, or the slices of a few volumes
+WINDOW_VOLUMES = 8  # volumes per window at most (each worker keeps this many preprocessed volumes)
+PRELOAD_BYTES = 1 << 30  # preload: "auto" reads a corpus into memory when its preprocessed size is at most this
+MANIFEST_NAMES = (".json",)
+DESCRIPTIVE_KEYS = ("index",)
+MAX_SUBSTITUTES = 8  # with skip_bad, how many following entries may stand in for an unreadable one
+
+
+@dataclass
+class CorpusSource:
+    """One listed source: its index, the item ids it contributes, and how to read them."""
+
+    spec: SourceConfig
+    index: DatasetIndex
+    ids: list[str]
+    data_cfg: DataConfig
+    start: int = 0  # its first entry in the corpus
+
+    @property
+    def stop(self) -> int:
+        return self.start + len(self.ids)
+
+
+def default_workers() -> int:
+    """Half the CPU cores, at most 4 (the other half computes the step on a CPU machine)."""
+    return max(0, min(4, (os.cpu_count() or 1) // 2))
+
+
+def read_manifest(path: Path) -> list[SourceConfig]:
+    """Sources of a corpus.json: `{"sources": [{"path": ..., "modality": ..., "weight": ...}, ...]}` or the bare
+    list. Relative paths resolve against the manifest's folder and may not leave it."""
+    from pydantic import ValidationError
+
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AhmError(f"{path}: cannot read the corpus manifest ({exc})") from exc
+    except json.JSONDecodeError as exc:
+        raise AhmError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from exc
+    entries = doc.get("sources") if isinstance(doc, dict) else doc
+    if not isinstance(entries, list) or not entries:
+        raise AhmError(f'{path}: a corpus manifest lists its sources: {{"sources": [{{"path": "..."}}, ...]}}')
+    root = path.parent.resolve()
+    sources = []
+    for n, entry in enumerate(entries, 1):
+        if isinstance(entry, str):
+            entry = {"path": entry}
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+            raise AhmError(f"{path}: source {n} must be an object with a 'path'")
+        # What `ahm data index` records about a source (its "index" counts) describes it; it is not a setting.
+        entry = {k: v for k, v in entry.items() if k not in DESCRIPTIVE_KEYS}
+        where = Path(entry["path"]).expanduser()
+        if not where.is_absolute():
+            where = (root / where).resolve()
+            if where != root and root not in where.parents:
+                raise AhmError(f"{path}: source {n} ({entry['path']}) leaves the manifest's folder {root}")
+        try:
+            sources.append(SourceConfig(**{**entry, "path": str(where)}))
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            field = ".".join(str(x) for x in err.get("loc", ())) or "entry"
+            raise AhmError(f"{path}: source {n}: {field}: {err.get('msg')}") from exc
+    return sources
+
+
+def resolve_sources(paths: list[str | Path]) -> list[SourceConfig]:
+    """What `ahm pretrain SRC [SRC ...]` was given: dataset folders and corpus manifests, in order."""
+    sources: list[SourceConfig] = []
+    for p in paths:
+        path = Path(p).expanduser()
+        if path.is_file() and path.suffix.lower() in MANIFEST_NAMES:
+            sources.extend(read_manifest(path))
+        elif path.is_dir():
+            sources.append(SourceConfig(path=str(path)))
+        elif path.exists():
+            raise AhmError(f"{path}: a pretraining source is a dataset folder or a corpus .json manifest")
+        else:
+            raise AhmError(f"{path}: dataset folder not found")
+    return sources
+
+
+def _source_data_cfg(cfg: PretrainConfig, spec: SourceConfig) -> DataConfig:
+    update: dict[str, Any] = {"path": spec.path}
+    for key in ("layout", "modality", "ct_window"):
+        value = getattr(spec, key)
+        if value is not None:
+            update[key] = value
+    return cfg.data.model_copy(update=update)
+
+
+class Corpus:
+    """The listed corpus: entries (source, item) in a fixed order, with the epoch order and sample reading."""
+
+    def __init__(self, sources: list[CorpusSource], channels: int, image_size: int) -> None:
+        self.sources = sources
+        self.channels = channels
+        self.image_size = image_size
+        start = 0
+        for source in sources:
+            source.start = start
+            start += len(source.ids)
+        self._by_id = [source.index.by_id() for source in sources]
+        self.n_entries = start
+        self.epoch_size = sum(self._draws(s) for s in sources)
+        self._keys = [self._group_key(k) for k in range(self.n_entries)]
+        self.members: dict[str, list[int]] = {}
+        for k, key in enumerate(self._keys):
+            self.members.setdefault(key, []).append(k)
+
+    @staticmethod
+    def _draws(source: CorpusSource) -> int:
+        whole, frac = divmod(source.spec.weight, 1.0)
+        return int(whole) * len(source.ids) + int(round(frac * len(source.ids)))
+
+    def __len__(self) -> int:
+        return self.n_entries
+
+    def entry(self, k: int) -> tuple[CorpusSource, Item]:
+        for s, source in enumerate(self.sources):
+            if source.start <= k < source.stop:
+                return source, self._by_id[s][source.ids[k - source.start]]
+        raise IndexError(k)
+
+    def group_key(self, k: int) -> str:
+        """Entries that share a volume share a key (read together); a 2D file is its own group."""
+        return self._keys[k]
+
+    def _group_key(self, k: int) -> str:
+        source, item = self.entry(k)
+        return f"{source.start}:{item.image}" if item.slice is not None else f"{source.start}:{item.id}"
+
+    def epoch_order(self, epoch: int, seed: int) -> list[int]:
+        """The entries of one epoch in training order (length `epoch_size`): a function of (seed, epoch) only."""
+        g = torch.Generator().manual_seed(1_000_003 * (seed + 1) + epoch)
+        slots: list[int] = []
+        for source in self.sources:
+            base = list(range(source.start, source.stop))
+            whole, frac = divmod(source.spec.weight, 1.0)
+            slots += base * int(whole)
+            extra = int(round(frac * len(base)))
+            if extra:
+                pick = torch.randperm(len(base), generator=g)[:extra].tolist()
+                slots += [base[i] for i in sorted(pick)]
+        groups: dict[str, list[int]] = {}
+        for k in slots:
+            groups.setdefault(self._keys[k], []).append(k)
+        keys = list(groups)
+        order: list[int] = []
+        window: list[int] = []
+        volumes = 0
+        for gi in torch.randperm(len(keys), generator=g).tolist():
+            members = groups[keys[gi]]
+            window += members
+            volumes += len(members) > 1
+            if len(window) >= WINDOW_ITEMS or volumes >= WINDOW_VOLUMES:
+                order += [window[i] for i in torch.randperm(len(window), generator=g).tolist()]
+                window, volumes = [], 0
+        order += [window[i] for i in torch.randperm(len(window), generator=g).tolist()]
+        return order
+
+    def normalization(self) -> str:
+        """The intensity rule of the corpus (`normalization_rule`), kept with the pretrained weights; sources
+        normalised differently are joined with " + " (a fine-tuning set then matches none of them alone)."""
+        from ahm.data.dataset import normalization_rule
+
+        rules = list(dict.fromkeys(normalization_rule(s.data_cfg, s.index) for s in self.sources))
+        return " + ".join(rules)
+
+    def nbytes(self) -> int:
+        """Memory the preprocessed corpus would take (float32 on the model grid)."""
+        return self.n_entries * self.channels * self.image_size ** 2 * 4
+
+    def steps_per_epoch(self, batch_size: int, world_size: int) -> int:
+        return self.epoch_size // (batch_size * world_size)
+
+
+def open_corpus(cfg: PretrainConfig, log: Callable[[str], None] | None = None) -> Corpus:
+    """List the corpus of a pretraining config (headers only) and check its channels agree."""
+    from ahm.data.dataset import prepare_item
+    from ahm.data.layouts import open_dataset
+    from ahm.data.splits import make_splits
+
+    specs = list(cfg.sources) or ([SourceConfig(path=cfg.data.path)] if cfg.data.path else [])
+    if not specs:
+        raise AhmError("DATA: no dataset path given")
+    sources: list[CorpusSource] = []
+    channels: dict[int, str] = {}
+    for spec in specs:
+        if not Path(spec.path).exists():
+            raise AhmError(f"{spec.path}: dataset folder not found")
+        data_cfg = _source_data_cfg(cfg, spec)
+        index = open_dataset(spec.path, data_cfg)
+        all_splits = spec.all_splits if spec.all_splits is not None else cfg.all_splits
+        if index.has_labels and not all_splits:
+            ids = list(make_splits(index, data_cfg)["train"])
+        else:
+            ids = [item.id for item in index.items]
+        if not ids:
+            raise AhmError(f"{spec.path}: no pretraining images in this source (its training split is empty)")
+        source = CorpusSource(spec, index, ids, data_cfg)
+        # One image per source tells its channels (the corpus must agree unless data.channels unifies them).
+        first = index.by_id()[ids[0]]
+        image, _, _ = prepare_item(first, index, data_cfg, labels=False, channels=cfg.data.channels)
+        channels.setdefault(int(image.shape[0]), spec.path)
+        sources.append(source)
+    if len(channels) > 1:
+        shown = "; ".join(f"{where}: {c} channel(s)" for c, where in channels.items())
+        raise AhmError(f"the corpus mixes channel counts ({shown}); set data.channels to convert them")
+    corpus = Corpus(sources, next(iter(channels)), cfg.data.image_size)
+    if corpus.epoch_size == 0:
+        raise AhmError("the corpus is empty")
+    return corpus
+
+
+class VolumeSlices:
+    """A worker's small cache: the preprocessed corpus slices of the last few volumes it read (LRU)."""
+
+    def __init__(self, capacity: int = WINDOW_VOLUMES) -> None:
+        self.capacity = capacity
+        self._held: OrderedDict[str, dict[int, np.ndarray]] = OrderedDict()
+
+    def get(self, corpus: Corpus, k: int) -> np.ndarray:
+        from ahm.data.dataset import _VolumeCache, prepare_item
+
+        source, item = corpus.entry(k)
+        if item.slice is None:
+            return prepare_item(item, source.index, source.data_cfg, False, corpus.channels)[0]
+        key = corpus.group_key(k)
+        if key not in self._held:
+            while len(self._held) >= self.capacity:
+                self._held.popitem(last=False)
+            # Every corpus slice of this volume, preprocessed from one read of it.
+            cache = _VolumeCache()
+            members = corpus.members[key]
+            self._held[key] = {
+                j: prepare_item(corpus.entry(j)[1], source.index, source.data_cfg, False, corpus.channels, cache)[0]
+                for j in members}
+        self._held.move_to_end(key)
+        return self._held[key][k]
+
+
+class CorpusDataset(torch.utils.data.Dataset):
+    """Samples keyed by (epoch, position in the epoch, entry): `{"image": [C,S,S], "entry": k}`, augmented with a
+    seed of (seed, epoch, position) so that they do not depend on the worker that reads them."""
+
+    def __init__(self, corpus: Corpus, transform: Callable[[dict], dict] | None, seed: int) -> None:
+        self.corpus = corpus
+        self.transform = transform
+        self.seed = int(seed)
+        self._slices: VolumeSlices | None = None
+        self._preloaded: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.corpus)
+
+    def preload(self, progress: Callable[[int, int], None] | None = None) -> list[str]:
+        """Read the whole corpus into memory once (the fast path for a corpus that fits; workers forked after
+        this share it). The samples are the same as streamed ones: both come from `prepare_item`. Returns the
+        problems of files skipped with data.skip_bad; without it the first unreadable file raises."""
+        images = torch.empty((len(self.corpus), self.corpus.channels, self.corpus.image_size,
+                              self.corpus.image_size), dtype=torch.float32)
+        problems: list[str] = []
+        for k in range(len(self.corpus)):
+            image, _, found, failed = self._read(k)
+            problems += found
+            if failed:
+                raise AhmError(found[-1])
+            images[k] = image
+            if progress is not None:
+                progress(k + 1, len(self.corpus))
+        self._preloaded, self._slices = images, None
+        return problems
+
+    @property
+    def preloaded(self) -> bool:
+        return self._preloaded is not None
+
+    def image(self, k: int) -> torch.Tensor:
+        if self._preloaded is not None:
+            return self._preloaded[k]
+        if self._slices is None:
+            self._slices = VolumeSlices()
+        return torch.from_numpy(np.ascontiguousarray(self._slices.get(self.corpus, k)))
+
+    def _read(self, k: int) -> tuple[torch.Tensor | None, int, list[str], bool]:
+        """(image, entry read, problems, failed): with data.skip_bad an unreadable entry is replaced by the next
+        readable one (reported in problems); without it, or when none of the next few reads, failed."""
+        problems: list[str] = []
+        skip = self.corpus.sources[0].data_cfg.skip_bad
+        for attempt in range(MAX_SUBSTITUTES + 1 if skip else 1):
+            j = (k + attempt) % len(self.corpus)
+            try:
+                return self.image(j).clone(), j, problems, False
+            except AhmError as exc:
+                problems.append(str(exc))
+        return None, k, problems, True
+
+    def __getitem__(self, key: tuple[int, int, int]) -> dict[str, Any]:
+        """A bad file found while streaming is reported with the sample (see `_read`), for the loop to count
+        or to stop on with one line."""
+        from ahm.data.dataset import _plain, apply_seeded, sample_seed
+
+        epoch, position, k = key
+        image, j, problems, failed = self._read(k)
+        if failed:
+            return {"image": None, "entry": k, "problems": problems, "error": True}
+        sample: dict[str, Any] = {"image": image}
+        if self.transform is not None:
+            sample = apply_seeded(self.transform, sample, sample_seed(self.seed, epoch, position))
+        return {"image": _plain(sample["image"]).float().contiguous(), "entry": j, "problems": problems,
+                "error": False}
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """The batches of steps `start .. stop - 1` for one rank: keys (epoch, position, entry) of `batch_size`
+    samples, this rank's share of the global batch of `batch_size * world_size`."""
+
+    def __init__(self, corpus: Corpus, seed: int, batch_size: int, start: int, stop: int, rank: int = 0,
+                 world_size: int = 1) -> None:
+        self.corpus, self.seed, self.batch_size = corpus, seed, batch_size
+        self.start, self.stop, self.rank, self.world_size = start, stop, rank, world_size
+        self.per_epoch = corpus.steps_per_epoch(batch_size, world_size)
+        if self.per_epoch < 1:
+            raise AhmError(f"the corpus has {corpus.epoch_size} images an epoch, fewer than --batch-size "
+                           f"{batch_size}" + (f" x {world_size} devices" if world_size > 1 else ""))
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+        order: list[int] = []
+        order_epoch = -1
+        per_step = self.batch_size * self.world_size
+        for step in range(self.start, self.stop):
+            epoch, within = divmod(step, self.per_epoch)
+            if epoch != order_epoch:
+                order, order_epoch = self.corpus.epoch_order(epoch, self.seed), epoch
+            first = within * per_step + self.rank * self.batch_size
+            yield [(epoch, p, order[p]) for p in range(first, first + self.batch_size)]
+
+
+def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    problems = [p for s in samples for p in s["problems"]]
+    failed = [s for s in samples if s["error"]]
+    if failed:
+        return {"image": None, "entry": [s["entry"] for s in samples], "problems": problems,
+                "error": failed[0]["problems"][-1]}
+    return {"image": torch.stack([s["image"] for s in samples]), "entry": [s["entry"] for s in samples],
+            "problems": problems, "error": None}
+
+
+def make_loader(dataset: CorpusDataset, batches: StepBatches, workers: int) -> torch.utils.data.DataLoader:
+    """A DataLoader over the planned batches: `workers` processes read ahead (2 batches each)."""
+    kwargs: dict[str, Any] = {"num_workers": workers, "collate_fn": _collate}
+    if workers > 0:
+        kwargs.update(prefetch_factor=2, persistent_workers=False)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, **kwargs)
+
+
+def describe(corpus: Corpus) -> dict[str, Any]:
+    """What the run directory's corpus.json records: each source's path, layout, weight and image count."""
+    return {"channels": corpus.channels, "entries": corpus.n_entries, "images_per_epoch": corpus.epoch_size,
+            "sources": [{"path": s.spec.path, "layout": s.index.layout, "weight": s.spec.weight,
+                         "modality": s.data_cfg.modality, "labelled": s.index.has_labels, "images": len(s.ids),
+                         "volumes": len({i.image for i in s.index.items if i.slice is not None}),
+                         "problems": len(s.index.problems)} for s in corpus.sources]}

@@ -1,0 +1,146 @@
+"""`ahm data index`: what a pretraining corpus of several sources holds, from file headers only, written as a
+manifest (`corpus.json`) that lists the sources.
+
+Each source is a dataset folder in any supported layout, labelled or not. Nothing but headers is read: image
+sizes and channels from the 2D files' headers, shapes from the volumes' headers (NIfTI, DICOM, NRRD/MetaImage),
+so an archive of thousands of scans is indexed in the time it takes to list it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ahm.config import DataConfig
+from ahm.errors import AhmError
+
+MANIFEST_VERSION = 1
+
+
+def _manifest_path(source: Path, manifest_dir: Path) -> str:
+    """The source as the manifest should name it: relative to the manifest's folder when inside it."""
+    resolved, base = source.resolve(), manifest_dir.resolve()
+    if resolved.is_relative_to(base):
+        rel = resolved.relative_to(base).as_posix()
+        return rel or "."
+    return str(resolved)
+
+
+def index_source(path: str | Path, cfg: DataConfig) -> dict[str, Any]:
+    """One source's counts and problems. AhmError only when there is no dataset at `path` at all."""
+    from ahm.data.layouts import _open_dataset
+    from ahm.data.readers import read_image_info, read_volume_info
+
+    lenient = cfg.model_copy(update={"skip_bad": True, "path": str(path)})
+    index = _open_dataset(path, lenient, strict_splits=False)
+    problems = list(index.problems)
+    sizes: Counter[str] = Counter()
+    channels: Counter[int] = Counter()  # per 2D sample
+    file_channels: Counter[int] = Counter()  # per file (an image, or a whole volume)
+    volumes: dict[str, tuple[tuple[int, int, int], int] | None] = {}
+    images = slices = 0
+    for item in index.items:
+        if item.slice is None:
+            try:
+                info = read_image_info(item.image, max_pixels=cfg.max_pixels)
+            except AhmError as exc:
+                problems.append(str(exc))
+                continue
+            images += 1
+            sizes[f"{info.height}x{info.width}"] += 1
+            channels[info.channels] += 1
+            file_channels[info.channels] += 1
+            continue
+        key = str(item.image)
+        if key not in volumes:
+            try:
+                volumes[key] = read_volume_info(item.image)
+            except AhmError as exc:
+                problems.append(str(exc))
+                volumes[key] = None
+            else:
+                file_channels[volumes[key][1]] += 1  # type: ignore[index]
+        found = volumes[key]
+        if found is not None:
+            slices += 1
+            plane = [n for a, n in enumerate(found[0]) if a != item.axis]
+            sizes[f"{plane[0]}x{plane[1]}"] += 1
+            channels[found[1]] += 1
+    if len(file_channels) > 1 and cfg.channels is None:
+        problems.append(
+            f"{index.root}: mixed channel counts "
+            f"({', '.join(f'{n} file(s) with {c}' for c, n in sorted(file_channels.items()))}); "
+            "set data.channels to unify them or index the sources apart"
+        )
+    good_volumes = sum(1 for v in volumes.values() if v is not None)
+    return {
+        "layout": index.layout,
+        "labelled": index.has_labels,
+        "modality": index.modality,
+        "files": images + good_volumes,
+        "images": images,
+        "volumes": good_volumes,
+        "slices": slices,
+        "samples": images + slices,
+        "subjects": len({item.subject for item in index.items}),
+        "sizes": dict(sizes.most_common()),  # "HxW" of each 2D sample -> count
+        "channels": {str(c): n for c, n in sorted(channels.items())},  # per 2D sample
+        "problems": problems,
+    }
+
+
+def index_corpus(
+    sources: list[str | Path],
+    cfg: DataConfig,
+    manifest: str | Path,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """The manifest for `sources`: `{"version", "sources": [{"path", "modality", "index": {...}}], "totals"}`.
+
+    Paths are written relative to the manifest's folder when they are inside it. Raises AhmError (one line)
+    for a missing source, one given twice, or a corpus with nothing usable in it.
+    """
+    if not sources:
+        raise AhmError("SRC: give at least one dataset folder")
+    manifest_dir = Path(manifest).expanduser().absolute().parent
+    seen: dict[Path, str] = {}
+    entries = []
+    for done, source in enumerate(sources, start=1):
+        source = Path(source).expanduser()
+        resolved = source.resolve()
+        if resolved in seen:
+            raise AhmError(f"{source}: given twice (also as {seen[resolved]})")
+        seen[resolved] = str(source)
+        stats = index_source(source, cfg)
+        entries.append({"path": _manifest_path(source, manifest_dir), "modality": stats["modality"], "index": stats})
+        if progress is not None:
+            progress(done, len(sources))
+    totals = {key: sum(e["index"][key] for e in entries) for key in ("files", "images", "volumes", "slices",
+                                                                   "samples")}
+    totals["sources"] = len(entries)
+    totals["problems"] = sum(len(e["index"]["problems"]) for e in entries)
+    modalities = Counter(e["modality"] or "unknown" for e in entries for _ in range(e["index"]["samples"]))
+    totals["modalities"] = dict(modalities.most_common())
+    if totals["samples"] == 0:
+        first = next((p for e in entries for p in e["index"]["problems"]), None)
+        raise AhmError(f"{sources[0]}: the corpus holds no readable images" + (f" (first problem: {first})" if first else ""))
+    return {"version": MANIFEST_VERSION, "sources": entries, "totals": totals}
+
+
+def format_corpus(manifest: dict[str, Any], where: str | os.PathLike) -> str:
+    """A few lines for the terminal: one per source, the totals, then every problem."""
+    lines = []
+    for entry in manifest["sources"]:
+        s = entry["index"]
+        what = f"{s['images']} image(s)" + (f", {s['volumes']} volume(s) = {s['slices']} slices" if s["volumes"] else "")
+        lines.append(f"{entry['path']}: {s['layout']}, {'labelled' if s['labelled'] else 'unlabelled'}, "
+                     f"{entry['modality'] or 'modality unknown'}; {what}; {len(s['problems'])} problem(s)")
+    t = manifest["totals"]
+    lines.append(f"corpus: {t['sources']} source(s), {t['files']} file(s), {t['samples']} 2D samples "
+                 f"({t['images']} images, {t['slices']} slices of {t['volumes']} volumes); written to {where}")
+    for entry in manifest["sources"]:
+        lines.extend(f"  - {p}" for p in entry["index"]["problems"])
+    return "\n".join(lines)

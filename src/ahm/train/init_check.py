@@ -1,0 +1,56 @@
+"""Does a pretraining run fit this fine-tuning? Pretraining on corpus A and fine-tuning on dataset B is the
+normal case; the weights only transfer when B's images reach the network as A's did."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ahm.config import FinetuneConfig
+from ahm.errors import AhmError
+
+if TYPE_CHECKING:
+    from ahm.train.finetune import PretrainedEncoder
+
+
+def pretrained_normalization(enc: PretrainedEncoder) -> str | None:
+    """The rule the encoder's images were normalised by (None: a run from before it was recorded, `auto`)."""
+    recorded = enc.metadata.get("normalization")
+    if recorded:
+        return recorded
+    data = enc.pretrain_cfg.data
+    if data.modality == "auto":
+        return None  # decided by A's dataset, which the run did not record and may be gone
+    lo, hi = (float(v) for v in data.ct_window)
+    return f"ct {lo:g}..{hi:g}" if data.modality == "ct" else data.modality
+
+
+def init_mismatches(enc: PretrainedEncoder, cfg: FinetuneConfig, in_channels: int, normalization: str) -> list[str]:
+    """What differs between the pretraining in `enc` and this fine-tuning, one phrase each (empty: they agree)."""
+    found = []
+    pre_channels = int(enc.metadata.get("in_channels", enc.pretrain_cfg.data.channels or in_channels))
+    if pre_channels != in_channels:
+        found.append(f"channels {pre_channels} pretrained vs {in_channels} in {cfg.data.path} "
+                     f"(set data.channels: {pre_channels} in a --config to convert its images)")
+    pre_size = int(enc.metadata.get("image_size", enc.pretrain_cfg.data.image_size))
+    size = cfg.data.image_size
+    if pre_size != size:
+        found.append(f"image size {pre_size} pretrained vs {size} here (omit --image-size or use {pre_size})")
+    if enc.segmenter == "unetr":
+        # The ViT's position embeddings are one per patch of the pretraining grid.
+        patch = int(enc.metadata.get("patch_size", enc.pretrain_cfg.model.patch_size))
+        pre_grid, grid = f"{pre_size // patch}x{pre_size // patch}", f"{size // patch}x{size // patch}"
+        if pre_grid != grid or size % patch:
+            found.append(f"patch grid {pre_grid} of {patch} px pretrained vs "
+                         f"{grid if not size % patch else f'{size / patch:g} patches a side'} here")
+    pre_norm = pretrained_normalization(enc)
+    if pre_norm is not None and pre_norm != normalization:
+        found.append(f"normalisation {pre_norm} pretrained vs {normalization} here "
+                     f"(set data.modality{' and data.ct_window' if pre_norm.startswith('ct') else ''} in a --config)")
+    return found
+
+
+def check_init_matches(enc: PretrainedEncoder, cfg: FinetuneConfig, in_channels: int, normalization: str) -> None:
+    """One AhmError line listing every difference, or nothing."""
+    found = init_mismatches(enc, cfg, in_channels, normalization)
+    if found:
+        raise AhmError(f"--init {enc.run_dir}: the pretraining does not match this fine-tuning: {'; '.join(found)}")
