@@ -409,6 +409,9 @@ class FinetuneConfig(_Strict):
     init: Optional[str] = None  # pretraining run directory, or None for scratch
     segmenter: Literal["unetr", "unet"] = "unetr"
     labels_fraction: Fraction = 1.0
+    # Label exactly this many training subjects instead of a fraction of them (None: use labels_fraction). For a
+    # given seed the subjects drawn for n are among those drawn for any larger n, so a curve over n is nested.
+    labels_subjects: OptionalCount = None
     layer_decay: float = 1.0  # layer-wise lr decay for a pretrained ViT encoder (1.0: off)
     encoder_lr_scale: float = 1.0  # lr multiplier on pretrained weights
     # Steps at the start in which only the new layers train (the pretrained weights wait at lr 0, then get their
@@ -438,6 +441,13 @@ class FinetuneConfig(_Strict):
     gamma: float = 0.0
     bias_field: float = 0.0
     rotate_deg: float = 0.0  # random in-plane rotation of up to +- this many degrees, half of the time (0: off)
+
+    @model_validator(mode="after")
+    def _one_label_budget(self) -> "FinetuneConfig":
+        if self.labels_subjects is not None and self.labels_fraction < 1.0:
+            raise ValueError("labels_fraction and labels_subjects: give one of them (labels_subjects replaces the "
+                             "fraction)")
+        return self
 
     @field_validator("rotate_deg")
     @classmethod

@@ -137,6 +137,22 @@ def test_label_subset_takes_whole_training_subjects():
     assert label_subset(index, train, 1.0, seed=0) == train
 
 
+def test_label_subset_by_subject_count_is_exact_and_nested():
+    index = _index([3] * 10)
+    train = [i.id for i in index.items]
+    drawn = {}
+    for n in (1, 2, 5, 10):
+        subset = label_subset(index, train, 1.0, seed=7, subjects_count=n)
+        drawn[n] = {i.split("__")[0] for i in subset}
+        assert len(drawn[n]) == n and len(subset) == 3 * n
+    assert drawn[1] < drawn[2] < drawn[5] < drawn[10]  # one seed: a larger budget keeps the smaller one's subjects
+    assert label_subset(index, train, 1.0, seed=8, subjects_count=2) != label_subset(index, train, 1.0, seed=7,
+                                                                                      subjects_count=2)
+    for bad in (0, 11):
+        with pytest.raises(AhmError, match=rf"--labels-subjects {bad}: the training split has 10 subjects"):
+            label_subset(index, train, 1.0, seed=0, subjects_count=bad)
+
+
 def test_label_subset_refuses_to_keep_nothing():
     index = _index([2] * 4)
     with pytest.raises(AhmError, match=r"--labels-fraction 0\.1: keeps no subject out of the 4"):

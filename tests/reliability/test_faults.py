@@ -221,6 +221,8 @@ def test_bad_config_values_are_refused_before_any_work(blobs: Path, tmp_path: Pa
 @pytest.mark.parametrize("args, expected", [
     (["--epochs", "0"], "train.epochs"),
     (["--labels-fraction", "0"], "labels_fraction"),
+    (["--labels-subjects", "0"], "labels_subjects"),
+    (["--labels-subjects", "2", "--labels-fraction", "0.5"], "--labels-fraction and --labels-subjects"),
     (["--batch-size", "0"], "train.batch_size"),
     (["--precision", "fp8"], "precision"),
 ])

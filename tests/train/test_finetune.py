@@ -250,6 +250,18 @@ def test_refuses_labels_fraction_with_no_subject(blobs: Path, tmp_path: Path) ->
         finetune(_cfg(blobs, labels_fraction=0.01), tmp_path / "run", progress=False)
 
 
+def test_labels_subjects_labels_that_many_training_subjects(blobs: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    summary = finetune(_cfg(blobs, labels_subjects=3), out, progress=False)
+    labelled = json.loads((out / "labelled.json").read_text())
+    assert summary["labelled_subjects"] == len(labelled["subjects"]) == 3 and summary["labels_subjects"] == 3
+    assert labelled["subjects_count"] == 3
+    with pytest.raises(AhmError, match="labels_fraction and labels_subjects: give one of them"):
+        _cfg(blobs, labels_subjects=3, labels_fraction=0.5)
+    with pytest.raises(AhmError, match="--labels-subjects 99"):
+        finetune(_cfg(blobs, labels_subjects=99), tmp_path / "run2", progress=False)
+
+
 def test_refuses_missing_encoder(blobs: Path, tmp_path: Path) -> None:
     (tmp_path / "pre").mkdir()
     with pytest.raises(AhmError, match="encoder.safetensors not found"):

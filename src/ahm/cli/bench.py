@@ -112,6 +112,48 @@ def compare(
     out.print(f"results: {out_dir / 'results.csv'}, {out_dir / 'results.png'}")
 
 
+@bench_app.command("curve", no_args_is_help=True)
+def curve(
+    data: Path = typer.Argument(..., help="Labelled dataset folder (fine-tuning and evaluation)."),
+    out_dir: Path = typer.Option(..., "--out", help="Grid directory (rerunning continues it)."),
+    labels: str = typer.Option("1,2,5,20,all", "--labels", help="Labelled training subjects per cell, comma-"
+                               "separated; 'all' for every training subject."),
+    corpus: Optional[str] = typer.Option(None, "--corpus", help="Comma-separated dataset folders to pretrain on "
+                                         "(their training subjects; default: DATA's own). E.g. brain-subjects sets "
+                                         "of 50, 200, 1000 subjects made with the same --val/--test-subjects."),
+    policies: str = typer.Option("scratch", help="Comma-separated: scratch and any masking policy."),
+    backbones: str = typer.Option("unet", help="Comma-separated: vit, unet."),
+    seeds: int = typer.Option(3, help="Seeds per point (mean +- std reported, paired by seed)."),
+    first_seed: int = typer.Option(0, "--first-seed", help="First seed (split a grid across processes with "
+                                   "disjoint ranges; a last call over all seeds gathers)."),
+    pretrain_steps: int = typer.Option(1000, "--pretrain-steps"),
+    finetune_steps: int = typer.Option(900, "--finetune-steps"),
+    split: str = typer.Option("test", help="Split the table reports (choices are made on val, never on it)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML with `pretrain:` and `finetune:` sections."),
+) -> None:
+    """Dice against labelled subjects and against the unlabelled corpus: a policy x corpus x labels x seed grid.
+
+    Writes results.csv, results.md (mean +- std per point; each policy minus scratch and minus random paired by
+    seed with an exact sign-flip p) and results.png (Dice against each axis, error bars over seeds).
+    """
+    from ahm.bench.curve import parse_labels, run_curve
+    from ahm.config import read_yaml
+
+    def go():
+        overrides = read_yaml(config) if config else {}
+        return run_curve(
+            data, out_dir, [p.strip() for p in policies.split(",") if p.strip()],
+            [b.strip() for b in backbones.split(",") if b.strip()], parse_labels(labels), seeds, pretrain_steps,
+            finetune_steps, corpora=[c.strip() for c in corpus.split(",") if c.strip()] if corpus else None,
+            overrides=overrides, split=split, first_seed=first_seed,
+            log=None if is_quiet() else (lambda msg: console.print(msg, highlight=False)),
+        )
+
+    run_guarded(go)
+    out.print((out_dir / "results.md").read_text(), highlight=False, soft_wrap=True)
+    out.print(f"results: {out_dir / 'results.csv'}, {out_dir / 'results.png'}")
+
+
 @bench_app.command("predict", no_args_is_help=True)
 def predict_speed(
     run_dir: Path = typer.Argument(..., help="Fine-tuning run directory (from `ahm finetune`)."),

@@ -1,10 +1,11 @@
-"""`ahm data`: build the brain demo set, check a dataset before training on it, index a corpus."""
+"""`ahm data`: build the brain demo set or simulated brain subjects, check a dataset before training on it,
+index a corpus."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import typer
 
@@ -94,6 +95,60 @@ def brain_demo(
     out.print(
         f"  images/ and masks/ ({', '.join(f'{k} {v}' for k, v in summary['labels'].items())}); "
         f"labels.json; splits.json: {splits}",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@prepare_app.command("brain-subjects")
+def brain_subjects(
+    out_dir: Path = typer.Option(
+        ..., "--out", help="Folder to create (must be new, empty, or an earlier brain-subjects set)."
+    ),
+    subjects: int = typer.Option(60, "--subjects", help="Number of simulated subjects (any number; each is "
+                                 "generated on its own, so thousands take time, not memory)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the simulation: the same seed gives the same bytes."),
+    image_size: int = typer.Option(128, "--image-size", help="Square size of the written slices in pixels."),
+    slices_per_axis: int = typer.Option(8, "--slices-per-axis", help="Slices per subject along each axis."),
+    val_subjects: Optional[int] = typer.Option(None, "--val-subjects", help="Validation subjects (default 15%)."),
+    test_subjects: Optional[int] = typer.Option(None, "--test-subjects", help="Test subjects (default 15%)."),
+    settings_file: Optional[Path] = typer.Option(
+        None, "--settings", help="YAML or JSON mapping of simulation settings to change (see docs/pretraining.md)."
+    ),
+) -> None:
+    """Build a labelled set of SIMULATED brain MRI subjects (background / grey / white matter).
+
+    The subjects are simulated, not scanned: each is nilearn's MNI152 template under its own random affine and
+    smooth nonlinear deformation (labels warped with the image), with its own contrast (a random monotone
+    remapping of T1, or a per-tissue Gaussian-mixture contrast), bias field, blur and noise. Splits are by
+    subject: the first test subjects, then val, then train. A montage.png of the first subjects is written
+    beside the data.
+    """
+    from ahm.data.brain_subjects import SimulationSettings, prepare_brain_subjects
+
+    def go() -> dict:
+        settings = None
+        if settings_file is not None:
+            from ahm.config import read_yaml
+
+            settings = SimulationSettings.from_dict(read_yaml(settings_file))
+        with _LazyBar("simulating subjects") as bar:
+            return prepare_brain_subjects(out_dir, subjects=subjects, seed=seed, image_size=image_size,
+                                          slices_per_axis=slices_per_axis, val_subjects=val_subjects,
+                                          test_subjects=test_subjects, settings=settings, progress=bar)
+
+    summary = run_guarded(go)
+    assert isinstance(summary, dict)
+    sides = ", ".join(f"{k} {v}" for k, v in summary["split_subjects"].items())
+    out.print(
+        f"wrote {summary['subjects']} simulated subjects ({summary['images']} slices of {image_size}x{image_size} "
+        f"px) to {summary['out']}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    out.print(
+        f"  images/ and masks/ (0 background, 1 grey matter, 2 white matter); splits.json by subject: {sides}; "
+        f"montage: {summary['montage']}",
         highlight=False,
         soft_wrap=True,
     )

@@ -32,6 +32,9 @@ def finetune(
                                         "(with a pretraining run, its backbone decides)."),
     labels_fraction: float | None = typer.Option(None, "--labels-fraction",
                                                     help="Share of training subjects whose labels are used (default 1)."),
+    labels_subjects: int | None = typer.Option(None, "--labels-subjects",
+                                               help="Label exactly this many training subjects (instead of "
+                                                    "--labels-fraction), drawn with --seed."),
     epochs: int | None = typer.Option(None, help="Training epochs over the labelled subset (default 30)."),
     steps: int | None = typer.Option(None, help="Training steps instead of --epochs (small labelled subsets)."),
     val_every: int | None = typer.Option(None, "--val-every",
@@ -72,6 +75,8 @@ def finetune(
         fail(f"--model {model}: choose unetr or unet")
     if steps is not None and epochs is not None:
         fail("--steps and --epochs: give one of them")
+    if labels_fraction is not None and labels_subjects is not None:
+        fail("--labels-fraction and --labels-subjects: give one of them")
 
     def go():
         chosen_init = init
@@ -99,6 +104,7 @@ def finetune(
         overrides = {
             "data": {"path": str(data), "image_size": size, "layout": layout, "skip_bad": skip_bad or None},
             "init": chosen_init, "segmenter": model, "labels_fraction": labels_fraction,
+            "labels_subjects": labels_subjects,
             "layer_decay": layer_decay, "encoder_lr_scale": encoder_lr_scale, "val_every": val_every,
             "head_warmup_steps": head_warmup_steps, "select_by": select_by,
             "train": {"epochs": epochs, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "devices": devices,

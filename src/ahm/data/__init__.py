@@ -44,6 +44,7 @@ _EXPORTS: dict[str, str] = {
     "sample_seed": "dataset",
     # brain demo, check
     "prepare_brain_demo": "brain_demo",
+    "prepare_brain_subjects": "brain_subjects",
     "CheckReport": "check",
     "check_dataset": "check",
     "format_report": "check",
@@ -68,6 +69,7 @@ __all__ = [
     "normalize",
     "open_dataset",
     "prepare_brain_demo",
+    "prepare_brain_subjects",
     "pretrain_augment",
     "read_image",
     "read_image_info",

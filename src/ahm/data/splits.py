@@ -116,9 +116,14 @@ def _with_fixed_splits(index: DatasetIndex, cfg: DataConfig) -> dict[str, list[s
     return out
 
 
-def label_subset(index: DatasetIndex, train_ids: list[str], fraction: float, seed: int) -> list[str]:
-    """The training ids whose labels fine-tuning may use: `fraction` of the training subjects, seeded."""
-    if not 0.0 < fraction <= 1.0:
+def label_subset(index: DatasetIndex, train_ids: list[str], fraction: float, seed: int,
+                 subjects_count: int | None = None) -> list[str]:
+    """The training ids whose labels fine-tuning may use: `fraction` of the training subjects, or exactly
+    `subjects_count` of them when given, drawn with `seed`.
+
+    The draw is a seeded permutation of the sorted subjects, cut after the first n: for one seed, the subjects
+    labelled at n are among those labelled at any larger n (a label-efficiency curve is nested)."""
+    if subjects_count is None and not 0.0 < fraction <= 1.0:
         raise AhmError(f"--labels-fraction must be in (0, 1], got {fraction}")
     subject_of = {item.id: item.subject for item in index.items}
     groups: OrderedDict[str, list[str]] = OrderedDict()
@@ -127,7 +132,13 @@ def label_subset(index: DatasetIndex, train_ids: list[str], fraction: float, see
             raise AhmError(f"{index.root}: unknown item id {ident!r} in the training split")
         groups.setdefault(subject_of[ident], []).append(ident)
     subjects = sorted(groups)
-    keep_n = len(subjects) if fraction >= 1.0 else round(fraction * len(subjects))
+    if subjects_count is not None:
+        if not 1 <= subjects_count <= len(subjects):
+            raise AhmError(f"--labels-subjects {subjects_count}: the training split has {len(subjects)} subjects; "
+                           f"use 1 to {len(subjects)}")
+        keep_n = subjects_count
+    else:
+        keep_n = len(subjects) if fraction >= 1.0 else round(fraction * len(subjects))
     if keep_n == 0:
         raise AhmError(
             f"--labels-fraction {fraction}: keeps no subject out of the {len(subjects)} "

@@ -175,7 +175,8 @@ def _prepare_data(cfg: FinetuneConfig, out: Path, resume: bool) -> _Data:
         splits = make_splits(index, cfg.data)
         if not splits.get("train"):
             raise AhmError(f"{cfg.data.path}: no training subjects after splitting")
-        labelled = label_subset(index, splits["train"], cfg.labels_fraction, cfg.train.seed)
+        labelled = label_subset(index, splits["train"], cfg.labels_fraction, cfg.train.seed,
+                                subjects_count=cfg.labels_subjects)
     if not labelled:
         raise AhmError(f"--labels-fraction {cfg.labels_fraction}: gives no labelled training subjects")
     train = load_arrays(index, labelled, cfg.data, labels=True)
@@ -261,7 +262,8 @@ def finetune(cfg: FinetuneConfig, out: str | Path, resume: bool = False, force: 
     if not resume:
         save_config(cfg, out / "config.yaml")
         write_json(out / "splits.json", data.splits)
-        write_json(out / "labelled.json", {"fraction": cfg.labels_fraction, "seed": cfg.train.seed,
+        write_json(out / "labelled.json", {"fraction": cfg.labels_fraction, "subjects_count": cfg.labels_subjects,
+                                           "seed": cfg.train.seed,
                                            "subjects": data.subjects, "ids": data.labelled})
     fabric = make_fabric(cfg.train)
     if fabric.world_size > 1 and "LOCAL_RANK" not in os.environ:
@@ -464,7 +466,8 @@ def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool,
         "best_val_dice": state["best_val_dice"], "best_epoch": state["best_epoch"], "epochs": epochs,
         "steps": state["step"], "batch_size": batch_size, "segmenter": cfg.segmenter,
         "num_classes": data.num_classes, "in_channels": data.in_channels, "image_size": cfg.data.image_size,
-        "labels_fraction": cfg.labels_fraction, "labelled_subjects": len(data.subjects),
+        "labels_fraction": cfg.labels_fraction, "labels_subjects": cfg.labels_subjects,
+        "labelled_subjects": len(data.subjects),
         "labelled_images": len(data.train.ids), "val_images": len(data.val.ids), "validation_on": data.val_source,
         "init": meta["init"], "init_policy": meta["init_policy"], "encoder_loaded": encoder_loaded,
         "images_per_s": meter.median() or rate, "train_s": time.perf_counter() - t_start,

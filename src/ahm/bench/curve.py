@@ -1,0 +1,283 @@
+"""`ahm bench curve`: Dice against the number of labelled subjects and against the size of the unlabelled corpus.
+
+Two grid axes beside policy, backbone and seed: `labels` (how many training subjects are labelled, `all` for
+every one) and `corpus` (which dataset the encoder is pretrained on: by default the labelled set itself, or
+other folders, e.g. brain-subjects sets of 50, 200 and 1000 subjects that share its val/test subjects).
+Fine-tuning and evaluation are always on the labelled set. `scratch` does not pretrain, so its cells do not
+depend on the corpus and are run once per labels value and seed.
+
+Cells are directories; a finished cell holds `cell.json` and is never rerun, pretraining runs are shared by the
+cells downstream of them, and seeds `first_seed ..` let two processes share one grid: resumable like
+`ahm bench compare`, whose paired sign-flip statistics it reuses.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from ahm.bench.compare import BACKBONE_SEGMENTER, _check_names, _mean_std, _merge, paired_differences
+from ahm.config import FinetuneConfig, PretrainConfig, build_config
+from ahm.errors import AhmError
+from ahm.io import write_bytes, write_json, write_text
+
+ALL = "all"
+COLUMNS = ["backbone", "policy", "corpus", "corpus_subjects", "labels", "labelled_subjects", "seed", "dice", "iou",
+           "hd95", "val_dice", "pretrain_final_loss", "pretrain_s", "finetune_s"]
+SAME = "data"  # the corpus name of "pretrain on the labelled set's own training subjects"
+
+
+def parse_labels(text: str) -> list[int | str]:
+    """`1,2,5,all` -> [1, 2, 5, 'all']; AhmError naming the option for anything else."""
+    values: list[int | str] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        if part.lower() == ALL:
+            values.append(ALL)
+            continue
+        try:
+            n = int(part)
+        except ValueError:
+            raise AhmError(f"--labels: {part!r} is not a number of subjects or 'all'") from None
+        if n < 1:
+            raise AhmError(f"--labels: {n} subjects; give at least 1")
+        values.append(n)
+    if not values:
+        raise AhmError("--labels: give at least one value, e.g. 1,2,5,all")
+    return list(dict.fromkeys(values))
+
+
+def _train_subjects(path: str | Path, cfg: FinetuneConfig) -> int:
+    from ahm.data import make_splits, open_dataset
+
+    index = open_dataset(path, cfg.data)
+    by_id = index.by_id()
+    return len({by_id[i].subject for i in make_splits(index, cfg.data)["train"]})
+
+
+def run_curve(data: str | Path, out: str | Path, policies: list[str], backbones: list[str], labels: list[int | str],
+              seeds: int, pretrain_steps: int, finetune_steps: int, corpora: Optional[list[str | Path]] = None,
+              base_config: Optional[str | Path] = None, overrides: Optional[dict[str, Any]] = None,
+              split: str = "test", first_seed: int = 0, log: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
+    """Run every unfinished cell of backbone x corpus x policy x labels x seed; write results.csv, results.md
+    and results.png (Dice against each axis, error bars one std over seeds); return rows, table and paired."""
+    from ahm.eval.evaluate import evaluate
+    from ahm.train.finetune import finetune
+    from ahm.train.pretrain import pretrain
+
+    _check_names(policies, backbones)
+    if seeds < 1:
+        raise AhmError("--seeds must be at least 1")
+    if first_seed < 0:
+        raise AhmError("--first-seed must be at least 0")
+    out = Path(out)
+    overrides = overrides or {}
+    say = log or (lambda msg: None)
+    ft_base = build_config(FinetuneConfig, file=base_config, overrides=_merge(overrides.get("finetune", {}),
+                                                                              {"data": {"path": str(data)}}),
+                           nulls=True)
+    n_train = _train_subjects(data, ft_base)
+    for n in labels:
+        if n != ALL and int(n) > n_train:
+            raise AhmError(f"--labels {n}: {data} has {n_train} training subjects")
+    corpus_paths = [Path(c) for c in corpora] if corpora else []
+    for c in corpus_paths:
+        if not c.is_dir():
+            raise AhmError(f"--corpus {c}: not a folder")
+    corpus_list: list[tuple[str, Path]] = ([(c.name, c) for c in corpus_paths] if corpus_paths
+                                           else [(SAME, Path(data))])
+    if len({name for name, _ in corpus_list}) != len(corpus_list):
+        raise AhmError("--corpus: two folders share one name; give folders with distinct names")
+    corpus_subjects: dict[str, int] = {}
+    for name, path in corpus_list:
+        pre_data = build_config(PretrainConfig, file=base_config, overrides=_merge(overrides.get("pretrain", {}), {
+            "data": {"path": str(path)}}), nulls=True)
+        corpus_subjects[name] = _train_subjects(path, FinetuneConfig(data=pre_data.data))
+    out.mkdir(parents=True, exist_ok=True)
+
+    cells = []
+    for backbone in backbones:
+        for policy in policies:
+            for name, path in (corpus_list if policy != "scratch" else [("-", Path(data))]):
+                for n in labels:
+                    for seed in range(first_seed, first_seed + seeds):
+                        cells.append((backbone, policy, name, path, n, seed))
+    rows: list[dict[str, Any]] = []
+    for k, (backbone, policy, name, path, n, seed) in enumerate(cells, 1):
+        cell_dir = out / "cells" / f"{backbone}-{policy}-corpus{name}-labels{n}-seed{seed}"
+        done = cell_dir / "cell.json"
+        if done.is_file():
+            rows.append(json.loads(done.read_text()))
+            say(f"[{k}/{len(cells)}] {cell_dir.name}: done earlier, kept")
+            continue
+        say(f"[{k}/{len(cells)}] {cell_dir.name}")
+        row: dict[str, Any] = {"backbone": backbone, "policy": policy, "corpus": name,
+                               "corpus_subjects": corpus_subjects.get(name), "labels": n,
+                               "labelled_subjects": n_train if n == ALL else int(n), "seed": seed}
+        init = None
+        if policy != "scratch":
+            pre_dir = out / "pretrain" / f"{backbone}-{policy}-corpus{name}-seed{seed}"
+            t0 = time.perf_counter()
+            summary_path = pre_dir / "summary.json"
+            if summary_path.is_file():
+                summary = json.loads(summary_path.read_text())
+            else:
+                pre_cfg = build_config(PretrainConfig, file=base_config, overrides=_merge(
+                    overrides.get("pretrain", {}), {
+                        "data": {"path": str(path)}, "model": {"backbone": backbone}, "masking": {"policy": policy},
+                        "train": {"steps": pretrain_steps, "seed": seed}}), nulls=True)
+                resume = (pre_dir / "checkpoints" / "last.ckpt").is_file()
+                summary = pretrain(pre_cfg, pre_dir, resume=resume, force=not resume and pre_dir.exists(),
+                                   progress=False)
+            row["pretrain_s"] = time.perf_counter() - t0
+            row["pretrain_final_loss"] = summary.get("final_loss")
+            init = str(pre_dir)
+        budget: dict[str, Any] = ({"labels_fraction": 1.0, "labels_subjects": None} if n == ALL
+                                  else {"labels_fraction": 1.0, "labels_subjects": int(n)})
+        ft_cfg = build_config(FinetuneConfig, file=base_config, overrides=_merge(overrides.get("finetune", {}), {
+            "data": {"path": str(data)}, "model": {"backbone": backbone}, "segmenter": BACKBONE_SEGMENTER[backbone],
+            "init": init, **budget, "train": {"epochs": None, "steps": finetune_steps, "seed": seed},
+        }), nulls=True)
+        ft_dir = cell_dir / "finetune"
+        t0 = time.perf_counter()
+        resume = (ft_dir / "checkpoints" / "last.ckpt").is_file()
+        ft_summary = finetune(ft_cfg, ft_dir, resume=resume, force=not resume and ft_dir.exists(), progress=False)
+        row["finetune_s"] = time.perf_counter() - t0
+        row["val_dice"] = ft_summary.get("best_val_dice")
+        metrics = evaluate(ft_dir, data, split=split, progress=False)
+        row.update({"dice": metrics["dice"], "iou": metrics["iou"], "hd95": metrics["hd95"]})
+        write_json(done, row)
+        rows.append(row)
+    table = aggregate(rows)
+    paired = paired_by_point(rows)
+    write_results(out, rows, table, paired, split)
+    return {"rows": rows, "table": table, "paired": paired, "train_subjects": n_train}
+
+
+def _point(r: dict[str, Any]) -> tuple:
+    return (r["backbone"], r["policy"], r["corpus"], str(r["labels"]))
+
+
+def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and sample std over seeds per (backbone, policy, corpus, labels), in first-seen order."""
+    points = list(dict.fromkeys(_point(r) for r in rows))
+    table = []
+    for point in points:
+        group = [r for r in rows if _point(r) == point]
+        first = group[0]
+        entry: dict[str, Any] = {"backbone": first["backbone"], "policy": first["policy"], "corpus": first["corpus"],
+                                 "corpus_subjects": first.get("corpus_subjects"), "labels": first["labels"],
+                                 "labelled_subjects": first["labelled_subjects"], "n": len(group)}
+        for metric in ("dice", "iou", "hd95", "val_dice"):
+            entry[metric], entry[metric + "_std"] = _mean_std([r.get(metric) for r in group])
+        table.append(entry)
+    return table
+
+
+def paired_by_point(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """At every (corpus, labels) point, each policy minus scratch (and minus random), paired by seed, with
+    `bench compare`'s exact sign-flip p. Scratch cells (corpus '-') pair with every corpus."""
+    out = []
+    corpora = [c for c in dict.fromkeys(r["corpus"] for r in rows) if c != "-"]
+    for labels in dict.fromkeys(str(r["labels"]) for r in rows):
+        for corpus in corpora:
+            group = [r for r in rows if str(r["labels"]) == labels and r["corpus"] in (corpus, "-")]
+            for entry in paired_differences(group):
+                out.append({**entry, "corpus": corpus, "labels": labels})
+    return out
+
+
+def _fmt(value: float, std: float, digits: int = 4) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.{digits}f} +- {std:.{digits}f}"
+
+
+def write_results(out: Path, rows: list[dict[str, Any]], table: list[dict[str, Any]], paired: list[dict[str, Any]],
+                  split: str) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: r.get(k, "") for k in COLUMNS})
+    write_text(out / "results.csv", buf.getvalue())
+    lines = [f"Mean +- sample std over seeds; Dice on the `{split}` split (never used for choices); val Dice is the "
+             "fine-tuning validation score used for model selection. `labels`: labelled training subjects; "
+             "`corpus`: the set the encoder was pretrained on (its training subjects; '-': no pretraining).", "",
+             f"| backbone | policy | corpus (subjects) | labels (subjects) | n | Dice ({split}) | HD95 ({split}) | "
+             "val Dice |", "|---|---|---|---|---|---|---|---|"]
+    for e in sorted(table, key=lambda e: (e["backbone"], e["corpus"], e["policy"], e["labelled_subjects"])):
+        corpus = e["corpus"] if e["corpus"] == "-" else f"{e['corpus']} ({e['corpus_subjects']})"
+        lines.append(f"| {e['backbone']} | {e['policy']} | {corpus} | {e['labels']} ({e['labelled_subjects']}) | "
+                     f"{e['n']} | {_fmt(e['dice'], e['dice_std'])} | {_fmt(e['hd95'], e['hd95_std'], 2)} | "
+                     f"{_fmt(e['val_dice'], e['val_dice_std'])} |")
+    if paired:
+        lines += ["", "Paired by seed at each point (same labelled subjects): difference of Dice, mean +- std, seeds "
+                      "ahead, exact sign-flip p (two-sided).", "",
+                  f"| backbone | corpus | labels | comparison | n | Dice ({split}) diff | ahead | p | val Dice diff | "
+                  "ahead | p |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for e in paired:
+            lines.append(f"| {e['backbone']} | {e['corpus']} | {e['labels']} | {e['policy']} - {e['reference']} | "
+                         f"{e['n']} | {e['dice']:+.4f} +- {e['dice_std']:.4f} | {e['dice_ahead']}/{e['n']} | "
+                         f"{e['dice_p']:.3f} | {e['val_dice']:+.4f} +- {e['val_dice_std']:.4f} | "
+                         f"{e['val_dice_ahead']}/{e['n']} | {e['val_dice_p']:.3f} |")
+    write_text(out / "results.md", "\n".join(lines) + "\n")
+    _plot(out / "results.png", table, split)
+
+
+def _log_ticks(ax, values: list[int]) -> None:
+    """A log axis labelled at the grid's own values (1, 2, 5, 42), not at powers of ten."""
+    ticks = sorted({int(v) for v in values if v})
+    ax.set_xscale("log")
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.minorticks_off()
+
+
+def _plot(path: Path, table: list[dict[str, Any]], split: str) -> None:
+    """Left: Dice against labelled subjects, one line per (backbone, policy, corpus). Right (when the grid has
+    more than one corpus): Dice against corpus subjects, one line per (backbone, policy, labels), scratch as a
+    dashed level. Error bars: one sample std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    corpora = {e["corpus"] for e in table if e["corpus"] != "-"}
+    panels = 2 if len(corpora) > 1 else 1
+    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 3.8), squeeze=False)
+    ax = axes[0][0]
+    for key in dict.fromkeys((e["backbone"], e["policy"], e["corpus"]) for e in table):
+        pts = sorted((e for e in table if (e["backbone"], e["policy"], e["corpus"]) == key),
+                     key=lambda e: e["labelled_subjects"])
+        label = f"{key[1]}" + ("" if key[2] in ("-", SAME) else f" ({key[2]})") + \
+            (f" [{key[0]}]" if len({e['backbone'] for e in table}) > 1 else "")
+        ax.errorbar([e["labelled_subjects"] for e in pts], [e["dice"] for e in pts],
+                    yerr=[e["dice_std"] for e in pts], marker="o", capsize=3, label=label)
+    _log_ticks(ax, [e["labelled_subjects"] for e in table])
+    ax.set_xlabel("labelled training subjects")
+    ax.set_ylabel(f"mean Dice ({split})")
+    ax.legend(fontsize=8)
+    if panels == 2:
+        ax = axes[0][1]
+        for key in dict.fromkeys((e["backbone"], e["policy"], str(e["labels"])) for e in table
+                                 if e["corpus"] != "-"):
+            pts = sorted((e for e in table if (e["backbone"], e["policy"], str(e["labels"])) == key
+                          and e["corpus"] != "-"), key=lambda e: e["corpus_subjects"])
+            ax.errorbar([e["corpus_subjects"] for e in pts], [e["dice"] for e in pts],
+                        yerr=[e["dice_std"] for e in pts], marker="o", capsize=3, label=f"{key[1]}, {key[2]} labelled")
+        for e in table:
+            if e["corpus"] == "-":
+                ax.axhline(e["dice"], linestyle="--", linewidth=1, color="0.4")
+        _log_ticks(ax, [e["corpus_subjects"] for e in table if e["corpus"] != "-"])
+        ax.set_xlabel("unlabelled corpus (training subjects); dashed: scratch")
+        ax.set_ylabel(f"mean Dice ({split})")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    write_bytes(path, buf.getvalue())

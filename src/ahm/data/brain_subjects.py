@@ -1,0 +1,396 @@
+"""Simulated brain MRI subjects, each with its own anatomy and scan, from the MNI152 2009 template in nilearn.
+
+No real multi-subject labelled brain set can be installed offline, so this is the nearest honest substitute:
+**every subject is simulated** from one template. Subject k gets, from its own random stream (seed, k):
+
+- anatomy: a random affine (rotation, per-axis scale, shift) and a smooth, large-scale nonlinear 3D
+  deformation (a coarse grid of random displacements, interpolated by cubic splines); the T1 image and the
+  grey/white/CSF probability maps are warped by the same field, so labels stay aligned with the image;
+- contrast: a random smooth monotone remapping of the template's T1 intensities, or (for a share of
+  subjects) a SynthSeg-style contrast: per tissue class (CSF, grey, white matter) a Gaussian intensity drawn
+  from random means and spreads, so grey may be brighter than white matter as in other MR sequences;
+- scan: a smooth multiplicative bias field, an in-plane blur (resolution), and Rician-like noise.
+
+Labels: 0 background, 1 grey matter, 2 white matter (the larger warped probability, when >= 0.5), decided on
+the written pixel grid. Each subject contributes `slices_per_axis` slices along each of the three axes, written
+in the `folder` layout (`images/`, `masks/`, `splits.json`, `labels.json`); the stem `subNNNNN__<axis><j>` makes the subject
+the split unit: the first test subjects go to test, the next val ones to val, the rest to train. Subjects are
+independent draws, so taking them in order is a random split, and a larger set keeps the same val, test and
+first training subjects (the corpus-size axis of `ahm bench curve` depends on that).
+
+Generation is lazy and per subject: `BrainSimulator.subject(k)` builds subject k alone, in well under a second,
+and is what a full run writes for it; only the needed slice planes are sampled, never a whole warped volume.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields, replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ahm.data.brain_demo import (
+    LABELS,
+    _read_bundled,
+    _read_with_loaders,
+    _save_png,
+    _swap_into_place,
+    tissue_labels,
+)
+from ahm.errors import AhmError
+
+MARKER = "brain_subjects.json"
+KIND = "ahm-brain-subjects"
+MONTAGE = "montage.png"
+AXIS_LETTERS = "xyz"
+_REDRAWS = 100  # contrast draws before the last one is kept whatever its separation
+
+
+@dataclass(frozen=True)
+class SimulationSettings:
+    """What varies between simulated subjects (ranges are drawn uniformly per subject unless said otherwise)."""
+
+    fov_mm: float = 192.0  # side of the square field of view of every slice
+    slice_span: float = 0.6  # slices cover the central +- this share of the brain's half-extent per axis
+    rotate_deg: float = 8.0  # affine: rotation about each axis, up to +- this
+    scale: float = 0.08  # affine: per-axis scale in 1 +- this
+    shift_mm: float = 6.0  # affine: translation per axis, up to +- this
+    deform_points: int = 5  # nonlinear: control points per axis over the field of view
+    deform_mm: float = 5.0  # nonlinear: standard deviation of each control point's displacement
+    remap_knots: int = 5  # T1 contrast: knots of the random monotone (PCHIP) intensity curve
+    remap_concentration: float = 2.0  # Dirichlet concentration of its steps (smaller: wilder curves)
+    gmm_share: float = 0.4  # share of subjects with a per-tissue Gaussian-mixture contrast instead
+    gmm_mean: tuple[float, float] = (0.1, 1.0)  # range of each tissue's mean intensity
+    gmm_sd: tuple[float, float] = (0.01, 0.05)  # range of each tissue's intensity spread
+    # Least difference between the grey and white matter levels (0..1, before bias and noise), in either
+    # order, under both contrasts (half of it between CSF and the nearer tissue under the mixture): a draw that
+    # misses it is drawn again, so no subject is a scan in which the tissues cannot be told apart at all.
+    min_contrast: float = 0.2
+    bias_points: int = 4  # bias field: control points per axis
+    bias_sd: float = 0.25  # bias field: standard deviation of its log at each control point
+    blur_px: tuple[float, float] = (0.0, 1.0)  # in-plane Gaussian blur sigma, pixels
+    noise_sd: tuple[float, float] = (0.01, 0.04)  # noise standard deviation, of the brain's 99th percentile
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> SimulationSettings:
+        names = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(values) - set(names))
+        if unknown:
+            raise AhmError(f"simulation setting {unknown[0]!r} is unknown; known: {', '.join(names)}")
+        typed = {}
+        for key, value in values.items():
+            default = getattr(cls(), key)
+            try:
+                if isinstance(default, tuple):
+                    low, high = (float(v) for v in value)
+                    if low > high:
+                        raise ValueError
+                    typed[key] = (low, high)
+                elif isinstance(default, int):
+                    typed[key] = int(value)
+                else:
+                    typed[key] = float(value)
+            except (TypeError, ValueError):
+                raise AhmError(f"simulation setting {key}: {value!r} is not a valid value "
+                               f"(like the default {default!r})") from None
+        return replace(cls(), **typed)
+
+
+@dataclass
+class Template:
+    """The 1 mm MNI152 2009 T1 image (0..1) and its tissue probabilities, lightly smoothed for resampling."""
+
+    t1: np.ndarray
+    probs: dict[str, np.ndarray]  # csf, gm, wm
+    centre: np.ndarray  # voxel index of the brain's bounding-box centre
+    half_extent: np.ndarray  # half of the brain's bounding box, mm per axis
+    levels: dict[str, float]  # median T1 (0..1) where grey, white matter is the most likely tissue
+
+
+@lru_cache(maxsize=1)
+def load_template() -> Template:
+    """Read nilearn's bundled template once per process (no network)."""
+    from scipy.ndimage import gaussian_filter
+
+    try:
+        volumes = _read_bundled() or _read_with_loaders()
+    except ImportError as exc:
+        raise AhmError("brain subjects: needs nilearn (pip install 'ahm[demo]' or pip install nilearn)") from exc
+    except Exception as exc:  # a broken nilearn install: one line
+        raise AhmError(f"brain subjects: could not load nilearn's MNI152 template ({type(exc).__name__}: {exc})") \
+            from exc
+    t1 = volumes["t1"]
+    gm = volumes["gm"] / max(float(volumes["gm"].max()), 1e-6)
+    wm = volumes["wm"] / max(float(volumes["wm"].max()), 1e-6)
+    brain = (t1 > 0).astype(np.float32)
+    t1 = t1 / max(float(np.percentile(t1[brain > 0], 99.5)), 1e-6)
+    csf = np.clip(brain - gm - wm, 0.0, 1.0)
+    # Slices are sampled at ~1.5 mm from the 1 mm grid: a little smoothing first stands in for the area average,
+    # so the thin grey ribbon is not aliased.
+    sigma = 0.6
+    smooth = {name: gaussian_filter(v.astype(np.float32), sigma) for name, v in
+              (("t1", t1), ("csf", csf), ("gm", gm), ("wm", wm))}
+    inside = np.argwhere(gm + wm >= 0.5)
+    low, high = inside.min(axis=0), inside.max(axis=0)
+    levels = {"gm": float(np.median(t1[(gm >= 0.5) & (gm > wm)])), "wm": float(np.median(t1[(wm >= 0.5) & (wm > gm)]))}
+    return Template(t1=smooth["t1"], probs={k: smooth[k] for k in ("csf", "gm", "wm")},
+                    centre=(low + high) / 2.0, half_extent=(high - low) / 2.0, levels=levels)
+
+
+def _smooth_field(rng: np.random.Generator, points: int, sd: float, coords: np.ndarray, fov: float,
+                  components: int) -> np.ndarray:
+    """A smooth random field at `coords` ([..., 3] mm, centred): N(0, sd) values on a `points`^3 grid spanning
+    the field of view, interpolated by cubic splines. Returns [components, ...]."""
+    from scipy.ndimage import map_coordinates
+
+    grid = rng.normal(0.0, sd, size=(components, points, points, points))
+    index = (coords / fov + 0.5) * (points - 1)  # -fov/2 -> 0, +fov/2 -> points-1
+    flat = index.reshape(-1, 3).T
+    out = np.stack([map_coordinates(grid[c], flat, order=3, mode="nearest") for c in range(components)])
+    return out.reshape((components,) + coords.shape[:-1])
+
+
+def _rotation(rng: np.random.Generator, max_deg: float) -> np.ndarray:
+    a, b, c = np.deg2rad(rng.uniform(-max_deg, max_deg, size=3))
+    rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    ry = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
+    rz = np.array([[np.cos(c), -np.sin(c), 0], [np.sin(c), np.cos(c), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def _monotone_curve(rng: np.random.Generator, knots: int, concentration: float) -> Callable[[np.ndarray], np.ndarray]:
+    """A random smooth increasing map of [0, 1] onto [0, 1]: PCHIP through knots with Dirichlet steps."""
+    from scipy.interpolate import PchipInterpolator
+
+    steps = rng.dirichlet(np.full(knots, concentration))
+    x = np.linspace(0.0, 1.0, knots + 1)
+    y = np.concatenate([[0.0], np.cumsum(steps)])
+    curve = PchipInterpolator(x, y)
+    return lambda v: curve(np.clip(v, 0.0, 1.0))
+
+
+class BrainSimulator:
+    """Simulated subjects from one seed; `subject(k)` is a pure function of (seed, k, settings, sizes)."""
+
+    def __init__(self, seed: int = 0, image_size: int = 128, slices_per_axis: int = 8,
+                 settings: SimulationSettings | None = None) -> None:
+        if not 32 <= image_size <= 512:
+            raise AhmError(f"--image-size must be between 32 and 512, got {image_size}")
+        if not 1 <= slices_per_axis <= 64:
+            raise AhmError(f"--slices-per-axis must be between 1 and 64, got {slices_per_axis}")
+        self.seed = seed
+        self.image_size = image_size
+        self.slices_per_axis = slices_per_axis
+        self.settings = settings or SimulationSettings()
+        self.template = load_template()
+
+    def _plane_coords(self, axis: int, offsets: np.ndarray) -> np.ndarray:
+        """Subject-space points (mm, centred) of the slices along `axis` at `offsets` mm: [n, S, S, 3].
+
+        Orientation as brain_demo writes its slices: superior (or anterior, on axial slices) up."""
+        size, fov = self.image_size, self.settings.fov_mm
+        u = ((np.arange(size) + 0.5) / size - 0.5) * fov  # columns, increasing
+        v = -u  # rows: top of the image is the positive direction
+        in_plane = {0: (2, 1), 1: (2, 0), 2: (1, 0)}[axis]  # (row axis, column axis)
+        pts = np.zeros((len(offsets), size, size, 3))
+        pts[..., axis] = offsets[:, None, None]
+        pts[..., in_plane[0]] = v[None, :, None]
+        pts[..., in_plane[1]] = u[None, None, :]
+        return pts
+
+    def subject_id(self, k: int) -> str:
+        return f"sub{k:05d}"
+
+    def subject(self, k: int) -> dict[str, Any]:
+        """Subject k: {"id", "contrast", "slices": {stem: (image uint8 [S, S], label uint8 [S, S])}}."""
+        from scipy.ndimage import gaussian_filter, map_coordinates
+
+        if k < 0:
+            raise AhmError(f"subject index must be >= 0, got {k}")
+        s, tpl = self.settings, self.template
+        rng = np.random.default_rng([self.seed, k])
+        # Anatomy, drawn first so the scan settings below never change a subject's anatomy.
+        linear = _rotation(rng, s.rotate_deg) @ np.diag(rng.uniform(1 - s.scale, 1 + s.scale, size=3))
+        shift = rng.uniform(-s.shift_mm, s.shift_mm, size=3)
+        deform_rng = np.random.default_rng(rng.integers(2**63))
+        bias_rng = np.random.default_rng(rng.integers(2**63))
+        jitter = rng.uniform(-2.0, 2.0, size=3)  # where this subject's slice planes sit, mm
+
+        n = self.slices_per_axis
+        fractions = np.linspace(-s.slice_span, s.slice_span, n) if n > 1 else np.zeros(1)
+        planes = [self._plane_coords(axis, fractions * tpl.half_extent[axis] + jitter[axis]) for axis in range(3)]
+        pts = np.concatenate(planes)  # [3n, S, S, 3] subject space
+        # The same field moves image and probabilities: it is drawn once over the whole field of view, so slices
+        # of every axis see one consistent 3D anatomy.
+        displacement = _smooth_field(deform_rng, s.deform_points, s.deform_mm, pts, s.fov_mm, 3)
+        template_pts = pts @ linear.T + shift + np.moveaxis(displacement, 0, -1)
+        index = (template_pts + tpl.centre).reshape(-1, 3).T
+
+        def sample(volume: np.ndarray) -> np.ndarray:
+            return map_coordinates(volume, index, order=1, mode="constant", cval=0.0).reshape(pts.shape[:-1])
+
+        probs = {name: np.clip(sample(v), 0.0, 1.0) for name, v in tpl.probs.items()}
+        labels = tissue_labels(np.stack([probs["gm"], probs["wm"]]))
+
+        # Contrast.
+        gmm = bool(rng.random() < s.gmm_share)
+        if gmm:
+            for _ in range(_REDRAWS):
+                means = rng.uniform(*s.gmm_mean, size=3)  # csf, gm, wm
+                if abs(means[1] - means[2]) >= s.min_contrast and \
+                        min(abs(means[0] - means[1]), abs(means[0] - means[2])) >= s.min_contrast / 2:
+                    break
+            sds = rng.uniform(*s.gmm_sd, size=3)
+            image = np.zeros(pts.shape[:-1])
+            for c, name in enumerate(("csf", "gm", "wm")):
+                texture = rng.normal(0.0, 1.0, size=image.shape)
+                image += probs[name] * (means[c] + sds[c] * texture)
+        else:
+            for _ in range(_REDRAWS):
+                curve = _monotone_curve(rng, s.remap_knots, s.remap_concentration)
+                if float(curve(np.array(tpl.levels["wm"])) - curve(np.array(tpl.levels["gm"]))) >= s.min_contrast:
+                    break
+            image = curve(sample(tpl.t1))
+        # Scan: bias field, resolution, noise.
+        image = image * np.exp(_smooth_field(bias_rng, s.bias_points, s.bias_sd, pts, s.fov_mm, 1)[0])
+        blur = rng.uniform(*s.blur_px)
+        if blur > 0:
+            image = gaussian_filter(image, sigma=(0, blur, blur))
+        brain = labels > 0
+        scale = float(np.percentile(image[brain], 99.0)) if brain.any() else float(image.max())
+        image = np.clip(image, 0.0, None) / max(scale, 1e-6)
+        noise = rng.uniform(*s.noise_sd)
+        # Magnitude images: noise on two channels, then the modulus (Rician), so the background is not zero.
+        image = np.hypot(image + rng.normal(0.0, noise, size=image.shape), rng.normal(0.0, noise, size=image.shape))
+        pixels = np.clip(np.round(image / max(float(image.max()), 1.0) * 255.0), 0, 255).astype(np.uint8)
+
+        sid = self.subject_id(k)
+        slices = {}
+        for axis in range(3):
+            for j in range(n):
+                row = axis * n + j
+                slices[f"{sid}__{AXIS_LETTERS[axis]}{j:02d}"] = (pixels[row], labels[row])
+        return {"id": sid, "contrast": "gmm" if gmm else "t1-remap", "blur_px": blur, "noise_sd": noise,
+                "slices": slices}
+
+
+def subject_sides(n: int, val: int | None = None, test: int | None = None) -> list[str]:
+    """Split of subjects 0..n-1: the first `test` to test, the next `val` to val, the rest to train
+    (defaults: 15% each, at least one when there are three subjects or more)."""
+    def share(count: int | None) -> int:
+        if count is not None:
+            return count
+        return max(1, round(0.15 * n)) if n >= 3 else 0
+
+    n_test, n_val = share(test), share(val)
+    if n_test < 0 or n_val < 0 or n_test + n_val > n - 1:
+        raise AhmError(f"--val-subjects {n_val} and --test-subjects {n_test} leave no training subject "
+                       f"out of --subjects {n}")
+    return ["test"] * n_test + ["val"] * n_val + ["train"] * (n - n_test - n_val)
+
+
+def _is_previous(out: Path) -> bool:
+    try:
+        return json.loads((out / MARKER).read_text()).get("kind") == KIND
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+_COLOURS = np.array([[0, 0, 0], [230, 120, 40], [60, 160, 230]], dtype=np.uint8)
+
+
+def montage(subjects: list[dict[str, Any]], n_per_axis: int) -> np.ndarray:
+    """RGB rows of the middle slice of each axis per subject, then its labels beside (orange grey, blue white
+    matter), so a person can see the subjects differ in anatomy and in scan."""
+    rows = []
+    middle = n_per_axis // 2
+    for sub in subjects:
+        tiles = []
+        for letter in AXIS_LETTERS:
+            image, _ = sub["slices"][f"{sub['id']}__{letter}{middle:02d}"]
+            tiles.append(np.repeat(image[..., None], 3, axis=2))
+        for letter in AXIS_LETTERS:
+            _, label = sub["slices"][f"{sub['id']}__{letter}{middle:02d}"]
+            tiles.append(_COLOURS[label])
+        rows.append(np.concatenate(tiles, axis=1))
+    return np.concatenate(rows, axis=0)
+
+
+def prepare_brain_subjects(out: Path, subjects: int = 60, seed: int = 0, image_size: int = 128,
+                           slices_per_axis: int = 8, val_subjects: int | None = None,
+                           test_subjects: int | None = None, settings: SimulationSettings | None = None,
+                           montage_subjects: int = 6, progress: Callable[[int, int], None] | None = None) -> dict:
+    """Write `subjects` simulated subjects to `out` (folder layout, splits.json by subject, montage.png).
+
+    Refuses a non-empty `out` unless it is an earlier brain-subjects set (then replaced); written beside `out`
+    and renamed into place, so `out` is never left half written. Memory stays that of one subject."""
+    from PIL import Image
+
+    out = Path(out).expanduser()
+    if subjects < 1:
+        raise AhmError(f"--subjects must be at least 1, got {subjects}")
+    sides = subject_sides(subjects, val_subjects, test_subjects)
+    if out.exists():
+        if not out.is_dir():
+            raise AhmError(f"{out}: exists and is not a folder")
+        if any(out.iterdir()) and not _is_previous(out):
+            raise AhmError(f"{out}: folder is not empty and is not an earlier brain-subjects set; "
+                           "choose a new or empty folder (nothing was written)")
+    sim = BrainSimulator(seed=seed, image_size=image_size, slices_per_axis=slices_per_axis, settings=settings)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    splits: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    contrasts = {"t1-remap": 0, "gmm": 0}
+    shown: list[dict[str, Any]] = []
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        (tmp / "images").mkdir()
+        (tmp / "masks").mkdir()
+        for k, side in enumerate(sides):
+            sub = sim.subject(k)
+            contrasts[sub["contrast"]] += 1
+            for stem, (image, label) in sub["slices"].items():
+                _save_png(tmp / "images" / f"{stem}.png", image)
+                _save_png(tmp / "masks" / f"{stem}.png", label)
+                splits[side].append(stem)
+            if len(shown) < montage_subjects:
+                shown.append(sub)
+            if progress is not None:
+                progress(k + 1, subjects)
+        if shown:
+            Image.fromarray(montage(shown, slices_per_axis), mode="RGB").save(tmp / MONTAGE, format="PNG")
+        counts = {side: sides.count(side) for side in ("train", "val", "test")}
+        info = {
+            "kind": KIND,
+            "format": 1,
+            "simulated": True,
+            "source": "simulated subjects from the nilearn MNI152 2009 template, 1 mm (T1 image, grey/white "
+                      "matter probability maps): random affine + smooth nonlinear deformation, random contrast, "
+                      "bias field, blur and noise per subject",
+            "labels": LABELS,
+            "subjects": subjects,
+            "seed": seed,
+            "image_size": image_size,
+            "slices_per_axis": slices_per_axis,
+            "split_subjects": counts,
+            "contrasts": contrasts,
+            "settings": sim.settings.to_dict(),
+        }
+        (tmp / "splits.json").write_text(json.dumps(splits, indent=1) + "\n")
+        (tmp / "labels.json").write_text(json.dumps(LABELS, indent=1) + "\n")  # class names, read by the layout
+        (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"out": str(out), "subjects": subjects, "images": subjects * 3 * slices_per_axis,
+            "split_subjects": counts, "contrasts": contrasts, "image_size": image_size,
+            "montage": str(out / MONTAGE) if shown else None}

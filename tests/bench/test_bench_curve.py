@@ -1,0 +1,97 @@
+"""`ahm bench curve`: labelled subjects and pretraining corpus as grid axes; tables, plot, pairing, resume."""
+
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from ahm.errors import AhmError
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
+from train_helpers import make_blob_folder, tiny_pretrain_overrides  # noqa: E402
+
+
+def _overrides(tmp: Path) -> dict:
+    pre = tiny_pretrain_overrides(tmp, backbone="unet", steps=2)
+    pre["data"].pop("path")
+    ft = {"data": dict(pre["data"]), "model": dict(pre["model"]),
+          "train": {"batch_size": 2, "warmup_steps": 1, "accelerator": "cpu"}}
+    return {"pretrain": pre, "finetune": ft}
+
+
+@pytest.mark.slow
+def test_curve_grid_axes_tables_plot_and_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ahm.bench.curve import parse_labels, run_curve
+
+    data = make_blob_folder(tmp_path / "data", n=20)  # 10 subjects: 2 test, 2 val, 6 train
+    small = make_blob_folder(tmp_path / "small", n=10, seed=1)  # 5 subjects: 3 train
+    large = make_blob_folder(tmp_path / "large", n=30, seed=2)  # 15 subjects: 9 train
+    out = tmp_path / "grid"
+    kwargs = dict(policies=["scratch", "random"], backbones=["unet"], labels=parse_labels("1,all"),
+                  pretrain_steps=2, finetune_steps=2, corpora=[small, large], overrides=_overrides(tmp_path))
+    first = run_curve(data, out, seeds=1, **kwargs)
+    second = run_curve(data, out, seeds=1, first_seed=1, **kwargs)
+    result = run_curve(data, out, seeds=2, **kwargs)
+    assert result["train_subjects"] == 6
+    # scratch once per labels x seed (no corpus), random per corpus x labels x seed
+    assert len(first["rows"]) == len(second["rows"]) == 2 + 4 and len(result["rows"]) == 12
+    points = {(e["policy"], e["corpus"], e["labelled_subjects"]): e for e in result["table"]}
+    assert set(points) == {("scratch", "-", 1), ("scratch", "-", 6), ("random", "small", 1), ("random", "small", 6),
+                           ("random", "large", 1), ("random", "large", 6)}
+    assert points[("random", "small", 1)]["corpus_subjects"] == 3
+    assert points[("random", "large", 1)]["corpus_subjects"] == 9
+    assert all(e["n"] == 2 for e in result["table"])
+    # one labelled subject is one subject's slices; 'all' is every training subject's
+    import json
+
+    cell = next((out / "cells").glob("unet-scratch-corpus--labels1-seed0"))
+    labelled = json.loads((cell / "finetune" / "labelled.json").read_text())
+    assert len(labelled["subjects"]) == 1
+    cell_all = next((out / "cells").glob("unet-scratch-corpus--labelsall-seed0"))
+    assert len(json.loads((cell_all / "finetune" / "labelled.json").read_text())["subjects"]) == 6
+    # the same seed labels the same subjects whatever the policy: pairs are pairs
+    same = next((out / "cells").glob("unet-random-corpuslarge-labels1-seed0"))
+    assert json.loads((same / "finetune" / "labelled.json").read_text())["subjects"] == labelled["subjects"]
+    # random - scratch paired by seed at every (corpus, labels) point
+    pairs = {(e["corpus"], e["labels"]): e for e in result["paired"]}
+    assert set(pairs) == {("small", "1"), ("small", "all"), ("large", "1"), ("large", "all")}
+    by = {(r["policy"], r["corpus"], str(r["labels"]), r["seed"]): r["dice"] for r in result["rows"]}
+    diffs = [by[("random", "large", "1", s)] - by[("scratch", "-", "1", s)] for s in (0, 1)]
+    assert pairs[("large", "1")]["dice"] == pytest.approx(sum(diffs) / 2)
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert len(rows) == 12 and {r["corpus"] for r in rows} == {"-", "small", "large"}
+    md = (out / "results.md").read_text()
+    assert "| unet | random | large (9) | all (6) | 2 |" in md and "| unet | large | 1 | random - scratch | 2 |" in md
+    assert (out / "results.png").stat().st_size > 1000
+
+    def boom(*a, **k):
+        raise AssertionError("a finished cell was rerun")
+
+    monkeypatch.setattr("ahm.train.finetune.finetune", boom)
+    monkeypatch.setattr("ahm.train.pretrain.pretrain", boom)
+    again = run_curve(data, out, seeds=2, **kwargs)
+    assert [r["dice"] for r in again["rows"]] == [r["dice"] for r in result["rows"]]
+
+
+def test_curve_refusals(tmp_path: Path) -> None:
+    from ahm.bench.curve import parse_labels, run_curve
+
+    assert parse_labels("1, 2,all,2") == [1, 2, "all"]
+    for bad, message in (("0", "at least 1"), ("two", "'two' is not a number"), ("", "at least one value")):
+        with pytest.raises(AhmError, match=f"--labels: .*{message}|--labels: {message}"):
+            parse_labels(bad)
+    data = make_blob_folder(tmp_path / "data", n=20)
+    with pytest.raises(AhmError, match="--labels 7: .* has 6 training subjects"):
+        run_curve(data, tmp_path / "o", ["scratch"], ["unet"], [7], 1, 1, 1, overrides=_overrides(tmp_path))
+    with pytest.raises(AhmError, match="--corpus .*nowhere: not a folder"):
+        run_curve(data, tmp_path / "o", ["random"], ["unet"], [1], 1, 1, 1, corpora=[tmp_path / "nowhere"],
+                  overrides=_overrides(tmp_path))
+    from ahm.cli.app import _register, app
+
+    _register()
+    res = CliRunner().invoke(app, ["bench", "curve", str(data), "--out", str(tmp_path / "o"), "--labels", "x"])
+    assert res.exit_code != 0 and "--labels: 'x'" in res.output
