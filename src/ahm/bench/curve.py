@@ -21,14 +21,22 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ahm.bench.compare import BACKBONE_SEGMENTER, _check_names, _mean_std, _merge, paired_differences
+from ahm.bench.compare import (
+    BACKBONE_SEGMENTER,
+    OLD_SELECTION,
+    _check_names,
+    _mean_std,
+    _merge,
+    _scores,
+    paired_differences,
+)
 from ahm.config import FinetuneConfig, PretrainConfig, build_config
 from ahm.errors import AhmError
 from ahm.io import write_bytes, write_json, write_text
 
 ALL = "all"
-COLUMNS = ["backbone", "policy", "corpus", "corpus_subjects", "labels", "labelled_subjects", "seed", "dice", "iou",
-           "hd95", "val_dice", "pretrain_final_loss", "pretrain_s", "finetune_s"]
+COLUMNS = ["backbone", "policy", "corpus", "corpus_subjects", "labels", "labelled_subjects", "seed", "dice",
+           "dataset_dice", "iou", "hd95", "val_dice", "selection", "empty_cases", "pretrain_final_loss", "pretrain_s", "finetune_s"]
 SAME = "data"  # the corpus name of "pretrain on the labelled set's own training subjects"
 
 
@@ -150,8 +158,8 @@ def run_curve(data: str | Path, out: str | Path, policies: list[str], backbones:
         ft_summary = finetune(ft_cfg, ft_dir, resume=resume, force=not resume and ft_dir.exists(), progress=False)
         row["finetune_s"] = time.perf_counter() - t0
         row["val_dice"] = ft_summary.get("best_val_dice")
-        metrics = evaluate(ft_dir, data, split=split, progress=False)
-        row.update({"dice": metrics["dice"], "iou": metrics["iou"], "hd95": metrics["hd95"]})
+        row["selection"] = ft_summary.get("selection_metric", OLD_SELECTION)
+        row.update(_scores(evaluate(ft_dir, data, split=split, progress=False)))
         write_json(done, row)
         rows.append(row)
     table = aggregate(rows)
@@ -174,7 +182,7 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         entry: dict[str, Any] = {"backbone": first["backbone"], "policy": first["policy"], "corpus": first["corpus"],
                                  "corpus_subjects": first.get("corpus_subjects"), "labels": first["labels"],
                                  "labelled_subjects": first["labelled_subjects"], "n": len(group)}
-        for metric in ("dice", "iou", "hd95", "val_dice"):
+        for metric in ("dice", "dataset_dice", "iou", "hd95", "val_dice"):
             entry[metric], entry[metric + "_std"] = _mean_std([r.get(metric) for r in group])
         table.append(entry)
     return table
