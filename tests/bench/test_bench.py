@@ -59,7 +59,7 @@ def test_compare_grid_tables_and_resume(tmp_path: Path, monkeypatch: pytest.Monk
     assert result["baseline"]["empty_prediction"]["dataset_dice"] == 0.0
     assert "Predict nothing (all background): Dice (test) 0.0000, dataset Dice 0.0000" in md
     for e in result["table"]:  # every row says whether it clears both floors
-        flag = "above both" if not compare.below_floors(e, compare.floors(result["baseline"])) else "**not above"
+        flag = "above both" if not compare.below_floors(e, compare.floors(result["baseline"])) else "**not clearly above"
         assert flag in next(line for line in md.splitlines() if line.startswith(f"| unet | {e['policy']} |"))
     assert all(r["empty_cases"] == "exclude" and r["dataset_dice"] is not None for r in result["rows"])
     own = run_baseline(data, 0.5, 2, data_cfg=compare.build_config(
@@ -144,3 +144,15 @@ def test_compare_rejects_unknown_names(tmp_path: Path) -> None:
         run_compare(tmp_path, tmp_path / "o", ["scratch"], ["unet"], 1, 0.1, 1, 1, first_seed=-1)
     with pytest.raises(AhmError, match="--backbones"):
         run_compare(tmp_path, tmp_path / "o", ["random"], ["resnet"], 1, 0.1, 1, 1)
+
+
+def test_a_policy_is_above_a_floor_only_clearly() -> None:
+    from ahm.bench.compare import below_floors
+
+    floor = {"predict nothing": {"dice": 0.0, "dataset_dice": 0.0}}
+    assert below_floors({"n": 3, "dice": 0.0011, "dice_std": 0.0009, "dataset_dice": 0.0012}, floor) == [
+        "predict nothing"]  # 0.001 Dice is not learning
+    assert below_floors({"n": 3, "dice": 0.30, "dice_std": 0.02, "dataset_dice": 0.35}, floor) == []
+    # a spread over seeds as large as the lead: not clearly above
+    assert below_floors({"n": 3, "dice": 0.30, "dice_std": 0.40, "dataset_dice": 0.35,
+                         "dataset_dice_std": 0.0}, floor) == ["predict nothing"]
