@@ -57,8 +57,6 @@ def run_compare(data: str | Path, out: str | Path, policies: list[str], backbone
     with disjoint seed ranges, and a last call over all seeds then only gathers the finished cells."""
     from ahm.eval.evaluate import evaluate
     from ahm.eval.metrics import check_empty
-    from ahm.train.finetune import finetune
-    from ahm.train.pretrain import pretrain
 
     check_empty(empty)
     _check_names(policies, backbones)
@@ -95,14 +93,7 @@ def run_compare(data: str | Path, out: str | Path, policies: list[str], backbone
                 "data": {"path": str(data)}, "model": {"backbone": backbone},
                 "masking": {"policy": policy}, "train": {"steps": pretrain_steps, "seed": seed},
             }), nulls=True)
-            t0 = time.perf_counter()
-            summary_path = pre_dir / "summary.json"
-            if summary_path.is_file():
-                summary = json.loads(summary_path.read_text())
-            else:
-                resume = (pre_dir / "checkpoints" / "last.ckpt").is_file()
-                summary = pretrain(pre_cfg, pre_dir, resume=resume, force=not resume and pre_dir.exists(), progress=False)
-            row["pretrain_s"] = time.perf_counter() - t0
+            summary, row["pretrain_s"] = pretrain_cell(pre_cfg, pre_dir)
             row["pretrain_final_loss"] = summary.get("final_loss")
             row["hardness_ratio"] = summary.get("hardness_ratio")
             row["critic_spearman"] = summary.get("critic_spearman")
@@ -113,14 +104,7 @@ def run_compare(data: str | Path, out: str | Path, policies: list[str], backbone
             "train": ({"epochs": None, "steps": finetune_steps} if finetune_steps else {"epochs": finetune_epochs})
             | {"seed": seed},
         }), nulls=True)
-        ft_dir = cell_dir / "finetune"
-        t0 = time.perf_counter()
-        resume = (ft_dir / "checkpoints" / "last.ckpt").is_file()
-        ft_summary = finetune(ft_cfg, ft_dir, resume=resume, force=not resume and ft_dir.exists(), progress=False)
-        row["finetune_s"] = time.perf_counter() - t0
-        row["val_dice"] = ft_summary.get("best_val_dice")
-        row["selection"] = ft_summary.get("selection_metric", OLD_SELECTION)
-        row.update(_scores(evaluate(ft_dir, data, split=split, progress=False, empty=empty)))
+        row.update(finetune_cell(ft_cfg, cell_dir / "finetune", data, split, empty))
         write_json(done, row)
         rows.append(row)
     table = aggregate(rows)
@@ -134,6 +118,34 @@ def run_compare(data: str | Path, out: str | Path, policies: list[str], backbone
     write_json(out / "baseline.json", baseline)
     write_results(out, rows, table, split, baseline, paired)
     return {"rows": rows, "table": table, "baseline": baseline, "paired": paired}
+
+
+def pretrain_cell(cfg: PretrainConfig, run_dir: Path) -> tuple[dict[str, Any], float]:
+    """A grid's pretraining run: its summary if it finished earlier, else run (or resume) it; and the seconds."""
+    from ahm.train.pretrain import pretrain
+
+    t0 = time.perf_counter()
+    summary_path = run_dir / "summary.json"
+    if summary_path.is_file():
+        return json.loads(summary_path.read_text()), time.perf_counter() - t0
+    resume = (run_dir / "checkpoints" / "last.ckpt").is_file()
+    summary = pretrain(cfg, run_dir, resume=resume, force=not resume and run_dir.exists(), progress=False)
+    return summary, time.perf_counter() - t0
+
+
+def finetune_cell(cfg: FinetuneConfig, run_dir: Path, data: str | Path, split: str,
+                  empty: str = "exclude") -> dict[str, Any]:
+    """A grid's fine-tuning run (resumed if it was cut) and its evaluation: what a cell row keeps of them."""
+    from ahm.eval.evaluate import evaluate
+    from ahm.train.finetune import finetune
+
+    t0 = time.perf_counter()
+    resume = (run_dir / "checkpoints" / "last.ckpt").is_file()
+    summary = finetune(cfg, run_dir, resume=resume, force=not resume and run_dir.exists(), progress=False)
+    row = {"finetune_s": time.perf_counter() - t0, "val_dice": summary.get("best_val_dice"),
+           "selection": summary.get("selection_metric", OLD_SELECTION)}
+    row.update(_scores(evaluate(run_dir, data, split=split, progress=False, empty=empty)))
+    return row
 
 
 def _scores(metrics: dict[str, Any]) -> dict[str, Any]:

@@ -17,18 +17,17 @@ import csv
 import io
 import json
 import math
-import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ahm.bench.compare import (
     BACKBONE_SEGMENTER,
-    OLD_SELECTION,
     _check_names,
     _mean_std,
     _merge,
-    _scores,
+    finetune_cell,
     paired_differences,
+    pretrain_cell,
 )
 from ahm.config import FinetuneConfig, PretrainConfig, build_config
 from ahm.errors import AhmError
@@ -75,9 +74,6 @@ def run_curve(data: str | Path, out: str | Path, policies: list[str], backbones:
               split: str = "test", first_seed: int = 0, log: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
     """Run every unfinished cell of backbone x corpus x policy x labels x seed; write results.csv, results.md
     and results.png (Dice against each axis, error bars one std over seeds); return rows, table and paired."""
-    from ahm.eval.evaluate import evaluate
-    from ahm.train.finetune import finetune
-    from ahm.train.pretrain import pretrain
 
     _check_names(policies, backbones)
     if seeds < 1:
@@ -131,19 +127,12 @@ def run_curve(data: str | Path, out: str | Path, policies: list[str], backbones:
         init = None
         if policy != "scratch":
             pre_dir = out / "pretrain" / f"{backbone}-{policy}-corpus{name}-seed{seed}"
-            t0 = time.perf_counter()
-            summary_path = pre_dir / "summary.json"
-            if summary_path.is_file():
-                summary = json.loads(summary_path.read_text())
-            else:
-                pre_cfg = build_config(PretrainConfig, file=base_config, overrides=_merge(
-                    overrides.get("pretrain", {}), {
-                        "data": {"path": str(path)}, "model": {"backbone": backbone}, "masking": {"policy": policy},
-                        "train": {"steps": pretrain_steps, "seed": seed}}), nulls=True)
-                resume = (pre_dir / "checkpoints" / "last.ckpt").is_file()
-                summary = pretrain(pre_cfg, pre_dir, resume=resume, force=not resume and pre_dir.exists(),
-                                   progress=False)
-            row["pretrain_s"] = time.perf_counter() - t0
+            pre_cfg = build_config(PretrainConfig, file=base_config, overrides=_merge(
+                overrides.get("pretrain", {}), {
+                    "data": {"path": str(path)}, "model": {"backbone": backbone}, "masking": {"policy": policy},
+                    "train": {"steps": pretrain_steps, "seed": seed}}), nulls=True)
+            summary, pretrain_s = pretrain_cell(pre_cfg, pre_dir)
+            row["pretrain_s"] = pretrain_s
             row["pretrain_final_loss"] = summary.get("final_loss")
             init = str(pre_dir)
         budget: dict[str, Any] = ({"labels_fraction": 1.0, "labels_subjects": None} if n == ALL
@@ -152,14 +141,7 @@ def run_curve(data: str | Path, out: str | Path, policies: list[str], backbones:
             "data": {"path": str(data)}, "model": {"backbone": backbone}, "segmenter": BACKBONE_SEGMENTER[backbone],
             "init": init, **budget, "train": {"epochs": None, "steps": finetune_steps, "seed": seed},
         }), nulls=True)
-        ft_dir = cell_dir / "finetune"
-        t0 = time.perf_counter()
-        resume = (ft_dir / "checkpoints" / "last.ckpt").is_file()
-        ft_summary = finetune(ft_cfg, ft_dir, resume=resume, force=not resume and ft_dir.exists(), progress=False)
-        row["finetune_s"] = time.perf_counter() - t0
-        row["val_dice"] = ft_summary.get("best_val_dice")
-        row["selection"] = ft_summary.get("selection_metric", OLD_SELECTION)
-        row.update(_scores(evaluate(ft_dir, data, split=split, progress=False)))
+        row.update(finetune_cell(ft_cfg, cell_dir / "finetune", data, split))
         write_json(done, row)
         rows.append(row)
     table = aggregate(rows)
