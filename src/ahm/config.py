@@ -392,6 +392,9 @@ class PretrainConfig(_Strict):
     # Read the corpus into memory before training (yes), stream it from disk (no), or preload it when its
     # preprocessed size is at most 1 GiB (auto). The samples are the same either way.
     preload: Literal["auto", "yes", "no"] = "auto"
+    # A folder for an on-disk store of preprocessed samples (memory-mapped; named by a digest of the corpus and the
+    # preprocessing), so that later epochs, and later runs on the same corpus, skip decoding. None: no store.
+    cache: Optional[str] = None
 
     @model_validator(mode="after")
     def _check(self) -> "PretrainConfig":

@@ -58,5 +58,6 @@ def test_the_bench_runs_real_pretraining_on_both_corpora(tmp_path: Path) -> None
     assert runs["small_in_memory"]["preloaded"] is True
     assert all(r["peak_rss_mib"] > 50 and r["first_step_s"] > 0 and r["images_per_s"] > 0 for r in runs.values())
     assert doc["memory_ratio_large_over_small"] > 0 and doc["streamed_over_in_memory"] > 0
+    assert doc["cache"]["first_epoch_samples_per_s"] > 0 and doc["cache"]["speed_up"] > 0
     assert "peak memory large / small" in format_data_bench(doc)
     json.dumps(doc)

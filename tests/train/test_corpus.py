@@ -290,3 +290,33 @@ def test_a_2d_source_of_weight_2_spreads_its_copies_over_the_epoch(tmp_path):
     batches = [order[i:i + 16] for i in range(0, 400, 16)]
     repeated = sum(len(set(b)) < len(b) for b in batches)
     assert repeated < len(batches) / 2  # copies are not kept side by side
+
+
+def test_the_on_disk_cache_gives_the_same_samples_and_is_reused(tmp_path, volumes):
+    from ahm.data.corpus import SampleCache
+
+    corpus = open_corpus(_cfg(volumes))
+    plain = CorpusDataset(corpus, None, 0)
+    cache = SampleCache(tmp_path / "cache", corpus)
+    cached = CorpusDataset(corpus, None, 0, cache=cache)
+    assert cache.filled() == 0
+    for k in (0, 7, 29):
+        assert torch.equal(cached.image(k), plain.image(k))
+    assert cache.filled() == 3
+    for k in (0, 7, 29):  # now read from the store (the same key: the same corpus and settings)
+        again = SampleCache(tmp_path / "cache", corpus)
+        assert again.key == cache.key and torch.equal(torch.from_numpy(again.get(k)), plain.image(k))
+    # a run streams through the store: the same weights as a run without it, and the store is full afterwards
+    train = {"workers": 2, "batch_size": 4}
+    a = pretrain(_cfg(volumes, steps=8, preload="no", train=train), tmp_path / "a", progress=False)
+    b = pretrain(_cfg(volumes, steps=8, preload="no", train=train, cache=str(tmp_path / "c2")),
+                 tmp_path / "b", progress=False)
+    # 7 steps of 4 are an epoch of 28 of the 30 slices (the rest is the dropped partial batch)
+    assert 28 <= b["cache"]["filled"] <= 30 and b["cache"]["entries"] == 30 and a.get("cache") is None
+    wa, wb = (load_torch(tmp_path / r / "checkpoints" / "last.ckpt")["model"] for r in ("a", "b"))
+    assert all(torch.equal(wa[key], wb[key]) for key in wa)
+    # another corpus setting, another store
+    other_cfg = _cfg(volumes)
+    other_cfg.data.image_size = 16
+    other = open_corpus(other_cfg)
+    assert SampleCache(tmp_path / "cache", other).key != cache.key

@@ -48,6 +48,9 @@ def pretrain(
     preload: Optional[str] = typer.Option(None, "--preload",
                                           help="auto (default: read the corpus into memory when it takes at most "
                                                "1 GiB preprocessed), yes, or no (stream it from disk)."),
+    cache: Optional[Path] = typer.Option(None, "--cache",
+                                         help="Folder for an on-disk store of preprocessed samples: later epochs "
+                                              "(and later runs on the same corpus) read them instead of decoding."),
     workers: Optional[int] = typer.Option(None, "--workers",
                                           help="DataLoader processes reading samples ahead (default: half the "
                                                "CPU cores, at most 4; 0: in the training process)."),
@@ -62,7 +65,7 @@ def pretrain(
 
     overrides = {
         "data": {"path": str(data[0]), "image_size": image_size, "layout": layout, "skip_bad": skip_bad or None},
-        "all_splits": all_splits or None, "preload": preload,
+        "all_splits": all_splits or None, "preload": preload, "cache": str(cache) if cache else None,
         "model": {"backbone": backbone, "patch_size": patch_size, "preset": model, "norm_pix": norm_pix},
         "masking": {"policy": policy, "mask_ratio": mask_ratio, "mask_ratio_end": mask_ratio_end,
                     "agent_workers": agent_workers, "hard_fraction_max": hard_fraction, "agent": agent,

@@ -209,10 +209,11 @@ def _train(fabric, cfg, out, resume, progress, model, policy, corpus, total, ste
         model = torch.compile(model)
     model, optimizer = fabric.setup(model, optimizer)
 
-    from ahm.data.corpus import PRELOAD_BYTES
+    from ahm.data.corpus import PRELOAD_BYTES, SampleCache
 
+    cache = SampleCache(Path(cfg.cache), corpus) if cfg.cache else None
     dataset = CorpusDataset(corpus, pretrain_augment(cfg.data.image_size) if cfg.train.augment else None,
-                            seed=cfg.train.seed)
+                            seed=cfg.train.seed, cache=cache)
     problems: list[str] = [p for source in corpus.sources for p in source.index.problems]  # found while listing
     if cfg.preload == "yes" or (cfg.preload == "auto" and corpus.nbytes() <= PRELOAD_BYTES):
         problems += dataset.preload()
@@ -365,6 +366,8 @@ def _train(fabric, cfg, out, resume, progress, model, policy, corpus, total, ste
         "corpus_images": corpus.n_entries,
         "loader_workers": workers,
         "preloaded": dataset.preloaded,
+        "cache": None if cache is None else {"path": str(cache.data_path), "filled": cache.filled(),
+                                             "entries": len(corpus)},
         "agent_parameters": int(policy.agent_parameters),
     }
     if problems:
