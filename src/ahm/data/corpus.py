@@ -467,12 +467,35 @@ def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
             "problems": problems, "error": None}
 
 
-def make_loader(dataset: CorpusDataset, batches: StepBatches, workers: int) -> torch.utils.data.DataLoader:
-    """A DataLoader over the planned batches: `workers` processes read ahead (2 batches each)."""
+def make_loader(dataset: CorpusDataset, batches: StepBatches, workers: int | None = None,
+                ) -> torch.utils.data.DataLoader:
+    """A DataLoader over the planned batches: `workers` processes (None: `default_workers()`) read ahead, 2
+    batches each. A daemonic process (a pool worker, a test harness) may not start processes: it reads in place."""
+    import multiprocessing
+
+    workers = default_workers() if workers is None else workers
+    if multiprocessing.current_process().daemon:
+        workers = 0
     kwargs: dict[str, Any] = {"num_workers": workers, "collate_fn": _collate}
     if workers > 0:
         kwargs.update(prefetch_factor=2, persistent_workers=False)
     return torch.utils.data.DataLoader(dataset, batch_sampler=batches, **kwargs)
+
+
+def pretraining_loader(corpus: Corpus, cfg: PretrainConfig, start: int, stop: int, rank: int = 0,
+                       world_size: int = 1) -> tuple[CorpusDataset, torch.utils.data.DataLoader, list[str]]:
+    """The dataset (augmented, through the on-disk cache if `cfg.cache`, preloaded if `cfg.preload` says so) and
+    the loader of steps `start .. stop - 1` for one rank; and the problems of files skipped so far."""
+    from ahm.data.transforms import pretrain_augment
+
+    cache = SampleCache(Path(cfg.cache), corpus) if cfg.cache else None
+    dataset = CorpusDataset(corpus, pretrain_augment(cfg.data.image_size) if cfg.train.augment else None,
+                            seed=cfg.train.seed, cache=cache)
+    problems = [p for source in corpus.sources for p in source.index.problems]  # found while listing
+    if cfg.preload == "yes" or (cfg.preload == "auto" and corpus.nbytes() <= PRELOAD_BYTES):
+        problems += dataset.preload()
+    batches = StepBatches(corpus, cfg.train.seed, cfg.train.batch_size, start, stop, rank, world_size)
+    return dataset, make_loader(dataset, batches, cfg.train.workers), problems
 
 
 def describe(corpus: Corpus) -> dict[str, Any]:

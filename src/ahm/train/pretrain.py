@@ -183,8 +183,7 @@ def _run(fabric, cfg: PretrainConfig, out: Path, resume: bool, progress: bool, s
 
 
 def _train(fabric, cfg, out, resume, progress, model, policy, corpus, total, steps_per_epoch, is_main, stop_at=None):
-    from ahm.data import pretrain_augment
-    from ahm.data.corpus import CorpusDataset, StepBatches, default_workers, make_loader
+    from ahm.data.corpus import pretraining_loader
 
     rank, world = fabric.global_rank, fabric.world_size
     optimizer, policy_params = build_optimizer(model, policy, cfg)
@@ -209,22 +208,8 @@ def _train(fabric, cfg, out, resume, progress, model, policy, corpus, total, ste
         model = torch.compile(model)
     model, optimizer = fabric.setup(model, optimizer)
 
-    from ahm.data.corpus import PRELOAD_BYTES, SampleCache
-
-    cache = SampleCache(Path(cfg.cache), corpus) if cfg.cache else None
-    dataset = CorpusDataset(corpus, pretrain_augment(cfg.data.image_size) if cfg.train.augment else None,
-                            seed=cfg.train.seed, cache=cache)
-    problems: list[str] = [p for source in corpus.sources for p in source.index.problems]  # found while listing
-    if cfg.preload == "yes" or (cfg.preload == "auto" and corpus.nbytes() <= PRELOAD_BYTES):
-        problems += dataset.preload()
     end = total if stop_at is None else min(total, stop_at)
-    workers = cfg.train.workers if cfg.train.workers is not None else default_workers()
-    import multiprocessing
-
-    if multiprocessing.current_process().daemon:
-        workers = 0  # a daemonic process (a pool worker, a test harness) may not start DataLoader processes
-    loader = make_loader(dataset, StepBatches(corpus, cfg.train.seed, cfg.train.batch_size, start_step, end, rank,
-                                              world), workers)
+    dataset, loader, problems = pretraining_loader(corpus, cfg, start_step, end, rank, world)
     batches = iter(loader)
     seen: list[int] = []
     log = MetricsLog(out, resume_step=start_step if resume else None, tensorboard=is_main) if is_main else None
@@ -364,10 +349,11 @@ def _train(fabric, cfg, out, resume, progress, model, policy, corpus, total, ste
         "world_size": world,
         "seed": cfg.train.seed,
         "corpus_images": corpus.n_entries,
-        "loader_workers": workers,
+        "loader_workers": loader.num_workers,
         "preloaded": dataset.preloaded,
-        "cache": None if cache is None else {"path": str(cache.data_path), "filled": cache.filled(),
-                                             "entries": len(corpus)},
+        "cache": None if dataset.cache is None else {"path": str(dataset.cache.data_path),
+                                                     "filled": dataset.cache.filled(),
+                                                     "entries": len(corpus)},
         "agent_parameters": int(policy.agent_parameters),
     }
     if problems:
