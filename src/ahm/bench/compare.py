@@ -45,6 +45,15 @@ def _check_names(policies: list[str], backbones: list[str]) -> None:
             raise AhmError(f"--backbones: unknown backbone {b!r}; choose from vit, unet")
 
 
+def check_grid(policies: list[str], backbones: list[str], seeds: int, first_seed: int) -> None:
+    """The options every grid (`bench compare`, `bench curve`) refuses in one line before any work."""
+    _check_names(policies, backbones)
+    if seeds < 1:
+        raise AhmError("--seeds must be at least 1")
+    if first_seed < 0:
+        raise AhmError("--first-seed must be at least 0")
+
+
 def run_compare(data: str | Path, out: str | Path, policies: list[str], backbones: list[str], seeds: int,
                 labels_fraction: float, pretrain_steps: int, finetune_epochs: int,
                 base_config: Optional[str | Path] = None, overrides: Optional[dict[str, Any]] = None,
@@ -59,11 +68,7 @@ def run_compare(data: str | Path, out: str | Path, policies: list[str], backbone
     from ahm.eval.metrics import check_empty
 
     check_empty(empty)
-    _check_names(policies, backbones)
-    if seeds < 1:
-        raise AhmError("--seeds must be at least 1")
-    if first_seed < 0:
-        raise AhmError("--first-seed must be at least 0")
+    check_grid(policies, backbones, seeds, first_seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     overrides = overrides or {}

@@ -22,9 +22,9 @@ from typing import Any, Callable, Optional
 
 from ahm.bench.compare import (
     BACKBONE_SEGMENTER,
-    _check_names,
     _mean_std,
     _merge,
+    check_grid,
     finetune_cell,
     paired_differences,
     pretrain_cell,
@@ -75,11 +75,7 @@ def run_curve(data: str | Path, out: str | Path, policies: list[str], backbones:
     """Run every unfinished cell of backbone x corpus x policy x labels x seed; write results.csv, results.md
     and results.png (Dice against each axis, error bars one std over seeds); return rows, table and paired."""
 
-    _check_names(policies, backbones)
-    if seeds < 1:
-        raise AhmError("--seeds must be at least 1")
-    if first_seed < 0:
-        raise AhmError("--first-seed must be at least 0")
+    check_grid(policies, backbones, seeds, first_seed)
     out = Path(out)
     overrides = overrides or {}
     say = log or (lambda msg: None)
