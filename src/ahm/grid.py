@@ -1,0 +1,114 @@
+"""The patch grid of an image or a volume: one object for 2 and 3 spatial dimensions.
+
+Every part that cuts an image into patches (the masked-image models, every masking policy, the agents, the
+diagnostics, `ahm visualize`) takes a `PatchGrid`, so that no code writes the number of dimensions down.
+Patches are numbered row-major over the grid (the last axis fastest), as MAE and MONAI do; inside a patch the
+values are flattened (channel, then the spatial axes in order).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+import torch
+from torch import Tensor
+
+from ahm.errors import AhmError
+
+PatchSize = Union[int, Sequence[int]]
+
+
+@dataclass(frozen=True)
+class PatchGrid:
+    """Spatial shape (H, W) or (D, H, W) of the input and the patch size along each axis."""
+
+    spatial_shape: tuple[int, ...]
+    patch_size: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.spatial_shape) not in (2, 3) or len(self.patch_size) != len(self.spatial_shape):
+            raise ValueError(f"a patch grid is 2D or 3D with one patch size per axis, got shape "
+                             f"{self.spatial_shape} and patch size {self.patch_size}")
+
+    @classmethod
+    def of(cls, spatial_shape: Sequence[int], patch_size: PatchSize, option: str = "--patch-size") -> "PatchGrid":
+        """The grid of `spatial_shape` cut by `patch_size` (one int for every axis, or one per axis).
+
+        Raises AhmError naming `option` when a patch size does not divide its axis.
+        """
+        shape = tuple(int(s) for s in spatial_shape)
+        size = (int(patch_size),) * len(shape) if isinstance(patch_size, int) else tuple(int(p) for p in patch_size)
+        if len(size) != len(shape):
+            raise AhmError(f"{option} {list(size)} has {len(size)} values for a {len(shape)}D input {list(shape)}")
+        for axis, (s, p) in enumerate(zip(shape, size)):
+            if p < 1 or s % p:
+                raise AhmError(f"{option} {p} does not divide the input size {s} along axis {axis} "
+                               f"(input {list(shape)}); choose a size (or crop) that it divides")
+        return cls(shape, size)
+
+    @classmethod
+    def square(cls, grid: Sequence[int], patch_size: int) -> "PatchGrid":
+        """The grid with `grid` patches per axis, each `patch_size` wide along every axis."""
+        return cls(tuple(int(g) * patch_size for g in grid), (patch_size,) * len(grid))
+
+    @property
+    def spatial_dims(self) -> int:
+        return len(self.spatial_shape)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Patches per axis."""
+        return tuple(s // p for s, p in zip(self.spatial_shape, self.patch_size))
+
+    @property
+    def num_patches(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def patch_volume(self) -> int:
+        """Pixels (voxels) in one patch, per channel."""
+        return math.prod(self.patch_size)
+
+    def patchify(self, images: Tensor) -> Tensor:
+        """[B, C, *spatial] -> [B, L, C * patch_volume]."""
+        b, c = images.shape[:2]
+        split: list[int] = []
+        for g, p in zip(self.shape, self.patch_size):
+            split += [g, p]
+        x = images.reshape(b, c, *split)
+        n = self.spatial_dims
+        grid_axes = [2 + 2 * i for i in range(n)]
+        inner_axes = [3 + 2 * i for i in range(n)]
+        x = x.permute(0, *grid_axes, 1, *inner_axes)
+        return x.reshape(b, self.num_patches, c * self.patch_volume)
+
+    def unpatchify(self, patches: Tensor, channels: int) -> Tensor:
+        """Inverse of `patchify`: [B, L, C * patch_volume] -> [B, C, *spatial]."""
+        b = patches.shape[0]
+        n = self.spatial_dims
+        x = patches.reshape(b, *self.shape, channels, *self.patch_size)
+        order = [0, 1 + n]
+        for i in range(n):
+            order += [1 + i, 2 + n + i]
+        return x.permute(*order).reshape(b, channels, *self.spatial_shape)
+
+    def upsample(self, patch_values: Tensor) -> Tensor:
+        """Per-patch values [B, L] -> [B, 1, *spatial], each patch's value over all its pixels."""
+        b = patch_values.shape[0]
+        view: list[int] = [b, 1]
+        expand: list[int] = [b, 1]
+        for g, p in zip(self.shape, self.patch_size):
+            view += [g, 1]
+            expand += [g, p]
+        return patch_values.reshape(*view).expand(*expand).reshape(b, 1, *self.spatial_shape)
+
+    def pool(self, pixels: Tensor) -> Tensor:
+        """Mean over each patch's pixels and channels: [B, C, *spatial] -> [B, L]."""
+        return self.patchify(pixels).mean(dim=-1)
+
+    def coordinates(self) -> Tensor:
+        """[L, spatial_dims] integer grid position of every patch, in patch order."""
+        axes = torch.meshgrid(*[torch.arange(g) for g in self.shape], indexing="ij")
+        return torch.stack([a.reshape(-1) for a in axes], dim=1)
