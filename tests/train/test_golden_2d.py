@@ -4,7 +4,6 @@ the backbone / patch-grid refactor of issue 16, must come out the same (float to
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
