@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import io as _io
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,22 +116,21 @@ def load_run(run_dir: str | Path, checkpoint: str = BEST) -> LoadedRun:
 
 
 def predict_labels(model: torch.nn.Module, images: np.ndarray | torch.Tensor, batch_size: int = 32,
-                   device: torch.device | None = None) -> np.ndarray:
-    """Argmax class map `[N, S, S]` (int64) for images `[N, C, S, S]`, in batches, without autograd."""
-    if device is None:
-        device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
+                   device: torch.device | None = None, *, roi_size: int | Sequence[int] | None = None,
+                   overlap: float = 0.5, mode: str = "gaussian", sw_batch_size: int = 4,
+                   divisible_by: int | Sequence[int] | None = None) -> np.ndarray:
+    """Argmax class map `[N, *spatial]` (int64) for images `[N, C, *spatial]` (2D or 3D), `batch_size` inputs at a
+    time, by `ahm.eval.inference.sliding_window_predict` (window `roi_size`; None or the input's own size: one
+    plain forward pass per batch)."""
+    from ahm.eval.inference import sliding_window_predict
+
     out = []
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(images), batch_size):
-                batch = torch.as_tensor(np.asarray(images[start:start + batch_size]), dtype=torch.float32)
-                logits = model(batch.to(device))
-                # max().indices, not argmax(): the same labels, several times faster over the class axis on CPU
-                out.append(logits.max(1).indices.to(torch.int64).cpu().numpy())
-    finally:
-        model.train(was_training)
+    for start in range(0, len(images), batch_size):
+        batch = torch.as_tensor(np.asarray(images[start:start + batch_size]), dtype=torch.float32)
+        logits = sliding_window_predict(model, batch, roi_size, overlap=overlap, mode=mode,
+                                        sw_batch_size=sw_batch_size, divisible_by=divisible_by, device=device)
+        # max().indices, not argmax(): the same labels, several times faster over the class axis on CPU
+        out.append(logits.max(1).indices.to(torch.int64).cpu().numpy())
     if not out:
         return np.zeros((0,) + tuple(np.asarray(images).shape[2:]), dtype=np.int64)
     return np.concatenate(out, 0)
