@@ -30,6 +30,7 @@ from ahm.eval.metrics import (
     check_empty,
     class_names,
     summarize,
+    volume_scores,
 )
 from ahm.io import load_torch, write_json, write_text
 
@@ -189,19 +190,15 @@ def _pick_cases(images, labels, preds, ids, dice_means) -> dict[str, np.ndarray]
 
 def _volume_level(preds: np.ndarray, labels: np.ndarray, groups: dict[str, list[int]], num_classes: int,
                   names: list[str], empty: str) -> dict:
-    """Re-stacked volumes scored in 3D: each volume is one case."""
-    keys = None
-    stacked: dict[str, list[np.ndarray]] = {}
-    per_volume = []
-    for name, rows in sorted(groups.items()):
-        m = case_metrics(preds[rows][None], labels[rows][None], num_classes, empty=empty)
-        keys = keys or list(m)
-        for key in keys:
-            stacked.setdefault(key, []).append(m[key][0])
-        per_volume.append({"volume": name, "n_slices": len(rows),
-                           **{key: _none_if_nan(float(np.nanmean(m[key][0])) if np.isfinite(m[key][0]).any()
-                                                else float("nan")) for key in METRICS}})
-    vol = summarize({k: np.stack(v) for k, v in stacked.items()}, names, empty)
+    """Re-stacked volumes scored in 3D: each volume is one case. No voxel spacing survives the 2D model grid, so
+    HD95 is in its voxels."""
+    ordered = sorted(groups.items())
+    vol, _ = volume_scores([preds[rows] for _, rows in ordered], [labels[rows] for _, rows in ordered],
+                           num_classes, None, names, empty, ids=[name for name, _ in ordered])
+    per_volume = [{"volume": row["volume"], "n_slices": len(rows), **{k: row[k] for k in METRICS}}
+                  for row, (_, rows) in zip(vol.pop("per_volume"), ordered)]
+    for key in ("n_cases", "case", "hd95_unit"):
+        del vol[key]  # re-added below, in the order metrics.json has always had
     vol.update({"n_cases": len(groups), "n_volumes": len(groups), "case": "re-stacked volume",
                 "hd95_unit": "voxels of the re-stacked model grid", "per_volume": per_volume})
     return vol
@@ -263,10 +260,6 @@ def score_arrays(out_dir: Path, preds: np.ndarray, labels: np.ndarray, images: n
     write_bytes(out_dir / "cases.npz", buf.getvalue())
     write_json(out_dir / "metrics.json", metrics)
     return metrics
-
-
-def _none_if_nan(v: float) -> float | None:
-    return None if not np.isfinite(v) else v
 
 
 def _split_ids(run_dir: Path, index, cfg, split: str) -> list[str]:

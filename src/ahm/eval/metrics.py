@@ -20,7 +20,9 @@ or explicitly excluded):
 - Only foreground classes (1..K-1) are scored; background is never part of a mean.
 - Means over cases ignore NaN; the overall figure is the mean over classes of the per-class figure.
 
-Distances are in pixels (voxels) of the grid the masks are given on unless `spacing` is passed.
+Distances are in pixels (voxels) of the grid the masks are given on unless `spacing` is passed: then in the
+spacing's unit, millimetres for NIfTI/DICOM/NRRD voxel sizes (MONAI's `HausdorffDistanceMetric(spacing=...)`).
+Every summary that reports HD95 names its unit (`hd95_unit`).
 """
 
 from __future__ import annotations
@@ -97,6 +99,20 @@ def _counts(yp: torch.Tensor, yt: torch.Tensor) -> dict[str, np.ndarray]:
     return {"tp": cm[..., 0], "fp": cm[..., 1], "fn": cm[..., 3]}
 
 
+def _checked_spacing(spacing: Sequence[float] | None, n_dims: int) -> list[float]:
+    if spacing is None:
+        return [1.0] * n_dims
+    values = [float(s) for s in spacing]
+    if len(values) != n_dims or not all(math.isfinite(v) and v > 0 for v in values):
+        raise AhmError(f"voxel spacing {tuple(spacing)}: need {n_dims} positive sizes, one per spatial axis")
+    return values
+
+
+def hd95_unit(spacing) -> str:
+    """The unit HD95 is reported in: "mm" when distances were scaled by the voxel spacing, else "voxels"."""
+    return "mm" if spacing is not None else "voxels"
+
+
 def _overlap(yp: torch.Tensor, yt: torch.Tensor, empty: str) -> dict[str, np.ndarray]:
     """Dice and IoU (MONAI) plus counts and presence for one chunk of one-hot cases."""
     from monai.metrics import DiceMetric, MeanIoU
@@ -133,9 +149,7 @@ def case_metrics(pred, target, num_classes: int, spacing: Sequence[float] | None
     check_empty(empty)
     p, t = _checked(pred, target, num_classes)
     spatial_shape = p.shape[1:]
-    if spacing is None:
-        spacing = [1.0] * len(spatial_shape)
-    spacing = [float(s) for s in spacing]
+    spacing = _checked_spacing(spacing, len(spatial_shape))
     diagonal = math.sqrt(sum(((n - 1) * s) ** 2 for n, s in zip(spatial_shape, spacing)))
 
     hd_metric = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")
@@ -247,3 +261,52 @@ def selection_score(pred, target, num_classes: int, metric: str = "dataset_dice"
     values = dataset_overlap(per)["dice"] if metric == "dataset_dice" else _nanmean(per["dice"], axis=0)
     values = np.asarray(values, dtype=np.float64)
     return float(np.mean(values[np.isfinite(values)])) if np.isfinite(values).any() else 0.0
+
+
+def _volume_labels(volume, name: str) -> np.ndarray:
+    arr = volume.detach().cpu().numpy() if isinstance(volume, torch.Tensor) else np.asarray(volume)
+    if arr.ndim == 4 and arr.shape[0] == 1:
+        arr = arr[0]  # a channel-first label map [1, D, H, W], as MONAI transforms leave it
+    if arr.ndim not in (2, 3):
+        raise AhmError(f"{name}: a volume's label map must be [D, H, W] or [1, D, H, W], got shape {arr.shape}")
+    return arr
+
+
+def volume_case_metrics(preds, targets, num_classes: int, spacings=None,
+                        empty: str = "exclude") -> dict[str, np.ndarray]:
+    """`case_metrics` with each volume one case, volumes of any shapes and each with its own voxel spacing.
+
+    preds, targets: sequences of label maps `[D, H, W]` (or `[1, D, H, W]`), or arrays `[N, D, H, W]`.
+    spacings: None (HD95 in voxels), one spacing for every volume, or one per volume (HD95 in mm).
+    Returns arrays `[N, num_classes - 1]` as `case_metrics` does.
+    """
+    if len(preds) != len(targets):
+        raise AhmError(f"{len(preds)} predicted volumes for {len(targets)} ground-truth volumes")
+    if spacings is not None and len(spacings) and np.ndim(spacings[0]) == 0:
+        spacings = [spacings] * len(preds)  # one spacing, shared
+    if spacings is not None and len(spacings) != len(preds):
+        raise AhmError(f"{len(spacings)} voxel spacings for {len(preds)} volumes")
+    parts = []
+    for i, (p, t) in enumerate(zip(preds, targets)):
+        p, t = _volume_labels(p, f"predicted volume {i}"), _volume_labels(t, f"ground-truth volume {i}")
+        parts.append(case_metrics(p[None], t[None], num_classes, None if spacings is None else spacings[i],
+                                  empty=empty))
+    keys = METRICS + COUNTS + ("pred_present", "true_present")
+    return _stack(parts, keys, num_classes - 1)
+
+
+def volume_scores(preds, targets, num_classes: int, spacings=None, class_names: Sequence[str] | None = None,
+                  empty: str = "exclude", ids: Sequence[str] | None = None) -> tuple[dict, dict[str, np.ndarray]]:
+    """(summary, per-case arrays) for volumes scored in 3D, each volume one case: `summarize`'s figures plus
+    `n_cases`, `case`, `hd95_unit` ("mm" with spacings, "voxels" without) and `per_volume` (the mean over classes
+    of each volume's Dice, IoU, HD95, None where undefined, under `ids` or the volume's number)."""
+    per_case = volume_case_metrics(preds, targets, num_classes, spacings, empty)
+    summary = summarize(per_case, class_names, empty)
+    ids = [str(i) for i in range(len(preds))] if ids is None else [str(i) for i in ids]
+    if len(ids) != len(preds):
+        raise AhmError(f"{len(ids)} volume ids for {len(preds)} volumes")
+    means = case_means(per_case)
+    summary.update({"n_cases": len(preds), "case": "volume", "hd95_unit": hd95_unit(spacings),
+                    "per_volume": [{"volume": v, **{k: _finite_or_none(means[k][i]) for k in METRICS}}
+                                   for i, v in enumerate(ids)]})
+    return summary, per_case
