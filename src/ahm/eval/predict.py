@@ -164,14 +164,65 @@ def overlay_rgb(image: np.ndarray, mask: np.ndarray, alpha: float = 0.45) -> np.
     return rgb.astype(np.uint8)
 
 
-def _nifti_bytes(labels: np.ndarray, affine: np.ndarray, gz: bool) -> bytes:
+def _label_dtype(top: int) -> type:
+    return np.uint8 if top < 256 else np.int16 if top < 2**15 else np.int32
+
+
+def _nifti_reference(reference):
+    """(header or None, affine, spatial shape or None) of what a mask is written for."""
     import nibabel as nib
 
-    dtype = np.uint8 if labels.max(initial=0) < 256 else np.int16
-    img = nib.Nifti1Image(np.ascontiguousarray(labels.astype(dtype)), affine)
-    img.header.set_xyzt_units("mm")
+    if isinstance(reference, (str, Path)):
+        path = Path(reference)
+        if not path.name.lower().endswith(VOLUME_SUFFIXES):
+            raise AhmError(f"{path}: a mask's reference must be a NIfTI file (.nii, .nii.gz); for another format "
+                           f"pass the affine that ahm.data.readers.read_volume returns")
+        try:
+            reference = nib.load(str(path))
+        except Exception as exc:  # noqa: BLE001 - nibabel raises many kinds on a damaged header
+            raise AhmError(f"{path}: not a readable NIfTI file ({str(exc)[:120]})") from exc
+    if isinstance(reference, nib.Nifti1Image):  # Nifti2Image is one too
+        shape = tuple(int(n) for n in reference.shape[:3])
+        return reference.header.copy(), np.asarray(reference.affine, dtype=np.float64), shape + (1,) * (3 - len(shape))
+    affine = np.asarray(reference, dtype=np.float64)
+    if affine.shape != (4, 4) or not np.isfinite(affine).all():
+        raise AhmError(f"mask reference: expected a NIfTI path or image, or a finite 4x4 affine; got {affine.shape}")
+    return None, affine, None
+
+
+def write_nifti_mask(mask: np.ndarray, reference, out: str | Path) -> Path:
+    """Write the label map `mask` [X, Y, Z] (class indices) as NIfTI at `out` (gzip for .nii.gz), atomically.
+
+    reference: the input volume as a NIfTI path or nibabel image, whose header is kept (affine, qform and sform
+    with their codes, units, voxel order) so the mask overlays it in any viewer; its shape must be the
+    reference's spatial shape. For inputs read from another format (DICOM, NRRD) pass their 4x4 voxel-to-RAS
+    affine. Data are stored unscaled as uint8 (int16, int32 for more classes), intent "label".
+    """
+    import nibabel as nib
+
+    header, affine, shape = _nifti_reference(reference)
+    labels = np.asarray(mask)
+    if labels.dtype.kind not in "iub":
+        raise AhmError(f"{out}: a mask must hold integer class indices, got {labels.dtype}")
+    if shape is not None and tuple(labels.shape) != shape:
+        raise AhmError(f"{out}: mask shape {tuple(labels.shape)} does not match its reference volume {shape}")
+    if labels.ndim != 3:
+        raise AhmError(f"{out}: a volume mask must be [X, Y, Z], got shape {tuple(labels.shape)}")
+    top = int(labels.max(initial=0))
+    if labels.size and int(labels.min()) < 0:
+        raise AhmError(f"{out}: mask has negative values; labels must be 0, 1, 2, ...")
+    dtype = _label_dtype(top)
+    klass = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+    img = klass(np.ascontiguousarray(labels.astype(dtype)), affine, header)
+    img.header.set_data_dtype(dtype)
+    img.header.set_slope_inter(None, None)  # a scaled reference (scl_slope) must not rescale class indices
+    img.header.set_intent("label")
+    img.header["cal_min"], img.header["cal_max"] = 0, top
+    if header is None:
+        img.header.set_xyzt_units("mm")
     data = img.to_bytes()
-    return gzip.compress(data, compresslevel=6) if gz else data
+    out = Path(out)
+    return write_bytes(out, gzip.compress(data, compresslevel=6) if out.name.lower().endswith(".gz") else data)
 
 
 class _Batcher:
@@ -302,8 +353,9 @@ def _predict_volume(run: LoadedRun, job: _Job, batcher: _Batcher) -> None:
     labels = np.stack([undo_resize(p, hw) for p in preds], axis=axis)
     if labels.shape != data.shape[:3]:
         raise AhmError(f"{job.source}: internal error: predicted shape {labels.shape} != volume {data.shape[:3]}")
-    gz = job.mask_out.name.endswith(".gz")
-    write_bytes(job.mask_out, _nifti_bytes(labels, vol.affine, gz))
+    # A NIfTI input lends its own header (qform/sform codes, units); other formats only their affine.
+    nifti = job.source.is_file() and job.source.name.lower().endswith(VOLUME_SUFFIXES)
+    write_nifti_mask(labels, job.source if nifti else vol.affine, job.mask_out)
     if job.overlay_out is not None:
         fg = [(int((np.take(labels, i, axis=axis) > 0).sum()), i) for i in range(labels.shape[axis])]
         best = max(fg)[1] if fg else 0
