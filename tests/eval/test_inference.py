@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ahm.errors import AhmError
-from ahm.eval.evaluate import predict_labels
+from ahm.eval.evaluate import predict_labels, predict_volume_labels
 from ahm.eval.inference import sliding_window_predict
 
 
@@ -139,3 +139,15 @@ def test_refuses_bad_options() -> None:
         sliding_window_predict(model, x, (4, 4, 4))
     with pytest.raises(AhmError, match=r"\[N, C"):
         sliding_window_predict(model, torch.zeros(8, 8), 4)
+
+
+def test_volumes_of_different_shapes_are_labelled_one_by_one() -> None:
+    torch.manual_seed(3)
+    model = Pointwise(3, in_channels=1, classes=3, expect=(8, 8, 8))
+    volumes = [np.random.default_rng(k).normal(size=(1,) + shape).astype(np.float32)
+               for k, shape in enumerate([(12, 9, 8), (5, 6, 7)])]
+    labels = predict_volume_labels(model, volumes, 8, mode="constant")
+    assert [lab.shape for lab in labels] == [(12, 9, 8), (5, 6, 7)]
+    with torch.no_grad():
+        for lab, vol in zip(labels, volumes):
+            np.testing.assert_array_equal(lab, model.net(torch.from_numpy(vol)[None]).argmax(1)[0].numpy())

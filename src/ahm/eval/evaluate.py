@@ -137,6 +137,16 @@ def predict_labels(model: torch.nn.Module, images: np.ndarray | torch.Tensor, ba
     return np.concatenate(out, 0)
 
 
+def predict_volume_labels(model: torch.nn.Module, volumes, roi_size: int | Sequence[int] | None, *,
+                          overlap: float = 0.5, mode: str = "gaussian", sw_batch_size: int = 4,
+                          divisible_by: int | Sequence[int] | None = None,
+                          device: torch.device | None = None) -> list[np.ndarray]:
+    """Argmax class maps `[*spatial]` (int64), one per input `[C, *spatial]` of `volumes` (shapes may differ), each
+    predicted whole or by sliding windows of `roi_size` (see `ahm.eval.inference`)."""
+    return [predict_labels(model, np.asarray(v)[None], 1, device, roi_size=roi_size, overlap=overlap, mode=mode,
+                           sw_batch_size=sw_batch_size, divisible_by=divisible_by)[0] for v in volumes]
+
+
 def _csv_name(name: str) -> str:
     return "_".join(name.split()) or "class"
 
