@@ -129,7 +129,8 @@ def predict_labels(model: torch.nn.Module, images: np.ndarray | torch.Tensor, ba
     for start in range(0, len(images), batch_size):
         batch = torch.as_tensor(np.asarray(images[start:start + batch_size]), dtype=torch.float32)
         logits = sliding_window_predict(model, batch, roi_size, overlap=overlap, mode=mode,
-                                        sw_batch_size=sw_batch_size, divisible_by=divisible_by, device=device)
+                                        sw_batch_size=sw_batch_size, divisible_by=divisible_by, device=device,
+                                        output_device=device)  # the argmax where the logits are; labels come back
         # max().indices, not argmax(): the same labels, several times faster over the class axis on CPU
         out.append(logits.max(1).indices.to(torch.int64).cpu().numpy())
     if not out:
