@@ -1,19 +1,20 @@
 """Masked image modeling: the model interface every masking policy drives, and the MAE-style ViT.
 
-    out = model(images, mask)     # images [B, C, H, W], mask bool [B, L] (True = masked, same K per row)
+    out = model(images, mask)     # images [B, C, *spatial] (2D or 3D), mask bool [B, L] (True = masked, same K per row)
     out.loss                      # MSE over masked patches (targets per-patch normalised if norm_pix)
     out.per_patch_loss            # [B, L]: each masked patch's mean squared error, 0 on visible patches
-    out.prediction                # [B, C, H, W]: predicted pixels on masked patches, input on visible ones
+    out.prediction                # [B, C, *spatial]: predicted pixels on masked patches, input on visible ones
                                   # (built on first read, without gradient: not on the training hot path)
 
-Patch l covers rows (l // cols) * p ... and columns (l % cols) * p ...: row-major over the grid, the order
-of MONAI's conv patch embedding. A flattened patch is ordered (channel, row, column), the order of the
-conv kernel, so the patch embedding can run as one matmul on the visible patches only.
+Patches are numbered row-major over the model's `PatchGrid` (`model.patch_grid`; in 2D patch l covers rows
+(l // cols) * p ... and columns (l % cols) * p ...), the order of MONAI's conv patch embedding. A flattened
+patch is ordered (channel, then the spatial axes), the order of the conv kernel, so the patch embedding can run
+as one matmul on the visible patches only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 
 from ahm.config import ModelConfig
 from ahm.errors import AhmError
+from ahm.grid import PatchGrid, sincos_position_table
 
 _NORM_PIX_EPS = 1e-6
 
@@ -46,7 +48,7 @@ class MIMOutput:
 
     @property
     def prediction(self) -> Tensor:
-        """[B, C, H, W]: de-normalised prediction on masked patches, input pixels elsewhere (no grad)."""
+        """[B, C, *spatial]: de-normalised prediction on masked patches, input pixels elsewhere (no grad)."""
         if self._prediction is None:
             assert self._build is not None
             with torch.no_grad():
@@ -55,22 +57,14 @@ class MIMOutput:
         return self._prediction
 
 
-def patchify(images: Tensor, patch_size: int) -> Tensor:
-    """[B, C, H, W] -> [B, L, C*p*p]: patches row-major over the grid, each flattened (channel, row, col)."""
-    b, c, h, w = images.shape
-    p = patch_size
-    gh, gw = h // p, w // p
-    x = images.reshape(b, c, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, gh * gw, c * p * p)
+def patchify(images: Tensor, patch_size: int | Sequence[int]) -> Tensor:
+    """[B, C, *spatial] -> [B, L, C * patch volume]: `PatchGrid.patchify` on the grid the images' shape gives."""
+    return PatchGrid.of(images.shape[2:], patch_size).patchify(images)
 
 
-def unpatchify(patches: Tensor, patch_size: int, grid: tuple[int, int], channels: int) -> Tensor:
-    """Inverse of `patchify`: [B, L, C*p*p] -> [B, C, H, W]."""
-    b = patches.shape[0]
-    p = patch_size
-    gh, gw = grid
-    x = patches.reshape(b, gh, gw, channels, p, p).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, channels, gh * p, gw * p)
+def unpatchify(patches: Tensor, patch_size: int, grid: Sequence[int], channels: int) -> Tensor:
+    """Inverse of `patchify` for `grid` patches per axis, each `patch_size` wide: [B, L, C * p^n] -> [B, C, *spatial]."""
+    return PatchGrid.square(grid, patch_size).unpatchify(patches, channels)
 
 
 def mask_order(mask: Tensor) -> tuple[Tensor, int]:
@@ -100,7 +94,20 @@ def masked_patch_loss(
     images: Tensor,
     mask: Tensor,
     patch_size: int,
-    grid: tuple[int, int],
+    grid: Sequence[int],
+    norm_pix: bool,
+    order: Tensor,
+    k: int,
+    patches: Tensor | None = None,
+) -> MIMOutput:
+    """`grid_patch_loss` on `grid` patches per axis, each `patch_size` wide along every axis."""
+    return grid_patch_loss(pred, images, PatchGrid.square(grid, patch_size), norm_pix, order, k, patches)
+
+
+def grid_patch_loss(
+    pred: Tensor,
+    images: Tensor,
+    grid: PatchGrid,
     norm_pix: bool,
     order: Tensor,
     k: int,
@@ -108,14 +115,14 @@ def masked_patch_loss(
 ) -> MIMOutput:
     """Loss, per-patch loss and (lazily) the image-space prediction from predictions of the K masked patches.
 
-    `pred` is [B, K, C*p*p] for the patches `order[:, L-K:]` (in that order), in normalised units if norm_pix.
-    `patches` is `patchify(images, patch_size)` when the caller has it already (it is computed once a step).
+    `pred` is [B, K, C * patch volume] for the patches `order[:, L-K:]` (in that order), in normalised units if
+    norm_pix. `patches` is `grid.patchify(images)` when the caller has it already (it is computed once a step).
     """
     c = images.shape[1]
     b = images.shape[0]
-    num_patches = grid[0] * grid[1]
+    num_patches = grid.num_patches
     if patches is None:
-        patches = patchify(images, patch_size)
+        patches = grid.patchify(images)
     masked_idx = order[:, num_patches - k :]
     target = gather_tokens(patches, masked_idx)
     mean = std = None
@@ -136,22 +143,14 @@ def masked_patch_loss(
         if norm_pix:
             pixels = pixels * std + mean
         full = patches.detach().scatter(1, masked_idx.unsqueeze(-1).expand_as(pixels), pixels.to(patches.dtype))
-        return unpatchify(full, patch_size, grid, c)
+        return grid.unpatchify(full, c)
 
     return MIMOutput(loss=loss, per_patch_loss=per_patch, build_prediction=build)
 
 
-def sincos_position_embedding(grid: tuple[int, int], dim: int, temperature: float = 10000.0) -> Tensor:
-    """Fixed 2D sin-cos position table [1, L, dim] (row-major), zero-padded if dim is not a multiple of 4."""
-    quarter = dim // 4
-    omega = 1.0 / temperature ** (torch.arange(quarter, dtype=torch.float32) / max(quarter, 1))
-    rows, cols = torch.meshgrid(
-        torch.arange(grid[0], dtype=torch.float32), torch.arange(grid[1], dtype=torch.float32), indexing="ij"
-    )
-    out_r = rows.reshape(-1, 1) * omega
-    out_c = cols.reshape(-1, 1) * omega
-    table = torch.cat([out_c.sin(), out_c.cos(), out_r.sin(), out_r.cos()], dim=1)
-    return F.pad(table, (0, dim - table.shape[1])).unsqueeze(0)
+def sincos_position_embedding(grid: PatchGrid, dim: int, temperature: float = 10000.0) -> Tensor:
+    """Fixed sin-cos position table [1, L, dim] of the grid (see `ahm.grid.sincos_position_table`)."""
+    return sincos_position_table(grid, dim, temperature).unsqueeze(0)
 
 
 def fast_block_forward(block: TransformerBlock, x: Tensor) -> Tensor:
@@ -195,27 +194,45 @@ def _init_linear(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
+def size_per_axis(size: int | Sequence[int], spatial_dims: int) -> tuple[int, ...]:
+    """`size` for every one of `spatial_dims` axes (one int is a square / cube)."""
+    sizes = (int(size),) * spatial_dims if isinstance(size, int) else tuple(int(s) for s in size)
+    if len(sizes) != spatial_dims:
+        raise ValueError(f"{list(sizes)} has {len(sizes)} sizes for {spatial_dims} spatial dimensions")
+    return sizes
+
+
+def size_text(size: int | Sequence[int]) -> str:
+    """Metadata text of a size: one number for a square / cube (what 2D metadata always held), else one per axis."""
+    sizes = (size,) if isinstance(size, int) else tuple(size)
+    return str(sizes[0]) if len(set(sizes)) == 1 else ",".join(str(s) for s in sizes)
+
+
 class MIMModel(nn.Module):
-    """Base of the masked-image-modeling models a masking policy drives."""
+    """Base of the masked-image-modeling models a masking policy drives, 2D or 3D.
+
+    `patch_grid` is the `PatchGrid` of the input; `grid` is its patches per axis (a tuple of spatial_dims ints).
+    """
 
     backbone: str = ""
 
-    def __init__(self, image_size: int, patch_size: int, in_channels: int) -> None:
+    def __init__(
+        self, image_size: int | Sequence[int], patch_size: int | Sequence[int], in_channels: int, spatial_dims: int = 2
+    ) -> None:
         super().__init__()
         self.image_size = image_size
         self.patch_size = patch_size
         self.in_channels = in_channels
-        self.grid = (image_size // patch_size, image_size // patch_size)
-        self.num_patches = self.grid[0] * self.grid[1]
+        self.spatial_dims = spatial_dims
+        self.patch_grid = PatchGrid.of(size_per_axis(image_size, spatial_dims), patch_size)
+        self.grid = self.patch_grid.shape
+        self.num_patches = self.patch_grid.num_patches
 
     def _check_input(self, images: Tensor, mask: Tensor | None = None) -> None:
-        if (
-            images.dim() != 4
-            or images.shape[1] != self.in_channels
-            or tuple(images.shape[2:]) != (self.image_size, self.image_size)
-        ):
+        spatial = self.patch_grid.spatial_shape
+        if images.dim() != 2 + len(spatial) or images.shape[1] != self.in_channels or tuple(images.shape[2:]) != spatial:
             raise ValueError(
-                f"expected images [B, {self.in_channels}, {self.image_size}, {self.image_size}], "
+                f"expected images [B, {', '.join(str(s) for s in (self.in_channels, *spatial))}], "
                 f"got {tuple(images.shape)}"
             )
         if mask is not None and (
@@ -246,7 +263,7 @@ class MAEViT(MIMModel):
     """MAE: a MONAI ViT encoder that sees only the visible patches, and a light transformer decoder.
 
     `self.encoder` is exactly `monai.networks.nets.ViT(...)`, so its state dict loads into `UNETR(...).vit`.
-    Its learnable position embedding starts from the 2D sin-cos table (MAE keeps that table fixed; here it
+    Its learnable position embedding starts from the sin-cos table (MAE keeps that table fixed; here it
     stays trainable because UNETR fine-tunes it). The decoder sees the encoded visible tokens plus one
     shared mask token per masked patch, each with a fixed sin-cos position, and predicts the masked
     patches only.
@@ -256,9 +273,9 @@ class MAEViT(MIMModel):
 
     def __init__(
         self,
-        image_size: int,
+        image_size: int | Sequence[int],
         in_channels: int,
-        patch_size: int = 16,
+        patch_size: int | Sequence[int] = 16,
         hidden_size: int = 192,
         mlp_dim: int = 768,
         num_layers: int = 12,
@@ -268,8 +285,9 @@ class MAEViT(MIMModel):
         decoder_heads: int = 4,
         norm_pix: bool = True,
         decoder_mlp_dim: int | None = None,
+        spatial_dims: int = 2,
     ) -> None:
-        super().__init__(image_size, patch_size, in_channels)
+        super().__init__(image_size, patch_size, in_channels, spatial_dims)
         self.hidden_size, self.mlp_dim, self.num_layers, self.num_heads = (
             hidden_size,
             mlp_dim,
@@ -279,18 +297,18 @@ class MAEViT(MIMModel):
         self.norm_pix = norm_pix
         self.encoder = ViT(
             in_channels=in_channels,
-            img_size=image_size,
-            patch_size=patch_size,
+            img_size=self.patch_grid.spatial_shape,
+            patch_size=self.patch_grid.patch_size,
             hidden_size=hidden_size,
             mlp_dim=mlp_dim,
             num_layers=num_layers,
             num_heads=num_heads,
             proj_type="conv",
             classification=False,
-            spatial_dims=2,
+            spatial_dims=spatial_dims,
             qkv_bias=False,
         )
-        patch_dim = in_channels * patch_size * patch_size
+        patch_dim = in_channels * self.patch_grid.patch_volume
         self.decoder_embed = nn.Linear(hidden_size, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
         self.decoder_blocks = nn.ModuleList(
@@ -302,7 +320,7 @@ class MAEViT(MIMModel):
         self.decoder_norm = nn.LayerNorm(decoder_dim)
         self.decoder_pred = nn.Linear(decoder_dim, patch_dim)
         self.register_buffer(
-            "decoder_pos", sincos_position_embedding(self.grid, decoder_dim), persistent=False
+            "decoder_pos", sincos_position_embedding(self.patch_grid, decoder_dim), persistent=False
         )
         self._init_weights()
         freeze_unused_norms(self)
@@ -311,7 +329,7 @@ class MAEViT(MIMModel):
         self.apply(_init_linear)
         embed = self.encoder.patch_embedding
         with torch.no_grad():
-            embed.position_embeddings.copy_(sincos_position_embedding(self.grid, self.hidden_size))
+            embed.position_embeddings.copy_(sincos_position_embedding(self.patch_grid, self.hidden_size))
             # the conv patch embedding is a linear map on flattened patches: initialise it like one
             w = embed.patch_embeddings.weight
             nn.init.xavier_uniform_(w.view(w.shape[0], -1))
@@ -331,7 +349,7 @@ class MAEViT(MIMModel):
         """Encoder output [B, L-K, D] of the visible patches (ascending index); masked pixels never enter."""
         self._check_input(images, mask)
         order, k = mask_order(mask)
-        return self._encode(patchify(images, self.patch_size), order, k)
+        return self._encode(self.patch_grid.patchify(images), order, k)
 
     def _encode(self, patches: Tensor, order: Tensor, k: int) -> Tensor:
         visible_idx = order[:, : self.num_patches - k]
@@ -344,7 +362,7 @@ class MAEViT(MIMModel):
         self._check_input(images, mask)
         order, k = mask_order(mask)
         b = images.shape[0]
-        patches = patchify(images, self.patch_size)  # once: the encoder's input and the loss's target
+        patches = self.patch_grid.patchify(images)  # once: the encoder's input and the loss's target
         latent = self.decoder_embed(self._encode(patches, order, k))
         # attention does not care about token order, so the decoder takes [visible..., masked...] with each
         # token's own position added: no scatter back into grid order is needed
@@ -353,13 +371,13 @@ class MAEViT(MIMModel):
         for block in self.decoder_blocks:
             x = fast_block_forward(block, x)
         pred = self.decoder_pred(self.decoder_norm(x[:, self.num_patches - k :]))
-        return masked_patch_loss(pred, images, mask, self.patch_size, self.grid, self.norm_pix, order, k, patches)
+        return grid_patch_loss(pred, images, self.patch_grid, self.norm_pix, order, k, patches)
 
     def features(self, images: Tensor) -> Tensor:
         """Encoder output [B, L, D] for all patches of the unmasked image."""
         self._check_input(images)
         tokens = (
-            self._embed(patchify(images, self.patch_size)) + self.encoder.patch_embedding.position_embeddings
+            self._embed(self.patch_grid.patchify(images)) + self.encoder.patch_embedding.position_embeddings
         )
         return self._encode_tokens(tokens)
 
@@ -373,9 +391,10 @@ class MAEViT(MIMModel):
             "mlp_dim": str(self.mlp_dim),
             "num_layers": str(self.num_layers),
             "num_heads": str(self.num_heads),
-            "patch_size": str(self.patch_size),
-            "image_size": str(self.image_size),
+            "patch_size": size_text(self.patch_size),
+            "image_size": size_text(self.image_size),
             "in_channels": str(self.in_channels),
+            "spatial_dims": str(self.spatial_dims),
         }
 
 
@@ -388,15 +407,15 @@ def check_image_size(image_size: int, patch_size: int) -> None:
         )
 
 
-def build_mim_model(model_cfg: ModelConfig, image_size: int, in_channels: int) -> MIMModel:
-    """The MIM model for `model_cfg.backbone` ("vit": MAEViT, "unet": MaskedUNet)."""
+def build_mim_model(model_cfg: ModelConfig, image_size: int, in_channels: int, spatial_dims: int = 2) -> MIMModel:
+    """The MIM model for `model_cfg.backbone` ("vit": MAEViT, "unet": MaskedUNet) on `image_size` per axis."""
     if in_channels < 1:
         raise AhmError(f"--channels must be at least 1, got {in_channels}")
     check_image_size(image_size, model_cfg.patch_size)
     if model_cfg.backbone == "unet":
         from ahm.models.unet_mim import MaskedUNet
 
-        return MaskedUNet(model_cfg, image_size, in_channels)
+        return MaskedUNet(model_cfg, image_size, in_channels, spatial_dims)
     if model_cfg.backbone != "vit":
         raise AhmError(f"model backbone {model_cfg.backbone!r} is not known; choose vit or unet")
     dims = model_cfg.vit_dims()
@@ -414,5 +433,6 @@ def build_mim_model(model_cfg: ModelConfig, image_size: int, in_channels: int) -
         decoder_depth=model_cfg.decoder_depth,
         decoder_heads=model_cfg.decoder_heads,
         decoder_mlp_dim=model_cfg.decoder_dims()["decoder_mlp_dim"],
+        spatial_dims=spatial_dims,
         **dims,
     )
