@@ -117,21 +117,33 @@ class PatchGrid:
         return torch.stack([a.reshape(-1) for a in axes], dim=1)
 
 
-def sincos_position_table(grid: PatchGrid, dim: int, temperature: float = 10000.0) -> Tensor:
+# The axis that owns each channel block of MONAI's table, in order (tests/models/test_grid.py pins it)
+_MONAI_AXIS_ORDER = {2: (1, 0), 3: (1, 0, 2)}
+
+
+def sincos_position_table(
+    grid: PatchGrid, dim: int, temperature: float = 10000.0, axis_order: Sequence[int] | None = None
+) -> Tensor:
     """Fixed sin-cos position table [L, dim] (float32, no gradient) of the grid's patches, in patch order.
 
-    MONAI's `build_sincos_position_embedding`: per axis a (sin, cos) pair of dim // (2 * spatial_dims)
-    frequencies, axes in MONAI's order (2D: columns, rows; 3D: axis 1, axis 0, axis 2). MONAI refuses a dim that
-    is not a multiple of 2 * spatial_dims; here the table is built on the largest such width and zero-padded
-    to `dim`, as this project's own 2D table did, so a decoder width like 128 works in 3D too. In 2D the values
-    equal that former table bit for bit (tests/models/test_grid.py checks it against a direct formula).
+    MONAI's `build_sincos_position_embedding`: per axis a block of dim // (2 * spatial_dims) sines then as many
+    cosines, the blocks in MONAI's axis order (2D: columns, rows, as MAE; 3D: axis 1, axis 0, axis 2) unless
+    `axis_order` names another (e.g. (0, 1) for rows first). MONAI refuses a dim that is not a multiple of
+    2 * spatial_dims; here the table is built on the largest such width and zero-padded to `dim`, as this
+    project's own 2D table did, so a decoder width like 128 works in 3D too. In 2D the values equal that former
+    table bit for bit (tests/models/test_grid.py checks it against the former formula).
     """
-    step = 2 * grid.spatial_dims
-    width = dim // step * step
+    n = grid.spatial_dims
+    if axis_order is not None and sorted(axis_order) != list(range(n)):
+        raise ValueError(f"axis_order {list(axis_order)} is not an order of the {n} axes")
+    width = dim // (2 * n) * 2 * n
     if width == 0:
         return torch.zeros(grid.num_patches, dim)
     with warnings.catch_warnings():
         # MONAI calls torch.meshgrid without `indexing`; its default, "ij", is the row-major order wanted here
         warnings.filterwarnings("ignore", message="torch.meshgrid", category=UserWarning)
-        table = build_sincos_position_embedding(list(grid.shape), width, grid.spatial_dims, temperature)
-    return F.pad(table.detach()[0], (0, dim - width))
+        table = build_sincos_position_embedding(list(grid.shape), width, n, temperature).detach()[0]
+    if axis_order is not None:
+        blocks = table.split(width // n, dim=1)
+        table = torch.cat([blocks[_MONAI_AXIS_ORDER[n].index(axis)] for axis in axis_order], dim=1)
+    return F.pad(table, (0, dim - width))

@@ -78,3 +78,17 @@ def test_3d_sincos_table_encodes_every_axis_and_pads_to_dim() -> None:
     # is sin(position * 1), a function of that axis's coordinate alone
     for block, axis in ((0, 1), (10, 0), (20, 2)):
         assert torch.allclose(table[:, block], coords[:, axis].float().sin())
+
+
+def test_sincos_axis_order_puts_the_named_axis_first() -> None:
+    grid = PatchGrid.of((16, 24, 8), 8)  # 2 x 3 x 1 patches
+    natural = sincos_position_table(grid, 24, axis_order=(0, 1, 2))
+    monai = sincos_position_table(grid, 24)
+    coords = grid.coordinates().float()
+    for block, axis in ((0, 0), (8, 1), (16, 2)):
+        assert torch.allclose(natural[:, block], coords[:, axis].sin())
+    assert torch.equal(natural[:, :8], monai[:, 8:16]) and torch.equal(natural[:, 16:], monai[:, 16:])
+    rows_first = sincos_position_table(PatchGrid.square((3, 4), 8), 16, axis_order=(0, 1))
+    assert torch.allclose(rows_first[:, 0], PatchGrid.square((3, 4), 8).coordinates()[:, 0].float().sin())
+    with pytest.raises(ValueError, match="axis_order"):
+        sincos_position_table(grid, 24, axis_order=(0, 1))

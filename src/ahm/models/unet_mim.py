@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ahm.config import ModelConfig
 from ahm.errors import AhmError
-from ahm.models.mae import (
+from ahm.models.mim import (
     MIMModel,
     MIMOutput,
     check_image_size,

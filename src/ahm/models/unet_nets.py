@@ -20,10 +20,9 @@ from ahm.config import ModelConfig
 from ahm.errors import AhmError
 
 
-def build_unet_network(
-    model_cfg: ModelConfig, in_channels: int, out_channels: int, spatial_dims: int = 2
-) -> nn.Module:
-    """The configured U-Net (2D or 3D); it carries `network`, `channels`, `strides`, `num_res_units`, `in_channels`."""
+def build_unet_network(model_cfg: ModelConfig, in_channels: int, out_channels: int, spatial_dims: int = 2) -> nn.Module:
+    """The configured 2D or 3D U-Net; it carries `network`, `channels`, `strides`, `num_res_units`, `in_channels`
+    and `spatial_dims`."""
     if model_cfg.unet_network == "unet":
         net: nn.Module = UNet(
             spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels,
@@ -31,6 +30,7 @@ def build_unet_network(
             num_res_units=model_cfg.unet_num_res_units, norm=model_cfg.norm,
         )
         net.network = "unet"
+        net.spatial_dims = spatial_dims
         return net
     channels = tuple(model_cfg.unet_channels)
     if len(channels) != 5 or tuple(model_cfg.unet_strides) != (2, 2, 2, 2):
@@ -50,6 +50,7 @@ def build_unet_network(
     net.strides = (2, 2, 2, 2)
     net.num_res_units = 0
     net.in_channels = in_channels
+    net.spatial_dims = spatial_dims
     return net
 
 
@@ -62,7 +63,7 @@ def head_prefix(net: nn.Module) -> str:
 
 
 def decoder_features(net: nn.Module, images: Tensor) -> Tensor:
-    """The feature map the last layer reads ([B, D, *spatial']): the input of the final up block / final conv."""
+    """The feature map the last layer reads ([B, D, H', W']): the input of the final up block / final conv."""
     if getattr(net, "network", "unet") == "basic-unet":
         x0 = net.conv_0(images)
         x1 = net.down_1(x0)
