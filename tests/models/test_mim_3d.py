@@ -9,7 +9,8 @@ from monai.networks.nets import UNETR, UNet
 
 from ahm.config import ModelConfig
 from ahm.errors import AhmError
-from ahm.models.mae import MAEViT, build_mim_model
+from ahm.models import build_mim_model
+from ahm.models.mae import MAEViT
 from ahm.models.unet_mim import MaskedUNet
 
 SIZE = 32  # 32^3 volumes
