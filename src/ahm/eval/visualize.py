@@ -13,18 +13,20 @@ import io as _io
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from ahm.errors import AhmError
-from ahm.grid import PatchGrid
 from ahm.io import load_torch, write_bytes
 from ahm.train.loop import restore_state
 
 DIAGNOSTIC_KEYS = ("loss", "hardness_ratio", "critic_spearman", "policy_entropy", "mean_reward", "background_share",
                    "background_share_actor", "hard_fraction", "agent_loss", "transitions_dropped")
+
+if TYPE_CHECKING:
+    from ahm.grid import PatchGrid
 
 
 def _pyplot() -> Any:
