@@ -9,10 +9,13 @@ values are flattened (channel, then the spatial axes in order).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Sequence, Union
 
 import torch
+import torch.nn.functional as F
+from monai.networks.blocks.pos_embed_utils import build_sincos_position_embedding
 from torch import Tensor
 
 from ahm.errors import AhmError
@@ -112,3 +115,35 @@ class PatchGrid:
         """[L, spatial_dims] integer grid position of every patch, in patch order."""
         axes = torch.meshgrid(*[torch.arange(g) for g in self.shape], indexing="ij")
         return torch.stack([a.reshape(-1) for a in axes], dim=1)
+
+
+# The axis that owns each channel block of MONAI's table, in order (tests/models/test_grid.py pins it)
+_MONAI_AXIS_ORDER = {2: (1, 0), 3: (1, 0, 2)}
+
+
+def sincos_position_table(
+    grid: PatchGrid, dim: int, temperature: float = 10000.0, axis_order: Sequence[int] | None = None
+) -> Tensor:
+    """Fixed sin-cos position table [L, dim] (float32, no gradient) of the grid's patches, in patch order.
+
+    MONAI's `build_sincos_position_embedding`: per axis a block of dim // (2 * spatial_dims) sines then as many
+    cosines, the blocks in MONAI's axis order (2D: columns, rows, as MAE; 3D: axis 1, axis 0, axis 2) unless
+    `axis_order` names another (e.g. (0, 1) for rows first). MONAI refuses a dim that is not a multiple of
+    2 * spatial_dims; here the table is built on the largest such width and zero-padded to `dim`, as this
+    project's own 2D table did, so a decoder width like 128 works in 3D too. In 2D the values equal that former
+    table bit for bit (tests/models/test_grid.py checks it against the former formula).
+    """
+    n = grid.spatial_dims
+    if axis_order is not None and sorted(axis_order) != list(range(n)):
+        raise ValueError(f"axis_order {list(axis_order)} is not an order of the {n} axes")
+    width = dim // (2 * n) * 2 * n
+    if width == 0:
+        return torch.zeros(grid.num_patches, dim)
+    with warnings.catch_warnings():
+        # MONAI calls torch.meshgrid without `indexing`; its default, "ij", is the row-major order wanted here
+        warnings.filterwarnings("ignore", message="torch.meshgrid", category=UserWarning)
+        table = build_sincos_position_embedding(list(grid.shape), width, n, temperature).detach()[0]
+    if axis_order is not None:
+        blocks = table.split(width // n, dim=1)
+        table = torch.cat([blocks[_MONAI_AXIS_ORDER[n].index(axis)] for axis in axis_order], dim=1)
+    return F.pad(table, (0, dim - width))

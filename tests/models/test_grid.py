@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ahm.errors import AhmError
-from ahm.grid import PatchGrid
+from ahm.grid import PatchGrid, sincos_position_table
 from ahm.models.mae import patchify, unpatchify
 
 
@@ -47,3 +47,48 @@ def test_refusals_name_the_option() -> None:
         PatchGrid.of((32, 40), 16)
     with pytest.raises(AhmError, match="--crop.*2 values for a 3D"):
         PatchGrid.of((32, 32, 32), (16, 16), option="--crop")
+
+
+def _former_2d_table(rows: int, cols: int, dim: int) -> torch.Tensor:
+    # the 2D MAE table this project wrote by hand before MONAI's builder replaced it
+    quarter = dim // 4
+    omega = 1.0 / 10000.0 ** (torch.arange(quarter, dtype=torch.float32) / max(quarter, 1))
+    r, c = torch.meshgrid(torch.arange(rows, dtype=torch.float32), torch.arange(cols, dtype=torch.float32),
+                          indexing="ij")
+    out_r, out_c = r.reshape(-1, 1) * omega, c.reshape(-1, 1) * omega
+    table = torch.cat([out_c.sin(), out_c.cos(), out_r.sin(), out_r.cos()], dim=1)
+    return torch.nn.functional.pad(table, (0, dim - table.shape[1]))
+
+
+@pytest.mark.parametrize("shape,dim", [((4, 4), 32), ((2, 3), 192), ((8, 8), 128), ((3, 5), 18)])
+def test_2d_sincos_table_equals_the_former_table_bit_for_bit(shape: tuple[int, int], dim: int) -> None:
+    table = sincos_position_table(PatchGrid.square(shape, 8), dim)
+    assert table.shape == (shape[0] * shape[1], dim) and not table.requires_grad
+    assert torch.equal(table, _former_2d_table(*shape, dim))
+
+
+def test_3d_sincos_table_encodes_every_axis_and_pads_to_dim() -> None:
+    grid = PatchGrid.of((32, 48, 16), (16, 16, 8))  # 2 x 3 x 2 patches
+    table = sincos_position_table(grid, 32)  # 30 usable channels: 5 frequencies x (sin, cos) x 3 axes
+    assert table.shape == (12, 32)
+    assert torch.equal(table[:, 30:], torch.zeros(12, 2))
+    assert len({tuple(row.tolist()) for row in table}) == 12  # every patch its own position
+    coords = grid.coordinates()
+    # each axis owns one block of 10 channels (MONAI's order: axis 1, axis 0, axis 2); a block's first channel
+    # is sin(position * 1), a function of that axis's coordinate alone
+    for block, axis in ((0, 1), (10, 0), (20, 2)):
+        assert torch.allclose(table[:, block], coords[:, axis].float().sin())
+
+
+def test_sincos_axis_order_puts_the_named_axis_first() -> None:
+    grid = PatchGrid.of((16, 24, 8), 8)  # 2 x 3 x 1 patches
+    natural = sincos_position_table(grid, 24, axis_order=(0, 1, 2))
+    monai = sincos_position_table(grid, 24)
+    coords = grid.coordinates().float()
+    for block, axis in ((0, 0), (8, 1), (16, 2)):
+        assert torch.allclose(natural[:, block], coords[:, axis].sin())
+    assert torch.equal(natural[:, :8], monai[:, 8:16]) and torch.equal(natural[:, 16:], monai[:, 16:])
+    rows_first = sincos_position_table(PatchGrid.square((3, 4), 8), 16, axis_order=(0, 1))
+    assert torch.allclose(rows_first[:, 0], PatchGrid.square((3, 4), 8).coordinates()[:, 0].float().sin())
+    with pytest.raises(ValueError, match="axis_order"):
+        sincos_position_table(grid, 24, axis_order=(0, 1))

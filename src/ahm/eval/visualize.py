@@ -3,7 +3,8 @@
 `visualize_run` reads a run directory written by `ahm pretrain` (config.yaml, checkpoints/last.ckpt,
 metrics.jsonl), rebuilds the MIM model and the masking policy from the checkpoint, and draws for a few
 held-out images: the image, the actor's draw probability, the critic's predicted loss, the mask it draws
-(actor-chosen patches red, random ones blue), the true per-patch loss and the reconstruction.
+(actor-chosen patches red, random ones blue), the true per-patch loss and the reconstruction. A volume (3D run)
+is drawn as three rows: the orthogonal slices through its centre.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import io as _io
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,6 +24,9 @@ from ahm.train.loop import restore_state
 
 DIAGNOSTIC_KEYS = ("loss", "hardness_ratio", "critic_spearman", "policy_entropy", "mean_reward", "background_share",
                    "background_share_actor", "hard_fraction", "agent_loss", "transitions_dropped")
+
+if TYPE_CHECKING:
+    from ahm.grid import PatchGrid
 
 
 def _pyplot() -> Any:
@@ -47,19 +51,78 @@ def _display(image: np.ndarray) -> np.ndarray:
     return image[0] if image.shape[0] != 3 else np.transpose(image, (1, 2, 0))
 
 
-def _upsample(grid_values: np.ndarray, grid: tuple[int, int], patch: int) -> np.ndarray:
-    return np.kron(grid_values.reshape(grid), np.ones((patch, patch), dtype=grid_values.dtype))
+def _upsample(grid_values: np.ndarray, grid: PatchGrid) -> np.ndarray:
+    """Per-patch values [L] -> every pixel (voxel) of its patch: [*spatial]."""
+    return grid.upsample(torch.from_numpy(np.ascontiguousarray(grid_values))[None])[0, 0].numpy()
 
 
-def _mask_overlay(image: np.ndarray, mask: np.ndarray, hard: np.ndarray, grid: tuple[int, int], patch: int) -> np.ndarray:
+def _mask_overlay(image: np.ndarray, random_px: np.ndarray, hard_px: np.ndarray) -> np.ndarray:
+    """[C, H, W] image tinted blue where `random_px` and red where `hard_px` ([H, W] 0/1 maps)."""
     grey = image.mean(axis=0) if image.shape[0] != 3 else None
     rgb = np.stack([grey] * 3, axis=-1) if grey is not None else np.transpose(image, (1, 2, 0)).copy()
     rgb = np.clip(rgb, 0.0, 1.0)
-    random_px = _upsample((mask & ~hard).astype(np.float32), grid, patch)[..., None]
-    hard_px = _upsample(hard.astype(np.float32), grid, patch)[..., None]
+    random_px, hard_px = random_px[..., None], hard_px[..., None]
     rgb = rgb * (1 - 0.55 * random_px) + 0.55 * random_px * np.array([0.2, 0.45, 1.0])
     rgb = rgb * (1 - 0.55 * hard_px) + 0.55 * hard_px * np.array([1.0, 0.15, 0.1])
     return rgb
+
+
+def _views(spatial_dims: int, shape: tuple[int, ...]) -> list[tuple[str, tuple[Any, ...]]]:
+    """(name, index over the spatial axes) of each picture drawn: the image itself in 2D, in 3D the three
+    orthogonal slices through the volume's centre."""
+    if spatial_dims == 2:
+        return [("", (slice(None), slice(None)))]
+    d, h, w = (s // 2 for s in shape)
+    return [(f"axis 0 = {d}", (d, slice(None), slice(None))), (f"axis 1 = {h}", (slice(None), h, slice(None))),
+            (f"axis 2 = {w}", (slice(None), slice(None), w))]
+
+
+def sample_figure(
+    title: str,
+    grid: PatchGrid,
+    image: np.ndarray,
+    mask: np.ndarray,
+    hard: np.ndarray,
+    per_patch_loss: np.ndarray,
+    prediction: np.ndarray,
+    maps: tuple[np.ndarray, np.ndarray] | None = None,
+) -> Any:
+    """The panels of one image ([C, H, W]) or volume ([C, D, H, W]; one row per orthogonal centre slice).
+
+    `mask`, `hard` (bool) and `per_patch_loss`, and the agent's `maps` (draw probability, predicted loss), hold one
+    value per patch of `grid`; `prediction` is the model's reconstruction, shaped like `image`.
+    """
+    per_pixel: list[tuple[str, np.ndarray, dict[str, Any]]] = []
+    if maps is not None:
+        per_pixel.append(("actor probability", _upsample(maps[0], grid), {"cmap": "magma"}))
+        per_pixel.append(("critic predicted loss", _upsample(maps[1], grid), {"cmap": "viridis"}))
+    random_px = _upsample((mask & ~hard).astype(np.float32), grid)
+    hard_px = _upsample(hard.astype(np.float32), grid)
+    true_loss = _upsample(np.where(mask, per_patch_loss.astype(np.float32), np.nan), grid)
+    views = _views(grid.spatial_dims, grid.spatial_shape)
+    plt = _pyplot()
+    cols = 3 + len(per_pixel) + 1
+    fig, axes = plt.subplots(len(views), cols, figsize=(2.6 * cols, 2.9 * len(views)), squeeze=False)
+    for row, (view_name, index) in zip(axes, views):
+        picture = image[(slice(None), *index)]
+        base = _display(picture)
+        panels: list[tuple[str, Any, dict[str, Any]]] = [("image", base, {})]
+        panels += [(name, values[index], style) for name, values, style in per_pixel]
+        panels.append(("mask (red actor, blue random)", _mask_overlay(picture, random_px[index], hard_px[index]), {}))
+        panels.append(("true loss (masked)", true_loss[index], {"cmap": "viridis"}))
+        panels.append(("reconstruction", _display(prediction[(slice(None), *index)]), {}))
+        for ax, (name, array, style) in zip(row, panels):
+            if array.ndim == 2 and "cmap" in style:
+                ax.imshow(base, cmap="gray", vmin=0, vmax=1) if base.ndim == 2 else ax.imshow(base)
+                ax.imshow(array, alpha=0.7, interpolation="nearest", **style)
+            elif array.ndim == 2:
+                ax.imshow(array, cmap="gray", vmin=0, vmax=1)
+            else:
+                ax.imshow(array)
+            ax.set_title(f"{name} ({view_name})" if view_name else name, fontsize=8)
+            ax.set_axis_off()
+    fig.suptitle(title, fontsize=9)
+    return fig
 
 
 def read_metrics(path: Path) -> list[dict[str, float]]:
@@ -157,7 +220,7 @@ def visualize_run(run_dir: str | Path, data_dir: str | Path | None, out_dir: str
         raise AhmError(f"--n-images must be at least 1, got {n_images}")
     cfg, model, policy, arrays = load_run(run_dir, Path(data_dir) if data_dir is not None else None, n_images)
     images = torch.from_numpy(np.ascontiguousarray(arrays.images)).float()
-    grid, patch = model.grid, model.patch_size
+    grid = model.patch_grid
     try:
         mask = policy.propose(images, 1.0)  # the end of the schedules: the hard fraction the run ended at
         hard_idx = getattr(policy, "last_hard_indices", None)
@@ -168,34 +231,13 @@ def visualize_run(run_dir: str | Path, data_dir: str | Path | None, out_dir: str
         out = model(images, mask)
     finally:
         policy.close()
-    plt = _pyplot()
     written: list[Path] = []
     for i, item_id in enumerate(arrays.ids):
-        image = arrays.images[i]
-        panels: list[tuple[str, Any, dict[str, Any]]] = [("image", _display(image), {})]
-        base = _display(image)
-        if maps is not None:
-            probs, values = maps
-            panels.append(("actor probability", _upsample(probs[i].numpy(), grid, patch), {"cmap": "magma"}))
-            panels.append(("critic predicted loss", _upsample(values[i].numpy(), grid, patch), {"cmap": "viridis"}))
-        panels.append(("mask (red actor, blue random)",
-                       _mask_overlay(image, mask[i].numpy(), hard[i].numpy(), grid, patch), {}))
-        true_loss = np.where(mask[i].numpy(), out.per_patch_loss[i].float().numpy(), np.nan)
-        panels.append(("true loss (masked)", _upsample(true_loss, grid, patch), {"cmap": "viridis"}))
-        panels.append(("reconstruction", _display(out.prediction[i].float().numpy()), {}))
-        fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.9), squeeze=False)
-        for ax, (title, array, style) in zip(axes[0], panels):
-            if array.ndim == 2 and "cmap" in style:
-                ax.imshow(base, cmap="gray", vmin=0, vmax=1) if base.ndim == 2 else ax.imshow(base)
-                ax.imshow(array, alpha=0.7, interpolation="nearest", **style)
-            elif array.ndim == 2:
-                ax.imshow(array, cmap="gray", vmin=0, vmax=1)
-            else:
-                ax.imshow(array)
-            ax.set_title(title, fontsize=8)
-            ax.set_axis_off()
-        fig.suptitle(f"{item_id}  ({cfg.masking.policy}, {int(mask[i].sum())}/{mask.shape[1]} masked, "
-                     f"{int(hard[i].sum())} by the actor)", fontsize=9)
+        title = (f"{item_id}  ({cfg.masking.policy}, {int(mask[i].sum())}/{mask.shape[1]} masked, "
+                 f"{int(hard[i].sum())} by the actor)")
+        fig = sample_figure(title, grid, arrays.images[i], mask[i].numpy(), hard[i].numpy(),
+                            out.per_patch_loss[i].float().numpy(), out.prediction[i].float().numpy(),
+                            None if maps is None else (maps[0][i].numpy(), maps[1][i].numpy()))
         written.append(_save_figure(fig, out_dir / f"{item_id}.png"))
     metrics = run_dir / "metrics.jsonl"
     if metrics.is_file():

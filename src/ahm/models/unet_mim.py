@@ -9,76 +9,80 @@ make masked patches indistinguishable from dark ones.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
+from monai.networks.layers import Pool
 from torch import Tensor, nn
 
 from ahm.config import ModelConfig
 from ahm.errors import AhmError
-from ahm.models.mae import (
+from ahm.models.mim import (
     MIMModel,
     MIMOutput,
     check_image_size,
     gather_tokens,
+    grid_patch_loss,
     mask_order,
-    masked_patch_loss,
-    patchify,
+    size_per_axis,
+    size_text,
 )
 from ahm.models.norm import fast_instance_norms
 from ahm.models.unet_nets import build_unet_network, decoder_features
 
 
 class MaskedUNet(MIMModel):
-    """MONAI UNet (`self.net`, out_channels = in_channels) trained to fill in masked patches."""
+    """MONAI UNet (`self.net`, out_channels = in_channels, 2D or 3D) trained to fill in masked patches."""
 
     backbone = "unet"
 
-    def __init__(self, model_cfg: ModelConfig, image_size: int, in_channels: int) -> None:
-        check_image_size(image_size, model_cfg.patch_size)
+    def __init__(
+        self, model_cfg: ModelConfig, image_size: int | Sequence[int], in_channels: int, spatial_dims: int = 2
+    ) -> None:
         factor = math.prod(model_cfg.unet_strides)
-        if image_size % factor:
-            raise AhmError(
-                f"--image-size {image_size} is not divisible by {factor}, the product of model.unet_strides "
-                f"{tuple(model_cfg.unet_strides)}: the UNet's skip connections need whole feature maps"
-            )
-        super().__init__(image_size, model_cfg.patch_size, in_channels)
+        for size in sorted(set(size_per_axis(image_size, spatial_dims))):
+            check_image_size(size, model_cfg.patch_size)
+            if size % factor:
+                raise AhmError(
+                    f"--image-size {size} is not divisible by {factor}, the product of model.unet_strides "
+                    f"{tuple(model_cfg.unet_strides)}: the UNet's skip connections need whole feature maps"
+                )
+        super().__init__(image_size, model_cfg.patch_size, in_channels, spatial_dims)
         self.channels = tuple(model_cfg.unet_channels)
         self.strides = tuple(model_cfg.unet_strides)
         self.num_res_units = model_cfg.unet_num_res_units
         self.norm_pix = model_cfg.norm_pix
         self.norm = model_cfg.norm
         self.network = model_cfg.unet_network
-        self.net = build_unet_network(model_cfg, in_channels, in_channels)
+        self.net = build_unet_network(model_cfg, in_channels, in_channels, spatial_dims)
         self.num_res_units = int(self.net.num_res_units)  # 0 for basic-unet, whatever the config says
         fast_instance_norms(self.net)
-        # channels-last convolution weights: oneDNN's NHWC kernels made the whole pretraining step 1.18x faster
-        # on the CPU (one thread, same loss and gradients); `export_encoder` hands out plain contiguous copies
-        self.net.to(memory_format=torch.channels_last)
+        # channels-last convolution weights in 2D: oneDNN's NHWC kernels made the whole pretraining step 1.18x
+        # faster on the CPU (one thread, same loss and gradients); `export_encoder` hands out plain contiguous
+        # copies. 3D keeps the plain layout: channels_last_3d has not been measured here.
+        self._memory_format = torch.channels_last if spatial_dims == 2 else torch.contiguous_format
+        self.net.to(memory_format=self._memory_format)
         self.mask_value = nn.Parameter(torch.zeros(in_channels))
+        self._patch_pool = Pool[Pool.ADAPTIVEAVG, spatial_dims](self.grid)
 
     def pixel_mask(self, mask: Tensor) -> Tensor:
-        """Patch mask [B, L] -> pixel mask [B, 1, H, W]."""
-        b = mask.shape[0]
-        gh, gw = self.grid
-        p = self.patch_size
-        return mask.view(b, 1, gh, 1, gw, 1).expand(b, 1, gh, p, gw, p).reshape(b, 1, gh * p, gw * p)
+        """Patch mask [B, L] -> pixel mask [B, 1, *spatial]."""
+        return self.patch_grid.upsample(mask)
 
     def forward(self, images: Tensor, mask: Tensor) -> MIMOutput:
         self._check_input(images, mask)
         order, k = mask_order(mask)
-        masked_input = torch.where(
-            self.pixel_mask(mask), self.mask_value.view(1, -1, 1, 1).to(images.dtype), images
-        )
-        reconstruction = self.net(masked_input.contiguous(memory_format=torch.channels_last))
-        pred = gather_tokens(patchify(reconstruction, self.patch_size), order[:, self.num_patches - k :])
-        return masked_patch_loss(pred, images, mask, self.patch_size, self.grid, self.norm_pix, order, k)
+        fill = self.mask_value.view(1, -1, *(1,) * self.spatial_dims).to(images.dtype)
+        masked_input = torch.where(self.pixel_mask(mask), fill, images)
+        reconstruction = self.net(masked_input.contiguous(memory_format=self._memory_format))
+        pred = gather_tokens(self.patch_grid.patchify(reconstruction), order[:, self.num_patches - k :])
+        return grid_patch_loss(pred, images, self.patch_grid, self.norm_pix, order, k)
 
     def features(self, images: Tensor) -> Tensor:
         """The decoder's last feature map (input of the final up block), averaged per patch: [B, L, D]."""
         self._check_input(images)
         fmap = decoder_features(self.net, images)
-        return F.adaptive_avg_pool2d(fmap, self.grid).flatten(2).transpose(1, 2)
+        return self._patch_pool(fmap).flatten(2).transpose(1, 2)
 
     def export_encoder(self) -> dict[str, Tensor]:
         return {k: v.detach().clone(memory_format=torch.contiguous_format) for k, v in self.net.state_dict().items()}
@@ -91,7 +95,8 @@ class MaskedUNet(MIMModel):
             "unet_num_res_units": str(self.num_res_units),
             "norm": self.norm,
             "unet_network": self.network,
-            "patch_size": str(self.patch_size),
-            "image_size": str(self.image_size),
+            "patch_size": size_text(self.patch_size),
+            "image_size": size_text(self.image_size),
             "in_channels": str(self.in_channels),
+            "spatial_dims": str(self.spatial_dims),
         }
