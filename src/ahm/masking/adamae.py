@@ -10,9 +10,8 @@ with l_i the detached reconstruction loss, which pushes probability towards patc
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
-
 from monai.networks.layers import Conv
+from torch import Tensor, nn
 
 from ahm.config import MaskingConfig
 from ahm.errors import AhmError

@@ -17,8 +17,17 @@ from torch import Tensor, nn
 
 from ahm.errors import AhmError
 
+
 def _per_axis(patch_size: int | tuple[int, ...], axes: int) -> tuple[int, ...]:
     return (int(patch_size),) * axes if isinstance(patch_size, int) else tuple(int(p) for p in patch_size)
+
+
+def _compact(patch_size: int | tuple[int, ...]) -> int | tuple[int, ...]:
+    """One int when the patch is the same along every axis (as 2D agents always stored it), else one per axis."""
+    if isinstance(patch_size, int):
+        return int(patch_size)
+    sizes = tuple(int(p) for p in patch_size)
+    return sizes[0] if len(set(sizes)) == 1 else sizes
 
 
 def _standardise(images: Tensor) -> Tensor:
@@ -65,7 +74,7 @@ class AhmAgent(nn.Module):
         if depth < 0:
             raise AhmError(f"--agent-depth must be 0 or more, got {depth}")
         self.grid = tuple(int(g) for g in grid)
-        self.patch_size = patch_size if isinstance(patch_size, int) else tuple(int(p) for p in patch_size)
+        self.patch_size = _compact(patch_size)
         self.in_channels = int(in_channels)
         length = math.prod(self.grid)
         conv = Conv[Conv.CONV, len(self.grid)]
@@ -144,7 +153,7 @@ class ConvAgent(nn.Module):
         if value_head not in ("bn-relu6", "linear"):
             raise AhmError(f"agent value head {value_head!r} is not known; choose bn-relu6 or linear")
         self.grid = tuple(int(g) for g in grid)
-        self.patch_size = patch_size if isinstance(patch_size, int) else tuple(int(p) for p in patch_size)
+        self.patch_size = _compact(patch_size)
         self.in_channels = int(in_channels)
         self.width = int(width)
         self.value_head = value_head

@@ -90,7 +90,7 @@ class OfficialAHMPolicy(MaskingPolicy):
             raise AhmError("--devices: ahm-official trains its agent in a single process; use --devices 1")
         self._stages = stage_layout(ctx.total_steps, cfg.official_recon_fraction, cfg.official_agent_fraction)
         with seeded_init(ctx.seed):
-            self.agent = ConvAgent(ctx.in_channels, ctx.patch_size, ctx.grid.shape, width=cfg.agent_dim,
+            self.agent = ConvAgent(ctx.in_channels, ctx.grid.patch_size, ctx.grid.shape, width=cfg.agent_dim,
                                    value_head="bn-relu6")
         # on its device before the optimiser exists, so a resumed optimiser state lands there too
         self.agent.to(ctx.device)
@@ -240,7 +240,7 @@ class OfficialAHMPolicy(MaskingPolicy):
         state["official"] = {
             "stages": self._layout(),
             "grid": list(self.ctx.grid.shape),
-            "patch_size": self.ctx.patch_size,
+            "patch_size": self.agent.patch_size,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
         }
@@ -251,14 +251,13 @@ class OfficialAHMPolicy(MaskingPolicy):
         if not isinstance(saved, dict):
             raise AhmError("--resume: the checkpoint holds no ahm-official agent state (written by another policy?)")
         grid, patch = list(saved.get("grid", [])), saved.get("patch_size")
-        patch = list(patch) if isinstance(patch, (list, tuple)) else patch
-        mine = self.ctx.patch_size
-        mine = list(mine) if isinstance(mine, tuple) else mine
-        if grid != list(self.ctx.grid.shape) or patch != mine:
+        # one int (every 2D checkpoint) or one size per axis
+        per_axis = [patch] * len(grid) if isinstance(patch, int) else list(patch or [])
+        if grid != list(self.ctx.grid.shape) or per_axis != list(self.ctx.grid.patch_size):
             raise AhmError(
                 f"--resume: the checkpoint's agent works on a {'x'.join(map(str, grid))} grid of {patch} px patches, "
-                f"this run on {'x'.join(map(str, self.ctx.grid.shape))} of {mine} px; resume with the "
-                f"run's --image-size and --patch-size"
+                f"this run on {'x'.join(map(str, self.ctx.grid.shape))} of {self.agent.patch_size} px; resume with "
+                f"the run's --image-size and --patch-size"
             )
         layout = [list(item) for item in saved.get("stages", [])]
         if layout != self._layout():
