@@ -52,16 +52,17 @@ class PolicyContext:
     rank: int = 0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.grid, PatchGrid):
-            if self.patch_size is None:
-                raise ValueError("PolicyContext: a grid given as patches per axis needs patch_size")
-            self.grid = PatchGrid.square(tuple(self.grid), int(self.patch_size))
-        sizes = self.grid.patch_size
-        derived = sizes[0] if len(set(sizes)) == 1 else sizes
         given = self.patch_size
-        if given is not None and (given if isinstance(given, int) else tuple(given)) != derived:
+        if not isinstance(self.grid, PatchGrid):
+            if given is None:
+                raise ValueError("PolicyContext: a grid given as patches per axis needs patch_size")
+            patches = tuple(int(g) for g in self.grid)
+            per_axis = (int(given),) * len(patches) if isinstance(given, int) else tuple(int(p) for p in given)
+            self.grid = PatchGrid(tuple(g * p for g, p in zip(patches, per_axis)), per_axis)
+        sizes = self.grid.patch_size
+        if given is not None and ((int(given),) * len(sizes) if isinstance(given, int) else tuple(given)) != sizes:
             raise ValueError(f"PolicyContext: patch_size {given} disagrees with the grid's {sizes}")
-        self.patch_size = derived
+        self.patch_size = sizes[0] if len(set(sizes)) == 1 else sizes
 
     @property
     def num_patches(self) -> int:
