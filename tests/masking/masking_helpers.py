@@ -5,18 +5,22 @@ from __future__ import annotations
 import torch
 
 from ahm.config import MaskingConfig, ModelConfig
+from ahm.grid import PatchGrid
 from ahm.masking import PolicyContext, build_policy
 
 
 class PatchFeatures(torch.nn.Module):
-    """A small module with the MIM model's `features` contract ([B, C, H, W] -> [B, L, D]), so the policy
-    mechanics can be tested apart from the real backbones (exercised by the tests that pass backbone "vit" or "unet")."""
+    """A small module with the MIM model's `features` contract ([B, C, *spatial] -> [B, L, D]), so the policy
+    mechanics can be tested apart from the real backbones (exercised by the tests that pass backbone "vit" or "unet").
+    A square 2D grid by default; `grid` (a PatchGrid) for any other, 3D included."""
 
-    def __init__(self, image_size: int, patch_size: int, in_channels: int, dim: int = 16) -> None:
+    def __init__(self, image_size: int, patch_size: int, in_channels: int, dim: int = 16,
+                 grid: PatchGrid | None = None) -> None:
         super().__init__()
-        grid = image_size // patch_size
-        self.embed = torch.nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)
-        self.pos = torch.nn.Parameter(torch.randn(1, grid * grid, dim) * 0.1)
+        grid = grid or PatchGrid.of((image_size, image_size), patch_size)
+        conv = torch.nn.Conv2d if grid.spatial_dims == 2 else torch.nn.Conv3d
+        self.embed = conv(in_channels, dim, grid.patch_size, stride=grid.patch_size)
+        self.pos = torch.nn.Parameter(torch.randn(1, grid.num_patches, dim) * 0.1)
         self.mix = torch.nn.Linear(dim, dim)
         self.register_buffer("scale", torch.ones(1))
 

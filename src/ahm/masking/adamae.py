@@ -1,7 +1,7 @@
 """AdaMAE (Bandara et al., CVPR 2023): a small sampling network learns where to mask.
 
-The sampler embeds the image's patches with its own strided convolution, adds a fixed 2D sine-cosine
-position embedding, runs one transformer block and maps each token to a logit; p = softmax(logits).
+The sampler embeds the image's (or volume's) patches with its own strided convolution, adds a fixed sine-cosine
+position embedding over the patch grid, runs one transformer block and maps each token to a logit; p = softmax(logits).
 K patches are drawn from p without replacement (Gumbel-top-k, with noise from the policy's generator so
 runs are reproducible). It learns by REINFORCE without a baseline: aux_loss = -mean_{masked i} log p_i * l_i,
 with l_i the detached reconstruction loss, which pushes probability towards patches that reconstruct badly.
@@ -10,6 +10,7 @@ with l_i the detached reconstruction loss, which pushes probability towards patc
 from __future__ import annotations
 
 import torch
+from monai.networks.layers import Conv
 from torch import Tensor, nn
 
 from ahm.config import MaskingConfig
@@ -18,43 +19,49 @@ from ahm.masking.base import (
     MaskingPolicy,
     PolicyContext,
     PolicyStep,
-    random_scores,
+    gumbel_noise,
+    gumbel_topk,
+    indices_mask,
     register,
     seeded_init,
-    topk_mask,
 )
 
 
-def sincos_position_embedding(grid: tuple[int, int], dim: int) -> Tensor:
-    """Fixed 2D sine-cosine embedding [rows*cols, dim], row-major: half the channels encode the row, half the column."""
-    if dim % 4:
-        raise ValueError("sin-cos position embedding needs a dim divisible by 4")
-    rows, cols = grid
-    quarter = dim // 4
-    omega = 1.0 / (10_000 ** (torch.arange(quarter, dtype=torch.float64) / quarter))
-    r, c = torch.meshgrid(torch.arange(rows, dtype=torch.float64), torch.arange(cols, dtype=torch.float64),
-                          indexing="ij")
+# TODO(issue16): share with models (models/mae.py has the same table; one function at merge)
+def sincos_position_embedding(grid: tuple[int, ...], dim: int) -> Tensor:
+    """Fixed sine-cosine embedding [prod(grid), dim], row-major over a 2D or 3D patch grid: each axis gets
+    dim // (2 * axes) frequencies (sines, then cosines), axes in order; channels left over carry zeros."""
+    axes = len(grid)
+    per_axis = dim // (2 * axes)
+    if per_axis < 1:
+        raise ValueError(f"sin-cos position embedding needs a dim of at least {2 * axes} for a {axes}D grid")
+    omega = 1.0 / (10_000 ** (torch.arange(per_axis, dtype=torch.float64) / per_axis))
+    coords = torch.meshgrid(*[torch.arange(g, dtype=torch.float64) for g in grid], indexing="ij")
     parts = []
-    for pos in (r.reshape(-1), c.reshape(-1)):
-        angle = pos[:, None] * omega[None, :]
+    for pos in coords:
+        angle = pos.reshape(-1)[:, None] * omega[None, :]
         parts += [angle.sin(), angle.cos()]
-    return torch.cat(parts, dim=1).float()
+    table = torch.cat(parts, dim=1)
+    if table.shape[1] < dim:
+        table = torch.cat([table, table.new_zeros(table.shape[0], dim - table.shape[1])], dim=1)
+    return table.float()
 
 
 def gumbel_topk_mask(log_probs: Tensor, k: int, generator: torch.Generator) -> Tensor:
     """bool [B, L]: k patches per row drawn without replacement from softmax(log_probs) (Gumbel-top-k)."""
-    uniform = random_scores(log_probs.shape[0], log_probs.shape[1], generator, log_probs.device)
-    gumbel = -torch.log(-torch.log(uniform.clamp(1e-12, 1.0 - 1e-7)))
-    return topk_mask(log_probs.detach().float() + gumbel, k)
+    noise = gumbel_noise(tuple(log_probs.shape), generator)
+    return indices_mask(gumbel_topk(log_probs.float(), k, noise), log_probs.shape[1])
 
 
 class PatchSampler(nn.Module):
     """Conv patch embedding + fixed position embedding + one transformer block + linear head -> [B, L] logits."""
 
-    def __init__(self, in_channels: int, patch_size: int, grid: tuple[int, int], dim: int, heads: int) -> None:
+    def __init__(self, in_channels: int, patch_size: int | tuple[int, ...], grid: tuple[int, ...], dim: int,
+                 heads: int) -> None:
         super().__init__()
-        self.grid = grid
-        self.embed = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+        self.grid = tuple(grid)
+        conv = Conv[Conv.CONV, len(self.grid)]
+        self.embed = conv(in_channels, dim, kernel_size=patch_size, stride=patch_size)
         self.register_buffer("pos", sincos_position_embedding(grid, dim).unsqueeze(0), persistent=False)
         self.block = nn.TransformerEncoderLayer(
             dim, heads, dim_feedforward=4 * dim, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
@@ -77,10 +84,14 @@ class AdaMAEMasking(MaskingPolicy):
     def __init__(self, cfg: MaskingConfig, ctx: PolicyContext) -> None:
         super().__init__(cfg, ctx)
         dim, heads = cfg.agent_dim, cfg.agent_heads
-        if dim % 4 or dim % heads:
-            raise AhmError(f"--agent-dim {dim} must be divisible by 4 and by --agent-heads {heads} for adamae")
+        # 2D keeps its rule (no channel without a position); in 3D the default 64 is no multiple of 6, so any
+        # width of at least 6 goes and the leftover channels carry no position
+        multiple = 4 if ctx.spatial_dims == 2 else 1
+        if dim % multiple or dim % heads or dim < 2 * ctx.spatial_dims:
+            raise AhmError(f"--agent-dim {dim} must be divisible by {multiple} and by --agent-heads {heads} "
+                           f"(and at least {2 * ctx.spatial_dims}) for adamae")
         with seeded_init(ctx.seed):
-            self.sampler = PatchSampler(ctx.in_channels, ctx.patch_size, ctx.grid, dim, heads)
+            self.sampler = PatchSampler(ctx.in_channels, ctx.grid.patch_size, ctx.grid.shape, dim, heads)
 
     def log_probs(self, images: Tensor) -> Tensor:
         """log p over the patches of each image, [B, L] (differentiable)."""

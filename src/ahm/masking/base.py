@@ -19,34 +19,58 @@ whose reward needs the prediction itself. Single-stage policies need none of thi
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from ahm.config import MaskingConfig
 from ahm.errors import AhmError
+from ahm.grid import PatchGrid
+from ahm.masking.diagnostics import row_spearman
 
 
-@dataclass
+@dataclass(kw_only=True)
 class PolicyContext:
-    """What a policy learns about the run when it is built."""
+    """What a policy learns about the run when it is built.
 
-    grid: tuple[int, int]  # patch grid (rows, cols); L = rows * cols
-    patch_size: int
+    `grid` is the run's `PatchGrid` (2D or 3D). Callers that still hold patches per axis and one patch size may
+    pass `grid=(rows, cols[, ...])` with `patch_size=p`: it is turned into the PatchGrid here, so every policy
+    sees one type (the 2D training loop, `ahm visualize` and `bench speed` build the context that way today).
+    Afterwards `patch_size` is the grid's patch size: one int when it is the same along every axis, else a tuple.
+    """
+
+    grid: PatchGrid
     in_channels: int
     total_steps: int
+    patch_size: Union[int, tuple[int, ...], None] = None  # input only with a tuple `grid`; derived otherwise
     seed: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     model: Optional[nn.Module] = None  # the MIM model (unwrapped), for policies that need its features (HPM)
     world_size: int = 1
     rank: int = 0
 
+    def __post_init__(self) -> None:
+        given = self.patch_size
+        if not isinstance(self.grid, PatchGrid):
+            if given is None:
+                raise ValueError("PolicyContext: a grid given as patches per axis needs patch_size")
+            patches = tuple(int(g) for g in self.grid)
+            per_axis = (int(given),) * len(patches) if isinstance(given, int) else tuple(int(p) for p in given)
+            self.grid = PatchGrid(tuple(g * p for g, p in zip(patches, per_axis)), per_axis)
+        sizes = self.grid.patch_size
+        if given is not None and ((int(given),) * len(sizes) if isinstance(given, int) else tuple(given)) != sizes:
+            raise ValueError(f"PolicyContext: patch_size {given} disagrees with the grid's {sizes}")
+        self.patch_size = sizes[0] if len(set(sizes)) == 1 else sizes
+
     @property
     def num_patches(self) -> int:
-        return self.grid[0] * self.grid[1]
+        return self.grid.num_patches
+
+    @property
+    def spatial_dims(self) -> int:
+        return self.grid.spatial_dims
 
 
 @dataclass
@@ -104,6 +128,31 @@ def topk_mask(scores: Tensor, k: int) -> Tensor:
     mask = torch.zeros_like(scores, dtype=torch.bool)
     mask.scatter_(1, idx, True)
     return mask
+
+
+def gumbel_noise(shape: tuple[int, ...], generator: Optional[torch.Generator]) -> Tensor:
+    """Standard Gumbel noise, drawn on CPU from `generator` (so runs are reproducible on any device)."""
+    u = torch.rand(shape, generator=generator)
+    # the clamp keeps -log(-log(u)) finite at the float edges
+    u = u.clamp_(torch.finfo(u.dtype).tiny, 1.0 - torch.finfo(u.dtype).eps)
+    return -torch.log(-torch.log(u))
+
+
+def gumbel_topk(logits: Tensor, k: int, noise: Tensor, temperature: float = 1.0) -> Tensor:
+    """Indices [B, k] of an ordered draw without replacement from softmax(logits / temperature) (Gumbel-top-k).
+
+    `noise` is Gumbel noise of the shape of `logits` (see `gumbel_noise`); column j is the j-th draw.
+    """
+    if k == 0:
+        return torch.zeros(logits.shape[0], 0, dtype=torch.long, device=logits.device)
+    scores = logits.detach() / temperature + noise.to(logits.device)
+    return scores.topk(k, dim=1, sorted=True).indices
+
+
+def indices_mask(indices: Tensor, num_patches: int) -> Tensor:
+    """bool [B, L] with True at `indices` [B, k]."""
+    mask = torch.zeros(indices.shape[0], num_patches, dtype=torch.bool, device=indices.device)
+    return mask.scatter_(1, indices, True)
 
 
 class MaskingPolicy(nn.Module):
@@ -213,14 +262,7 @@ def check_mask(mask: Tensor, k: int) -> None:
 
 def spearman(a: Tensor, b: Tensor) -> float:
     """Spearman rank correlation of two 1-D tensors (ties broken by order), as a float; nan if undefined."""
-    if a.numel() < 3:
-        return float("nan")
-    ra = a.argsort().argsort().float()
-    rb = b.argsort().argsort().float()
-    ra = ra - ra.mean()
-    rb = rb - rb.mean()
-    denom = math.sqrt(float((ra * ra).sum()) * float((rb * rb).sum()))
-    return float((ra * rb).sum()) / denom if denom > 0 else float("nan")
+    return float(row_spearman(a.reshape(1, -1), b.reshape(1, -1))[0])
 
 
 @contextlib.contextmanager

@@ -11,7 +11,6 @@ go to the predicted-hardest patches and the rest are uniform random among the ot
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 import torch.nn.functional as F
@@ -27,9 +26,9 @@ from ahm.masking.base import (
     random_scores,
     register,
     seeded_init,
-    spearman,
     topk_mask,
 )
+from ahm.masking.diagnostics import hardness_ratio, mean_row_spearman
 
 
 def masked_indices(mask: Tensor) -> Tensor:
@@ -54,13 +53,12 @@ def pairwise_rank_loss(pred: Tensor, target: Tensor) -> Tensor:
 
 
 def _feature_dim(model: nn.Module, ctx: PolicyContext) -> int:
-    """D of `model.features`: from one forward pass on a blank image of the run's size."""
-    rows, cols = ctx.grid
+    """D of `model.features`: from one forward pass on a blank image (or volume) of the run's size."""
     try:
         device = next(model.parameters()).device
     except StopIteration:
         device = ctx.device
-    blank = torch.zeros(1, ctx.in_channels, rows * ctx.patch_size, cols * ctx.patch_size, device=device)
+    blank = torch.zeros(1, ctx.in_channels, *ctx.grid.spatial_shape, device=device)
     with torch.no_grad():
         feats = model.features(blank)
     if feats.dim() != 3 or feats.shape[1] != ctx.num_patches:
@@ -144,11 +142,11 @@ class HPMMasking(MaskingPolicy):
             "hpm_pred_loss": float(aux.detach()),
             "hard_fraction": float(cache["alpha"] if cache is not None else hard_fraction_at(self.cfg, progress)),
         }
-        rho = _mean_spearman(pred_masked.detach(), loss_masked)
+        rho = mean_row_spearman(pred_masked, loss_masked)
         if rho is not None:
             metrics["critic_spearman"] = rho
         if cache is not None and torch.equal(cache["mask"], mask):
-            ratio = _hardness_ratio(per_patch_loss.detach(), cache["hard"], mask)
+            ratio = hardness_ratio(per_patch_loss.detach(), cache["hard"], mask)
             if ratio is not None:
                 metrics["hardness_ratio"] = ratio
         self.update_teacher()
@@ -164,21 +162,3 @@ class HPMMasking(MaskingPolicy):
         for t, s in zip(self.teacher.buffers(), student.buffers()):
             t.copy_(s.detach().to(t.device))
 
-
-def _mean_spearman(pred: Tensor, actual: Tensor) -> float | None:
-    values = [spearman(p, a) for p, a in zip(pred.float().cpu(), actual.float().cpu())]
-    values = [v for v in values if not math.isnan(v)]
-    return sum(values) / len(values) if values else None
-
-
-def _hardness_ratio(per_patch_loss: Tensor, hard: Tensor, mask: Tensor) -> float | None:
-    """Mean loss on the hard-chosen patches / mean loss on the randomly masked ones (None if either is empty)."""
-    hard = hard.to(per_patch_loss.device)
-    rand = mask.to(per_patch_loss.device) & ~hard
-    if not bool(hard.any()) or not bool(rand.any()):
-        return None
-    hard_mean = per_patch_loss[hard].float().mean()
-    rand_mean = per_patch_loss[rand].float().mean()
-    if float(rand_mean) <= 0.0:
-        return None
-    return float(hard_mean / rand_mean)

@@ -9,10 +9,34 @@ per-image normalised reconstruction loss of patch i if it were masked).
 
 from __future__ import annotations
 
+import math
+
 import torch
+from monai.networks.layers import Conv, Norm
 from torch import Tensor, nn
 
 from ahm.errors import AhmError
+
+
+def _per_axis(patch_size: int | tuple[int, ...], axes: int) -> tuple[int, ...]:
+    return (int(patch_size),) * axes if isinstance(patch_size, int) else tuple(int(p) for p in patch_size)
+
+
+def _compact(patch_size: int | tuple[int, ...]) -> int | tuple[int, ...]:
+    """One int when the patch is the same along every axis (as 2D agents always stored it), else one per axis."""
+    if isinstance(patch_size, int):
+        return int(patch_size)
+    sizes = tuple(int(p) for p in patch_size)
+    return sizes[0] if len(set(sizes)) == 1 else sizes
+
+
+def _standardise(images: Tensor) -> Tensor:
+    """Per-image standardisation: intensity ranges differ by modality (MRI, CT windows, photos).
+    (Mean and mean square, not Tensor.std: the latter is ~100x slower on CPU for this shape.)"""
+    x = images.detach().float()
+    view = (-1,) + (1,) * (x.dim() - 1)
+    x = x - x.flatten(1).mean(dim=1).view(view)
+    return x / (x.flatten(1).square().mean(dim=1).sqrt().view(view) + 1e-6)
 
 
 class _Block(nn.Module):
@@ -39,20 +63,22 @@ class _Block(nn.Module):
 
 
 class AhmAgent(nn.Module):
-    """Actor-critic over the L patches of an image: forward(images [B,C,H,W]) -> (logits [B,L], values [B,L])."""
+    """Actor-critic over the L patches of an image or volume: forward(images [B,C,*spatial]) -> (logits [B,L],
+    values [B,L]); `grid` is patches per axis (2 or 3 axes), `patch_size` one int or one per axis."""
 
-    def __init__(self, in_channels: int, patch_size: int, grid: tuple[int, int], dim: int = 64,
+    def __init__(self, in_channels: int, patch_size: int | tuple[int, ...], grid: tuple[int, ...], dim: int = 64,
                  depth: int = 1, heads: int = 4) -> None:
         super().__init__()
         if dim < 1 or heads < 1 or dim % heads:
             raise AhmError(f"--agent-dim ({dim}) must be a positive multiple of --agent-heads ({heads})")
         if depth < 0:
             raise AhmError(f"--agent-depth must be 0 or more, got {depth}")
-        self.grid = (int(grid[0]), int(grid[1]))
-        self.patch_size = int(patch_size)
+        self.grid = tuple(int(g) for g in grid)
+        self.patch_size = _compact(patch_size)
         self.in_channels = int(in_channels)
-        length = self.grid[0] * self.grid[1]
-        self.patch_embed = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+        length = math.prod(self.grid)
+        conv = Conv[Conv.CONV, len(self.grid)]
+        self.patch_embed = conv(in_channels, dim, kernel_size=self.patch_size, stride=self.patch_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, length, dim))
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.blocks = nn.ModuleList(_Block(dim, heads) for _ in range(depth))
@@ -65,14 +91,11 @@ class AhmAgent(nn.Module):
             nn.init.zeros_(head.bias)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        x = images.detach().float()
-        # per-image standardisation: intensity ranges differ by modality (MRI, CT windows, photos)
-        # (mean and mean square, not Tensor.std: the latter is ~100x slower on CPU for this shape)
-        mean = x.flatten(1).mean(dim=1).view(-1, 1, 1, 1)
-        x = x - mean
-        std = x.flatten(1).square().mean(dim=1).sqrt().view(-1, 1, 1, 1)
-        x = x / (std + 1e-6)
-        tokens = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed
+        tokens = self.patch_embed(_standardise(images))
+        if tuple(tokens.shape[2:]) != self.grid:
+            raise AhmError(f"agent: images of size {list(images.shape[2:])} give a {list(tokens.shape[2:])} patch grid, "
+                           f"the agent was built for {list(self.grid)}")
+        tokens = tokens.flatten(2).transpose(1, 2) + self.pos_embed
         for block in self.blocks:
             tokens = block(tokens)
         tokens = self.norm(tokens)
@@ -101,10 +124,10 @@ def conv_agent_levels(patch_size: int) -> int:
     return patch_size.bit_length() - 1
 
 
-def _conv_bn_relu(channels: int, stride: int) -> nn.Sequential:
+def _conv_bn_relu(channels: int, stride: int | tuple[int, ...], spatial_dims: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(channels, channels, kernel_size=3, stride=stride, padding=1),
-        nn.BatchNorm2d(channels),
+        Conv[Conv.CONV, spatial_dims](channels, channels, kernel_size=3, stride=stride, padding=1),
+        Norm[Norm.BATCH, spatial_dims](channels),
         nn.ReLU(inplace=True),
     )
 
@@ -119,37 +142,46 @@ class ConvAgent(nn.Module):
     which the paper passes through BN + ReLU6 (`value_head="bn-relu6"`, bounded in [0, 6]); `"linear"` leaves it
     unbounded for the joint AHM variant, whose rewards are standardised and so half negative.
     At width 64 and 1 input channel it has 371,396 parameters, as the authors' network does.
-    forward(images [B,C,H,W]) -> (logits [B,L], values [B,L]), L = (H/patch) * (W/patch), row-major.
+    forward(images [B,C,*spatial]) -> (logits [B,L], values [B,L]), L = prod(spatial / patch), row-major.
+    In 3D every layer is its 3D counterpart (3x3x3 convolutions); a patch size per axis halves each axis only
+    as often as its own patch size asks (each must be a power of two).
     """
 
-    def __init__(self, in_channels: int, patch_size: int, grid: tuple[int, int], width: int = 64,
+    def __init__(self, in_channels: int, patch_size: int | tuple[int, ...], grid: tuple[int, ...], width: int = 64,
                  value_head: str = "bn-relu6") -> None:
         super().__init__()
         if value_head not in ("bn-relu6", "linear"):
             raise AhmError(f"agent value head {value_head!r} is not known; choose bn-relu6 or linear")
-        self.grid = (int(grid[0]), int(grid[1]))
-        self.patch_size = int(patch_size)
+        self.grid = tuple(int(g) for g in grid)
+        self.patch_size = _compact(patch_size)
         self.in_channels = int(in_channels)
         self.width = int(width)
         self.value_head = value_head
-        levels = conv_agent_levels(self.patch_size)
+        n = len(self.grid)
+        conv, norm = Conv[Conv.CONV, n], Norm[Norm.BATCH, n]
+        axis_levels = [conv_agent_levels(p) for p in _per_axis(self.patch_size, n)]
+        levels = max(axis_levels)
+        # an isotropic patch keeps the plain stride 2 (the 2D network as before)
+        strides = [2 if len(set(axis_levels)) == 1 else tuple(2 if level < a else 1 for a in axis_levels)
+                   for level in range(levels)]
         self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, width, kernel_size=3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU6(),
+            conv(in_channels, width, kernel_size=3, padding=1, bias=False), norm(width), nn.ReLU6(),
         )
-        self.down = nn.Sequential(*(_conv_bn_relu(width, 2) for _ in range(levels)))
-        self.policy_head = nn.Sequential(*(_conv_bn_relu(width, 1) for _ in range(3)), nn.Conv2d(width, 1, 1))
-        self.value_trunk = nn.Sequential(*(_conv_bn_relu(width, 1) for _ in range(3)), nn.Conv2d(width, 1, 1))
-        self.value_out = nn.Sequential(nn.BatchNorm2d(1), nn.ReLU6()) if value_head == "bn-relu6" else nn.Identity()
+        self.down = nn.Sequential(*(_conv_bn_relu(width, stride, n) for stride in strides))
+        self.policy_head = nn.Sequential(*(_conv_bn_relu(width, 1, n) for _ in range(3)), conv(width, 1, 1))
+        self.value_trunk = nn.Sequential(*(_conv_bn_relu(width, 1, n) for _ in range(3)), conv(width, 1, 1))
+        self.value_out = nn.Sequential(norm(1), nn.ReLU6()) if value_head == "bn-relu6" else nn.Identity()
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         x = images.detach().float()
         if x.shape[1] != self.in_channels:
             raise AhmError(f"agent: built for {self.in_channels} input channels, got images with {x.shape[1]}")
         feats = self.down(self.stem(x))
-        if tuple(feats.shape[-2:]) != self.grid:
+        if tuple(feats.shape[2:]) != self.grid:
+            size, got, want = ("x".join(map(str, s)) for s in (x.shape[2:], feats.shape[2:], self.grid))
             raise AhmError(
-                f"agent: a {x.shape[-2]}x{x.shape[-1]} image gives a {feats.shape[-2]}x{feats.shape[-1]} map, not the "
-                f"{self.grid[0]}x{self.grid[1]} patch grid; use --image-size divisible by --patch-size {self.patch_size}"
+                f"agent: a {size} image gives a {got} map, not the {want} patch grid; use --image-size divisible "
+                f"by --patch-size {self.patch_size}"
             )
         logits = self.policy_head(feats).flatten(1)
         values = self.value_out(self.value_trunk(feats)).flatten(1)

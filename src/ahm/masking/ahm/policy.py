@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ahm.config import MaskingConfig
@@ -40,8 +39,17 @@ from ahm.masking.base import (
     register,
     topk_mask,
 )
+from ahm.masking.diagnostics import (
+    BACKGROUND_STD,
+    background_share,
+    hardness_ratio,
+    mean_row_spearman,
+    patch_std,
+    row_spearman,
+)
 
-BACKGROUND_STD = 0.01  # a patch whose pixel std is below this (intensities ~[0, 1]) counts as background
+# re-exported: the official policy and the tests import them from here
+__all__ = ["AHMPolicy", "AgentCheckpointMismatch", "BACKGROUND_STD", "patch_std", "row_spearman"]
 
 
 class AgentCheckpointMismatch(AhmError, RuntimeError):
@@ -62,27 +70,6 @@ class _Draw:
     values: Tensor  # [B, L]
     k: int
     k_hard: int
-
-
-def patch_std(images: Tensor, patch_size: int) -> Tensor:
-    """Pixel standard deviation (population) of each patch over its channels, [B, L] in row-major patch order."""
-    x = images.detach().float()
-    # pooled first and second moments: Tensor.std over patch views is ~20x slower on CPU
-    mean = F.avg_pool2d(x, patch_size).mean(dim=1)
-    mean_sq = F.avg_pool2d(x * x, patch_size).mean(dim=1)
-    return (mean_sq - mean * mean).clamp_min(0.0).sqrt().flatten(1)
-
-
-def row_spearman(a: Tensor, b: Tensor) -> Tensor:
-    """Spearman correlation of each row pair of a, b [B, K] -> [B] (same ranking as base.spearman; nan if undefined)."""
-    if a.shape[1] < 3:
-        return torch.full((a.shape[0],), float("nan"))
-    ra = a.argsort(dim=1).argsort(dim=1).double()
-    rb = b.argsort(dim=1).argsort(dim=1).double()
-    ra = ra - ra.mean(dim=1, keepdim=True)
-    rb = rb - rb.mean(dim=1, keepdim=True)
-    denom = ((ra * ra).sum(dim=1) * (rb * rb).sum(dim=1)).sqrt()
-    return torch.where(denom > 0, (ra * rb).sum(dim=1) / denom, torch.full_like(denom, float("nan")))
 
 
 @register("ahm")
@@ -106,10 +93,10 @@ class AHMPolicy(MaskingPolicy):
             if cfg.agent == "conv":
                 # the authors' network with an unbounded value: this variant's rewards are standardised
                 self.agent = build_agent("conv", in_channels=ctx.in_channels, patch_size=ctx.patch_size,
-                                         grid=ctx.grid, width=cfg.agent_dim, value_head="linear")
+                                         grid=ctx.grid.shape, width=cfg.agent_dim, value_head="linear")
             else:
                 self.agent = build_agent("transformer", in_channels=ctx.in_channels, patch_size=ctx.patch_size,
-                                         grid=ctx.grid, dim=cfg.agent_dim, depth=cfg.agent_depth,
+                                         grid=ctx.grid.shape, dim=cfg.agent_dim, depth=cfg.agent_depth,
                                          heads=cfg.agent_heads)
         self._draw: _Draw | None = None
         self._workers: Any = None
@@ -229,23 +216,21 @@ class AHMPolicy(MaskingPolicy):
         mask = draw.mask
         batch = mask.shape[0]
         hard = torch.zeros_like(mask).scatter_(1, draw.hard_idx, True)
-        rand = mask & ~hard
         out: dict[str, float] = {}
-        if draw.k_hard > 0 and draw.k > draw.k_hard:
-            rand_mean = float(loss[rand].mean())
-            if rand_mean > 0:
-                out["hardness_ratio"] = float(loss[hard].mean()) / rand_mean
+        ratio = hardness_ratio(loss, hard, mask)
+        if ratio is not None:
+            out["hardness_ratio"] = ratio
         reward = normalised_reward(loss, mask)
         out["mean_reward"] = float(reward[hard].mean() if draw.k_hard > 0 else reward[mask].mean())
-        rho = row_spearman(draw.values.detach()[mask].view(batch, draw.k).cpu(), loss[mask].view(batch, draw.k).cpu())
-        if bool(torch.isfinite(rho).any()):
-            out["critic_spearman"] = float(rho.nanmean())
+        rho = mean_row_spearman(draw.values[mask].view(batch, draw.k), loss[mask].view(batch, draw.k))
+        if rho is not None:
+            out["critic_spearman"] = rho
         log_pi = (draw.logits.detach() / self.cfg.temperature).log_softmax(dim=1)
         out["policy_entropy"] = float(-(log_pi.exp() * log_pi).sum(dim=1).mean())
-        background = (patch_std(images, self.ctx.patch_size) < BACKGROUND_STD).to(mask.device)
-        out["background_share"] = float((background & mask).sum()) / float(mask.sum())
+        patch = self.ctx.grid.patch_size
+        out["background_share"] = background_share(images, patch, mask)
         if draw.k_hard > 0:
-            out["background_share_actor"] = float((background & hard).sum()) / float(hard.sum())
+            out["background_share_actor"] = background_share(images, patch, hard)
         return {key: value for key, value in out.items() if math.isfinite(value)}
 
     def flush(self, timeout: float = 60.0) -> None:

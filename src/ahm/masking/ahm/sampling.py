@@ -13,24 +13,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+# one Gumbel-top-k for every policy that samples patches (AdaMAE's sampler too); re-exported here for AHM's users
+from ahm.masking.base import gumbel_noise, gumbel_topk
 
-def gumbel_noise(shape: tuple[int, ...], generator: torch.Generator | None) -> Tensor:
-    """Standard Gumbel noise, drawn on CPU from `generator` (so runs are reproducible on any device)."""
-    u = torch.rand(shape, generator=generator)
-    # the clamp keeps -log(-log(u)) finite at the float edges
-    u = u.clamp_(torch.finfo(u.dtype).tiny, 1.0 - torch.finfo(u.dtype).eps)
-    return -torch.log(-torch.log(u))
-
-
-def gumbel_topk(logits: Tensor, k: int, noise: Tensor, temperature: float = 1.0) -> Tensor:
-    """Indices [B, k] of an ordered draw without replacement from softmax(logits / temperature).
-
-    `noise` is Gumbel noise of the shape of `logits` (see `gumbel_noise`); column j is the j-th draw.
-    """
-    if k == 0:
-        return torch.zeros(logits.shape[0], 0, dtype=torch.long, device=logits.device)
-    scores = logits.detach() / temperature + noise.to(logits.device)
-    return scores.topk(k, dim=1, sorted=True).indices
+__all__ = ["gumbel_noise", "gumbel_topk", "plackett_luce_log_prob", "plackett_luce_steps"]
 
 
 def plackett_luce_steps(logits: Tensor, idx: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor]:

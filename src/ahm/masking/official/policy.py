@@ -32,7 +32,7 @@ from torch import Tensor
 from ahm.config import MaskingConfig
 from ahm.errors import AhmError
 from ahm.masking.ahm.agent import ConvAgent
-from ahm.masking.ahm.policy import BACKGROUND_STD, AgentCheckpointMismatch, patch_std, row_spearman
+from ahm.masking.ahm.policy import AgentCheckpointMismatch
 from ahm.masking.base import (
     MaskingPolicy,
     PolicyContext,
@@ -43,6 +43,7 @@ from ahm.masking.base import (
     seeded_init,
     topk_mask,
 )
+from ahm.masking.diagnostics import background_share, mean_row_spearman
 from ahm.masking.official.reward import official_agent_loss, official_reward, patch_reward_terms
 
 RECONSTRUCTOR, AGENT, MIM = "reconstructor", "agent", "mim"
@@ -89,7 +90,7 @@ class OfficialAHMPolicy(MaskingPolicy):
             raise AhmError("--devices: ahm-official trains its agent in a single process; use --devices 1")
         self._stages = stage_layout(ctx.total_steps, cfg.official_recon_fraction, cfg.official_agent_fraction)
         with seeded_init(ctx.seed):
-            self.agent = ConvAgent(ctx.in_channels, ctx.patch_size, ctx.grid, width=cfg.agent_dim,
+            self.agent = ConvAgent(ctx.in_channels, ctx.grid.patch_size, ctx.grid.shape, width=cfg.agent_dim,
                                    value_head="bn-relu6")
         # on its device before the optimiser exists, so a resumed optimiser state lands there too
         self.agent.to(ctx.device)
@@ -160,7 +161,7 @@ class OfficialAHMPolicy(MaskingPolicy):
         loss_map = out.per_patch_loss.detach().float().to(device)
         metrics = self._diagnostics(images, draw, loss_map)
         if draw.learn:
-            error, balance = patch_reward_terms(images, out.prediction, self.ctx.grid, self.ctx.patch_size,
+            error, balance = patch_reward_terms(images, out.prediction, self.ctx.grid.shape, self.ctx.grid.patch_size,
                                                 self.cfg.reward_window)
             reward = official_reward(error, balance, self.cfg.official_balance, self.cfg.reward_scope).to(device)
             if bool(torch.isfinite(reward).all()):
@@ -188,11 +189,10 @@ class OfficialAHMPolicy(MaskingPolicy):
         batch = mask.shape[0]
         k = int(mask[0].sum())
         out: dict[str, float] = {}
-        rho = row_spearman(draw.values.detach()[mask].view(batch, k).cpu(), loss_map[mask].view(batch, k).cpu())
-        if bool(torch.isfinite(rho).any()):
-            out["critic_spearman"] = float(rho.nanmean())
-        background = (patch_std(images, self.ctx.patch_size) < BACKGROUND_STD).to(mask.device)
-        out["background_share"] = float((background & mask).sum()) / float(mask.sum())
+        rho = mean_row_spearman(draw.values[mask].view(batch, k), loss_map[mask].view(batch, k))
+        if rho is not None:
+            out["critic_spearman"] = rho
+        out["background_share"] = background_share(images, self.ctx.grid.patch_size, mask)
         out["policy_mean"] = float(draw.logits.detach().sigmoid().mean())
         return out
 
@@ -239,8 +239,8 @@ class OfficialAHMPolicy(MaskingPolicy):
         state = super().extra_state()
         state["official"] = {
             "stages": self._layout(),
-            "grid": list(self.ctx.grid),
-            "patch_size": self.ctx.patch_size,
+            "grid": list(self.ctx.grid.shape),
+            "patch_size": self.agent.patch_size,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
         }
@@ -251,11 +251,13 @@ class OfficialAHMPolicy(MaskingPolicy):
         if not isinstance(saved, dict):
             raise AhmError("--resume: the checkpoint holds no ahm-official agent state (written by another policy?)")
         grid, patch = list(saved.get("grid", [])), saved.get("patch_size")
-        if grid != list(self.ctx.grid) or patch != self.ctx.patch_size:
+        # one int (every 2D checkpoint) or one size per axis
+        per_axis = [patch] * len(grid) if isinstance(patch, int) else list(patch or [])
+        if grid != list(self.ctx.grid.shape) or per_axis != list(self.ctx.grid.patch_size):
             raise AhmError(
                 f"--resume: the checkpoint's agent works on a {'x'.join(map(str, grid))} grid of {patch} px patches, "
-                f"this run on {self.ctx.grid[0]}x{self.ctx.grid[1]} of {self.ctx.patch_size} px; resume with the "
-                f"run's --image-size and --patch-size"
+                f"this run on {'x'.join(map(str, self.ctx.grid.shape))} of {self.agent.patch_size} px; resume with "
+                f"the run's --image-size and --patch-size"
             )
         layout = [list(item) for item in saved.get("stages", [])]
         if layout != self._layout():

@@ -11,12 +11,14 @@ One-step episodes: advantage A_i = R_i - V_i; loss = mean over patches of -log(p
 
 Defects of the published code and the option that restores each (docs/method.md):
 - `scope="batch"`: every sum also runs over the whole batch, so all images of a batch share one reward map.
-- `window=N`: the sums run over N x N pixel windows at an N px pitch instead of the patches (the code used 20 px
+- `window=N`: the sums run over N x N (x N in 3D) pixel windows at an N px pitch instead of the patches (the code used 20 px
   windows on its 16 px grid: patches are misaligned, and the last rows and columns fall outside the image and get 0).
 - `patches="all"`: the loss averages over every patch, masked or not (the code's log p of visible patches too).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -25,22 +27,29 @@ from torch import Tensor
 REWARD_SCALE = 255.0  # the authors' factor (intensities back on a 0..255 scale)
 
 
-def _window_sums(pixels: Tensor, grid: tuple[int, int], window: int) -> Tensor:
-    """pixels [B, H, W] -> [B, L]: the sum over window (r, c) = rows r*window..(r+1)*window, same for columns,
-    zero where a window lies outside the image (row-major over the grid)."""
-    rows, cols = grid[0] * window, grid[1] * window
-    h, w = pixels.shape[-2:]
-    x = pixels[:, :rows, :cols]
-    x = F.pad(x, (0, max(0, cols - w), 0, max(0, rows - h)))
-    return F.avg_pool2d(x.unsqueeze(1), window).flatten(1) * float(window * window)
+_AVG_POOL = {2: F.avg_pool2d, 3: F.avg_pool3d}
 
 
-def patch_reward_terms(images: Tensor, prediction: Tensor, grid: tuple[int, int], patch_size: int,
+def _window_sums(pixels: Tensor, grid: tuple[int, ...], window: int | tuple[int, ...]) -> Tensor:
+    """pixels [B, *spatial] -> [B, L]: the sum over window (i, j[, l]) = pixels i*window..(i+1)*window along the first
+    axis, and so on, zero where a window lies outside the image (row-major over the 2D or 3D grid)."""
+    n = len(grid)
+    size = (int(window),) * n if isinstance(window, int) else tuple(int(w) for w in window)
+    covered = [g * w for g, w in zip(grid, size)]
+    x = pixels[(slice(None), *[slice(0, c) for c in covered])]
+    pad: list[int] = []
+    for c, have in zip(reversed(covered), reversed(pixels.shape[1:])):
+        pad += [0, max(0, c - have)]
+    x = F.pad(x, pad)
+    return _AVG_POOL[n](x.unsqueeze(1), size).flatten(1) * float(math.prod(size))
+
+
+def patch_reward_terms(images: Tensor, prediction: Tensor, grid: tuple[int, ...], patch_size: int | tuple[int, ...],
                        window: int | None = None) -> tuple[Tensor, Tensor]:
-    """(error, balance), each [B, L], as in the module docstring; `window` None: the patch itself."""
+    """(error, balance), each [B, L], as in the module docstring; `grid` patches per axis; `window` None: the patch."""
     x = images.detach().float()
     pred = prediction.detach().float()
-    scale = REWARD_SCALE / (grid[0] * grid[1])
+    scale = REWARD_SCALE / math.prod(grid)
     size = patch_size if window is None else int(window)
     error = _window_sums((pred - x).square().mean(dim=1), grid, size) * scale
     balance = _window_sums(pred.square().mean(dim=1), grid, size) * scale
