@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ahm.config import MaskingConfig
 from ahm.errors import AhmError
+from ahm.grid import PatchGrid, sincos_position_table
 from ahm.masking.base import (
     MaskingPolicy,
     PolicyContext,
@@ -27,24 +28,14 @@ from ahm.masking.base import (
 )
 
 
-# TODO(issue16): share with models (models/mae.py has the same table; one function at merge)
 def sincos_position_embedding(grid: tuple[int, ...], dim: int) -> Tensor:
     """Fixed sine-cosine embedding [prod(grid), dim], row-major over a 2D or 3D patch grid: each axis gets
-    dim // (2 * axes) frequencies (sines, then cosines), axes in order; channels left over carry zeros."""
+    dim // (2 * axes) frequencies (sines, then cosines), axes in order; channels left over carry zeros.
+    The models' table (`ahm.grid.sincos_position_table`) with the axes in grid order."""
     axes = len(grid)
-    per_axis = dim // (2 * axes)
-    if per_axis < 1:
+    if dim < 2 * axes:
         raise ValueError(f"sin-cos position embedding needs a dim of at least {2 * axes} for a {axes}D grid")
-    omega = 1.0 / (10_000 ** (torch.arange(per_axis, dtype=torch.float64) / per_axis))
-    coords = torch.meshgrid(*[torch.arange(g, dtype=torch.float64) for g in grid], indexing="ij")
-    parts = []
-    for pos in coords:
-        angle = pos.reshape(-1)[:, None] * omega[None, :]
-        parts += [angle.sin(), angle.cos()]
-    table = torch.cat(parts, dim=1)
-    if table.shape[1] < dim:
-        table = torch.cat([table, table.new_zeros(table.shape[0], dim - table.shape[1])], dim=1)
-    return table.float()
+    return sincos_position_table(PatchGrid.square(grid, 1), dim, axis_order=tuple(range(axes)))
 
 
 def gumbel_topk_mask(log_probs: Tensor, k: int, generator: torch.Generator) -> Tensor:
