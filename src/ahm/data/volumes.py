@@ -369,3 +369,20 @@ def volume_dataset(index: DatasetIndex, ids: list[str], cfg: DataConfig, *, labe
     if train:
         augment = volume_segment_augment(cfg) if labels else volume_pretrain_augment(cfg)
     return VolumeDataset([by_id[i] for i in ids], preprocess, augment, labels=labels, seed=seed, cache=cache)
+
+
+def prepare_volume(item: Item, index: DatasetIndex, cfg: DataConfig, channels: int | None = None) -> np.ndarray:
+    """One unlabelled 3D item preprocessed (`preprocess_volumes`) as a plain float32 array [C, X, Y, Z]: what the
+    streamed pretraining corpus reads, crops and caches."""
+    if channels is not None and channels != cfg.channels:
+        cfg = cfg.model_copy(update={"channels": channels})
+    sample = preprocess_volumes(cfg, volume_modality(cfg, index))(volume_paths(item, labels=False))
+    return np.ascontiguousarray(sample[IMAGE].as_tensor().numpy(), dtype=np.float32)
+
+
+def raw_volume_bytes(item: Item) -> int:
+    """Float32 bytes of a volume as stored (from its header; resampling changes it by the spacing ratio)."""
+    from ahm.data.readers import read_volume_info
+
+    shape, channels = read_volume_info(item.image)
+    return int(np.prod(shape)) * int(channels) * 4
