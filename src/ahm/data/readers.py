@@ -407,8 +407,8 @@ def is_volume_file(path: str | os.PathLike) -> bool:
 def volume_spacing_problem(path: str | os.PathLike) -> str | None:
     """Why a volume cannot be resampled in 3D (one line naming it), from its header(s); None when it can.
 
-    A 2D file (one frame, one slice) has no slice spacing; a DICOM series without PixelSpacing or a NIfTI file
-    without positive voxel sizes would otherwise be read at an invented 1 mm.
+    A 2D file (one frame, one slice) has no slice spacing; a DICOM series without PixelSpacing would otherwise
+    be read at an invented 1 mm.
     """
     path = Path(path)
     if path.is_dir():
@@ -420,11 +420,7 @@ def volume_spacing_problem(path: str | os.PathLike) -> str | None:
         return None
     if not is_volume_file(path):
         return f"{path}: a 2D image has no slice spacing; data.spatial_dims 3 needs a volume"
-    if _suffix(path) in NIFTI_SUFFIXES:
-        img, _ = _nifti_open(path, max_voxels=2**62, check_size=False)
-        zooms = np.asarray(img.header.get_zooms()[:3], dtype=np.float64)
-        if zooms.shape != (3,) or not (np.isfinite(zooms).all() and (zooms > 0).all()):
-            return f"{path}: the NIfTI header gives no positive voxel size (pixdim {zooms.tolist()})"
+    # NIfTI always has a voxel size: nibabel itself turns a zero pixdim into 1 mm when it reads the header.
     return None
 
 

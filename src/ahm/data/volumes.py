@@ -257,7 +257,7 @@ class _OneSample(Compose):
     """RandCropByPosNegLabeld makes a list of `num_samples` dicts (Compose maps the rest over it); with one
     sample, that dict."""
 
-    def __call__(self, input_: Any, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, input_: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]  # Compose's own
         out = super().__call__(input_, *args, **kwargs)
         return out[0] if isinstance(out, list) else out
 
@@ -281,7 +281,7 @@ def invert_prediction(prediction: torch.Tensor, sample: Mapping[Hashable, Any], 
         raise AhmError(f"invert_prediction: prediction of spatial shape {tuple(pred.shape[1:])} does not match "
                        f"the preprocessed volume {tuple(image.shape[1:])}")
     inverse = Invertd(keys=PRED, transform=preprocess, orig_keys=IMAGE, nearest_interp=nearest, to_tensor=True)
-    data = {PRED: MetaTensor(pred.float(), meta=copy.deepcopy(dict(image.meta))), IMAGE: image}
+    data: dict[Hashable, Any] = {PRED: MetaTensor(pred.float(), meta=copy.deepcopy(dict(image.meta))), IMAGE: image}
     return inverse(data)[PRED]
 
 
@@ -344,7 +344,7 @@ class VolumeDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         from ahm.data.dataset import apply_seeded, sample_seed
 
-        sample = self.prepared(i)
+        sample: dict[str, Any] = {str(k): v for k, v in self.prepared(i).items()}
         if self.augment is None:
             return {**sample, "index": i, "id": self.items[i].id}
         out = apply_seeded(self.augment, sample, sample_seed(self.seed, self.epoch, i))
