@@ -271,3 +271,28 @@ def test_bad_3d_options_are_refused_naming_them(field, value):
 
     with pytest.raises(AhmError, match=field):
         build_config(DataConfig, overrides={field: value})
+
+
+def test_data_check_reads_3d_volumes_whole(task):
+    from ahm.data.check import check_dataset
+
+    report = check_dataset(task, _cfg())
+    assert report.ok and report.readable == 5 and report.volumes == 5
+    assert set(report.sizes) == {"25x30x10", "26x30x10", "24x30x10"}
+    assert report.label_values == [0, 1]
+
+
+def test_an_nrrd_volume_in_3d_keeps_its_spacing(tmp_path):
+    import SimpleITK as sitk
+
+    root = tmp_path / "nrrd"
+    (root / "images").mkdir(parents=True)
+    image = sitk.GetImageFromArray(np.arange(4 * 5 * 6, dtype=np.float32).reshape(6, 5, 4) + 1)  # z, y, x
+    image.SetSpacing((0.7, 0.9, 2.0))
+    sitk.WriteImage(image, str(root / "images" / "vol.nrrd"))
+    cfg = _cfg(spacing=None, orientation="LPS")
+    _, dataset = _all(root, cfg, labels=False, train=False)
+    sample = dataset[0]
+    assert preprocessed_spacing(sample) == pytest.approx((0.7, 0.9, 2.0))
+    assert nib.aff2axcodes(sample["image"].affine.numpy()) == ("L", "P", "S")
+    assert input_grid(sample)[1] == (4, 5, 6)

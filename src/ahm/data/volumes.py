@@ -386,3 +386,15 @@ def raw_volume_bytes(item: Item) -> int:
 
     shape, channels = read_volume_info(item.image)
     return int(np.prod(shape)) * int(channels) * 4
+
+
+def read_volume_item(item: Item, index: DatasetIndex, cfg: DataConfig,
+                     labels: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """A 3D item as stored, checked like training reads it (`ReadVolumed`): image [C, X, Y, Z] float32 and label
+    [X, Y, Z] integers (or None); for `ahm data check`, which reports sizes and label counts before resampling."""
+    read = ReadVolumed(index.label_values if labels else None, cfg.channels)
+    sample = read(volume_paths(item, labels=labels and item.mask is not None))
+    image = sample[IMAGE].as_tensor().numpy()
+    image = image[None] if image.ndim == 3 else np.moveaxis(image, -1, 0)
+    label = sample.get(LABEL)
+    return np.ascontiguousarray(image), None if label is None else label.as_tensor().numpy().astype(np.int64)
