@@ -296,3 +296,20 @@ def test_an_nrrd_volume_in_3d_keeps_its_spacing(tmp_path):
     assert preprocessed_spacing(sample) == pytest.approx((0.7, 0.9, 2.0))
     assert nib.aff2axcodes(sample["image"].affine.numpy()) == ("L", "P", "S")
     assert input_grid(sample)[1] == (4, 5, 6)
+
+
+def test_whole_volumes_batch_through_monai_collate_and_invert(task):
+    from monai.data import decollate_batch, list_data_collate
+
+    from ahm.data.dataset import normalization_rule
+
+    cfg = _cfg()
+    index, dataset = _all(task, cfg, labels=True, train=False)
+    assert normalization_rule(cfg, index) == "mri z-score"
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1, collate_fn=list_data_collate)
+    for batch in loader:
+        assert batch["image"].ndim == 5
+        sample = decollate_batch(batch)[0]
+        back = invert_prediction(sample["label"], sample, dataset.preprocess, nearest=True)
+        stored = nib.load(str(index.by_id()[sample["id"]].mask))
+        assert tuple(back.shape[1:]) == stored.shape and np.allclose(back.affine.numpy(), stored.affine)
