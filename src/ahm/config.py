@@ -59,6 +59,21 @@ class DataConfig(_Strict):
     split_seed: int = 0
     skip_bad: bool = False
     max_pixels: int = 64_000_000  # refuse larger images before decoding them
+    # 2: every volume is cut into 2D slices (along slice_axis), every image resized to image_size.
+    # 3: volumes stay whole (layouts msd and folder; NIfTI, NRRD/MetaImage, DICOM); the options below apply.
+    spatial_dims: Literal[2, 3] = 2
+    # 3D: target voxel spacing in mm per axis after reorientation (MONAI Spacingd: image bilinear, label
+    # nearest); None keeps each volume's own spacing.
+    spacing: Optional[tuple[float, float, float]] = (1.5, 1.5, 1.5)
+    orientation: str = "RAS"  # 3D: axis codes every volume is reoriented to (MONAI Orientationd)
+    # 3D: training crop in voxels; a volume smaller than it after resampling is zero-padded to it (always: the
+    # padding is undone with the rest of the preprocessing), so a crop never exceeds its volume.
+    crop_size: tuple[int, int, int] = (64, 64, 64)
+    # (3D intensity follows `modality`: CT is clipped to ct_window and scaled to [0, 1]; MRI is z-scored over its
+    # non-zero voxels per channel, MONAI NormalizeIntensityd(nonzero=True).)
+    # 3D fine-tuning: share of crops centred on a foreground voxel (MONAI RandCropByPosNegLabeld), so small
+    # structures are seen; the rest are centred on background.
+    pos_neg_ratio: float = 0.5
 
     @field_validator("image_size")
     @classmethod
@@ -86,6 +101,36 @@ class DataConfig(_Strict):
     def _at_least_one(cls, v: Optional[int]) -> Optional[int]:
         if v is not None and v < 1:
             raise ValueError("must be at least 1")
+        return v
+
+    @field_validator("spacing")
+    @classmethod
+    def _spacing(cls, v: Optional[tuple[float, float, float]]) -> Optional[tuple[float, float, float]]:
+        if v is not None and not all(math.isfinite(s) and s > 0 for s in v):
+            raise ValueError("spacing must be three positive millimetre values, or null to keep each volume's")
+        return v
+
+    @field_validator("orientation")
+    @classmethod
+    def _orientation(cls, v: str) -> str:
+        code = v.upper()
+        pairs = ({"L", "R"}, {"A", "P"}, {"S", "I"})
+        if len(code) != 3 or any(len(set(code) & pair) != 1 for pair in pairs):
+            raise ValueError("orientation must be three axis codes, one of L/R, A/P, S/I each (e.g. RAS, LPS)")
+        return code
+
+    @field_validator("crop_size")
+    @classmethod
+    def _crop(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
+        if any(s < 1 for s in v):
+            raise ValueError("crop_size must be three positive voxel counts")
+        return v
+
+    @field_validator("pos_neg_ratio")
+    @classmethod
+    def _ratio(cls, v: float) -> float:
+        if not 0.0 <= v <= 1.0:
+            raise ValueError("pos_neg_ratio must be in [0, 1]")
         return v
 
     @model_validator(mode="after")

@@ -137,6 +137,56 @@ def make_msd_fixture(
     return task
 
 
+def oblique_affine(spacing: tuple[float, float, float] = (1.2, 0.8, 3.0),
+                   origin: tuple[float, float, float] = (10.0, -20.0, 30.0)) -> np.ndarray:
+    """A voxel -> RAS affine that is not RAS: voxel axis i runs to -y (posterior), j to +x, k to -z (inferior),
+    with anisotropic spacing."""
+    affine = np.zeros((4, 4))
+    affine[1, 0], affine[0, 1], affine[2, 2] = -spacing[0], spacing[1], -spacing[2]
+    affine[:3, 3], affine[3, 3] = origin, 1.0
+    return affine
+
+
+def make_msd_volume_fixture(
+    root: Path,
+    cases: tuple[int, ...] = (1, 2, 3, 4, 5),
+    shape: tuple[int, int, int] = (24, 30, 10),
+    spacing: tuple[float, float, float] = (1.2, 0.8, 3.0),
+    radius_mm: float = 3.5,
+    seed: int = 0,
+) -> Path:
+    """A Decathlon-like 3D task (`dataset.json`, imagesTr/, labelsTr/) of small MRI-like volumes on an oblique,
+    anisotropic grid (`oblique_affine`): a body (an ellipsoid of tissue on zero background) holding a small ball
+    of foreground (label 1, `radius_mm` in millimetres) at a random place. Case k is k % 3 voxels longer along
+    the first axis, so volumes differ in shape."""
+    rng = np.random.default_rng(seed)
+    task = root / "Task09_Balls"
+    affine = oblique_affine(spacing)
+    training = []
+    for n in cases:
+        size = (shape[0] + n % 3, shape[1], shape[2])
+        idx = np.stack(np.meshgrid(*[np.arange(s) for s in size], indexing="ij")).astype(np.float64)
+        mm = idx * np.array(spacing)[:, None, None, None]  # voxel centres in millimetres along each voxel axis
+        extent = (np.array(size) - 1) * np.array(spacing)
+        body = ((((mm - extent[:, None, None, None] / 2) / (extent[:, None, None, None] / 2 + 1e-9)) ** 2).sum(0)
+                <= 1.0)
+        centre = np.array([rng.uniform(0.3, 0.7) * e for e in extent])[:, None, None, None]
+        labels = (np.sqrt(((mm - centre) ** 2).sum(0)) <= radius_mm).astype(np.uint8)
+        data = np.where(body, 100 + 20 * rng.random(size), 0.0) + 200 * labels
+        for name, arr in (("imagesTr", data.astype(np.float32)), ("labelsTr", labels)):
+            path = task / name / f"ball_{n:03d}.nii.gz"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            import nibabel as nib
+
+            nib.save(nib.Nifti1Image(arr, affine), str(path))
+        training.append({"image": f"./imagesTr/ball_{n:03d}.nii.gz", "label": f"./labelsTr/ball_{n:03d}.nii.gz"})
+    meta = {"name": "Balls", "tensorImageSize": "3D", "modality": {"0": "MRI"},
+            "labels": {"0": "background", "1": "ball"}, "numTraining": len(cases), "numTest": 0,
+            "training": training, "test": []}
+    (task / "dataset.json").write_text(json.dumps(meta, indent=4))
+    return task
+
+
 LGG_PATIENTS = ("TCGA_CS_4941_19960909", "TCGA_DU_7014_19860618", "TCGA_HT_7473_19970826")
 
 

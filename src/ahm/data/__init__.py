@@ -33,6 +33,17 @@ _EXPORTS: dict[str, str] = {
     "open_dataset": "layouts",
     "detect_layout": "layouts",
     "read_splits_file": "layouts",
+    # volumes (data.spatial_dims 3)
+    "VolumeDataset": "volumes",
+    "check_crop": "volumes",
+    "input_grid": "volumes",
+    "invert_prediction": "volumes",
+    "preprocess_volumes": "volumes",
+    "preprocessed_spacing": "volumes",
+    "volume_dataset": "volumes",
+    "volume_modality": "volumes",
+    "volume_pretrain_augment": "volumes",
+    "volume_segment_augment": "volumes",
     # splits
     "make_splits": "splits",
     "label_subset": "splits",
@@ -59,10 +70,14 @@ __all__ = [
     "ImageInfo",
     "Item",
     "Volume",
+    "VolumeDataset",
+    "check_crop",
     "check_dataset",
     "count_slices",
     "detect_layout",
     "format_report",
+    "input_grid",
+    "invert_prediction",
     "label_subset",
     "load_arrays",
     "make_splits",
@@ -70,6 +85,8 @@ __all__ = [
     "open_dataset",
     "prepare_brain_demo",
     "prepare_brain_subjects",
+    "preprocess_volumes",
+    "preprocessed_spacing",
     "pretrain_augment",
     "read_image",
     "read_image_info",
@@ -83,6 +100,10 @@ __all__ = [
     "sample_seed",
     "segment_augment",
     "undo_resize",
+    "volume_dataset",
+    "volume_modality",
+    "volume_pretrain_augment",
+    "volume_segment_augment",
     "volume_slice",
 ]
 
@@ -122,3 +143,15 @@ if TYPE_CHECKING:  # pragma: no cover
     )
     from ahm.data.splits import label_subset, make_splits
     from ahm.data.transforms import pretrain_augment, segment_augment
+    from ahm.data.volumes import (
+        VolumeDataset,
+        check_crop,
+        input_grid,
+        invert_prediction,
+        preprocess_volumes,
+        preprocessed_spacing,
+        volume_dataset,
+        volume_modality,
+        volume_pretrain_augment,
+        volume_segment_augment,
+    )

@@ -75,7 +75,12 @@ def check_dataset(path: str | Path, cfg: DataConfig, progress=None) -> CheckRepo
         if item.volume is not None and str(item.image) in bad_volumes:
             continue  # one message per broken volume, not one per slice
         try:
-            image, mask = read_item(item, index, cfg, labels=index.has_labels, cache=cache)
+            if item.spatial_dims == 3:
+                from ahm.data.volumes import read_volume_item
+
+                image, mask = read_volume_item(item, index, cfg, labels=index.has_labels)
+            else:
+                image, mask = read_item(item, index, cfg, labels=index.has_labels, cache=cache)
         except AhmError as exc:
             report.problems.append(str(exc))
             if item.volume is not None:
@@ -85,7 +90,7 @@ def check_dataset(path: str | Path, cfg: DataConfig, progress=None) -> CheckRepo
             if progress is not None:
                 progress(done, len(items))
         report.readable += 1
-        sizes[f"{image.shape[1]}x{image.shape[2]}"] += 1
+        sizes["x".join(str(n) for n in image.shape[1:])] += 1
         channels[str(image.shape[0])] += 1
         if mask is not None:
             values, counts = np.unique(mask, return_counts=True)

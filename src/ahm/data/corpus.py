@@ -124,10 +124,12 @@ def _source_data_cfg(cfg: PretrainConfig, spec: SourceConfig) -> DataConfig:
 class Corpus:
     """The listed corpus: entries (source, item) in a fixed order, with the epoch order and sample reading."""
 
-    def __init__(self, sources: list[CorpusSource], channels: int, image_size: int) -> None:
+    def __init__(self, sources: list[CorpusSource], channels: int, image_size: int, spatial_dims: int = 2) -> None:
         self.sources = sources
         self.channels = channels
         self.image_size = image_size
+        # 3: entries are whole volumes, preprocessed to varying shapes and cropped by the augmentation.
+        self.spatial_dims = spatial_dims
         start = 0
         for source in sources:
             source.start = start
@@ -203,7 +205,12 @@ class Corpus:
         return " + ".join(rules)
 
     def nbytes(self) -> int:
-        """Memory the preprocessed corpus would take (float32 on the model grid)."""
+        """Memory the preprocessed corpus would take (float32 on the model grid; 3D: the volumes as stored, from
+        their headers, an estimate since resampling changes the size by the spacing ratio)."""
+        if self.spatial_dims == 3:
+            from ahm.data.volumes import raw_volume_bytes
+
+            return sum(raw_volume_bytes(self.entry(k)[1]) for k in range(self.n_entries))
         return self.n_entries * self.channels * self.image_size ** 2 * 4
 
     def steps_per_epoch(self, batch_size: int, world_size: int) -> int:
@@ -212,7 +219,6 @@ class Corpus:
 
 def open_corpus(cfg: PretrainConfig, log: Callable[[str], None] | None = None) -> Corpus:
     """List the corpus of a pretraining config (headers only) and check its channels agree."""
-    from ahm.data.dataset import prepare_item
     from ahm.data.layouts import open_dataset
     from ahm.data.splits import make_splits
 
@@ -236,16 +242,29 @@ def open_corpus(cfg: PretrainConfig, log: Callable[[str], None] | None = None) -
         source = CorpusSource(spec, index, ids, data_cfg)
         # One image per source tells its channels (the corpus must agree unless data.channels unifies them).
         first = index.by_id()[ids[0]]
-        image, _, _ = prepare_item(first, index, data_cfg, labels=False, channels=cfg.data.channels)
+        image = prepare_sample(first, index, data_cfg, cfg.data.channels)
         channels.setdefault(int(image.shape[0]), spec.path)
         sources.append(source)
     if len(channels) > 1:
         shown = "; ".join(f"{where}: {c} channel(s)" for c, where in channels.items())
         raise AhmError(f"the corpus mixes channel counts ({shown}); set data.channels to convert them")
-    corpus = Corpus(sources, next(iter(channels)), cfg.data.image_size)
+    corpus = Corpus(sources, next(iter(channels)), cfg.data.image_size, cfg.data.spatial_dims)
     if corpus.epoch_size == 0:
         raise AhmError("the corpus is empty")
     return corpus
+
+
+def prepare_sample(item: Item, index: DatasetIndex, data_cfg: DataConfig, channels: int | None,
+                   cache: Any = None) -> np.ndarray:
+    """One pretraining sample before augmentation: a 2D item on the model grid [C, S, S] (`prepare_item`), or a
+    whole 3D volume resampled and normalised [C, X, Y, Z] (`prepare_volume`; the augmentation crops it)."""
+    if item.spatial_dims == 3:
+        from ahm.data.volumes import prepare_volume
+
+        return prepare_volume(item, index, data_cfg, channels)
+    from ahm.data.dataset import prepare_item
+
+    return prepare_item(item, index, data_cfg, False, channels, cache)[0]
 
 
 class VolumeSlices:
@@ -271,11 +290,9 @@ class VolumeSlices:
         return self._held[key]
 
     def sample(self, corpus: Corpus, k: int) -> np.ndarray:
-        from ahm.data.dataset import prepare_item
-
         source, item = corpus.entry(k)
         cache = self if item.slice is not None else None
-        return prepare_item(item, source.index, source.data_cfg, False, corpus.channels, cache)[0]
+        return prepare_sample(item, source.index, source.data_cfg, corpus.channels, cache)
 
 
 class SampleCache:
@@ -301,13 +318,21 @@ class SampleCache:
         digest = hashlib.sha256()
         digest.update(json.dumps([corpus.channels, corpus.image_size]).encode())
         for source in corpus.sources:
-            digest.update(source.data_cfg.model_dump_json(exclude={"path", "skip_bad"}).encode())
+            digest.update(source.data_cfg.model_dump_json(exclude=_settings_not_deciding(source.data_cfg)).encode())
             digest.update(str(Path(source.spec.path).resolve()).encode())
             for file in sorted({str(source.index.by_id()[i].image) for i in source.ids}):
                 st = os.stat(file)
                 digest.update(f"{file}:{st.st_size}:{st.st_mtime_ns}".encode())
             digest.update("\n".join(source.ids).encode())
         self.key = digest.hexdigest()[:16]
+        self.volumes_dir: Path | None = None
+        self._data: np.memmap | None = None
+        self._flags: np.memmap | None = None
+        if corpus.spatial_dims == 3:
+            # Preprocessed volumes differ in shape: one .npy per entry (a 3D corpus has volumes, not 20,000 slices).
+            self.volumes_dir = folder / f"volumes-{self.key}"
+            self.volumes_dir.mkdir(exist_ok=True)
+            return
         shape = (len(corpus), corpus.channels, corpus.image_size, corpus.image_size)
         self.data_path, self.flag_path = folder / f"samples-{self.key}.f32", folder / f"samples-{self.key}.filled"
         for path, size in ((self.data_path, int(np.prod(shape)) * 4), (self.flag_path, len(corpus))):
@@ -315,8 +340,6 @@ class SampleCache:
                 with open(path, "wb") as fh:  # sparse: the disk fills as samples are written
                     fh.truncate(size)
         self.shape = shape
-        self._data: np.memmap | None = None
-        self._flags: np.memmap | None = None
 
     def _open(self) -> None:
         # Opened lazily in each process (a loader worker maps the files itself).
@@ -325,20 +348,42 @@ class SampleCache:
             self._flags = np.memmap(self.flag_path, dtype=np.uint8, mode="r+", shape=(self.shape[0],))
 
     def get(self, k: int) -> np.ndarray | None:
+        if self.volumes_dir is not None:
+            path = self.volumes_dir / f"{k}.npy"
+            try:
+                return np.load(path, allow_pickle=False) if path.is_file() else None
+            except (OSError, ValueError):  # a file cut short by a killed run is computed again
+                return None
         self._open()
         return np.array(self._data[k]) if self._flags[k] else None
 
     def put(self, k: int, image: np.ndarray) -> None:
+        if self.volumes_dir is not None:
+            from ahm.io import atomic_write
+
+            atomic_write(self.volumes_dir / f"{k}.npy", lambda fh: np.save(fh, image, allow_pickle=False))
+            return
         self._open()
         self._data[k] = image
         self._flags[k] = 1
 
     def filled(self) -> int:
+        if self.volumes_dir is not None:
+            return sum(1 for _ in self.volumes_dir.glob("*.npy"))
         self._open()
         return int(np.count_nonzero(self._flags))
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_data": None, "_flags": None}
+
+
+_VOLUME_SETTINGS = {"spatial_dims", "spacing", "orientation", "crop_size", "pos_neg_ratio"}
+
+
+def _settings_not_deciding(cfg: DataConfig) -> set[str]:
+    """DataConfig fields that do not change a preprocessed sample: a 2D store keeps the key it had before the 3D
+    options existed; the crop is drawn after the store in 3D, but it pads small volumes, so it stays."""
+    return {"path", "skip_bad"} | (_VOLUME_SETTINGS if cfg.spatial_dims == 2 else {"pos_neg_ratio"})
 
 
 class CorpusDataset(torch.utils.data.Dataset):
@@ -352,7 +397,7 @@ class CorpusDataset(torch.utils.data.Dataset):
         self.transform = transform
         self.seed = int(seed)
         self._slices: VolumeSlices | None = None
-        self._preloaded: torch.Tensor | None = None
+        self._preloaded: torch.Tensor | list | None = None
         self._failed: dict[str, str] = {}  # group key -> the problem, for files found unreadable
 
     def __len__(self) -> int:
@@ -362,8 +407,12 @@ class CorpusDataset(torch.utils.data.Dataset):
         """Read the whole corpus into memory once (the fast path for a corpus that fits; workers forked after
         this share it). The samples are the same as streamed ones: both come from `prepare_item`. Returns the
         problems of files skipped with data.skip_bad; without it the first unreadable file raises."""
-        images = torch.empty((len(self.corpus), self.corpus.channels, self.corpus.image_size,
-                              self.corpus.image_size), dtype=torch.float32)
+        images: torch.Tensor | list[torch.Tensor | None]
+        if self.corpus.spatial_dims == 3:
+            images = [None] * len(self.corpus)  # volumes of their own shapes
+        else:
+            images = torch.empty((len(self.corpus), self.corpus.channels, self.corpus.image_size,
+                                  self.corpus.image_size), dtype=torch.float32)
         problems: list[str] = []
         for k in range(len(self.corpus)):
             image, j, found, failed = self.read(k)
@@ -486,11 +535,8 @@ def pretraining_loader(corpus: Corpus, cfg: PretrainConfig, start: int, stop: in
                        world_size: int = 1) -> tuple[CorpusDataset, torch.utils.data.DataLoader, list[str]]:
     """The dataset (augmented, through the on-disk cache if `cfg.cache`, preloaded if `cfg.preload` says so) and
     the loader of steps `start .. stop - 1` for one rank; and the problems of files skipped so far."""
-    from ahm.data.transforms import pretrain_augment
-
     cache = SampleCache(Path(cfg.cache), corpus) if cfg.cache else None
-    dataset = CorpusDataset(corpus, pretrain_augment(cfg.data.image_size) if cfg.train.augment else None,
-                            seed=cfg.train.seed, cache=cache)
+    dataset = CorpusDataset(corpus, pretraining_transform(corpus, cfg), seed=cfg.train.seed, cache=cache)
     problems = [p for source in corpus.sources for p in source.index.problems]  # found while listing
     if cfg.preload == "yes" or (cfg.preload == "auto" and corpus.nbytes() <= PRELOAD_BYTES):
         problems += dataset.preload()
@@ -498,10 +544,28 @@ def pretraining_loader(corpus: Corpus, cfg: PretrainConfig, start: int, stop: in
     return dataset, make_loader(dataset, batches, cfg.train.workers), problems
 
 
+def pretraining_transform(corpus: Corpus, cfg: PretrainConfig) -> Callable[[dict], dict] | None:
+    """The per-sample augmentation: 2D the random resized crop and jitter (none without train.augment); 3D
+    always a random `data.crop_size` crop (a batch needs one shape), flips, turns and jitter only with
+    train.augment."""
+    if corpus.spatial_dims == 3:
+        from monai.transforms import Compose, RandSpatialCropd
+
+        from ahm.data.volumes import IMAGE, volume_pretrain_augment
+
+        if cfg.train.augment:
+            return volume_pretrain_augment(cfg.data)
+        return Compose([RandSpatialCropd(keys=[IMAGE], roi_size=tuple(cfg.data.crop_size), random_size=False)])
+    from ahm.data.transforms import pretrain_augment
+
+    return pretrain_augment(cfg.data.image_size) if cfg.train.augment else None
+
+
 def describe(corpus: Corpus) -> dict[str, Any]:
     """What the run directory's corpus.json records: each source's path, layout, weight and image count."""
     return {"channels": corpus.channels, "entries": corpus.n_entries, "images_per_epoch": corpus.epoch_size,
             "sources": [{"path": s.spec.path, "layout": s.index.layout, "weight": s.spec.weight,
                          "modality": s.data_cfg.modality, "labelled": s.index.has_labels, "images": len(s.ids),
-                         "volumes": len({i.image for i in s.index.items if i.slice is not None}),
+                         "volumes": len({i.image for i in s.index.items
+                                         if i.slice is not None or i.spatial_dims == 3}),
                          "problems": len(s.index.problems)} for s in corpus.sources]}

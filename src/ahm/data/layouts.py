@@ -19,11 +19,13 @@ from ahm.data.readers import HEADER_KIND_SUFFIXES
 from ahm.errors import AhmError
 
 LAYOUTS = ("folder", "msd", "lgg", "busi", "isic", "kvasir", "img-anno")
+LAYOUTS_3D = ("folder", "msd")  # the layouts that can hold volumes (data.spatial_dims 3)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 VOLUME_SUFFIXES = (".nii.gz", ".nii")
 # DICOM files and NRRD/MetaImage: a 2D image or a volume, as their header says (frames, slices).
 _SUPPORTED = ", ".join(IMAGE_SUFFIXES + VOLUME_SUFFIXES + HEADER_KIND_SUFFIXES)
+_VOLUME_KINDS = "NIfTI, NRRD/MetaImage, a multi-frame DICOM file or a folder of DICOM slices"
 # Files users keep beside their images; listing them as problems would only be noise.
 _IGNORED_SUFFIXES = (".txt", ".md", ".csv", ".json", ".xlsx", ".xls", ".pdf", ".yaml", ".yml")
 _AXIS_LETTER = "xyz"
@@ -36,7 +38,7 @@ _LGG_MASK = re.compile(r"^(?P<base>.+)_mask$")
 
 @dataclass
 class Item:
-    """One 2D training example: a 2D file, or one slice of a volume."""
+    """One training example: a 2D file or one slice of a volume (spatial_dims 2), or a whole volume (3)."""
 
     id: str
     subject: str
@@ -49,6 +51,7 @@ class Item:
     extra_masks: tuple[Path, ...] = ()
     # A split the layout itself fixes ("test" for img-anno's Test/ folder); None: drawn by subject
     split: str | None = None
+    spatial_dims: int = 2  # 3: `image` (and `mask`) are whole volumes, read by ahm.data.volumes
 
 
 @dataclass
@@ -208,6 +211,22 @@ def _slice_items(
         )
         for k in range(count)
     ]
+
+
+def _volume_items(
+    stem: str, subject: str, image: Path, mask: Path | None, cfg: DataConfig, problems: _Problems
+) -> list[Item]:
+    """A volume as one item (spatial_dims 3) or as its slices (2)."""
+    if cfg.spatial_dims == 2:
+        return _slice_items(stem, subject, image, mask, cfg.slice_axis, problems)
+    from ahm.data.readers import volume_spacing_problem
+
+    problem = volume_spacing_problem(image)
+    if problem is not None:
+        problems.add(problem)
+        return []
+    base = safe_id(stem)
+    return [Item(id=base, subject=subject, image=image, mask=mask, volume=base, spatial_dims=3)]
 
 
 def _check_unique(items: list[Item], problems: _Problems) -> list[Item]:
@@ -374,7 +393,11 @@ def _list_folder(root: Path, cfg: DataConfig, problems: _Problems) -> tuple[list
                 continue
         subject = safe_id(subject_of_stem(stem))
         if is_volume:
-            items.extend(_slice_items(stem, subject, entry, mask, cfg.slice_axis, problems))
+            items.extend(_volume_items(stem, subject, entry, mask, cfg, problems))
+        elif cfg.spatial_dims == 3:
+            # A stack of 2D files has no slice spacing or orientation to resample by.
+            problems.add(f"{entry}: a 2D image has no voxel spacing; data.spatial_dims 3 needs volumes "
+                         f"({_VOLUME_KINDS})")
         else:
             items.append(Item(id=safe_id(stem), subject=subject, image=entry, mask=mask))
     for key, unused in masks_by_stem.items():
@@ -573,7 +596,7 @@ def _list_msd(root: Path, cfg: DataConfig, problems: _Problems) -> tuple[list[It
                 problems.add(f"{p}: listed in {source} but missing")
             continue
         stem = stem_of(image)
-        items.extend(_slice_items(stem, safe_id(stem), image, label, cfg.slice_axis, problems))
+        items.extend(_volume_items(stem, safe_id(stem), image, label, cfg, problems))
     # The test entries are unlabelled and unused, but a path escaping the folder is still refused.
     for n, entry in enumerate(meta.get("test") or []):
         try:
@@ -720,6 +743,9 @@ def _open_dataset(path: str | Path, cfg: DataConfig, strict_splits: bool = True)
         raise AhmError(
             f"data.layout: unknown layout {cfg.layout!r}; choose auto or one of {', '.join(LAYOUTS)}"
         )
+    if cfg.spatial_dims == 3 and layout not in LAYOUTS_3D:
+        raise AhmError(f"data.spatial_dims 3: layout {layout!r} ({root}) holds 2D images; volumes in 3D come from "
+                       f"the layouts {', '.join(LAYOUTS_3D)}, or use data.spatial_dims 2")
     required = {"folder": "images", "kvasir": "images", "msd": "dataset.json"}.get(layout)
     if required and not (root / required).exists():
         raise AhmError(f"{root}: layout {layout!r} needs {required} in this folder")
@@ -777,7 +803,8 @@ def _open_dataset(path: str | Path, cfg: DataConfig, strict_splits: bool = True)
 def open_dataset(path: str | Path, cfg: DataConfig) -> DatasetIndex:
     """List the items of the dataset at `path` (layout auto-detected unless `cfg.layout` is set).
 
-    Volumes become one item per slice along `cfg.slice_axis`. Problems (unpaired files, unsupported files,
+    Volumes become one item per slice along `cfg.slice_axis`, or one item each with `cfg.spatial_dims` 3 (the
+    layouts `LAYOUTS_3D` only; a 2D file or a volume without voxel spacing is then a problem). Problems (unpaired files, unsupported files,
     paths leaving the folder) raise AhmError naming the file, or with `cfg.skip_bad` are collected in
     `index.problems` and those files left out.
     """

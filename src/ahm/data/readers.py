@@ -404,6 +404,26 @@ def is_volume_file(path: str | os.PathLike) -> bool:
     return False
 
 
+def volume_spacing_problem(path: str | os.PathLike) -> str | None:
+    """Why a volume cannot be resampled in 3D (one line naming it), from its header(s); None when it can.
+
+    A 2D file (one frame, one slice) has no slice spacing; a DICOM series without PixelSpacing would otherwise
+    be read at an invented 1 mm.
+    """
+    path = Path(path)
+    if path.is_dir():
+        slices = _dicom_scan(path)
+        if len(slices) < 2:
+            return f"{path}: a DICOM series of one slice has no slice spacing; data.spatial_dims 3 needs a volume"
+        if _float_list(slices[0].ds, "PixelSpacing", 2) is None:
+            return f"{path}: the DICOM series has no PixelSpacing, so its voxel size is unknown"
+        return None
+    if not is_volume_file(path):
+        return f"{path}: a 2D image has no slice spacing; data.spatial_dims 3 needs a volume"
+    # NIfTI always has a voxel size: nibabel itself turns a zero pixdim into 1 mm when it reads the header.
+    return None
+
+
 def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Read a 2D image as float32 [C, H, W], values as stored (no scaling).
 
