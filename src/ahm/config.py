@@ -460,6 +460,9 @@ class FinetuneConfig(_Strict):
     # Label exactly this many training subjects instead of a fraction of them (None: use labels_fraction). For a
     # given seed the subjects drawn for n are among those drawn for any larger n, so a curve over n is nested.
     labels_subjects: OptionalCount = None
+    # With an epoch budget (train.epochs): at least this many steps, so a small labelled subset still gets a
+    # minimum number of updates while a large one gets its epochs: the budget grows with the labelled set.
+    min_steps: OptionalCount = None
     layer_decay: float = 1.0  # layer-wise lr decay for a pretrained ViT encoder (1.0: off)
     encoder_lr_scale: float = 1.0  # lr multiplier on pretrained weights
     # Steps at the start in which only the new layers train (the pretrained weights wait at lr 0, then get their

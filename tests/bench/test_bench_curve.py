@@ -95,3 +95,22 @@ def test_curve_refusals(tmp_path: Path) -> None:
     _register()
     res = CliRunner().invoke(app, ["bench", "curve", str(data), "--out", str(tmp_path / "o"), "--labels", "x"])
     assert res.exit_code != 0 and "--labels: 'x'" in res.output
+
+
+def test_curve_epoch_budget_grows_with_the_labelled_set(tmp_path: Path) -> None:
+    """--finetune-epochs E with --finetune-steps S: E epochs over each cell's labelled slices, at least S steps."""
+    import json
+
+    from ahm.bench.curve import parse_labels, run_curve
+
+    data = make_blob_folder(tmp_path / "data", n=20)  # 6 training subjects of 2 slices each
+    out = tmp_path / "grid"
+    run_curve(data, out, ["scratch"], ["unet"], parse_labels("1,all"), 1, 1, 3, overrides=_overrides(tmp_path),
+              finetune_epochs=1)
+    steps = {n: json.loads((out / "cells" / f"unet-scratch-corpus--labels{n}-seed0" / "finetune" /
+                            "summary.json").read_text())["steps"] for n in ("1", "all")}
+    # 1 subject: 2 slices, batch 2 -> 1 step an epoch, raised to the floor of 3; all: 12 slices -> 6 steps
+    assert steps == {"1": 3, "all": 6}
+    with pytest.raises(AhmError, match="--finetune-epochs 0"):
+        run_curve(data, tmp_path / "o", ["scratch"], ["unet"], [1], 1, 1, 3, overrides=_overrides(tmp_path),
+                  finetune_epochs=0)

@@ -71,11 +71,20 @@ def _train_subjects(path: str | Path, cfg: FinetuneConfig) -> int:
 def run_curve(data: str | Path, out: str | Path, policies: list[str], backbones: list[str], labels: list[int | str],
               seeds: int, pretrain_steps: int, finetune_steps: int, corpora: Optional[list[str | Path]] = None,
               base_config: Optional[str | Path] = None, overrides: Optional[dict[str, Any]] = None,
-              split: str = "test", first_seed: int = 0, log: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
+              split: str = "test", first_seed: int = 0, log: Optional[Callable[[str], None]] = None,
+              finetune_epochs: Optional[int] = None) -> dict[str, Any]:
     """Run every unfinished cell of backbone x corpus x policy x labels x seed; write results.csv, results.md
-    and results.png (Dice against each axis, error bars one std over seeds); return rows, table and paired."""
+    and results.png (Dice against each axis, error bars one std over seeds); return rows, table and paired.
+
+    Fine-tuning runs `finetune_steps` steps, or, with `finetune_epochs`, that many epochs over the cell's labelled
+    slices but at least `finetune_steps` steps (a budget that grows with the labelled set)."""
 
     check_grid(policies, backbones, seeds, first_seed)
+    if finetune_epochs is not None and finetune_epochs < 1:
+        raise AhmError(f"--finetune-epochs {finetune_epochs}: give at least 1")
+    length: dict[str, Any] = {"min_steps": finetune_steps} if finetune_epochs else {"min_steps": None}
+    length_train: dict[str, Any] = ({"epochs": finetune_epochs, "steps": None} if finetune_epochs
+                                    else {"epochs": None, "steps": finetune_steps})
     out = Path(out)
     overrides = overrides or {}
     say = log or (lambda msg: None)
@@ -135,7 +144,7 @@ def run_curve(data: str | Path, out: str | Path, policies: list[str], backbones:
                                   else {"labels_fraction": 1.0, "labels_subjects": int(n)})
         ft_cfg = build_config(FinetuneConfig, file=base_config, overrides=_merge(overrides.get("finetune", {}), {
             "data": {"path": str(data)}, "model": {"backbone": backbone}, "segmenter": BACKBONE_SEGMENTER[backbone],
-            "init": init, **budget, "train": {"epochs": None, "steps": finetune_steps, "seed": seed},
+            "init": init, **budget, **length, "train": {**length_train, "seed": seed},
         }), nulls=True)
         row.update(finetune_cell(ft_cfg, cell_dir / "finetune", data, split))
         write_json(done, row)

@@ -127,7 +127,11 @@ def curve(
     first_seed: int = typer.Option(0, "--first-seed", help="First seed (split a grid across processes with "
                                    "disjoint ranges; a last call over all seeds gathers)."),
     pretrain_steps: int = typer.Option(1000, "--pretrain-steps"),
-    finetune_steps: int = typer.Option(900, "--finetune-steps"),
+    finetune_steps: int = typer.Option(900, "--finetune-steps", help="Fine-tuning steps per cell; with "
+                                       "--finetune-epochs the least number of steps."),
+    finetune_epochs: Optional[int] = typer.Option(None, "--finetune-epochs", help="Fine-tune this many epochs over "
+                                                  "each cell's labelled slices (at least --finetune-steps steps): "
+                                                  "a budget that grows with the labelled set."),
     split: str = typer.Option("test", help="Split the table reports (choices are made on val, never on it)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML with `pretrain:` and `finetune:` sections."),
 ) -> None:
@@ -147,6 +151,7 @@ def curve(
             finetune_steps, corpora=[c.strip() for c in corpus.split(",") if c.strip()] if corpus else None,
             overrides=overrides, split=split, first_seed=first_seed,
             log=None if is_quiet() else (lambda msg: console.print(msg, highlight=False)),
+            finetune_epochs=finetune_epochs,
         )
 
     run_guarded(go)

@@ -286,6 +286,8 @@ def run_length(cfg: FinetuneConfig, n_train: int, world: int) -> tuple[int, int,
         epochs = math.ceil(total / steps_per_epoch)
     else:
         epochs = cfg.train.epochs or 1
+        if cfg.min_steps and epochs * steps_per_epoch < cfg.min_steps:
+            epochs = math.ceil(cfg.min_steps / steps_per_epoch)
         total = epochs * steps_per_epoch
     return batch_size, steps_per_epoch, epochs, total
 
