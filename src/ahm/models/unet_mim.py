@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ahm.config import ModelConfig
 from ahm.errors import AhmError
-from ahm.models.mae import (
+from ahm.models.mim import (
     MIMModel,
     MIMOutput,
     check_image_size,
@@ -34,7 +34,7 @@ class MaskedUNet(MIMModel):
 
     backbone = "unet"
 
-    def __init__(self, model_cfg: ModelConfig, image_size: int, in_channels: int) -> None:
+    def __init__(self, model_cfg: ModelConfig, image_size: int, in_channels: int, spatial_dims: int = 2) -> None:
         check_image_size(image_size, model_cfg.patch_size)
         factor = math.prod(model_cfg.unet_strides)
         if image_size % factor:
@@ -49,7 +49,7 @@ class MaskedUNet(MIMModel):
         self.norm_pix = model_cfg.norm_pix
         self.norm = model_cfg.norm
         self.network = model_cfg.unet_network
-        self.net = build_unet_network(model_cfg, in_channels, in_channels)
+        self.net = build_unet_network(model_cfg, in_channels, in_channels, spatial_dims)
         self.num_res_units = int(self.net.num_res_units)  # 0 for basic-unet, whatever the config says
         fast_instance_norms(self.net)
         # channels-last convolution weights: oneDNN's NHWC kernels made the whole pretraining step 1.18x faster

@@ -7,7 +7,7 @@
   0.3%: MONAI's last up-sampling keeps 64 channels where theirs halves to 32 (7,782,849 parameters). MONAI's
   `UNet` cannot match it (6.50 M with 2 residual units, 9.65 M with 3, and strided convolutions, not pooling).
 
-Both the MIM model (models/unet_mim.py) and the segmenter (models/segmenter.py) build their network here, so a
+Both the MIM model (models/unet_mim.py) and the segmenter (models/backbones/unet.py) build their network here, so a
 pretrained network loads into its segmenter key for key except the new last layer (`head_prefix`).
 """
 
@@ -20,15 +20,17 @@ from ahm.config import ModelConfig
 from ahm.errors import AhmError
 
 
-def build_unet_network(model_cfg: ModelConfig, in_channels: int, out_channels: int) -> nn.Module:
-    """The configured U-Net; it carries `network`, `channels`, `strides`, `num_res_units` and `in_channels`."""
+def build_unet_network(model_cfg: ModelConfig, in_channels: int, out_channels: int, spatial_dims: int = 2) -> nn.Module:
+    """The configured 2D or 3D U-Net; it carries `network`, `channels`, `strides`, `num_res_units`, `in_channels`
+    and `spatial_dims`."""
     if model_cfg.unet_network == "unet":
         net: nn.Module = UNet(
-            spatial_dims=2, in_channels=in_channels, out_channels=out_channels,
+            spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels,
             channels=tuple(model_cfg.unet_channels), strides=tuple(model_cfg.unet_strides),
             num_res_units=model_cfg.unet_num_res_units, norm=model_cfg.norm,
         )
         net.network = "unet"
+        net.spatial_dims = spatial_dims
         return net
     channels = tuple(model_cfg.unet_channels)
     if len(channels) != 5 or tuple(model_cfg.unet_strides) != (2, 2, 2, 2):
@@ -36,7 +38,7 @@ def build_unet_network(model_cfg: ModelConfig, in_channels: int, out_channels: i
             f"model.unet_network basic-unet: needs five unet_channels (e.g. 32,64,128,256,512) and unet_strides "
             f"2,2,2,2, got {channels} and {tuple(model_cfg.unet_strides)}"
         )
-    net = BasicUNet(spatial_dims=2, in_channels=in_channels, out_channels=out_channels,
+    net = BasicUNet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels,
                     features=(*channels, channels[0]), act="relu", norm=model_cfg.norm, upsample="deconv")
     dropout = tuple(model_cfg.unet_dropout) + (0.0,) * (5 - len(model_cfg.unet_dropout))
     encoder = [net.conv_0, net.down_1.convs, net.down_2.convs, net.down_3.convs, net.down_4.convs]
@@ -48,6 +50,7 @@ def build_unet_network(model_cfg: ModelConfig, in_channels: int, out_channels: i
     net.strides = (2, 2, 2, 2)
     net.num_res_units = 0
     net.in_channels = in_channels
+    net.spatial_dims = spatial_dims
     return net
 
 
