@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ahm.bench.compare import (
-    BACKBONE_SEGMENTER,
     _mean_std,
     _merge,
     check_grid,
@@ -74,6 +73,7 @@ def run_curve(data: str | Path, out: str | Path, policies: list[str], backbones:
               split: str = "test", first_seed: int = 0, log: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
     """Run every unfinished cell of backbone x corpus x policy x labels x seed; write results.csv, results.md
     and results.png (Dice against each axis, error bars one std over seeds); return rows, table and paired."""
+    from ahm.models.backbones import get_backbone
 
     check_grid(policies, backbones, seeds, first_seed)
     out = Path(out)
@@ -134,7 +134,7 @@ def run_curve(data: str | Path, out: str | Path, policies: list[str], backbones:
         budget: dict[str, Any] = ({"labels_fraction": 1.0, "labels_subjects": None} if n == ALL
                                   else {"labels_fraction": 1.0, "labels_subjects": int(n)})
         ft_cfg = build_config(FinetuneConfig, file=base_config, overrides=_merge(overrides.get("finetune", {}), {
-            "data": {"path": str(data)}, "model": {"backbone": backbone}, "segmenter": BACKBONE_SEGMENTER[backbone],
+            "data": {"path": str(data)}, "model": {"backbone": backbone}, "segmenter": get_backbone(backbone).segmenter,
             "init": init, **budget, "train": {"epochs": None, "steps": finetune_steps, "seed": seed},
         }), nulls=True)
         row.update(finetune_cell(ft_cfg, cell_dir / "finetune", data, split))
