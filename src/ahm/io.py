@@ -139,3 +139,27 @@ def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
 
     with safe_open(str(path), framework="pt") as fh:
         return dict(fh.metadata() or {})
+
+
+def read_jsonl(path: str | os.PathLike) -> list[Any]:
+    """The records of a JSON-lines file ([] if there is none); unreadable lines are skipped (a run may have been
+    cut mid-line)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def restore_state(module: torch.nn.Module, state: dict, what: str, path: Any) -> None:
+    """load_state_dict, or one line naming the checkpoint file when its tensors do not fit the module."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, KeyError, TypeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0][:160]
+        raise AhmError(f"{path}: the {what} in this checkpoint does not match the configured one ({first})") from exc

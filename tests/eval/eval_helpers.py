@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 
 from ahm.config import FinetuneConfig, build_config, save_config
-from ahm.eval.evaluate import save_model_checkpoint
 from ahm.io import write_json
+from ahm.train.checkpoint import save_model_checkpoint
 
 TINY_UNET = {"backbone": "unet", "unet_channels": [4, 8], "unet_strides": [2], "unet_num_res_units": 0}
 

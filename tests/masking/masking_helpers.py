@@ -33,7 +33,7 @@ def tiny_model(backbone: str, image_size: int, patch_size: int = 16, in_channels
     torch.manual_seed(0)
     if backbone == "standin":
         return PatchFeatures(image_size, patch_size, in_channels)
-    from ahm.models.mae import build_mim_model
+    from ahm.models import build_mim_model
 
     cfg = ModelConfig(
         backbone=backbone, preset="custom", patch_size=patch_size, hidden_size=32, mlp_dim=64, num_layers=1,

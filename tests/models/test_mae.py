@@ -9,9 +9,9 @@ from monai.networks.nets import UNETR
 
 from ahm.config import ModelConfig
 from ahm.errors import AhmError
+from ahm.models import build_mim_model
 from ahm.models.mae import (
     MAEViT,
-    build_mim_model,
     fast_block_forward,
     mask_order,
     masked_patch_loss,

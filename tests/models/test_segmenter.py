@@ -9,7 +9,7 @@ import torch
 
 from ahm.config import ModelConfig
 from ahm.errors import AhmError
-from ahm.models.mae import build_mim_model
+from ahm.models import build_mim_model
 from ahm.models.segmenter import build_segmenter, encoder_param_groups, load_pretrained
 
 SIZE = 32

@@ -8,7 +8,8 @@ from monai.networks.nets import UNet
 
 from ahm.config import ModelConfig
 from ahm.errors import AhmError
-from ahm.models.mae import build_mim_model, patchify
+from ahm.models import build_mim_model
+from ahm.models.mae import patchify
 from ahm.models.unet_mim import MaskedUNet
 
 SIZE, PATCH = 32, 8

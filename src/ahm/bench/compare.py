@@ -26,7 +26,6 @@ from ahm.errors import AhmError
 from ahm.io import write_bytes, write_json, write_text
 from ahm.masking.base import policy_names
 
-BACKBONE_SEGMENTER = {"vit": "unetr", "unet": "unet"}
 COLUMNS = ["backbone", "policy", "seed", "labels_fraction", "dice", "dataset_dice", "iou", "hd95", "val_dice",
            "selection", "empty_cases", "pretrain_final_loss", "hardness_ratio", "critic_spearman", "pretrain_s",
            "finetune_s"]
@@ -40,9 +39,11 @@ def _check_names(policies: list[str], backbones: list[str]) -> None:
     for p in policies:
         if p not in allowed:
             raise AhmError(f"--policies: unknown policy {p!r}; choose from {', '.join(allowed)}")
+    from ahm.models.backbones import backbone_names
+
     for b in backbones:
-        if b not in BACKBONE_SEGMENTER:
-            raise AhmError(f"--backbones: unknown backbone {b!r}; choose from vit, unet")
+        if b not in backbone_names():
+            raise AhmError(f"--backbones: unknown backbone {b!r}; choose from {', '.join(backbone_names())}")
 
 
 def check_grid(policies: list[str], backbones: list[str], seeds: int, first_seed: int) -> None:
@@ -66,6 +67,7 @@ def run_compare(data: str | Path, out: str | Path, policies: list[str], backbone
     with disjoint seed ranges, and a last call over all seeds then only gathers the finished cells."""
     from ahm.eval.evaluate import evaluate
     from ahm.eval.metrics import check_empty
+    from ahm.models.backbones import get_backbone
 
     check_empty(empty)
     check_grid(policies, backbones, seeds, first_seed)
@@ -105,7 +107,7 @@ def run_compare(data: str | Path, out: str | Path, policies: list[str], backbone
             init = str(pre_dir)
         ft_cfg = build_config(FinetuneConfig, overrides=_merge(overrides.get("finetune", {}), {
             "data": {"path": str(data)}, "model": {"backbone": backbone},
-            "segmenter": BACKBONE_SEGMENTER[backbone], "init": init, "labels_fraction": labels_fraction,
+            "segmenter": get_backbone(backbone).segmenter, "init": init, "labels_fraction": labels_fraction,
             "train": ({"epochs": None, "steps": finetune_steps} if finetune_steps else {"epochs": finetune_epochs})
             | {"seed": seed},
         }), nulls=True)

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ahm.bench.compare import (
-    BACKBONE_SEGMENTER,
     _mean_std,
     _merge,
     check_grid,
@@ -78,6 +77,7 @@ def run_curve(data: str | Path, out: str | Path, policies: list[str], backbones:
 
     Fine-tuning runs `finetune_steps` steps, or, with `finetune_epochs`, that many epochs over the cell's labelled
     slices but at least `finetune_steps` steps (a budget that grows with the labelled set)."""
+    from ahm.models.backbones import get_backbone
 
     check_grid(policies, backbones, seeds, first_seed)
     if finetune_epochs is not None and finetune_epochs < 1:
@@ -143,7 +143,7 @@ def run_curve(data: str | Path, out: str | Path, policies: list[str], backbones:
         budget: dict[str, Any] = ({"labels_fraction": 1.0, "labels_subjects": None} if n == ALL
                                   else {"labels_fraction": 1.0, "labels_subjects": int(n)})
         ft_cfg = build_config(FinetuneConfig, file=base_config, overrides=_merge(overrides.get("finetune", {}), {
-            "data": {"path": str(data)}, "model": {"backbone": backbone}, "segmenter": BACKBONE_SEGMENTER[backbone],
+            "data": {"path": str(data)}, "model": {"backbone": backbone}, "segmenter": get_backbone(backbone).segmenter,
             "init": init, **budget, **length, "train": {**length_train, "seed": seed},
         }), nulls=True)
         row.update(finetune_cell(ft_cfg, cell_dir / "finetune", data, split))

@@ -102,10 +102,16 @@ def unet_setting(net, parameters: int) -> dict[str, Any]:
 
 
 def _model_setting(model) -> dict[str, Any]:
-    if model.backbone == "unet":
-        return unet_setting(model.net, trainable_parameters(model))
+    return SPEED_REFERENCES[model.backbone].model_setting(model)
+
+
+def _vit_model_setting(model) -> dict[str, Any]:
     return vit_mae_setting(model.encoder.blocks, model.encoder.norm, model.decoder_embed, model.decoder_blocks,
                            trainable_parameters(model))
+
+
+def _unet_model_setting(model) -> dict[str, Any]:
+    return unet_setting(model.net, trainable_parameters(model))
 
 
 def _policy_candidate(name: str, cfg: PretrainConfig, channels: int, device: torch.device,
@@ -192,7 +198,7 @@ def _mae_reference(cfg: PretrainConfig, channels: int, device: torch.device):
     blocks = list(model.blocks)
     setting = vit_mae_setting(blocks[:-1], blocks[-1], model.decoder_embed, list(model.decoder_blocks)[:-1],
                               trainable_parameters(model))
-    return _Candidate(REFERENCE_NAMES["vit"], step, lambda: None, []), setting
+    return _Candidate(MAE_REFERENCE_NAME, step, lambda: None, []), setting
 
 
 def _unet_reference(cfg: PretrainConfig, channels: int, device: torch.device):
@@ -212,15 +218,42 @@ def _unet_reference(cfg: PretrainConfig, channels: int, device: torch.device):
         loss = torch.nn.functional.mse_loss(model(x), x)
         _optimizer_step(model, loss, optimizer, cfg.train.clip_grad)
 
-    return _Candidate(REFERENCE_NAMES["unet"], step, lambda: None, []), unet_setting(model, trainable_parameters(model))
+    return _Candidate(UNET_REFERENCE_NAME, step, lambda: None, []), unet_setting(model, trainable_parameters(model))
 
 
-# The reference each backbone is measured against: MONAI's own model of the same size, by backbone name.
-REFERENCES: dict[str, Callable[..., tuple[_Candidate, dict[str, Any]]]] = {"vit": _mae_reference,
-                                                                            "unet": _unet_reference}
-REFERENCE_NAMES = {"vit": "monai.networks.nets.MaskedAutoEncoderViT",
-                   "unet": "monai.networks.nets.UNet or BasicUNet (model.unet_network; pixel MSE, unmasked)"}
-REFERENCE_LABELS = {"vit": "MONAI MAE", "unet": "MONAI UNet"}
+MAE_REFERENCE_NAME = "monai.networks.nets.MaskedAutoEncoderViT"
+UNET_REFERENCE_NAME = "monai.networks.nets.UNet or BasicUNet (model.unet_network; pixel MSE, unmasked)"
+
+
+def _describe_vit(s: dict[str, Any]) -> str:
+    return (f"encoder {s['hidden_size']} wide, {s['num_layers']} layers, {s['num_heads']} heads, MLP {s['mlp_dim']}; "
+            f"decoder {s['decoder_dim']} wide, {s['decoder_depth']} layers, {s['decoder_heads']} heads, "
+            f"MLP {s['decoder_mlp_dim']}; {s['parameters']:,} parameters")
+
+
+def _describe_unet(s: dict[str, Any]) -> str:
+    return (f"{s.get('unet_network', 'unet')} channels {tuple(s['unet_channels'])}, strides {tuple(s['unet_strides'])}, "
+            f"{s['unet_num_res_units']} res units; {s['parameters']:,} parameters")
+
+
+@dataclass(frozen=True)
+class SpeedReference:
+    """What `ahm bench speed` measures a backbone against: MONAI's own model of the same size."""
+
+    build: Callable[..., tuple[_Candidate, dict[str, Any]]]  # (cfg, channels, device) -> candidate, its setting
+    name: str
+    label: str
+    model_setting: Callable[[Any], dict[str, Any]]  # our MIM model's sizes as built
+    describe: Callable[[dict[str, Any]], str]  # one line of a setting
+    names_preset: bool = False  # model.preset names the model's size
+
+
+# By backbone name (`model.backbone`): a backbone without an entry has no speed reference.
+SPEED_REFERENCES: dict[str, SpeedReference] = {
+    "vit": SpeedReference(_mae_reference, MAE_REFERENCE_NAME, "MONAI MAE", _vit_model_setting, _describe_vit,
+                          names_preset=True),
+    "unet": SpeedReference(_unet_reference, UNET_REFERENCE_NAME, "MONAI UNet", _unet_model_setting, _describe_unet),
+}
 
 
 def _synthetic_batch(batch: int, channels: int, size: int, seed: int = 0) -> torch.Tensor:
@@ -272,8 +305,9 @@ def run_speed(cfg: PretrainConfig, policies: Optional[list[str]] = None, channel
         if name not in known:
             raise AhmError(f"--policies: unknown policy {name!r}; choose from {', '.join(known)}")
     backbone = cfg.model.backbone
-    if backbone not in REFERENCES:
-        raise AhmError(f"--backbone: no speed reference for {backbone!r}; choose {', '.join(REFERENCES)}")
+    if backbone not in SPEED_REFERENCES:
+        raise AhmError(f"--backbone: no speed reference for {backbone!r}; choose {', '.join(SPEED_REFERENCES)}")
+    reference = SPEED_REFERENCES[backbone]
     if threads:
         torch.set_num_threads(threads)
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.accelerator != "cpu" else "cpu")
@@ -287,7 +321,7 @@ def run_speed(cfg: PretrainConfig, policies: Optional[list[str]] = None, channel
         for name in names:
             cand, ours = _policy_candidate(name, cfg, channels, device, total)
             candidates.append(cand)
-        ref, ref_setting = REFERENCES[backbone](cfg, channels, device)
+        ref, ref_setting = reference.build(cfg, channels, device)
         candidates.append(ref)
         for cand in candidates:
             if progress:
@@ -330,14 +364,14 @@ def run_speed(cfg: PretrainConfig, policies: Optional[list[str]] = None, channel
 
     ref_rounds = round_rates(ref)
     setting = {
-        "backbone": backbone, "model": cfg.model.preset if backbone == "vit" else None, **ours,
+        "backbone": backbone, "model": cfg.model.preset if reference.names_preset else None, **ours,
         "image_size": cfg.data.image_size, "patch_size": cfg.model.patch_size, "batch_size": bs,
         "mask_ratio": cfg.masking.mask_ratio, "norm": cfg.model.norm, "channels": channels,
         "threads": torch.get_num_threads(), "device": str(device), "timed_steps": rounds * steps,
         "rounds": rounds, "load_1min": [load_start, _load()],
     }
     doc: dict[str, Any] = {
-        "reference": {"name": REFERENCE_NAMES[backbone], "images_per_s": rate(ref), "peak_mem_mib": ref.peak_mib,
+        "reference": {"name": reference.name, "images_per_s": rate(ref), "peak_mem_mib": ref.peak_mib,
                       "images_per_s_rounds": ref_rounds, "setting": ref_setting},
         "policies": {},
         "setting": setting,
@@ -366,27 +400,19 @@ def run_speed(cfg: PretrainConfig, policies: Optional[list[str]] = None, channel
     return doc
 
 
-def _describe(backbone: str, s: dict[str, Any]) -> str:
-    if backbone == "unet":
-        return (f"{s.get('unet_network', 'unet')} channels {tuple(s['unet_channels'])}, strides {tuple(s['unet_strides'])}, "
-                f"{s['unet_num_res_units']} res units; {s['parameters']:,} parameters")
-    return (f"encoder {s['hidden_size']} wide, {s['num_layers']} layers, {s['num_heads']} heads, MLP {s['mlp_dim']}; "
-            f"decoder {s['decoder_dim']} wide, {s['decoder_depth']} layers, {s['decoder_heads']} heads, "
-            f"MLP {s['decoder_mlp_dim']}; {s['parameters']:,} parameters")
-
-
 def format_speed(doc: dict[str, Any]) -> str:
     s = doc["setting"]
     backbone = s["backbone"]
-    label = REFERENCE_LABELS.get(backbone, "reference")
+    reference = SPEED_REFERENCES[backbone]
+    label = reference.label
     load = ", ".join("?" if v is None else f"{v:.2f}" for v in s.get("load_1min", []))
     lines = [
         f"pretraining step throughput: {backbone}{' ' + s['model'] if s.get('model') else ''}, {s['image_size']}px, patch {s['patch_size']}, "
         f"batch {s['batch_size']}, mask {s['mask_ratio']}, {s['channels']} channel(s), {s['threads']} threads, "
         f"{s['device']}; median of {s['timed_steps']} steps in {s['rounds']} interleaved rounds; "
         f"load (1 min) at start, end: {load}",
-        f"  ours:      {_describe(backbone, s)}",
-        f"  {label + ':':<10} {_describe(backbone, doc['reference']['setting'])}",
+        f"  ours:      {reference.describe(s)}",
+        f"  {label + ':':<10} {reference.describe(doc['reference']['setting'])}",
         "",
         f"| {'policy':<10} | {'images/s':>9} | {'x ' + label:>12} | {'rounds min-max':>14} | {'x random':>8} "
         f"| {'peak MiB':>8} |",

@@ -68,11 +68,11 @@ def finetune(
     (dataset-level by default, see --select-by)."""
     from ahm.config import FinetuneConfig, build_config
     from ahm.errors import AhmError
-    from ahm.train.finetune import SEGMENTER_OF_BACKBONE
+    from ahm.models.backbones import segmenter_names, segmenter_of_backbone
     from ahm.train.finetune import finetune as run_finetune
 
-    if model is not None and model not in ("unetr", "unet"):
-        fail(f"--model {model}: choose unetr or unet")
+    if model is not None and model not in segmenter_names():
+        fail(f"--model {model}: choose {' or '.join(segmenter_names())}")
     if steps is not None and epochs is not None:
         fail("--steps and --epochs: give one of them")
     if labels_fraction is not None and labels_subjects is not None:
@@ -98,7 +98,7 @@ def finetune(
             enc = load_init(chosen_init)
             if model is not None and model != enc.segmenter:
                 raise AhmError(f"--model {model} does not match {enc.path}: a {enc.metadata.get('backbone')} encoder "
-                               f"is fine-tuned as {enc.segmenter} ({', '.join(f'{b} -> {s}' for b, s in SEGMENTER_OF_BACKBONE.items())})")
+                               f"is fine-tuned as {enc.segmenter} ({', '.join(f'{b} -> {s}' for b, s in segmenter_of_backbone().items())})")
             if size is None:
                 size = _pretrain_image_size(chosen_init)
         overrides = {

@@ -70,20 +70,6 @@ def inference_device(cfg: FinetuneConfig | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def save_model_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], meta: dict[str, Any],
-                          epoch: int, val_dice: float) -> Path:
-    """The inference checkpoint `load_run` reads: weights plus what the network was built for (meta:
-    segmenter, num_classes, in_channels, image_size, slice_axis, index_modality, ...)."""
-    from ahm import __version__
-    from ahm.io import save_torch
-
-    missing = [k for k in ("segmenter", "num_classes", "in_channels", "image_size") if k not in meta]
-    if missing:
-        raise AhmError(f"{path}: checkpoint metadata lacks {', '.join(missing)}")
-    return save_torch(path, {"kind": "finetune-best", "version": __version__, "epoch": int(epoch),
-                             "val_dice": float(val_dice), "model": state_dict, "meta": dict(meta)})
-
-
 def load_run(run_dir: str | Path, checkpoint: str = BEST) -> LoadedRun:
     """Rebuild the segmenter of a fine-tuning run from its config.yaml and `checkpoints/<checkpoint>`."""
     from ahm.models import build_segmenter

@@ -15,8 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ahm.io import write_text
-from ahm.train.rundir import read_metrics
+from ahm.io import read_jsonl, write_text
 
 SPLIT_ORDER = ("test", "val", "train", "all")
 
@@ -196,7 +195,7 @@ def write_report(run_dir: str | Path) -> Path:
     if not summary:
         parts.append("<p class='note'>The run has not finished yet (no summary.json).</p>")
 
-    curves = learning_curves_png(read_metrics(run_dir))
+    curves = learning_curves_png(read_jsonl(Path(run_dir) / "metrics.jsonl"))
     if curves:
         parts.append("<h2>Learning curves</h2>" + _img_tag(curves, "learning curves"))
 

@@ -10,7 +10,6 @@ is drawn as three rows: the orthogonal slices through its centre.
 from __future__ import annotations
 
 import io as _io
-import json
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,8 +18,7 @@ import numpy as np
 import torch
 
 from ahm.errors import AhmError
-from ahm.io import load_torch, write_bytes
-from ahm.train.loop import restore_state
+from ahm.io import load_torch, read_jsonl, restore_state, write_bytes
 
 DIAGNOSTIC_KEYS = ("loss", "hardness_ratio", "critic_spearman", "policy_entropy", "mean_reward", "background_share",
                    "background_share_actor", "hard_fraction", "agent_loss", "transitions_dropped")
@@ -127,15 +125,7 @@ def sample_figure(
 
 def read_metrics(path: Path) -> list[dict[str, float]]:
     """The records of a metrics.jsonl file (unreadable lines skipped: a run may have been cut mid-line)."""
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and "step" in record:
-            records.append(record)
-    return records
+    return [r for r in read_jsonl(path) if isinstance(r, dict) and "step" in r]
 
 
 def plot_diagnostics(metrics_path: Path, out_path: Path) -> Path | None:

@@ -14,8 +14,6 @@ from monai.networks.blocks import TransformerBlock
 from monai.networks.nets import ViT
 from torch import Tensor, nn
 
-from ahm.config import ModelConfig
-from ahm.errors import AhmError
 from ahm.grid import PatchGrid, sincos_position_table
 from ahm.models.mim import (  # noqa: F401  (re-exported: the contract's names were first defined here)
     MIMModel,
@@ -214,34 +212,3 @@ class MAEViT(MIMModel):
             "in_channels": str(self.in_channels),
             "spatial_dims": str(self.spatial_dims),
         }
-
-
-def build_mim_model(model_cfg: ModelConfig, image_size: int, in_channels: int, spatial_dims: int = 2) -> MIMModel:
-    """The MIM model for `model_cfg.backbone` ("vit": MAEViT, "unet": MaskedUNet) on `image_size` per axis."""
-    if in_channels < 1:
-        raise AhmError(f"--channels must be at least 1, got {in_channels}")
-    check_image_size(image_size, model_cfg.patch_size)
-    if model_cfg.backbone == "unet":
-        from ahm.models.unet_mim import MaskedUNet
-
-        return MaskedUNet(model_cfg, image_size, in_channels, spatial_dims)
-    if model_cfg.backbone != "vit":
-        raise AhmError(f"model backbone {model_cfg.backbone!r} is not known; choose vit or unet")
-    dims = model_cfg.vit_dims()
-    if model_cfg.decoder_dim % model_cfg.decoder_heads:
-        raise AhmError(
-            f"model.decoder_dim {model_cfg.decoder_dim} must be divisible by "
-            f"model.decoder_heads {model_cfg.decoder_heads}"
-        )
-    return MAEViT(
-        image_size=image_size,
-        in_channels=in_channels,
-        patch_size=model_cfg.patch_size,
-        norm_pix=model_cfg.norm_pix,
-        decoder_dim=model_cfg.decoder_dim,
-        decoder_depth=model_cfg.decoder_depth,
-        decoder_heads=model_cfg.decoder_heads,
-        decoder_mlp_dim=model_cfg.decoder_dims()["decoder_mlp_dim"],
-        spatial_dims=spatial_dims,
-        **dims,
-    )

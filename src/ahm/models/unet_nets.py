@@ -7,7 +7,7 @@
   0.3%: MONAI's last up-sampling keeps 64 channels where theirs halves to 32 (7,782,849 parameters). MONAI's
   `UNet` cannot match it (6.50 M with 2 residual units, 9.65 M with 3, and strided convolutions, not pooling).
 
-Both the MIM model (models/unet_mim.py) and the segmenter (models/segmenter.py) build their network here, so a
+Both the MIM model (models/unet_mim.py) and the segmenter (models/backbones/unet.py) build their network here, so a
 pretrained network loads into its segmenter key for key except the new last layer (`head_prefix`).
 """
 

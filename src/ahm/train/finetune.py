@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,25 +21,28 @@ from typing import Any
 import numpy as np
 import torch
 
-from ahm import __version__
 from ahm.config import FinetuneConfig, PretrainConfig, load_config, save_config
 from ahm.errors import AhmError
-from ahm.io import load_torch, save_torch, write_json
+from ahm.io import load_torch, write_json
+from ahm.train.checkpoint import (
+    BEST,
+    checkpoint_path,
+    load_checkpoint,
+    save_checkpoint,
+    save_model_checkpoint,
+)
 from ahm.train.loop import (
     Interrupted,
-    NonFiniteLoss,
     Throughput,
     batch_order,
-    grads_finite,
+    launch,
     make_fabric,
-    nonfinite_loss_reason,
+    optimizer_step,
+    progress_bar,
     stop_on_sigint,
 )
-from ahm.train.rundir import CHECKPOINT_DIR, LAST, MetricsLog, prepare_run_dir, unstarted_run
+from ahm.train.rundir import MetricsLog, prepare_run_dir, unstarted_run
 from ahm.train.schedule import lr_factor, pretrained_lr_factor, set_lr
-
-BEST = "best.ckpt"
-SEGMENTER_OF_BACKBONE = {"vit": "unetr", "unet": "unet"}
 
 
 @dataclass
@@ -80,12 +82,14 @@ def validation_interval(val_every: int | None, steps_per_epoch: int, total: int)
 
 
 def train_crop_size(cfg: FinetuneConfig) -> int | None:
-    """Side of the fine-tuning crop in pixels (None: no crop). A UNet trains on the crop itself, so the side is
-    a multiple of the product of its strides; UNETR gets the crop padded back to its fixed grid."""
+    """Side of the fine-tuning crop in pixels (None: no crop), a multiple of the segmenter's `crop_multiple` (a
+    UNet trains on the crop itself: the product of its strides; UNETR gets the crop padded back to its grid)."""
+    from ahm.models import backbone_of_segmenter
+
     size = cfg.data.image_size
     if cfg.crop_fraction >= 1.0:
         return None
-    step = math.prod(cfg.model.unet_strides) if cfg.segmenter == "unet" else 1
+    step = backbone_of_segmenter(cfg.segmenter).crop_multiple(cfg.model)
     side = max(step, int(cfg.crop_fraction * size) // step * step)
     return side if side < size else None
 
@@ -97,6 +101,7 @@ def _is_none(init: str | None) -> bool:
 def load_init(init: str | Path) -> PretrainedEncoder:
     """Read a pretraining run's encoder.safetensors and config; AhmError naming the file when anything is off."""
     from ahm.io import load_safetensors, safetensors_metadata
+    from ahm.models import BACKBONES
 
     run = Path(init)
     if not run.is_dir():
@@ -111,8 +116,8 @@ def load_init(init: str | Path) -> PretrainedEncoder:
     except Exception as exc:  # safetensors raises its own error types for damaged headers
         raise AhmError(f"{path}: unreadable encoder metadata ({str(exc)[:120]})") from exc
     backbone = metadata.get("backbone")
-    if backbone not in SEGMENTER_OF_BACKBONE:
-        raise AhmError(f"{path}: no backbone (vit or unet) in its metadata; not an ahm encoder file")
+    if backbone not in BACKBONES:
+        raise AhmError(f"{path}: no backbone ({' or '.join(BACKBONES)}) in its metadata; not an ahm encoder file")
     cfg_path = run / "config.yaml"
     if not cfg_path.is_file():
         raise AhmError(f"--init {run}: config.yaml not found; it is needed to rebuild the pretrained network")
@@ -120,22 +125,22 @@ def load_init(init: str | Path) -> PretrainedEncoder:
     if pre_cfg.model.backbone != backbone:
         raise AhmError(f"{path}: encoder backbone {backbone!r} does not match {cfg_path} "
                        f"(model.backbone {pre_cfg.model.backbone!r})")
-    return PretrainedEncoder(run, path, weights, metadata, pre_cfg, SEGMENTER_OF_BACKBONE[backbone],
+    return PretrainedEncoder(run, path, weights, metadata, pre_cfg, BACKBONES[backbone].segmenter,
                              metadata.get("policy") or pre_cfg.masking.policy)
 
 
 def _apply_init(cfg: FinetuneConfig, enc: PretrainedEncoder) -> None:
     """The encoder decides the network: its backbone and sizes. Image size, channels and normalisation are
     checked against the data once it is read (`init_check`)."""
+    from ahm.models import backbone_of_segmenter
+
     channels = enc.metadata.get("in_channels")
     if channels is not None:
         channels = int(channels)
         if cfg.data.channels is not None and cfg.data.channels != channels:
             raise AhmError(f"data.channels {cfg.data.channels} does not match the encoder in {enc.path} "
                            f"({channels} input channels)")
-    # A UNet's norm layers are pretrained with it; UNETR's convolutional decoder (and its norm) starts fresh.
-    norm = enc.pretrain_cfg.model.norm if enc.segmenter == "unet" else cfg.model.norm
-    cfg.model = enc.pretrain_cfg.model.model_copy(update={"norm": norm})
+    cfg.model = backbone_of_segmenter(enc.segmenter).finetune_model_config(enc.pretrain_cfg.model, cfg.model)
     cfg.segmenter = enc.segmenter
 
 
@@ -265,15 +270,7 @@ def finetune(cfg: FinetuneConfig, out: str | Path, resume: bool = False, force: 
         write_json(out / "labelled.json", {"fraction": cfg.labels_fraction, "subjects_count": cfg.labels_subjects,
                                            "seed": cfg.train.seed,
                                            "subjects": data.subjects, "ids": data.labelled})
-    fabric = make_fabric(cfg.train)
-    if fabric.world_size > 1 and "LOCAL_RANK" not in os.environ:
-        try:
-            return fabric.launch(_train, cfg, out, resume, progress, data, enc)
-        except torch.multiprocessing.ProcessRaisedException as exc:
-            last = [ln for ln in str(exc).strip().splitlines() if ln.strip()][-1]
-            raise AhmError(f"a DDP process failed: {last}") from exc
-    fabric.launch()
-    return _train(fabric, cfg, out, resume, progress, data, enc)
+    return launch(make_fabric(cfg.train), _train, cfg, out, resume, progress, data, enc)
 
 
 def run_length(cfg: FinetuneConfig, n_train: int, world: int) -> tuple[int, int, int, int]:
@@ -308,9 +305,9 @@ def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool,
     from monai.losses import DiceCELoss
 
     from ahm.data import ArrayDataset, segment_augment
-    from ahm.eval.evaluate import predict_labels, save_model_checkpoint
+    from ahm.eval.evaluate import predict_labels
     from ahm.eval.metrics import selection_score
-    from ahm.models import build_segmenter, load_pretrained
+    from ahm.models import backbone_of_segmenter, build_segmenter, load_pretrained
 
     rank, world = fabric.global_rank, fabric.world_size
     is_main = rank == 0
@@ -333,12 +330,10 @@ def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool,
                                   weight_decay=cfg.train.weight_decay)
 
     state = {"step": 0, "best_val_dice": -1.0, "best_epoch": 0, "skipped": 0, "loss_sum": 0.0, "loss_n": 0}
-    last_path = out / CHECKPOINT_DIR / LAST
-    best_path = out / CHECKPOINT_DIR / BEST
+    last_path = checkpoint_path(out)
+    best_path = checkpoint_path(out, BEST)
     if resume:
-        ckpt = load_torch(last_path)
-        if not isinstance(ckpt, dict) or ckpt.get("kind") != "finetune" or "model" not in ckpt:
-            raise AhmError(f"{last_path}: not an ahm fine-tuning checkpoint")
+        ckpt = load_checkpoint(last_path, "finetune")
         saved_meta = ckpt.get("meta", {})
         for key in ("num_classes", "in_channels", "segmenter", "select_by"):
             if key == "select_by" and key not in saved_meta:
@@ -365,19 +360,20 @@ def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool,
     model, optimizer = fabric.setup(model, optimizer)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     transform = (segment_augment(cfg.data.image_size, cfg.min_crop_area, cfg.rotate_deg, cfg.intensity_jitter,
-                                 cfg.gamma, cfg.bias_field, crop_size=train_crop_size(cfg), pad=cfg.segmenter == "unetr")
+                                 cfg.gamma, cfg.bias_field, crop_size=train_crop_size(cfg), pad=backbone_of_segmenter(cfg.segmenter).pads_crop)
                  if cfg.train.augment else None)
     dataset = ArrayDataset(data.train.images, data.train.labels, transform, seed=cfg.train.seed)
     log = MetricsLog(out, resume_step=state["step"] if resume else None, tensorboard=is_main) if is_main else None
     meter = Throughput()
-    bar = _Bar(total, state["step"]) if progress and is_main else None
+    bar = progress_bar(progress and is_main, "finetune", total, state["step"],
+                       [("loss", "loss {task.fields[loss]:.4f}", math.nan), ("val", "val Dice {task.fields[val]}", "-"),
+                        ("rate", "{task.fields[rate]:.0f} img/s", 0.0)])
     min_ratio = cfg.train.min_lr / max(cfg.train.lr, 1e-12)
 
     def save_last() -> None:
         if is_main:
-            save_torch(last_path, {"kind": "finetune", "version": __version__, "model": raw_model.state_dict(),
-                                   "optimizer": optimizer.state_dict(), "state": dict(state), "meta": meta,
-                                   "encoder_loaded": encoder_loaded})
+            save_checkpoint(last_path, "finetune", {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                                                    "state": dict(state), "meta": meta, "encoder_loaded": encoder_loaded})
 
     def validate(epoch: int) -> float:
         preds = predict_labels(model, data.val.images, batch_size=max(batch_size, 16), device=fabric.device)
@@ -387,6 +383,10 @@ def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool,
             if is_main:
                 save_model_checkpoint(best_path, raw_model.state_dict(), meta, epoch, dice)
         return dice
+
+    def stopped_by(bad: str) -> str:
+        return (f"step {state['step'] + 1}: {bad}; run stopped. Last good checkpoint: "
+                f"{last_path if last_path.is_file() else 'none yet'} (lower --lr, or set train.nan_policy: skip)")
 
     pending: list[float] = []
     rate = 0.0
@@ -410,26 +410,11 @@ def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool,
                 meter.start()
                 model.train()
                 loss = loss_fn(model(images), labels)
-                optimizer.zero_grad(set_to_none=True)
-                bad = nonfinite_loss_reason(fabric, loss)
-                if bad is None:
-                    fabric.backward(loss)
-                    # A finite loss with inf/NaN gradients would poison the weights and every later checkpoint
-                    # (16-mixed is exempt: its grad scaler skips such steps itself).
-                    if cfg.train.precision != "16-mixed" and not grads_finite(list(raw_model.parameters())):
-                        bad = f"the loss is {float(loss.detach()):.4g} but a gradient is not finite"
+                bad = optimizer_step(fabric, model, optimizer, loss, cfg.train, list(raw_model.parameters()),
+                                     stopped_by)
                 if bad is not None:
-                    if cfg.train.nan_policy != "skip":
-                        raise NonFiniteLoss(
-                            f"step {step + 1}: {bad}; run stopped. Last good checkpoint: "
-                            f"{last_path if last_path.is_file() else 'none yet'} (lower --lr, or set "
-                            f"train.nan_policy: skip)")
                     state["skipped"] += 1
-                    optimizer.zero_grad(set_to_none=True)
                 else:
-                    if cfg.train.clip_grad > 0:
-                        fabric.clip_gradients(model, optimizer, max_norm=cfg.train.clip_grad, error_if_nonfinite=False)
-                    optimizer.step()
                     value = float(loss.detach())
                     pending.append(value)
                     state["loss_sum"] += value
@@ -452,7 +437,8 @@ def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool,
                 elif step % cfg.train.checkpoint_every == 0:
                     save_last()
                 if bar is not None:
-                    bar.update(step, loss=float(loss.detach()), val=val_dice, rate=rate)
+                    bar.update(step, loss=float(loss.detach()), val=None if val_dice is None else f"{val_dice:.3f}",
+                               rate=rate)
                 if sig["stop"]:
                     save_last()
                     raise Interrupted(
@@ -491,25 +477,3 @@ def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool,
         write_json(out / "summary.json", summary)
         write_report(out)
     return summary
-
-
-class _Bar:
-    def __init__(self, total: int, start: int) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.progress = Progress(
-            TextColumn("[bold]finetune"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("val Dice {task.fields[val]}"),
-            TextColumn("{task.fields[rate]:.0f} img/s"), TextColumn("ETA"), TimeRemainingColumn(),
-        )
-        self.task = self.progress.add_task("finetune", total=total, completed=start, loss=math.nan, val="-", rate=0.0)
-        self.progress.start()
-
-    def update(self, step: int, loss: float, val: float | None, rate: float) -> None:
-        fields = {"loss": loss, "rate": rate}
-        if val is not None:
-            fields["val"] = f"{val:.3f}"
-        self.progress.update(self.task, completed=step, **fields)
-
-    def close(self) -> None:
-        self.progress.stop()

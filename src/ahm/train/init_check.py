@@ -26,6 +26,8 @@ def pretrained_normalization(enc: PretrainedEncoder) -> str | None:
 
 def init_mismatches(enc: PretrainedEncoder, cfg: FinetuneConfig, in_channels: int, normalization: str) -> list[str]:
     """What differs between the pretraining in `enc` and this fine-tuning, one phrase each (empty: they agree)."""
+    from ahm.models import backbone_of_segmenter
+
     found = []
     pre_channels = int(enc.metadata.get("in_channels", enc.pretrain_cfg.data.channels or in_channels))
     if pre_channels != in_channels:
@@ -35,13 +37,7 @@ def init_mismatches(enc: PretrainedEncoder, cfg: FinetuneConfig, in_channels: in
     size = cfg.data.image_size
     if pre_size != size:
         found.append(f"image size {pre_size} pretrained vs {size} here (omit --image-size or use {pre_size})")
-    if enc.segmenter == "unetr":
-        # The ViT's position embeddings are one per patch of the pretraining grid.
-        patch = int(enc.metadata.get("patch_size", enc.pretrain_cfg.model.patch_size))
-        pre_grid, grid = f"{pre_size // patch}x{pre_size // patch}", f"{size // patch}x{size // patch}"
-        if pre_grid != grid or size % patch:
-            found.append(f"patch grid {pre_grid} of {patch} px pretrained vs "
-                         f"{grid if not size % patch else f'{size / patch:g} patches a side'} here")
+    found += backbone_of_segmenter(enc.segmenter).init_mismatches(enc.metadata, enc.pretrain_cfg.model, pre_size, size)
     pre_norm = pretrained_normalization(enc)
     if pre_norm is not None and pre_norm != normalization:
         found.append(f"normalisation {pre_norm} pretrained vs {normalization} here "

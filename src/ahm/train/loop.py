@@ -1,12 +1,14 @@
-"""Pieces every training loop here shares: Fabric set-up, seeded batch order, interruption, NaN handling."""
+"""Pieces every training loop here shares: Fabric set-up and launch, seeded batch order, interruption, the
+backward/NaN-check/clip/step block, the progress bar."""
 
 from __future__ import annotations
 
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
@@ -169,10 +171,79 @@ def nonfinite_loss_reason(fabric, loss: torch.Tensor) -> str | None:
     return bad
 
 
-def restore_state(module: nn.Module, state: dict, what: str, path) -> None:
-    """load_state_dict, or one line naming the checkpoint file when its tensors do not fit the module."""
-    try:
-        module.load_state_dict(state)
-    except (RuntimeError, KeyError, TypeError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0][:160]
-        raise AhmError(f"{path}: the {what} in this checkpoint does not match the configured one ({first})") from exc
+def launch(fabric, run: Callable[..., Any], *args: Any) -> Any:
+    """`run(fabric, *args)` on every device; rank 0's result comes back.
+
+    --devices N without torchrun: Fabric spawns N processes that each run it, and a failure in one of them
+    becomes one AhmError line. Under torchrun (or on one device) this process is its rank and runs it itself.
+    """
+    if fabric.world_size > 1 and "LOCAL_RANK" not in os.environ:
+        try:
+            return fabric.launch(run, *args)
+        except torch.multiprocessing.ProcessRaisedException as exc:
+            last = [ln for ln in str(exc).strip().splitlines() if ln.strip()][-1]
+            raise AhmError(f"a DDP process failed: {last}") from exc
+    fabric.launch()
+    return run(fabric, *args)
+
+
+def optimizer_step(fabric, model: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
+                   train: TrainConfig, params: Sequence[nn.Parameter], stopped: Callable[[str], str],
+                   extra_params: Sequence[nn.Parameter] = ()) -> str | None:
+    """Backpropagate `loss` and step, unless the loss or a gradient is not finite.
+
+    `params`: the model's own parameters (checked for finite gradients); `extra_params`: parameters DDP does not
+    wrap (a masking policy's), whose gradients are all-reduced and clipped here. Returns None after a step, or
+    why the batch was skipped (train.nan_policy skip); otherwise raises NonFiniteLoss(`stopped(reason)`).
+    """
+    optimizer.zero_grad(set_to_none=True)
+    bad = nonfinite_loss_reason(fabric, loss)
+    if bad is None:
+        fabric.backward(loss)
+        all_reduce_grads(fabric, list(extra_params))
+        # A finite loss with inf/NaN gradients would poison the weights and every later checkpoint.
+        # (16-mixed is exempt: its grad scaler expects inf gradients now and then and skips those steps.)
+        if train.precision != "16-mixed" and not grads_finite(list(params) + list(extra_params)):
+            bad = f"the loss is {float(loss.detach()):.4g} but a gradient is not finite"
+    if bad is not None:
+        if train.nan_policy != "skip":
+            raise NonFiniteLoss(stopped(bad))
+        optimizer.zero_grad(set_to_none=True)
+        return bad
+    if train.clip_grad > 0:
+        fabric.clip_gradients(model, optimizer, max_norm=train.clip_grad, error_if_nonfinite=False)
+        if extra_params:
+            torch.nn.utils.clip_grad_norm_(list(extra_params), train.clip_grad)
+    optimizer.step()
+    return None
+
+
+class ProgressBar:
+    """A rich progress bar over training steps: label, bar, step/total, the given fields, ETA.
+
+    `fields`: (name, column template such as "loss {task.fields[loss]:.4f}", initial value), in column order.
+    """
+
+    def __init__(self, label: str, total: int, start: int, fields: Sequence[tuple[str, str, Any]]) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
+            *(TextColumn(template) for _, template, _ in fields), TextColumn("ETA"), TimeRemainingColumn(),
+        )
+        self.task = self.progress.add_task(label, total=total, completed=start,
+                                           **{name: initial for name, _, initial in fields})
+        self.progress.start()
+
+    def update(self, step: int, **fields: Any) -> None:
+        """Move to `step`; a field given as None keeps its last value."""
+        self.progress.update(self.task, completed=step, **{k: v for k, v in fields.items() if v is not None})
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+def progress_bar(enabled: bool, label: str, total: int, start: int,
+                 fields: Sequence[tuple[str, str, Any]]) -> ProgressBar | None:
+    """A `ProgressBar`, or None when disabled (quiet, or not rank 0)."""
+    return ProgressBar(label, total, start, fields) if enabled else None

@@ -6,7 +6,6 @@ The loop never branches on a policy's name: `propose` -> model -> `observe` (see
 from __future__ import annotations
 
 import math
-import os
 from collections import defaultdict, deque
 from pathlib import Path
 from typing import Any, Optional
@@ -14,24 +13,23 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from ahm import __version__
 from ahm.config import PretrainConfig, load_config, save_config
 from ahm.errors import AhmError
-from ahm.io import load_torch, save_safetensors, save_torch, write_json
+from ahm.io import save_safetensors, write_json
 from ahm.masking import PolicyContext, build_policy
+from ahm.train.checkpoint import checkpoint_path, load_checkpoint, restore_state
+from ahm.train.checkpoint import save_checkpoint as write_checkpoint
 from ahm.train.loop import (
     Interrupted,
-    NonFiniteLoss,
     Throughput,
-    all_reduce_grads,
     decay_param_groups,
-    grads_finite,
+    launch,
     make_fabric,
-    nonfinite_loss_reason,
-    restore_state,
+    optimizer_step,
+    progress_bar,
     stop_on_sigint,
 )
-from ahm.train.rundir import CHECKPOINT_DIR, LAST, MetricsLog, prepare_run_dir, read_metrics, unstarted_run
+from ahm.train.rundir import MetricsLog, prepare_run_dir, read_metrics, unstarted_run
 from ahm.train.schedule import lr_factor, set_lr
 
 SUMMARY_WINDOW = 50
@@ -82,25 +80,14 @@ def adamw_kernel(model) -> dict[str, bool]:
     return {"fused": True} if kinds <= {"cpu", "cuda"} else {"foreach": True}
 
 
-def _checkpoint_path(run_dir: Path) -> Path:
-    return run_dir / CHECKPOINT_DIR / LAST
-
-
-def _load_checkpoint(run_dir: Path) -> dict[str, Any]:
-    ckpt = load_torch(_checkpoint_path(run_dir))
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != "pretrain" or "model" not in ckpt:
-        raise AhmError(f"{_checkpoint_path(run_dir)}: not an ahm pretraining checkpoint")
-    return ckpt
-
-
 def check_config(cfg: PretrainConfig) -> None:
     """Refuse what can be refused before any work starts or any file is written."""
     from ahm.masking.base import policy_names
+    from ahm.models import get_backbone
 
     if cfg.masking.policy not in policy_names():
         raise AhmError(f"--policy: unknown masking policy {cfg.masking.policy!r}; choose one of {', '.join(policy_names())}")
-    if cfg.model.backbone == "vit":
-        cfg.model.vit_dims()
+    get_backbone(cfg.model.backbone).check_config(cfg.model)
     paths = [s.path for s in cfg.sources] or ([cfg.data.path] if cfg.data.path else [])
     if not paths:
         raise AhmError("DATA: no dataset path given")
@@ -137,15 +124,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: bool = False, force: 
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
 
-    if fabric.world_size > 1 and "LOCAL_RANK" not in os.environ:
-        # --devices N without torchrun: spawn N processes that each run the loop; rank 0's summary comes back.
-        try:
-            return fabric.launch(_run, cfg, out, resume, progress, stop_at)
-        except torch.multiprocessing.ProcessRaisedException as exc:
-            last = [ln for ln in str(exc).strip().splitlines() if ln.strip()][-1]
-            raise AhmError(f"a DDP process failed: {last}") from exc
-    fabric.launch()
-    return _run(fabric, cfg, out, resume, progress, stop_at)
+    return launch(fabric, _run, cfg, out, resume, progress, stop_at)
 
 
 def _run(fabric, cfg: PretrainConfig, out: Path, resume: bool, progress: bool, stop_at: Optional[int] = None) -> dict[str, Any]:
@@ -191,8 +170,8 @@ def _train(fabric, cfg, out, resume, progress, model, policy, corpus, total, ste
     start_step = 0
     skipped_before = 0
     if resume:
-        ckpt = _load_checkpoint(out)
-        path = _checkpoint_path(out)
+        path = checkpoint_path(out)
+        ckpt = load_checkpoint(path, "pretrain")
         restore_state(model, ckpt["model"], "model", path)
         restore_state(policy, ckpt["policy"], f"{cfg.masking.policy} masking policy", path)
         policy.load_extra_state(ckpt.get("policy_extra", {}))
@@ -225,7 +204,9 @@ def _train(fabric, cfg, out, resume, progress, model, policy, corpus, total, ste
     skipped = skipped_before
     last_loss = float("nan")
     step = start_step
-    bar = _progress_bar(progress and is_main, total, start_step)
+    bar = progress_bar(progress and is_main, "pretrain", total, start_step,
+                       [("loss", "loss {task.fields[loss]:.4f}", float("nan")),
+                        ("rate", "{task.fields[rate]:.0f} img/s", 0.0)])
 
     saved: dict[str, int | None] = {"step": start_step if resume else None}
     stages = policy.stages()
@@ -235,8 +216,8 @@ def _train(fabric, cfg, out, resume, progress, model, policy, corpus, total, ste
         if not is_main:
             return
         try:
-            save_torch(_checkpoint_path(out), {
-                "kind": "pretrain", "version": __version__, "step": next_step,
+            write_checkpoint(checkpoint_path(out), "pretrain", {
+                "step": next_step,
                 "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                 "policy": policy.state_dict(), "policy_extra": policy.extra_state(),
                 "config": cfg.model_dump(mode="json"), "skipped_batches": skipped,
@@ -245,9 +226,15 @@ def _train(fabric, cfg, out, resume, progress, model, policy, corpus, total, ste
             reason = getattr(exc.__cause__, "strerror", None) or str(exc)
             kept = (f"the previous checkpoint (step {saved['step']}) is kept" if saved["step"] is not None
                     else "no checkpoint was written yet")
-            raise AhmError(f"{_checkpoint_path(out)}: could not save the checkpoint of step {next_step} ({reason}); "
+            raise AhmError(f"{checkpoint_path(out)}: could not save the checkpoint of step {next_step} ({reason}); "
                            f"{kept}; run stopped, continue with --resume once there is room") from exc
         saved["step"] = next_step
+
+    def stopped_by(bad: str) -> str:
+        good = checkpoint_path(out)
+        return (f"step {step + 1}: {bad}; run stopped. Last good checkpoint: "
+                + (f"{good} (step {saved['step']})" if saved["step"] is not None and good.is_file() else "none yet")
+                + " (lower --lr, or set train.nan_policy: skip to skip bad batches)")
 
     try:
         with stop_on_sigint() as sig:
@@ -256,7 +243,7 @@ def _train(fabric, cfg, out, resume, progress, model, policy, corpus, total, ste
                 batch = next(batches)
                 problems.extend(p for p in batch["problems"] if p not in problems)  # distinct files
                 if batch["error"] is not None:
-                    good = _checkpoint_path(out)
+                    good = checkpoint_path(out)
                     raise AhmError(f"{batch['error']}; run stopped at step {step}. Last checkpoint: "
                                    + (f"{good} (step {saved['step']})" if saved["step"] is not None and good.is_file()
                                       else "none yet") + " (set data.skip_bad to skip unreadable files)")
@@ -272,33 +259,14 @@ def _train(fabric, cfg, out, resume, progress, model, policy, corpus, total, ste
                                                  cfg.train.min_lr / max(cfg.train.lr, 1e-12)))
 
                 loss, out_mim, pstep = forward_step(model, policy, images, progress_frac, stage.trains_model)
-                optimizer.zero_grad(set_to_none=True)
-                # a frozen-model stage has nothing to backpropagate (the policy stepped its own optimiser)
-                bad = nonfinite_loss_reason(fabric, loss) if stage.trains_model else None
-                if stage.trains_model and bad is None:
-                    fabric.backward(loss)
-                    all_reduce_grads(fabric, policy_params)
-                    # A finite loss with inf/NaN gradients would poison the weights and every later checkpoint.
-                    # (16-mixed is exempt: its grad scaler expects inf gradients now and then and skips those steps.)
-                    if cfg.train.precision != "16-mixed" and not grads_finite(list(raw_model.parameters()) + policy_params):
-                        bad = f"the loss is {float(loss.detach()):.4g} but a gradient is not finite"
-                if stage.trains_model and bad is not None:
-                    if cfg.train.nan_policy != "skip":
-                        good = _checkpoint_path(out)
-                        raise NonFiniteLoss(
-                            f"step {step + 1}: {bad}; run stopped. Last good checkpoint: "
-                            + (f"{good} (step {saved['step']})" if saved["step"] is not None and good.is_file()
-                               else "none yet")
-                            + " (lower --lr, or set train.nan_policy: skip to skip bad batches)"
-                        )
-                    skipped += 1
+                if stage.trains_model:
+                    bad = optimizer_step(fabric, model, optimizer, loss, cfg.train, list(raw_model.parameters()),
+                                         stopped_by, extra_params=policy_params)
+                    if bad is not None:
+                        skipped += 1
+                else:  # a frozen-model stage has nothing to backpropagate (the policy stepped its own optimiser)
                     optimizer.zero_grad(set_to_none=True)
-                elif stage.trains_model:
-                    if cfg.train.clip_grad > 0:
-                        fabric.clip_gradients(model, optimizer, max_norm=cfg.train.clip_grad, error_if_nonfinite=False)
-                        if policy_params:
-                            torch.nn.utils.clip_grad_norm_(policy_params, cfg.train.clip_grad)
-                    optimizer.step()
+                    bad = None
                 rate = meter.stop(len(idx) * world)
                 step += 1
                 if bad is None and math.isfinite(float(out_mim.loss.detach())):
@@ -326,7 +294,7 @@ def _train(fabric, cfg, out, resume, progress, model, policy, corpus, total, ste
                 if sig["stop"]:
                     save_checkpoint(step)
                     raise Interrupted(
-                        f"interrupted at step {step}/{total}; checkpoint saved to {_checkpoint_path(out)}. "
+                        f"interrupted at step {step}/{total}; checkpoint saved to {checkpoint_path(out)}. "
                         f"Resume with: ahm pretrain {cfg.data.path} --out {out} --resume"
                     )
         save_checkpoint(step)
@@ -412,29 +380,6 @@ def _fingerprint(model: torch.nn.Module, policy: torch.nn.Module) -> torch.Tenso
             flat = p.detach().double().reshape(-1)
             values.append(flat.sum() + (flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64) * 1e-6).sum() * (i + 1))
     return torch.stack(values)
-
-
-class _Bar:
-    def __init__(self, total: int, start: int) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.progress = Progress(
-            TextColumn("[bold]pretrain"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[rate]:.0f} img/s"),
-            TextColumn("ETA"), TimeRemainingColumn(), transient=False,
-        )
-        self.task = self.progress.add_task("pretrain", total=total, completed=start, loss=float("nan"), rate=0.0)
-        self.progress.start()
-
-    def update(self, step: int, loss: float, rate: float) -> None:
-        self.progress.update(self.task, completed=step, loss=loss, rate=rate)
-
-    def close(self) -> None:
-        self.progress.stop()
-
-
-def _progress_bar(enabled: bool, total: int, start: int) -> _Bar | None:
-    return _Bar(total, start) if enabled else None
 
 
 @torch.no_grad()

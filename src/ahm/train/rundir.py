@@ -10,7 +10,7 @@ from typing import Any
 
 from ahm import __version__
 from ahm.errors import AhmError
-from ahm.io import write_json, write_text
+from ahm.io import read_jsonl, write_json, write_text
 
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.ckpt"
@@ -157,13 +157,5 @@ class MetricsLog:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
+    """The records of a run's metrics.jsonl ([] before the first one)."""
+    return read_jsonl(Path(run_dir) / "metrics.jsonl")
