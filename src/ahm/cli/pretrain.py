@@ -25,6 +25,8 @@ def pretrain(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per step per device (default 32)."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 1.5e-3)."),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Images are resized/padded to this square size."),
+    spatial_dims: Optional[int] = typer.Option(None, "--spatial-dims", help="2 (default: slices) or 3 (whole volumes, "
+                                               "resampled to data.spacing, random data.crop_size crops)."),
     patch_size: Optional[int] = typer.Option(None, "--patch-size", help="Patch size in pixels (default 16)."),
     mask_ratio: Optional[float] = typer.Option(None, "--mask-ratio", help="Share of patches masked, in (0,1) (default 0.75)."),
     mask_ratio_end: Optional[float] = typer.Option(None, "--mask-ratio-end", help="Rise the mask ratio linearly to this."),
@@ -64,7 +66,8 @@ def pretrain(
     from ahm.train.pretrain import pretrain as run_pretrain
 
     overrides = {
-        "data": {"path": str(data[0]), "image_size": image_size, "layout": layout, "skip_bad": skip_bad or None},
+        "data": {"path": str(data[0]), "image_size": image_size, "layout": layout, "skip_bad": skip_bad or None,
+                 "spatial_dims": spatial_dims},
         "all_splits": all_splits or None, "preload": preload, "cache": str(cache) if cache else None,
         "model": {"backbone": backbone, "patch_size": patch_size, "preset": model, "norm_pix": norm_pix},
         "masking": {"policy": policy, "mask_ratio": mask_ratio, "mask_ratio_end": mask_ratio_end,

@@ -211,8 +211,12 @@ class MIMModel(nn.Module):
         raise NotImplementedError
 
 
-def check_image_size(image_size: int, patch_size: int) -> None:
-    """AhmError unless the image splits into whole patches."""
+def check_image_size(image_size: int | Sequence[int], patch_size: int) -> None:
+    """AhmError unless the image (a side, or one side per axis: a 3D crop) splits into whole patches."""
+    if not isinstance(image_size, int):
+        for side in image_size:
+            check_image_size(int(side), patch_size)
+        return
     if image_size % patch_size:
         raise AhmError(
             f"--image-size {image_size} is not divisible by --patch-size {patch_size}: "

@@ -88,6 +88,13 @@ def check_config(cfg: PretrainConfig) -> None:
     if cfg.masking.policy not in policy_names():
         raise AhmError(f"--policy: unknown masking policy {cfg.masking.policy!r}; choose one of {', '.join(policy_names())}")
     get_backbone(cfg.model.backbone).check_config(cfg.model)
+    if cfg.data.spatial_dims == 3:
+        from ahm.data.volumes import check_crop
+        from ahm.models.backbones import get_backbone
+
+        # the crop is the model's input: whole patches, and for the UNet whole feature maps at every stride
+        multiple = math.lcm(cfg.model.patch_size, get_backbone(cfg.model.backbone).crop_multiple(cfg.model))
+        check_crop(cfg.data, multiple, why=f"--patch-size {cfg.model.patch_size} (and the backbone's strides)")
     paths = [s.path for s in cfg.sources] or ([cfg.data.path] if cfg.data.path else [])
     if not paths:
         raise AhmError("DATA: no dataset path given")
@@ -127,6 +134,11 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: bool = False, force: 
     return launch(fabric, _run, cfg, out, resume, progress, stop_at)
 
 
+def model_input_size(cfg: PretrainConfig) -> int | tuple[int, ...]:
+    """What the MIM model is built for: the square image side in 2D, the training crop in 3D."""
+    return tuple(cfg.data.crop_size) if cfg.data.spatial_dims == 3 else cfg.data.image_size
+
+
 def _run(fabric, cfg: PretrainConfig, out: Path, resume: bool, progress: bool, stop_at: Optional[int] = None) -> dict[str, Any]:
     from ahm.data.corpus import describe
     from ahm.models import build_mim_model
@@ -149,9 +161,9 @@ def _run(fabric, cfg: PretrainConfig, out: Path, resume: bool, progress: bool, s
     total = cfg.train.steps if cfg.train.steps is not None else (cfg.train.epochs or 1) * steps_per_epoch
 
     torch.manual_seed(cfg.train.seed)
-    model = build_mim_model(cfg.model, cfg.data.image_size, in_channels)
+    model = build_mim_model(cfg.model, model_input_size(cfg), in_channels, spatial_dims=cfg.data.spatial_dims)
     ctx = PolicyContext(
-        grid=model.grid, patch_size=model.patch_size, in_channels=in_channels, total_steps=total,
+        grid=model.patch_grid, in_channels=in_channels, total_steps=total,
         seed=cfg.train.seed, device=fabric.device, model=model, world_size=world, rank=rank,
     )
     policy = build_policy(cfg.masking, ctx)
@@ -397,6 +409,11 @@ def _write_reconstructions(model, policy, dataset, path: Path, device, n: int = 
     picked = [image for image, _, _, failed in read if not failed]
     if not picked:
         return
+    if picked[0].dim() == 4:  # whole volumes of different shapes: the centre crop of the model's input size
+        from monai.transforms import CenterSpatialCrop
+
+        crop = CenterSpatialCrop(roi_size=model.patch_grid.spatial_shape)
+        picked = [torch.as_tensor(crop(image)) for image in picked]
     n = len(picked)
     images = torch.stack(picked).float().to(device)
     was_training = model.training
@@ -406,13 +423,16 @@ def _write_reconstructions(model, policy, dataset, path: Path, device, n: int = 
     policy.generator.set_state(state)
     out = model(images, mask)
     model.train(was_training)
-    gh, gw = model.grid
-    p = model.patch_size
-    pixel_mask = mask.view(n, gh, gw).repeat_interleave(p, 1).repeat_interleave(p, 2).cpu().numpy()
+    pixel_mask = model.patch_grid.upsample(mask.float())[:, 0]
+    prediction = out.prediction
+    if images.dim() == 5:  # a volume: its middle slice along the first axis (`ahm visualize` shows all three)
+        middle = images.shape[2] // 2
+        images, pixel_mask, prediction = images[:, :, middle], pixel_mask[:, middle], prediction[:, :, middle]
+    pixel_mask = pixel_mask.cpu().numpy()
     fig, axes = plt.subplots(n, 3, figsize=(6, 2 * n), squeeze=False)
     for i in range(n):
         img = images[i, 0].cpu().numpy() if images.shape[1] == 1 else images[i, :3].permute(1, 2, 0).cpu().numpy()
-        rec = out.prediction[i].float()
+        rec = prediction[i].float()
         rec = rec[0].cpu().numpy() if rec.shape[0] == 1 else rec[:3].permute(1, 2, 0).clamp(0, 1).cpu().numpy()
         masked = img * np.where(pixel_mask[i][..., None] if img.ndim == 3 else pixel_mask[i], 0.25, 1.0)
         for ax, im, title in zip(axes[i], (img, masked, rec), ("image", "masked", "reconstruction")):
