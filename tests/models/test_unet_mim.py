@@ -137,3 +137,70 @@ def test_channels_last_step_equals_the_plain_contiguous_computation() -> None:
     for (name, p), q in zip(model.net.named_parameters(), plain.parameters()):
         assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-5), name
     assert not out.prediction.requires_grad
+
+
+@pytest.mark.parametrize(
+    ("network", "channels", "strides", "res_units", "in_channels"),
+    [
+        ("unet", (4, 8, 16), (2, 2), 0, 1),
+        ("unet", (4, 8, 16), (2, 2), 2, 3),
+        ("basic-unet", (4, 8, 16, 32, 64), (2, 2, 2, 2), 0, 2),
+    ],
+)
+def test_fill_gradient_without_the_input_gradient_equals_the_straightforward_one(
+    network: str, channels: tuple, strides: tuple, res_units: int, in_channels: int
+) -> None:
+    """The fill's gradient taken at the first convolutions' outputs (no input-gradient pass) and every weight's
+    gradient equal those of the plain computation, where the fill reaches the network through its input."""
+    cfg = ModelConfig(backbone="unet", patch_size=PATCH, unet_network=network, unet_channels=channels,
+                      unet_strides=strides, unet_num_res_units=res_units, unet_dropout=(0.0,))
+    torch.manual_seed(0)
+    model = build_mim_model(cfg, SIZE, in_channels)
+    assert model._input_convs, "the fast fill gradient is not in use"
+    with torch.no_grad():
+        model.mask_value.copy_(torch.linspace(-0.5, 0.7, in_channels))
+    images = torch.rand(3, in_channels, SIZE, SIZE)
+    mask = random_mask(3, 11, seed=5)
+    out = model(images, mask)
+    out.loss.backward()
+    fast = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    # the straightforward computation on the same network and weights: the fill in the input's autograd graph
+    fill = model.mask_value
+    masked = torch.where(model.pixel_mask(mask), fill.view(1, -1, 1, 1), images)
+    target = patchify(images, PATCH)
+    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+    loss = (patchify(model.net(masked), PATCH) - target).pow(2).mean(-1)[mask].mean()
+    loss.backward()
+    assert torch.allclose(out.loss, loss, rtol=1e-6, atol=1e-7)
+    assert torch.allclose(fast["mask_value"], fill.grad, rtol=1e-4, atol=1e-6)
+    assert fast["mask_value"].abs().min() > 0
+    for name, p in model.named_parameters():
+        assert torch.allclose(fast[name], p.grad, rtol=1e-4, atol=1e-6), name
+
+
+def test_input_convolutions_refuses_a_network_that_reads_its_input_elsewhere() -> None:
+    from ahm.models.unet_mim import input_convolutions
+
+    class ConvPlusInput(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 1, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x) + x
+
+    assert input_convolutions(ConvPlusInput(), torch.zeros(1, 1, 8, 8)) == []
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1), torch.nn.Conv2d(2, 1, 1))
+    assert input_convolutions(net, torch.zeros(1, 1, 8, 8)) == [net[0]]
+
+
+def test_a_deep_copy_gives_the_fill_gradient_to_its_own_fill() -> None:
+    """HPM's teacher is a deep copy: its first convolutions' hooks must feed the copy's fill, not the original's."""
+    import copy
+
+    model = tiny_unet()
+    teacher = copy.deepcopy(model)
+    teacher(torch.rand(2, 1, SIZE, SIZE), random_mask(2, 9)).loss.backward()
+    assert teacher.mask_value.grad is not None and teacher.mask_value.grad.abs().item() > 0
+    assert model.mask_value.grad is None
