@@ -154,12 +154,11 @@ def sincos_position_embedding(grid: tuple[int, int], dim: int, temperature: floa
     return F.pad(table, (0, dim - table.shape[1])).unsqueeze(0)
 
 
-def fast_block_forward(block: TransformerBlock, x: Tensor, last: int | None = None) -> Tensor:
+def fast_block_forward(block: TransformerBlock, x: Tensor) -> Tensor:
     """A MONAI `TransformerBlock` forward with the block's own weights, attention through SDPA.
 
     Same maths as `block(x)` for a block built without dropout, cross-attention or relative positions,
-    but without the einops rearranges and the explicit attention matrix. With `last`, only the last `last`
-    tokens' outputs are computed (they still attend to every token): `block(x)[:, -last:]`.
+    but without the einops rearranges and the explicit attention matrix.
     """
     attn = block.attn
     b, n, _ = x.shape
@@ -167,8 +166,6 @@ def fast_block_forward(block: TransformerBlock, x: Tensor, last: int | None = No
     qkv = F.linear(block.norm1(x), attn.qkv.weight, attn.qkv.bias)
     # MONAI splits the qkv features as (qkv, head, head_dim)
     q, k, v = qkv.view(b, n, 3, h, attn.dim_head).permute(2, 0, 3, 1, 4).unbind(0)
-    if last is not None:
-        q, x, n = q[:, :, n - last :], x[:, n - last :], last
     y = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
     y = y.transpose(1, 2).reshape(b, n, attn.inner_dim)
     x = x + attn.out_proj(y)
@@ -353,12 +350,9 @@ class MAEViT(MIMModel):
         # token's own position added: no scatter back into grid order is needed
         pos = gather_tokens(self.decoder_pos.expand(b, -1, -1), order)
         x = torch.cat([latent, self.mask_token.expand(b, k, -1)], dim=1) + pos
-        # only the masked tokens' outputs are read: the last block computes its output projection and MLP
-        # for those alone (the visible tokens are 1 - mask_ratio of its rows)
-        depth = len(self.decoder_blocks)
-        for i, block in enumerate(self.decoder_blocks):
-            x = fast_block_forward(block, x, last=k if i == depth - 1 else None)
-        pred = self.decoder_pred(self.decoder_norm(x[:, x.shape[1] - k :]))
+        for block in self.decoder_blocks:
+            x = fast_block_forward(block, x)
+        pred = self.decoder_pred(self.decoder_norm(x[:, self.num_patches - k :]))
         return masked_patch_loss(pred, images, mask, self.patch_size, self.grid, self.norm_pix, order, k, patches)
 
     def features(self, images: Tensor) -> Tensor:
