@@ -4,9 +4,6 @@ The masked patches of the input are filled with a learned value per channel (sta
 MONAI UNet reconstructs the whole image, and only the masked patches count in the loss. A learned fill
 rather than a fixed 0 because 0 can be a common intensity after normalisation (background), which would
 make masked patches indistinguishable from dark ones.
-
-The fill value's gradient is computed without an input-gradient pass through the first convolutions (see
-`_FillGradient`): the plain UNet step never computes one, and it was the largest cost the masked step adds.
 """
 
 from __future__ import annotations
@@ -15,8 +12,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from monai.networks.blocks import ResidualUnit
-from monai.networks.nets import BasicUNet, UNet
 from torch import Tensor, nn
 
 from ahm.config import ModelConfig
@@ -32,83 +27,6 @@ from ahm.models.mae import (
 )
 from ahm.models.norm import fast_instance_norms
 from ahm.models.unet_nets import build_unet_network, decoder_features
-
-
-# Containers whose forward hands the network input to their children unchanged and uses it nowhere else (MONAI's
-# UNet, BasicUNet, ResidualUnit, and Sequentials such as Convolution / TwoConv). If anything else reads the
-# input, `input_convolutions` finds no fast path and the fill gets its gradient through the input as before.
-_PASS_THROUGH = (nn.Sequential, UNet, BasicUNet, ResidualUnit)
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-def input_convolutions(net: nn.Module, example: Tensor) -> list[nn.Module]:
-    """The convolutions that read the network's input, or [] unless they are its only readers.
-
-    Found by running `example` through `net` (eval mode, no gradient) and recording the modules that receive the
-    input tensor itself. Each must be a zero-padded, ungrouped convolution, or a pass-through container.
-    """
-    readers: list[nn.Module] = []
-
-    def record(module: nn.Module, args: tuple) -> None:
-        if args and args[0] is example:
-            readers.append(module)
-
-    handles = [m.register_forward_pre_hook(record) for m in net.modules()]
-    was_training = net.training
-    try:
-        net.eval()
-        with torch.no_grad():
-            net(example)
-    finally:
-        net.train(was_training)
-        for h in handles:
-            h.remove()
-    convs = [m for m in readers if isinstance(m, _CONVS)]
-    others = [m for m in readers if not isinstance(m, _CONVS)]
-    supported = all(c.groups == 1 and c.padding_mode == "zeros" and not isinstance(c.padding, str) for c in convs)
-    if not convs or not supported or not all(isinstance(m, _PASS_THROUGH) and list(m.children()) for m in others):
-        return []
-    return convs
-
-
-class _FillGradient(torch.autograd.Function):
-    """Identity on the output of a convolution that reads the masked input; its backward adds the fill's gradient.
-
-    The convolution is linear, so conv(where(m, fill, x)) = conv(where(m, 0, x)) + sum_c fill_c * conv_c(m)
-    (conv_c: input channel c's weights, no bias), and d loss / d fill_c = <grad, conv_c(m)> =
-    sum_{o, offset} weight[o, c, offset] * S[o, offset], where S is the weight gradient of a one-channel
-    convolution of the pixel mask m: one weight-gradient pass over a one-channel input instead of the
-    input-gradient pass over all output channels (about 9 against 29 ms per first convolution at batch 32,
-    128 px, one thread).
-    """
-
-    @staticmethod
-    def forward(ctx, out: Tensor, fill: Tensor, weight: Tensor, pixel_mask: Tensor, conv: nn.Module) -> Tensor:
-        ctx.save_for_backward(weight, pixel_mask)
-        ctx.geometry = (list(conv.stride), list(conv.padding), list(conv.dilation))
-        ctx.fill_dtype = fill.dtype
-        return out.view_as(out)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        weight, pixel_mask = ctx.saved_tensors
-        stride, padding, dilation = ctx.geometry
-        one_channel = weight[:, :1].to(grad.dtype)  # only its shape and layout matter
-        _, s, _ = torch.ops.aten.convolution_backward(
-            grad, pixel_mask.to(grad.dtype), one_channel, None, stride, padding, dilation, False,
-            [0] * len(stride), 1, [False, True, False],
-        )
-        fill_grad = (weight * s.to(weight.dtype)).sum(dim=[0, *range(2, weight.dim())])
-        return grad, fill_grad.to(ctx.fill_dtype), None, None, None
-
-
-def _fill_gradient_hook(conv: nn.Module, args: tuple, out: Tensor) -> Tensor | None:
-    # module-level, with the state on the convolution, so a deep copy of the model (HPM's teacher) hooks its own
-    state = conv.__dict__.get("_ahm_fill")
-    if state is None or not torch.is_grad_enabled():
-        return None
-    fill, pixel_mask = state
-    return _FillGradient.apply(out, fill, conv.weight, pixel_mask, conv)
 
 
 class MaskedUNet(MIMModel):
@@ -138,11 +56,6 @@ class MaskedUNet(MIMModel):
         # on the CPU (one thread, same loss and gradients); `export_encoder` hands out plain contiguous copies
         self.net.to(memory_format=torch.channels_last)
         self.mask_value = nn.Parameter(torch.zeros(in_channels))
-        example = torch.zeros(1, in_channels, image_size, image_size).contiguous(memory_format=torch.channels_last)
-        self._input_convs = input_convolutions(self.net, example)
-        for conv in self._input_convs:
-            conv._ahm_fill = None
-            conv.register_forward_hook(_fill_gradient_hook)
 
     def pixel_mask(self, mask: Tensor) -> Tensor:
         """Patch mask [B, L] -> pixel mask [B, 1, H, W]."""
@@ -154,21 +67,10 @@ class MaskedUNet(MIMModel):
     def forward(self, images: Tensor, mask: Tensor) -> MIMOutput:
         self._check_input(images, mask)
         order, k = mask_order(mask)
-        pix = self.pixel_mask(mask)
-        fill = self.mask_value
-        # the fill's gradient through the first convolutions' outputs (`_FillGradient`), not through the input
-        fast_fill = bool(self._input_convs) and fill.requires_grad and torch.is_grad_enabled() and not images.requires_grad
-        masked_input = torch.where(pix, (fill.detach() if fast_fill else fill).view(1, -1, 1, 1).to(images.dtype), images)
-        masked_input = masked_input.contiguous(memory_format=torch.channels_last)
-        if fast_fill:
-            pixel_mask = pix.to(images.dtype, memory_format=torch.channels_last)
-            for conv in self._input_convs:
-                conv._ahm_fill = (fill, pixel_mask)
-        try:
-            reconstruction = self.net(masked_input)
-        finally:
-            for conv in self._input_convs:
-                conv._ahm_fill = None
+        masked_input = torch.where(
+            self.pixel_mask(mask), self.mask_value.view(1, -1, 1, 1).to(images.dtype), images
+        )
+        reconstruction = self.net(masked_input.contiguous(memory_format=torch.channels_last))
         pred = gather_tokens(patchify(reconstruction, self.patch_size), order[:, self.num_patches - k :])
         return masked_patch_loss(pred, images, mask, self.patch_size, self.grid, self.norm_pix, order, k)
 
