@@ -81,6 +81,17 @@ def test_unet_reference_is_the_same_unet(tmp_path: Path, network: str) -> None:
     assert "MONAI UNet" in format_speed(doc)
 
 
+def test_cpu_clock_times_steps_in_cpu_seconds(tmp_path: Path) -> None:
+    from ahm.bench.speed import format_speed, run_speed
+
+    doc = run_speed(_cfg(tmp_path), ["random"], steps=1, warmup=1, rounds=3, clock="cpu")
+    assert doc["setting"]["clock"] == "cpu"
+    _check_rows(doc, {"random"})
+    assert "cpu clock" in format_speed(doc)
+    with pytest.raises(AhmError, match="--clock"):
+        run_speed(_cfg(tmp_path), ["random"], clock="sundial")
+
+
 def test_unknown_policy_is_refused(tmp_path: Path) -> None:
     from ahm.bench.speed import run_speed
 

@@ -256,6 +256,10 @@ SPEED_REFERENCES: dict[str, SpeedReference] = {
 }
 
 
+# "cpu" counts the process's CPU seconds (every thread's), so with more than one thread it sums their work
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
 def _synthetic_batch(batch: int, channels: int, size: int, seed: int = 0) -> torch.Tensor:
     """Smooth blobs on a dark background: image-like statistics (empty border, structured middle)."""
     g = torch.Generator().manual_seed(seed)
@@ -293,11 +297,14 @@ def _profile_rows(cand: _Candidate, images: torch.Tensor, progress: float, rows:
 
 def run_speed(cfg: PretrainConfig, policies: Optional[list[str]] = None, channels: int = 1, steps: int = 8,
               warmup: int = 3, rounds: int = 3, threads: Optional[int] = None,
-              progress: Optional[Callable[[str], None]] = None, profile_rows: int = 0) -> dict[str, Any]:
+              progress: Optional[Callable[[str], None]] = None, profile_rows: int = 0,
+              clock: str = "wall") -> dict[str, Any]:
     """Measure images/s per policy and for the MONAI reference of the backbone; returns the `--json` document.
 
     Each figure is the median over all timed steps; `ratio` is the median over rounds of (our median / the
-    reference's median in the same round), with the rounds' lowest and highest beside it.
+    reference's median in the same round), with the rounds' lowest and highest beside it. `clock` "cpu" times
+    each step in this process's CPU seconds (CPU device only): on a machine shared with other jobs they move far
+    less than wall time, which counts the time the step waited for a core.
     """
     known = policy_names() + ["ahm-async"]
     names = policies or known
@@ -308,9 +315,14 @@ def run_speed(cfg: PretrainConfig, policies: Optional[list[str]] = None, channel
     if backbone not in SPEED_REFERENCES:
         raise AhmError(f"--backbone: no speed reference for {backbone!r}; choose {', '.join(SPEED_REFERENCES)}")
     reference = SPEED_REFERENCES[backbone]
+    if clock not in CLOCKS:
+        raise AhmError(f"--clock: unknown clock {clock!r}; choose {' or '.join(CLOCKS)}")
     if threads:
         torch.set_num_threads(threads)
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.accelerator != "cpu" else "cpu")
+    if clock == "cpu" and device.type != "cpu":
+        raise AhmError("--clock cpu: CPU seconds do not measure a step on the GPU; use --clock wall there")
+    now = CLOCKS[clock]
     images = _synthetic_batch(cfg.train.batch_size, channels, cfg.data.image_size).to(device)
     total = warmup + rounds * steps
     candidates: list[_Candidate] = []
@@ -339,11 +351,11 @@ def run_speed(cfg: PretrainConfig, policies: Optional[list[str]] = None, channel
                     for i in range(steps):
                         if device.type == "cuda":
                             torch.cuda.synchronize(device)
-                        t0 = time.perf_counter()
+                        t0 = now()
                         cand.step(images, (warmup + r * steps + i) / total)
                         if device.type == "cuda":
                             torch.cuda.synchronize(device)
-                        cand.times.append(time.perf_counter() - t0)
+                        cand.times.append(now() - t0)
                 cand.peak_mib = max(cand.peak_mib, sampler.peak)
         if profile_rows > 0:
             for cand in candidates:
@@ -367,7 +379,7 @@ def run_speed(cfg: PretrainConfig, policies: Optional[list[str]] = None, channel
         "backbone": backbone, "model": cfg.model.preset if reference.names_preset else None, **ours,
         "image_size": cfg.data.image_size, "patch_size": cfg.model.patch_size, "batch_size": bs,
         "mask_ratio": cfg.masking.mask_ratio, "norm": cfg.model.norm, "channels": channels,
-        "threads": torch.get_num_threads(), "device": str(device), "timed_steps": rounds * steps,
+        "threads": torch.get_num_threads(), "device": str(device), "clock": clock, "timed_steps": rounds * steps,
         "rounds": rounds, "load_1min": [load_start, _load()],
     }
     doc: dict[str, Any] = {
@@ -409,7 +421,7 @@ def format_speed(doc: dict[str, Any]) -> str:
     lines = [
         f"pretraining step throughput: {backbone}{' ' + s['model'] if s.get('model') else ''}, {s['image_size']}px, patch {s['patch_size']}, "
         f"batch {s['batch_size']}, mask {s['mask_ratio']}, {s['channels']} channel(s), {s['threads']} threads, "
-        f"{s['device']}; median of {s['timed_steps']} steps in {s['rounds']} interleaved rounds; "
+        f"{s['device']}, {s.get('clock', 'wall')} clock; median of {s['timed_steps']} steps in {s['rounds']} interleaved rounds; "
         f"load (1 min) at start, end: {load}",
         f"  ours:      {reference.describe(s)}",
         f"  {label + ':':<10} {reference.describe(doc['reference']['setting'])}",

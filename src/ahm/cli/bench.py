@@ -37,6 +37,8 @@ def speed(
     threads: Optional[int] = typer.Option(None, help="torch threads (default: torch's choice)."),
     profile: int = typer.Option(0, "--profile", help="Also profile one step of each candidate (torch.profiler) "
                                 "and show this many operators by self CPU time."),
+    clock: str = typer.Option("wall", "--clock", help="wall: seconds per step; cpu: this process's CPU seconds "
+                              "per step (CPU only; far steadier on a machine shared with other jobs)."),
     as_json: bool = typer.Option(False, "--json", help="Print the JSON document only."),
 ) -> None:
     """Step throughput of each masking policy vs MONAI's own model at exactly the same size, same threads.
@@ -60,7 +62,7 @@ def speed(
         names = [p.strip() for p in policies.split(",") if p.strip()] if policies else None
         note = None if (is_quiet() or as_json) else (lambda msg: console.print(f"[dim]{msg}[/]"))
         return run_speed(cfg, names, channels=channels, steps=steps, warmup=warmup, rounds=rounds,
-                         threads=threads, progress=note, profile_rows=profile)
+                         threads=threads, progress=note, profile_rows=profile, clock=clock)
 
     doc = run_guarded(go)
     if as_json:
