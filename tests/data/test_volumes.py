@@ -238,6 +238,82 @@ def test_a_dicom_series_without_pixel_spacing_is_refused(tmp_path):
         open_dataset(root, _cfg())
 
 
+def _frames(k: int = 4) -> np.ndarray:
+    return np.stack([np.full((6, 5), 100 * (j + 1), np.int16) for j in range(k)])
+
+
+_GEOMETRY = dict(ImageOrientationPatient=[1, 0, 0, 0, 1, 0], ImagePositionPatient=[0, 0, 0])
+
+
+@pytest.mark.parametrize("fields,why", [
+    (dict(SliceThickness=2.0, **_GEOMETRY), "no PixelSpacing > 0"),
+    (dict(PixelSpacing=[0.0, 0.5], SliceThickness=2.0, **_GEOMETRY), "no PixelSpacing > 0"),
+    (dict(PixelSpacing=[0.5, 0.5], **_GEOMETRY), "no slice step"),
+    (dict(PixelSpacing=[0.5, 0.5], SliceThickness=0.0, **_GEOMETRY), "no slice step"),
+])
+def test_a_multiframe_dicom_without_voxel_size_is_refused_in_3d_and_read_in_2d(tmp_path, fields, why):
+    from reader_samples import write_dicom_frames
+
+    root = tmp_path / "mf"
+    path = write_dicom_frames(root / "images" / "vol.dcm", _frames(), **fields)
+    with pytest.raises(AhmError, match=rf"vol\.dcm: the multi-frame DICOM file .*{why}") as info:
+        open_dataset(root, _cfg())
+    assert "\n" not in str(info.value)
+    # Also when the path reaches the 3D reading another way than through a layout.
+    from ahm.data.volumes import preprocess_volumes
+
+    with pytest.raises(AhmError, match=why):
+        preprocess_volumes(_cfg())({"image": path})
+    # 2D is unchanged: the frames are slices, read as before.
+    sliced = open_dataset(root, DataConfig())
+    assert len(sliced.items) == 4
+
+
+def test_a_multiframe_dicom_with_its_geometry_in_functional_groups_is_read_in_3d(tmp_path):
+    from reader_samples import write_dicom_frames
+
+    root = tmp_path / "mf"
+    write_dicom_frames(root / "images" / "vol.dcm", _frames(),
+                       PixelMeasuresSequence={"PixelSpacing": [0.5, 0.75], "SpacingBetweenSlices": 2.5},
+                       PlaneOrientationSequence={"ImageOrientationPatient": [1, 0, 0, 0, 1, 0]})
+    _, dataset = _all(root, _cfg(spacing=None, orientation="LPS"), labels=False, train=False)
+    # PixelSpacing is (rows, columns): x steps by the column spacing 0.75, y by the row spacing 0.5.
+    assert preprocessed_spacing(dataset[0]) == pytest.approx((0.75, 0.5, 2.5))
+
+
+@pytest.mark.parametrize("edit,why", [
+    (lambda ds: setattr(ds, "PixelSpacing", [0.0, 0.0]), "no PixelSpacing > 0"),
+    (lambda ds: (delattr(ds, "ImagePositionPatient"), delattr(ds, "SliceThickness")), "no slice step"),
+    (lambda ds: (setattr(ds, "ImagePositionPatient", [0, 0, 0]), delattr(ds, "SliceThickness")),
+     "no slice step"),  # every slice at one place: no distance between them
+])
+def test_a_dicom_series_without_voxel_size_is_refused_in_3d_and_read_in_2d(tmp_path, edit, why):
+    import pydicom
+    from reader_samples import write_dicom_series
+
+    root = tmp_path / "dicom"
+    for path in write_dicom_series(root / "images" / "case0", np.zeros((3, 6, 5), np.int16)):
+        ds = pydicom.dcmread(path)
+        edit(ds)
+        ds.save_as(path)
+    with pytest.raises(AhmError, match=rf"case0: the DICOM series .*{why}"):
+        open_dataset(root, _cfg())
+    assert len(open_dataset(root, DataConfig()).items) == 3
+
+
+def test_a_dicom_series_without_positions_steps_by_its_slice_spacing(tmp_path):
+    import pydicom
+    from reader_samples import write_dicom_series
+
+    root = tmp_path / "dicom"
+    for path in write_dicom_series(root / "images" / "case0", np.zeros((3, 6, 5), np.int16), positions=False):
+        ds = pydicom.dcmread(path)
+        ds.SpacingBetweenSlices = 2.5  # the step between slices; SliceThickness (2) is how thick each is
+        ds.save_as(path)
+    _, dataset = _all(root, _cfg(modality="ct", spacing=None, orientation="LPS"), labels=False, train=False)
+    assert preprocessed_spacing(dataset[0]) == pytest.approx((0.75, 0.5, 2.5))
+
+
 def test_a_dicom_series_in_3d_is_one_ct_volume(tmp_path):
     from reader_samples import write_dicom_series
 
