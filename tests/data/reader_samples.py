@@ -138,3 +138,42 @@ def set_nifti_shape(data: bytes, shape: tuple[int, ...]) -> bytes:
     dims = [len(shape), *shape] + [1] * (7 - len(shape))
     out[40:56] = struct.pack("<8h", *dims)
     return bytes(out)
+
+
+def write_dicom_frames(path: Path, stored: np.ndarray, **fields) -> Path:
+    """Write `stored` [frames, rows, cols] int16 as one multi-frame MR file with only the header `fields`
+    given (geometry included: none unless asked for). A value that is a dict of {field: value} becomes a
+    one-item sequence of that name (PixelMeasuresSequence, ...) inside SharedFunctionalGroupsSequence."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = MRImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = MRImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "MR"
+    ds.Rows, ds.Columns = stored.shape[1:]
+    ds.NumberOfFrames = stored.shape[0]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    shared = Dataset()
+    for key, value in fields.items():
+        if isinstance(value, dict):
+            item = Dataset()
+            for sub, v in value.items():
+                setattr(item, sub, v)
+            setattr(shared, key, Sequence([item]))
+        else:
+            setattr(ds, key, value)
+    if len(shared):
+        ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    ds.PixelData = np.ascontiguousarray(stored.astype("<i2")).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path

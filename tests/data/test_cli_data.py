@@ -176,6 +176,55 @@ def test_skip_bad_turns_problems_into_a_warning_count(tmp_path: Path):
     assert str(bad) in result.output.replace("\n", "")
 
 
+def test_check_in_3d_reads_whole_volumes_and_names_what_3d_refuses(tmp_path: Path):
+    import pydicom
+    from fixtures import make_msd_volume_fixture
+    from reader_samples import write_dicom_series
+
+    task = make_msd_volume_fixture(tmp_path / "msd")
+    result = ahm("data", "check", str(task), "--spatial-dims", "3", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["items"] == report["volumes"] == 5 and report["problems"] == []
+    assert "25x30x10" in report["sizes"]  # whole volumes, not the slices the 2D check counts
+    assert json.loads(ahm("data", "check", str(task), "--json").stdout)["items"] == 50
+
+    pngs = make_folder_fixture(tmp_path / "pngs")
+    assert ahm("data", "check", str(pngs)).exit_code == 0
+    result = ahm("data", "check", str(pngs), "--spatial-dims", "3")
+    assert result.exit_code == 2  # nothing left to check: one error line, the first problem named
+    assert "p00__0.png: a 2D image has no voxel spacing" in result.output.replace("\n", "")
+
+    dicom = tmp_path / "dicom"
+    for path in write_dicom_series(dicom / "images" / "case0", np.zeros((3, 6, 5), np.int16)):
+        ds = pydicom.dcmread(path)
+        del ds.PixelSpacing
+        ds.save_as(path)
+    assert ahm("data", "check", str(dicom)).exit_code == 0  # 2D reads the slices, as before
+    result = ahm("data", "check", str(dicom), "--spatial-dims", "3")
+    assert result.exit_code == 2
+    assert "case0: the DICOM series has no PixelSpacing > 0" in result.output.replace("\n", "")
+    assert "Traceback" not in result.output
+
+    # One label saved on a shifted grid among good volumes: listed as a problem naming both files, exit 1.
+    import nibabel as nib
+
+    mixed = make_folder_volume_fixture(tmp_path / "mixed")
+    label = mixed / "masks" / "case1.nii.gz"
+    stored = nib.load(str(label))
+    shifted = stored.affine.copy()
+    shifted[:3, 3] += 5.0
+    nib.save(nib.Nifti1Image(np.asarray(stored.dataobj), shifted), str(label))
+    assert ahm("data", "check", str(mixed)).exit_code == 0  # 2D slices never compare the grids
+    result = ahm("data", "check", str(mixed), "--spatial-dims", "3")
+    text = result.output.replace("\n", "")
+    assert result.exit_code == 1 and "images    2 (1 readable)" in text
+    assert f"{label}: label volume lies on another grid than image volume {mixed / 'images' / 'case1.nii.gz'}" in text
+
+    result = ahm("data", "check", str(task), "--spatial-dims", "4")
+    assert result.exit_code == 2 and "spatial_dims" in result.output
+
+
 def test_bad_option_is_named(tmp_path: Path):
     root = make_folder_fixture(tmp_path / "set")
     result = ahm("data", "check", str(root), "--slice-axis", "5")

@@ -238,6 +238,82 @@ def test_a_dicom_series_without_pixel_spacing_is_refused(tmp_path):
         open_dataset(root, _cfg())
 
 
+def _frames(k: int = 4) -> np.ndarray:
+    return np.stack([np.full((6, 5), 100 * (j + 1), np.int16) for j in range(k)])
+
+
+_GEOMETRY = dict(ImageOrientationPatient=[1, 0, 0, 0, 1, 0], ImagePositionPatient=[0, 0, 0])
+
+
+@pytest.mark.parametrize("fields,why", [
+    (dict(SliceThickness=2.0, **_GEOMETRY), "no PixelSpacing > 0"),
+    (dict(PixelSpacing=[0.0, 0.5], SliceThickness=2.0, **_GEOMETRY), "no PixelSpacing > 0"),
+    (dict(PixelSpacing=[0.5, 0.5], **_GEOMETRY), "no slice step"),
+    (dict(PixelSpacing=[0.5, 0.5], SliceThickness=0.0, **_GEOMETRY), "no slice step"),
+])
+def test_a_multiframe_dicom_without_voxel_size_is_refused_in_3d_and_read_in_2d(tmp_path, fields, why):
+    from reader_samples import write_dicom_frames
+
+    root = tmp_path / "mf"
+    path = write_dicom_frames(root / "images" / "vol.dcm", _frames(), **fields)
+    with pytest.raises(AhmError, match=rf"vol\.dcm: the multi-frame DICOM file .*{why}") as info:
+        open_dataset(root, _cfg())
+    assert "\n" not in str(info.value)
+    # Also when the path reaches the 3D reading another way than through a layout.
+    from ahm.data.volumes import preprocess_volumes
+
+    with pytest.raises(AhmError, match=why):
+        preprocess_volumes(_cfg())({"image": path})
+    # 2D is unchanged: the frames are slices, read as before.
+    sliced = open_dataset(root, DataConfig())
+    assert len(sliced.items) == 4
+
+
+def test_a_multiframe_dicom_with_its_geometry_in_functional_groups_is_read_in_3d(tmp_path):
+    from reader_samples import write_dicom_frames
+
+    root = tmp_path / "mf"
+    write_dicom_frames(root / "images" / "vol.dcm", _frames(),
+                       PixelMeasuresSequence={"PixelSpacing": [0.5, 0.75], "SpacingBetweenSlices": 2.5},
+                       PlaneOrientationSequence={"ImageOrientationPatient": [1, 0, 0, 0, 1, 0]})
+    _, dataset = _all(root, _cfg(spacing=None, orientation="LPS"), labels=False, train=False)
+    # PixelSpacing is (rows, columns): x steps by the column spacing 0.75, y by the row spacing 0.5.
+    assert preprocessed_spacing(dataset[0]) == pytest.approx((0.75, 0.5, 2.5))
+
+
+@pytest.mark.parametrize("edit,why", [
+    (lambda ds: setattr(ds, "PixelSpacing", [0.0, 0.0]), "no PixelSpacing > 0"),
+    (lambda ds: (delattr(ds, "ImagePositionPatient"), delattr(ds, "SliceThickness")), "no slice step"),
+    (lambda ds: (setattr(ds, "ImagePositionPatient", [0, 0, 0]), delattr(ds, "SliceThickness")),
+     "no slice step"),  # every slice at one place: no distance between them
+])
+def test_a_dicom_series_without_voxel_size_is_refused_in_3d_and_read_in_2d(tmp_path, edit, why):
+    import pydicom
+    from reader_samples import write_dicom_series
+
+    root = tmp_path / "dicom"
+    for path in write_dicom_series(root / "images" / "case0", np.zeros((3, 6, 5), np.int16)):
+        ds = pydicom.dcmread(path)
+        edit(ds)
+        ds.save_as(path)
+    with pytest.raises(AhmError, match=rf"case0: the DICOM series .*{why}"):
+        open_dataset(root, _cfg())
+    assert len(open_dataset(root, DataConfig()).items) == 3
+
+
+def test_a_dicom_series_without_positions_steps_by_its_slice_spacing(tmp_path):
+    import pydicom
+    from reader_samples import write_dicom_series
+
+    root = tmp_path / "dicom"
+    for path in write_dicom_series(root / "images" / "case0", np.zeros((3, 6, 5), np.int16), positions=False):
+        ds = pydicom.dcmread(path)
+        ds.SpacingBetweenSlices = 2.5  # the step between slices; SliceThickness (2) is how thick each is
+        ds.save_as(path)
+    _, dataset = _all(root, _cfg(modality="ct", spacing=None, orientation="LPS"), labels=False, train=False)
+    assert preprocessed_spacing(dataset[0]) == pytest.approx((0.75, 0.5, 2.5))
+
+
 def test_a_dicom_series_in_3d_is_one_ct_volume(tmp_path):
     from reader_samples import write_dicom_series
 
@@ -298,18 +374,86 @@ def test_an_nrrd_volume_in_3d_keeps_its_spacing(tmp_path):
     assert input_grid(sample)[1] == (4, 5, 6)
 
 
-def test_whole_volumes_batch_through_monai_collate_and_invert(task):
-    from monai.data import decollate_batch, list_data_collate
+def test_whole_volumes_batch_through_the_evaluation_loader_and_invert(task):
+    from monai.data import decollate_batch
 
     from ahm.data.dataset import normalization_rule
+    from ahm.data.volumes import evaluation_loader
 
-    cfg = _cfg()
+    cfg = _cfg(spacing=(1.5, 1.5, 1.5))  # resampled and padded: every inverse step has work to do
     index, dataset = _all(task, cfg, labels=True, train=False)
     assert normalization_rule(cfg, index) == "mri z-score"
-    loader = torch.utils.data.DataLoader(dataset, batch_size=1, collate_fn=list_data_collate)
-    for batch in loader:
+    seen = []
+    for batch in evaluation_loader(dataset):
         assert batch["image"].ndim == 5
         sample = decollate_batch(batch)[0]
         back = invert_prediction(sample["label"], sample, dataset.preprocess, nearest=True)
         stored = nib.load(str(index.by_id()[sample["id"]].mask))
         assert tuple(back.shape[1:]) == stored.shape and np.allclose(back.affine.numpy(), stored.affine)
+        seen.append(sample["id"])
+    assert seen == [item.id for item in index.items]
+
+
+def test_torch_default_collate_is_refused_by_the_inverse_in_one_line(task, monkeypatch):
+    from monai.data import MetaTensor, decollate_batch
+    from torch.utils.data._utils.collate import default_collate_fn_map
+
+    from ahm.data.volumes import evaluation_loader
+
+    # list_data_collate teaches torch's default collate about MetaTensors for the rest of the process, once it
+    # has run; a process (or loader worker) where it never ran merges the records, which is the case here.
+    monkeypatch.delitem(default_collate_fn_map, MetaTensor, raising=False)
+    cfg = _cfg(spacing=(1.5, 1.5, 1.5))
+    index, dataset = _all(task, cfg, labels=True, train=False)
+    batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=1)))  # torch's default collate
+    sample = decollate_batch(batch)[0]
+    with pytest.raises(AhmError, match="merged by torch's default collate; .*evaluation_loader"):
+        invert_prediction(sample["label"], sample, dataset.preprocess, nearest=True)
+    batch = next(iter(evaluation_loader(dataset)))
+    with pytest.raises(AhmError, match="the sample is a batch"):
+        invert_prediction(batch["label"][0], batch, dataset.preprocess, nearest=True)
+    _, train = _all(task, cfg, labels=True, train=True)
+    with pytest.raises(AhmError, match="evaluation_loader: the dataset gives random training crops"):
+        evaluation_loader(train)
+
+
+# ------------------------------------------------------------------------------------------ label grid
+
+
+def _labelled_pair(root: Path, label_affine: np.ndarray, label: np.ndarray | None = None) -> Path:
+    image = (np.arange(8 * 9 * 5, dtype=np.float32).reshape(8, 9, 5) + 1)
+    label = (image > 200).astype(np.uint8) if label is None else label
+    for sub, arr, affine in (("images", image, oblique_affine()), ("masks", label, label_affine)):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(arr, affine), str(root / sub / "case.nii.gz"))
+    return root
+
+
+def _shifted(dx: float) -> np.ndarray:
+    affine = oblique_affine()
+    affine[0, 3] += dx
+    return affine
+
+
+def _flipped() -> np.ndarray:
+    # The same voxels stored the other way along the first axis: a label saved in another orientation.
+    affine = oblique_affine()
+    return affine @ np.array([[-1.0, 0, 0, 7], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+
+
+@pytest.mark.parametrize("label_affine", [_shifted(2.0), _flipped()], ids=["origin", "orientation"])
+def test_a_label_on_another_grid_than_its_image_is_refused_naming_both(tmp_path, label_affine):
+    root = _labelled_pair(tmp_path / "set", label_affine)
+    cfg = _cfg(spacing=None)
+    index, dataset = _all(root, cfg, labels=True, train=False)
+    with pytest.raises(AhmError) as info:
+        dataset[0]
+    message = str(info.value)
+    assert message.startswith(str(root / "masks" / "case.nii.gz")) and str(root / "images" / "case.nii.gz") in message
+    assert "another grid" in message and "\n" not in message
+
+
+def test_a_label_grid_within_round_off_of_its_image_is_accepted(tmp_path):
+    root = _labelled_pair(tmp_path / "set", _shifted(1e-4))  # far below a tenth of the 0.8 mm voxel
+    _, dataset = _all(root, _cfg(spacing=None), labels=True, train=False)
+    assert tuple(dataset[0]["label"].shape) == tuple(dataset[0]["image"].shape)

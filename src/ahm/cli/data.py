@@ -161,6 +161,12 @@ def check(
     slice_axis: int = typer.Option(
         2, "--slice-axis", help="Axis along which volumes are sliced (0, 1 or 2)."
     ),
+    spatial_dims: int = typer.Option(
+        2,
+        "--spatial-dims",
+        help="2: volumes as slices (as 2D training reads them); 3: whole volumes (as data.spatial_dims 3 reads "
+        "them: 2D files and volumes without voxel spacing are problems).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     skip_bad: bool = typer.Option(
         False,
@@ -178,7 +184,7 @@ def check(
     def go():
         cfg = build_config(
             DataConfig,
-            overrides={"path": str(path), "layout": layout, "slice_axis": slice_axis},
+            overrides={"path": str(path), "layout": layout, "slice_axis": slice_axis, "spatial_dims": spatial_dims},
             source="options",
         )
         with _LazyBar("reading") as bar:

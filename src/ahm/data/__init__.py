@@ -36,6 +36,7 @@ _EXPORTS: dict[str, str] = {
     # volumes (data.spatial_dims 3)
     "VolumeDataset": "volumes",
     "check_crop": "volumes",
+    "evaluation_loader": "volumes",
     "input_grid": "volumes",
     "invert_prediction": "volumes",
     "preprocess_volumes": "volumes",
@@ -75,6 +76,7 @@ __all__ = [
     "check_dataset",
     "count_slices",
     "detect_layout",
+    "evaluation_loader",
     "format_report",
     "input_grid",
     "invert_prediction",
@@ -146,6 +148,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ahm.data.volumes import (
         VolumeDataset,
         check_crop,
+        evaluation_loader,
         input_grid,
         invert_prediction,
         preprocess_volumes,

@@ -348,34 +348,74 @@ def _floats(value, n: int) -> np.ndarray | None:
     return arr if arr.shape == (n,) and np.isfinite(arr).all() else None
 
 
-def _affine(info: DicomInfo) -> np.ndarray:
-    """Voxel (column, row, frame) -> RAS+ mm; identity-like where the header gives no geometry."""
+def slice_step(first: np.ndarray | None, last: np.ndarray | None, count: int, normal: np.ndarray,
+               between: np.ndarray | None, thickness: np.ndarray | None) -> np.ndarray | None:
+    """The voxel step along the slice axis (LPS mm): first to last slice position over `count - 1`, else
+    `normal` times SpacingBetweenSlices, else times SliceThickness (each used only when > 0); None when the
+    header gives none of them. Shared by multi-frame files and series so the affine and the 3D spacing check
+    agree on what is known."""
+    if count > 1 and first is not None and last is not None and np.linalg.norm(last - first) > 1e-9:
+        return (last - first) / (count - 1)
+    for value in (between, thickness):
+        if value is not None and float(value[0]) > 0:
+            return normal * float(value[0])
+    return None
+
+
+def _measure(ds, name: str) -> Any:
+    """A PixelMeasuresSequence field: top level or shared groups, else the first frame's own groups."""
+    value = _group_value(ds, "PixelMeasuresSequence", name)
+    return value if value is not None else _group_value(ds, "PixelMeasuresSequence", name, 0)
+
+
+def _geometry(info: DicomInfo) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None,
+                                       np.ndarray | None]:
+    """Row and column directions, PixelSpacing (None when absent or not > 0), first frame position and slice
+    step (None when unknown), all LPS, as the header gives them."""
     ds = info.ds
     try:
         iop = _floats(_group_value(ds, "PlaneOrientationSequence", "ImageOrientationPatient"), 6)
-        spacing = _floats(_group_value(ds, "PixelMeasuresSequence", "PixelSpacing"), 2)
+        spacing = _floats(_measure(ds, "PixelSpacing"), 2)
         first = _floats(_group_value(ds, "PlanePositionSequence", "ImagePositionPatient", 0), 3)
         last = (
             _floats(_group_value(ds, "PlanePositionSequence", "ImagePositionPatient", info.frames - 1), 3)
             if info.frames > 1
             else None
         )
-        thickness = _floats([_group_value(ds, "PixelMeasuresSequence", "SpacingBetweenSlices")], 1)
-        if thickness is None:
-            thickness = _floats([_group_value(ds, "PixelMeasuresSequence", "SliceThickness")], 1)
+        between = _floats([_measure(ds, "SpacingBetweenSlices")], 1)
+        thickness = _floats([_measure(ds, "SliceThickness")], 1)
     except Exception:  # noqa: BLE001 - geometry is optional; without it the affine is the identity
-        iop = spacing = first = last = thickness = None
+        iop = spacing = first = last = between = thickness = None
     row, col = np.array([1.0, 0, 0]), np.array([0, 1.0, 0])
     if iop is not None and np.linalg.norm(np.cross(iop[:3], iop[3:])) > 1e-6:
         row, col = iop[:3] / np.linalg.norm(iop[:3]), iop[3:] / np.linalg.norm(iop[3:])
-    if spacing is None or (spacing <= 0).any():
+    if spacing is not None and (spacing <= 0).any():
+        spacing = None
+    step = slice_step(first, last, info.frames, np.cross(row, col), between, thickness)
+    return row, col, spacing, first, step
+
+
+def spacing_problem(info: DicomInfo) -> str | None:
+    """Why a multi-frame file's voxel size is unknown (one line naming it), or None: PixelSpacing > 0 and a
+    slice step are what 3D resampling needs; `_affine` would otherwise put 1 mm in their place."""
+    _, _, spacing, _, step = _geometry(info)
+    if spacing is None:
+        return (f"{info.path}: the multi-frame DICOM file has no PixelSpacing > 0 (top level or "
+                "PixelMeasuresSequence), so its voxel size is unknown")
+    if step is None:
+        return (f"{info.path}: the multi-frame DICOM file gives no slice step (distinct ImagePositionPatient "
+                "of its frames, SpacingBetweenSlices or SliceThickness > 0), so its slice spacing is unknown")
+    return None
+
+
+def _affine(info: DicomInfo) -> np.ndarray:
+    """Voxel (column, row, frame) -> RAS+ mm; 1 mm and the identity where the header gives no geometry (the 2D
+    path reads such files; the 3D path refuses them first, `spacing_problem`)."""
+    row, col, spacing, first, step = _geometry(info)
+    if spacing is None:
         spacing = np.array([1.0, 1.0])
-    normal = np.cross(row, col)
-    if first is not None and last is not None and np.linalg.norm(last - first) > 1e-9:
-        step = (last - first) / (info.frames - 1)
-    else:
-        t = float(thickness[0]) if thickness is not None and thickness[0] > 0 else 1.0
-        step = normal * t
+    if step is None:
+        step = np.cross(row, col)
     lps = np.eye(4)
     lps[:3, 0] = row * spacing[1]  # PixelSpacing is (between rows, between columns)
     lps[:3, 1] = col * spacing[0]

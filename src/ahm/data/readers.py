@@ -407,20 +407,31 @@ def is_volume_file(path: str | os.PathLike) -> bool:
 def volume_spacing_problem(path: str | os.PathLike) -> str | None:
     """Why a volume cannot be resampled in 3D (one line naming it), from its header(s); None when it can.
 
-    A 2D file (one frame, one slice) has no slice spacing; a DICOM series without PixelSpacing would otherwise
-    be read at an invented 1 mm.
+    A 2D file (one frame, one slice) has no slice spacing. A DICOM series or multi-frame file needs
+    PixelSpacing > 0 and a slice step (distinct first and last ImagePositionPatient, SpacingBetweenSlices or
+    SliceThickness > 0): without them the reader puts an invented 1 mm in the affine, which the 2D path may
+    use (it never resamples) but 3D resampling must not. NIfTI, NRRD and MetaImage store a voxel size in the
+    header and are taken as they are (nibabel itself turns a zero NIfTI pixdim into 1 mm when reading, so a
+    zero there cannot be seen from here).
     """
     path = Path(path)
     if path.is_dir():
         slices = _dicom_scan(path)
         if len(slices) < 2:
             return f"{path}: a DICOM series of one slice has no slice spacing; data.spatial_dims 3 needs a volume"
-        if _float_list(slices[0].ds, "PixelSpacing", 2) is None:
-            return f"{path}: the DICOM series has no PixelSpacing, so its voxel size is unknown"
+        _, _, spacing, step = _series_geometry(slices)
+        if spacing is None:
+            return f"{path}: the DICOM series has no PixelSpacing > 0, so its voxel size is unknown"
+        if step is None:
+            return (f"{path}: the DICOM series gives no slice step (distinct ImagePositionPatient, "
+                    "SpacingBetweenSlices or SliceThickness > 0), so its slice spacing is unknown")
         return None
     if not is_volume_file(path):
         return f"{path}: a 2D image has no slice spacing; data.spatial_dims 3 needs a volume"
-    # NIfTI always has a voxel size: nibabel itself turns a zero pixdim into 1 mm when it reads the header.
+    if _suffix(path) in DICOM_SUFFIXES:
+        from ahm.data.dicom_file import spacing_problem
+
+        return spacing_problem(_dicom_file_info(path))
     return None
 
 
@@ -775,26 +786,41 @@ def _dicom_sort(slices: list[_Slice]) -> list[_Slice]:
     return sorted(slices, key=lambda s: s.path.name)
 
 
-def _dicom_affine(slices: list[_Slice]) -> np.ndarray:
-    """Voxel (column i, row j, slice k) -> RAS+ mm, the orientation NIfTI readers expect."""
+def _series_geometry(slices: list[_Slice]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Row and column directions, PixelSpacing (None when absent or not > 0) and slice step (None when the
+    positions, SpacingBetweenSlices and SliceThickness give none), LPS, of a sorted series."""
+    from ahm.data.dicom_file import slice_step
+
     ds = slices[0].ds
     row, col = _orientation(ds)
     spacing = _float_list(ds, "PixelSpacing", 2)
-    if spacing is None or (spacing <= 0).any():
+    if spacing is not None and (spacing <= 0).any():
+        spacing = None
+    step = slice_step(slices[0].position, slices[-1].position, len(slices), np.cross(row, col),
+                      _float_scalar(ds, "SpacingBetweenSlices"), _float_scalar(ds, "SliceThickness"))
+    return row, col, spacing, step
+
+
+def _float_scalar(ds, name: str) -> np.ndarray | None:
+    """A one-number header field as a 1-array (the form `slice_step` takes), None when absent or not finite."""
+    try:
+        value = getattr(ds, name, None)
+        out = None if value is None or value == "" else np.array([float(value)], dtype=np.float64)
+    except Exception:  # noqa: BLE001 - a corrupt header field counts as absent
+        return None
+    return out if out is not None and np.isfinite(out).all() else None
+
+
+def _dicom_affine(slices: list[_Slice]) -> np.ndarray:
+    """Voxel (column i, row j, slice k) -> RAS+ mm, the orientation NIfTI readers expect; 1 mm where the header
+    gives no spacing (the 2D path reads such series; the 3D path refuses them first, `volume_spacing_problem`)."""
+    row, col, spacing, step = _series_geometry(slices)
+    if spacing is None:
         spacing = np.array([1.0, 1.0])
+    if step is None:
+        step = np.cross(row, col)
     row_spacing, col_spacing = spacing  # PixelSpacing is (between rows, between columns)
     origin = slices[0].position if slices[0].position is not None else np.zeros(3)
-    normal = np.cross(row, col)
-    if len(slices) > 1 and slices[0].position is not None and slices[-1].position is not None:
-        step = (slices[-1].position - slices[0].position) / (len(slices) - 1)
-        if np.linalg.norm(step) < 1e-9:
-            step = normal
-    else:
-        try:
-            thickness = float(ds.SliceThickness) if getattr(ds, "SliceThickness", None) is not None else None
-        except Exception:  # noqa: BLE001 - a corrupt header field counts as absent
-            thickness = None
-        step = normal * (thickness if thickness and np.isfinite(thickness) and thickness > 0 else 1.0)
     lps = np.eye(4)
     lps[:3, 0] = row * col_spacing
     lps[:3, 1] = col * row_spacing

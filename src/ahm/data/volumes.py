@@ -104,9 +104,13 @@ class ReadVolumed(MapTransform):
         return MetaTensor(torch.from_numpy(np.ascontiguousarray(data)), affine=affine_t, meta=meta)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        from ahm.data.readers import read_label_volume, read_volume
+        from ahm.data.readers import read_label_volume, read_volume, volume_spacing_problem
 
         out = dict(data)
+        # Layouts refuse these when a dataset is opened; checked again here for paths that come another way.
+        problem = volume_spacing_problem(out[IMAGE])
+        if problem is not None:
+            raise AhmError(problem)
         image = read_volume(out[IMAGE])
         vol = image.data
         if self.channels is not None:
@@ -118,6 +122,11 @@ class ReadVolumed(MapTransform):
                 raise AhmError(f"{label.path}: label volume size {'x'.join(map(str, label.data.shape[:3]))} does "
                                f"not match image volume {image.path.name} "
                                f"({'x'.join(map(str, image.data.shape[:3]))})")
+            shift = _grid_shift_mm(image.affine, label.affine, image.data.shape[:3])
+            if shift > _GRID_TOLERANCE * _voxel_size(image.affine):
+                raise AhmError(f"{label.path}: label volume lies on another grid than image volume {image.path} "
+                               f"(its affine places voxels up to {shift:.3g} mm away; another orientation or "
+                               "origin); save the label on the image's grid")
             if self.label_values is not None:
                 bad = sorted(set(np.unique(label.data).tolist()) - set(self.label_values))
                 if bad:
@@ -128,6 +137,24 @@ class ReadVolumed(MapTransform):
         elif LABEL in out:
             del out[LABEL]
         return out
+
+
+# How far (in image voxels) a label's grid may sit from its image's before it is refused: float32 header
+# round-off and qform/sform re-encoding move corners by far less, a flipped axis or another origin by much more.
+_GRID_TOLERANCE = 0.1
+
+
+def _grid_shift_mm(a: np.ndarray, b: np.ndarray, shape: Sequence[int]) -> float:
+    """The largest distance in mm between where affines `a` and `b` put the same voxel of a `shape` grid
+    (checked at its corners, where an affine's difference is largest)."""
+    corners = np.array([[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1)
+                        for k in (0, shape[2] - 1)]).T
+    return float(np.linalg.norm((np.asarray(a, np.float64) @ corners - np.asarray(b, np.float64) @ corners)[:3],
+                                axis=0).max())
+
+
+def _voxel_size(affine: np.ndarray) -> float:
+    return float(np.linalg.norm(np.asarray(affine, np.float64)[:3, :3], axis=0).min())
 
 
 def _unify_channels(vol: np.ndarray, channels: int, path: Path) -> np.ndarray:
@@ -189,7 +216,23 @@ def preprocess_volumes(
         SpatialPadd(keys=keys, spatial_size=tuple(int(s) for s in cfg.crop_size), mode="constant",
                     allow_missing_keys=True),
     ]
-    return Compose(steps)
+    return _Preprocess(steps)
+
+
+class _Preprocess(Compose):
+    """MONAI wraps what a transform raises in a RuntimeError("applying transform ..."); a user error from
+    reading (a file named in one line) is raised as itself, so the caller sees that line, not a traceback."""
+
+    def __call__(self, input_: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]  # Compose's own
+        try:
+            return super().__call__(input_, *args, **kwargs)
+        except RuntimeError as exc:
+            cause: BaseException | None = exc
+            while cause is not None and not isinstance(cause, AhmError):
+                cause = cause.__cause__
+            if cause is None:
+                raise
+            raise cause from None
 
 
 # ------------------------------------------------------------------------------------------ training crops
@@ -267,15 +310,25 @@ class _OneSample(Compose):
 
 def invert_prediction(prediction: torch.Tensor, sample: Mapping[Hashable, Any], preprocess: Compose,
                       nearest: bool = False) -> MetaTensor:
-    """A prediction [C, *spatial] on the preprocessed grid of `sample` (one unbatched output of
-    `preprocess_volumes`, or a `VolumeDataset` sample without augmentation) mapped back onto the input
-    volume's grid: [C, *original spatial shape] with the input's affine, padding removed, orientation and
-    spacing undone. `nearest` for label maps (exact where no resampling happened), else linear (probabilities,
-    logits)."""
+    """A prediction [C, *spatial] on the preprocessed grid of `sample` mapped back onto the input volume's grid:
+    [C, *original spatial shape] with the input's affine, padding removed, orientation and spacing undone.
+    `nearest` for label maps (exact where no resampling happened), else linear (probabilities, logits).
+
+    `sample` is one unbatched output of `preprocess_volumes`, a `VolumeDataset` sample without augmentation,
+    or one element of `monai.data.decollate_batch` of a batch from `evaluation_loader`. A batch made by torch's
+    default collate has lost the per-transform record the inverse needs and is refused."""
     image = sample[IMAGE]
     if not isinstance(image, MetaTensor) or not image.applied_operations:
         raise AhmError("invert_prediction: the sample carries no preprocessing record (use a whole-volume sample "
                        "from preprocess_volumes)")
+    if image.is_batch:
+        raise AhmError("invert_prediction: the sample is a batch; pass one element of "
+                       "monai.data.decollate_batch(batch)")
+    ops = image.applied_operations
+    if not isinstance(ops, list) or not all(isinstance(op, Mapping) and "class" in op for op in ops):
+        raise AhmError("invert_prediction: the sample's preprocessing record was merged by torch's default "
+                       "collate; load whole volumes with ahm.data.volumes.evaluation_loader (MONAI "
+                       "list_data_collate) and decollate_batch each batch")
     pred = torch.as_tensor(prediction.as_tensor() if hasattr(prediction, "as_tensor") else prediction)
     if tuple(pred.shape[1:]) != tuple(image.shape[1:]):
         raise AhmError(f"invert_prediction: prediction of spatial shape {tuple(pred.shape[1:])} does not match "
@@ -283,6 +336,20 @@ def invert_prediction(prediction: torch.Tensor, sample: Mapping[Hashable, Any], 
     inverse = Invertd(keys=PRED, transform=preprocess, orig_keys=IMAGE, nearest_interp=nearest, to_tensor=True)
     data: dict[Hashable, Any] = {PRED: MetaTensor(pred.float(), meta=copy.deepcopy(dict(image.meta))), IMAGE: image}
     return inverse(data)[PRED]
+
+
+def evaluation_loader(dataset: VolumeDataset, workers: int = 0) -> torch.utils.data.DataLoader:
+    """The loader for whole preprocessed volumes (validation, evaluation, prediction): one volume a batch (their
+    shapes differ), in order, collated by MONAI's `list_data_collate`, which keeps each MetaTensor's
+    preprocessing record; `monai.data.decollate_batch(batch)[0]` is then a sample `invert_prediction` takes.
+    A training (augmented) dataset is refused: its random crops have no inverse onto the input grid."""
+    from monai.data import list_data_collate
+
+    if dataset.augment is not None:
+        raise AhmError("evaluation_loader: the dataset gives random training crops; open it with train=False "
+                       "for whole volumes")
+    return torch.utils.data.DataLoader(dataset, batch_size=1, shuffle=False, num_workers=int(workers),
+                                       collate_fn=list_data_collate)
 
 
 def preprocessed_spacing(sample: Mapping[Hashable, Any]) -> tuple[float, ...]:
@@ -314,8 +381,8 @@ class VolumeDataset(torch.utils.data.Dataset):
     """3D samples of `items`: the preprocessed volume (`preprocess`), then, when `augment` is given, its random
     crop `{"image": [C, *crop] float, "label": [*crop] long, "index": i}` seeded by (seed, epoch, i) like
     `ArrayDataset`; without `augment` the whole preprocessed volume as MetaTensors (image [C, ...], label
-    [1, ...]) with `"id"` and `"index"`, for sliding-window inference and `invert_prediction` (batch size 1, or
-    MONAI's `list_data_collate`). `cache` keeps preprocessed volumes in memory after their first read (a copy
+    [1, ...]) with `"id"` and `"index"`, for sliding-window inference and `invert_prediction`, loaded with
+    `evaluation_loader` (torch's default collate loses what the inverse needs). `cache` keeps preprocessed volumes in memory after their first read (a copy
     is augmented, never the cached one)."""
 
     def __init__(self, items: list[Item], preprocess: Compose, augment: Compose | None = None, *,
