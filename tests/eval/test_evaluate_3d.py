@@ -80,11 +80,26 @@ def test_evaluate_scores_whole_volumes_with_hd95_in_mm(run3d: Path, task: Path) 
     assert "HD95 in mm" in report and "per_volume.csv" in report and "preprocessed grid" in report
 
 
+def test_unetr_run_on_volumes_evaluates_and_predicts(task: Path, tmp_path: Path) -> None:
+    run = make_run_3d(tmp_path / "run", task, segmenter="unetr")
+    loaded = load_run(run)
+    assert loaded.model.spatial_dims == 3 and loaded.roi_size == (16, 16, 16)
+    metrics = evaluate(run, task, split="all", report=False)
+    assert metrics["hd95_unit"] == "mm" and len(metrics["volume_level"]["per_volume"]) == 4
+    source = task / "imagesTr" / "ball_002.nii.gz"
+    predict(run, [source], tmp_path / "out")
+    ref, mask = nib.load(str(source)), nib.load(str(tmp_path / "out" / "ball_002_mask.nii.gz"))
+    assert mask.shape == ref.shape and np.allclose(mask.affine, ref.affine, atol=1e-6)
+
+
 def test_overlap_is_used_and_refused_out_of_range(run3d: Path, task: Path) -> None:
     metrics = evaluate(run3d, task, split="all", overlap=0.25, report=False)
     assert metrics["sliding_window"]["overlap"] == 0.25
-    with pytest.raises(AhmError, match="overlap"):
+    with pytest.raises(AhmError, match="--overlap 1.0"):
         evaluate(run3d, task, split="all", overlap=1.0, report=False)
+    with pytest.raises(AhmError, match="--overlap -0.1"):
+        predict(run3d, [task / "imagesTr" / "ball_001.nii.gz"], task.parent / "never", overlap=-0.1)
+    assert not (task.parent / "never").exists()
 
 
 def test_cli_evaluate_states_mm_and_the_grid(run3d: Path, task: Path) -> None:

@@ -299,6 +299,13 @@ def check_spatial_dims(run: LoadedRun, spatial_dims: int | None) -> None:
                        f"use --spatial-dims {run.spatial_dims} or leave the option out")
 
 
+def check_overlap(overlap: float) -> float:
+    """Refuse a sliding-window `--overlap` outside [0, 1) before any volume is read or any file written."""
+    if not 0.0 <= float(overlap) < 1.0:
+        raise AhmError(f"--overlap {overlap}: the share of a window shared with its neighbour must be in [0, 1)")
+    return float(overlap)
+
+
 def volume_grid_description(data_cfg) -> str:
     """Where a 3D run's predictions are scored, in words for metrics.json and the report."""
     spacing = ("each volume's own spacing" if data_cfg.spacing is None
@@ -480,7 +487,7 @@ def evaluate(run_dir: str | Path, data_dir: str | Path | None = None, split: str
     if data_path is None:
         raise AhmError("--data: no dataset given and the run's config records none")
     if loaded.spatial_dims == 3:
-        metrics = _evaluate_volumes(loaded, data_path, split, empty, overlap)
+        metrics = _evaluate_volumes(loaded, data_path, split, empty, check_overlap(overlap))
         if report:
             from ahm.eval.report import write_report
 

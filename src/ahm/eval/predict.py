@@ -23,7 +23,14 @@ from typing import Any
 import numpy as np
 
 from ahm.errors import AhmError
-from ahm.eval.evaluate import LoadedRun, check_spatial_dims, load_run, predict_labels, predict_volume_labels
+from ahm.eval.evaluate import (
+    LoadedRun,
+    check_overlap,
+    check_spatial_dims,
+    load_run,
+    predict_labels,
+    predict_volume_labels,
+)
 from ahm.io import write_bytes
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii")
@@ -286,6 +293,7 @@ def predict(run_dir: str | Path, inputs: list[Path], out_dir: str | Path, overla
         raise AhmError("no inputs given")
     jobs = _plan([Path(p) for p in inputs], out_dir, overlay)
     if run.spatial_dims == 3:
+        check_overlap(overlap)
         flat = next((job.source for job in jobs if not job.volume), None)
         if flat is not None:
             raise AhmError(f"{flat}: a 2D image, but the model in {run.run_dir} was fine-tuned on volumes "
