@@ -92,6 +92,19 @@ def test_unetr_run_on_volumes_evaluates_and_predicts(task: Path, tmp_path: Path)
     assert mask.shape == ref.shape and np.allclose(mask.affine, ref.affine, atol=1e-6)
 
 
+def test_a_bad_label_volume_is_one_error_naming_it(task: Path, tmp_path: Path) -> None:
+    import shutil
+
+    data = tmp_path / "task"
+    shutil.copytree(task, data)
+    broken = data / "labelsTr" / "ball_002.nii.gz"
+    labels = nib.load(str(broken))
+    nib.save(nib.Nifti1Image(np.full(labels.shape, 7, np.uint8), labels.affine), str(broken))  # not a declared label
+    run = make_run_3d(tmp_path / "run", data)
+    with pytest.raises(AhmError, match=r"ball_002\.nii\.gz: label values 7"):
+        evaluate(run, data, split="all", report=False)
+
+
 def test_overlap_is_used_and_refused_out_of_range(run3d: Path, task: Path) -> None:
     metrics = evaluate(run3d, task, split="all", overlap=0.25, report=False)
     assert metrics["sliding_window"]["overlap"] == 0.25
@@ -140,6 +153,24 @@ def test_predict_keeping_each_volumes_spacing(task: Path, tmp_path: Path) -> Non
     ref, mask = nib.load(str(source)), nib.load(str(tmp_path / "out" / "ball_003_mask.nii.gz"))
     assert result["n_ok"] == 1 and mask.shape == ref.shape
     np.testing.assert_allclose(mask.affine, ref.affine, atol=1e-6)
+
+
+def test_predict_nrrd_volume_gets_its_affine_and_a_bad_input_is_listed(run3d: Path, tmp_path: Path) -> None:
+    import SimpleITK as sitk
+
+    from ahm.data.readers import read_volume
+
+    img = sitk.GetImageFromArray(np.random.default_rng(1).random((9, 24, 20)).astype(np.float32))
+    img.SetSpacing((1.1, 0.9, 2.5))
+    img.SetOrigin((-10.0, 4.0, 7.5))
+    sitk.WriteImage(img, str(tmp_path / "v.nrrd"))
+    missing = tmp_path / "missing.nii.gz"
+    result = predict(run3d, [missing, tmp_path / "v.nrrd"], tmp_path / "out")
+    assert result["n_ok"] == 1 and result["failures"][0].startswith(str(missing))
+    vol = read_volume(tmp_path / "v.nrrd")
+    mask = nib.load(str(tmp_path / "out" / "v_mask.nii.gz"))
+    assert mask.shape == vol.data.shape[:3] == (20, 24, 9)
+    np.testing.assert_allclose(mask.affine, vol.affine, atol=1e-6)
 
 
 def test_predict_refuses_a_png_for_a_3d_run_and_writes_nothing(run3d: Path, task: Path, tmp_path: Path) -> None:

@@ -299,6 +299,21 @@ def check_spatial_dims(run: LoadedRun, spatial_dims: int | None) -> None:
                        f"use --spatial-dims {run.spatial_dims} or leave the option out")
 
 
+def preprocessed(prepare, *args):
+    """`prepare(*args)` (a MONAI transform chain, or what runs one) with an AhmError raised inside it given back
+    as itself: MONAI wraps every exception of a transform in a RuntimeError ("applying transform ..."), which
+    would hide the one-line message naming the file."""
+    try:
+        return prepare(*args)
+    except RuntimeError as exc:
+        cause: BaseException | None = exc
+        while cause is not None and not isinstance(cause, AhmError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise cause from None
+
+
 def check_overlap(overlap: float) -> float:
     """Refuse a sliding-window `--overlap` outside [0, 1) before any volume is read or any file written."""
     if not 0.0 <= float(overlap) < 1.0:
@@ -392,7 +407,7 @@ def _evaluate_volumes(loaded: LoadedRun, data_path: Path, split: str, empty: str
     dtype = np.int16 if loaded.num_classes < 2**15 else np.int32
     preds, labels, spacings, shapes, shown = [], [], [], [], []
     for i in range(len(dataset)):
-        sample = dataset[i]
+        sample = preprocessed(dataset.__getitem__, i)
         image = sample["image"]
         label = np.rint(sample["label"].as_tensor().numpy()[0]).astype(dtype)
         if label.size and int(label.max()) >= loaded.num_classes:

@@ -30,6 +30,7 @@ from ahm.eval.evaluate import (
     load_run,
     predict_labels,
     predict_volume_labels,
+    preprocessed,
 )
 from ahm.io import write_bytes
 
@@ -405,7 +406,7 @@ def _predict_volume_3d(run: LoadedRun, job: _Job, overlap: float) -> float:
     modality, _ = _modality(run, True, job.source)
     data_cfg = run.cfg.data.model_copy(update={"channels": run.in_channels, "crop_size": run.roi_size})
     preprocess = preprocess_volumes(data_cfg, modality)
-    sample = preprocess({IMAGE: job.source})
+    sample = preprocessed(preprocess, {IMAGE: job.source})
     image = sample[IMAGE]
     t0 = time.perf_counter()
     pred = predict_volume_labels(run.model, [image.as_tensor()], run.roi_size, overlap=overlap,
