@@ -105,6 +105,22 @@ def test_a_bad_label_volume_is_one_error_naming_it(task: Path, tmp_path: Path) -
         evaluate(run, data, split="all", report=False)
 
 
+def test_a_label_set_larger_than_the_model_is_refused(task: Path, tmp_path: Path) -> None:
+    import shutil
+
+    data = tmp_path / "task"
+    shutil.copytree(task, data)
+    meta = json.loads((data / "dataset.json").read_text())
+    meta["labels"]["2"] = "second"
+    (data / "dataset.json").write_text(json.dumps(meta))
+    path = data / "labelsTr" / "ball_001.nii.gz"
+    lab = nib.load(str(path))
+    nib.save(nib.Nifti1Image(np.asarray(lab.dataobj) * 2, lab.affine), str(path))
+    run = make_run_3d(tmp_path / "run", data)
+    with pytest.raises(AhmError, match=r"ball_001\.nii\.gz: ground-truth labels go up to 2 .* 2 classes"):
+        evaluate(run, data, split="all", report=False)
+
+
 def test_overlap_is_used_and_refused_out_of_range(run3d: Path, task: Path) -> None:
     metrics = evaluate(run3d, task, split="all", overlap=0.25, report=False)
     assert metrics["sliding_window"]["overlap"] == 0.25

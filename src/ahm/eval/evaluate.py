@@ -404,16 +404,18 @@ def _evaluate_volumes(loaded: LoadedRun, data_path: Path, split: str, empty: str
     if not ids:
         raise AhmError(f"{data_path}: the {split} split is empty; try --split val or --split all")
     dataset = volume_dataset(index, ids, data_cfg, labels=True, train=False)
-    dtype = np.int16 if loaded.num_classes < 2**15 else np.int32
+    # the smallest integer type that holds the classes: a split's label maps are all held until scoring
+    dtype = np.uint8 if loaded.num_classes <= 256 else np.int16 if loaded.num_classes < 2**15 else np.int32
     preds, labels, spacings, shapes, shown = [], [], [], [], []
     for i in range(len(dataset)):
         sample = preprocessed(dataset.__getitem__, i)
         image = sample["image"]
-        label = np.rint(sample["label"].as_tensor().numpy()[0]).astype(dtype)
+        label = np.rint(sample["label"].as_tensor().numpy()[0])
         if label.size and int(label.max()) >= loaded.num_classes:
             raise AhmError(f"{dataset.items[i].mask}: ground-truth labels go up to {int(label.max())} but the model "
                            f"predicts {loaded.num_classes} classes (0..{loaded.num_classes - 1}); was it trained on "
                            f"another label set?")
+        label = label.astype(dtype)
         pred = predict_volume_labels(loaded.model, [image.as_tensor()], roi, overlap=overlap,
                                      device=loaded.device)[0].astype(dtype)
         preds.append(pred)
