@@ -144,13 +144,18 @@ def evaluate(
              "of per-case means, as nnU-Net) or 'one' (scored 1, the old convention of some papers; it rewards "
              "predicting nothing where a structure is rare)."),
     as_json: bool = typer.Option(False, "--json", help="Print metrics.json only."),
+    overlap: float = typer.Option(0.5, "--overlap", help="3D runs: share of a sliding window (the training crop) "
+                                  "shared with its neighbour, in [0, 1)."),
+    spatial_dims: int | None = typer.Option(None, "--spatial-dims", help="2 or 3; must be the run's own "
+                                            "(default: the run's, from its checkpoint)."),
 ) -> None:
     """Dice (per case and dataset-level), IoU, HD95 and detection counts per class on a split; writes eval/<split>/
-    and refreshes report.html. Slices of volumes are also re-stacked and scored per volume (the primary level)."""
+    and refreshes report.html. Slices of volumes are also re-stacked and scored per volume (the primary level).
+    A run fine-tuned on volumes is scored on whole volumes by sliding windows, HD95 in mm."""
     from ahm.eval.evaluate import evaluate as run_evaluate
 
     metrics = run_guarded(lambda: run_evaluate(run_dir, data, split=split, batch_size=batch_size,
-                                               empty=empty_cases))
+                                               empty=empty_cases, overlap=overlap, spatial_dims=spatial_dims))
     if not isinstance(metrics, dict):
         return
     if as_json:
@@ -167,7 +172,8 @@ def evaluate(
     for n, level in enumerate(x for x in levels if x):
         table = Table(title=f"{split} split, {'primary: ' if n == 0 else ''}each case one {level['case']} "
                             f"({level['n_cases']} cases)")
-        for col in ("class", "Dice", "dataset Dice", "IoU", "HD95", "missed", "false det.", "excluded"):
+        hd95 = "HD95 (mm)" if metrics.get("spatial_dims") == 3 else "HD95"
+        for col in ("class", "Dice", "dataset Dice", "IoU", hd95, "missed", "false det.", "excluded"):
             table.add_column(col, justify="right" if col != "class" else "left")
         for name, vals in level["per_class"].items():
             table.add_row(name, f(vals["dice"]), f(vals.get("dataset_dice")), f(vals["iou"]), f(vals["hd95"], 2),
@@ -178,8 +184,12 @@ def evaluate(
                       f"[bold]{f(level['iou'])}", f"[bold]{f(level['hd95'], 2)}", "", "", "")
         out.print(table)
     out.print(f"empty cases: {metrics['empty_masks']}; HD95 in {metrics['hd95_unit']}", highlight=False)
-    out.print(f"written to {run_dir / 'eval' / split} (metrics.json, per_image.csv); report: {run_dir / 'report.html'}",
-              highlight=False)
+    if metrics.get("spatial_dims") == 3:
+        window = metrics["sliding_window"]
+        out.print(f"scored on the {metrics['grid']}; sliding window {'x'.join(map(str, window['roi_size']))}, "
+                  f"overlap {window['overlap']:g}", highlight=False)
+    out.print(f"written to {run_dir / 'eval' / split} (metrics.json, {metrics.get('per_case_csv', 'per_image.csv')}); "
+              f"report: {run_dir / 'report.html'}", highlight=False)
 
 
 @app.command(no_args_is_help=True)
@@ -191,18 +201,25 @@ def predict(
     overlay: bool = typer.Option(False, "--overlay", help="Also write <name>_overlay.png."),
     batch_size: int = typer.Option(32, "--batch-size", help="Slices per inference batch."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
+    overlap: float = typer.Option(0.5, "--overlap", help="3D runs: share of a sliding window (the training crop) "
+                                  "shared with its neighbour, in [0, 1)."),
+    spatial_dims: int | None = typer.Option(None, "--spatial-dims", help="2 or 3; must be the run's own "
+                                            "(default: the run's, from its checkpoint)."),
 ) -> None:
-    """Segment new images with a fine-tuned run; masks keep each input's size (and a volume's affine)."""
+    """Segment new images with a fine-tuned run; masks keep each input's size (and a volume's affine). A run
+    fine-tuned on volumes takes volumes only, segments each whole by sliding windows and writes the mask on the
+    input's grid."""
     from ahm.eval.predict import predict as run_predict
 
     result = run_guarded(lambda: run_predict(run_dir, inputs, out_dir, overlay=overlay, force=force,
-                                             batch_size=batch_size))
+                                             batch_size=batch_size, overlap=overlap, spatial_dims=spatial_dims))
     if not isinstance(result, dict):
         return
     for line in result["failures"]:
         console.print(f"[bold red]failed:[/] {line}", highlight=False, soft_wrap=True)
-    out.print(f"{result['n_ok']} of {result['n_inputs']} inputs segmented into {result['out_dir']} "
-              f"({result['slices']} slices, {result['slices_per_s']:.1f} slices/s)"
+    speed = (f"{result['volumes']} volumes, {result['volumes_per_s']:.2f} volumes/s" if result.get("spatial_dims") == 3
+             else f"{result['slices']} slices, {result['slices_per_s']:.1f} slices/s")
+    out.print(f"{result['n_ok']} of {result['n_inputs']} inputs segmented into {result['out_dir']} ({speed})"
               + (f"; {result['n_failed']} failed" if result["n_failed"] else ""), highlight=False)
     if result["n_failed"]:
         raise typer.Exit(1)

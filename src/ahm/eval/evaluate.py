@@ -6,6 +6,13 @@ against. The zero padding is background in both prediction and ground truth, so 
 in pixels of that grid (not millimetres). `ahm predict` maps masks back to the original size.
 Volumes (items that are slices of one volume) are also re-stacked and scored in 3D (HD95 in voxels of the
 re-stacked grid). Empty-mask conventions: see `ahm.eval.metrics`.
+
+A run fine-tuned on volumes (checkpoint meta `spatial_dims: 3`) is scored on whole volumes preprocessed as in
+training (`ahm.data.volumes.preprocess_volumes` with the run's data settings: reoriented, resampled to
+`data.spacing`, normalised, zero-padded to at least the crop), predicted by sliding windows of the training crop
+(`roi_size`), each volume one case, HD95 in millimetres of that preprocessed grid. The prediction is scored on
+that grid, not mapped back to each input's own grid (`ahm predict` does that); the padding is background in
+both, so it changes no Dice or IoU.
 """
 
 from __future__ import annotations
@@ -63,6 +70,17 @@ class LoadedRun:
     def image_size(self) -> int:
         return int(self.meta["image_size"])
 
+    @property
+    def spatial_dims(self) -> int:
+        """3 for a run fine-tuned on volumes; a checkpoint without the key is 2D."""
+        return int(self.meta.get("spatial_dims", 2))
+
+    @property
+    def roi_size(self) -> tuple[int, ...] | None:
+        """The training crop of a 3D run, the sliding window of its inference; None in 2D."""
+        roi = self.meta.get("roi_size")
+        return tuple(int(s) for s in roi) if roi is not None else None
+
 
 def inference_device(cfg: FinetuneConfig | None = None) -> torch.device:
     if cfg is not None and cfg.train.accelerator == "cpu":
@@ -89,8 +107,22 @@ def load_run(run_dir: str | Path, checkpoint: str = BEST) -> LoadedRun:
     if not isinstance(ckpt, dict) or "model" not in ckpt or "meta" not in ckpt:
         raise AhmError(f"{path}: not an ahm fine-tuning checkpoint")
     meta = dict(ckpt["meta"])
-    model = build_segmenter(meta["segmenter"], cfg.model, int(meta["image_size"]), int(meta["in_channels"]),
-                            int(meta["num_classes"]))
+    spatial_dims = int(meta.get("spatial_dims", 2))
+    if spatial_dims != cfg.data.spatial_dims:
+        raise AhmError(f"{path}: the checkpoint is {spatial_dims}D but {cfg_path} says data.spatial_dims "
+                       f"{cfg.data.spatial_dims}")
+    if spatial_dims == 3:
+        roi = meta.get("roi_size")
+        if not isinstance(roi, (list, tuple)) or len(roi) != 3 or not all(int(s) >= 1 for s in roi):
+            raise AhmError(f"{path}: a 3D checkpoint needs roi_size [D, H, W] in its metadata, got {roi!r}")
+        roi = tuple(int(s) for s in roi)
+        # A cubic crop goes in as one side, the form every backbone accepts; otherwise the tuple (UNETR per axis).
+        size = roi[0] if len(set(roi)) == 1 else roi
+        model = build_segmenter(meta["segmenter"], cfg.model, size, int(meta["in_channels"]),
+                                int(meta["num_classes"]), spatial_dims=3)
+    else:
+        model = build_segmenter(meta["segmenter"], cfg.model, int(meta["image_size"]), int(meta["in_channels"]),
+                                int(meta["num_classes"]))
     try:
         model.load_state_dict(ckpt["model"])
     except (RuntimeError, KeyError) as exc:
@@ -259,6 +291,169 @@ def score_arrays(out_dir: Path, preds: np.ndarray, labels: np.ndarray, images: n
     return metrics
 
 
+def check_spatial_dims(run: LoadedRun, spatial_dims: int | None) -> None:
+    """Refuse `--spatial-dims` that is not the run's own (None: take the run's)."""
+    if spatial_dims is not None and int(spatial_dims) != run.spatial_dims:
+        what = "volumes (3D)" if run.spatial_dims == 3 else "2D images"
+        raise AhmError(f"--spatial-dims {spatial_dims}: the run in {run.run_dir} was fine-tuned on {what}; "
+                       f"use --spatial-dims {run.spatial_dims} or leave the option out")
+
+
+def preprocessed(prepare, *args):
+    """`prepare(*args)` (a MONAI transform chain, or what runs one) with an AhmError raised inside it given back
+    as itself: MONAI wraps every exception of a transform in a RuntimeError ("applying transform ..."), which
+    would hide the one-line message naming the file."""
+    try:
+        return prepare(*args)
+    except RuntimeError as exc:
+        cause: BaseException | None = exc
+        while cause is not None and not isinstance(cause, AhmError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise cause from None
+
+
+def check_overlap(overlap: float) -> float:
+    """Refuse a sliding-window `--overlap` outside [0, 1) before any volume is read or any file written."""
+    if not 0.0 <= float(overlap) < 1.0:
+        raise AhmError(f"--overlap {overlap}: the share of a window shared with its neighbour must be in [0, 1)")
+    return float(overlap)
+
+
+def volume_grid_description(data_cfg) -> str:
+    """Where a 3D run's predictions are scored, in words for metrics.json and the report."""
+    spacing = ("each volume's own spacing" if data_cfg.spacing is None
+               else "spacing " + "x".join(f"{float(s):g}" for s in data_cfg.spacing) + " mm")
+    return (f"preprocessed grid ({data_cfg.orientation}, {spacing}, zero-padded to at least the crop "
+            f"{'x'.join(str(int(s)) for s in data_cfg.crop_size)}); predictions are scored there, not mapped back "
+            f"to each input's own grid")
+
+
+def display_slice(image: np.ndarray, label: np.ndarray, pred: np.ndarray) -> dict[str, np.ndarray]:
+    """The axial slice (last axis) with the most ground-truth foreground (else prediction, else the centre), the
+    image scaled to [0, 1] per volume for display: what the report draws of one volume."""
+    fg = (label > 0).reshape(-1, label.shape[-1]).sum(0)
+    if not fg.any():
+        fg = (pred > 0).reshape(-1, pred.shape[-1]).sum(0)
+    z = int(np.argmax(fg)) if fg.any() else label.shape[-1] // 2
+    img = image[..., z].astype(np.float32)
+    lo, hi = float(img.min(initial=0.0)), float(img.max(initial=0.0))
+    img = (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
+    return {"image": img, "label": label[..., z], "pred": pred[..., z], "slice": z}
+
+
+def _volume_cases(shown: list[dict[str, np.ndarray]], ids: list[str], has_fg: np.ndarray,
+                  dice_means: np.ndarray) -> dict[str, np.ndarray]:
+    """`_pick_cases` for volumes: best and worst by mean Dice, each drawn by its `display_slice`, zero-padded
+    to one shape (volumes differ in size) so they stack into cases.npz."""
+    candidates = np.flatnonzero(has_fg) if has_fg.any() else np.arange(len(ids))
+    order = candidates[np.argsort(dice_means[candidates], kind="stable")]
+    k = min(N_CASES, len(order) // 2) if len(order) > 1 else len(order)
+    rows = np.concatenate([order[::-1][:k], order[:k]]).astype(np.int64)
+    kind = np.array(["best"] * k + ["worst"] * k)
+    h = max((shown[r]["label"].shape[0] for r in rows), default=1)
+    w = max((shown[r]["label"].shape[1] for r in rows), default=1)
+
+    def pad(a: np.ndarray) -> np.ndarray:
+        return np.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, h - a.shape[-2]), (0, w - a.shape[-1])])
+
+    channels = shown[0]["image"].shape[0] if shown else 1
+    return {
+        "images": np.stack([pad(shown[r]["image"]) for r in rows]).astype(np.float32) if len(rows)
+        else np.zeros((0, channels, h, w), np.float32),
+        "labels": np.stack([pad(shown[r]["label"]) for r in rows]).astype(np.int16) if len(rows)
+        else np.zeros((0, h, w), np.int16),
+        "preds": np.stack([pad(shown[r]["pred"]) for r in rows]).astype(np.int16) if len(rows)
+        else np.zeros((0, h, w), np.int16),
+        "ids": np.array([f"{ids[r]} (axial slice {shown[r]['slice']})" for r in rows], dtype=str),
+        "dice": dice_means[rows].astype(np.float64), "kind": kind,
+    }
+
+
+def _per_volume_csv(ids, subjects, shapes, spacings, per_case, means, names) -> str:
+    buf = _io.StringIO()
+    writer = csv.writer(buf)
+    header = ["id", "subject", "shape", "spacing_mm"]
+    for name in names:
+        header += [f"{m}_{_csv_name(name)}" for m in METRICS]
+    header += [f"{m}_mean" for m in METRICS]
+    writer.writerow(header)
+    for row, item_id in enumerate(ids):
+        values = [item_id, subjects[row], "x".join(map(str, shapes[row])),
+                  "x".join(f"{s:.6g}" for s in spacings[row])]
+        for c in range(len(names)):
+            values += [_fmt(per_case[m][row, c]) for m in METRICS]
+        values += [_fmt(means[m][row]) for m in METRICS]
+        writer.writerow(values)
+    return buf.getvalue()
+
+
+def _evaluate_volumes(loaded: LoadedRun, data_path: Path, split: str, empty: str, overlap: float) -> dict[str, Any]:
+    """`evaluate` for a 3D run: whole preprocessed volumes, sliding windows of the crop, HD95 in mm."""
+    from ahm.data import open_dataset
+    from ahm.data.volumes import preprocessed_spacing, volume_dataset
+
+    run_dir, cfg, roi = loaded.run_dir, loaded.cfg, loaded.roi_size
+    data_cfg = cfg.data.model_copy(update={"path": str(data_path), "channels": loaded.in_channels,
+                                           "crop_size": roi})
+    index = open_dataset(data_path, data_cfg)
+    if not index.has_labels:
+        raise AhmError(f"{data_path}: no masks found; evaluation needs ground-truth masks")
+    ids = _split_ids(run_dir, index, cfg, split)
+    if not ids:
+        raise AhmError(f"{data_path}: the {split} split is empty; try --split val or --split all")
+    dataset = volume_dataset(index, ids, data_cfg, labels=True, train=False)
+    # the smallest integer type that holds the classes: a split's label maps are all held until scoring
+    dtype = np.uint8 if loaded.num_classes <= 256 else np.int16 if loaded.num_classes < 2**15 else np.int32
+    preds, labels, spacings, shapes, shown = [], [], [], [], []
+    for i in range(len(dataset)):
+        sample = preprocessed(dataset.__getitem__, i)
+        image = sample["image"]
+        label = np.rint(sample["label"].as_tensor().numpy()[0])
+        if label.size and int(label.max()) >= loaded.num_classes:
+            raise AhmError(f"{dataset.items[i].mask}: ground-truth labels go up to {int(label.max())} but the model "
+                           f"predicts {loaded.num_classes} classes (0..{loaded.num_classes - 1}); was it trained on "
+                           f"another label set?")
+        label = label.astype(dtype)
+        pred = predict_volume_labels(loaded.model, [image.as_tensor()], roi, overlap=overlap,
+                                     device=loaded.device)[0].astype(dtype)
+        preds.append(pred)
+        labels.append(label)
+        spacings.append(preprocessed_spacing(sample))
+        shapes.append(tuple(int(s) for s in label.shape))
+        shown.append(display_slice(image.as_tensor().numpy(), label, pred))
+    names = class_names(loaded.num_classes, index.class_names)
+    item_ids = [item.id for item in dataset.items]
+    volume_level, per_case = volume_scores(preds, labels, loaded.num_classes, spacings, names, empty, ids=item_ids)
+    for row, shape, spacing in zip(volume_level["per_volume"], shapes, spacings):
+        row.update({"shape": list(shape), "spacing_mm": list(spacing)})
+    means = case_means(per_case)
+    metrics: dict[str, Any] = {"level": "volume", **{key: volume_level.get(key) for key in LEVEL_KEYS}}
+    metrics.update({
+        "n_images": len(ids), "n_volumes": len(ids), "split": split, "class_names": names, "spatial_dims": 3,
+        "grid": volume_grid_description(data_cfg), "hd95_unit": volume_level["hd95_unit"],
+        "empty_cases": empty, "empty_masks": EMPTY_DESCRIPTION[empty],
+        "sliding_window": {"roi_size": list(roi), "overlap": float(overlap), "mode": "gaussian"},
+        "per_case_csv": "per_volume.csv", "volume_level": volume_level,
+        "data": str(data_path), "checkpoint": f"checkpoints/{BEST}", "checkpoint_epoch": loaded.meta.get("epoch"),
+        "skipped_files": list(index.problems),
+    })
+    out_dir = run_dir / "eval" / split
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text(out_dir / "per_volume.csv", _per_volume_csv(item_ids, [item.subject for item in dataset.items],
+                                                           shapes, spacings, per_case, means, names))
+    has_fg = np.array([bool((lab > 0).any()) for lab in labels], dtype=bool)
+    cases = _volume_cases(shown, item_ids, has_fg, np.nan_to_num(means["dice"], nan=0.0))
+    buf = _io.BytesIO()
+    np.savez_compressed(buf, **cases)
+    from ahm.io import write_bytes
+
+    write_bytes(out_dir / "cases.npz", buf.getvalue())
+    write_json(out_dir / "metrics.json", metrics)
+    return metrics
+
+
 def _split_ids(run_dir: Path, index, cfg, split: str) -> list[str]:
     """Ids of `split`: the run's own splits.json when it describes this dataset, else fresh splits of it."""
     import json
@@ -287,23 +482,34 @@ def _split_ids(run_dir: Path, index, cfg, split: str) -> list[str]:
 
 
 def evaluate(run_dir: str | Path, data_dir: str | Path | None = None, split: str = "test", batch_size: int = 32,
-             report: bool = True, progress: bool = False, empty: str = "exclude") -> dict[str, Any]:
+             report: bool = True, progress: bool = False, empty: str = "exclude", overlap: float = 0.5,
+             spatial_dims: int | None = None) -> dict[str, Any]:
     """Score the run's best checkpoint on `split` of `data_dir` (default: the data it was trained on).
     `empty`: "exclude" (default) leaves cases where a class is absent from prediction and ground truth out of the
     per-case means; "one" scores them 1 (the convention of some papers; named in the output).
+    A 3D run is scored on whole volumes by sliding windows of its crop overlapping by `overlap` (see the module
+    doc); `spatial_dims`, when given, must be the run's.
 
-    Writes eval/<split>/metrics.json, per_image.csv and cases.npz into the run directory, refreshes report.html,
-    and returns the metrics.
+    Writes eval/<split>/metrics.json, per_image.csv (3D: per_volume.csv) and cases.npz into the run directory,
+    refreshes report.html, and returns the metrics.
     """
     from ahm.data import load_arrays, open_dataset
 
     check_empty(empty)
     run_dir = Path(run_dir)
     loaded = load_run(run_dir)
+    check_spatial_dims(loaded, spatial_dims)
     cfg = loaded.cfg
     data_path = Path(data_dir) if data_dir is not None else (Path(cfg.data.path) if cfg.data.path else None)
     if data_path is None:
         raise AhmError("--data: no dataset given and the run's config records none")
+    if loaded.spatial_dims == 3:
+        metrics = _evaluate_volumes(loaded, data_path, split, empty, check_overlap(overlap))
+        if report:
+            from ahm.eval.report import write_report
+
+            write_report(run_dir)
+        return metrics
     data_cfg = cfg.data.model_copy(update={"path": str(data_path), "channels": loaded.in_channels,
                                            "image_size": loaded.image_size})
     index = open_dataset(data_path, data_cfg)

@@ -3,6 +3,11 @@
 Preprocessing repeats what training did (`ahm.data.load_arrays`): intensities normalised by the run's modality
 rule, resized to the model grid keeping the aspect ratio. Masks are mapped back to each input's own size
 (`undo_resize`); a volume's mask has the input's shape and affine. Mask values are class indices (0 background).
+
+A run fine-tuned on volumes (`spatial_dims` 3) segments each volume whole: preprocessed as in training
+(`ahm.data.volumes.preprocess_volumes`), predicted by sliding windows of the training crop, and the label map
+mapped back onto the input's grid (`invert_prediction`, nearest): the NIfTI mask has the input's shape, affine
+and voxel order. It takes volumes only; a 2D file is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -18,7 +23,15 @@ from typing import Any
 import numpy as np
 
 from ahm.errors import AhmError
-from ahm.eval.evaluate import LoadedRun, load_run, predict_labels
+from ahm.eval.evaluate import (
+    LoadedRun,
+    check_overlap,
+    check_spatial_dims,
+    load_run,
+    predict_labels,
+    predict_volume_labels,
+    preprocessed,
+)
 from ahm.io import write_bytes
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii")
@@ -264,18 +277,28 @@ class _Batcher:
 
 
 def predict(run_dir: str | Path, inputs: list[Path], out_dir: str | Path, overlay: bool = False,
-            force: bool = False, batch_size: int = 32) -> dict[str, Any]:
+            force: bool = False, batch_size: int = 32, overlap: float = 0.5,
+            spatial_dims: int | None = None) -> dict[str, Any]:
     """Segment each input; an unreadable input is listed in `failures` and the rest still run.
 
-    Nothing in `out_dir` is overwritten without `force`. Returns counts, outputs, failures and slices/s.
+    Nothing in `out_dir` is overwritten without `force`. A 3D run takes volumes only (a 2D file is refused, naming
+    it, before anything is written) and predicts by sliding windows overlapping by `overlap`; `spatial_dims`,
+    when given, must be the run's. Returns counts, outputs, failures, slices/s (3D: volumes and volumes/s).
     """
     run = load_run(run_dir)
+    check_spatial_dims(run, spatial_dims)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise AhmError(f"--out {out_dir}: exists and is not a directory")
     if not inputs:
         raise AhmError("no inputs given")
     jobs = _plan([Path(p) for p in inputs], out_dir, overlay)
+    if run.spatial_dims == 3:
+        check_overlap(overlap)
+        flat = next((job.source for job in jobs if not job.volume), None)
+        if flat is not None:
+            raise AhmError(f"{flat}: a 2D image, but the model in {run.run_dir} was fine-tuned on volumes "
+                           f"(spatial_dims 3); give NIfTI, NRRD, MetaImage or DICOM series volumes")
     existing = [p for job in jobs for p in (job.mask_out, job.overlay_out) if p is not None and p.exists()]
     if existing and not force:
         raise AhmError(f"{existing[0]}: already exists ({len(existing)} output file(s) in {out_dir} would be "
@@ -284,9 +307,13 @@ def predict(run_dir: str | Path, inputs: list[Path], out_dir: str | Path, overla
 
     t_start = time.perf_counter()
     batcher = _Batcher(run, batch_size)
+    volumes = 0
     for job in jobs:
         try:
-            if job.volume:
+            if run.spatial_dims == 3:
+                batcher.seconds += _predict_volume_3d(run, job, overlap)
+                volumes += 1
+            elif job.volume:
                 _predict_volume(run, job, batcher)
             else:
                 _predict_image(run, job, batcher)
@@ -296,12 +323,17 @@ def predict(run_dir: str | Path, inputs: list[Path], out_dir: str | Path, overla
     total_s = time.perf_counter() - t_start
     failures = [job.error for job in jobs if job.error is not None]
     outputs = [str(job.mask_out) for job in jobs if job.error is None]
-    return {
+    result = {
         "n_inputs": len(jobs), "n_ok": len(outputs), "n_failed": len(failures), "failures": failures,
         "outputs": outputs, "out_dir": str(out_dir), "slices": batcher.slices,
         "model_s": batcher.seconds, "total_s": total_s,
         "slices_per_s": batcher.slices / total_s if total_s > 0 else 0.0,
     }
+    if run.spatial_dims == 3:
+        result.update({"spatial_dims": 3, "volumes": volumes, "volumes_per_s": volumes / total_s if total_s > 0
+                       else 0.0, "sliding_window": {"roi_size": list(run.roi_size or ()), "overlap": float(overlap),
+                                                    "mode": "gaussian"}})
+    return result
 
 
 def _predict_image(run: LoadedRun, job: _Job, batcher: _Batcher) -> None:
@@ -360,3 +392,37 @@ def _predict_volume(run: LoadedRun, job: _Job, batcher: _Batcher) -> None:
         fg = [(int((np.take(labels, i, axis=axis) > 0).sum()), i) for i in range(labels.shape[axis])]
         best = max(fg)[1] if fg else 0
         write_bytes(job.overlay_out, _png_bytes(overlay_rgb(norms[best], np.take(labels, best, axis=axis))))
+
+
+def _predict_volume_3d(run: LoadedRun, job: _Job, overlap: float) -> float:
+    """One volume through a 3D run: preprocess as in training, sliding windows of the crop, labels mapped back
+    onto the input's grid and written with its affine. Returns the seconds the network took."""
+    import torch
+
+    from ahm.data.volumes import IMAGE, input_grid, invert_prediction, preprocess_volumes
+
+    if job.source.is_dir() and not _looks_dicom_dir(job.source):
+        raise AhmError(f"{job.source}: no volumes or DICOM files in this folder")
+    modality, _ = _modality(run, True, job.source)
+    data_cfg = run.cfg.data.model_copy(update={"channels": run.in_channels, "crop_size": run.roi_size})
+    preprocess = preprocess_volumes(data_cfg, modality)
+    sample = preprocessed(preprocess, {IMAGE: job.source})
+    image = sample[IMAGE]
+    t0 = time.perf_counter()
+    pred = predict_volume_labels(run.model, [image.as_tensor()], run.roi_size, overlap=overlap,
+                                 device=run.device)[0]
+    seconds = time.perf_counter() - t0
+    back = invert_prediction(torch.from_numpy(pred)[None].float(), sample, preprocess, nearest=True)
+    labels = np.rint(back.as_tensor().numpy()[0]).astype(np.int64)
+    affine, shape = input_grid(sample)
+    if tuple(labels.shape) != shape:
+        raise AhmError(f"{job.source}: internal error: mapped-back mask {labels.shape} != volume {shape}")
+    # A NIfTI input lends its own header (qform/sform codes, units); other formats only their affine.
+    nifti = job.source.is_file() and job.source.name.lower().endswith(VOLUME_SUFFIXES)
+    write_nifti_mask(labels, job.source if nifti else affine, job.mask_out)
+    if job.overlay_out is not None:
+        from ahm.eval.evaluate import display_slice
+
+        shown = display_slice(image.as_tensor().numpy(), pred, pred)
+        write_bytes(job.overlay_out, _png_bytes(overlay_rgb(shown["image"], shown["pred"])))
+    return seconds

@@ -208,8 +208,11 @@ def write_report(run_dir: str | Path) -> Path:
         metrics = _load_json(split_dir / "metrics.json")
         if not metrics:
             continue
-        parts.append(f"<h2>Metrics: {html.escape(split_dir.name)} split ({metrics.get('n_images', '?')} images)</h2>")
-        levels = [("volume_level", "re-stacked volumes, scored in 3D"), ("slice_level", "2D images (slices)")]
+        volumes = metrics.get("spatial_dims") == 3
+        parts.append(f"<h2>Metrics: {html.escape(split_dir.name)} split ({metrics.get('n_images', '?')} "
+                     f"{'volumes' if volumes else 'images'})</h2>")
+        levels = [("volume_level", "volumes, scored in 3D" if volumes else "re-stacked volumes, scored in 3D"),
+                  ("slice_level", "2D images (slices)")]
         if metrics.get("level") != "volume":
             levels.reverse()
         shown = False
@@ -223,8 +226,9 @@ def write_report(run_dir: str | Path) -> Path:
             parts.append(_metric_table(metrics))
         parts.append(f"<p class='note'>Computed on the {html.escape(str(metrics.get('grid', 'model grid')))}; "
                      f"HD95 in {html.escape(str(metrics.get('hd95_unit', 'pixels')))}. Empty masks: "
-                     f"{html.escape(str(metrics.get('empty_masks', '')))}. Per-image figures: "
-                     f"<code>eval/{html.escape(split_dir.name)}/per_image.csv</code>.</p>")
+                     f"{html.escape(str(metrics.get('empty_masks', '')))}. Per-{'volume' if volumes else 'image'} "
+                     f"figures: <code>eval/{html.escape(split_dir.name)}/"
+                     f"{html.escape(str(metrics.get('per_case_csv', 'per_image.csv')))}</code>.</p>")
         if shown_cases is None and (split_dir / "cases.npz").is_file():
             try:
                 with np.load(split_dir / "cases.npz", allow_pickle=False) as npz:
