@@ -151,3 +151,26 @@ def test_cli_spatial_dims_and_overlap_options(task: Path, tmp_path: Path) -> Non
                                    "--spatial-dims", "3", "--overlap", "1.5"])
     assert res.exit_code != 0 and "overlap" in res.output
     assert not (tmp_path / "run").exists()
+
+
+def test_3d_unetr_loads_a_3d_vit_encoder_and_refuses_another_crop(task: Path, tmp_path: Path) -> None:
+    # MONAI's UNETR fixes 16-voxel patches and 12 blocks; a 32^3 crop gives a 2x2x2 patch grid
+    vit = {"backbone": "vit", "preset": "custom", "patch_size": 16, "hidden_size": 32, "mlp_dim": 64,
+           "num_layers": 12, "num_heads": 2, "decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2}
+    over = tiny_pretrain_overrides(task, policy="random", backbone="vit", steps=2)
+    over["model"].update(vit)
+    over["train"].update(workers=0)
+    over["data"].update(spatial_dims=3, spacing=[1.5, 1.5, 1.5], crop_size=[32, 32, 32])
+    pretrain(build_config(PretrainConfig, overrides=over), tmp_path / "pre", progress=False)
+
+    cfg = _steps(_ft_cfg(task, init=str(tmp_path / "pre"), model=vit, segmenter="unetr"), 1)
+    cfg.data.crop_size = (32, 32, 16)
+    with pytest.raises(AhmError, match="patch grid 2x2x2 .* pretrained vs 2x2x1 here"):
+        finetune(cfg, tmp_path / "other", progress=False)
+    assert not (tmp_path / "other").exists()
+
+    cfg.data.crop_size = (32, 32, 32)
+    summary = finetune(cfg, tmp_path / "ft", progress=False)
+    assert summary["segmenter"] == "unetr" and summary["roi_size"] == [32, 32, 32]
+    assert summary["encoder_loaded"] == {"loaded": 161, "skipped": []}
+    assert summary["val"]["hd95_unit"] == "mm"
