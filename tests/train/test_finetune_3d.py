@@ -80,6 +80,12 @@ def test_3d_finetune_loads_a_3d_pretrained_encoder(task: Path, tmp_path: Path) -
     summary = finetune(_steps(_ft_cfg(task, init=str(run)), 2), tmp_path / "ft", progress=False)
     # every UNet weight but the new last layer comes from the encoder
     assert summary["encoder_loaded"]["loaded"] > 0 and summary["init"] == str(run)
+    # and the reverse: a 3D encoder is refused by a 2D fine-tuning, in one line, before its run directory
+    cfg2d = _steps(_ft_cfg(task, init=str(run)), 2)
+    cfg2d.data.spatial_dims = 2
+    with pytest.raises(AhmError, match=r"pretrained in 3D .* this fine-tuning is 2D"):
+        finetune(cfg2d, tmp_path / "ft2d", progress=False)
+    assert not (tmp_path / "ft2d").exists()
 
 
 def test_a_2d_encoder_is_refused_by_a_3d_finetune_before_any_run_directory(task: Path, tmp_path: Path) -> None:

@@ -81,11 +81,11 @@ class _Data:
 
     @property
     def train_ids(self) -> list[str]:
-        return [item.id for item in self.train.items] if hasattr(self.train, "items") else list(self.train.ids)
+        return list(self.train.ids) if hasattr(self.train, "ids") else [item.id for item in self.train.items]
 
     @property
     def val_ids(self) -> list[str]:
-        return [item.id for item in self.val.items] if hasattr(self.val, "items") else list(self.val.ids)
+        return list(self.val.ids) if hasattr(self.val, "ids") else [item.id for item in self.val.items]
 
 
 MAX_VALIDATIONS = 50
