@@ -259,6 +259,8 @@ def _prepare_volumes(cfg: FinetuneConfig, index, splits: dict, labelled: list[st
     train = volume_dataset(index, labelled, cfg.data, labels=True, train=True, seed=cfg.train.seed, cache=cache)
     in_channels = int(train.prepared(0)["image"].shape[0])
     data_cfg = cfg.data.model_copy(update={"channels": in_channels})
+    if cfg.data.channels != in_channels:  # the first volume decides the channels; the others are converted to it
+        train = volume_dataset(index, labelled, data_cfg, labels=True, train=True, seed=cfg.train.seed, cache=cache)
     if val_ids:
         val_source = "val"
     else:
