@@ -492,6 +492,15 @@ class FinetuneConfig(_Strict):
     gamma: float = 0.0
     bias_field: float = 0.0
     rotate_deg: float = 0.0  # random in-plane rotation of up to +- this many degrees, half of the time (0: off)
+    # 3D validation: share of each sliding window (the training crop) that overlaps the next, Gaussian-blended
+    overlap: float = 0.5
+
+    @field_validator("overlap")
+    @classmethod
+    def _overlap(cls, v: float) -> float:
+        if not 0.0 <= v < 1.0:
+            raise ValueError("must be in [0, 1)")
+        return v
 
     @model_validator(mode="after")
     def _one_label_budget(self) -> "FinetuneConfig":

@@ -55,6 +55,11 @@ def finetune(
              "case_dice (per-case mean, empty-in-both cases left out). Neither can be won by predicting nothing."),
     image_size: int | None = typer.Option(None, "--image-size",
                                              help="Model grid size (default: the pretraining run's, else 128)."),
+    spatial_dims: int | None = typer.Option(None, "--spatial-dims",
+                                            help="2 (default: slices) or 3 (whole volumes, resampled to "
+                                                 "data.spacing, trained on data.crop_size crops)."),
+    overlap: float | None = typer.Option(None, "--overlap", help="3D validation: overlap of the sliding windows "
+                                         "(the training crop), in [0, 1) (default 0.5)."),
     layout: str | None = typer.Option(None, help="Dataset layout (default: auto-detect)."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable files (listed) instead of stopping."),
     devices: int | None = typer.Option(None, help="Number of devices."),
@@ -102,7 +107,9 @@ def finetune(
             if size is None:
                 size = _pretrain_image_size(chosen_init)
         overrides = {
-            "data": {"path": str(data), "image_size": size, "layout": layout, "skip_bad": skip_bad or None},
+            "data": {"path": str(data), "image_size": size, "layout": layout, "skip_bad": skip_bad or None,
+                     "spatial_dims": spatial_dims},
+            "overlap": overlap,
             "init": chosen_init, "segmenter": model, "labels_fraction": labels_fraction,
             "labels_subjects": labels_subjects,
             "layer_decay": layer_decay, "encoder_lr_scale": encoder_lr_scale, "val_every": val_every,

@@ -4,6 +4,10 @@ The run directory follows the pretraining conventions (config.yaml, run.json, ch
 metrics.jsonl, summary.json) and adds splits.json, labelled.json (the labelled subset drawn by subject),
 checkpoints/best.ckpt (best validation Dice), eval/val/ and report.html.
 
+On volumes (`data.spatial_dims: 3`) the segmenter is the backbone's 3D network built on the training crop
+(`data.crop_size`, drawn around foreground by `ahm.data.volumes`); validation predicts whole preprocessed volumes
+by Gaussian-blended sliding windows of that crop and scores each volume as one case, HD95 in millimetres.
+
 Resume is exact: batch order and augmentation are functions of (seed, epoch, index), the model has no dropout,
 and the checkpoint holds the model, optimiser and step; a resumed run ends with the same weights as one that
 never stopped.
@@ -63,12 +67,25 @@ class _Data:
     index: Any
     splits: dict[str, list[str]]
     labelled: list[str]
-    train: Any  # ahm.data.Arrays
-    val: Any
+    train: Any  # ahm.data.Arrays; 3D: a VolumeDataset of training crops
+    val: Any  # 3D: a VolumeDataset of whole preprocessed volumes
     val_source: str
     num_classes: int
     in_channels: int
     subjects: list[str] = field(default_factory=list)
+    normalization: str = "auto"
+
+    @property
+    def n_train(self) -> int:
+        return len(self.train.images) if hasattr(self.train, "images") else len(self.train)
+
+    @property
+    def train_ids(self) -> list[str]:
+        return list(self.train.ids) if hasattr(self.train, "ids") else [item.id for item in self.train.items]
+
+    @property
+    def val_ids(self) -> list[str]:
+        return list(self.val.ids) if hasattr(self.val, "ids") else [item.id for item in self.val.items]
 
 
 MAX_VALIDATIONS = 50
@@ -92,6 +109,28 @@ def train_crop_size(cfg: FinetuneConfig) -> int | None:
     step = backbone_of_segmenter(cfg.segmenter).crop_multiple(cfg.model)
     side = max(step, int(cfg.crop_fraction * size) // step * step)
     return side if side < size else None
+
+
+def model_input_size(cfg: FinetuneConfig) -> int | tuple[int, ...]:
+    """What the segmenter is built on: the image side (2D), or the training crop per axis (3D)."""
+    return tuple(int(v) for v in cfg.data.crop_size) if cfg.data.spatial_dims == 3 else cfg.data.image_size
+
+
+def _side(cfg: FinetuneConfig) -> int:
+    # the contract's `image_size` of a 3D checkpoint: the crop's first side (`roi_size` holds all three)
+    size = model_input_size(cfg)
+    return size if isinstance(size, int) else size[0]
+
+
+def check_volume_crop(cfg: FinetuneConfig) -> None:
+    """3D: the crop is the segmenter's input, so each side must suit the backbone (strides, UNETR's patches)."""
+    if cfg.data.spatial_dims != 3:
+        return
+    from ahm.data.volumes import check_crop
+    from ahm.models import backbone_of_segmenter
+
+    multiple = backbone_of_segmenter(cfg.segmenter).input_multiple(cfg.model)
+    check_crop(cfg.data, multiple, why=f"the {cfg.segmenter} segmenter's input")
 
 
 def _is_none(init: str | None) -> bool:
@@ -160,7 +199,7 @@ def _read_json(path: Path) -> Any:
 
 
 def _prepare_data(cfg: FinetuneConfig, out: Path, resume: bool) -> _Data:
-    from ahm.data import label_subset, load_arrays, make_splits, open_dataset
+    from ahm.data import open_dataset
 
     if not cfg.data.path:
         raise AhmError("DATA: no dataset path given")
@@ -168,6 +207,15 @@ def _prepare_data(cfg: FinetuneConfig, out: Path, resume: bool) -> _Data:
     if not index.has_labels:
         raise AhmError(f"{cfg.data.path}: no masks found ({index.layout} layout); fine-tuning needs labelled images "
                        f"(e.g. masks/ beside images/ with the same file names)")
+    splits, labelled = _splits_and_subset(cfg, index, out, resume)
+    if cfg.data.spatial_dims == 3:
+        return _prepare_volumes(cfg, index, splits, labelled)
+    return _prepare_arrays(cfg, index, splits, labelled)
+
+
+def _splits_and_subset(cfg: FinetuneConfig, index, out: Path, resume: bool) -> tuple[dict, list[str]]:
+    from ahm.data import label_subset, make_splits
+
     if resume and (out / "splits.json").is_file() and (out / "labelled.json").is_file():
         splits = _read_json(out / "splits.json")
         labelled = list(_read_json(out / "labelled.json").get("ids", []))
@@ -184,6 +232,53 @@ def _prepare_data(cfg: FinetuneConfig, out: Path, resume: bool) -> _Data:
                                 subjects_count=cfg.labels_subjects)
     if not labelled:
         raise AhmError(f"--labels-fraction {cfg.labels_fraction}: gives no labelled training subjects")
+    return splits, labelled
+
+
+def _num_classes(cfg: FinetuneConfig, found: int) -> int:
+    if cfg.num_classes is not None:
+        if cfg.num_classes < found:
+            raise AhmError(f"num_classes {cfg.num_classes} is too small: labels in {cfg.data.path} go up to {found - 1}")
+        return cfg.num_classes
+    return max(2, found)
+
+
+# Preprocessed volumes are kept in memory up to this many bytes as stored (resampling changes it by the spacing
+# ratio): small sets read and resample each volume once, large ones read them again each time.
+VOLUME_CACHE_BYTES = 4 << 30
+
+
+def _prepare_volumes(cfg: FinetuneConfig, index, splits: dict, labelled: list[str]) -> _Data:
+    from ahm.data.dataset import normalization_rule
+    from ahm.data.volumes import raw_volume_bytes, read_volume_item, volume_dataset
+
+    by_id = index.by_id()
+    val_ids = list(splits.get("val", []))
+    stored = sum(raw_volume_bytes(by_id[i]) for i in dict.fromkeys(labelled + val_ids))
+    cache = stored <= VOLUME_CACHE_BYTES
+    train = volume_dataset(index, labelled, cfg.data, labels=True, train=True, seed=cfg.train.seed, cache=cache)
+    in_channels = int(train.prepared(0)["image"].shape[0])
+    data_cfg = cfg.data.model_copy(update={"channels": in_channels})
+    if cfg.data.channels != in_channels:  # the first volume decides the channels; the others are converted to it
+        train = volume_dataset(index, labelled, data_cfg, labels=True, train=True, seed=cfg.train.seed, cache=cache)
+    if val_ids:
+        val_source = "val"
+    else:
+        val_ids, val_source = list(labelled), "train (no validation split)"
+    val = volume_dataset(index, val_ids, data_cfg, labels=True, train=False, cache=cache)
+    if index.label_values:
+        found = max(index.label_values) + 1
+    else:  # no declared label set: the largest label in the volumes as stored
+        found = 1 + max(int(read_volume_item(by_id[i], index, data_cfg, labels=True)[1].max(initial=0))
+                        for i in dict.fromkeys(labelled + val_ids))
+    subjects = sorted({by_id[i].subject for i in labelled})
+    return _Data(index, splits, labelled, train, val, val_source, _num_classes(cfg, found), in_channels, subjects,
+                 normalization_rule(data_cfg, index))
+
+
+def _prepare_arrays(cfg: FinetuneConfig, index, splits: dict, labelled: list[str]) -> _Data:
+    from ahm.data import load_arrays
+
     train = load_arrays(index, labelled, cfg.data, labels=True)
     in_channels = int(train.images.shape[1])
     data_cfg = cfg.data.model_copy(update={"channels": in_channels})
@@ -195,14 +290,10 @@ def _prepare_data(cfg: FinetuneConfig, out: Path, resume: bool) -> _Data:
         val, val_source = train, "train (no validation split)"
     found = max(int(train.labels.max(initial=0)), int(val.labels.max(initial=0)),
                 max(index.label_values or [0])) + 1
-    num_classes = max(2, found)
-    if cfg.num_classes is not None:
-        if cfg.num_classes < found:
-            raise AhmError(f"num_classes {cfg.num_classes} is too small: labels in {cfg.data.path} go up to {found - 1}")
-        num_classes = cfg.num_classes
     by_id = index.by_id()
     subjects = sorted({by_id[i].subject for i in train.ids})
-    return _Data(index, splits, labelled, train, val, val_source, num_classes, in_channels, subjects)
+    return _Data(index, splits, labelled, train, val, val_source, _num_classes(cfg, found), in_channels, subjects,
+                 train.normalization)
 
 
 def _param_groups(model, cfg: FinetuneConfig, pretrained: bool) -> list[dict]:
@@ -236,7 +327,7 @@ def finetune(cfg: FinetuneConfig, out: str | Path, resume: bool = False, force: 
             cfg = cfg.model_copy(deep=True)
         if epochs is not None:
             cfg.train.epochs = epochs
-        elif cfg.train.epochs is None:
+        elif cfg.train.epochs is None and not cfg.train.steps:  # a run that counts steps keeps counting them
             cfg.train.epochs = FinetuneConfig().train.epochs
         resume = not restart
     else:
@@ -248,16 +339,20 @@ def finetune(cfg: FinetuneConfig, out: str | Path, resume: bool = False, force: 
         cfg.init = None
     elif not resume:  # a resumed run has its weights in its checkpoint; the pretraining run may be gone
         enc = load_init(cfg.init)
+        from ahm.train.init_check import check_spatial_dims
+
+        check_spatial_dims(enc, cfg)
         _apply_init(cfg, enc)
+    check_volume_crop(cfg)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     data = _prepare_data(cfg, out, resume)
     if enc is not None:
         from ahm.train.init_check import check_init_matches
 
-        check_init_matches(enc, cfg, data.in_channels, data.train.normalization)
+        check_init_matches(enc, cfg, data.in_channels, data.normalization)
         cfg.data.channels = data.in_channels
-    total = run_length(cfg, len(data.train.images), max(1, cfg.train.devices))[3]
+    total = run_length(cfg, data.n_train, max(1, cfg.train.devices))[3]
     if cfg.init is not None and cfg.head_warmup_steps >= total:
         raise AhmError(f"head_warmup_steps: {cfg.head_warmup_steps} leaves none of the run's {total} steps to "
                        f"fine-tune the pretrained weights")
@@ -293,11 +388,13 @@ def _meta(cfg: FinetuneConfig, data: _Data, enc: PretrainedEncoder | None) -> di
     from ahm.eval.metrics import class_names
 
     return {"segmenter": cfg.segmenter, "num_classes": data.num_classes, "in_channels": data.in_channels,
-            "image_size": cfg.data.image_size, "slice_axis": cfg.data.slice_axis,
+            "image_size": _side(cfg), "slice_axis": cfg.data.slice_axis,
             "index_modality": data.index.modality, "layout": data.index.layout,
             "init": str(enc.run_dir) if enc is not None else "none",
             "init_policy": enc.policy if enc is not None else None, "select_by": cfg.select_by,
-            "class_names": class_names(data.num_classes, data.index.class_names)}
+            "class_names": class_names(data.num_classes, data.index.class_names),
+            # the 3D contract (ahm.eval.evaluate.load_run): a checkpoint without spatial_dims is 2D
+            **({"spatial_dims": 3, "roi_size": list(model_input_size(cfg))} if cfg.data.spatial_dims == 3 else {})}
 
 
 def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool, data: _Data,
@@ -311,7 +408,7 @@ def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool,
 
     rank, world = fabric.global_rank, fabric.world_size
     is_main = rank == 0
-    n_train = len(data.train.images)
+    n_train = data.n_train
     if n_train < world:
         raise AhmError(f"{cfg.data.path}: {n_train} labelled training images, fewer than {world} devices")
     batch_size, steps_per_epoch, epochs, total = run_length(cfg, n_train, world)
@@ -320,7 +417,8 @@ def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool,
     meta = _meta(cfg, data, enc)
 
     torch.manual_seed(cfg.train.seed)
-    model = build_segmenter(cfg.segmenter, cfg.model, cfg.data.image_size, data.in_channels, data.num_classes)
+    model = build_segmenter(cfg.segmenter, cfg.model, model_input_size(cfg), data.in_channels, data.num_classes,
+                            spatial_dims=cfg.data.spatial_dims)
     encoder_loaded: dict[str, Any] = {}
     if enc is not None and not resume:
         encoder_loaded = load_pretrained(model, cfg.segmenter, enc.weights, {**enc.metadata, "path": str(enc.path)})
@@ -359,10 +457,13 @@ def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool,
         model = torch.compile(model)
     model, optimizer = fabric.setup(model, optimizer)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    transform = (segment_augment(cfg.data.image_size, cfg.min_crop_area, cfg.rotate_deg, cfg.intensity_jitter,
+    volumes = cfg.data.spatial_dims == 3
+    transform = None if volumes else (segment_augment(cfg.data.image_size, cfg.min_crop_area, cfg.rotate_deg, cfg.intensity_jitter,
                                  cfg.gamma, cfg.bias_field, crop_size=train_crop_size(cfg), pad=backbone_of_segmenter(cfg.segmenter).pads_crop)
                  if cfg.train.augment else None)
-    dataset = ArrayDataset(data.train.images, data.train.labels, transform, seed=cfg.train.seed)
+    # 3D: the volume dataset draws its crops (and augments them) itself, seeded by (seed, epoch, index) too
+    dataset = data.train if volumes else ArrayDataset(data.train.images, data.train.labels, transform,
+                                                      seed=cfg.train.seed)
     log = MetricsLog(out, resume_step=state["step"] if resume else None, tensorboard=is_main) if is_main else None
     meter = Throughput()
     bar = progress_bar(progress and is_main, "finetune", total, state["step"],
@@ -376,8 +477,11 @@ def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool,
                                                     "state": dict(state), "meta": meta, "encoder_loaded": encoder_loaded})
 
     def validate(epoch: int) -> float:
-        preds = predict_labels(model, data.val.images, batch_size=max(batch_size, 16), device=fabric.device)
-        dice = selection_score(preds, data.val.labels, data.num_classes, cfg.select_by)
+        if volumes:
+            dice = _volume_selection(_score_volumes(model, cfg, data, fabric.device)[0], cfg.select_by)
+        else:
+            preds = predict_labels(model, data.val.images, batch_size=max(batch_size, 16), device=fabric.device)
+            dice = selection_score(preds, data.val.labels, data.num_classes, cfg.select_by)
         if dice > state["best_val_dice"]:
             state["best_val_dice"], state["best_epoch"] = dice, epoch
             if is_main:
@@ -453,21 +557,34 @@ def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool,
     summary: dict[str, Any] = {
         "best_val_dice": state["best_val_dice"], "best_epoch": state["best_epoch"], "epochs": epochs,
         "steps": state["step"], "batch_size": batch_size, "segmenter": cfg.segmenter,
-        "num_classes": data.num_classes, "in_channels": data.in_channels, "image_size": cfg.data.image_size,
+        "num_classes": data.num_classes, "in_channels": data.in_channels, "image_size": _side(cfg),
         "labels_fraction": cfg.labels_fraction, "labels_subjects": cfg.labels_subjects,
         "labelled_subjects": len(data.subjects),
-        "labelled_images": len(data.train.ids), "val_images": len(data.val.ids), "validation_on": data.val_source,
+        "labelled_images": len(data.train_ids), "val_images": len(data.val_ids), "validation_on": data.val_source,
         "init": meta["init"], "init_policy": meta["init_policy"], "encoder_loaded": encoder_loaded,
         "images_per_s": meter.median() or rate, "train_s": time.perf_counter() - t_start,
         "skipped_batches": state["skipped"], "seed": cfg.train.seed, "val_every": val_every,
         "selection_metric": f"validation {cfg.select_by} (best_val_dice is this figure)",
     }
+    if volumes:
+        summary.update({"spatial_dims": 3, "roi_size": meta["roi_size"], "overlap": cfg.overlap})
     if is_main:
         from ahm.eval.evaluate import score_arrays
         from ahm.eval.report import write_report
 
         best = load_torch(best_path)
         raw_model.load_state_dict(best["model"])
+        extra = {"checkpoint": f"checkpoints/{BEST}", "checkpoint_epoch": best["epoch"], "data": str(cfg.data.path),
+                 "source": data.val_source}
+        if volumes:
+            scores, _ = _score_volumes(raw_model, cfg, data, fabric.device, meta["class_names"])
+            val_metrics = {"split": "val", **scores, "level": "volume", **extra}
+            write_json(out / "eval" / "val" / "metrics.json", val_metrics)
+            summary["val"] = {k: val_metrics.get(k) for k in ("dice", "iou", "hd95", "dataset_dice", "level",
+                                                              "hd95_unit")}
+            write_json(out / "summary.json", summary)
+            write_report(out)
+            return summary
         preds = predict_labels(raw_model, data.val.images, batch_size=max(batch_size, 16), device=fabric.device)
         val_metrics = score_arrays(out / "eval" / "val", preds, data.val.labels, data.val.images, data.val.ids,
                                    data.val.items, data.num_classes, "val", names=meta["class_names"],
@@ -477,3 +594,30 @@ def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool,
         write_json(out / "summary.json", summary)
         write_report(out)
     return summary
+
+
+def _score_volumes(model, cfg: FinetuneConfig, data: _Data, device,
+                   names: list[str] | None = None) -> tuple[dict, dict]:
+    """`volume_scores` of the validation volumes predicted whole by sliding windows of the training crop, each
+    volume one case on the preprocessed grid, HD95 in mm from that grid's spacing."""
+    from ahm.data.volumes import preprocessed_spacing
+    from ahm.eval.evaluate import predict_volume_labels
+    from ahm.eval.metrics import volume_scores
+
+    preds, targets, spacings, ids = [], [], [], []
+    for i in range(len(data.val)):
+        sample = data.val[i]
+        preds += predict_volume_labels(model, [sample["image"].as_tensor()], list(model_input_size(cfg)),
+                                       overlap=cfg.overlap, mode="gaussian", device=device)
+        targets.append(torch.round(sample["label"].as_tensor()[0]).long().numpy())
+        spacings.append(preprocessed_spacing(sample))
+        ids.append(sample["id"])
+    return volume_scores(preds, targets, data.num_classes, spacings=spacings, class_names=names, empty="exclude",
+                         ids=ids)
+
+
+def _volume_selection(scores: dict, select_by: str) -> float:
+    """`selection_score`'s two figures from a `volume_scores` summary: dataset_dice pooled over the volumes,
+    case_dice the per-volume mean (empty-empty volumes left out); 0 when undefined."""
+    value = scores.get("dataset_dice" if select_by == "dataset_dice" else "dice")
+    return float(value) if value is not None else 0.0

@@ -24,6 +24,20 @@ def pretrained_normalization(enc: PretrainedEncoder) -> str | None:
     return f"ct {lo:g}..{hi:g}" if data.modality == "ct" else data.modality
 
 
+def pretrained_spatial_dims(enc: PretrainedEncoder) -> int:
+    """2 or 3: what the encoder was pretrained on (encoders from before 3D existed carry none: 2D)."""
+    return int(enc.metadata.get("spatial_dims", enc.pretrain_cfg.data.spatial_dims))
+
+
+def check_spatial_dims(enc: PretrainedEncoder, cfg: FinetuneConfig) -> None:
+    """One AhmError line when a 2D encoder meets a 3D fine-tuning or the reverse (before any data is read)."""
+    pre = pretrained_spatial_dims(enc)
+    if pre != cfg.data.spatial_dims:
+        raise AhmError(f"--init {enc.run_dir}: the encoder was pretrained in {pre}D (data.spatial_dims {pre}) but "
+                       f"this fine-tuning is {cfg.data.spatial_dims}D; fine-tune with --spatial-dims {pre} or "
+                       f"pretrain in {cfg.data.spatial_dims}D")
+
+
 def init_mismatches(enc: PretrainedEncoder, cfg: FinetuneConfig, in_channels: int, normalization: str) -> list[str]:
     """What differs between the pretraining in `enc` and this fine-tuning, one phrase each (empty: they agree)."""
     from ahm.models import backbone_of_segmenter
@@ -33,10 +47,14 @@ def init_mismatches(enc: PretrainedEncoder, cfg: FinetuneConfig, in_channels: in
     if pre_channels != in_channels:
         found.append(f"channels {pre_channels} pretrained vs {in_channels} in {cfg.data.path} "
                      f"(set data.channels: {pre_channels} in a --config to convert its images)")
-    pre_size = int(enc.metadata.get("image_size", enc.pretrain_cfg.data.image_size))
-    size = cfg.data.image_size
-    if pre_size != size:
-        found.append(f"image size {pre_size} pretrained vs {size} here (omit --image-size or use {pre_size})")
+    if cfg.data.spatial_dims == 3:
+        # volumes: the network's input is the training crop, compared per axis by the backbone
+        pre_size, size = tuple(enc.pretrain_cfg.data.crop_size), tuple(cfg.data.crop_size)
+    else:
+        pre_size = int(enc.metadata.get("image_size", enc.pretrain_cfg.data.image_size))
+        size = cfg.data.image_size
+        if pre_size != size:
+            found.append(f"image size {pre_size} pretrained vs {size} here (omit --image-size or use {pre_size})")
     found += backbone_of_segmenter(enc.segmenter).init_mismatches(enc.metadata, enc.pretrain_cfg.model, pre_size, size)
     pre_norm = pretrained_normalization(enc)
     if pre_norm is not None and pre_norm != normalization:

@@ -55,6 +55,11 @@ class Backbone(ABC):
         """A fine-tuning crop's side must be a multiple of this (1: any side)."""
         return 1
 
+    def input_multiple(self, model_cfg: ModelConfig) -> int:
+        """A side of the segmenter's own input must be a multiple of this: in 3D the training crop is that input
+        (no padding back to a fixed grid), so a patch-based segmenter needs whole patches too."""
+        return self.crop_multiple(model_cfg)
+
     def finetune_model_config(self, pretrained: ModelConfig, finetune: ModelConfig) -> ModelConfig:
         """The fine-tuning model settings when starting from an encoder pretrained with `pretrained`."""
         return pretrained.model_copy(update={"norm": finetune.norm})

@@ -35,10 +35,12 @@ class UNetBackbone(Backbone):
                         spatial_dims: int = 2) -> nn.Module:
         """The MIM UNet's layout with `num_classes` outputs."""
         factor = self.crop_multiple(model_cfg)
-        if image_size % factor:
+        # 3D: one size per axis (the training crop)
+        sides = (image_size,) if isinstance(image_size, int) else tuple(int(s) for s in image_size)
+        if any(side % factor for side in sides):
             raise AhmError(
-                f"--image-size {image_size} is not divisible by {factor}, the product of model.unet_strides "
-                f"{tuple(model_cfg.unet_strides)}"
+                f"--image-size {'x'.join(map(str, sides))} is not divisible by {factor}, the product of "
+                f"model.unet_strides {tuple(model_cfg.unet_strides)}"
             )
         unet = build_unet_network(model_cfg, in_channels, num_classes, spatial_dims)
         fast_instance_norms(unet)

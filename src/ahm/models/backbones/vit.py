@@ -14,6 +14,7 @@ from ahm.config import ModelConfig
 from ahm.errors import AhmError
 from ahm.models.backbones.base import Backbone, param_group_adder
 from ahm.models.mae import MAEViT, freeze_unused_norms
+from ahm.models.mim import size_text
 from ahm.models.norm import fast_instance_norms
 
 UNETR_PATCH_SIZE = 16  # fixed inside MONAI's UNETR
@@ -66,10 +67,15 @@ class ViTBackbone(Backbone):
                 f"model num_layers {dims['num_layers']} cannot be used with --segmenter unetr: MONAI's UNETR has "
                 f"exactly {UNETR_NUM_LAYERS} transformer blocks"
             )
-        if image_size % UNETR_PATCH_SIZE:
+        # 3D: one size per axis (the training crop, which is the network's input)
+        sides = (image_size,) if isinstance(image_size, int) else tuple(int(s) for s in image_size)
+        if any(side % UNETR_PATCH_SIZE for side in sides):
             raise AhmError(
-                f"--image-size {image_size} must be a multiple of {UNETR_PATCH_SIZE} for --segmenter unetr"
+                f"--image-size {'x'.join(map(str, sides))} must be a multiple of {UNETR_PATCH_SIZE} for "
+                f"--segmenter unetr"
             )
+        if not isinstance(image_size, int):
+            image_size = sides
         net = UNETR(
             in_channels=in_channels,
             out_channels=num_classes,
@@ -99,7 +105,7 @@ class ViTBackbone(Backbone):
             "num_layers": str(len(vit.blocks)),
             "num_heads": str(block.attn.num_heads),
             "patch_size": str(conv.kernel_size[0]),
-            "image_size": str(segmenter.feat_size[0] * conv.kernel_size[0]),
+            "image_size": size_text([f * conv.kernel_size[0] for f in segmenter.feat_size]),
             "in_channels": str(conv.in_channels),
         }
 
@@ -129,10 +135,21 @@ class ViTBackbone(Backbone):
         add("decoder", [p for p in segmenter.parameters() if id(p) not in in_vit], base_lr, pretrained=False)
         return groups
 
-    def init_mismatches(self, metadata: dict[str, str], pretrained: ModelConfig, pretrained_size: int,
-                        image_size: int) -> list[str]:
+    def input_multiple(self, model_cfg: ModelConfig) -> int:
+        return UNETR_PATCH_SIZE
+
+    def init_mismatches(self, metadata: dict[str, str], pretrained: ModelConfig, pretrained_size,
+                        image_size) -> list[str]:
         # The ViT's position embeddings are one per patch of the pretraining grid.
         patch = int(metadata.get("patch_size", pretrained.patch_size))
+        if not isinstance(image_size, int):  # 3D: the pretraining and fine-tuning crops, per axis
+            pre = tuple(int(s) for s in pretrained_size)
+            here = tuple(int(s) for s in image_size)
+            if pre != here:
+                return [f"patch grid {'x'.join(str(s // patch) for s in pre)} of {patch} px pretrained vs "
+                        f"{'x'.join(f'{s / patch:g}' for s in here)} here (use data.crop_size "
+                        f"{'x'.join(map(str, pre))})"]
+            return []
         pre_grid = f"{pretrained_size // patch}x{pretrained_size // patch}"
         grid = f"{image_size // patch}x{image_size // patch}"
         if pre_grid != grid or image_size % patch:
