@@ -158,7 +158,7 @@ def test_3d_crop_must_hold_whole_patches(tmp_path: Path) -> None:
         run_speed(cfg, ["random"], steps=1, warmup=1, rounds=1)
     cfg = _cfg_3d(tmp_path, "vit")
     cfg.model.decoder_dim = 32
-    with pytest.raises(AhmError, match="--decoder-dim: width 32; .*divisible by 6, e.g. --decoder-dim 30"):
+    with pytest.raises(AhmError, match=r"--decoder-dim: width 32; .*divisible by 6 \(e.g. 30\)"):
         run_speed(cfg, ["random"], steps=1, warmup=1, rounds=1)
 
 

@@ -204,7 +204,7 @@ def _mae_reference(cfg: PretrainConfig, channels: int, device: torch.device):
         for option, width in (("--model", dims["hidden_size"]), ("--decoder-dim", dec["decoder_dim"])):
             if width % 6:
                 raise AhmError(f"{option}: width {width}; MONAI's 3D MaskedAutoEncoderViT (the reference) needs "
-                               f"encoder and decoder widths divisible by 6, e.g. --decoder-dim {width // 6 * 6 or 6}")
+                               f"encoder and decoder widths divisible by 6 (e.g. {width // 6 * 6 or 6})")
     torch.manual_seed(0)
     model = MaskedAutoEncoderViT(
         in_channels=channels, img_size=model_input_size(cfg.data), patch_size=cfg.model.patch_size,
