@@ -425,6 +425,12 @@ class SourceConfig(_Strict):
         return v
 
 
+def model_input_size(data: DataConfig) -> int | tuple[int, ...]:
+    """What a MIM model is built for: the square image side in 2D, the training crop in 3D (pretraining builds
+    it so, `ahm visualize` rebuilds it so)."""
+    return tuple(data.crop_size) if data.spatial_dims == 3 else data.image_size
+
+
 class PretrainConfig(_Strict):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()

@@ -115,3 +115,62 @@ def test_cli_json_and_decoder_options() -> None:
                 setting["decoder_mlp_dim"]) == (24, 1, 3, 20)
     assert set(doc["profiles"]) == {"random", doc["reference"]["name"]}
     assert "Self CPU" in doc["profiles"]["random"]
+
+
+def _cfg_3d(tmp: Path, backbone: str) -> PretrainConfig:
+    over = tiny_pretrain_overrides(tmp, backbone=backbone)
+    over["data"].update(spatial_dims=3, crop_size=[16, 16, 16])
+    over["model"].update(hidden_size=48, decoder_dim=24)  # MONAI's 3D MAE: widths divisible by 6
+    return build_config(PretrainConfig, overrides=over)
+
+
+# ahm-official needs a step for each of its three stages: 4 steps in all (odd rounds: _check_rows takes the middle one)
+@pytest.mark.parametrize("backbone,policies,rounds", [("vit", ["random", "ahm", "block", "hpm", "adamae"], 1),
+                                                      ("unet", ["random", "ahm-official"], 3)])
+def test_3d_throughput_in_volumes_per_second(tmp_path: Path, backbone: str, policies: list[str], rounds: int) -> None:
+    from ahm.bench.speed import format_speed, run_speed
+
+    doc = run_speed(_cfg_3d(tmp_path, backbone), policies, steps=1, warmup=1, rounds=rounds)
+    _check_rows(doc, set(policies))
+    s = doc["setting"]
+    assert (s["spatial_dims"], s["crop_size"], s["input_shape"], s["unit"]) == (3, [16] * 3, [16] * 3, "volumes/s")
+    assert "statm" in s["memory"]
+    for row in [*doc["policies"].values(), doc["reference"]]:
+        assert 0 <= row["peak_growth_mib"] <= row["peak_mem_mib"]
+    ours, ref = s, doc["reference"]["setting"]
+    if backbone == "vit":
+        # MONAI's 3D MAE at our sizes; parameters differ as in 2D, with (16/8)^3 = 8 patches
+        assert {k: ours[k] for k in SIZE_KEYS} == {k: ref[k] for k in SIZE_KEYS}
+        expected = 8 * ours["hidden_size"] + 3 * ours["decoder_depth"] * ours["decoder_dim"] - ours["hidden_size"]
+        assert ours["parameters"] - ref["parameters"] == expected
+    else:
+        assert ours["parameters"] - ref["parameters"] == 1  # the learned fill value: the same 3D UNet otherwise
+    text = format_speed(doc)
+    assert "3D crop 16x16x16" in text and "volumes/s" in text and text.count("parameters") == 2
+
+
+def test_3d_crop_must_hold_whole_patches(tmp_path: Path) -> None:
+    from ahm.bench.speed import run_speed
+
+    cfg = _cfg_3d(tmp_path, "vit")
+    cfg.data.crop_size = (16, 16, 12)
+    with pytest.raises(AhmError, match="crop_size 16x16x12"):
+        run_speed(cfg, ["random"], steps=1, warmup=1, rounds=1)
+    cfg = _cfg_3d(tmp_path, "vit")
+    cfg.model.decoder_dim = 32
+    with pytest.raises(AhmError, match=r"--decoder-dim: width 32; .*divisible by 6 \(e.g. 30\)"):
+        run_speed(cfg, ["random"], steps=1, warmup=1, rounds=1)
+
+
+def test_cli_3d_json_records_dims_crop_and_memory() -> None:
+    from ahm.cli.app import _register, app
+
+    _register()
+    result = CliRunner().invoke(app, [
+        "bench", "speed", "--spatial-dims", "3", "--crop-size", "16", "--patch-size", "8", "--policies", "random",
+        "--backbone", "unet", "--batch-size", "1", "--steps", "1", "--rounds", "1", "--warmup", "1", "--json",
+    ])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    assert (doc["setting"]["spatial_dims"], doc["setting"]["crop_size"]) == (3, [16, 16, 16])
+    assert doc["policies"]["random"]["peak_growth_mib"] >= 0 and doc["setting"]["memory"]

@@ -3,10 +3,16 @@
 The ViT backbone is measured against MONAI's `MaskedAutoEncoderViT` built with exactly our encoder and decoder
 sizes (width, depth, heads, MLP); the UNet backbone against a plain step of the same MONAI `UNet` with a pixel
 MSE on the unmasked image, the cost floor of masked-input pretraining. The sizes in the document are read off
-the built modules, for ours and for the reference. All candidates run in one process with the same image size,
-batch and thread count. Rounds are
+the built modules, for ours and for the reference. All candidates run in one process with the same input (an image
+in 2D, a crop of `data.crop_size` voxels in 3D, `data.spatial_dims`), batch and thread count. Rounds are
 interleaved (policy A, B, ..., reference; then again) so drift on a shared machine hits all of them alike; the
 figure is the median of the timed steps after warm-up.
+
+Peak memory: on a GPU `torch.cuda.max_memory_allocated` over each block of steps; on the CPU the resident set
+size read from /proc/self/statm every 5 ms during the block (`peak_mem_mib`, the whole process) and that peak
+less the size at the block's start (`peak_growth_mib`, what the steps added). tracemalloc and
+`resource.getrusage` do not serve: the first does not see torch's allocator, the second keeps the process's
+lifetime peak. An allocator that keeps freed pages can hide part of a later candidate's growth.
 """
 
 from __future__ import annotations
@@ -40,13 +46,15 @@ class _PeakSampler:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.peak = 0.0
+        self.start = 0.0
         self._stop = threading.Event()
 
     def __enter__(self) -> "_PeakSampler":
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device) / 2**20
             return self
-        self.peak = _rss_mib()
+        self.peak = self.start = _rss_mib()
 
         def sample() -> None:
             while not self._stop.wait(0.005):
@@ -64,6 +72,17 @@ class _PeakSampler:
         self._thread.join()
         self.peak = max(self.peak, _rss_mib())
 
+    @property
+    def growth(self) -> float:
+        return max(0.0, self.peak - self.start)
+
+
+MEMORY_MEASURES = {
+    "cuda": "torch.cuda.max_memory_allocated over each block of steps (MiB); growth: less the allocation at its start",
+    "cpu": "peak resident set size (/proc/self/statm, sampled every 5 ms) over each block of steps (MiB); "
+           "growth: less the size at its start",
+}
+
 
 @dataclass
 class _Candidate:
@@ -72,6 +91,7 @@ class _Candidate:
     close: Callable[[], None]
     times: list[float]
     peak_mib: float = 0.0
+    growth_mib: float = 0.0
     policy_parameters: int = 0
     staged: bool = False
     stage_names: list[str] = field(default_factory=list)  # the stage of each step taken (warm-up first)
@@ -116,6 +136,7 @@ def _unet_model_setting(model) -> dict[str, Any]:
 
 def _policy_candidate(name: str, cfg: PretrainConfig, channels: int, device: torch.device,
                       total: int) -> tuple[_Candidate, dict[str, Any]]:
+    from ahm.config import model_input_size
     from ahm.masking import PolicyContext, build_policy
     from ahm.models import build_mim_model
     from ahm.train.pretrain import build_optimizer, forward_step
@@ -128,9 +149,10 @@ def _policy_candidate(name: str, cfg: PretrainConfig, channels: int, device: tor
         masking = masking.model_copy(update={"agent_workers": 0})
     run_cfg = cfg.model_copy(update={"masking": masking})
     torch.manual_seed(0)
-    model = build_mim_model(cfg.model, cfg.data.image_size, channels).to(device)
-    policy = build_policy(masking, PolicyContext(grid=model.grid, patch_size=model.patch_size, in_channels=channels,
-                                                 total_steps=total, seed=0, device=device, model=model))
+    model = build_mim_model(cfg.model, model_input_size(cfg.data), channels,
+                            spatial_dims=cfg.data.spatial_dims).to(device)
+    policy = build_policy(masking, PolicyContext(grid=model.patch_grid, in_channels=channels, total_steps=total,
+                                                 seed=0, device=device, model=model))
     policy.to(device)
     optimizer, policy_params = build_optimizer(model, policy, run_cfg)
 
@@ -173,14 +195,21 @@ def _mae_reference(cfg: PretrainConfig, channels: int, device: torch.device):
     """MONAI's MaskedAutoEncoderViT with our encoder and decoder sizes; MSE on the masked patches."""
     from monai.networks.nets import MaskedAutoEncoderViT
 
+    from ahm.config import model_input_size
     from ahm.models.mae import freeze_unused_norms
 
     dims, dec = cfg.model.vit_dims(), cfg.model.decoder_dims()
+    if cfg.data.spatial_dims == 3:
+        # MONAI's 3D sin-cos tables (encoder and decoder) split each width into six parts; ours take any width
+        for option, width in (("--model", dims["hidden_size"]), ("--decoder-dim", dec["decoder_dim"])):
+            if width % 6:
+                raise AhmError(f"{option}: width {width}; MONAI's 3D MaskedAutoEncoderViT (the reference) needs "
+                               f"encoder and decoder widths divisible by 6 (e.g. {width // 6 * 6 or 6})")
     torch.manual_seed(0)
     model = MaskedAutoEncoderViT(
-        in_channels=channels, img_size=cfg.data.image_size, patch_size=cfg.model.patch_size,
+        in_channels=channels, img_size=model_input_size(cfg.data), patch_size=cfg.model.patch_size,
         hidden_size=dims["hidden_size"], mlp_dim=dims["mlp_dim"], num_layers=dims["num_layers"],
-        num_heads=dims["num_heads"], masking_ratio=cfg.masking.mask_ratio, spatial_dims=2,
+        num_heads=dims["num_heads"], masking_ratio=cfg.masking.mask_ratio, spatial_dims=cfg.data.spatial_dims,
         decoder_hidden_size=dec["decoder_dim"], decoder_num_layers=dec["decoder_depth"],
         decoder_num_heads=dec["decoder_heads"], decoder_mlp_dim=dec["decoder_mlp_dim"],
     ).to(device)
@@ -190,8 +219,12 @@ def _mae_reference(cfg: PretrainConfig, channels: int, device: torch.device):
 
     def step(images: torch.Tensor, progress: float) -> None:  # noqa: ARG001
         pred, mask = model(images)
-        b, c, h, w = images.shape
-        target = images.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1).reshape(b, -1, p * p * c)
+        b, c, *spatial = images.shape
+        n = len(spatial)
+        # MONAI's patch order: patches row-major over the axes, each flattened as (p, ..., p, c)
+        split = [d for size in spatial for d in (size // p, p)]
+        order = (0, *range(2, 2 + 2 * n, 2), *range(3, 3 + 2 * n, 2), 1)
+        target = images.reshape(b, c, *split).permute(*order).reshape(b, -1, p**n * c)
         loss = (((pred - target) ** 2).mean(-1) * mask).sum() / mask.sum()
         _optimizer_step(model, loss, optimizer, cfg.train.clip_grad)
 
@@ -208,13 +241,17 @@ def _unet_reference(cfg: PretrainConfig, channels: int, device: torch.device):
     from ahm.models.unet_nets import build_unet_network
 
     torch.manual_seed(0)
-    model = build_unet_network(cfg.model, channels, channels).to(device)
-    fast_instance_norms(model)  # as in MaskedUNet: the same network, in the same (channels-last) memory format,
-    model.to(memory_format=torch.channels_last)  # so the ratio is the cost of the masking and the per-patch loss
+    dims = cfg.data.spatial_dims
+    model = build_unet_network(cfg.model, channels, channels, dims).to(device)
+    # as in MaskedUNet: the same network in the same memory format (channels-last in 2D, plain in 3D), so the
+    # ratio is the cost of the masking and the per-patch loss
+    fast_instance_norms(model)
+    memory_format = torch.channels_last if dims == 2 else torch.contiguous_format
+    model.to(memory_format=memory_format)
     optimizer = _reference_optimizer(model, cfg)
 
     def step(images: torch.Tensor, progress: float) -> None:  # noqa: ARG001
-        x = images.contiguous(memory_format=torch.channels_last)
+        x = images.contiguous(memory_format=memory_format)
         loss = torch.nn.functional.mse_loss(model(x), x)
         _optimizer_step(model, loss, optimizer, cfg.train.clip_grad)
 
@@ -260,17 +297,21 @@ SPEED_REFERENCES: dict[str, SpeedReference] = {
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def _synthetic_batch(batch: int, channels: int, size: int, seed: int = 0) -> torch.Tensor:
-    """Smooth blobs on a dark background: image-like statistics (empty border, structured middle)."""
+def _synthetic_batch(batch: int, channels: int, size: int | tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    """Smooth blobs on a dark background: image-like statistics (empty border, structured middle); `size` is the
+    square image side, or the shape of a volume."""
     g = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
-    imgs = torch.zeros(batch, channels, size, size)
+    shape = (size, size) if isinstance(size, int) else tuple(size)
+    n = len(shape)
+    coords = torch.meshgrid(*(torch.linspace(-1, 1, s) for s in shape), indexing="ij")
+    imgs = torch.zeros(batch, channels, *shape)
+    scale, shift = torch.tensor([1.2] * n + [0.4]), torch.tensor([0.6] * n + [-0.1])
     for i in range(batch):
         for _ in range(4):
-            cy, cx, r = (torch.rand(3, generator=g) * torch.tensor([1.2, 1.2, 0.4]) - torch.tensor([0.6, 0.6, -0.1]))
-            imgs[i] += torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r**2))
-        imgs[i] += 0.05 * torch.rand(channels, size, size, generator=g)
-    return (imgs / imgs.amax(dim=(1, 2, 3), keepdim=True)).clamp(0, 1)
+            *centre, r = torch.rand(n + 1, generator=g) * scale - shift
+            imgs[i] += torch.exp(-sum((x - c) ** 2 for x, c in zip(coords, centre)) / (2 * r**2))
+        imgs[i] += 0.05 * torch.rand(channels, *shape, generator=g)
+    return (imgs / imgs.amax(dim=tuple(range(1, 2 + n)), keepdim=True)).clamp(0, 1)
 
 
 def _median(values: list[float]) -> float:
@@ -299,7 +340,8 @@ def run_speed(cfg: PretrainConfig, policies: Optional[list[str]] = None, channel
               warmup: int = 3, rounds: int = 3, threads: Optional[int] = None,
               progress: Optional[Callable[[str], None]] = None, profile_rows: int = 0,
               clock: str = "wall") -> dict[str, Any]:
-    """Measure images/s per policy and for the MONAI reference of the backbone; returns the `--json` document.
+    """Measure images/s (volumes/s with `data.spatial_dims` 3, on crops of `data.crop_size`) per policy and for the
+    MONAI reference of the backbone; returns the `--json` document.
 
     Each figure is the median over all timed steps; `ratio` is the median over rounds of (our median / the
     reference's median in the same round), with the rounds' lowest and highest beside it. `clock` "cpu" times
@@ -322,8 +364,20 @@ def run_speed(cfg: PretrainConfig, policies: Optional[list[str]] = None, channel
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.accelerator != "cpu" else "cpu")
     if clock == "cpu" and device.type != "cpu":
         raise AhmError("--clock cpu: CPU seconds do not measure a step on the GPU; use --clock wall there")
+    from ahm.config import model_input_size
+
+    dims = cfg.data.spatial_dims
+    if dims == 3:
+        import math
+
+        from ahm.data.volumes import check_crop
+        from ahm.models.backbones import get_backbone
+
+        # as pretraining checks it: whole patches, and for the UNet whole feature maps at every stride
+        multiple = math.lcm(cfg.model.patch_size, get_backbone(backbone).crop_multiple(cfg.model))
+        check_crop(cfg.data, multiple, why=f"--patch-size {cfg.model.patch_size} (and the backbone's strides)")
     now = CLOCKS[clock]
-    images = _synthetic_batch(cfg.train.batch_size, channels, cfg.data.image_size).to(device)
+    images = _synthetic_batch(cfg.train.batch_size, channels, model_input_size(cfg.data)).to(device)
     total = warmup + rounds * steps
     candidates: list[_Candidate] = []
     load_start = _load()
@@ -342,7 +396,7 @@ def run_speed(cfg: PretrainConfig, policies: Optional[list[str]] = None, channel
             with _PeakSampler(device) as sampler:
                 for i in range(warmup):
                     cand.step(images, i / total)
-            cand.peak_mib = sampler.peak
+            cand.peak_mib, cand.growth_mib = sampler.peak, sampler.growth
         for r in range(rounds):
             for cand in candidates:
                 if progress:
@@ -357,6 +411,7 @@ def run_speed(cfg: PretrainConfig, policies: Optional[list[str]] = None, channel
                             torch.cuda.synchronize(device)
                         cand.times.append(now() - t0)
                 cand.peak_mib = max(cand.peak_mib, sampler.peak)
+                cand.growth_mib = max(cand.growth_mib, sampler.growth)
         if profile_rows > 0:
             for cand in candidates:
                 if progress:
@@ -377,13 +432,17 @@ def run_speed(cfg: PretrainConfig, policies: Optional[list[str]] = None, channel
     ref_rounds = round_rates(ref)
     setting = {
         "backbone": backbone, "model": cfg.model.preset if reference.names_preset else None, **ours,
-        "image_size": cfg.data.image_size, "patch_size": cfg.model.patch_size, "batch_size": bs,
+        "image_size": cfg.data.image_size, "spatial_dims": dims,
+        "crop_size": list(cfg.data.crop_size) if dims == 3 else None, "input_shape": list(images.shape[2:]),
+        "unit": "volumes/s" if dims == 3 else "images/s", "memory": MEMORY_MEASURES[device.type],
+        "patch_size": cfg.model.patch_size, "batch_size": bs,
         "mask_ratio": cfg.masking.mask_ratio, "norm": cfg.model.norm, "channels": channels,
         "threads": torch.get_num_threads(), "device": str(device), "clock": clock, "timed_steps": rounds * steps,
         "rounds": rounds, "load_1min": [load_start, _load()],
     }
     doc: dict[str, Any] = {
         "reference": {"name": reference.name, "images_per_s": rate(ref), "peak_mem_mib": ref.peak_mib,
+                      "peak_growth_mib": ref.growth_mib,
                       "images_per_s_rounds": ref_rounds, "setting": ref_setting},
         "policies": {},
         "setting": setting,
@@ -394,7 +453,7 @@ def run_speed(cfg: PretrainConfig, policies: Optional[list[str]] = None, channel
         ratios = [a / b for a, b in zip(round_rates(c), ref_rounds)]
         doc["policies"][c.name] = {
             "images_per_s": rate(c), "ratio": _median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
-            "images_per_s_rounds": round_rates(c), "peak_mem_mib": c.peak_mib,
+            "images_per_s_rounds": round_rates(c), "peak_mem_mib": c.peak_mib, "peak_growth_mib": c.growth_mib,
             "policy_parameters": c.policy_parameters,
         }
         if c.staged:
@@ -418,31 +477,37 @@ def format_speed(doc: dict[str, Any]) -> str:
     reference = SPEED_REFERENCES[backbone]
     label = reference.label
     load = ", ".join("?" if v is None else f"{v:.2f}" for v in s.get("load_1min", []))
+    unit = s.get("unit", "images/s")
+    rate = ".2f" if s.get("spatial_dims") == 3 else ".1f"  # a 3D step on a CPU takes seconds
+    where = (f"3D crop {'x'.join(str(v) for v in s['input_shape'])}" if s.get("spatial_dims") == 3
+             else f"{s['image_size']}px")
     lines = [
-        f"pretraining step throughput: {backbone}{' ' + s['model'] if s.get('model') else ''}, {s['image_size']}px, patch {s['patch_size']}, "
+        f"pretraining step throughput: {backbone}{' ' + s['model'] if s.get('model') else ''}, {where}, patch {s['patch_size']}, "
         f"batch {s['batch_size']}, mask {s['mask_ratio']}, {s['channels']} channel(s), {s['threads']} threads, "
         f"{s['device']}, {s.get('clock', 'wall')} clock; median of {s['timed_steps']} steps in {s['rounds']} interleaved rounds; "
         f"load (1 min) at start, end: {load}",
         f"  ours:      {reference.describe(s)}",
         f"  {label + ':':<10} {reference.describe(doc['reference']['setting'])}",
         "",
-        f"| {'policy':<10} | {'images/s':>9} | {'x ' + label:>12} | {'rounds min-max':>14} | {'x random':>8} "
-        f"| {'peak MiB':>8} |",
-        f"|{'-' * 12}|{'-' * 11}|{'-' * 14}|{'-' * 16}|{'-' * 10}|{'-' * 10}|",
+        f"| {'policy':<10} | {unit:>9} | {'x ' + label:>12} | {'rounds min-max':>14} | {'x random':>8} "
+        f"| {'peak MiB':>8} | {'growth MiB':>10} |",
+        f"|{'-' * 12}|{'-' * 11}|{'-' * 14}|{'-' * 16}|{'-' * 10}|{'-' * 10}|{'-' * 12}|",
     ]
     rand = doc["policies"].get("random", {}).get("images_per_s")
     for name, row in doc["policies"].items():
         vs_random = f"{row['images_per_s'] / rand:.2f}" if rand else "-"
         spread = f"{row['ratio_min']:.2f}-{row['ratio_max']:.2f}"
-        lines.append(f"| {name:<10} | {row['images_per_s']:>9.1f} | {row['ratio']:>12.2f} | {spread:>14} | "
-                     f"{vs_random:>8} | {row['peak_mem_mib']:>8.0f} |")
+        lines.append(f"| {name:<10} | {row['images_per_s']:>9{rate}} | {row['ratio']:>12.2f} | {spread:>14} | "
+                     f"{vs_random:>8} | {row['peak_mem_mib']:>8.0f} | {row.get('peak_growth_mib', 0.0):>10.0f} |")
     ref = doc["reference"]
-    lines.append(f"| {label:<10} | {ref['images_per_s']:>9.1f} | {1.0:>12.2f} | {'-':>14} | {'-':>8} "
-                 f"| {ref['peak_mem_mib']:>8.0f} |")
+    lines.append(f"| {label:<10} | {ref['images_per_s']:>9{rate}} | {1.0:>12.2f} | {'-':>14} | {'-':>8} "
+                 f"| {ref['peak_mem_mib']:>8.0f} | {ref.get('peak_growth_mib', 0.0):>10.0f} |")
+    if s.get("memory"):
+        lines.append(f"memory: {s['memory']}")
     for name, row in doc["policies"].items():
         if "stages" in row:
             parts = ", ".join(f"{stage} {value:.1f}" for stage, value in row["stages"].items())
-            lines.append(f"{name}: {row['mean_images_per_s']:.1f} images/s over all its timed steps, staged "
+            lines.append(f"{name}: {row['mean_images_per_s']:{rate}} {unit} over all its timed steps, staged "
                          f"overhead included ({parts})")
     for name, table in doc.get("profiles", {}).items():
         lines += ["", f"profile of one step: {name}", table]

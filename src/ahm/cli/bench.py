@@ -26,7 +26,10 @@ def speed(
     decoder_heads: Optional[int] = typer.Option(None, "--decoder-heads", help="MAE decoder heads (default 4; MONAI 12)."),
     decoder_mlp_dim: Optional[int] = typer.Option(None, "--decoder-mlp-dim",
                                                   help="MAE decoder MLP width (default 4 x --decoder-dim; MONAI 512)."),
-    image_size: int = typer.Option(128, "--image-size"),
+    image_size: int = typer.Option(128, "--image-size", help="2D: the square image side."),
+    spatial_dims: int = typer.Option(2, "--spatial-dims", help="2: images; 3: volumes, cut to --crop-size."),
+    crop_size: int = typer.Option(64, "--crop-size", help="3D: the crop side in voxels, per axis (64 with patch 16: "
+                                  "64 patches)."),
     patch_size: int = typer.Option(16, "--patch-size"),
     batch_size: int = typer.Option(32, "--batch-size"),
     mask_ratio: float = typer.Option(0.75, "--mask-ratio"),
@@ -41,7 +44,8 @@ def speed(
                               "per step (CPU only; far steadier on a machine shared with other jobs)."),
     as_json: bool = typer.Option(False, "--json", help="Print the JSON document only."),
 ) -> None:
-    """Step throughput of each masking policy vs MONAI's own model at exactly the same size, same threads.
+    """Step throughput of each masking policy vs MONAI's own model at exactly the same size, same threads
+    (images/s; with --spatial-dims 3 volumes/s on --crop-size crops), and each one's peak memory.
 
     Rounds are interleaved (each policy, then the reference, again) so a busy machine slows all alike; the
     ratio is the median over rounds, with the lowest and highest round beside it, and the 1-minute load is
@@ -52,7 +56,8 @@ def speed(
 
     def go():
         cfg = build_config(PretrainConfig, overrides={
-            "data": {"image_size": image_size},
+            "data": {"image_size": image_size, "spatial_dims": spatial_dims,
+                     **({"crop_size": [crop_size] * 3} if spatial_dims == 3 else {})},
             "model": {"backbone": backbone, "preset": model, "patch_size": patch_size, **{
                 k: v for k, v in (("decoder_dim", decoder_dim), ("decoder_depth", decoder_depth),
                                   ("decoder_heads", decoder_heads), ("decoder_mlp_dim", decoder_mlp_dim))

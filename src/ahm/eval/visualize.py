@@ -164,9 +164,31 @@ def _recorded_data(recorded: str | None, run_dir: Path) -> Path:
     raise AhmError(f"--data: the run's dataset {recorded} is not found from here; give the folder with --data")
 
 
+def _centre_crops(index: Any, ids: list[str], data_cfg: Any) -> Any:
+    """Volumes `ids` preprocessed as pretraining reads them, each cut to its centre crop of `data.crop_size` (the
+    model's input), as `Arrays` [N, C, D, H, W]."""
+    from monai.transforms import CenterSpatialCrop
+
+    from ahm.data.dataset import Arrays
+    from ahm.data.volumes import prepare_volume
+
+    by_id = index.by_id()
+    crop = CenterSpatialCrop(roi_size=tuple(data_cfg.crop_size))
+    images, items = [], []
+    for item_id in ids:
+        item = by_id[item_id]
+        # the preprocessing pads every volume to at least the crop, so the centre crop is always whole
+        images.append(np.asarray(torch.as_tensor(crop(torch.from_numpy(prepare_volume(item, index, data_cfg))))))
+        items.append(item)
+    stacked = np.ascontiguousarray(np.stack(images), dtype=np.float32)
+    return Arrays(images=stacked, labels=None, ids=list(ids), original_hw=[tuple(i.shape[1:]) for i in images],
+                  items=items)
+
+
 def load_run(run_dir: Path, data_dir: Path | None, n_images: int) -> tuple[Any, Any, Any, Any]:
-    """(config, model, policy, arrays) of a pretraining run, with `n_images` held-out images."""
-    from ahm.config import PretrainConfig, load_config
+    """(config, model, policy, arrays) of a pretraining run, with `n_images` held-out images (for a 3D run the
+    centre crops of held-out volumes, at the training crop the model was built for)."""
+    from ahm.config import PretrainConfig, load_config, model_input_size
     from ahm.data import load_arrays, make_splits, open_dataset
     from ahm.masking.base import PolicyContext, build_policy
     from ahm.models import build_mim_model
@@ -186,14 +208,15 @@ def load_run(run_dir: Path, data_dir: Path | None, n_images: int) -> tuple[Any, 
     ids = (splits.get("val") or splits.get("test") or splits.get("train") or [])[:max(1, n_images)]
     if not ids:
         raise AhmError(f"{data_path}: no images to visualise")
-    arrays = load_arrays(index, ids, data_cfg, labels=False)
+    arrays = (_centre_crops(index, ids, data_cfg) if data_cfg.spatial_dims == 3
+              else load_arrays(index, ids, data_cfg, labels=False))
     in_channels = int(arrays.images.shape[1])
-    model = build_mim_model(cfg.model, cfg.data.image_size, in_channels)
+    model = build_mim_model(cfg.model, model_input_size(cfg.data), in_channels, spatial_dims=cfg.data.spatial_dims)
     restore_state(model, ckpt["model"], "model (or --data's channel count)", ckpt_path)
     model.eval()
     # no A3C workers for looking: the agent's weights are the same in both modes
     masking = cfg.masking.model_copy(update={"agent_workers": 0})
-    ctx = PolicyContext(grid=model.grid, patch_size=model.patch_size, in_channels=in_channels,
+    ctx = PolicyContext(grid=model.patch_grid, in_channels=in_channels,
                         total_steps=int(ckpt.get("step") or cfg.train.steps or 1), seed=cfg.train.seed, model=model)
     policy = build_policy(masking, ctx)
     restore_state(policy, ckpt["policy"], "masking policy", ckpt_path)

@@ -13,7 +13,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from ahm.config import PretrainConfig, load_config, save_config
+from ahm.config import PretrainConfig, load_config, model_input_size, save_config
 from ahm.errors import AhmError
 from ahm.io import save_safetensors, write_json
 from ahm.masking import PolicyContext, build_policy
@@ -134,11 +134,6 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: bool = False, force: 
     return launch(fabric, _run, cfg, out, resume, progress, stop_at)
 
 
-def model_input_size(cfg: PretrainConfig) -> int | tuple[int, ...]:
-    """What the MIM model is built for: the square image side in 2D, the training crop in 3D."""
-    return tuple(cfg.data.crop_size) if cfg.data.spatial_dims == 3 else cfg.data.image_size
-
-
 def _run(fabric, cfg: PretrainConfig, out: Path, resume: bool, progress: bool, stop_at: Optional[int] = None) -> dict[str, Any]:
     from ahm.data.corpus import describe
     from ahm.models import build_mim_model
@@ -161,7 +156,7 @@ def _run(fabric, cfg: PretrainConfig, out: Path, resume: bool, progress: bool, s
     total = cfg.train.steps if cfg.train.steps is not None else (cfg.train.epochs or 1) * steps_per_epoch
 
     torch.manual_seed(cfg.train.seed)
-    model = build_mim_model(cfg.model, model_input_size(cfg), in_channels, spatial_dims=cfg.data.spatial_dims)
+    model = build_mim_model(cfg.model, model_input_size(cfg.data), in_channels, spatial_dims=cfg.data.spatial_dims)
     ctx = PolicyContext(
         grid=model.patch_grid, in_channels=in_channels, total_steps=total,
         seed=cfg.train.seed, device=fabric.device, model=model, world_size=world, rank=rank,
