@@ -426,9 +426,9 @@ class SourceConfig(_Strict):
 
 
 def model_input_size(data: DataConfig) -> int | tuple[int, ...]:
-    """What a MIM model is built for: the square image side in 2D, the training crop in 3D (pretraining builds
-    it so, `ahm visualize` rebuilds it so)."""
-    return tuple(data.crop_size) if data.spatial_dims == 3 else data.image_size
+    """What a model is built for: the square image side in 2D, the training crop in 3D (pretraining, fine-tuning
+    and `ahm visualize` build it so)."""
+    return tuple(int(v) for v in data.crop_size) if data.spatial_dims == 3 else data.image_size
 
 
 class PretrainConfig(_Strict):

@@ -35,9 +35,9 @@ from ahm.masking.diagnostics import row_spearman
 class PolicyContext:
     """What a policy learns about the run when it is built.
 
-    `grid` is the run's `PatchGrid` (2D or 3D). Callers that still hold patches per axis and one patch size may
-    pass `grid=(rows, cols[, ...])` with `patch_size=p`: it is turned into the PatchGrid here, so every policy
-    sees one type (the 2D training loop, `ahm visualize` and `bench speed` build the context that way today).
+    `grid` is the run's `PatchGrid` (2D or 3D), the MIM model's `patch_grid` (the training loop, `ahm visualize`
+    and `bench speed` pass it so). `grid=(rows, cols[, ...])` with `patch_size=p` is still accepted (tests and
+    older callers) and turned into the PatchGrid here, so every policy sees one type.
     Afterwards `patch_size` is the grid's patch size: one int when it is the same along every axis, else a tuple.
     """
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ahm.config import FinetuneConfig, PretrainConfig, load_config, save_config
+from ahm.config import model_input_size as data_input_size
 from ahm.errors import AhmError
 from ahm.io import load_torch, write_json
 from ahm.train.checkpoint import (
@@ -113,7 +114,7 @@ def train_crop_size(cfg: FinetuneConfig) -> int | None:
 
 def model_input_size(cfg: FinetuneConfig) -> int | tuple[int, ...]:
     """What the segmenter is built on: the image side (2D), or the training crop per axis (3D)."""
-    return tuple(int(v) for v in cfg.data.crop_size) if cfg.data.spatial_dims == 3 else cfg.data.image_size
+    return data_input_size(cfg.data)
 
 
 def _side(cfg: FinetuneConfig) -> int:
