@@ -146,17 +146,21 @@ def load_template() -> Template:
                     centre=(low + high) / 2.0, half_extent=(high - low) / 2.0, levels=levels)
 
 
-def _smooth_field(rng: np.random.Generator, points: int, sd: float, coords: np.ndarray, fov: float,
-                  components: int) -> np.ndarray:
-    """A smooth random field at `coords` ([..., 3] mm, centred): N(0, sd) values on a `points`^3 grid spanning
-    the field of view, interpolated by cubic splines. Returns [components, ...]."""
+def _field_grid(rng: np.random.Generator, points: int, sd: float, components: int) -> np.ndarray:
+    """The control values of a smooth random field: N(0, sd) on a `points`^3 grid, [components, p, p, p]."""
+    return rng.normal(0.0, sd, size=(components, points, points, points))
+
+
+def _field_at(grid: np.ndarray, coords: np.ndarray, fov: float) -> np.ndarray:
+    """The field of `grid` (spanning the field of view) at `coords` ([..., 3] mm, centred), interpolated by
+    cubic splines. Returns [components, ...]; a pure function, so a volume can be evaluated in chunks."""
     from scipy.ndimage import map_coordinates
 
-    grid = rng.normal(0.0, sd, size=(components, points, points, points))
+    points = grid.shape[1]
     index = (coords / fov + 0.5) * (points - 1)  # -fov/2 -> 0, +fov/2 -> points-1
     flat = index.reshape(-1, 3).T
-    out = np.stack([map_coordinates(grid[c], flat, order=3, mode="nearest") for c in range(components)])
-    return out.reshape((components,) + coords.shape[:-1])
+    out = np.stack([map_coordinates(grid[c], flat, order=3, mode="nearest") for c in range(grid.shape[0])])
+    return out.reshape((grid.shape[0],) + coords.shape[:-1])
 
 
 def _rotation(rng: np.random.Generator, max_deg: float) -> np.ndarray:
@@ -210,38 +214,50 @@ class BrainSimulator:
     def subject_id(self, k: int) -> str:
         return f"sub{k:05d}"
 
-    def subject(self, k: int) -> dict[str, Any]:
-        """Subject k: {"id", "contrast", "slices": {stem: (image uint8 [S, S], label uint8 [S, S])}}."""
-        from scipy.ndimage import gaussian_filter, map_coordinates
-
+    def _anatomy(self, k: int) -> dict[str, Any]:
+        """Subject k's random stream and its anatomy, drawn first so the scan settings never change it."""
         if k < 0:
             raise AhmError(f"subject index must be >= 0, got {k}")
-        s, tpl = self.settings, self.template
+        s = self.settings
         rng = np.random.default_rng([self.seed, k])
-        # Anatomy, drawn first so the scan settings below never change a subject's anatomy.
         linear = _rotation(rng, s.rotate_deg) @ np.diag(rng.uniform(1 - s.scale, 1 + s.scale, size=3))
         shift = rng.uniform(-s.shift_mm, s.shift_mm, size=3)
-        deform_rng = np.random.default_rng(rng.integers(2**63))
-        bias_rng = np.random.default_rng(rng.integers(2**63))
+        deform = _field_grid(np.random.default_rng(rng.integers(2**63)), s.deform_points, s.deform_mm, 3)
+        bias = _field_grid(np.random.default_rng(rng.integers(2**63)), s.bias_points, s.bias_sd, 1)
         jitter = rng.uniform(-2.0, 2.0, size=3)  # where this subject's slice planes sit, mm
+        return {"rng": rng, "linear": linear, "shift": shift, "deform": deform, "bias": bias, "jitter": jitter}
 
-        n = self.slices_per_axis
-        fractions = np.linspace(-s.slice_span, s.slice_span, n) if n > 1 else np.zeros(1)
-        planes = [self._plane_coords(axis, fractions * tpl.half_extent[axis] + jitter[axis]) for axis in range(3)]
-        pts = np.concatenate(planes)  # [3n, S, S, 3] subject space
-        # The same field moves image and probabilities: it is drawn once over the whole field of view, so slices
-        # of every axis see one consistent 3D anatomy.
-        displacement = _smooth_field(deform_rng, s.deform_points, s.deform_mm, pts, s.fov_mm, 3)
-        template_pts = pts @ linear.T + shift + np.moveaxis(displacement, 0, -1)
+    def _warped(self, anatomy: dict[str, Any], pts: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """The template's tissue probabilities and T1 at subject-space points `pts` [..., 3] mm, and the bias
+        field there. The same field moves image and probabilities: it is drawn once over the whole field of
+        view, so slices of every axis (and a whole volume) see one consistent 3D anatomy."""
+        from scipy.ndimage import map_coordinates
+
+        s, tpl = self.settings, self.template
+        displacement = _field_at(anatomy["deform"], pts, s.fov_mm)
+        template_pts = pts @ anatomy["linear"].T + anatomy["shift"] + np.moveaxis(displacement, 0, -1)
         index = (template_pts + tpl.centre).reshape(-1, 3).T
 
         def sample(volume: np.ndarray) -> np.ndarray:
             return map_coordinates(volume, index, order=1, mode="constant", cval=0.0).reshape(pts.shape[:-1])
 
-        probs = {name: np.clip(sample(v), 0.0, 1.0) for name, v in tpl.probs.items()}
-        labels = tissue_labels(np.stack([probs["gm"], probs["wm"]]))
+        values = {name: np.clip(sample(v), 0.0, 1.0) for name, v in tpl.probs.items()}
+        values["t1"] = sample(tpl.t1)
+        return values, np.exp(_field_at(anatomy["bias"], pts, s.fov_mm)[0])
 
-        # Contrast.
+    def _scan(self, rng: np.random.Generator, values: dict[str, np.ndarray], bias: np.ndarray,
+              blur_axes: tuple[bool, ...], texture_rng: np.random.Generator | None = None,
+              skip_shape: tuple[int, ...] | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        """Contrast, bias, blur and noise of one subject on sampled `values`: (pixels uint8, labels, info).
+
+        `rng` draws the subject's scan settings. The per-point draws (texture, noise) come from `rng` itself
+        for the slice set; for a volume they come from `texture_rng`, and `skip_shape` (the slice set's array
+        shape) is drawn from `rng` and dropped in their place, so every scan setting drawn after them (blur,
+        noise level) is the slice set's."""
+        s, tpl = self.settings, self.template
+        per_point = texture_rng if texture_rng is not None else rng
+        labels = tissue_labels(np.stack([values["gm"], values["wm"]]))
+        shape = labels.shape
         gmm = bool(rng.random() < s.gmm_share)
         if gmm:
             for _ in range(_REDRAWS):
@@ -250,37 +266,93 @@ class BrainSimulator:
                         min(abs(means[0] - means[1]), abs(means[0] - means[2])) >= s.min_contrast / 2:
                     break
             sds = rng.uniform(*s.gmm_sd, size=3)
-            image = np.zeros(pts.shape[:-1])
+            image = np.zeros(shape)
             for c, name in enumerate(("csf", "gm", "wm")):
-                texture = rng.normal(0.0, 1.0, size=image.shape)
-                image += probs[name] * (means[c] + sds[c] * texture)
+                if skip_shape is not None:
+                    rng.normal(0.0, 1.0, size=skip_shape)
+                texture = per_point.normal(0.0, 1.0, size=shape)
+                image += values[name] * (means[c] + sds[c] * texture)
         else:
             for _ in range(_REDRAWS):
                 curve = _monotone_curve(rng, s.remap_knots, s.remap_concentration)
                 if float(curve(np.array(tpl.levels["wm"])) - curve(np.array(tpl.levels["gm"]))) >= s.min_contrast:
                     break
-            image = curve(sample(tpl.t1))
-        # Scan: bias field, resolution, noise.
-        image = image * np.exp(_smooth_field(bias_rng, s.bias_points, s.bias_sd, pts, s.fov_mm, 1)[0])
+            image = curve(values["t1"])
+        image = image * bias
         blur = rng.uniform(*s.blur_px)
         if blur > 0:
-            image = gaussian_filter(image, sigma=(0, blur, blur))
+            image = _blur(image, blur, blur_axes)
         brain = labels > 0
         scale = float(np.percentile(image[brain], 99.0)) if brain.any() else float(image.max())
         image = np.clip(image, 0.0, None) / max(scale, 1e-6)
         noise = rng.uniform(*s.noise_sd)
         # Magnitude images: noise on two channels, then the modulus (Rician), so the background is not zero.
-        image = np.hypot(image + rng.normal(0.0, noise, size=image.shape), rng.normal(0.0, noise, size=image.shape))
+        image = np.hypot(image + per_point.normal(0.0, noise, size=shape), per_point.normal(0.0, noise, size=shape))
         pixels = np.clip(np.round(image / max(float(image.max()), 1.0) * 255.0), 0, 255).astype(np.uint8)
+        return pixels, labels, {"contrast": "gmm" if gmm else "t1-remap", "blur_px": blur, "noise_sd": noise}
 
+    def _slice_shape(self) -> tuple[int, int, int]:
+        return (3 * self.slices_per_axis, self.image_size, self.image_size)
+
+    def subject(self, k: int) -> dict[str, Any]:
+        """Subject k: {"id", "contrast", "slices": {stem: (image uint8 [S, S], label uint8 [S, S])}}."""
+        s, tpl = self.settings, self.template
+        anatomy = self._anatomy(k)
+        n = self.slices_per_axis
+        fractions = np.linspace(-s.slice_span, s.slice_span, n) if n > 1 else np.zeros(1)
+        jitter = anatomy["jitter"]
+        planes = [self._plane_coords(axis, fractions * tpl.half_extent[axis] + jitter[axis]) for axis in range(3)]
+        pts = np.concatenate(planes)  # [3n, S, S, 3] subject space
+        values, bias = self._warped(anatomy, pts)
+        pixels, labels, info = self._scan(anatomy["rng"], values, bias, (False, True, True))  # in-plane blur
         sid = self.subject_id(k)
         slices = {}
         for axis in range(3):
             for j in range(n):
                 row = axis * n + j
                 slices[f"{sid}__{AXIS_LETTERS[axis]}{j:02d}"] = (pixels[row], labels[row])
-        return {"id": sid, "contrast": "gmm" if gmm else "t1-remap", "blur_px": blur, "noise_sd": noise,
-                "slices": slices}
+        return {"id": sid, **info, "slices": slices}
+
+    def volume(self, k: int, size: int = 128, spacing_mm: float = 1.5,
+               chunk_points: int = 1 << 20) -> dict[str, Any]:
+        """Subject k as a whole volume: {"id", "contrast", "image" uint8 [N, N, N], "label" uint8 [N, N, N],
+        "affine" 4x4}, on an N^3 grid of `spacing_mm` voxels centred on the field of view.
+
+        The same subject as `subject(k)`: the same anatomy (affine, deformation) and the same contrast and
+        scan settings as the slice set written with this simulator's seed, image size and slices per axis;
+        the per-voxel texture and noise are drawn from their own stream, and the blur is isotropic in voxels.
+        The whole grid is warped in chunks of `chunk_points` points, so memory stays a few volumes."""
+        if not 8 <= size <= 512:
+            raise AhmError(f"--volume-size must be between 8 and 512 voxels, got {size}")
+        if not 0.25 <= spacing_mm <= 10.0:
+            raise AhmError(f"--spacing must be between 0.25 and 10 mm, got {spacing_mm}")
+        anatomy = self._anatomy(k)
+        centres = ((np.arange(size) + 0.5) / size - 0.5) * size * spacing_mm
+        values: dict[str, np.ndarray] = {}
+        bias = np.empty((size, size, size))
+        step = max(1, chunk_points // (size * size))
+        for start in range(0, size, step):
+            xs = centres[start:start + step]
+            pts = np.stack(np.meshgrid(xs, centres, centres, indexing="ij"), axis=-1)
+            part, part_bias = self._warped(anatomy, pts)
+            for name, v in part.items():
+                values.setdefault(name, np.empty((size, size, size)))[start:start + len(xs)] = v
+            bias[start:start + len(xs)] = part_bias
+        pixels, labels, info = self._scan(anatomy["rng"], values, bias, (True, True, True),
+                                          texture_rng=np.random.default_rng([self.seed, k, 1]),
+                                          skip_shape=self._slice_shape())
+        # World coordinates are the subject-space mm (the template's voxel axes, RAS in MNI152), voxel centres
+        # at the grid points sampled above.
+        affine = np.diag([spacing_mm, spacing_mm, spacing_mm, 1.0])
+        affine[:3, 3] = centres[0]
+        return {"id": self.subject_id(k), **info, "image": pixels, "label": labels, "affine": affine}
+
+
+def _blur(image: np.ndarray, sigma: float, axes: tuple[bool, ...]) -> np.ndarray:
+    """Gaussian blur of `sigma` pixels along the axes marked True only."""
+    from scipy.ndimage import gaussian_filter
+
+    return gaussian_filter(image, sigma=tuple(sigma if a else 0 for a in axes))
 
 
 def subject_sides(n: int, val: int | None = None, test: int | None = None) -> list[str]:
