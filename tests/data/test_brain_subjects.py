@@ -20,6 +20,7 @@ from ahm.data.brain_subjects import (
     MONTAGE,
     BrainSimulator,
     SimulationSettings,
+    prepare_brain_subject_volumes,
     prepare_brain_subjects,
     subject_sides,
 )
@@ -162,3 +163,98 @@ def test_min_contrast_keeps_grey_and_white_matter_apart():
 
     assert min(separations()) > 20  # the default 0.2 of full scale, less partial volume
     assert min(separations(min_contrast=0.0)) < 20  # without it some draws leave the tissues nearly alike
+
+
+VOL, MM = 32, 6.0  # a 192 mm field of view, as the slice set's default, at 6 mm
+
+
+@pytest.fixture(scope="module")
+def volumes(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("volumes") / "set"
+    seen: list[tuple[int, int]] = []
+    summary = prepare_brain_subject_volumes(out, subjects=4, seed=3, volume_size=VOL, spacing_mm=MM,
+                                            image_size=VOL, slices_per_axis=1,
+                                            progress=lambda d, t: seen.append((d, t)))
+    assert seen[-1] == (4, 4)
+    return out, summary
+
+
+def test_volume_set_reads_in_3d_with_its_spacing_labels_and_subject_splits(volumes):
+    import nibabel as nib
+
+    from ahm.data.volumes import volume_dataset
+
+    out, summary = volumes
+    cfg = DataConfig(path=str(out), spatial_dims=3)
+    index = open_dataset(out, cfg)
+    assert index.layout == "msd" and index.modality == "mri" and index.label_values == [0, 1, 2]
+    assert index.class_names == {0: "background", 1: "grey matter", 2: "white matter"}
+    assert [(item.id, item.subject, item.spatial_dims) for item in index.items] == \
+        [(f"sub{k:05d}", f"sub{k:05d}", 3) for k in range(4)]
+    # The same subjects on the same sides as the slice set of 4 subjects.
+    assert make_splits(index, cfg) == {"test": ["sub00000"], "val": ["sub00001"], "train": ["sub00002", "sub00003"]}
+    assert summary["split_subjects"] == {"train": 2, "val": 1, "test": 1}
+    image = nib.load(str(out / "imagesTr" / "sub00000.nii.gz"))
+    label = nib.load(str(out / "labelsTr" / "sub00000.nii.gz"))
+    assert image.shape == label.shape == (VOL, VOL, VOL)
+    assert np.allclose(image.header.get_zooms(), (MM, MM, MM))
+    assert np.allclose(image.affine, label.affine) and np.allclose(np.diag(image.affine)[:3], MM)
+    assert set(np.unique(np.asarray(label.dataobj))) == {0, 1, 2}
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["numTraining"] == 4 and meta["modality"] == {"0": "MRI"} and "SIMULATED" in meta["description"]
+    sample = volume_dataset(index, ["sub00001"], cfg, labels=True, train=False)[0]
+    assert sample["image"].ndim == 4 and set(np.unique(sample["label"].numpy())) == {0, 1, 2}
+    report = check_dataset(out, cfg)
+    assert not report.problems
+    assert np.asarray(Image.open(out / MONTAGE)).shape == (4 * VOL, 6 * VOL, 3)
+
+
+def test_a_volume_is_the_slice_sets_subject():
+    # The slice set puts its one axial plane within 2 mm of the centre; the volume's two middle planes sit at
+    # -3 and +3 mm. Same anatomy and scan: the labels mostly agree and the images correlate, far more than
+    # with another subject's slice.
+    sim = BrainSimulator(seed=3, image_size=VOL, slices_per_axis=1)
+    for k in range(2):
+        vol = sim.volume(k, VOL, MM)
+        sub = sim.subject(k)
+        assert vol["contrast"] == sub["contrast"] and vol["noise_sd"] == sub["noise_sd"]
+        image, label = sub["slices"][f"sub{k:05d}__z00"]
+        other = sim.subject(k + 1)["slices"][f"sub{k + 1:05d}__z00"][1]
+
+        def agreement(a: np.ndarray, b: np.ndarray) -> float:
+            brain = (a > 0) | (b > 0)
+            return float((a == b)[brain].mean())
+
+        planes = [(vol["image"][:, ::-1, z].T, vol["label"][:, ::-1, z].T) for z in (VOL // 2 - 1, VOL // 2)]
+        assert max(agreement(lab, label) for _, lab in planes) > 0.75
+        assert agreement(other, label) < 0.6
+        assert max(np.corrcoef(img.ravel().astype(float), image.ravel())[0, 1] for img, _ in planes) > 0.9
+
+
+def test_volumes_repeat_exactly_and_subjects_differ(volumes, tmp_path):
+    out, _ = volumes
+    again = tmp_path / "again"
+    prepare_brain_subject_volumes(again, subjects=4, seed=3, volume_size=VOL, spacing_mm=MM, image_size=VOL,
+                                  slices_per_axis=1)
+    assert _digest(again) == _digest(out)
+    sim = BrainSimulator(seed=3, image_size=VOL, slices_per_axis=1)
+    a, b = sim.volume(0, VOL, MM)["label"], sim.volume(1, VOL, MM)["label"]
+    assert (a != b)[(a > 0) | (b > 0)].mean() > 0.15
+    with pytest.raises(AhmError, match="--volume-size"):
+        prepare_brain_subject_volumes(tmp_path / "bad", subjects=2, volume_size=4)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_cli_volumes_and_check_in_3d(tmp_path):
+    _register()
+    runner = CliRunner()
+    shown = runner.invoke(app, ["data", "prepare", "brain-subjects", "--help"], terminal_width=200)
+    assert "--volumes" in shown.output and "--volume-size" in shown.output
+    target = tmp_path / "v"
+    result = runner.invoke(app, ["data", "prepare", "brain-subjects", "--out", str(target), "--subjects", "3",
+                                 "--volumes", "--volume-size", "24", "--spacing", "8", "--image-size", "32",
+                                 "--slices-per-axis", "1"])
+    assert result.exit_code == 0, result.output
+    assert "3 simulated subjects as 3D volumes" in result.output
+    checked = runner.invoke(app, ["data", "check", str(target), "--spatial-dims", "3"])
+    assert checked.exit_code == 0, checked.output

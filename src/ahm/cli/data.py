@@ -115,6 +115,17 @@ def brain_subjects(
     settings_file: Optional[Path] = typer.Option(
         None, "--settings", help="YAML or JSON mapping of simulation settings to change (see docs/pretraining.md)."
     ),
+    volumes: bool = typer.Option(
+        False,
+        "--volumes",
+        help="Write each subject as a whole 3D NIfTI volume (image and label) in the Decathlon layout "
+        "(dataset.json, imagesTr/, labelsTr/) for data.spatial_dims 3, instead of slices: the same subjects, "
+        "ids and splits as the slice set of the same --seed, --image-size and --slices-per-axis.",
+    ),
+    volume_size: int = typer.Option(
+        128, "--volume-size", help="With --volumes: voxels per side of the cubic grid (128 at 1.5 mm: 192 mm)."
+    ),
+    spacing: float = typer.Option(1.5, "--spacing", help="With --volumes: isotropic voxel size in mm."),
 ) -> None:
     """Build a labelled set of SIMULATED brain MRI subjects (background / grey / white matter).
 
@@ -122,9 +133,9 @@ def brain_subjects(
     smooth nonlinear deformation (labels warped with the image), with its own contrast (a random monotone
     remapping of T1, or a per-tissue Gaussian-mixture contrast), bias field, blur and noise. Splits are by
     subject: the first test subjects, then val, then train. A montage.png of the first subjects is written
-    beside the data.
+    beside the data. With --volumes each subject is one simulated 3D volume (NIfTI) instead of slices.
     """
-    from ahm.data.brain_subjects import SimulationSettings, prepare_brain_subjects
+    from ahm.data.brain_subjects import SimulationSettings, prepare_brain_subject_volumes, prepare_brain_subjects
 
     def go() -> dict:
         settings = None
@@ -133,6 +144,11 @@ def brain_subjects(
 
             settings = SimulationSettings.from_dict(read_yaml(settings_file))
         with _LazyBar("simulating subjects") as bar:
+            if volumes:
+                return prepare_brain_subject_volumes(
+                    out_dir, subjects=subjects, seed=seed, volume_size=volume_size, spacing_mm=spacing,
+                    image_size=image_size, slices_per_axis=slices_per_axis, val_subjects=val_subjects,
+                    test_subjects=test_subjects, settings=settings, progress=bar)
             return prepare_brain_subjects(out_dir, subjects=subjects, seed=seed, image_size=image_size,
                                           slices_per_axis=slices_per_axis, val_subjects=val_subjects,
                                           test_subjects=test_subjects, settings=settings, progress=bar)
@@ -140,6 +156,21 @@ def brain_subjects(
     summary = run_guarded(go)
     assert isinstance(summary, dict)
     sides = ", ".join(f"{k} {v}" for k, v in summary["split_subjects"].items())
+    if volumes:
+        side_mm = volume_size * spacing
+        out.print(
+            f"wrote {summary['subjects']} simulated subjects as 3D volumes ({volume_size}^3 voxels of {spacing:g} mm, "
+            f"{side_mm:g} mm per side) to {summary['out']}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        out.print(
+            f"  Decathlon layout: dataset.json, imagesTr/ and labelsTr/ (0 background, 1 grey matter, 2 white "
+            f"matter), for data.spatial_dims 3; splits.json by subject: {sides}; montage: {summary['montage']}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return
     out.print(
         f"wrote {summary['subjects']} simulated subjects ({summary['images']} slices of {image_size}x{image_size} "
         f"px) to {summary['out']}",

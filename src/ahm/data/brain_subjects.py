@@ -19,7 +19,10 @@ independent draws, so taking them in order is a random split, and a larger set k
 first training subjects (the corpus-size axis of `ahm bench curve` depends on that).
 
 Generation is lazy and per subject: `BrainSimulator.subject(k)` builds subject k alone, in well under a second,
-and is what a full run writes for it; only the needed slice planes are sampled, never a whole warped volume.
+and is what a full run writes for it; only the needed slice planes are sampled. `BrainSimulator.volume(k)`
+samples the whole grid instead (the same warp field and contrast functions on every voxel, in chunks), and
+`prepare_brain_subject_volumes` writes whole NIfTI volumes in the Decathlon layout for `data.spatial_dims: 3`:
+the same subjects, ids and split sides as the slice set of the same seed.
 """
 
 from __future__ import annotations
@@ -322,10 +325,7 @@ class BrainSimulator:
         scan settings as the slice set written with this simulator's seed, image size and slices per axis;
         the per-voxel texture and noise are drawn from their own stream, and the blur is isotropic in voxels.
         The whole grid is warped in chunks of `chunk_points` points, so memory stays a few volumes."""
-        if not 8 <= size <= 512:
-            raise AhmError(f"--volume-size must be between 8 and 512 voxels, got {size}")
-        if not 0.25 <= spacing_mm <= 10.0:
-            raise AhmError(f"--spacing must be between 0.25 and 10 mm, got {spacing_mm}")
+        _check_grid(size, spacing_mm)
         anatomy = self._anatomy(k)
         centres = ((np.arange(size) + 0.5) / size - 0.5) * size * spacing_mm
         values: dict[str, np.ndarray] = {}
@@ -346,6 +346,13 @@ class BrainSimulator:
         affine = np.diag([spacing_mm, spacing_mm, spacing_mm, 1.0])
         affine[:3, 3] = centres[0]
         return {"id": self.subject_id(k), **info, "image": pixels, "label": labels, "affine": affine}
+
+
+def _check_grid(size: int, spacing_mm: float) -> None:
+    if not 8 <= size <= 512:
+        raise AhmError(f"--volume-size must be between 8 and 512 voxels, got {size}")
+    if not 0.25 <= spacing_mm <= 10.0:
+        raise AhmError(f"--spacing must be between 0.25 and 10 mm, got {spacing_mm}")
 
 
 def _blur(image: np.ndarray, sigma: float, axes: tuple[bool, ...]) -> np.ndarray:
@@ -411,12 +418,7 @@ def prepare_brain_subjects(out: Path, subjects: int = 60, seed: int = 0, image_s
     if subjects < 1:
         raise AhmError(f"--subjects must be at least 1, got {subjects}")
     sides = subject_sides(subjects, val_subjects, test_subjects)
-    if out.exists():
-        if not out.is_dir():
-            raise AhmError(f"{out}: exists and is not a folder")
-        if any(out.iterdir()) and not _is_previous(out):
-            raise AhmError(f"{out}: folder is not empty and is not an earlier brain-subjects set; "
-                           "choose a new or empty folder (nothing was written)")
+    _check_out(out)
     sim = BrainSimulator(seed=seed, image_size=image_size, slices_per_axis=slices_per_axis, settings=settings)
     out.parent.mkdir(parents=True, exist_ok=True)
     splits: dict[str, list[str]] = {"train": [], "val": [], "test": []}
@@ -465,4 +467,122 @@ def prepare_brain_subjects(out: Path, subjects: int = 60, seed: int = 0, image_s
         raise
     return {"out": str(out), "subjects": subjects, "images": subjects * 3 * slices_per_axis,
             "split_subjects": counts, "contrasts": contrasts, "image_size": image_size,
+            "montage": str(out / MONTAGE) if shown else None}
+
+
+def _check_out(out: Path) -> None:
+    if out.exists():
+        if not out.is_dir():
+            raise AhmError(f"{out}: exists and is not a folder")
+        if any(out.iterdir()) and not _is_previous(out):
+            raise AhmError(f"{out}: folder is not empty and is not an earlier brain-subjects set; "
+                           "choose a new or empty folder (nothing was written)")
+
+
+def _save_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
+    import nibabel as nib
+
+    img = nib.Nifti1Image(data, affine)
+    img.header.set_xyzt_units("mm")
+    img.set_qform(affine, code=1)  # scanner coordinates, as the MSD volumes have
+    img.set_sform(affine, code=1)
+    nib.save(img, str(path))
+
+
+def prepare_brain_subject_volumes(out: Path, subjects: int = 60, seed: int = 0, volume_size: int = 128,
+                                  spacing_mm: float = 1.5, image_size: int = 128, slices_per_axis: int = 8,
+                                  val_subjects: int | None = None, test_subjects: int | None = None,
+                                  settings: SimulationSettings | None = None, montage_subjects: int = 6,
+                                  progress: Callable[[int, int], None] | None = None) -> dict:
+    """Write `subjects` simulated subjects to `out` as whole NIfTI volumes in the Medical Segmentation Decathlon
+    layout (dataset.json, imagesTr/, labelsTr/), read by `data.spatial_dims: 3`, with splits.json by subject
+    and montage.png.
+
+    Subject k is subject k of the slice set written by `prepare_brain_subjects` with the same seed, settings,
+    `image_size` and `slices_per_axis` (see `BrainSimulator.volume`), under the same id `subNNNNN` and on the
+    same split side. Written beside `out` and renamed into place, like the slice set; memory stays that of
+    one volume."""
+    from PIL import Image
+
+    out = Path(out).expanduser()
+    if subjects < 1:
+        raise AhmError(f"--subjects must be at least 1, got {subjects}")
+    sides = subject_sides(subjects, val_subjects, test_subjects)
+    _check_out(out)
+    sim = BrainSimulator(seed=seed, image_size=image_size, slices_per_axis=slices_per_axis, settings=settings)
+    _check_grid(volume_size, spacing_mm)  # before anything is written
+    out.parent.mkdir(parents=True, exist_ok=True)
+    splits: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    contrasts = {"t1-remap": 0, "gmm": 0}
+    shown: list[dict[str, Any]] = []
+    training: list[dict[str, str]] = []
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        (tmp / "imagesTr").mkdir()
+        (tmp / "labelsTr").mkdir()
+        for k, side in enumerate(sides):
+            vol = sim.volume(k, volume_size, spacing_mm)
+            sid = vol["id"]
+            contrasts[vol["contrast"]] += 1
+            _save_nifti(tmp / "imagesTr" / f"{sid}.nii.gz", vol["image"], vol["affine"])
+            _save_nifti(tmp / "labelsTr" / f"{sid}.nii.gz", vol["label"], vol["affine"])
+            training.append({"image": f"./imagesTr/{sid}.nii.gz", "label": f"./labelsTr/{sid}.nii.gz"})
+            splits[side].append(sid)
+            if len(shown) < montage_subjects:
+                middle = volume_size // 2
+                planes = {"x": (vol["image"][middle], vol["label"][middle]),
+                          "y": (vol["image"][:, middle], vol["label"][:, middle]),
+                          "z": (vol["image"][:, :, middle], vol["label"][:, :, middle])}
+                # Shown as the slice set shows its slices: superior (anterior on axial planes) up.
+                shown.append({"id": sid, "slices": {f"{sid}__{a}00": (np.ascontiguousarray(i[:, ::-1].T),
+                                                                      np.ascontiguousarray(lab[:, ::-1].T))
+                                                    for a, (i, lab) in planes.items()}})
+            if progress is not None:
+                progress(k + 1, subjects)
+        if shown:
+            Image.fromarray(montage(shown, 1), mode="RGB").save(tmp / MONTAGE, format="PNG")
+        counts = {side: sides.count(side) for side in ("train", "val", "test")}
+        dataset = {
+            "name": "BrainSubjects",
+            "description": "SIMULATED brain MRI subjects (not scanned): the nilearn MNI152 2009 template under a "
+                           "random affine and smooth nonlinear deformation per subject, with its own contrast, "
+                           "bias field, blur and noise; labels from the warped tissue probabilities",
+            "reference": "ahm data prepare brain-subjects --volumes",
+            "licence": "see nilearn's MNI152 template",
+            "tensorImageSize": "3D",
+            "modality": {"0": "MRI"},
+            "labels": LABELS,
+            "numTraining": subjects,
+            "numTest": 0,
+            "training": training,
+            "test": [],
+        }
+        info = {
+            "kind": KIND,
+            "format": 1,
+            "simulated": True,
+            "volumes": True,
+            "source": "simulated subjects from the nilearn MNI152 2009 template, 1 mm (T1 image, grey/white "
+                      "matter probability maps): random affine + smooth nonlinear deformation, random contrast, "
+                      "bias field, blur and noise per subject",
+            "labels": LABELS,
+            "subjects": subjects,
+            "seed": seed,
+            "volume_size": volume_size,
+            "spacing_mm": spacing_mm,
+            "image_size": image_size,
+            "slices_per_axis": slices_per_axis,
+            "split_subjects": counts,
+            "contrasts": contrasts,
+            "settings": sim.settings.to_dict(),
+        }
+        (tmp / "dataset.json").write_text(json.dumps(dataset, indent=1) + "\n")
+        (tmp / "splits.json").write_text(json.dumps(splits, indent=1) + "\n")
+        (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"out": str(out), "subjects": subjects, "volumes": subjects, "volume_size": volume_size,
+            "spacing_mm": spacing_mm, "split_subjects": counts, "contrasts": contrasts,
             "montage": str(out / MONTAGE) if shown else None}
