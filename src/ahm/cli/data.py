@@ -135,7 +135,11 @@ def brain_subjects(
     subject: the first test subjects, then val, then train. A montage.png of the first subjects is written
     beside the data. With --volumes each subject is one simulated 3D volume (NIfTI) instead of slices.
     """
-    from ahm.data.brain_subjects import SimulationSettings, prepare_brain_subject_volumes, prepare_brain_subjects
+    from ahm.data.brain_subjects import (
+        SimulationSettings,
+        prepare_brain_subject_volumes,
+        prepare_brain_subjects,
+    )
 
     def go() -> dict:
         settings = None
