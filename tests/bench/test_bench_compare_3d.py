@@ -107,3 +107,17 @@ def test_spatial_dims_reaches_both_sections_and_disagreement_is_refused() -> Non
         with_spatial_dims({}, 4)
     with pytest.raises(AhmError, match="pretrain: data.spatial_dims is 3 but finetune"):
         check_same_dims({"pretrain": {"data": {"spatial_dims": 3}}, "finetune": {}})
+
+
+def test_curve_on_volumes_states_hd95_in_mm(tmp_path: Path) -> None:
+    from ahm.bench.curve import run_curve
+
+    task = make_msd_volume_fixture(tmp_path / "data", cases=tuple(range(1, 9)))
+    overrides = {"pretrain": {"data": DATA, "model": MODEL, "train": TRAIN},
+                 "finetune": {"data": DATA, "model": MODEL, "val_every": 2, "train": TRAIN}}
+    result = run_curve(task, tmp_path / "curve", ["scratch"], ["unet"], [1, "all"], seeds=1, pretrain_steps=2,
+                       finetune_steps=2, overrides=overrides, spatial_dims=3)
+    assert [r["labelled_subjects"] for r in result["rows"]] == [1, result["train_subjects"]]
+    assert all(r["level"] == "volume" and r["hd95_unit"] == "mm" for r in result["rows"])
+    md = (tmp_path / "curve" / "results.md").read_text()
+    assert "HD95 in mm." in md and "HD95 (test, mm)" in md
