@@ -8,6 +8,11 @@ that instance norm hid the intensity level from our UNets (docs/pretraining.md).
 The table maps each intensity bin (the joint bin of all channels) to the class seen most often there in the
 labelled training images; a bin never seen takes the class of the nearest seen bin (one channel) or the most
 common class (several channels). Scored with the metrics of `ahm evaluate` on the model grid.
+
+On volumes (`data.spatial_dims: 3`) the lookup is per voxel of the preprocessed grid `ahm evaluate` scores on
+(resampled, normalised per modality, zero-padded to the crop); the intensities are rescaled to [0, 1] by the
+range of each channel over the labelled training volumes (MRI is z-scored, so unbounded), and each volume is a
+case with HD95 in mm from its spacing.
 """
 
 from __future__ import annotations
@@ -81,6 +86,77 @@ def _scores(preds: np.ndarray, arrays: Any, num_classes: int, empty: str, prefix
     return {f"{prefix}{key}": metrics.get(key) for key in FIGURES} | {f"{prefix}level": metrics["level"]}
 
 
+class _Volumes:
+    """One split of whole preprocessed volumes: images [C, D, H, W], labels [D, H, W], spacings in mm."""
+
+    def __init__(self, index: Any, ids: list[str], cfg: Any) -> None:
+        from ahm.data.volumes import preprocessed_spacing, volume_dataset
+        from ahm.eval.evaluate import preprocessed
+
+        dataset = volume_dataset(index, list(ids), cfg, labels=True, train=False)
+        self.ids = [item.id for item in dataset.items]
+        self.images, self.labels, self.spacings = [], [], []
+        for i in range(len(dataset)):
+            sample = preprocessed(dataset.__getitem__, i)
+            self.images.append(sample["image"].as_tensor().numpy().astype(np.float32))
+            self.labels.append(np.rint(sample["label"].as_tensor().numpy()[0]).astype(np.int64))
+            self.spacings.append(preprocessed_spacing(sample))
+
+    def max_label(self) -> int:
+        return max((int(lab.max(initial=0)) for lab in self.labels), default=0)
+
+    def channel_range(self) -> tuple[np.ndarray, np.ndarray]:
+        lo = np.min([im.reshape(im.shape[0], -1).min(axis=1) for im in self.images], axis=0)
+        hi = np.max([im.reshape(im.shape[0], -1).max(axis=1) for im in self.images], axis=0)
+        return lo, hi
+
+    def unit_images(self, lo: np.ndarray, hi: np.ndarray) -> list[np.ndarray]:
+        """Each volume as [1, C, V] in [0, 1] (by the fitted range; out-of-range values are clipped by the bins)."""
+        scale = np.where(hi > lo, hi - lo, 1.0)[:, None]
+        return [((im.reshape(im.shape[0], -1) - lo[:, None]) / scale)[None] for im in self.images]
+
+    def scores(self, preds: list[np.ndarray], num_classes: int, empty: str, prefix: str) -> dict[str, Any]:
+        from ahm.eval.metrics import volume_scores
+
+        summary, _ = volume_scores(preds, self.labels, num_classes, self.spacings, empty=empty, ids=self.ids)
+        return ({f"{prefix}{key}": summary.get(key) for key in FIGURES}
+                | {f"{prefix}level": "volume", f"{prefix}hd95_unit": summary["hd95_unit"]})
+
+
+def _volume_rows(index: Any, splits: dict[str, list[str]], names: list[str], split: str, cfg: Any,
+                 labels_fraction: float, seeds: range, bins: int | None, empty: str,
+                 log: Callable[[str], None] | None) -> tuple[list[dict[str, Any]], dict[str, Any], int]:
+    """`run_baseline` on volumes: the seed rows, the predict-nothing scores and the bins used."""
+    from ahm.data import label_subset
+
+    evaluated = {name: _Volumes(index, list(splits[name]), cfg) for name in names}
+    num_classes = max(2, max(v.max_label() for v in evaluated.values()) + 1)
+    nothing: dict[str, Any] = {}
+    for name, vols in evaluated.items():
+        nothing.update(vols.scores([np.zeros_like(lab) for lab in vols.labels], num_classes, empty,
+                                   "" if name == split else "val_"))
+    rows = []
+    for seed in seeds:
+        train = _Volumes(index, label_subset(index, list(splits["train"]), labels_fraction, seed), cfg)
+        if bins is None:
+            bins = default_bins(int(train.images[0].shape[0]))
+        classes = max(num_classes, train.max_label() + 1)
+        lo, hi = train.channel_range()
+        table = fit_intensity_lookup(np.concatenate(train.unit_images(lo, hi), axis=2),
+                                     np.concatenate([lab.reshape(1, -1) for lab in train.labels], axis=1),
+                                     classes, bins)
+        row: dict[str, Any] = {"seed": seed, "labelled_images": len(train.ids)}
+        for name, vols in evaluated.items():
+            preds = [apply_intensity_lookup(table, im, bins)[0].reshape(lab.shape)
+                     for im, lab in zip(vols.unit_images(lo, hi), vols.labels)]
+            row.update(vols.scores(preds, classes, empty, "" if name == split else "val_"))
+        rows.append(row)
+        if log is not None:
+            log(f"seed {seed}: {len(train.ids)} labelled volumes, {split} Dice {_fmt(row['dice'])}, "
+                f"val Dice {_fmt(row['val_dice'])}")
+    return rows, nothing, bins
+
+
 def _mean_std(rows: list[dict[str, Any]], key: str) -> dict[str, float | None]:
     values = np.array([r[key] for r in rows if r.get(key) is not None], dtype=float)
     return {"mean": float(values.mean()) if values.size else None,
@@ -116,6 +192,10 @@ def run_baseline(data: str | Path, labels_fraction: float, seeds: int, first_see
     for name in names:
         if not splits.get(name):
             raise AhmError(f"{data}: the {name} split is empty")
+    if cfg.spatial_dims == 3:
+        rows, nothing, bins = _volume_rows(index, splits, names, split, cfg, labels_fraction,
+                                           range(first_seed, first_seed + seeds), bins, empty, log)
+        return _document(data, labels_fraction, bins, split, cfg, empty, rows, nothing)
     evaluated = {name: load_arrays(index, list(splits[name]), cfg, labels=True) for name in names}
     rows = []
     num_classes = max(2, int(max(a.labels.max(initial=0) for a in evaluated.values())) + 1)
@@ -138,12 +218,22 @@ def run_baseline(data: str | Path, labels_fraction: float, seeds: int, first_see
         if log is not None:
             log(f"seed {seed}: {len(train.ids)} labelled images, {split} Dice {_fmt(row['dice'])}, "
                 f"val Dice {_fmt(row['val_dice'])}")
+    return _document(data, labels_fraction, bins, split, cfg, empty, rows, nothing)
+
+
+def _document(data: str | Path, labels_fraction: float, bins: int | None, split: str, cfg: Any, empty: str,
+              rows: list[dict[str, Any]], nothing: dict[str, Any]) -> dict[str, Any]:
     keys = FIGURES + tuple(f"val_{k}" for k in FIGURES)
     summary = {key: _mean_std(rows, key) for key in keys}
-    return {"data": str(data), "labels_fraction": labels_fraction, "bins": bins, "split": split,
-            "image_size": cfg.image_size, "empty_cases": empty, "level": nothing.get("level"), "rows": rows,
-            "summary": summary,
-            "empty_prediction": {key: nothing.get(key) for key in keys}}
+    doc = {"data": str(data), "labels_fraction": labels_fraction, "bins": bins, "split": split,
+           "image_size": cfg.image_size, "empty_cases": empty, "level": nothing.get("level"), "rows": rows,
+           "summary": summary,
+           "empty_prediction": {key: nothing.get(key) for key in keys}}
+    if cfg.spatial_dims == 3:
+        from ahm.eval.evaluate import volume_grid_description
+
+        doc.update({"spatial_dims": 3, "grid": volume_grid_description(cfg), "hd95_unit": nothing.get("hd95_unit")})
+    return doc
 
 
 def _fmt(value: float | None) -> str:

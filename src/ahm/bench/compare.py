@@ -7,6 +7,9 @@ Pretraining runs are shared between cells that differ only in what is downstream
 Scores follow `ahm.eval.metrics` (empty-in-both cases excluded by default; dataset-level Dice beside the per-case
 mean). A finished cell scored under another empty-case convention, or before dataset-level Dice existed, is
 re-evaluated from its kept checkpoint (no retraining) when the grid is gathered.
+
+On volumes (`data.spatial_dims: 3` in both sections, or `spatial_dims=3`) every cell pretrains and fine-tunes in
+3D and is scored per volume by sliding windows, HD95 in mm; the floors are fitted and scored on the same volumes.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from ahm.errors import AhmError
 from ahm.io import write_bytes, write_json, write_text
 from ahm.masking.base import policy_names
 
-COLUMNS = ["backbone", "policy", "seed", "labels_fraction", "dice", "dataset_dice", "iou", "hd95", "val_dice",
+COLUMNS = ["backbone", "policy", "seed", "labels_fraction", "dice", "dataset_dice", "iou", "hd95", "hd95_unit", "val_dice",
            "selection", "empty_cases", "pretrain_final_loss", "hardness_ratio", "critic_spearman", "pretrain_s",
            "finetune_s"]
 # The figure of each fine-tuning run's checkpoint choice, for cells from before `select_by` existed.
@@ -55,13 +58,35 @@ def check_grid(policies: list[str], backbones: list[str], seeds: int, first_seed
         raise AhmError("--first-seed must be at least 0")
 
 
+def with_spatial_dims(overrides: dict[str, Any], spatial_dims: Optional[int]) -> dict[str, Any]:
+    """`overrides` (with `pretrain:` and `finetune:` sections) with `data.spatial_dims` set in both, when given:
+    a grid's pretraining and fine-tuning must agree on the dimension."""
+    if spatial_dims is None:
+        return overrides
+    if spatial_dims not in (2, 3):
+        raise AhmError(f"--spatial-dims {spatial_dims}: give 2 (images) or 3 (volumes)")
+    out = dict(overrides)
+    for section in ("pretrain", "finetune"):
+        out[section] = _merge(overrides.get(section) or {}, {"data": {"spatial_dims": spatial_dims}})
+    return out
+
+
+def check_same_dims(overrides: dict[str, Any]) -> None:
+    """Refuse a grid whose `pretrain:` and `finetune:` sections name different `data.spatial_dims`."""
+    dims = {s: int(((overrides.get(s) or {}).get("data") or {}).get("spatial_dims", 2)) for s in ("pretrain", "finetune")}
+    if dims["pretrain"] != dims["finetune"]:
+        raise AhmError(f"--config: pretrain: data.spatial_dims is {dims['pretrain']} but finetune: data.spatial_dims "
+                       f"is {dims['finetune']}; a grid pretrains and fine-tunes in one dimension")
+
+
 def run_compare(data: str | Path, out: str | Path, policies: list[str], backbones: list[str], seeds: int,
                 labels_fraction: float, pretrain_steps: int, finetune_epochs: int,
                 base_config: Optional[str | Path] = None, overrides: Optional[dict[str, Any]] = None,
                 split: str = "test", log: Optional[Callable[[str], None]] = None,
                 finetune_steps: Optional[int] = None, first_seed: int = 0,
-                empty: str = "exclude") -> dict[str, Any]:
+                empty: str = "exclude", spatial_dims: Optional[int] = None) -> dict[str, Any]:
     """Run every unfinished cell of the grid; write results.csv, results.md and results.png; return the table.
+    `spatial_dims` (2 or 3), when given, sets `data.spatial_dims` of both sections of `overrides`.
 
     Seeds are `first_seed .. first_seed + seeds - 1`: two processes (or machines) can share one grid directory
     with disjoint seed ranges, and a last call over all seeds then only gathers the finished cells."""
@@ -73,7 +98,8 @@ def run_compare(data: str | Path, out: str | Path, policies: list[str], backbone
     check_grid(policies, backbones, seeds, first_seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    overrides = overrides or {}
+    overrides = with_spatial_dims(overrides or {}, spatial_dims)
+    check_same_dims(overrides)
     say = log or (lambda msg: None)
     rows: list[dict[str, Any]] = []
     cells = [(b, p, s) for b in backbones for p in policies for s in range(first_seed, first_seed + seeds)]
@@ -158,7 +184,8 @@ def finetune_cell(cfg: FinetuneConfig, run_dir: Path, data: str | Path, split: s
 def _scores(metrics: dict[str, Any]) -> dict[str, Any]:
     """What a cell keeps of `evaluate`'s metrics: the primary level's figures and how they were computed."""
     return {"dice": metrics["dice"], "dataset_dice": metrics.get("dataset_dice"), "iou": metrics["iou"],
-            "hd95": metrics["hd95"], "empty_cases": metrics.get("empty_cases"), "level": metrics.get("level")}
+            "hd95": metrics["hd95"], "hd95_unit": metrics.get("hd95_unit"), "empty_cases": metrics.get("empty_cases"),
+            "level": metrics.get("level")}
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -301,15 +328,18 @@ def write_results(out: Path, rows: list[dict[str, Any]], table: list[dict[str, A
     conventions = sorted({str(r.get("empty_cases")) for r in rows})
     old = "one" in conventions
     floor = floors(baseline)
+    units = sorted({str(r["hd95_unit"]) for r in rows if r.get("hd95_unit")})
+    hd95 = f"HD95 ({split}, mm)" if units == ["mm"] else f"HD95 ({split})"
     lines = [
         f"Mean +- sample std over seeds; metrics on the `{split}` split (never used for choices). Dice: mean over "
         "cases (volumes where the images are slices of volumes), "
         + ("**OLD CONVENTION: a class absent from prediction and ground truth scores 1**" if old
            else "cases where a class is absent from prediction and ground truth left out")
         + "; dataset Dice: pooled over the split. val Dice is each fine-tuning run's model-selection figure "
-        f"({'; '.join(sorted({str(r.get('selection')) for r in rows}))}).",
+        f"({'; '.join(sorted({str(r.get('selection')) for r in rows}))})."
+        + (f" HD95 in {'; '.join(units)}." if units else ""),
         "",
-        f"| backbone | policy | n | Dice ({split}) | dataset Dice ({split}) | IoU ({split}) | HD95 ({split}) | "
+        f"| backbone | policy | n | Dice ({split}) | dataset Dice ({split}) | IoU ({split}) | {hd95} | "
         "val Dice | floors |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -338,15 +368,16 @@ def write_results(out: Path, rows: list[dict[str, Any]], table: list[dict[str, A
     if baseline is not None:
         b = baseline["summary"]
         line_floor = b["dice"]["mean"]
+        mm = " mm" if baseline.get("hd95_unit") == "mm" else ""
         lines += ["", f"Floors (same labelled subsets, same metrics; `ahm bench baseline`): intensity lookup "
                       f"({len(baseline['rows'])} seed(s)): Dice ({split}) {_pm(b['dice'])}, dataset Dice "
-                      f"{_pm(b.get('dataset_dice') or {})}, IoU {_pm(b['iou'])}, HD95 {_pm(b['hd95'], 2)}, "
+                      f"{_pm(b.get('dataset_dice') or {})}, IoU {_pm(b['iou'])}, HD95 {_pm(b['hd95'], 2)}{mm}, "
                       f"val Dice {_pm(b['val_dice'])}."]
         nothing = baseline.get("empty_prediction")
         if nothing:
             lines.append(f"Predict nothing (all background): Dice ({split}) {_f(nothing.get('dice'))}, dataset Dice "
                          f"{_f(nothing.get('dataset_dice'))}, IoU {_f(nothing.get('iou'))}, HD95 "
-                         f"{_f(nothing.get('hd95'), 2)}, val Dice {_f(nothing.get('val_dice'))}.")
+                         f"{_f(nothing.get('hd95'), 2)}{mm}, val Dice {_f(nothing.get('val_dice'))}.")
         lines.append(f"A policy flagged **not clearly above** a floor is not above it on Dice or dataset Dice by more "
                      f"than {MIN_MARGIN} and two standard errors of its mean over seeds.")
     write_text(out / "results.md", "\n".join(lines) + "\n")

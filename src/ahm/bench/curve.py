@@ -24,9 +24,11 @@ from ahm.bench.compare import (
     _mean_std,
     _merge,
     check_grid,
+    check_same_dims,
     finetune_cell,
     paired_differences,
     pretrain_cell,
+    with_spatial_dims,
 )
 from ahm.config import FinetuneConfig, PretrainConfig, build_config
 from ahm.errors import AhmError
@@ -34,7 +36,7 @@ from ahm.io import write_bytes, write_json, write_text
 
 ALL = "all"
 COLUMNS = ["backbone", "policy", "corpus", "corpus_subjects", "labels", "labelled_subjects", "seed", "dice",
-           "dataset_dice", "iou", "hd95", "val_dice", "selection", "empty_cases", "pretrain_final_loss", "pretrain_s", "finetune_s"]
+           "dataset_dice", "iou", "hd95", "hd95_unit", "val_dice", "selection", "empty_cases", "pretrain_final_loss", "pretrain_s", "finetune_s"]
 SAME = "data"  # the corpus name of "pretrain on the labelled set's own training subjects"
 
 
@@ -71,12 +73,13 @@ def run_curve(data: str | Path, out: str | Path, policies: list[str], backbones:
               seeds: int, pretrain_steps: int, finetune_steps: int, corpora: Optional[list[str | Path]] = None,
               base_config: Optional[str | Path] = None, overrides: Optional[dict[str, Any]] = None,
               split: str = "test", first_seed: int = 0, log: Optional[Callable[[str], None]] = None,
-              finetune_epochs: Optional[int] = None) -> dict[str, Any]:
+              finetune_epochs: Optional[int] = None, spatial_dims: Optional[int] = None) -> dict[str, Any]:
     """Run every unfinished cell of backbone x corpus x policy x labels x seed; write results.csv, results.md
     and results.png (Dice against each axis, error bars one std over seeds); return rows, table and paired.
 
     Fine-tuning runs `finetune_steps` steps, or, with `finetune_epochs`, that many epochs over the cell's labelled
-    slices but at least `finetune_steps` steps (a budget that grows with the labelled set)."""
+    slices but at least `finetune_steps` steps (a budget that grows with the labelled set). `spatial_dims` (2 or 3),
+    when given, sets `data.spatial_dims` of both sections of `overrides` (3: volumes, HD95 in mm)."""
     from ahm.models.backbones import get_backbone
 
     check_grid(policies, backbones, seeds, first_seed)
@@ -86,7 +89,8 @@ def run_curve(data: str | Path, out: str | Path, policies: list[str], backbones:
     length_train: dict[str, Any] = ({"epochs": finetune_epochs, "steps": None} if finetune_epochs
                                     else {"epochs": None, "steps": finetune_steps})
     out = Path(out)
-    overrides = overrides or {}
+    overrides = with_spatial_dims(overrides or {}, spatial_dims)
+    check_same_dims(overrides)
     say = log or (lambda msg: None)
     ft_base = build_config(FinetuneConfig, file=base_config, overrides=_merge(overrides.get("finetune", {}),
                                                                               {"data": {"path": str(data)}}),
@@ -200,10 +204,13 @@ def write_results(out: Path, rows: list[dict[str, Any]], table: list[dict[str, A
     for r in rows:
         writer.writerow({k: r.get(k, "") for k in COLUMNS})
     write_text(out / "results.csv", buf.getvalue())
+    units = sorted({str(r["hd95_unit"]) for r in rows if r.get("hd95_unit")})
+    hd95 = f"HD95 ({split}, mm)" if units == ["mm"] else f"HD95 ({split})"
     lines = [f"Mean +- sample std over seeds; Dice on the `{split}` split (never used for choices); val Dice is the "
              "fine-tuning validation score used for model selection. `labels`: labelled training subjects; "
-             "`corpus`: the set the encoder was pretrained on (its training subjects; '-': no pretraining).", "",
-             f"| backbone | policy | corpus (subjects) | labels (subjects) | n | Dice ({split}) | HD95 ({split}) | "
+             "`corpus`: the set the encoder was pretrained on (its training subjects; '-': no pretraining)."
+             + (f" HD95 in {'; '.join(units)}." if units else ""), "",
+             f"| backbone | policy | corpus (subjects) | labels (subjects) | n | Dice ({split}) | {hd95} | "
              "val Dice |", "|---|---|---|---|---|---|---|---|"]
     for e in sorted(table, key=lambda e: (e["backbone"], e["corpus"], e["policy"], e["labelled_subjects"])):
         corpus = e["corpus"] if e["corpus"] == "-" else f"{e['corpus']} ({e['corpus_subjects']})"

@@ -94,6 +94,8 @@ def compare(
     empty_cases: str = typer.Option("exclude", "--empty-cases",
                                     help="exclude (default) or one: the old convention, a class absent from "
                                          "prediction and truth scores 1 (named in the output)."),
+    spatial_dims: Optional[int] = typer.Option(None, "--spatial-dims", help="2: images; 3: volumes (sets "
+                                               "data.spatial_dims of both --config sections; default: theirs)."),
 ) -> None:
     """Run the policy x backbone x seed grid; write results.csv, results.md and results.png.
 
@@ -111,7 +113,7 @@ def compare(
             data, out_dir, [p.strip() for p in policies.split(",") if p.strip()],
             [b.strip() for b in backbones.split(",") if b.strip()], seeds, labels_fraction, pretrain_steps,
             finetune_epochs, overrides=overrides, split=split, finetune_steps=finetune_steps, first_seed=first_seed,
-            empty=empty_cases, log=None if is_quiet() else (lambda msg: console.print(msg, highlight=False)),
+            empty=empty_cases, spatial_dims=spatial_dims, log=None if is_quiet() else (lambda msg: console.print(msg, highlight=False)),
         )
 
     run_guarded(go)
@@ -141,6 +143,8 @@ def curve(
                                                   "a budget that grows with the labelled set."),
     split: str = typer.Option("test", help="Split the table reports (choices are made on val, never on it)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML with `pretrain:` and `finetune:` sections."),
+    spatial_dims: Optional[int] = typer.Option(None, "--spatial-dims", help="2: images; 3: volumes (sets "
+                                               "data.spatial_dims of both --config sections; default: theirs)."),
 ) -> None:
     """Dice against labelled subjects and against the unlabelled corpus: a policy x corpus x labels x seed grid.
 
@@ -158,7 +162,7 @@ def curve(
             finetune_steps, corpora=[c.strip() for c in corpus.split(",") if c.strip()] if corpus else None,
             overrides=overrides, split=split, first_seed=first_seed,
             log=None if is_quiet() else (lambda msg: console.print(msg, highlight=False)),
-            finetune_epochs=finetune_epochs,
+            finetune_epochs=finetune_epochs, spatial_dims=spatial_dims,
         )
 
     run_guarded(go)
