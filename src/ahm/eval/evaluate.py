@@ -178,23 +178,31 @@ def _volume_groups(items) -> dict[str, list[int]]:
     return {k: sorted(v, key=lambda r: items[r].slice) for k, v in groups.items() if len(v) >= 2}
 
 
-def _per_image_csv(ids, items, per_case, means, names) -> str:
+def _cases_csv(lead: list[str], leads: list[list], per_case, means, names) -> str:
+    """One row per case: its `lead` columns, then every metric per class, then the means over classes."""
     buf = _io.StringIO()
     writer = csv.writer(buf)
-    header = ["id", "subject", "volume", "slice"]
+    header = list(lead)
     for name in names:
         header += [f"{m}_{_csv_name(name)}" for m in METRICS]
     header += [f"{m}_mean" for m in METRICS]
     writer.writerow(header)
-    for row, item_id in enumerate(ids):
-        item = items[row] if items is not None else None
-        values = [item_id, getattr(item, "subject", ""), getattr(item, "volume", "") or "",
-                  "" if getattr(item, "slice", None) is None else item.slice]
+    for row, values in enumerate(leads):
+        values = list(values)
         for c in range(len(names)):
             values += [_fmt(per_case[m][row, c]) for m in METRICS]
         values += [_fmt(means[m][row]) for m in METRICS]
         writer.writerow(values)
     return buf.getvalue()
+
+
+def _per_image_csv(ids, items, per_case, means, names) -> str:
+    leads = []
+    for row, item_id in enumerate(ids):
+        item = items[row] if items is not None else None
+        leads.append([item_id, getattr(item, "subject", ""), getattr(item, "volume", "") or "",
+                      "" if getattr(item, "slice", None) is None else item.slice])
+    return _cases_csv(["id", "subject", "volume", "slice"], leads, per_case, means, names)
 
 
 def _fmt(v: float) -> str:
@@ -372,21 +380,9 @@ def _volume_cases(shown: list[dict[str, np.ndarray]], ids: list[str], has_fg: np
 
 
 def _per_volume_csv(ids, subjects, shapes, spacings, per_case, means, names) -> str:
-    buf = _io.StringIO()
-    writer = csv.writer(buf)
-    header = ["id", "subject", "shape", "spacing_mm"]
-    for name in names:
-        header += [f"{m}_{_csv_name(name)}" for m in METRICS]
-    header += [f"{m}_mean" for m in METRICS]
-    writer.writerow(header)
-    for row, item_id in enumerate(ids):
-        values = [item_id, subjects[row], "x".join(map(str, shapes[row])),
-                  "x".join(f"{s:.6g}" for s in spacings[row])]
-        for c in range(len(names)):
-            values += [_fmt(per_case[m][row, c]) for m in METRICS]
-        values += [_fmt(means[m][row]) for m in METRICS]
-        writer.writerow(values)
-    return buf.getvalue()
+    leads = [[item_id, subjects[row], "x".join(map(str, shapes[row])), "x".join(f"{s:.6g}" for s in spacings[row])]
+             for row, item_id in enumerate(ids)]
+    return _cases_csv(["id", "subject", "shape", "spacing_mm"], leads, per_case, means, names)
 
 
 def _evaluate_volumes(loaded: LoadedRun, data_path: Path, split: str, empty: str, overlap: float) -> dict[str, Any]:
