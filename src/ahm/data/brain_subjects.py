@@ -27,6 +27,7 @@ the same subjects, ids and split sides as the slice set of the same seed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
@@ -404,6 +405,22 @@ def montage(subjects: list[dict[str, Any]], n_per_axis: int) -> np.ndarray:
     return np.concatenate(rows, axis=0)
 
 
+SOURCE = ("simulated subjects from the nilearn MNI152 2009 template, 1 mm (T1 image, grey/white matter probability "
+          "maps): random affine + smooth nonlinear deformation, random contrast, bias field, blur and noise per subject")
+
+
+@contextlib.contextmanager
+def _partial(out: Path):
+    """A folder beside `out` to write a set into; renamed into place when the block ends, removed if it fails."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def prepare_brain_subjects(out: Path, subjects: int = 60, seed: int = 0, image_size: int = 128,
                            slices_per_axis: int = 8, val_subjects: int | None = None,
                            test_subjects: int | None = None, settings: SimulationSettings | None = None,
@@ -424,8 +441,7 @@ def prepare_brain_subjects(out: Path, subjects: int = 60, seed: int = 0, image_s
     splits: dict[str, list[str]] = {"train": [], "val": [], "test": []}
     contrasts = {"t1-remap": 0, "gmm": 0}
     shown: list[dict[str, Any]] = []
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with _partial(out) as tmp:
         (tmp / "images").mkdir()
         (tmp / "masks").mkdir()
         for k, side in enumerate(sides):
@@ -446,9 +462,7 @@ def prepare_brain_subjects(out: Path, subjects: int = 60, seed: int = 0, image_s
             "kind": KIND,
             "format": 1,
             "simulated": True,
-            "source": "simulated subjects from the nilearn MNI152 2009 template, 1 mm (T1 image, grey/white "
-                      "matter probability maps): random affine + smooth nonlinear deformation, random contrast, "
-                      "bias field, blur and noise per subject",
+            "source": SOURCE,
             "labels": LABELS,
             "subjects": subjects,
             "seed": seed,
@@ -461,10 +475,6 @@ def prepare_brain_subjects(out: Path, subjects: int = 60, seed: int = 0, image_s
         (tmp / "splits.json").write_text(json.dumps(splits, indent=1) + "\n")
         (tmp / "labels.json").write_text(json.dumps(LABELS, indent=1) + "\n")  # class names, read by the layout
         (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")
-        _swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"out": str(out), "subjects": subjects, "images": subjects * 3 * slices_per_axis,
             "split_subjects": counts, "contrasts": contrasts, "image_size": image_size,
             "montage": str(out / MONTAGE) if shown else None}
@@ -516,8 +526,7 @@ def prepare_brain_subject_volumes(out: Path, subjects: int = 60, seed: int = 0, 
     contrasts = {"t1-remap": 0, "gmm": 0}
     shown: list[dict[str, Any]] = []
     training: list[dict[str, str]] = []
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with _partial(out) as tmp:
         (tmp / "imagesTr").mkdir()
         (tmp / "labelsTr").mkdir()
         for k, side in enumerate(sides):
@@ -562,9 +571,7 @@ def prepare_brain_subject_volumes(out: Path, subjects: int = 60, seed: int = 0, 
             "format": 1,
             "simulated": True,
             "volumes": True,
-            "source": "simulated subjects from the nilearn MNI152 2009 template, 1 mm (T1 image, grey/white "
-                      "matter probability maps): random affine + smooth nonlinear deformation, random contrast, "
-                      "bias field, blur and noise per subject",
+            "source": SOURCE,
             "labels": LABELS,
             "subjects": subjects,
             "seed": seed,
@@ -579,10 +586,6 @@ def prepare_brain_subject_volumes(out: Path, subjects: int = 60, seed: int = 0, 
         (tmp / "dataset.json").write_text(json.dumps(dataset, indent=1) + "\n")
         (tmp / "splits.json").write_text(json.dumps(splits, indent=1) + "\n")
         (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")
-        _swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"out": str(out), "subjects": subjects, "volumes": subjects, "volume_size": volume_size,
             "spacing_mm": spacing_mm, "split_subjects": counts, "contrasts": contrasts,
             "montage": str(out / MONTAGE) if shown else None}
