@@ -25,8 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ahm.config import FinetuneConfig, PretrainConfig, load_config, save_config
-from ahm.config import model_input_size as data_input_size
+from ahm.config import FinetuneConfig, PretrainConfig, load_config, model_input_size, save_config
 from ahm.errors import AhmError
 from ahm.io import load_torch, write_json
 from ahm.train.checkpoint import (
@@ -112,14 +111,9 @@ def train_crop_size(cfg: FinetuneConfig) -> int | None:
     return side if side < size else None
 
 
-def model_input_size(cfg: FinetuneConfig) -> int | tuple[int, ...]:
-    """What the segmenter is built on: the image side (2D), or the training crop per axis (3D)."""
-    return data_input_size(cfg.data)
-
-
 def _side(cfg: FinetuneConfig) -> int:
     # the contract's `image_size` of a 3D checkpoint: the crop's first side (`roi_size` holds all three)
-    size = model_input_size(cfg)
+    size = model_input_size(cfg.data)
     return size if isinstance(size, int) else size[0]
 
 
@@ -395,7 +389,7 @@ def _meta(cfg: FinetuneConfig, data: _Data, enc: PretrainedEncoder | None) -> di
             "init_policy": enc.policy if enc is not None else None, "select_by": cfg.select_by,
             "class_names": class_names(data.num_classes, data.index.class_names),
             # the 3D contract (ahm.eval.evaluate.load_run): a checkpoint without spatial_dims is 2D
-            **({"spatial_dims": 3, "roi_size": list(model_input_size(cfg))} if cfg.data.spatial_dims == 3 else {})}
+            **({"spatial_dims": 3, "roi_size": list(model_input_size(cfg.data))} if cfg.data.spatial_dims == 3 else {})}
 
 
 def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool, data: _Data,
@@ -418,7 +412,7 @@ def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool,
     meta = _meta(cfg, data, enc)
 
     torch.manual_seed(cfg.train.seed)
-    model = build_segmenter(cfg.segmenter, cfg.model, model_input_size(cfg), data.in_channels, data.num_classes,
+    model = build_segmenter(cfg.segmenter, cfg.model, model_input_size(cfg.data), data.in_channels, data.num_classes,
                             spatial_dims=cfg.data.spatial_dims)
     encoder_loaded: dict[str, Any] = {}
     if enc is not None and not resume:
@@ -608,7 +602,7 @@ def _score_volumes(model, cfg: FinetuneConfig, data: _Data, device,
     preds, targets, spacings, ids = [], [], [], []
     for i in range(len(data.val)):
         sample = data.val[i]
-        preds += predict_volume_labels(model, [sample["image"].as_tensor()], list(model_input_size(cfg)),
+        preds += predict_volume_labels(model, [sample["image"].as_tensor()], list(model_input_size(cfg.data)),
                                        overlap=cfg.overlap, mode="gaussian", device=device)
         targets.append(torch.round(sample["label"].as_tensor()[0]).long().numpy())
         spacings.append(preprocessed_spacing(sample))
