@@ -151,7 +151,9 @@ VIT_PRESETS: dict[str, dict[str, int]] = {
 class ModelConfig(_Strict):
     """The backbone being pretrained and later fine-tuned."""
 
-    backbone: Literal["vit", "unet"] = "vit"
+    # A registered backbone (ahm.models.backbones: "vit", "unet" and any added there), so a new one is selectable
+    # from YAML without editing this file; checked by name before any work (train.pretrain.check_config).
+    backbone: str = "vit"
     preset: str = "tiny"  # a key of VIT_PRESETS, or "custom" to use the fields below as given
     patch_size: int = 16
     hidden_size: Optional[int] = None
@@ -461,7 +463,7 @@ class FinetuneConfig(_Strict):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig(epochs=30, batch_size=8, lr=1e-3, weight_decay=1e-4, warmup_steps=20)
     init: Optional[str] = None  # pretraining run directory, or None for scratch
-    segmenter: Literal["unetr", "unet"] = "unetr"
+    segmenter: str = "unetr"  # a registered backbone's segmenter ("unetr", "unet"); checked before any data is read
     labels_fraction: Fraction = 1.0
     # Label exactly this many training subjects instead of a fraction of them (None: use labels_fraction). For a
     # given seed the subjects drawn for n are among those drawn for any larger n, so a curve over n is nested.

@@ -193,7 +193,7 @@ def test_a_registered_backbone_works_through_the_fine_tuning_callers(tinyconv: B
     from ahm.train.finetune import train_crop_size
 
     torch.manual_seed(0)
-    cfg = ModelConfig(patch_size=8).model_copy(update={"backbone": "tinyconv"})  # the config's Literal: vit, unet
+    cfg = ModelConfig(patch_size=8, backbone="tinyconv")
     mim = build_mim_model(cfg, SIZE, 1)
     out = mim(torch.rand(2, 1, SIZE, SIZE), torch.arange(16).repeat(2, 1) % 2 == 0)
     out.loss.backward()
@@ -205,5 +205,28 @@ def test_a_registered_backbone_works_through_the_fine_tuning_callers(tinyconv: B
     assert [(g["name"], g["lr"]) for g in groups] == [("body", pytest.approx(1e-4)), ("head", 1e-3)]
     with pytest.raises(AhmError, match="pretrained with backbone 'unet', but --segmenter tinyseg needs a 'tinyconv'"):
         load_pretrained(seg, "tinyseg", {}, {"backbone": "unet"})
-    ft = FinetuneConfig(data={"image_size": 64}).model_copy(update={"segmenter": "tinyseg", "crop_fraction": 0.5})
+    ft = FinetuneConfig(data={"image_size": 64}, segmenter="tinyseg", crop_fraction=0.5)
     assert train_crop_size(ft) == 24  # 32 rounded down to the backbone's multiple of 12
+
+
+def test_a_registered_backbone_is_selectable_from_yaml_and_an_unknown_one_is_refused_by_name(tinyconv: Backbone,
+                                                                                            tmp_path) -> None:
+    from ahm.config import PretrainConfig, load_config
+    from ahm.train.pretrain import check_config
+
+    def written(name: str, text: str):
+        (tmp_path / name).write_text(text)
+        return tmp_path / name
+
+    assert load_config(PretrainConfig, written("p.yaml", "model: {backbone: tinyconv}\n")).model.backbone == "tinyconv"
+    assert load_config(FinetuneConfig, written("f.yaml", "segmenter: tinyseg\n")).segmenter == "tinyseg"
+    bad = load_config(PretrainConfig, written("bad.yaml", "model: {backbone: resnet}\n"))
+    with pytest.raises(AhmError, match="^model backbone 'resnet' is not known; choose vit or unet or tinyconv$"):
+        check_config(bad)
+    from ahm.train.finetune import finetune
+
+    # refused before any data is read (the data folder does not exist) and before the run folder is made
+    ft = FinetuneConfig(data={"path": str(tmp_path / "no-data")}, segmenter="resnet")
+    with pytest.raises(AhmError, match="--segmenter 'resnet' is not known; choose one of unetr, unet, tinyseg"):
+        finetune(ft, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()

@@ -338,6 +338,9 @@ def finetune(cfg: FinetuneConfig, out: str | Path, resume: bool = False, force: 
 
         check_spatial_dims(enc, cfg)
         _apply_init(cfg, enc)
+    from ahm.models import backbone_of_segmenter
+
+    backbone_of_segmenter(cfg.segmenter)  # an unknown name, refused before any data is read
     check_volume_crop(cfg)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
