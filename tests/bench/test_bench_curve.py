@@ -97,6 +97,19 @@ def test_curve_refusals(tmp_path: Path) -> None:
     assert res.exit_code != 0 and "--labels: 'x'" in res.output
 
 
+def test_the_labelled_set_given_as_a_corpus_is_the_default_corpus(tmp_path: Path) -> None:
+    from ahm.bench.curve import SAME, corpus_names
+
+    data, big = tmp_path / "bs60", tmp_path / "c200"
+    data.mkdir(), big.mkdir(), (tmp_path / "other").mkdir(), (tmp_path / "other" / "c200").mkdir()
+    assert corpus_names(data, None) == [(SAME, data)]
+    # by path, however written: its cells are the default corpus's cells
+    again = tmp_path / "other" / ".." / "bs60"
+    assert corpus_names(data, [again, big]) == [(SAME, again), ("c200", big)]
+    with pytest.raises(AhmError, match="--corpus: two folders share one name"):
+        corpus_names(data, [big, tmp_path / "other" / "c200"])
+
+
 def test_curve_epoch_budget_grows_with_the_labelled_set(tmp_path: Path) -> None:
     """--finetune-epochs E with --finetune-steps S: E epochs over each cell's labelled slices, at least S steps."""
     import json

@@ -69,6 +69,20 @@ def _train_subjects(path: str | Path, cfg: FinetuneConfig) -> int:
     return len({by_id[i].subject for i in make_splits(index, cfg.data)["train"]})
 
 
+def corpus_names(data: str | Path, corpora: Optional[list[str | Path]]) -> list[tuple[str, Path]]:
+    """(name, folder) per pretraining corpus; the labelled set itself is named `data` whether it is the default or
+    given in --corpus, so that its cells are the same cells either way (a grid on DATA alone, extended later by
+    `--corpus DATA,bigger,...`, keeps them)."""
+    paths = [Path(c) for c in corpora] if corpora else [Path(data)]
+    for c in paths:
+        if not c.is_dir():
+            raise AhmError(f"--corpus {c}: not a folder")
+    named = [(SAME if c.resolve() == Path(data).resolve() else c.name, c) for c in paths]
+    if len({name for name, _ in named}) != len(named):
+        raise AhmError("--corpus: two folders share one name; give folders with distinct names")
+    return named
+
+
 def run_curve(data: str | Path, out: str | Path, policies: list[str], backbones: list[str], labels: list[int | str],
               seeds: int, pretrain_steps: int, finetune_steps: int, corpora: Optional[list[str | Path]] = None,
               base_config: Optional[str | Path] = None, overrides: Optional[dict[str, Any]] = None,
@@ -99,14 +113,7 @@ def run_curve(data: str | Path, out: str | Path, policies: list[str], backbones:
     for n in labels:
         if n != ALL and int(n) > n_train:
             raise AhmError(f"--labels {n}: {data} has {n_train} training subjects")
-    corpus_paths = [Path(c) for c in corpora] if corpora else []
-    for c in corpus_paths:
-        if not c.is_dir():
-            raise AhmError(f"--corpus {c}: not a folder")
-    corpus_list: list[tuple[str, Path]] = ([(c.name, c) for c in corpus_paths] if corpus_paths
-                                           else [(SAME, Path(data))])
-    if len({name for name, _ in corpus_list}) != len(corpus_list):
-        raise AhmError("--corpus: two folders share one name; give folders with distinct names")
+    corpus_list = corpus_names(data, corpora)
     corpus_subjects: dict[str, int] = {}
     for name, path in corpus_list:
         pre_data = build_config(PretrainConfig, file=base_config, overrides=_merge(overrides.get("pretrain", {}), {

@@ -129,7 +129,8 @@ def curve(
                                "separated; 'all' for every training subject."),
     corpus: Optional[str] = typer.Option(None, "--corpus", help="Comma-separated dataset folders to pretrain on "
                                          "(their training subjects; default: DATA's own). E.g. brain-subjects sets "
-                                         "of 50, 200, 1000 subjects made with the same --val/--test-subjects."),
+                                         "of 50, 200, 1000 subjects made with the same --val/--test-subjects. DATA "
+                                         "itself may be one of them: its cells are the default's, kept."),
     policies: str = typer.Option("scratch", help="Comma-separated: scratch and any masking policy."),
     backbones: str = typer.Option("unet", help="Comma-separated: vit, unet."),
     seeds: int = typer.Option(3, help="Seeds per point (mean +- std reported, paired by seed)."),
