@@ -109,10 +109,30 @@ def test_bad_input_is_one_line(tmp_path: Path) -> None:
     assert json.loads(res.output)["rows"][0]["labelled_images"] > 0
 
 
-def test_floors_are_scored_per_volume_when_the_images_are_slices_of_volumes(tmp_path: Path) -> None:
+def test_labelled_subjects_count_draws_finetunes_subjects(tmp_path: Path) -> None:
+    from ahm.cli.app import _register, app
+    from ahm.config import DataConfig
+    from ahm.data import label_subset, make_splits, open_dataset
+
+    data = make_blob_folder(tmp_path / "data", n=20)  # 10 subjects of 2 images: 6 train
+    doc = run_baseline(data, labels_fraction=0.5, seeds=2, image_size=32, labels_subjects=1)
+    assert doc["labels_subjects"] == 1 and [r["labelled_images"] for r in doc["rows"]] == [2, 2]
+    cfg = DataConfig(path=str(data), image_size=32)
+    index = open_dataset(data, cfg)
+    # the subject `ahm finetune --labels-subjects 1 --seed 1` labels: the lookup was fitted on it
+    assert len(label_subset(index, make_splits(index, cfg)["train"], 0.5, 1, subjects_count=1)) == 2
+    _register()
+    res = CliRunner().invoke(app, ["bench", "baseline", str(data), "--labels-subjects", "1", "--seeds", "1",
+                                   "--image-size", "32"])
+    assert res.exit_code == 0, res.output
+    assert "(1 labelled subject(s), 1 seed(s))" in res.output
+    res = CliRunner().invoke(app, ["bench", "baseline", str(data), "--labels-subjects", "7", "--image-size", "32"])
+    assert res.exit_code == 2 and "--labels-subjects 7: the training split has 6 subjects" in res.output
+
+
+def _nifti_volumes(data: Path) -> Path:
     import nibabel as nib
 
-    data = tmp_path / "vols"
     (data / "images").mkdir(parents=True)
     (data / "masks").mkdir()
     rng = np.random.default_rng(0)
@@ -123,6 +143,26 @@ def test_floors_are_scored_per_volume_when_the_images_are_slices_of_volumes(tmp_
         img[lab == 1] += 100
         nib.save(nib.Nifti1Image(img, np.eye(4)), data / "images" / f"v{s}.nii.gz")
         nib.save(nib.Nifti1Image(lab, np.eye(4)), data / "masks" / f"v{s}.nii.gz")
+    return data
+
+
+def test_floors_are_scored_per_volume_when_the_images_are_slices_of_volumes(tmp_path: Path) -> None:
+    data = _nifti_volumes(tmp_path / "vols")
     doc = run_baseline(data, labels_fraction=1.0, seeds=1, image_size=32)
     assert doc["level"] == "volume" and doc["rows"][0]["level"] == "volume"
     assert doc["empty_prediction"]["dice"] == 0.0
+
+
+def test_spatial_dims_3_scores_whole_volumes_from_the_command_line(tmp_path: Path) -> None:
+    from ahm.cli.app import _register, app
+
+    data = _nifti_volumes(tmp_path / "vols")
+    _register()
+    res = CliRunner().invoke(app, ["bench", "baseline", str(data), "--spatial-dims", "3", "--labels-fraction", "1",
+                                   "--seeds", "1", "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.output)
+    assert doc["spatial_dims"] == 3 and doc["level"] == "volume" and doc["hd95_unit"] == "mm"
+    assert doc["summary"]["dice"]["mean"] > 0.5  # the bright box is what intensity explains
+    res = CliRunner().invoke(app, ["bench", "baseline", str(data), "--spatial-dims", "4"])
+    assert res.exit_code == 2 and "--spatial-dims" in res.output and "Traceback" not in res.output

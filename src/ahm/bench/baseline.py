@@ -125,7 +125,8 @@ class _Volumes:
 
 def _volume_rows(index: Any, splits: dict[str, list[str]], names: list[str], split: str, cfg: Any,
                  labels_fraction: float, seeds: range, bins: int | None, empty: str,
-                 log: Callable[[str], None] | None) -> tuple[list[dict[str, Any]], dict[str, Any], int]:
+                 log: Callable[[str], None] | None,
+                 labels_subjects: int | None = None) -> tuple[list[dict[str, Any]], dict[str, Any], int]:
     """`run_baseline` on volumes: the seed rows, the predict-nothing scores and the bins used."""
     from ahm.data import label_subset
 
@@ -137,7 +138,8 @@ def _volume_rows(index: Any, splits: dict[str, list[str]], names: list[str], spl
                                    "" if name == split else "val_"))
     rows = []
     for seed in seeds:
-        train = _Volumes(index, label_subset(index, list(splits["train"]), labels_fraction, seed), cfg)
+        train = _Volumes(index, label_subset(index, list(splits["train"]), labels_fraction, seed,
+                                             subjects_count=labels_subjects), cfg)
         if bins is None:
             bins = default_bins(int(train.images[0].shape[0]))
         classes = max(num_classes, train.max_label() + 1)
@@ -166,12 +168,14 @@ def _mean_std(rows: list[dict[str, Any]], key: str) -> dict[str, float | None]:
 def run_baseline(data: str | Path, labels_fraction: float, seeds: int, first_seed: int = 0, bins: int | None = None,
                  split: str = "test", image_size: int = 128, layout: str = "auto",
                  log: Callable[[str], None] | None = None, data_cfg: Any = None,
-                 empty: str = "exclude") -> dict[str, Any]:
-    """Fit the lookup on each seed's labelled subset (the one `ahm finetune --seed S` uses); score val and `split`.
+                 empty: str = "exclude", labels_subjects: int | None = None,
+                 spatial_dims: int = 2) -> dict[str, Any]:
+    """Fit the lookup on each seed's labelled subset (the one `ahm finetune --seed S` uses: `labels_fraction` of the
+    training subjects, or exactly `labels_subjects` of them when given); score val and `split`.
     `bins` per channel, default `default_bins(channels)`.
 
-    `data_cfg` (a DataConfig) gives the splits and the grid of a fine-tuning config; else `image_size`/`layout`
-    with the default splits. Also scores the "predict nothing" floor (`empty_prediction`), the same for every seed.
+    `data_cfg` (a DataConfig) gives the splits and the grid of a fine-tuning config; else `image_size`/`layout`/
+    `spatial_dims` with the default splits. Also scores the "predict nothing" floor (`empty_prediction`), the same for every seed.
     `empty`: the empty-case convention of `ahm.eval.metrics`."""
     from ahm.config import DataConfig
     from ahm.data import label_subset, load_arrays, make_splits, open_dataset
@@ -182,8 +186,10 @@ def run_baseline(data: str | Path, labels_fraction: float, seeds: int, first_see
         raise AhmError(f"--seeds must be at least 1, got {seeds}")
     if bins is not None and bins < 2:
         raise AhmError(f"--bins must be at least 2, got {bins}")
+    if spatial_dims not in (2, 3):
+        raise AhmError(f"--spatial-dims {spatial_dims}: give 2 (images) or 3 (volumes)")
     cfg = (data_cfg.model_copy(update={"path": str(data)}) if data_cfg is not None
-           else DataConfig(path=str(data), image_size=image_size, layout=layout))
+           else DataConfig(path=str(data), image_size=image_size, layout=layout, spatial_dims=spatial_dims))
     index = open_dataset(data, cfg)
     if not index.has_labels:
         raise AhmError(f"{data}: no masks found ({index.layout} layout); the baseline needs labelled images")
@@ -194,8 +200,8 @@ def run_baseline(data: str | Path, labels_fraction: float, seeds: int, first_see
             raise AhmError(f"{data}: the {name} split is empty")
     if cfg.spatial_dims == 3:
         rows, nothing, bins = _volume_rows(index, splits, names, split, cfg, labels_fraction,
-                                           range(first_seed, first_seed + seeds), bins, empty, log)
-        return _document(data, labels_fraction, bins, split, cfg, empty, rows, nothing)
+                                           range(first_seed, first_seed + seeds), bins, empty, log, labels_subjects)
+        return _document(data, labels_fraction, bins, split, cfg, empty, rows, nothing, labels_subjects)
     evaluated = {name: load_arrays(index, list(splits[name]), cfg, labels=True) for name in names}
     rows = []
     num_classes = max(2, int(max(a.labels.max(initial=0) for a in evaluated.values())) + 1)
@@ -204,7 +210,7 @@ def run_baseline(data: str | Path, labels_fraction: float, seeds: int, first_see
         nothing.update(_scores(np.zeros_like(arrays.labels), arrays, num_classes, empty,
                                "" if name == split else "val_"))
     for seed in range(first_seed, first_seed + seeds):
-        labelled = label_subset(index, list(splits["train"]), labels_fraction, seed)
+        labelled = label_subset(index, list(splits["train"]), labels_fraction, seed, subjects_count=labels_subjects)
         train = load_arrays(index, labelled, cfg, labels=True)
         if bins is None:
             bins = default_bins(int(train.images.shape[1]))
@@ -218,14 +224,16 @@ def run_baseline(data: str | Path, labels_fraction: float, seeds: int, first_see
         if log is not None:
             log(f"seed {seed}: {len(train.ids)} labelled images, {split} Dice {_fmt(row['dice'])}, "
                 f"val Dice {_fmt(row['val_dice'])}")
-    return _document(data, labels_fraction, bins, split, cfg, empty, rows, nothing)
+    return _document(data, labels_fraction, bins, split, cfg, empty, rows, nothing, labels_subjects)
 
 
 def _document(data: str | Path, labels_fraction: float, bins: int | None, split: str, cfg: Any, empty: str,
-              rows: list[dict[str, Any]], nothing: dict[str, Any]) -> dict[str, Any]:
+              rows: list[dict[str, Any]], nothing: dict[str, Any],
+              labels_subjects: int | None = None) -> dict[str, Any]:
     keys = FIGURES + tuple(f"val_{k}" for k in FIGURES)
     summary = {key: _mean_std(rows, key) for key in keys}
-    doc = {"data": str(data), "labels_fraction": labels_fraction, "bins": bins, "split": split,
+    doc = {"data": str(data), "labels_fraction": labels_fraction, "labels_subjects": labels_subjects,
+           "bins": bins, "split": split,
            "image_size": cfg.image_size, "empty_cases": empty, "level": nothing.get("level"), "rows": rows,
            "summary": summary,
            "empty_prediction": {key: nothing.get(key) for key in keys}}
@@ -254,7 +262,9 @@ def format_baseline(doc: dict[str, Any]) -> str:
     split = doc["split"]
     convention = " (OLD CONVENTION: a class absent from prediction and truth scores 1)" \
         if doc.get("empty_cases") == "one" else ""
-    lines = [f"Floors a segmenter should clear ({doc['labels_fraction']:g} of the labels, {len(doc['rows'])} seed(s))"
+    labelled = (f"{doc['labels_subjects']} labelled subject(s)" if doc.get("labels_subjects")
+                else f"{doc['labels_fraction']:g} of the labels")
+    lines = [f"Floors a segmenter should clear ({labelled}, {len(doc['rows'])} seed(s))"
              f"{convention}: an intensity lookup ({doc['bins']} bins) and predicting nothing.",
              f"| floor | n | Dice ({split}) | dataset Dice ({split}) | IoU ({split}) | HD95 ({split}) | val Dice | "
              "val dataset Dice |", "|---|---|---|---|---|---|---|---|",

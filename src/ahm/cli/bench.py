@@ -196,12 +196,18 @@ def predict_speed(
 def baseline(
     data: Path = typer.Argument(..., help="Labelled dataset folder."),
     labels_fraction: float = typer.Option(0.1, "--labels-fraction", help="Share of training subjects labelled."),
+    labels_subjects: Optional[int] = typer.Option(None, "--labels-subjects",
+                                                  help="Exactly this many labelled training subjects instead of "
+                                                       "--labels-fraction (the subjects `ahm finetune "
+                                                       "--labels-subjects N --seed S` labels)."),
     seeds: int = typer.Option(3, help="Seeds (each draws the labelled subset `ahm finetune --seed S` uses)."),
     first_seed: int = typer.Option(0, "--first-seed", help="First seed."),
     bins: Optional[int] = typer.Option(None, help="Intensity bins per channel (default 256; 32 for colour)."),
     split: str = typer.Option("test", help="Split reported beside val."),
     image_size: int = typer.Option(128, "--image-size", help="Model grid size (as for fine-tuning)."),
     layout: str = typer.Option("auto", "--layout", help="Dataset layout (default: auto-detect)."),
+    spatial_dims: int = typer.Option(2, "--spatial-dims", help="2: images (slices); 3: volumes, scored per "
+                                     "volume (data.spatial_dims 3's default resampling)."),
     empty_cases: str = typer.Option("exclude", "--empty-cases",
                                     help="exclude (default) or one: the old convention, a class absent from "
                                          "prediction and truth scores 1 (named in the output)."),
@@ -214,7 +220,8 @@ def baseline(
     note = None if (is_quiet() or as_json) else (lambda msg: console.print(f"[dim]{msg}[/]"))
     doc = run_guarded(lambda: run_baseline(data, labels_fraction, seeds, first_seed=first_seed, bins=bins,
                                            split=split, image_size=image_size, layout=layout, log=note,
-                                           empty=empty_cases))
+                                           empty=empty_cases, labels_subjects=labels_subjects,
+                                           spatial_dims=spatial_dims))
     if as_json:
         print(json.dumps(doc, indent=2))
     else:
