@@ -180,3 +180,35 @@ def test_3d_unetr_loads_a_3d_vit_encoder_and_refuses_another_crop(task: Path, tm
     assert summary["segmenter"] == "unetr" and summary["roi_size"] == [32, 32, 32]
     assert summary["encoder_loaded"] == {"loaded": 161, "skipped": []}
     assert summary["val"]["hd95_unit"] == "mm"
+
+
+def test_cli_finetune_takes_the_pretraining_runs_volume_settings_unless_told(task: Path, tmp_path: Path) -> None:
+    import yaml
+    from typer.testing import CliRunner
+
+    from ahm.cli.app import _register, app
+
+    over = tiny_pretrain_overrides(task, policy="random", backbone="unet", steps=2)
+    over["train"].update(workers=0)
+    over["data"].update(spatial_dims=3, spacing=[2.0, 2.0, 2.0], orientation="LPS", crop_size=[16, 16, 16],
+                        val_fraction=0.2, test_fraction=0.2)
+    run = tmp_path / "pre"
+    pretrain(build_config(PretrainConfig, overrides=over), run, progress=False)
+    _register()
+    common = ["--labels-subjects", "1", "--steps", "1", "--val-every", "1", "--batch-size", "1",
+              "--accelerator", "cpu"]
+    res = CliRunner().invoke(app, ["finetune", str(task), "--init", str(run), "--out", str(tmp_path / "ft"), *common])
+    assert res.exit_code == 0, res.output
+    data = yaml.safe_load((tmp_path / "ft" / "config.yaml").read_text())["data"]
+    # no --spatial-dims, no spacing given: the encoder's dimension, spacing, orientation and crop
+    assert (data["spatial_dims"], data["spacing"], data["orientation"], data["crop_size"]) == (
+        3, [2.0, 2.0, 2.0], "LPS", [16, 16, 16])
+    # what the --config's data: says wins over the pretraining run; the rest is still inherited
+    cfg = tmp_path / "ft.yaml"
+    cfg.write_text("data: {spacing: [1.5, 1.5, 1.5], crop_size: [32, 32, 32]}\n")
+    res = CliRunner().invoke(app, ["finetune", str(task), "--init", str(run), "--out", str(tmp_path / "ft2"),
+                                   "--config", str(cfg), *common])
+    assert res.exit_code == 0, res.output
+    data = yaml.safe_load((tmp_path / "ft2" / "config.yaml").read_text())["data"]
+    assert (data["spatial_dims"], data["spacing"], data["orientation"], data["crop_size"]) == (
+        3, [1.5, 1.5, 1.5], "LPS", [32, 32, 32])

@@ -10,16 +10,26 @@ import typer
 from ahm.cli.app import app, console, fail, is_quiet, out, run_guarded
 
 
-def _pretrain_image_size(init: str) -> int | None:
-    """The image size a pretraining run used, so `--image-size` need not be repeated (None if unknown)."""
+# What a fine-tuning takes from its pretraining run unless told otherwise (--option or the --config's data:), so
+# that the encoder sees images as it was pretrained on them: the model grid in 2D; in 3D the dimension, the voxel
+# spacing, the orientation and the crop (the network's input) as well.
+INHERITED_2D = ("image_size",)
+INHERITED_3D = ("image_size", "spatial_dims", "spacing", "orientation", "crop_size")
+
+
+def _pretrain_data_defaults(init: str, given: set[str]) -> dict:
+    """The pretraining run's data settings listed above, less those in `given` ({} if its config is unreadable)."""
     from ahm.config import read_yaml
     from ahm.errors import AhmError
 
     try:
-        size = read_yaml(Path(init) / "config.yaml").get("data", {}).get("image_size")
+        data = read_yaml(Path(init) / "config.yaml").get("data", {})
     except AhmError:
-        return None
-    return int(size) if isinstance(size, int) else None
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    keys = INHERITED_3D if data.get("spatial_dims") == 3 else INHERITED_2D
+    return {k: data[k] for k in keys if k not in given and data.get(k) is not None}
 
 
 @app.command(no_args_is_help=True)
@@ -57,7 +67,9 @@ def finetune(
                                              help="Model grid size (default: the pretraining run's, else 128)."),
     spatial_dims: int | None = typer.Option(None, "--spatial-dims",
                                             help="2 (default: slices) or 3 (whole volumes, resampled to "
-                                                 "data.spacing, trained on data.crop_size crops)."),
+                                                 "data.spacing, trained on data.crop_size crops). With --init, the "
+                                                 "pretraining run's dimension, and in 3D its data.spacing, "
+                                                 "orientation and crop_size, unless set here or in --config."),
     overlap: float | None = typer.Option(None, "--overlap", help="3D validation: overlap of the sliding windows "
                                          "(the training crop), in [0, 1) (default 0.5)."),
     layout: str | None = typer.Option(None, help="Dataset layout (default: auto-detect)."),
@@ -95,20 +107,23 @@ def finetune(
                 raise AhmError("--init: give a pretraining run directory (from `ahm pretrain`), or 'none' to "
                                "train from scratch")
             chosen_init = str(file_init)
-        size = image_size
         pretrained = chosen_init is not None and chosen_init.strip().lower() not in ("none", "scratch", "")
+        inherited: dict = {}
         if pretrained and not resume:
+            from ahm.config import read_yaml
             from ahm.train.finetune import load_init
 
             enc = load_init(chosen_init)
             if model is not None and model != enc.segmenter:
                 raise AhmError(f"--model {model} does not match {enc.path}: a {enc.metadata.get('backbone')} encoder "
                                f"is fine-tuned as {enc.segmenter} ({', '.join(f'{b} -> {s}' for b, s in segmenter_of_backbone().items())})")
-            if size is None:
-                size = _pretrain_image_size(chosen_init)
+            file_data = (read_yaml(config).get("data") or {}) if config is not None else {}
+            given = set(file_data) | {k for k, v in (("image_size", image_size), ("spatial_dims", spatial_dims))
+                                      if v is not None}
+            inherited = _pretrain_data_defaults(chosen_init, given)
         overrides = {
-            "data": {"path": str(data), "image_size": size, "layout": layout, "skip_bad": skip_bad or None,
-                     "spatial_dims": spatial_dims},
+            "data": {**inherited, "path": str(data), "layout": layout, "skip_bad": skip_bad or None,
+                     **{k: v for k, v in (("image_size", image_size), ("spatial_dims", spatial_dims)) if v is not None}},
             "overlap": overlap,
             "init": chosen_init, "segmenter": model, "labels_fraction": labels_fraction,
             "labels_subjects": labels_subjects,
