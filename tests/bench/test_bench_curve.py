@@ -68,6 +68,15 @@ def test_curve_grid_axes_tables_plot_and_resume(tmp_path: Path, monkeypatch: pyt
     assert "| unet | random | large (9) | all (6) | 2 |" in md and "| unet | large | 1 | random - scratch | 2 |" in md
     assert (out / "results.png").stat().st_size > 1000
 
+    assert {"hardness_ratio", "critic_spearman", "pretrain_final_loss"} <= set(rows[0])
+    # a cell finished before the agent's figures were recorded takes them from its pretraining run's summary
+    old_cell = out / "cells" / "unet-random-corpuslarge-labels1-seed0" / "cell.json"
+    old_row = {k: v for k, v in json.loads(old_cell.read_text()).items()
+               if k not in ("hardness_ratio", "critic_spearman")}
+    old_cell.write_text(json.dumps(old_row))
+    pre_summary = out / "pretrain" / "unet-random-corpuslarge-seed0" / "summary.json"
+    pre_summary.write_text(json.dumps({**json.loads(pre_summary.read_text()), "hardness_ratio": 3.5}))
+
     def boom(*a, **k):
         raise AssertionError("a finished cell was rerun")
 
@@ -75,6 +84,9 @@ def test_curve_grid_axes_tables_plot_and_resume(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setattr("ahm.train.pretrain.pretrain", boom)
     again = run_curve(data, out, seeds=2, **kwargs)
     assert [r["dice"] for r in again["rows"]] == [r["dice"] for r in result["rows"]]
+    by_cell = {(r["policy"], r["corpus"], str(r["labels"]), r["seed"]): r for r in again["rows"]}
+    assert by_cell[("random", "large", "1", 0)]["hardness_ratio"] == 3.5
+    assert by_cell[("random", "small", "1", 0)]["hardness_ratio"] is None  # random masking has no agent
 
 
 def test_curve_refusals(tmp_path: Path) -> None:

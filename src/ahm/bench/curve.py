@@ -36,7 +36,9 @@ from ahm.io import write_bytes, write_json, write_text
 
 ALL = "all"
 COLUMNS = ["backbone", "policy", "corpus", "corpus_subjects", "labels", "labelled_subjects", "seed", "dice",
-           "dataset_dice", "iou", "hd95", "hd95_unit", "val_dice", "selection", "empty_cases", "pretrain_final_loss", "pretrain_s", "finetune_s"]
+           "dataset_dice", "iou", "hd95", "hd95_unit", "val_dice", "selection", "empty_cases", "pretrain_final_loss", "hardness_ratio", "critic_spearman", "pretrain_s",
+           "finetune_s"]
+PRETRAIN_FIGURES = ("final_loss", "hardness_ratio", "critic_spearman")  # from a pretraining run's summary.json
 SAME = "data"  # the corpus name of "pretrain on the labelled set's own training subjects"
 
 
@@ -132,8 +134,13 @@ def run_curve(data: str | Path, out: str | Path, policies: list[str], backbones:
     for k, (backbone, policy, name, path, n, seed) in enumerate(cells, 1):
         cell_dir = out / "cells" / f"{backbone}-{policy}-corpus{name}-labels{n}-seed{seed}"
         done = cell_dir / "cell.json"
+        pre_dir = out / "pretrain" / f"{backbone}-{policy}-corpus{name}-seed{seed}"
         if done.is_file():
-            rows.append(json.loads(done.read_text()))
+            row = json.loads(done.read_text())
+            if policy != "scratch" and "hardness_ratio" not in row and (pre_dir / "summary.json").is_file():
+                # a cell finished before the agent's figures were recorded: its pretraining run has them
+                row.update(_pretrain_figures(json.loads((pre_dir / "summary.json").read_text())))
+            rows.append(row)
             say(f"[{k}/{len(cells)}] {cell_dir.name}: done earlier, kept")
             continue
         say(f"[{k}/{len(cells)}] {cell_dir.name}")
@@ -142,14 +149,13 @@ def run_curve(data: str | Path, out: str | Path, policies: list[str], backbones:
                                "labelled_subjects": n_train if n == ALL else int(n), "seed": seed}
         init = None
         if policy != "scratch":
-            pre_dir = out / "pretrain" / f"{backbone}-{policy}-corpus{name}-seed{seed}"
             pre_cfg = build_config(PretrainConfig, file=base_config, overrides=_merge(
                 overrides.get("pretrain", {}), {
                     "data": {"path": str(path)}, "model": {"backbone": backbone}, "masking": {"policy": policy},
                     "train": {"steps": pretrain_steps, "seed": seed}}), nulls=True)
             summary, pretrain_s = pretrain_cell(pre_cfg, pre_dir)
             row["pretrain_s"] = pretrain_s
-            row["pretrain_final_loss"] = summary.get("final_loss")
+            row.update(_pretrain_figures(summary))
             init = str(pre_dir)
         budget: dict[str, Any] = ({"labels_fraction": 1.0, "labels_subjects": None} if n == ALL
                                   else {"labels_fraction": 1.0, "labels_subjects": int(n)})
@@ -164,6 +170,12 @@ def run_curve(data: str | Path, out: str | Path, policies: list[str], backbones:
     paired = paired_by_point(rows)
     write_results(out, rows, table, paired, split)
     return {"rows": rows, "table": table, "paired": paired, "train_subjects": n_train}
+
+
+def _pretrain_figures(summary: dict[str, Any]) -> dict[str, Any]:
+    """The row's pretraining figures: final loss; for the AHM policies the hardness ratio of the patches the agent
+    masks and the critic's rank correlation with the true reconstruction error (None for the other policies)."""
+    return {("pretrain_" + k if k == "final_loss" else k): summary.get(k) for k in PRETRAIN_FIGURES}
 
 
 def _point(r: dict[str, Any]) -> tuple:
