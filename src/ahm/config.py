@@ -590,10 +590,20 @@ def _section_for(kind: type[_Strict], loaded: dict[str, Any]) -> dict[str, Any]:
     return loaded
 
 
+def file_section(kind: type[_Strict], path: str | Path) -> dict[str, Any]:
+    """What a YAML file says for `kind`: its `pretrain:` or `finetune:` section when it has them, else all of it."""
+    loaded = _section_for(kind, read_yaml(path))
+    return loaded if isinstance(loaded, dict) else {}
+
+
 def build_config(kind: type[_Strict], file: str | Path | None = None, overrides: dict[str, Any] | None = None,
-                 source: str = "options", nulls: bool = False) -> Any:
-    """Defaults <- YAML file <- overrides (nested dict; None means "not given" unless `nulls`), validated."""
+                 source: str = "options", nulls: bool = False, base: dict[str, Any] | None = None) -> Any:
+    """Defaults <- base <- YAML file <- overrides (nested dict; None means "not given" unless `nulls`), validated.
+    `base` holds defaults of this call's own (e.g. what a fine-tuning takes from its pretraining run); its None
+    values are values (`spacing: null`), and the file and the overrides win over it."""
     merged: dict[str, Any] = kind().model_dump()
+    if base:
+        merged = _deep_merge(merged, base, keep_none=True)
     if file is not None:
         loaded = _section_for(kind, read_yaml(file))
         merged = _deep_merge(merged, loaded, keep_none=True)

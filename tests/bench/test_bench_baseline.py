@@ -119,8 +119,12 @@ def test_labelled_subjects_count_draws_finetunes_subjects(tmp_path: Path) -> Non
     assert doc["labels_subjects"] == 1 and [r["labelled_images"] for r in doc["rows"]] == [2, 2]
     cfg = DataConfig(path=str(data), image_size=32)
     index = open_dataset(data, cfg)
-    # the subject `ahm finetune --labels-subjects 1 --seed 1` labels: the lookup was fitted on it
-    assert len(label_subset(index, make_splits(index, cfg)["train"], 0.5, 1, subjects_count=1)) == 2
+    subject_of = {item.id: item.subject for item in index.items}
+    # the lookup of seed S was fitted on the subject `ahm finetune --labels-subjects 1 --seed S` labels
+    for row in doc["rows"]:
+        drawn = label_subset(index, make_splits(index, cfg)["train"], 0.5, row["seed"], subjects_count=1)
+        assert row["labelled_subjects"] == sorted({subject_of[i] for i in drawn})
+    assert doc["rows"][0]["labelled_subjects"] != doc["rows"][1]["labelled_subjects"]
     _register()
     res = CliRunner().invoke(app, ["bench", "baseline", str(data), "--labels-subjects", "1", "--seeds", "1",
                                    "--image-size", "32"])

@@ -124,7 +124,8 @@ def test_unet_encoder_of_the_other_dimension_is_refused_in_one_line() -> None:
 def test_unknown_backbone_and_segmenter_name_the_choices() -> None:
     with pytest.raises(AhmError, match="backbone 'resnet' is not known; choose vit or unet"):
         get_backbone("resnet")
-    with pytest.raises(AhmError, match="--segmenter 'resnet' is not known; choose one of unetr, unet"):
+    with pytest.raises(AhmError, match=r"segmenter 'resnet' \(--model, or segmenter: in a config\) is not known; "
+                                       "choose one of unetr, unet"):
         build_segmenter("resnet", model_cfg("unet"), SIZE, 1, 2)
 
 
@@ -227,6 +228,7 @@ def test_a_registered_backbone_is_selectable_from_yaml_and_an_unknown_one_is_ref
 
     # refused before any data is read (the data folder does not exist) and before the run folder is made
     ft = FinetuneConfig(data={"path": str(tmp_path / "no-data")}, segmenter="resnet")
-    with pytest.raises(AhmError, match="--segmenter 'resnet' is not known; choose one of unetr, unet, tinyseg"):
+    with pytest.raises(AhmError, match=r"segmenter 'resnet' \(--model, or segmenter: in a config\) is not known; "
+                                       "choose one of unetr, unet, tinyseg"):
         finetune(ft, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()

@@ -147,7 +147,7 @@ def test_build_segmenter_refuses_what_unetr_cannot_hold() -> None:
         build_segmenter("unetr", vit_cfg(num_layers=6), SIZE, 1, 2)
     with pytest.raises(AhmError, match="--image-size 40"):
         build_segmenter("unetr", vit_cfg(), 40, 1, 2)
-    with pytest.raises(AhmError, match="--segmenter 'swin'"):
+    with pytest.raises(AhmError, match="segmenter 'swin'"):
         build_segmenter("swin", vit_cfg(), SIZE, 1, 2)
 
 

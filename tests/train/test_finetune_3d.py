@@ -204,11 +204,29 @@ def test_cli_finetune_takes_the_pretraining_runs_volume_settings_unless_told(tas
     assert (data["spatial_dims"], data["spacing"], data["orientation"], data["crop_size"]) == (
         3, [2.0, 2.0, 2.0], "LPS", [16, 16, 16])
     # what the --config's data: says wins over the pretraining run; the rest is still inherited
-    cfg = tmp_path / "ft.yaml"
-    cfg.write_text("data: {spacing: [1.5, 1.5, 1.5], crop_size: [32, 32, 32]}\n")
-    res = CliRunner().invoke(app, ["finetune", str(task), "--init", str(run), "--out", str(tmp_path / "ft2"),
-                                   "--config", str(cfg), *common])
+    # what the --config says (flat, or in its finetune: section like configs/3d-cpu.yaml) wins over the
+    # pretraining run; the rest is still inherited
+    for name, text in (("flat", "data: {spacing: [1.5, 1.5, 1.5], crop_size: [32, 32, 32]}\n"),
+                       ("sections", "pretrain: {data: {crop_size: [16, 16, 16]}}\n"
+                                    "finetune: {data: {spacing: [1.5, 1.5, 1.5], crop_size: [32, 32, 32]}}\n")):
+        cfg = tmp_path / f"{name}.yaml"
+        cfg.write_text(text)
+        res = CliRunner().invoke(app, ["finetune", str(task), "--init", str(run), "--out", str(tmp_path / name),
+                                       "--config", str(cfg), *common])
+        assert res.exit_code == 0, res.output
+        data = yaml.safe_load((tmp_path / name / "config.yaml").read_text())["data"]
+        assert (data["spatial_dims"], data["spacing"], data["orientation"], data["crop_size"]) == (
+            3, [1.5, 1.5, 1.5], "LPS", [32, 32, 32]), name
+    # a pretraining that kept each volume's own spacing (spacing: null) is fine-tuned the same way
+    over["data"].update(spacing=None)
+    pretrain(build_config(PretrainConfig, overrides=over, nulls=True), tmp_path / "pre-own", progress=False)
+    res = CliRunner().invoke(app, ["finetune", str(task), "--init", str(tmp_path / "pre-own"),
+                                   "--out", str(tmp_path / "ft-own"), *common])
     assert res.exit_code == 0, res.output
-    data = yaml.safe_load((tmp_path / "ft2" / "config.yaml").read_text())["data"]
-    assert (data["spatial_dims"], data["spacing"], data["orientation"], data["crop_size"]) == (
-        3, [1.5, 1.5, 1.5], "LPS", [32, 32, 32])
+    assert yaml.safe_load((tmp_path / "ft-own" / "config.yaml").read_text())["data"]["spacing"] is None
+    # a --config whose data: is not a mapping is still one line
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: 5\n")
+    res = CliRunner().invoke(app, ["finetune", str(task), "--init", str(run), "--out", str(tmp_path / "ft-bad"),
+                                   "--config", str(bad), *common])
+    assert res.exit_code == 2 and "Traceback" not in res.output and "data" in res.output

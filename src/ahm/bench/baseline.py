@@ -147,7 +147,8 @@ def _volume_rows(index: Any, splits: dict[str, list[str]], names: list[str], spl
         table = fit_intensity_lookup(np.concatenate(train.unit_images(lo, hi), axis=2),
                                      np.concatenate([lab.reshape(1, -1) for lab in train.labels], axis=1),
                                      classes, bins)
-        row: dict[str, Any] = {"seed": seed, "labelled_images": len(train.ids)}
+        row: dict[str, Any] = {"seed": seed, "labelled_images": len(train.ids),
+                               "labelled_subjects": _subjects(index, train.ids)}
         for name, vols in evaluated.items():
             preds = [apply_intensity_lookup(table, im, bins)[0].reshape(lab.shape)
                      for im, lab in zip(vols.unit_images(lo, hi), vols.labels)]
@@ -157,6 +158,12 @@ def _volume_rows(index: Any, splits: dict[str, list[str]], names: list[str], spl
             log(f"seed {seed}: {len(train.ids)} labelled volumes, {split} Dice {_fmt(row['dice'])}, "
                 f"val Dice {_fmt(row['val_dice'])}")
     return rows, nothing, bins
+
+
+def _subjects(index: Any, ids: list[str]) -> list[str]:
+    """The subjects of `ids`, sorted: the same list `ahm finetune` writes to labelled.json for this seed."""
+    subject_of = {item.id: item.subject for item in index.items}
+    return sorted({subject_of[i] for i in ids})
 
 
 def _mean_std(rows: list[dict[str, Any]], key: str) -> dict[str, float | None]:
@@ -216,7 +223,8 @@ def run_baseline(data: str | Path, labels_fraction: float, seeds: int, first_see
             bins = default_bins(int(train.images.shape[1]))
         classes = max(num_classes, int(train.labels.max(initial=0)) + 1)
         table = fit_intensity_lookup(train.images, train.labels, classes, bins)
-        row: dict[str, Any] = {"seed": seed, "labelled_images": len(train.ids)}
+        row: dict[str, Any] = {"seed": seed, "labelled_images": len(train.ids),
+                               "labelled_subjects": _subjects(index, labelled)}
         for name, arrays in evaluated.items():
             preds = apply_intensity_lookup(table, arrays.images, bins)
             row.update(_scores(preds, arrays, classes, empty, "" if name == split else "val_"))

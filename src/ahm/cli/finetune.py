@@ -9,16 +9,15 @@ import typer
 
 from ahm.cli.app import app, console, fail, is_quiet, out, run_guarded
 
-
-# What a fine-tuning takes from its pretraining run unless told otherwise (--option or the --config's data:), so
+# What a fine-tuning takes from its pretraining run unless told otherwise (an option, or the --config), so
 # that the encoder sees images as it was pretrained on them: the model grid in 2D; in 3D the dimension, the voxel
 # spacing, the orientation and the crop (the network's input) as well.
 INHERITED_2D = ("image_size",)
 INHERITED_3D = ("image_size", "spatial_dims", "spacing", "orientation", "crop_size")
 
 
-def _pretrain_data_defaults(init: str, given: set[str]) -> dict:
-    """The pretraining run's data settings listed above, less those in `given` ({} if its config is unreadable)."""
+def _pretrain_data_defaults(init: str) -> dict:
+    """The pretraining run's data settings listed above ({} if its config is unreadable); explicit nulls kept."""
     from ahm.config import read_yaml
     from ahm.errors import AhmError
 
@@ -29,7 +28,7 @@ def _pretrain_data_defaults(init: str, given: set[str]) -> dict:
     if not isinstance(data, dict):
         return {}
     keys = INHERITED_3D if data.get("spatial_dims") == 3 else INHERITED_2D
-    return {k: data[k] for k in keys if k not in given and data.get(k) is not None}
+    return {k: data[k] for k in keys if k in data}
 
 
 @app.command(no_args_is_help=True)
@@ -100,9 +99,9 @@ def finetune(
         if chosen_init is None and not resume:
             file_init = None
             if config is not None:
-                from ahm.config import read_yaml
+                from ahm.config import file_section
 
-                file_init = read_yaml(config).get("init")
+                file_init = file_section(FinetuneConfig, config).get("init")
             if file_init is None:
                 raise AhmError("--init: give a pretraining run directory (from `ahm pretrain`), or 'none' to "
                                "train from scratch")
@@ -110,20 +109,16 @@ def finetune(
         pretrained = chosen_init is not None and chosen_init.strip().lower() not in ("none", "scratch", "")
         inherited: dict = {}
         if pretrained and not resume:
-            from ahm.config import read_yaml
             from ahm.train.finetune import load_init
 
             enc = load_init(chosen_init)
             if model is not None and model != enc.segmenter:
                 raise AhmError(f"--model {model} does not match {enc.path}: a {enc.metadata.get('backbone')} encoder "
                                f"is fine-tuned as {enc.segmenter} ({', '.join(f'{b} -> {s}' for b, s in segmenter_of_backbone().items())})")
-            file_data = (read_yaml(config).get("data") or {}) if config is not None else {}
-            given = set(file_data) | {k for k, v in (("image_size", image_size), ("spatial_dims", spatial_dims))
-                                      if v is not None}
-            inherited = _pretrain_data_defaults(chosen_init, given)
+            inherited = _pretrain_data_defaults(chosen_init)
         overrides = {
-            "data": {**inherited, "path": str(data), "layout": layout, "skip_bad": skip_bad or None,
-                     **{k: v for k, v in (("image_size", image_size), ("spatial_dims", spatial_dims)) if v is not None}},
+            "data": {"path": str(data), "image_size": image_size, "layout": layout, "skip_bad": skip_bad or None,
+                     "spatial_dims": spatial_dims},
             "overlap": overlap,
             "init": chosen_init, "segmenter": model, "labels_fraction": labels_fraction,
             "labels_subjects": labels_subjects,
@@ -132,7 +127,8 @@ def finetune(
             "train": {"epochs": epochs, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "devices": devices,
                       "accelerator": accelerator, "precision": precision},
         }
-        cfg = build_config(FinetuneConfig, file=config, overrides=overrides)
+        # the pretraining run's settings are defaults: the --config file and the options win over them
+        cfg = build_config(FinetuneConfig, file=config, overrides=overrides, base={"data": inherited})
         if chosen_init is not None and not pretrained:
             cfg.init = None
         if steps is not None:

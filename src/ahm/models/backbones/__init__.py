@@ -46,7 +46,8 @@ def backbone_of_segmenter(segmenter: str) -> Backbone:
     for backbone in BACKBONES.values():
         if backbone.segmenter == segmenter:
             return backbone
-    raise AhmError(f"--segmenter {segmenter!r} is not known; choose one of {', '.join(segmenter_names())}")
+    raise AhmError(f"segmenter {segmenter!r} (--model, or segmenter: in a config) is not known; choose one of "
+                   f"{', '.join(segmenter_names())}")
 
 
 def segmenter_of_backbone() -> dict[str, str]:
