@@ -66,6 +66,15 @@ def test_curve_grid_axes_tables_plot_and_resume(tmp_path: Path, monkeypatch: pyt
     assert len(rows) == 12 and {r["corpus"] for r in rows} == {"-", "small", "large"}
     md = (out / "results.md").read_text()
     assert "| unet | random | large (9) | all (6) | 2 |" in md and "| unet | large | 1 | random - scratch | 2 |" in md
+    # the floors of each labels point, fitted on the same labelled subjects per seed, and each point flagged
+    floor1 = json.loads((out / "baseline-labels1.json").read_text())
+    assert floor1["labels_subjects"] == 1 and [r["seed"] for r in floor1["rows"]] == [0, 1]
+    assert json.loads((out / "baseline-labelsall.json").read_text())["rows"][0]["labelled_images"] == 12
+    assert floor1["rows"][0]["labelled_subjects"] == labelled["subjects"]
+    assert "| labels | n | intensity lookup: Dice (test) |" in md and "| 1 | 2 |" in md
+    flags = [line.rsplit("|", 2)[-2].strip() for line in md.splitlines() if line.startswith("| unet | ")
+             and line.count("|") == 10]
+    assert len(flags) == 6 and all(f == "above both" or f.startswith("**not clearly above") for f in flags)
     assert (out / "results.png").stat().st_size > 1000
 
     assert {"hardness_ratio", "critic_spearman", "pretrain_final_loss"} <= set(rows[0])

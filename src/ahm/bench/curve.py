@@ -23,9 +23,11 @@ from typing import Any, Callable, Optional
 from ahm.bench.compare import (
     _mean_std,
     _merge,
+    below_floors,
     check_grid,
     check_same_dims,
     finetune_cell,
+    floors,
     paired_differences,
     pretrain_cell,
     with_spatial_dims,
@@ -36,8 +38,8 @@ from ahm.io import write_bytes, write_json, write_text
 
 ALL = "all"
 COLUMNS = ["backbone", "policy", "corpus", "corpus_subjects", "labels", "labelled_subjects", "seed", "dice",
-           "dataset_dice", "iou", "hd95", "hd95_unit", "val_dice", "selection", "empty_cases", "pretrain_final_loss", "hardness_ratio", "critic_spearman", "pretrain_s",
-           "finetune_s"]
+           "dataset_dice", "iou", "hd95", "hd95_unit", "val_dice", "selection", "empty_cases", "pretrain_final_loss",
+           "hardness_ratio", "critic_spearman", "pretrain_s", "finetune_s"]
 PRETRAIN_FIGURES = ("final_loss", "hardness_ratio", "critic_spearman")  # from a pretraining run's summary.json
 SAME = "data"  # the corpus name of "pretrain on the labelled set's own training subjects"
 
@@ -168,8 +170,16 @@ def run_curve(data: str | Path, out: str | Path, policies: list[str], backbones:
         rows.append(row)
     table = aggregate(rows)
     paired = paired_by_point(rows)
-    write_results(out, rows, table, paired, split)
-    return {"rows": rows, "table": table, "paired": paired, "train_subjects": n_train}
+    # The floors each point must clear: intensity alone, fitted on the same labelled subjects per seed.
+    from ahm.bench.baseline import run_baseline
+
+    baselines = {}
+    for n in labels:
+        baselines[str(n)] = run_baseline(data, 1.0, seeds, first_seed, split=split, data_cfg=ft_base.data,
+                                         labels_subjects=None if n == ALL else int(n))
+        write_json(out / f"baseline-labels{n}.json", baselines[str(n)])
+    write_results(out, rows, table, paired, split, baselines)
+    return {"rows": rows, "table": table, "paired": paired, "train_subjects": n_train, "baselines": baselines}
 
 
 def _pretrain_figures(summary: dict[str, Any]) -> dict[str, Any]:
@@ -215,8 +225,15 @@ def _fmt(value: float, std: float, digits: int = 4) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:.{digits}f} +- {std:.{digits}f}"
 
 
+def _one(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
 def write_results(out: Path, rows: list[dict[str, Any]], table: list[dict[str, Any]], paired: list[dict[str, Any]],
-                  split: str) -> None:
+                  split: str, baselines: Optional[dict[str, dict[str, Any]]] = None) -> None:
+    """results.csv, results.md and results.png; `baselines` ({labels: `run_baseline` document}) adds the floors:
+    a table of them, and per point whether it is clearly above both."""
+    baselines = baselines or {}
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
     writer.writeheader()
@@ -230,12 +247,28 @@ def write_results(out: Path, rows: list[dict[str, Any]], table: list[dict[str, A
              "`corpus`: the set the encoder was pretrained on (its training subjects; '-': no pretraining)."
              + (f" HD95 in {'; '.join(units)}." if units else ""), "",
              f"| backbone | policy | corpus (subjects) | labels (subjects) | n | Dice ({split}) | {hd95} | "
-             "val Dice |", "|---|---|---|---|---|---|---|---|"]
+             "val Dice | floors |", "|---|---|---|---|---|---|---|---|---|"]
     for e in sorted(table, key=lambda e: (e["backbone"], e["corpus"], e["policy"], e["labelled_subjects"])):
         corpus = e["corpus"] if e["corpus"] == "-" else f"{e['corpus']} ({e['corpus_subjects']})"
+        floor = floors(baselines.get(str(e["labels"])))
+        failed = below_floors(e, floor)
+        flag = ("**not clearly above: " + ", ".join(failed) + "**") if failed else ("above both" if floor else "-")
         lines.append(f"| {e['backbone']} | {e['policy']} | {corpus} | {e['labels']} ({e['labelled_subjects']}) | "
                      f"{e['n']} | {_fmt(e['dice'], e['dice_std'])} | {_fmt(e['hd95'], e['hd95_std'], 2)} | "
-                     f"{_fmt(e['val_dice'], e['val_dice_std'])} |")
+                     f"{_fmt(e['val_dice'], e['val_dice_std'])} | {flag} |")
+    if baselines:
+        lines += ["", "Floors (`ahm bench baseline --labels-subjects N`: an intensity-to-class lookup fitted on the "
+                      "same labelled subjects per seed, and predicting nothing; same metrics). A point flagged **not "
+                      "clearly above** a floor is not above it on Dice or dataset Dice by more than 0.01 and two "
+                      "standard errors of its mean over seeds.", "",
+                  f"| labels | n | intensity lookup: Dice ({split}) | {hd95} | val Dice | predict nothing: "
+                  f"Dice ({split}) | {hd95} |", "|---|---|---|---|---|---|---|"]
+        for labels, doc in baselines.items():
+            b, nothing = doc["summary"], doc.get("empty_prediction") or {}
+            lines.append(f"| {labels} | {len(doc['rows'])} | {_fmt(b['dice']['mean'], b['dice']['std'])} | "
+                         f"{_fmt(b['hd95']['mean'], b['hd95']['std'], 2)} | "
+                         f"{_fmt(b['val_dice']['mean'], b['val_dice']['std'])} | "
+                         f"{_one(nothing.get('dice'))} | {_one(nothing.get('hd95'), 2)} |")
     if paired:
         lines += ["", "Paired by seed at each point (same labelled subjects): difference of Dice, mean +- std, seeds "
                       "ahead, exact sign-flip p (two-sided).", "",
@@ -247,7 +280,7 @@ def write_results(out: Path, rows: list[dict[str, Any]], table: list[dict[str, A
                          f"{e['dice_p']:.3f} | {e['val_dice']:+.4f} +- {e['val_dice_std']:.4f} | "
                          f"{e['val_dice_ahead']}/{e['n']} | {e['val_dice_p']:.3f} |")
     write_text(out / "results.md", "\n".join(lines) + "\n")
-    _plot(out / "results.png", table, split)
+    _plot(out / "results.png", table, split, baselines, rows)
 
 
 def _log_ticks(ax, values: list[int]) -> None:
@@ -258,7 +291,8 @@ def _log_ticks(ax, values: list[int]) -> None:
     ax.minorticks_off()
 
 
-def _plot(path: Path, table: list[dict[str, Any]], split: str) -> None:
+def _plot(path: Path, table: list[dict[str, Any]], split: str,
+          baselines: Optional[dict[str, dict[str, Any]]] = None, rows: Optional[list[dict[str, Any]]] = None) -> None:
     """Left: Dice against labelled subjects, one line per (backbone, policy, corpus). Right (when the grid has
     more than one corpus): Dice against corpus subjects, one line per (backbone, policy, labels), scratch as a
     dashed level. Error bars: one sample std over seeds."""
@@ -278,6 +312,12 @@ def _plot(path: Path, table: list[dict[str, Any]], split: str) -> None:
             (f" [{key[0]}]" if len({e['backbone'] for e in table}) > 1 else "")
         ax.errorbar([e["labelled_subjects"] for e in pts], [e["dice"] for e in pts],
                     yerr=[e["dice_std"] for e in pts], marker="o", capsize=3, label=label)
+    if baselines:
+        subjects = {str(r["labels"]): r["labelled_subjects"] for r in rows or []}
+        pts = sorted((subjects[k], doc["summary"]["dice"]["mean"]) for k, doc in baselines.items() if k in subjects)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], color="0.3", linestyle="--", linewidth=1,
+                    marker="x", label="intensity lookup (floor)")
     _log_ticks(ax, [e["labelled_subjects"] for e in table])
     ax.set_xlabel("labelled training subjects")
     ax.set_ylabel(f"mean Dice ({split})")
