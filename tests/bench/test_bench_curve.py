@@ -148,3 +148,26 @@ def test_curve_epoch_budget_grows_with_the_labelled_set(tmp_path: Path) -> None:
     with pytest.raises(AhmError, match="--finetune-epochs 0"):
         run_curve(data, tmp_path / "o", ["scratch"], ["unet"], [1], 1, 1, 3, overrides=_overrides(tmp_path),
                   finetune_epochs=0)
+
+
+def test_gather_reports_the_finished_cells_and_runs_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ahm.bench.curve import parse_labels, run_curve
+
+    data = make_blob_folder(tmp_path / "data", n=20)
+    out = tmp_path / "grid"
+    with pytest.raises(AhmError, match="--gather: no finished cell of this grid"):
+        run_curve(data, out, ["scratch"], ["unet"], [1], 2, 1, 1, overrides=_overrides(tmp_path), gather=True)
+    run_curve(data, out, ["scratch"], ["unet"], [1], 1, 1, 1, overrides=_overrides(tmp_path))  # seed 0 only
+
+    def boom(*a, **k):
+        raise AssertionError("--gather ran a cell")
+
+    monkeypatch.setattr("ahm.train.finetune.finetune", boom)
+    monkeypatch.setattr("ahm.train.pretrain.pretrain", boom)
+    seen = []
+    result = run_curve(data, out, ["scratch", "random"], ["unet"], parse_labels("1,all"), 2, 1, 1,
+                       overrides=_overrides(tmp_path), gather=True, log=seen.append)
+    assert [(r["policy"], r["labels"], r["seed"]) for r in result["rows"]] == [("scratch", 1, 0)]
+    assert len(result["missing"]) == 7 and "unet-random-corpusdata-labels1-seed0" in result["missing"]
+    assert any("1 of 8 cells finished; 7 not run" in m for m in seen)
+    assert "**Partial: 1 of 8 cells finished**" in (out / "results.md").read_text()

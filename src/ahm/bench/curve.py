@@ -91,9 +91,12 @@ def run_curve(data: str | Path, out: str | Path, policies: list[str], backbones:
               seeds: int, pretrain_steps: int, finetune_steps: int, corpora: Optional[list[str | Path]] = None,
               base_config: Optional[str | Path] = None, overrides: Optional[dict[str, Any]] = None,
               split: str = "test", first_seed: int = 0, log: Optional[Callable[[str], None]] = None,
-              finetune_epochs: Optional[int] = None, spatial_dims: Optional[int] = None) -> dict[str, Any]:
+              finetune_epochs: Optional[int] = None, spatial_dims: Optional[int] = None,
+              gather: bool = False) -> dict[str, Any]:
     """Run every unfinished cell of backbone x corpus x policy x labels x seed; write results.csv, results.md
     and results.png (Dice against each axis, error bars one std over seeds); return rows, table and paired.
+    `gather`: run nothing, report the finished cells (while other processes still run the grid); the tables say
+    how many cells are missing.
 
     Fine-tuning runs `finetune_steps` steps, or, with `finetune_epochs`, that many epochs over the cell's labelled
     slices but at least `finetune_steps` steps (a budget that grows with the labelled set). `spatial_dims` (2 or 3),
@@ -133,6 +136,7 @@ def run_curve(data: str | Path, out: str | Path, policies: list[str], backbones:
                     for seed in range(first_seed, first_seed + seeds):
                         cells.append((backbone, policy, name, path, n, seed))
     rows: list[dict[str, Any]] = []
+    missing: list[str] = []
     for k, (backbone, policy, name, path, n, seed) in enumerate(cells, 1):
         cell_dir = out / "cells" / f"{backbone}-{policy}-corpus{name}-labels{n}-seed{seed}"
         done = cell_dir / "cell.json"
@@ -144,6 +148,9 @@ def run_curve(data: str | Path, out: str | Path, policies: list[str], backbones:
                 row.update(_pretrain_figures(json.loads((pre_dir / "summary.json").read_text())))
             rows.append(row)
             say(f"[{k}/{len(cells)}] {cell_dir.name}: done earlier, kept")
+            continue
+        if gather:
+            missing.append(cell_dir.name)
             continue
         say(f"[{k}/{len(cells)}] {cell_dir.name}")
         row: dict[str, Any] = {"backbone": backbone, "policy": policy, "corpus": name,
@@ -168,6 +175,11 @@ def run_curve(data: str | Path, out: str | Path, policies: list[str], backbones:
         row.update(finetune_cell(ft_cfg, cell_dir / "finetune", data, split))
         write_json(done, row)
         rows.append(row)
+    if gather:
+        if not rows:
+            raise AhmError(f"--gather: no finished cell of this grid in {out}")
+        say(f"--gather: {len(rows)} of {len(cells)} cells finished; {len(missing)} not run"
+            + (f" (first: {missing[0]})" if missing else ""))
     table = aggregate(rows)
     paired = paired_by_point(rows)
     # The floors each point must clear: intensity alone, fitted on the same labelled subjects per seed.
@@ -178,8 +190,9 @@ def run_curve(data: str | Path, out: str | Path, policies: list[str], backbones:
         baselines[str(n)] = run_baseline(data, 1.0, seeds, first_seed, split=split, data_cfg=ft_base.data,
                                          labels_subjects=None if n == ALL else int(n))
         write_json(out / f"baseline-labels{n}.json", baselines[str(n)])
-    write_results(out, rows, table, paired, split, baselines)
-    return {"rows": rows, "table": table, "paired": paired, "train_subjects": n_train, "baselines": baselines}
+    write_results(out, rows, table, paired, split, baselines, missing=len(missing))
+    return {"rows": rows, "table": table, "paired": paired, "train_subjects": n_train, "baselines": baselines,
+            "missing": missing}
 
 
 def _pretrain_figures(summary: dict[str, Any]) -> dict[str, Any]:
@@ -230,7 +243,7 @@ def _one(value: float | None, digits: int = 4) -> str:
 
 
 def write_results(out: Path, rows: list[dict[str, Any]], table: list[dict[str, Any]], paired: list[dict[str, Any]],
-                  split: str, baselines: Optional[dict[str, dict[str, Any]]] = None) -> None:
+                  split: str, baselines: Optional[dict[str, dict[str, Any]]] = None, missing: int = 0) -> None:
     """results.csv, results.md and results.png; `baselines` ({labels: `run_baseline` document}) adds the floors:
     a table of them, and per point whether it is clearly above both."""
     baselines = baselines or {}
@@ -245,7 +258,10 @@ def write_results(out: Path, rows: list[dict[str, Any]], table: list[dict[str, A
     lines = [f"Mean +- sample std over seeds; Dice on the `{split}` split (never used for choices); val Dice is the "
              "fine-tuning validation score used for model selection. `labels`: labelled training subjects; "
              "`corpus`: the set the encoder was pretrained on (its training subjects; '-': no pretraining)."
-             + (f" HD95 in {'; '.join(units)}." if units else ""), "",
+             + (f" HD95 in {'; '.join(units)}." if units else "")
+             + (f" **Partial: {len(rows)} of {len(rows) + missing} cells finished** (gathered while the grid "
+                "runs; `n` is the seeds finished per point, pairs only seeds finished in both arms)."
+                if missing else ""), "",
              f"| backbone | policy | corpus (subjects) | labels (subjects) | n | Dice ({split}) | {hd95} | "
              "val Dice | floors |", "|---|---|---|---|---|---|---|---|---|"]
     for e in sorted(table, key=lambda e: (e["backbone"], e["corpus"], e["policy"], e["labelled_subjects"])):

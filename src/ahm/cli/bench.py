@@ -146,6 +146,8 @@ def curve(
     config: Optional[Path] = typer.Option(None, "--config", help="YAML with `pretrain:` and `finetune:` sections."),
     spatial_dims: Optional[int] = typer.Option(None, "--spatial-dims", help="2: images; 3: volumes (sets "
                                                "data.spatial_dims of both --config sections; default: theirs)."),
+    gather: bool = typer.Option(False, "--gather", help="Run nothing: the tables of the cells finished so far "
+                                "(while other processes run the grid), the missing ones counted."),
 ) -> None:
     """Dice against labelled subjects and against the unlabelled corpus: a policy x corpus x labels x seed grid.
 
@@ -163,7 +165,7 @@ def curve(
             finetune_steps, corpora=[c.strip() for c in corpus.split(",") if c.strip()] if corpus else None,
             overrides=overrides, split=split, first_seed=first_seed,
             log=None if is_quiet() else (lambda msg: console.print(msg, highlight=False)),
-            finetune_epochs=finetune_epochs, spatial_dims=spatial_dims,
+            finetune_epochs=finetune_epochs, spatial_dims=spatial_dims, gather=gather,
         )
 
     run_guarded(go)
