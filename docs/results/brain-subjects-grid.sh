@@ -5,7 +5,8 @@
 #  2. the corpus axis: the same cells pretrained on 50, 200 and 1000 simulated subjects that share the 9 val and
 #     9 test subjects of the 60-subject set (subject k is the same bytes in every set of one seed).
 # Two processes on disjoint seeds (0-2 and 3-5); rerunning a command continues it; a last call over all seeds
-# (--seeds 6, first seed 0) gathers the tables. GRID: a work folder; CODE: a checkout frozen for the whole grid.
+# (--seeds 6, first seed 0) gathers the tables. GRID: a work folder; CODE: a checkout frozen for the whole grid, at
+# d9534c0 or later (older code names DATA in --corpus by its folder and would rerun its cells).
 # GRID/bs60-v2: `ahm data prepare brain-subjects --out GRID/bs60-v2` (the v2 defaults, 60 subjects).
 set -e
 run() { PYTHONPATH=$CODE/src nice -n 19 ahm "$@"; }
