@@ -127,9 +127,7 @@ def run_compare(data: str | Path, out: str | Path, policies: list[str], backbone
                 "masking": {"policy": policy}, "train": {"steps": pretrain_steps, "seed": seed},
             }), nulls=True)
             summary, row["pretrain_s"] = pretrain_cell(pre_cfg, pre_dir)
-            row["pretrain_final_loss"] = summary.get("final_loss")
-            row["hardness_ratio"] = summary.get("hardness_ratio")
-            row["critic_spearman"] = summary.get("critic_spearman")
+            row.update(pretrain_figures(summary))
             init = str(pre_dir)
         ft_cfg = build_config(FinetuneConfig, overrides=_merge(overrides.get("finetune", {}), {
             "data": {"path": str(data)}, "model": {"backbone": backbone},
@@ -151,6 +149,13 @@ def run_compare(data: str | Path, out: str | Path, policies: list[str], backbone
     write_json(out / "baseline.json", baseline)
     write_results(out, rows, table, split, baseline, paired)
     return {"rows": rows, "table": table, "baseline": baseline, "paired": paired}
+
+
+def pretrain_figures(summary: dict[str, Any]) -> dict[str, Any]:
+    """What a grid row keeps of a pretraining run's summary: its final loss and, for the AHM policies, the
+    hardness ratio of the masked patches and the critic's rank correlation with the true error (else None)."""
+    return {"pretrain_final_loss": summary.get("final_loss"), "hardness_ratio": summary.get("hardness_ratio"),
+            "critic_spearman": summary.get("critic_spearman")}
 
 
 def pretrain_cell(cfg: PretrainConfig, run_dir: Path) -> tuple[dict[str, Any], float]:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ahm.bench.compare import (
+    _f,
     _mean_std,
     _merge,
     below_floors,
@@ -30,6 +31,7 @@ from ahm.bench.compare import (
     floors,
     paired_differences,
     pretrain_cell,
+    pretrain_figures,
     with_spatial_dims,
 )
 from ahm.config import FinetuneConfig, PretrainConfig, build_config
@@ -40,7 +42,6 @@ ALL = "all"
 COLUMNS = ["backbone", "policy", "corpus", "corpus_subjects", "labels", "labelled_subjects", "seed", "dice",
            "dataset_dice", "iou", "hd95", "hd95_unit", "val_dice", "selection", "empty_cases", "pretrain_final_loss",
            "hardness_ratio", "critic_spearman", "pretrain_s", "finetune_s"]
-PRETRAIN_FIGURES = ("final_loss", "hardness_ratio", "critic_spearman")  # from a pretraining run's summary.json
 SAME = "data"  # the corpus name of "pretrain on the labelled set's own training subjects"
 
 
@@ -145,7 +146,7 @@ def run_curve(data: str | Path, out: str | Path, policies: list[str], backbones:
             row = json.loads(done.read_text())
             if policy != "scratch" and "hardness_ratio" not in row and (pre_dir / "summary.json").is_file():
                 # a cell finished before the agent's figures were recorded: its pretraining run has them
-                row.update(_pretrain_figures(json.loads((pre_dir / "summary.json").read_text())))
+                row.update(pretrain_figures(json.loads((pre_dir / "summary.json").read_text())))
             rows.append(row)
             say(f"[{k}/{len(cells)}] {cell_dir.name}: done earlier, kept")
             continue
@@ -164,7 +165,7 @@ def run_curve(data: str | Path, out: str | Path, policies: list[str], backbones:
                     "train": {"steps": pretrain_steps, "seed": seed}}), nulls=True)
             summary, pretrain_s = pretrain_cell(pre_cfg, pre_dir)
             row["pretrain_s"] = pretrain_s
-            row.update(_pretrain_figures(summary))
+            row.update(pretrain_figures(summary))
             init = str(pre_dir)
         budget: dict[str, Any] = ({"labels_fraction": 1.0, "labels_subjects": None} if n == ALL
                                   else {"labels_fraction": 1.0, "labels_subjects": int(n)})
@@ -193,12 +194,6 @@ def run_curve(data: str | Path, out: str | Path, policies: list[str], backbones:
     write_results(out, rows, table, paired, split, baselines, missing=len(missing))
     return {"rows": rows, "table": table, "paired": paired, "train_subjects": n_train, "baselines": baselines,
             "missing": missing}
-
-
-def _pretrain_figures(summary: dict[str, Any]) -> dict[str, Any]:
-    """The row's pretraining figures: final loss; for the AHM policies the hardness ratio of the patches the agent
-    masks and the critic's rank correlation with the true reconstruction error (None for the other policies)."""
-    return {("pretrain_" + k if k == "final_loss" else k): summary.get(k) for k in PRETRAIN_FIGURES}
 
 
 def _point(r: dict[str, Any]) -> tuple:
@@ -236,10 +231,6 @@ def paired_by_point(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _fmt(value: float, std: float, digits: int = 4) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:.{digits}f} +- {std:.{digits}f}"
-
-
-def _one(value: float | None, digits: int = 4) -> str:
-    return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
 
 def write_results(out: Path, rows: list[dict[str, Any]], table: list[dict[str, Any]], paired: list[dict[str, Any]],
@@ -284,7 +275,7 @@ def write_results(out: Path, rows: list[dict[str, Any]], table: list[dict[str, A
             lines.append(f"| {labels} | {len(doc['rows'])} | {_fmt(b['dice']['mean'], b['dice']['std'])} | "
                          f"{_fmt(b['hd95']['mean'], b['hd95']['std'], 2)} | "
                          f"{_fmt(b['val_dice']['mean'], b['val_dice']['std'])} | "
-                         f"{_one(nothing.get('dice'))} | {_one(nothing.get('hd95'), 2)} |")
+                         f"{_f(nothing.get('dice'))} | {_f(nothing.get('hd95'), 2)} |")
     if paired:
         lines += ["", "Paired by seed at each point (same labelled subjects): difference of Dice, mean +- std, seeds "
                       "ahead, exact sign-flip p (two-sided).", "",

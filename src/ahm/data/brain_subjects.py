@@ -431,13 +431,8 @@ def prepare_brain_subjects(out: Path, subjects: int = 60, seed: int = 0, image_s
     and renamed into place, so `out` is never left half written. Memory stays that of one subject."""
     from PIL import Image
 
-    out = Path(out).expanduser()
-    if subjects < 1:
-        raise AhmError(f"--subjects must be at least 1, got {subjects}")
-    sides = subject_sides(subjects, val_subjects, test_subjects)
-    _check_out(out)
-    sim = BrainSimulator(seed=seed, image_size=image_size, slices_per_axis=slices_per_axis, settings=settings)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out, sides, sim = _start_set(out, subjects, val_subjects, test_subjects, seed, image_size, slices_per_axis,
+                                 settings)
     splits: dict[str, list[str]] = {"train": [], "val": [], "test": []}
     contrasts = {"t1-remap": 0, "gmm": 0}
     shown: list[dict[str, Any]] = []
@@ -480,6 +475,21 @@ def prepare_brain_subjects(out: Path, subjects: int = 60, seed: int = 0, image_s
             "montage": str(out / MONTAGE) if shown else None}
 
 
+def _start_set(out: Path, subjects: int, val_subjects: int | None, test_subjects: int | None, seed: int,
+               image_size: int, slices_per_axis: int,
+               settings: SimulationSettings | None) -> tuple[Path, list[str], BrainSimulator]:
+    """What both writers check and build before writing: the folder (refused unless new, empty or an earlier
+    set; its parent made), each subject's split side, and the simulator."""
+    out = Path(out).expanduser()
+    if subjects < 1:
+        raise AhmError(f"--subjects must be at least 1, got {subjects}")
+    sides = subject_sides(subjects, val_subjects, test_subjects)
+    _check_out(out)
+    sim = BrainSimulator(seed=seed, image_size=image_size, slices_per_axis=slices_per_axis, settings=settings)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out, sides, sim
+
+
 def _check_out(out: Path) -> None:
     if out.exists():
         if not out.is_dir():
@@ -514,14 +524,9 @@ def prepare_brain_subject_volumes(out: Path, subjects: int = 60, seed: int = 0, 
     one volume."""
     from PIL import Image
 
-    out = Path(out).expanduser()
-    if subjects < 1:
-        raise AhmError(f"--subjects must be at least 1, got {subjects}")
-    sides = subject_sides(subjects, val_subjects, test_subjects)
-    _check_out(out)
-    sim = BrainSimulator(seed=seed, image_size=image_size, slices_per_axis=slices_per_axis, settings=settings)
     _check_grid(volume_size, spacing_mm)  # before anything is written
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out, sides, sim = _start_set(out, subjects, val_subjects, test_subjects, seed, image_size, slices_per_axis,
+                                 settings)
     splits: dict[str, list[str]] = {"train": [], "val": [], "test": []}
     contrasts = {"t1-remap": 0, "gmm": 0}
     shown: list[dict[str, Any]] = []
