@@ -101,3 +101,29 @@ def test_bad_arguments_are_one_line(tmp_path: Path):
     result = ahm("data", "index", str(junk), "--out", str(tmp_path / "n.json"))
     assert result.exit_code == 2 and "the corpus holds no readable images (first problem: " in result.output
     assert not (tmp_path / "n.json").exists()
+
+
+def test_spatial_dims_3_counts_whole_volumes_and_names_2d_files(tmp_path: Path):
+    photos, heart, mixed = _corpus(tmp_path)
+    out = tmp_path / "corpus" / "c3.json"
+    result = ahm("data", "index", str(heart), str(mixed), "--spatial-dims", "3", "--out", str(out))
+    assert result.exit_code == 1, result.output  # the single-frame DICOM has no slice spacing: a problem
+    manifest = json.loads(out.read_text())
+    assert manifest["spatial_dims"] == 3
+    h, m = (s["index"] for s in manifest["sources"])
+    assert (h["volumes"], h["slices"], h["samples"], h["files"]) == (3, 0, 3, 3)
+    assert h["sizes"] == {"24x20x5": 3} and h["channels"] == {"1": 3} and h["problems"] == []
+    assert (m["volumes"], m["images"], m["samples"]) == (1, 0, 1) and m["sizes"] == {"12x16x7": 1}
+    assert len(m["problems"]) == 1 and "xray.dcm" in m["problems"][0] and "spacing" in m["problems"][0]
+    assert manifest["totals"]["samples"] == 4 and manifest["totals"]["slices"] == 0
+    assert "corpus: 2 source(s), 4 file(s), 4 3D samples (whole volumes)" in result.output
+    assert "msd/Task02_Heart: msd, labelled, mri; 3 volume(s); 0 problem(s)" in result.output
+    # The same sources in 2D count slices instead, and the DICOM image as one sample.
+    flat = ahm("data", "index", str(heart), str(mixed), "--out", str(tmp_path / "c2.json"))
+    assert flat.exit_code == 0 and json.loads((tmp_path / "c2.json").read_text())["totals"]["samples"] == 15 + 8
+    # A corpus of 2D files only holds nothing to pretrain on in 3D: one line, nothing written.
+    none = ahm("data", "index", str(photos), "--spatial-dims", "3", "--out", str(tmp_path / "n.json"))
+    assert none.exit_code == 2 and str(photos) in none.output and "no voxel spacing" in none.output, none.output
+    assert len(none.output.strip().splitlines()) == 1 and not (tmp_path / "n.json").exists()
+    bad = ahm("data", "index", str(heart), "--spatial-dims", "4", "--out", str(tmp_path / "n.json"))
+    assert bad.exit_code == 2 and "spatial_dims: Input should be 2 or 3" in bad.output and len(bad.output.strip().splitlines()) == 1

@@ -249,6 +249,10 @@ def index(
     out_file: Path = typer.Option(..., "--out", help="Manifest to write, e.g. corpus.json."),
     layout: str = typer.Option("auto", "--layout", help="auto, folder, msd, lgg, busi, isic or kvasir (all sources)."),
     slice_axis: int = typer.Option(2, "--slice-axis", help="Axis along which volumes are sliced (0, 1 or 2)."),
+    spatial_dims: int = typer.Option(
+        2, "--spatial-dims", help="2: count 2D images and volume slices; 3: count whole volumes, as 3D pretraining "
+        "(data.spatial_dims 3) draws them."
+    ),
     skip_bad: bool = typer.Option(
         False, "--skip-bad", help="Exit 0 when some files are bad (they are listed in the manifest and skipped)."
     ),
@@ -267,7 +271,8 @@ def index(
     def go():
         if out_file.exists() and not force:
             raise AhmError(f"--out {out_file}: already exists; use --force to replace it")
-        cfg = build_config(DataConfig, overrides={"layout": layout, "slice_axis": slice_axis}, source="options")
+        cfg = build_config(DataConfig, overrides={"layout": layout, "slice_axis": slice_axis,
+                                                  "spatial_dims": spatial_dims}, source="options")
         with _LazyBar("indexing sources") as bar:
             manifest = index_corpus(list(sources), cfg, out_file, progress=bar)
         write_json(out_file, manifest)

@@ -4,6 +4,9 @@ manifest (`corpus.json`) that lists the sources.
 Each source is a dataset folder in any supported layout, labelled or not. Nothing but headers is read: image
 sizes and channels from the 2D files' headers, shapes from the volumes' headers (NIfTI, DICOM, NRRD/MetaImage),
 so an archive of thousands of scans is indexed in the time it takes to list it.
+
+Samples are counted as the pretraining would draw them: 2D images and the slices of volumes (`spatial_dims` 2),
+or whole volumes (3; a 2D file, or a volume without a slice spacing, is then a problem, as in `ahm pretrain`).
 """
 
 from __future__ import annotations
@@ -43,6 +46,18 @@ def index_source(path: str | Path, cfg: DataConfig) -> dict[str, Any]:
     volumes: dict[str, tuple[tuple[int, int, int], int] | None] = {}
     images = slices = 0
     for item in index.items:
+        if item.spatial_dims == 3:  # a whole volume is one sample (its spacing was checked by the layout)
+            key = str(item.image)
+            try:
+                shape, n_channels = read_volume_info(item.image)
+            except AhmError as exc:
+                problems.append(str(exc))
+                continue
+            volumes[key] = (shape, n_channels)
+            sizes["x".join(map(str, shape))] += 1
+            channels[n_channels] += 1
+            file_channels[n_channels] += 1
+            continue
         if item.slice is None:
             try:
                 info = read_image_info(item.image, max_pixels=cfg.max_pixels)
@@ -76,6 +91,7 @@ def index_source(path: str | Path, cfg: DataConfig) -> dict[str, Any]:
             "set data.channels to unify them or index the sources apart"
         )
     good_volumes = sum(1 for v in volumes.values() if v is not None)
+    samples = good_volumes if cfg.spatial_dims == 3 else images + slices
     return {
         "layout": index.layout,
         "labelled": index.has_labels,
@@ -84,10 +100,10 @@ def index_source(path: str | Path, cfg: DataConfig) -> dict[str, Any]:
         "images": images,
         "volumes": good_volumes,
         "slices": slices,
-        "samples": images + slices,
+        "samples": samples,
         "subjects": len({item.subject for item in index.items}),
-        "sizes": dict(sizes.most_common()),  # "HxW" of each 2D sample -> count
-        "channels": {str(c): n for c, n in sorted(channels.items())},  # per 2D sample
+        "sizes": dict(sizes.most_common()),  # "HxW" of each 2D sample (3D: "XxYxZ" of each volume) -> count
+        "channels": {str(c): n for c, n in sorted(channels.items())},  # per sample
         "problems": problems,
     }
 
@@ -126,8 +142,10 @@ def index_corpus(
     totals["modalities"] = dict(modalities.most_common())
     if totals["samples"] == 0:
         first = next((p for e in entries for p in e["index"]["problems"]), None)
-        raise AhmError(f"{sources[0]}: the corpus holds no readable images" + (f" (first problem: {first})" if first else ""))
-    return {"version": MANIFEST_VERSION, "sources": entries, "totals": totals}
+        what = "volumes" if cfg.spatial_dims == 3 else "images"
+        raise AhmError(f"{sources[0]}: the corpus holds no readable {what}" + (f" (first problem: {first})" if first else ""))
+    # spatial_dims: what a sample is in these counts (2: a 2D image or a slice; 3: a whole volume)
+    return {"version": MANIFEST_VERSION, "spatial_dims": cfg.spatial_dims, "sources": entries, "totals": totals}
 
 
 def format_corpus(manifest: dict[str, Any], where: str | os.PathLike) -> str:
@@ -135,12 +153,19 @@ def format_corpus(manifest: dict[str, Any], where: str | os.PathLike) -> str:
     lines = []
     for entry in manifest["sources"]:
         s = entry["index"]
-        what = f"{s['images']} image(s)" + (f", {s['volumes']} volume(s) = {s['slices']} slices" if s["volumes"] else "")
+        if manifest.get("spatial_dims", 2) == 3:
+            what = f"{s['volumes']} volume(s)"
+        else:
+            what = f"{s['images']} image(s)" + (f", {s['volumes']} volume(s) = {s['slices']} slices" if s["volumes"] else "")
         lines.append(f"{entry['path']}: {s['layout']}, {'labelled' if s['labelled'] else 'unlabelled'}, "
                      f"{entry['modality'] or 'modality unknown'}; {what}; {len(s['problems'])} problem(s)")
     t = manifest["totals"]
-    lines.append(f"corpus: {t['sources']} source(s), {t['files']} file(s), {t['samples']} 2D samples "
-                 f"({t['images']} images, {t['slices']} slices of {t['volumes']} volumes); written to {where}")
+    if manifest.get("spatial_dims", 2) == 3:
+        lines.append(f"corpus: {t['sources']} source(s), {t['files']} file(s), {t['samples']} 3D samples "
+                     f"(whole volumes); written to {where}")
+    else:
+        lines.append(f"corpus: {t['sources']} source(s), {t['files']} file(s), {t['samples']} 2D samples "
+                     f"({t['images']} images, {t['slices']} slices of {t['volumes']} volumes); written to {where}")
     for entry in manifest["sources"]:
         lines.extend(f"  - {p}" for p in entry["index"]["problems"])
     return "\n".join(lines)
