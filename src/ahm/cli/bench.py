@@ -230,6 +230,49 @@ def baseline(
         out.print(format_baseline(doc), highlight=False, soft_wrap=True)
 
 
+@bench_app.command("recon", no_args_is_help=True)
+def recon(
+    runs: list[Path] = typer.Argument(..., help="Pretraining run directories (from `ahm pretrain` or a grid's "
+                                      "pretrain/ folder)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Labelled dataset whose split is scored (default: the "
+                                        "dataset the first run recorded)."),
+    split: str = typer.Option("val", "--split", help="val (default), test or train."),
+    mask_ratio: Optional[float] = typer.Option(None, "--mask-ratio", help="Share of patches masked (default: the "
+                                               "first run's mask_ratio)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the masks (the same masks for every run)."),
+    n_images: Optional[int] = typer.Option(None, "--n-images", help="Score only the split's first N images."),
+    out_file: Optional[Path] = typer.Option(None, "--out", help="Also write the JSON (with per-image errors) here."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the JSON document only."),
+) -> None:
+    """Held-out masked reconstruction: every run's error on the same images under the same random masks, in
+    pixel space, beside a mean-fill reference, and summarised over seeds. Unlike the training loss it compares
+    runs on different corpora and with different policies, and shows whether a run learnt more than its corpus."""
+    from ahm.bench.recon import format_recon, recon_scores
+    from ahm.errors import AhmError
+    from ahm.io import write_json
+
+    note = None if (is_quiet() or as_json) else (lambda msg: console.print(f"[dim]{msg}[/]"))
+
+    def go():
+        if out_file is not None and out_file.exists() and not force:
+            raise AhmError(f"--out {out_file}: already exists; use --force to replace it")
+        if split not in ("train", "val", "test"):
+            raise AhmError(f"--split {split}: give train, val or test")
+        doc = recon_scores(list(runs), data, split=split, mask_ratio=mask_ratio, seed=seed, n_images=n_images,
+                           log=note)
+        if out_file is not None:
+            write_json(out_file, doc)
+        return doc
+
+    doc = run_guarded(go)
+    assert isinstance(doc, dict)
+    if as_json:
+        print(json.dumps(doc, indent=2))
+    else:
+        out.print(format_recon(doc), highlight=False, soft_wrap=True)
+
+
 @bench_app.command("data")
 def data_bench(
     root: Path = typer.Option(..., "--root", help="Folder for the generated corpora and runs (reused if present)."),

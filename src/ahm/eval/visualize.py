@@ -185,9 +185,11 @@ def _centre_crops(index: Any, ids: list[str], data_cfg: Any) -> Any:
                   items=items)
 
 
-def load_run(run_dir: Path, data_dir: Path | None, n_images: int) -> tuple[Any, Any, Any, Any]:
-    """(config, model, policy, arrays) of a pretraining run, with `n_images` held-out images (for a 3D run the
-    centre crops of held-out volumes, at the training crop the model was built for)."""
+def load_run(run_dir: Path, data_dir: Path | None, n_images: int | None,
+             split: str | None = None) -> tuple[Any, Any, Any, Any]:
+    """(config, model, policy, arrays) of a pretraining run, with `n_images` held-out images (None: all of them;
+    for a 3D run the centre crops of held-out volumes, at the training crop the model was built for): of `split`,
+    or of the first of val, test and train that has any."""
     from ahm.config import PretrainConfig, load_config, model_input_size
     from ahm.data import load_arrays, make_splits, open_dataset
     from ahm.masking.base import PolicyContext, build_policy
@@ -205,9 +207,15 @@ def load_run(run_dir: Path, data_dir: Path | None, n_images: int) -> tuple[Any, 
     data_cfg = cfg.data.model_copy(update={"path": str(data_path)})
     index = open_dataset(data_path, data_cfg)
     splits = make_splits(index, data_cfg)
-    ids = (splits.get("val") or splits.get("test") or splits.get("train") or [])[:max(1, n_images)]
-    if not ids:
-        raise AhmError(f"{data_path}: no images to visualise")
+    if split is not None:
+        ids = list(splits.get(split) or [])
+        if not ids:
+            raise AhmError(f"--split {split}: {data_path} has no {split} images")
+    else:
+        ids = list(splits.get("val") or splits.get("test") or splits.get("train") or [])
+        if not ids:
+            raise AhmError(f"{data_path}: no images to visualise")
+    ids = ids if n_images is None else ids[:max(1, n_images)]
     arrays = (_centre_crops(index, ids, data_cfg) if data_cfg.spatial_dims == 3
               else load_arrays(index, ids, data_cfg, labels=False))
     in_channels = int(arrays.images.shape[1])
