@@ -4,14 +4,18 @@ A run's training loss is measured on its own corpus under its own masks, so it c
 the anatomy from one that memorised its corpus, and runs on different corpora or with different policies are not
 comparable by it (a policy that masks hard patches has a higher loss by design). This scores every run on the
 same images (a labelled set's validation split, by default) under the same uniform random masks (one seed: the
-same patches of every image for every run of one patch grid), in pixel space (de-normalised, so `norm_pix` runs
-compare with the others), so that the runs differ only in their weights and their differences are paired by image.
+same patches of every image for every run of one patch grid), as the mean squared error over the masked pixels,
+so that the runs differ only in their weights and their differences are paired by image.
 
-A reference row fills each masked patch with its image's mean visible intensity (per channel): a run no better
-than that has learnt nothing about the images.
+Two references: mean-fill sets each masked patch to its image's mean visible intensity (per channel), the floor
+of a run that reconstructs pixels; patch-mean-fill sets it to the patch's own true mean. A `norm_pix` run
+predicts normalised patches, and de-normalising them uses the true patch's mean and spread, so its pixel error
+is already given that much: patch-mean-fill is its floor (what it scores predicting nothing), and norm_pix runs
+and pixel runs are not compared in one call.
 
-Runs that differ only in their seed (same backbone, policy, corpus size, steps) are summarised together: the mean
-over runs of each run's mean error, the sample standard deviation over runs, and the number of runs.
+Runs whose resolved configs differ only in the seed (and in how they executed: threads, devices, workers,
+checkpointing) are summarised together: the mean over runs of each run's mean error, the sample standard
+deviation over runs, and the number of runs.
 """
 
 from __future__ import annotations
@@ -26,6 +30,10 @@ import torch
 from ahm.errors import AhmError
 
 MEAN_FILL = "mean-fill"
+PATCH_MEAN_FILL = "patch-mean-fill"
+# Fields that change how a run executes, not what it learns: runs differing only in these (and the seed) are seeds
+# of one setting.
+_EXECUTION = ("seed", "accelerator", "devices", "num_threads", "workers", "checkpoint_every", "log_every", "compile")
 
 
 def _random_masks(n: int, grid: Any, ratio: float, seed: int) -> torch.Tensor:
@@ -54,6 +62,49 @@ def _mean_fill(images: torch.Tensor, pixel_mask: torch.Tensor) -> torch.Tensor:
     return images * visible + mean * pixel_mask
 
 
+def _patch_mean_fill(images: torch.Tensor, grid: Any) -> torch.Tensor:
+    """Every patch set to its own true mean (over its pixels and channels): what a `norm_pix` run's reconstruction
+    is, de-normalised, when it predicts nothing (0 in normalised units), since de-normalising uses the true
+    patch's mean and spread."""
+    patches = grid.patchify(images)
+    return grid.unpatchify(patches.mean(-1, keepdim=True).expand_as(patches), images.shape[1])
+
+
+def _recorded(path: str | None, run_dir: Path) -> Path | None:
+    """A path a run recorded, resolved as `ahm visualize` resolves its dataset (as given, or beside the run)."""
+    if not path:
+        return None
+    for candidate in (Path(path), run_dir.parent / path):
+        if candidate.exists():
+            return candidate.resolve()
+    return None
+
+
+def _seen(run_dir: Path, cfg: Any, data_dir: Path, split: str) -> bool | None:
+    """Whether the run pretrained on `split` of `data_dir`: True, False, or None when its corpus is not recorded.
+    A labelled source gives pretraining its training split only (unless all_splits); an unlabelled one all."""
+    import json
+
+    corpus = run_dir / "corpus.json"
+    if not corpus.is_file():
+        return None
+    target = data_dir.resolve()
+    for source in json.loads(corpus.read_text()).get("sources", []):
+        if _recorded(source.get("path"), run_dir) == target:
+            return not source.get("labelled", True) or bool(cfg.all_splits) or split == "train"
+    return False
+
+
+def _setting(cfg: Any) -> str:
+    """The run's resolved config without its seed and execution fields, as text: equal for seeds of one setting."""
+    import json
+
+    doc = cfg.model_dump(mode="json")
+    for key in _EXECUTION:
+        doc["train"].pop(key, None)
+    return json.dumps(doc, sort_keys=True)
+
+
 def _describe_run(run_dir: Path, cfg: Any) -> dict[str, Any]:
     """What identifies a run among a grid's runs: backbone, policy, seed, steps, corpus images."""
     import json
@@ -65,7 +116,14 @@ def _describe_run(run_dir: Path, cfg: Any) -> dict[str, Any]:
     if corpus_images is None and (run_dir / "corpus.json").is_file():
         corpus_images = json.loads((run_dir / "corpus.json").read_text()).get("entries")
     return {"run": str(run_dir), "name": run_dir.name, "backbone": cfg.model.backbone, "policy": cfg.masking.policy,
-            "seed": cfg.train.seed, "steps": cfg.train.steps, "corpus_images": corpus_images}
+            "seed": cfg.train.seed, "steps": cfg.train.steps, "corpus_images": corpus_images,
+            "norm_pix": bool(cfg.model.norm_pix)}
+
+
+def _reference(name: str, errors: np.ndarray, norm_pix: bool) -> dict[str, Any]:
+    return {"run": None, "name": name, "backbone": None, "policy": name, "seed": None, "steps": None,
+            "corpus_images": None, "norm_pix": norm_pix, "seen": None, "mse": float(errors.mean()),
+            "mse_sd": float(errors.std(ddof=1)) if len(errors) > 1 else 0.0, "per_image": errors.tolist()}
 
 
 @torch.no_grad()
@@ -73,81 +131,109 @@ def recon_scores(runs: list[str | Path], data: str | Path | None = None, split: 
                  mask_ratio: Optional[float] = None, seed: int = 0, n_images: Optional[int] = None,
                  batch_size: int = 32, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Score `runs` on `split` of `data` (default: the dataset the first run recorded). Returns
-    {"split", "data", "mask_ratio", "seed", "n_images", "ids", "rows": [per run, then the mean-fill reference],
-    "groups": [runs summarised over seeds]}; each row carries its per-image errors ("per_image")."""
-    from ahm.eval.visualize import load_run
+    {"split", "data", "mask_ratio", "seed", "n_images", "norm_pix", "ids", "rows": [per run, then the references],
+    "groups": [runs summarised over seeds]}; each row carries its per-image errors ("per_image") and whether
+    the run pretrained on these images ("seen")."""
+    from ahm.config import PretrainConfig, load_config
+    from ahm.eval.visualize import _recorded_data, load_run
 
     if not runs:
         raise AhmError("RUN: give at least one pretraining run directory")
     if batch_size < 1:
         raise AhmError(f"--batch-size must be at least 1, got {batch_size}")
-    data_dir = Path(data) if data is not None else None
+    if n_images is not None and n_images < 1:
+        raise AhmError(f"--n-images must be at least 1, got {n_images}")
+    given: dict[Path, str] = {}
+    for run in runs:
+        key = Path(run).resolve()
+        if key in given:
+            raise AhmError(f"{run}: given twice (also as {given[key]})")
+        given[key] = str(run)
+    if data is None:  # every run is scored on the images of the dataset the first one recorded
+        first = Path(runs[0])
+        if not (first / "config.yaml").is_file():
+            raise AhmError(f"{first}: not a pretraining run directory (no config.yaml)")
+        data = _recorded_data(load_config(PretrainConfig, first / "config.yaml").data.path, first)
+    data_dir = Path(data)
     rows: list[dict[str, Any]] = []
-    ids: list[str] | None = None
-    masks = images = pixel_mask = None
-    grid_shape = None
+    settings: list[str] = []
+    first_images = images = masks = pixel_mask = grid = norm_pix = ids = None
     for k, run in enumerate(runs, 1):
         run_dir = Path(run)
         cfg, model, policy, arrays = load_run(run_dir, data_dir, n_images, split=split)
         policy.close()
-        if data_dir is None:  # every run is scored on the images the first one named
-            data_dir = Path(cfg.data.path)
         if ids is None:
-            ids, grid_shape = list(arrays.ids), tuple(model.patch_grid.spatial_shape)
+            ids, grid, norm_pix = list(arrays.ids), model.patch_grid, bool(cfg.model.norm_pix)
+            first_images = np.ascontiguousarray(arrays.images)
             ratio = float(cfg.masking.mask_ratio if mask_ratio is None else mask_ratio)
-            images = torch.from_numpy(np.ascontiguousarray(arrays.images)).float()
-            masks = _random_masks(len(ids), model.patch_grid, ratio, seed)
-            pixel_mask = model.patch_grid.upsample(masks.float()).to(images.dtype)
-        elif list(arrays.ids) != ids:
-            raise AhmError(f"{run_dir}: reads other {split} images of {data_dir} than {runs[0]} (its data settings "
-                           "split or preprocess the set differently); score such runs apart")
-        elif tuple(model.patch_grid.spatial_shape) != grid_shape:
-            raise AhmError(f"{run_dir}: its patch grid differs from {runs[0]}'s, so the masks cannot be the same; "
-                           "score such runs apart")
+            images = torch.from_numpy(first_images).float()
+            masks = _random_masks(len(ids), grid, ratio, seed)
+            pixel_mask = grid.upsample(masks.float()).to(images.dtype)
+        elif model.patch_grid != grid:
+            raise AhmError(f"{run_dir}: its patch grid ({model.patch_grid.shape} patches of "
+                           f"{model.patch_grid.patch_size}) differs from {runs[0]}'s, so the masks cannot be the "
+                           "same; score such runs apart")
+        elif list(arrays.ids) != ids or arrays.images.shape != first_images.shape \
+                or not np.array_equal(arrays.images, first_images):
+            raise AhmError(f"{run_dir}: reads the {split} images of {data_dir} otherwise than {runs[0]} (other data "
+                           "settings: size, channels, normalisation); score such runs apart")
+        elif bool(cfg.model.norm_pix) != norm_pix:
+            raise AhmError(f"{run_dir}: norm_pix {cfg.model.norm_pix}, {runs[0]}: norm_pix {norm_pix}; a norm_pix "
+                           "reconstruction is de-normalised with each patch's true mean and spread, so the two "
+                           "kinds do not compare; score them apart")
         per_image = []
         for start in range(0, len(ids), batch_size):
             part = slice(start, start + batch_size)
             out = model(images[part], masks[part])
             per_image.append(_masked_mse(out.prediction, images[part], pixel_mask[part]))
         errors = np.concatenate(per_image)
-        rows.append({**_describe_run(run_dir, cfg), "mse": float(errors.mean()),
-                     "mse_sd": float(errors.std(ddof=1)) if len(errors) > 1 else 0.0, "per_image": errors.tolist()})
+        rows.append({**_describe_run(run_dir, cfg), "seen": _seen(run_dir, cfg, data_dir, split),
+                     "mse": float(errors.mean()), "mse_sd": float(errors.std(ddof=1)) if len(errors) > 1 else 0.0,
+                     "per_image": errors.tolist()})
+        settings.append(_setting(cfg))
         if log is not None:
             log(f"[{k}/{len(runs)}] {run_dir.name}: masked MSE {rows[-1]['mse']:.5f}")
-    assert images is not None and pixel_mask is not None and ids is not None
-    fill = _masked_mse(_mean_fill(images, pixel_mask), images, pixel_mask)
-    reference = {"run": None, "name": MEAN_FILL, "backbone": None, "policy": MEAN_FILL, "seed": None, "steps": None,
-                 "corpus_images": None, "mse": float(fill.mean()),
-                 "mse_sd": float(fill.std(ddof=1)) if len(fill) > 1 else 0.0, "per_image": fill.tolist()}
-    return {"split": split, "data": str(data_dir), "mask_ratio": ratio, "seed": seed, "n_images": len(ids),
-            "ids": ids, "rows": [*rows, reference], "groups": _groups(rows)}
+    assert images is not None and pixel_mask is not None and ids is not None and grid is not None
+    references = [
+        _reference(MEAN_FILL, _masked_mse(_mean_fill(images, pixel_mask), images, pixel_mask), False),
+        _reference(PATCH_MEAN_FILL, _masked_mse(_patch_mean_fill(images, grid), images, pixel_mask), True),
+    ]
+    return {"split": split, "data": str(data_dir.resolve()), "mask_ratio": ratio, "seed": seed, "n_images": len(ids),
+            "norm_pix": norm_pix, "ids": ids, "rows": [*rows, *references], "groups": _groups(rows, settings)}
 
 
-def _groups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Runs that differ only in seed, summarised: mean and sample sd over runs of each run's mean error."""
-    keyed: dict[tuple, list[dict[str, Any]]] = {}
-    for r in rows:
-        keyed.setdefault((r["backbone"], r["policy"], r["corpus_images"], r["steps"]), []).append(r)
+def _groups(rows: list[dict[str, Any]], settings: list[str]) -> list[dict[str, Any]]:
+    """Runs whose configs differ only in seed (and execution), summarised: mean and sample sd over runs of each
+    run's mean error."""
+    keyed: dict[str, list[dict[str, Any]]] = {}
+    for r, setting in zip(rows, settings):
+        keyed.setdefault(setting, []).append(r)
     out = []
-    for (backbone, policy, corpus_images, steps), members in keyed.items():
+    for members in keyed.values():
         values = np.array([m["mse"] for m in members])
-        out.append({"backbone": backbone, "policy": policy, "corpus_images": corpus_images, "steps": steps,
-                    "runs": len(members), "mse": float(values.mean()),
+        first = members[0]
+        out.append({"backbone": first["backbone"], "policy": first["policy"], "corpus_images": first["corpus_images"],
+                    "steps": first["steps"], "runs": len(members), "mse": float(values.mean()),
                     "mse_sd": float(values.std(ddof=1)) if len(values) > 1 else None,
-                    "seeds": [m["seed"] for m in members]})
+                    "seeds": [m["seed"] for m in members], "names": [m["name"] for m in members]})
     return out
 
 
 def format_recon(result: dict[str, Any]) -> str:
-    """Markdown: the per-run table, then the runs summarised over seeds."""
+    """Markdown: the per-run table with the references, then the runs summarised over seeds."""
+    kind = ("norm_pix runs: de-normalised with each masked patch's true mean and spread, so their floor is "
+            f"{PATCH_MEAN_FILL}" if result["norm_pix"] else
+            f"pixel runs (no norm_pix): their floor is {MEAN_FILL}; {PATCH_MEAN_FILL} knows each patch's true mean")
     lines = [f"Masked reconstruction error (MSE over masked pixels, intensities as the model reads them) on "
              f"{result['n_images']} {result['split']} images of {result['data']}; uniform random masks, ratio "
-             f"{result['mask_ratio']:g}, seed {result['seed']}, the same patches for every run. Mean (sd) over images.",
-             "", "| run | policy | corpus images | steps | seed | masked MSE |", "|---|---|---|---|---|---|"]
+             f"{result['mask_ratio']:g}, seed {result['seed']}, the same patches for every run; {kind}. Mean (sd) "
+             "over images. `seen`: the run pretrained on these images (judged by folder, not by content).",
+             "", "| run | policy | corpus images | steps | seed | seen | masked MSE |", "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
+        seen = "-" if r["seen"] is None else ("yes" if r["seen"] else "no")
         lines.append(f"| {r['name']} | {r['policy']} | {_v(r['corpus_images'])} | {_v(r['steps'])} | "
-                     f"{_v(r['seed'])} | {r['mse']:.5f} ({r['mse_sd']:.5f}) |")
-    lines += ["", "Over seeds: mean (sd over runs) of each run's mean.", "",
+                     f"{_v(r['seed'])} | {seen} | {r['mse']:.5f} ({r['mse_sd']:.5f}) |")
+    lines += ["", "Runs whose configs differ only in the seed: mean (sd over runs) of each run's mean.", "",
               "| backbone | policy | corpus images | steps | runs | masked MSE |", "|---|---|---|---|---|---|"]
     for g in result["groups"]:
         sd = "" if g["mse_sd"] is None else f" ({g['mse_sd']:.5f})"
