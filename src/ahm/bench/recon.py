@@ -70,27 +70,20 @@ def _patch_mean_fill(images: torch.Tensor, grid: Any) -> torch.Tensor:
     return grid.unpatchify(patches.mean(-1, keepdim=True).expand_as(patches), images.shape[1])
 
 
-def _recorded(path: str | None, run_dir: Path) -> Path | None:
-    """A path a run recorded, resolved as `ahm visualize` resolves its dataset (as given, or beside the run)."""
-    if not path:
-        return None
-    for candidate in (Path(path), run_dir.parent / path):
-        if candidate.exists():
-            return candidate.resolve()
-    return None
-
-
 def _seen(run_dir: Path, cfg: Any, data_dir: Path, split: str) -> bool | None:
     """Whether the run pretrained on `split` of `data_dir`: True, False, or None when its corpus is not recorded.
     A labelled source gives pretraining its training split only (unless all_splits); an unlabelled one all."""
     import json
+
+    from ahm.eval.visualize import find_recorded
 
     corpus = run_dir / "corpus.json"
     if not corpus.is_file():
         return None
     target = data_dir.resolve()
     for source in json.loads(corpus.read_text()).get("sources", []):
-        if _recorded(source.get("path"), run_dir) == target:
+        found = find_recorded(source.get("path"), run_dir)
+        if found is not None and found.resolve() == target:
             return not source.get("labelled", True) or bool(cfg.all_splits) or split == "train"
     return False
 

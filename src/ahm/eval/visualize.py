@@ -153,15 +153,25 @@ def plot_diagnostics(metrics_path: Path, out_path: Path) -> Path | None:
     return _save_figure(fig, out_path)
 
 
-def _recorded_data(recorded: str | None, run_dir: Path) -> Path:
-    """The dataset a run recorded; a relative path may be relative to where the run was started."""
+def find_recorded(recorded: str | None, run_dir: Path) -> Path | None:
+    """A path a run recorded, where it is now: as given, or beside the run (a relative path may be relative to
+    where the run was started); None when neither exists."""
     if not recorded:
-        raise AhmError(f"--data: {run_dir} does not record its dataset; give the folder with --data")
-    path = Path(recorded)
-    for candidate in (path, run_dir.parent / path):
+        return None
+    for candidate in (Path(recorded), run_dir.parent / recorded):
         if candidate.exists():
             return candidate
-    raise AhmError(f"--data: the run's dataset {recorded} is not found from here; give the folder with --data")
+    return None
+
+
+def _recorded_data(recorded: str | None, run_dir: Path) -> Path:
+    """The dataset a run recorded, or AhmError asking for --data."""
+    if not recorded:
+        raise AhmError(f"--data: {run_dir} does not record its dataset; give the folder with --data")
+    found = find_recorded(recorded, run_dir)
+    if found is None:
+        raise AhmError(f"--data: the run's dataset {recorded} is not found from here; give the folder with --data")
+    return found
 
 
 def _centre_crops(index: Any, ids: list[str], data_cfg: Any) -> Any:
