@@ -20,11 +20,17 @@ for FIRST in 0 3; do
     --first-seed $FIRST $COMMON --out $GRID/grid17 &
 done
 wait
-CORPORA=$GRID/bs60-v2,$GRID/corpus50,$GRID/corpus200,$GRID/corpus1000   # bs60-v2 (42): the cells above, kept
+# The corpus axis, the endpoints first (random and ahm on the 1000-subject corpus), then the rest. Cells are
+# named by corpus, so the order of --corpus and --policies changes only which cells run first.
+CORPORA=$GRID/bs60-v2,$GRID/corpus1000,$GRID/corpus200,$GRID/corpus50   # bs60-v2 (42): the cells above, kept
 for FIRST in 0 3; do
-  run bench curve $GRID/bs60-v2 --labels 1,5 --policies scratch,random,ahm-official,ahm,hpm --seeds 3 \
-    --first-seed $FIRST --corpus $CORPORA $COMMON --out $GRID/grid17 &
+  ( run bench curve $GRID/bs60-v2 --labels 1,5 --policies random,ahm --seeds 3 --first-seed $FIRST \
+      --corpus $GRID/bs60-v2,$GRID/corpus1000 $COMMON --out $GRID/grid17
+    run bench curve $GRID/bs60-v2 --labels 1,5 --policies random,ahm,ahm-official,hpm --seeds 3 --first-seed $FIRST \
+      --corpus $CORPORA $COMMON --out $GRID/grid17 ) &
 done
 wait
 run bench curve $GRID/bs60-v2 --labels 1,5 --policies scratch,random,ahm-official,ahm,hpm --seeds 6 \
-  --corpus $CORPORA $COMMON --out $GRID/grid17     # gathers: results.{md,csv,png} over every corpus and seed
+  --corpus $CORPORA $COMMON --out $GRID/grid17 --gather  # gathers: results.{md,csv,png} over every corpus and seed
+# held-out reconstruction of every pretraining run, on the 9 validation subjects every corpus shares
+run bench recon $GRID/grid17/pretrain/* --data $GRID/bs60-v2 --split val --out $GRID/recon-val.json --force
