@@ -214,3 +214,30 @@ def test_folder_layout_takes_single_dicom_files_as_images_and_multiframe_as_volu
     assert len(index.problems) == 1 and "broken.dcm" in index.problems[0]
     arrays = load_arrays(index, [i.id for i in index.items], DataConfig(image_size=16), labels=False)
     assert arrays.images.shape == (4, 1, 16, 16)
+
+
+def test_a_header_without_a_voxel_size_cannot_be_resampled_in_3d(tmp_path):
+    from ahm.data.readers import volume_spacing_problem
+
+    data = np.arange(4 * 5 * 6, dtype="<i2").tobytes()
+    nrrd = "NRRD0004\ntype: short\ndimension: 3\nsizes: 6 5 4\nencoding: raw\nendian: little\n"
+    mha = "ObjectType = Image\nNDims = 3\nDimSize = 6 5 4\nElementType = MET_SHORT\n"
+    bare = {"bare.nrrd": nrrd + "\n", "bare.mha": mha + "ElementDataFile = LOCAL\n"}
+    spaced = {"spaced.nrrd": nrrd + "spacings: 0.5 0.5 2\n\n",
+              "directed.nrrd": nrrd + "space: left-posterior-superior\nspace directions: (0.5,0,0) (0,0.5,0) (0,0,2)\n\n",
+              "spaced.mha": mha + "ElementSpacing = 0.5 0.5 2\nElementDataFile = LOCAL\n"}
+    for name, header in {**bare, **spaced}.items():
+        (tmp_path / name).write_bytes(header.encode() + data)
+        assert read_volume(tmp_path / name).data.shape == (6, 5, 4)  # every one reads (2D slicing needs no size)
+    assert "no 'space directions' or 'spacings'" in volume_spacing_problem(tmp_path / "bare.nrrd")
+    assert "no ElementSpacing or ElementSize" in volume_spacing_problem(tmp_path / "bare.mha")
+    for name in spaced:
+        assert volume_spacing_problem(tmp_path / name) is None, name
+    # in 3D the layout lists the file as a problem and keeps the others
+    root = tmp_path / "set"
+    (root / "images").mkdir(parents=True)
+    for name in ("bare.nrrd", "spaced.mha"):
+        (root / "images" / name).write_bytes((tmp_path / name).read_bytes())
+    index = open_dataset(root, DataConfig(path=str(root), spatial_dims=3, skip_bad=True))
+    assert [item.image.name for item in index.items] == ["spaced.mha"]
+    assert any(p.startswith(str(root / "images" / "bare.nrrd")) and "voxel size" in p for p in index.problems)

@@ -205,6 +205,22 @@ def _check_header(path: Path) -> None:
             )
 
 
+def spacing_problem(path: str | Path) -> str | None:
+    """Why a NRRD/MetaImage volume's voxel size is unknown (one line naming it), or None. ITK reads a header
+    without one as 1 mm per voxel, which the 2D path may use (it never resamples) but 3D resampling must not."""
+    path = Path(path)
+    lines = _header_text(path)[0]
+    if _suffix(path) in (".nrrd", ".nhdr"):
+        if _field(lines, ("space directions", "spacings"), ":") is None:
+            return (f"{path}: the NRRD header gives no voxel size (no 'space directions' or 'spacings' field), "
+                    "so data.spatial_dims 3 cannot resample it")
+        return None
+    if _field(lines, ("elementspacing", "elementsize"), "=") is None:
+        return (f"{path}: the MetaImage header gives no voxel size (no ElementSpacing or ElementSize), so "
+                "data.spatial_dims 3 cannot resample it")
+    return None
+
+
 def _raw_encoding(path: Path, lines: list[str]) -> bool:
     if _suffix(path) in (".nrrd", ".nhdr"):
         encoding = (_field(lines, ("encoding",), ":") or "").lower()

@@ -410,8 +410,9 @@ def volume_spacing_problem(path: str | os.PathLike) -> str | None:
     A 2D file (one frame, one slice) has no slice spacing. A DICOM series or multi-frame file needs
     PixelSpacing > 0 and a slice step (distinct first and last ImagePositionPatient, SpacingBetweenSlices or
     SliceThickness > 0): without them the reader puts an invented 1 mm in the affine, which the 2D path may
-    use (it never resamples) but 3D resampling must not. NIfTI, NRRD and MetaImage store a voxel size in the
-    header and are taken as they are (nibabel itself turns a zero NIfTI pixdim into 1 mm when reading, so a
+    use (it never resamples) but 3D resampling must not. The same holds for a NRRD header without 'space
+    directions' or 'spacings' and a MetaImage header without ElementSpacing (ITK assumes 1 mm). NIfTI always
+    stores a voxel size and is taken as it is (nibabel itself turns a zero pixdim into 1 mm when reading, so a
     zero there cannot be seen from here).
     """
     path = Path(path)
@@ -432,6 +433,10 @@ def volume_spacing_problem(path: str | os.PathLike) -> str | None:
         from ahm.data.dicom_file import spacing_problem
 
         return spacing_problem(_dicom_file_info(path))
+    if _suffix(path) in ITK_SUFFIXES:
+        from ahm.data.itk_files import spacing_problem as itk_spacing_problem
+
+        return itk_spacing_problem(path)
     return None
 
 
