@@ -66,6 +66,8 @@ def test_curve_grid_axes_tables_plot_and_resume(tmp_path: Path, monkeypatch: pyt
     assert len(rows) == 12 and {r["corpus"] for r in rows} == {"-", "small", "large"}
     md = (out / "results.md").read_text()
     assert "| unet | random | large (9) | all (6) | 2 |" in md and "| unet | large | 1 | random - scratch | 2 |" in md
+    # corpus size, paired by seed: the larger corpus minus the first one given (no `data` corpus in this grid)
+    assert "| unet | 1 | random | large (9) - small (3) | 2 |" in md
     # the floors of each labels point, fitted on the same labelled subjects per seed, and each point flagged
     floor1 = json.loads((out / "baseline-labels1.json").read_text())
     assert floor1["labels_subjects"] == 1 and [r["seed"] for r in floor1["rows"]] == [0, 1]
@@ -171,3 +173,30 @@ def test_gather_reports_the_finished_cells_and_runs_nothing(tmp_path: Path, monk
     assert len(result["missing"]) == 7 and "unet-random-corpusdata-labels1-seed0" in result["missing"]
     assert any("1 of 8 cells finished; 7 not run" in m for m in seen)
     assert "**Partial: 1 of 8 cells finished**" in (out / "results.md").read_text()
+
+
+def test_corpus_size_is_paired_by_seed_against_the_labelled_sets_own_corpus() -> None:
+    from ahm.bench.curve import paired_by_corpus
+
+    sizes = {"data": 42, "c1000": 1000, "c200": 200}
+    rows = [{"backbone": "unet", "policy": "scratch", "corpus": "-", "corpus_subjects": None, "labels": 5,
+             "seed": s, "dice": 0.5, "val_dice": 0.5} for s in range(3)]
+    for policy, gain in (("random", 0.01), ("ahm", -0.02)):
+        for corpus in ("c1000", "data", "c200"):  # first seen is not the reference: `data` is
+            for seed in range(3):
+                if corpus == "c1000" and seed == 2:
+                    continue  # not finished: paired on the seeds both arms have
+                bonus = {"data": 0.0, "c200": gain, "c1000": 2 * gain}[corpus] + 0.001 * seed * (corpus != "data")
+                rows.append({"backbone": "unet", "policy": policy, "corpus": corpus, "corpus_subjects": sizes[corpus],
+                             "labels": 5, "seed": seed, "dice": 0.7 + bonus, "val_dice": 0.6 + bonus / 2})
+    out = paired_by_corpus(rows)
+    assert [(e["policy"], e["corpus"], e["reference"], e["n"]) for e in out] == [
+        ("random", "c200", "data", 3), ("random", "c1000", "data", 2), ("ahm", "c200", "data", 3),
+        ("ahm", "c1000", "data", 2)]
+    random200, random1000, ahm200, ahm1000 = out
+    assert random200["dice"] == pytest.approx(0.011) and random200["dice_ahead"] == 3
+    assert random1000["dice"] == pytest.approx(0.0205) and random1000["val_dice"] == pytest.approx(0.01025)
+    assert ahm1000["dice"] == pytest.approx(-0.0395) and ahm1000["dice_ahead"] == 0
+    assert ahm200["dice_p"] == pytest.approx(0.25) and (ahm200["corpus_subjects"], ahm200["reference_subjects"]) == (
+        200, 42)
+    assert paired_by_corpus([r for r in rows if r["corpus"] in ("-", "data")]) == []  # one corpus: nothing to pair

@@ -274,16 +274,21 @@ def paired_differences(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                            and (backbone, reference, s) in by_cell)
             if not seeds:
                 continue
-            entry: dict[str, Any] = {"backbone": backbone, "policy": policy, "reference": reference, "n": len(seeds)}
-            for metric in ("dice", "val_dice"):
-                values = [(by_cell[(backbone, policy, s)].get(metric), by_cell[(backbone, reference, s)].get(metric))
-                          for s in seeds]
-                d = [a - b for a, b in values if a is not None and b is not None]
-                entry[metric], entry[metric + "_std"] = _mean_std(d)
-                entry[metric + "_ahead"] = sum(x > 0 for x in d)
-                entry[metric + "_p"] = sign_flip_p(d)
-            out.append(entry)
+            pairs_by_seed = [(by_cell[(backbone, policy, s)], by_cell[(backbone, reference, s)]) for s in seeds]
+            out.append({"backbone": backbone, "policy": policy, "reference": reference, **paired_entry(pairs_by_seed)})
     return out
+
+
+def paired_entry(pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> dict[str, Any]:
+    """(arm, reference) cell rows of the same seeds: `n`, and per metric (the reported split's Dice, the
+    validation Dice) the mean and sample std of arm minus reference, seeds ahead, and the exact sign-flip p."""
+    entry: dict[str, Any] = {"n": len(pairs)}
+    for metric in ("dice", "val_dice"):
+        d = [a.get(metric) - b.get(metric) for a, b in pairs if a.get(metric) is not None and b.get(metric) is not None]
+        entry[metric], entry[metric + "_std"] = _mean_std(d)
+        entry[metric + "_ahead"] = sum(x > 0 for x in d)
+        entry[metric + "_p"] = sign_flip_p(d)
+    return entry
 
 
 def floors(baseline: dict[str, Any] | None) -> dict[str, dict[str, float | None]]:

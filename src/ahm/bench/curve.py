@@ -229,6 +229,35 @@ def paired_by_point(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def paired_by_corpus(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Does a larger unlabelled corpus help? At every labels point, each pretraining policy on each other corpus
+    minus the same policy on the reference corpus (the labelled set's own training subjects, `data`, when the grid
+    has it; else the first corpus), paired by seed (same labelled subjects, same seed), with the exact sign-flip p;
+    ordered by corpus size."""
+    from ahm.bench.compare import paired_entry
+
+    corpora = [c for c in dict.fromkeys(r["corpus"] for r in rows) if c != "-"]
+    if len(corpora) < 2:
+        return []
+    reference = SAME if SAME in corpora else corpora[0]
+    sizes = {r["corpus"]: r.get("corpus_subjects") or 0 for r in rows}
+    others = sorted((c for c in corpora if c != reference), key=lambda c: (sizes.get(c, 0), c))
+    by_cell = {(r["backbone"], r["policy"], r["corpus"], str(r["labels"]), r["seed"]): r for r in rows}
+    out = []
+    for labels in dict.fromkeys(str(r["labels"]) for r in rows):
+        for backbone in dict.fromkeys(r["backbone"] for r in rows):
+            for policy in dict.fromkeys(r["policy"] for r in rows if r["corpus"] != "-"):
+                for corpus in others:
+                    pairs = [(by_cell[k], by_cell[(backbone, policy, reference, labels, k[4])]) for k in by_cell
+                             if k[:4] == (backbone, policy, corpus, labels)
+                             and (backbone, policy, reference, labels, k[4]) in by_cell]
+                    if pairs:
+                        out.append({"backbone": backbone, "policy": policy, "labels": labels, "corpus": corpus,
+                                    "corpus_subjects": sizes.get(corpus), "reference": reference,
+                                    "reference_subjects": sizes.get(reference), **paired_entry(pairs)})
+    return out
+
+
 def _fmt(value: float, std: float, digits: int = 4) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:.{digits}f} +- {std:.{digits}f}"
 
@@ -286,6 +315,19 @@ def write_results(out: Path, rows: list[dict[str, Any]], table: list[dict[str, A
                          f"{e['n']} | {e['dice']:+.4f} +- {e['dice_std']:.4f} | {e['dice_ahead']}/{e['n']} | "
                          f"{e['dice_p']:.3f} | {e['val_dice']:+.4f} +- {e['val_dice_std']:.4f} | "
                          f"{e['val_dice_ahead']}/{e['n']} | {e['val_dice_p']:.3f} |")
+    by_corpus = paired_by_corpus(rows)
+    if by_corpus:
+        lines += ["", "Corpus size, paired by seed: each policy pretrained on a corpus minus the same policy "
+                      "pretrained on the reference corpus, fine-tuned on the same labelled subjects with the same "
+                      "seed; exact sign-flip p (two-sided).", "",
+                  f"| backbone | labels | policy | corpus - reference (subjects) | n | Dice ({split}) diff | ahead | p | "
+                  "val Dice diff | ahead | p |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for e in by_corpus:
+            lines.append(f"| {e['backbone']} | {e['labels']} | {e['policy']} | {e['corpus']} ({e['corpus_subjects']}) "
+                         f"- {e['reference']} ({e['reference_subjects']}) | {e['n']} | {e['dice']:+.4f} +- "
+                         f"{e['dice_std']:.4f} | {e['dice_ahead']}/{e['n']} | {e['dice_p']:.3f} | "
+                         f"{e['val_dice']:+.4f} +- {e['val_dice_std']:.4f} | {e['val_dice_ahead']}/{e['n']} | "
+                         f"{e['val_dice_p']:.3f} |")
     write_text(out / "results.md", "\n".join(lines) + "\n")
     _plot(out / "results.png", table, split, baselines, rows)
 

@@ -152,7 +152,8 @@ def curve(
     """Dice against labelled subjects and against the unlabelled corpus: a policy x corpus x labels x seed grid.
 
     Writes results.csv, results.md (mean +- std per point; each policy minus scratch and minus random paired by
-    seed with an exact sign-flip p) and results.png (Dice against each axis, error bars over seeds).
+    seed with an exact sign-flip p; with several corpora, each policy on a corpus minus the same policy on the
+    labelled set's own, paired by seed) and results.png (Dice against each axis, error bars over seeds).
     """
     from ahm.bench.curve import parse_labels, run_curve
     from ahm.config import read_yaml
