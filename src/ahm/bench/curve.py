@@ -30,6 +30,7 @@ from ahm.bench.compare import (
     finetune_cell,
     floors,
     paired_differences,
+    paired_entry,
     pretrain_cell,
     pretrain_figures,
     with_spatial_dims,
@@ -234,8 +235,6 @@ def paired_by_corpus(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     minus the same policy on the reference corpus (the labelled set's own training subjects, `data`, when the grid
     has it; else the first corpus), paired by seed (same labelled subjects, same seed), with the exact sign-flip p;
     ordered by corpus size."""
-    from ahm.bench.compare import paired_entry
-
     corpora = [c for c in dict.fromkeys(r["corpus"] for r in rows) if c != "-"]
     if len(corpora) < 2:
         return []

@@ -20,6 +20,7 @@ deviation over runs, and the number of runs.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
@@ -27,6 +28,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from ahm.bench.compare import _mean_std
 from ahm.errors import AhmError
 
 MEAN_FILL = "mean-fill"
@@ -73,8 +75,6 @@ def _patch_mean_fill(images: torch.Tensor, grid: Any) -> torch.Tensor:
 def _seen(run_dir: Path, cfg: Any, data_dir: Path, split: str) -> bool | None:
     """Whether the run pretrained on `split` of `data_dir`: True, False, or None when its corpus is not recorded.
     A labelled source gives pretraining its training split only (unless all_splits); an unlabelled one all."""
-    import json
-
     from ahm.eval.visualize import find_recorded
 
     corpus = run_dir / "corpus.json"
@@ -90,8 +90,6 @@ def _seen(run_dir: Path, cfg: Any, data_dir: Path, split: str) -> bool | None:
 
 def _setting(cfg: Any) -> str:
     """The run's resolved config without its seed and execution fields, as text: equal for seeds of one setting."""
-    import json
-
     doc = cfg.model_dump(mode="json")
     for key in _EXECUTION:
         doc["train"].pop(key, None)
@@ -100,8 +98,6 @@ def _setting(cfg: Any) -> str:
 
 def _describe_run(run_dir: Path, cfg: Any) -> dict[str, Any]:
     """What identifies a run among a grid's runs: backbone, policy, seed, steps, corpus images."""
-    import json
-
     corpus_images = None
     summary = run_dir / "summary.json"
     if summary.is_file():
@@ -113,10 +109,16 @@ def _describe_run(run_dir: Path, cfg: Any) -> dict[str, Any]:
             "norm_pix": bool(cfg.model.norm_pix)}
 
 
+def _errors(errors: np.ndarray) -> dict[str, Any]:
+    """A row's figures: mean and sample sd over images of the per-image errors, and the errors themselves."""
+    per_image = errors.tolist()
+    mse, mse_sd = _mean_std(per_image)
+    return {"mse": mse, "mse_sd": mse_sd, "per_image": per_image}
+
+
 def _reference(name: str, errors: np.ndarray, norm_pix: bool) -> dict[str, Any]:
     return {"run": None, "name": name, "backbone": None, "policy": name, "seed": None, "steps": None,
-            "corpus_images": None, "norm_pix": norm_pix, "seen": None, "mse": float(errors.mean()),
-            "mse_sd": float(errors.std(ddof=1)) if len(errors) > 1 else 0.0, "per_image": errors.tolist()}
+            "corpus_images": None, "norm_pix": norm_pix, "seen": None, **_errors(errors)}
 
 
 @torch.no_grad()
@@ -166,8 +168,7 @@ def recon_scores(runs: list[str | Path], data: str | Path | None = None, split: 
             raise AhmError(f"{run_dir}: its patch grid ({model.patch_grid.shape} patches of "
                            f"{model.patch_grid.patch_size}) differs from {runs[0]}'s, so the masks cannot be the "
                            "same; score such runs apart")
-        elif list(arrays.ids) != ids or arrays.images.shape != first_images.shape \
-                or not np.array_equal(arrays.images, first_images):
+        elif list(arrays.ids) != ids or not np.array_equal(arrays.images, first_images):
             raise AhmError(f"{run_dir}: reads the {split} images of {data_dir} otherwise than {runs[0]} (other data "
                            "settings: size, channels, normalisation); score such runs apart")
         elif bool(cfg.model.norm_pix) != norm_pix:
@@ -180,9 +181,7 @@ def recon_scores(runs: list[str | Path], data: str | Path | None = None, split: 
             out = model(images[part], masks[part])
             per_image.append(_masked_mse(out.prediction, images[part], pixel_mask[part]))
         errors = np.concatenate(per_image)
-        rows.append({**_describe_run(run_dir, cfg), "seen": _seen(run_dir, cfg, data_dir, split),
-                     "mse": float(errors.mean()), "mse_sd": float(errors.std(ddof=1)) if len(errors) > 1 else 0.0,
-                     "per_image": errors.tolist()})
+        rows.append({**_describe_run(run_dir, cfg), "seen": _seen(run_dir, cfg, data_dir, split), **_errors(errors)})
         settings.append(_setting(cfg))
         if log is not None:
             log(f"[{k}/{len(runs)}] {run_dir.name}: masked MSE {rows[-1]['mse']:.5f}")

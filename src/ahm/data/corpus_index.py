@@ -151,16 +151,17 @@ def index_corpus(
 def format_corpus(manifest: dict[str, Any], where: str | os.PathLike) -> str:
     """A few lines for the terminal: one per source, the totals, then every problem."""
     lines = []
+    volumes = manifest.get("spatial_dims", 2) == 3  # a manifest from before spatial_dims was recorded: 2D
     for entry in manifest["sources"]:
         s = entry["index"]
-        if manifest.get("spatial_dims", 2) == 3:
+        if volumes:
             what = f"{s['volumes']} volume(s)"
         else:
             what = f"{s['images']} image(s)" + (f", {s['volumes']} volume(s) = {s['slices']} slices" if s["volumes"] else "")
         lines.append(f"{entry['path']}: {s['layout']}, {'labelled' if s['labelled'] else 'unlabelled'}, "
                      f"{entry['modality'] or 'modality unknown'}; {what}; {len(s['problems'])} problem(s)")
     t = manifest["totals"]
-    if manifest.get("spatial_dims", 2) == 3:
+    if volumes:
         lines.append(f"corpus: {t['sources']} source(s), {t['files']} file(s), {t['samples']} 3D samples "
                      f"(whole volumes); written to {where}")
     else:
