@@ -8,8 +8,13 @@
 # (--seeds 6, first seed 0) gathers the tables. GRID: a work folder; CODE: a checkout frozen for the whole grid, at
 # d9534c0 or later (older code names DATA in --corpus by its folder and would rerun its cells).
 # GRID/bs60-v2: `ahm data prepare brain-subjects --out GRID/bs60-v2` (the v2 defaults, 60 subjects).
+# The grid folder does not outlive the machine: the finished cells' records are kept in the repository
+# (brain-subjects-cells/, `restore.py`): `load` them into GRID first (their cells are kept, not rerun), and `save`
+# new ones after each stage (commit them). Session 10 rebuilt the records of sessions 8-9 from the gathered CSVs.
 set -e
 run() { PYTHONPATH=$CODE/src nice -n 19 ahm "$@"; }
+KEEP="python3 $(cd "$(dirname "$0")" && pwd)/brain-subjects-cells/restore.py"  # this checkout's records
+$KEEP load $GRID/grid17
 for N in 50 200 1000; do   # N unlabelled training subjects + the same 9 val and 9 test subjects
   [ -f $GRID/corpus$N/brain_subjects.json ] || run data prepare brain-subjects --subjects $((N + 18)) \
     --val-subjects 9 --test-subjects 9 --out $GRID/corpus$N
@@ -20,6 +25,7 @@ for FIRST in 0 3; do
     --first-seed $FIRST $COMMON --out $GRID/grid17 &
 done
 wait
+$KEEP save $GRID/grid17
 # The corpus axis, the endpoints first (random and ahm on the 1000-subject corpus), then the rest. Cells are
 # named by corpus, so the order of --corpus and --policies changes only which cells run first.
 CORPORA=$GRID/bs60-v2,$GRID/corpus1000,$GRID/corpus200,$GRID/corpus50   # bs60-v2 (42): the cells above, kept
@@ -30,6 +36,7 @@ for FIRST in 0 3; do
       --corpus $CORPORA $COMMON --out $GRID/grid17 ) &
 done
 wait
+$KEEP save $GRID/grid17
 run bench curve $GRID/bs60-v2 --labels 1,5 --policies scratch,random,ahm-official,ahm,hpm --seeds 6 \
   --corpus $CORPORA $COMMON --out $GRID/grid17 --gather  # gathers: results.{md,csv,png} over every corpus and seed
 # held-out reconstruction of every pretraining run, on the 9 validation subjects every corpus shares
