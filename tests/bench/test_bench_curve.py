@@ -200,3 +200,48 @@ def test_corpus_size_is_paired_by_seed_against_the_labelled_sets_own_corpus() ->
     assert ahm200["dice_p"] == pytest.approx(0.25) and (ahm200["corpus_subjects"], ahm200["reference_subjects"]) == (
         200, 42)
     assert paired_by_corpus([r for r in rows if r["corpus"] in ("-", "data")]) == []  # one corpus: nothing to pair
+
+
+def _restore_module():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "docs" / "results" / "brain-subjects-cells" / "restore.py"
+    spec = importlib.util.spec_from_file_location("restore_cells", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cell_records_rebuilt_from_results_csv_are_kept_by_gather(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 17's records (docs/results/brain-subjects-cells/restore.py): a grid folder lost with its machine is
+    rebuilt from its gathered results.csv, and `--gather` then reads back the same rows, typed as cell.json had them."""
+    from ahm.bench.curve import COLUMNS, parse_labels, run_curve
+
+    restore = _restore_module()
+    data = make_blob_folder(tmp_path / "data", n=20)
+    first = run_curve(data, tmp_path / "grid", ["scratch"], ["unet"], parse_labels("1,all"), 1, 1, 1,
+                      overrides=_overrides(tmp_path))
+    assert restore.from_csv(tmp_path / "grid" / "results.csv", tmp_path / "lost", skip=set()) == 2
+    assert restore.from_csv(tmp_path / "grid" / "results.csv", tmp_path / "lost", skip=set()) == 0  # never over
+
+    def boom(*a, **k):
+        raise AssertionError("--gather ran a cell")
+
+    monkeypatch.setattr("ahm.train.finetune.finetune", boom)
+    again = run_curve(data, tmp_path / "lost", ["scratch"], ["unet"], parse_labels("1,all"), 1, 1, 1,
+                      overrides=_overrides(tmp_path), gather=True)
+    assert len(again["rows"]) == 2 and not again["missing"]
+    for old, new in zip(first["rows"], again["rows"]):
+        for key in COLUMNS:
+            if isinstance(old.get(key), float):
+                assert new[key] == pytest.approx(old[key], rel=1e-12), key
+            else:
+                assert new.get(key) == old.get(key), key
+        assert new["restored_from"] == "docs/results/results.csv"
+
+    records = tmp_path / "records"
+    assert restore.copy_records(tmp_path / "lost", records) == 2
+    assert restore.copy_records(records, tmp_path / "fresh") == 2
+    assert sorted(p.parent.name for p in (tmp_path / "fresh" / "cells").glob("*/cell.json")) == [
+        "unet-scratch-corpus--labels1-seed0", "unet-scratch-corpus--labelsall-seed0"]
