@@ -684,7 +684,8 @@ def read_volume(path: str | os.PathLike, *, max_voxels: int = DEFAULT_MAX_VOXELS
         data = data.astype(np.float32)
     if not np.isfinite(data).all():
         raise AhmError(f"{path}: contains NaN or infinite voxels")
-    return Volume(np.ascontiguousarray(data), *_nifti_geometry(img), path=path)
+    affine, voxel_mm = _nifti_geometry(img)
+    return Volume(np.ascontiguousarray(data), affine, path, voxel_mm)
 
 
 def _nifti_geometry(img) -> tuple[np.ndarray, tuple[float | None, float | None, float | None]]:
@@ -733,7 +734,8 @@ def read_label_volume(path: str | os.PathLike, *, max_voxels: int = DEFAULT_MAX_
         return Volume(_to_labels(path, decoded[0]), decoded[1], path, _known_sizes(decoded[1], decoded[2]))
     img, shape = _nifti_open(path, max_voxels)
     data = _nifti_data(path, img, shape)
-    return Volume(_to_labels(path, data), *_nifti_geometry(img), path=path)
+    affine, voxel_mm = _nifti_geometry(img)
+    return Volume(_to_labels(path, data), affine, path, voxel_mm)
 
 
 # ----------------------------------------------------------------------------------------------- DICOM
