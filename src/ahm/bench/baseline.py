@@ -7,7 +7,8 @@ that instance norm hid the intensity level from our UNets (docs/pretraining.md).
 
 The table maps each intensity bin (the joint bin of all channels) to the class seen most often there in the
 labelled training images; a bin never seen takes the class of the nearest seen bin (one channel) or the most
-common class (several channels). Scored with the metrics of `ahm evaluate` on the model grid.
+common class (several channels). Scored with the metrics of `ahm evaluate` on the model grid, HD95 in the same
+unit (mm where every image's source records a pixel size, else pixels of the model grid; `hd95_unit`).
 
 On volumes (`data.spatial_dims: 3`) the lookup is per voxel of the preprocessed grid `ahm evaluate` scores on
 (resampled, normalised per modality, zero-padded to the crop); the intensities are rescaled to [0, 1] by the
@@ -82,8 +83,11 @@ def _scores(preds: np.ndarray, arrays: Any, num_classes: int, empty: str, prefix
     so that a floor and a network are compared on the same cases."""
     from ahm.eval.evaluate import leveled_scores
 
-    metrics = leveled_scores(preds, arrays.labels, arrays.items, num_classes, empty=empty)[0]
-    return {f"{prefix}{key}": metrics.get(key) for key in FIGURES} | {f"{prefix}level": metrics["level"]}
+    metrics, slice_level, volume_level = leveled_scores(preds, arrays.labels, arrays.items, num_classes, empty=empty,
+                                                        spacing=arrays.spacing, slice_mm=arrays.slice_mm)
+    unit = (volume_level if metrics["level"] == "volume" else slice_level)["hd95_unit"]
+    return ({f"{prefix}{key}": metrics.get(key) for key in FIGURES}
+            | {f"{prefix}level": metrics["level"], f"{prefix}hd95_unit": unit})
 
 
 class _Volumes:
@@ -245,10 +249,11 @@ def _document(data: str | Path, labels_fraction: float, bins: int | None, split:
            "image_size": cfg.image_size, "empty_cases": empty, "level": nothing.get("level"), "rows": rows,
            "summary": summary,
            "empty_prediction": {key: nothing.get(key) for key in keys}}
+    doc["hd95_unit"] = nothing.get("hd95_unit")
     if cfg.spatial_dims == 3:
         from ahm.eval.evaluate import volume_grid_description
 
-        doc.update({"spatial_dims": 3, "grid": volume_grid_description(cfg), "hd95_unit": nothing.get("hd95_unit")})
+        doc.update({"spatial_dims": 3, "grid": volume_grid_description(cfg)})
     return doc
 
 

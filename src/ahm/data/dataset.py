@@ -32,26 +32,48 @@ class Arrays:
     items: list[Item]
     problems: list[str] = field(default_factory=list)  # files skipped with cfg.skip_bad
     normalization: str = "auto"  # the intensity rule applied (`normalization_rule`), kept with pretrained weights
+    # Size in mm of a model-grid pixel (rows, columns) per image, None where the source records no pixel size
+    # (`grid_spacing`); and, for a slice of a volume, the source voxel size along its slice axis (mm) or None.
+    spacing: list[tuple[float, float] | None] = field(default_factory=list)
+    slice_mm: list[float | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        n = len(self.ids)
+        if not self.spacing:
+            self.spacing = [None] * n
+        if not self.slice_mm:
+            self.slice_mm = [None] * n
+        if len(self.spacing) != n or len(self.slice_mm) != n:
+            raise AhmError(f"Arrays: {len(self.spacing)} spacings and {len(self.slice_mm)} slice sizes for {n} "
+                           f"images")
 
 
 class _VolumeCache:
     """Keeps the last image volume and the last label volume read.
 
-    Items are visited volume by volume, so each volume is read once.
+    Items are visited volume by volume, so each volume is read once; its voxel size (`Volume.voxel_mm`) is held
+    beside its data.
     """
 
     def __init__(self) -> None:
-        self._slots: dict[bool, tuple[str, np.ndarray]] = {}
+        self._slots: dict[bool, tuple[str, np.ndarray, tuple]] = {}
 
-    def get(self, path: Path, label: bool) -> np.ndarray:
+    def _held(self, path: Path, label: bool) -> tuple[str, np.ndarray, tuple]:
         from ahm.data.readers import read_label_volume, read_volume
 
         held = self._slots.get(label)
         if held is None or held[0] != str(path):
             self._slots.pop(label, None)  # drop the old one before reading: two volumes may not fit
-            data = (read_label_volume(path) if label else read_volume(path)).data
-            self._slots[label] = (str(path), data)
-        return self._slots[label][1]
+            volume = read_label_volume(path) if label else read_volume(path)
+            self._slots[label] = (str(path), volume.data, volume.voxel_mm)
+        return self._slots[label]
+
+    def get(self, path: Path, label: bool) -> np.ndarray:
+        return self._held(path, label)[1]
+
+    def voxel_mm(self, path: Path) -> tuple[float | None, float | None, float | None]:
+        """The image volume's voxel size along X, Y, Z (None where not recorded)."""
+        return self._held(path, False)[2]
 
 
 def _read_mask_2d(item: Item, index: DatasetIndex, cfg: DataConfig) -> np.ndarray:
@@ -198,6 +220,29 @@ def prepare_item(item: Item, index: DatasetIndex, cfg: DataConfig, labels: bool,
             None if mask is None else resize_mask(mask, cfg.image_size).astype(np.int64, copy=False), hw)
 
 
+def grid_spacing(item: Item, hw: tuple[int, int], size: int,
+                 cache: _VolumeCache | None = None) -> tuple[tuple[float, float] | None, float | None]:
+    """(model-grid pixel size in mm (rows, columns), source voxel size along the slice axis in mm) of an item
+    stored at `hw` and resized to `size` by `resize_image`; None where the source records no size.
+
+    The source pixel size is the header's (`image_pixel_size`, `slice_pixel_size`); a model-grid pixel covers
+    h / new_h source rows and w / new_w source columns (`resize_image` keeps the aspect ratio).
+    """
+    from ahm.data.readers import _fit, image_pixel_size, slice_pixel_size
+
+    if item.slice is not None:
+        assert item.axis is not None
+        voxel_mm = (cache or _VolumeCache()).voxel_mm(item.image)
+        source, through = slice_pixel_size(voxel_mm, item.axis), voxel_mm[item.axis]
+    else:
+        source, through = image_pixel_size(item.image), None
+    if source is None:
+        return None, through
+    h, w = hw
+    new_h, new_w, _, _ = _fit(h, w, size)
+    return (source[0] * h / new_h, source[1] * w / new_w), through
+
+
 def load_arrays(
     index: DatasetIndex,
     ids: list[str],
@@ -209,6 +254,7 @@ def load_arrays(
 
     Channels follow `cfg.channels` or the first image. With `cfg.skip_bad` unreadable or inconsistent files
     are left out and listed in `Arrays.problems` (and `index.problems`); otherwise the first one raises.
+    `Arrays.spacing` holds each image's model-grid pixel size in mm where its source records one (`grid_spacing`).
     """
     by_id = index.by_id()
     missing = [i for i in ids if i not in by_id]
@@ -219,7 +265,7 @@ def load_arrays(
     size = cfg.image_size
     # Visit items volume by volume (each volume read once) but return them in the order asked for.
     order = sorted(range(len(ids)), key=lambda k: (str(by_id[ids[k]].image), k))
-    results: dict[int, tuple[np.ndarray, np.ndarray | None, tuple[int, int]]] = {}
+    results: dict[int, tuple[np.ndarray, np.ndarray | None, tuple[int, int], tuple, float | None]] = {}
     problems: list[str] = []
     channels = cfg.channels
     cache = _VolumeCache()
@@ -229,7 +275,7 @@ def load_arrays(
             image, mask, hw = prepare_item(item, index, cfg, labels, channels, cache)
             if channels is None:
                 channels = image.shape[0]
-            results[k] = (image, mask, hw)
+            results[k] = (image, mask, hw, *grid_spacing(item, hw, size, cache))
         except AhmError as exc:
             if not cfg.skip_bad:
                 raise
@@ -259,6 +305,8 @@ def load_arrays(
         items=[by_id[ids[k]] for k in kept],
         problems=problems,
         normalization=normalization_rule(cfg, index),
+        spacing=[results[k][3] for k in kept],
+        slice_mm=[results[k][4] for k in kept],
     )
 
 

@@ -7,6 +7,7 @@ any pixel is decoded, so a file that merely claims to be huge costs nothing.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -37,11 +38,27 @@ Modality = Literal["mri", "ct", "photo", "auto"]
 
 @dataclass
 class Volume:
-    """A 3D (or 3D multi-channel) volume: `data` [X, Y, Z] or [X, Y, Z, C], `affine` voxel -> RAS+ mm."""
+    """A 3D (or 3D multi-channel) volume: `data` [X, Y, Z] or [X, Y, Z, C], `affine` voxel -> RAS+ mm.
+
+    `voxel_mm`: the voxel size along X, Y, Z in mm where the source records it, None per axis where the affine
+    holds an invented 1 mm (DICOM without PixelSpacing or slice step, NRRD/MetaImage without a voxel size).
+    """
 
     data: np.ndarray
     affine: np.ndarray
     path: Path
+    voxel_mm: tuple[float | None, float | None, float | None] = (None, None, None)
+
+
+def _zooms(affine: np.ndarray) -> np.ndarray:
+    """Voxel size along each of the three voxel axes: the lengths of the affine's first three columns."""
+    return np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+
+
+def _known_sizes(affine: np.ndarray, known: tuple[bool, bool, bool]) -> tuple[float | None, float | None, float | None]:
+    zooms = _zooms(affine)
+    out = tuple(float(z) if k and math.isfinite(float(z)) and z > 0 else None for z, k in zip(zooms, known))
+    return out  # type: ignore[return-value]
 
 
 @dataclass
@@ -460,6 +477,34 @@ def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
     return out
 
 
+def image_pixel_size(path: str | os.PathLike) -> tuple[float, float] | None:
+    """(between rows, between columns) in mm of a 2D image file, from its header, where it records one: a DICOM
+    file's PixelSpacing, a 2D NRRD/MetaImage's voxel size. None otherwise: PNG, JPEG, TIFF, BMP (a dpi field is
+    no physical pixel size), a DICOM file without PixelSpacing > 0, a NRRD/MetaImage header without a spacing
+    (ITK would invent 1 mm)."""
+    path = Path(path)
+    suffix = _suffix(path)
+    if suffix in DICOM_SUFFIXES:
+        from ahm.data.dicom_file import _geometry
+
+        info = _dicom_file_info(path)
+        spacing = None if info.is_volume else _geometry(info)[2]
+        return None if spacing is None else _positive_pair(spacing[0], spacing[1])
+    if suffix in ITK_SUFFIXES:
+        from ahm.data.itk_files import spacing_problem as itk_spacing_problem
+
+        itk = _itk_info(path)
+        if itk.is_volume or itk.dimension < 2 or itk_spacing_problem(path) is not None:
+            return None
+        return _positive_pair(itk.spacing[1], itk.spacing[0])  # rows run along y, columns along x
+    return None
+
+
+def _positive_pair(a: float, b: float) -> tuple[float, float] | None:
+    a, b = float(a), float(b)
+    return (a, b) if all(math.isfinite(v) and v > 0 for v in (a, b)) else None
+
+
 def read_mask(
     path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS, *, threshold: float | None = None
 ) -> np.ndarray:
@@ -563,28 +608,38 @@ def _affine_or_identity(affine) -> np.ndarray:
 _VOLUME_TYPES = ".nii, .nii.gz, .dcm (multi-frame), .nrrd, .nhdr, .mha, .mhd or a folder of DICOM files"
 
 
-def _header_volume(path: Path, max_voxels: int, labels: bool) -> tuple[np.ndarray, np.ndarray] | None:
-    """DICOM file or NRRD/MetaImage: checked from the header, then decoded; None for other suffixes."""
+def _header_volume(path: Path, max_voxels: int,
+                   labels: bool) -> tuple[np.ndarray, np.ndarray, tuple[bool, bool, bool]] | None:
+    """DICOM file or NRRD/MetaImage: checked from the header, then decoded, with which axes' voxel sizes the
+    header records; None for other suffixes."""
     suffix = _suffix(path)
     if suffix in DICOM_SUFFIXES:
+        from ahm.data.dicom_file import _geometry as dicom_geometry
         from ahm.data.dicom_file import dicom_volume
 
         info = _dicom_file_info(path)
         shape: tuple[int, ...] = (info.cols, info.rows, info.frames) + ((info.channels,) if info.channels > 1 else ())
         _check_voxels(path, shape, max_voxels)
         data, affine = dicom_volume(info, labels=labels)
+        _, _, pixel_spacing, _, step = dicom_geometry(info)
+        known = (pixel_spacing is not None, pixel_spacing is not None, step is not None)
     elif suffix in ITK_SUFFIXES:
         from ahm.data.itk_files import itk_volume
+        from ahm.data.itk_files import spacing_problem as itk_spacing_problem
 
         itk = _itk_info(path)
         shape = itk.size + ((itk.components,) if itk.components > 1 else ())
         _check_voxels(path, shape, max_voxels)
         data, affine = itk_volume(itk)
+        recorded = itk_spacing_problem(path) is None
+        known = (recorded, recorded and itk.dimension >= 2, recorded and itk.dimension >= 3)
     else:
         return None
     if data.ndim == 4 and data.shape[3] > MAX_CHANNELS:
         raise AhmError(f"{path}: volume has {data.shape[3]} channels; at most {MAX_CHANNELS} are supported")
-    return _check_numeric(path, data), _affine_or_identity(affine)
+    if affine is None or not np.isfinite(np.asarray(affine, dtype=np.float64)).all():
+        known = (False, False, False)  # the identity stands in for the geometry: no size is recorded
+    return _check_numeric(path, data), _affine_or_identity(affine), known
 
 
 def _check_voxels(path: Path, shape: tuple[int, ...], max_voxels: int) -> None:
@@ -622,14 +677,22 @@ def read_volume(path: str | os.PathLike, *, max_voxels: int = DEFAULT_MAX_VOXELS
             data = decoded[0].astype(np.float32)
         if not np.isfinite(data).all():
             raise AhmError(f"{path}: contains NaN or infinite voxels")
-        return Volume(np.ascontiguousarray(data), decoded[1], path)
+        return Volume(np.ascontiguousarray(data), decoded[1], path, _known_sizes(decoded[1], decoded[2]))
     img, shape = _nifti_open(path, max_voxels)
     data = _nifti_data(path, img, shape)
     with np.errstate(all="ignore"):
         data = data.astype(np.float32)
     if not np.isfinite(data).all():
         raise AhmError(f"{path}: contains NaN or infinite voxels")
-    return Volume(np.ascontiguousarray(data), _affine_or_identity(img.affine), path)
+    affine, voxel_mm = _nifti_geometry(img)
+    return Volume(np.ascontiguousarray(data), affine, path, voxel_mm)
+
+
+def _nifti_geometry(img) -> tuple[np.ndarray, tuple[float | None, float | None, float | None]]:
+    """Affine and voxel sizes of a NIfTI image: it always stores a voxel size (a missing affine: none known)."""
+    affine = _affine_or_identity(img.affine)
+    known = img.affine is not None and np.isfinite(np.asarray(img.affine, dtype=np.float64)).all()
+    return affine, _known_sizes(affine, (known, known, known))
 
 
 def _check_label_values(path: Path, data: np.ndarray, noun: str, unit: str) -> None:
@@ -668,10 +731,11 @@ def read_label_volume(path: str | os.PathLike, *, max_voxels: int = DEFAULT_MAX_
     _volume_source(path)
     decoded = _header_volume(path, max_voxels, labels=True)
     if decoded is not None:
-        return Volume(_to_labels(path, decoded[0]), decoded[1], path)
+        return Volume(_to_labels(path, decoded[0]), decoded[1], path, _known_sizes(decoded[1], decoded[2]))
     img, shape = _nifti_open(path, max_voxels)
     data = _nifti_data(path, img, shape)
-    return Volume(_to_labels(path, data), _affine_or_identity(img.affine), path)
+    affine, voxel_mm = _nifti_geometry(img)
+    return Volume(_to_labels(path, data), affine, path, voxel_mm)
 
 
 # ----------------------------------------------------------------------------------------------- DICOM
@@ -873,13 +937,15 @@ def _dicom_read(folder: Path, max_voxels: int, labels: bool) -> Volume:
     stack = np.stack(planes, axis=-1 if planes[0].ndim == 2 else 2)  # [rows, cols, Z] or [rows, cols, Z, C]
     stack = np.swapaxes(stack, 0, 1)  # -> [cols, rows, ...] = [X, Y, Z(, C)]
     affine = _dicom_affine(slices)
+    _, _, pixel_spacing, step = _series_geometry(slices)
+    voxel_mm = _known_sizes(affine, (pixel_spacing is not None, pixel_spacing is not None, step is not None))
     if labels:
-        return Volume(_to_labels(folder, stack), affine, folder)
+        return Volume(_to_labels(folder, stack), affine, folder, voxel_mm)
     with np.errstate(all="ignore"):
         data = stack.astype(np.float32)
     if not np.isfinite(data).all():
         raise AhmError(f"{folder}: contains NaN or infinite voxels")
-    return Volume(np.ascontiguousarray(data), affine, folder)
+    return Volume(np.ascontiguousarray(data), affine, folder, voxel_mm)
 
 
 # ------------------------------------------------------------------------------------ slicing, counting
@@ -906,6 +972,15 @@ def volume_slice(vol_data: np.ndarray, axis: int, index: int) -> np.ndarray:
         return np.ascontiguousarray(plane.astype(np.int64))
     plane = plane[None] if plane.ndim == 2 else np.moveaxis(plane, -1, 0)
     return np.ascontiguousarray(plane.astype(np.float32))
+
+
+def slice_pixel_size(voxel_mm: tuple[float | None, ...], axis: int) -> tuple[float, float] | None:
+    """(rows, columns) pixel size in mm of `volume_slice(data, axis, k)`: the voxel sizes of the two remaining
+    axes in their stored order; None when either is not recorded (`Volume.voxel_mm`)."""
+    if axis not in (0, 1, 2):
+        raise AhmError(f"slice axis must be 0, 1 or 2, got {axis}")
+    rows, cols = (voxel_mm[a] for a in range(3) if a != axis)
+    return None if rows is None or cols is None else _positive_pair(rows, cols)
 
 
 def read_volume_info(path: str | os.PathLike) -> tuple[tuple[int, int, int], int]:

@@ -2,10 +2,15 @@
 
 Resolution: metrics are computed on the model's grid (`image_size` x `image_size`, each image scaled with its
 aspect ratio kept and zero-padded, masks resized with nearest sampling), exactly the labels the model was trained
-against. The zero padding is background in both prediction and ground truth, so it changes no Dice or IoU; HD95 is
-in pixels of that grid (not millimetres). `ahm predict` maps masks back to the original size.
-Volumes (items that are slices of one volume) are also re-stacked and scored in 3D (HD95 in voxels of the
-re-stacked grid). Empty-mask conventions: see `ahm.eval.metrics`.
+against. The zero padding is background in both prediction and ground truth, so it changes no Dice or IoU. HD95 is
+in millimetres when every evaluated image's source records a pixel size (a slice of a NIfTI/NRRD/MetaImage/DICOM
+volume, a DICOM file with PixelSpacing, a 2D NRRD/MetaImage with a voxel size): each image is scored with the size
+of its own model-grid pixel (`Arrays.spacing`). If any image lacks one (PNG, JPEG, TIFF, DICOM without
+PixelSpacing), HD95 is in pixels of the model grid for the whole set. `ahm predict` maps masks back to the
+original size. Volumes (items that are slices of one volume) are also re-stacked and scored in 3D: HD95 in mm
+when each volume's slices share one model-grid pixel size and are evenly spaced (the slice step is the source's
+voxel size along the slice axis times the index step), else in voxels of the re-stacked grid. Every summary
+names its unit (`hd95_unit`). Empty-mask conventions: see `ahm.eval.metrics`.
 
 A run fine-tuned on volumes (checkpoint meta `spatial_dims: 3`) is scored on whole volumes preprocessed as in
 training (`ahm.data.volumes.preprocess_volumes` with the run's data settings: reoriented, resampled to
@@ -225,36 +230,83 @@ def _pick_cases(images, labels, preds, ids, dice_means) -> dict[str, np.ndarray]
     }
 
 
+def image_spacings(spacing: Sequence | None, n_images: int) -> list[tuple[float, float]] | None:
+    """The per-image model-grid pixel sizes (mm) when every one of the `n_images` has one, else None: a set where
+    any image lacks a recorded size is scored in pixels throughout, never in mixed units."""
+    if spacing is None or len(spacing) != n_images or any(s is None for s in spacing):
+        return None
+    return [(float(s[0]), float(s[1])) for s in spacing]
+
+
+def _restacked_spacing(rows: list[int], items, spacing: Sequence | None,
+                       slice_mm: Sequence | None) -> tuple[float, float, float] | None:
+    """Voxel size (mm) of a re-stacked volume [slices, rows, columns]: known when its slices share one in-plane
+    model-grid spacing and one slice axis, their indices are evenly spaced and the source records its voxel
+    size along that axis (then the step between stacked slices is that size times the index step)."""
+    if spacing is None or slice_mm is None:
+        return None
+    planes = [spacing[r] for r in rows]
+    through = [slice_mm[r] for r in rows]
+    if any(p is None for p in planes) or any(t is None for t in through):
+        return None
+    first = np.asarray(planes[0], dtype=np.float64)
+    if not all(np.allclose(np.asarray(p, dtype=np.float64), first, rtol=1e-6, atol=0) for p in planes):
+        return None
+    if not np.allclose(np.asarray(through, dtype=np.float64), float(through[0]), rtol=1e-6, atol=0):
+        return None
+    if len({getattr(items[r], "axis", None) for r in rows}) != 1:
+        return None
+    steps = np.diff([int(items[r].slice) for r in rows])
+    if not len(steps) or steps[0] <= 0 or (steps != steps[0]).any():
+        return None
+    return float(through[0]) * int(steps[0]), float(first[0]), float(first[1])
+
+
 def _volume_level(preds: np.ndarray, labels: np.ndarray, groups: dict[str, list[int]], num_classes: int,
-                  names: list[str], empty: str) -> dict:
-    """Re-stacked volumes scored in 3D: each volume is one case. No voxel spacing survives the 2D model grid, so
-    HD95 is in its voxels."""
+                  names: list[str], empty: str, spacings: list | None = None) -> dict:
+    """Re-stacked volumes scored in 3D: each volume is one case. HD95 in mm when every volume has a voxel size
+    (`spacings`, one per group in sorted order, see `_restacked_spacing`), else in voxels of the re-stacked grid."""
     ordered = sorted(groups.items())
     vol, _ = volume_scores([preds[rows] for _, rows in ordered], [labels[rows] for _, rows in ordered],
-                           num_classes, None, names, empty, ids=[name for name, _ in ordered])
+                           num_classes, spacings, names, empty, ids=[name for name, _ in ordered])
     per_volume = [{"volume": row["volume"], "n_slices": len(rows), **{k: row[k] for k in METRICS}}
                   for row, (_, rows) in zip(vol.pop("per_volume"), ordered)]
+    if spacings is not None:
+        for row, sp in zip(per_volume, spacings):
+            row["spacing_mm"] = list(sp)
     for key in ("n_cases", "case", "hd95_unit"):
         del vol[key]  # re-added below, in the order metrics.json has always had
     vol.update({"n_cases": len(groups), "n_volumes": len(groups), "case": "re-stacked volume",
-                "hd95_unit": "voxels of the re-stacked model grid", "per_volume": per_volume})
+                "hd95_unit": "mm" if spacings is not None else "voxels of the re-stacked model grid",
+                "per_volume": per_volume})
     return vol
 
 
 def leveled_scores(preds: np.ndarray, labels: np.ndarray, items: list | None, num_classes: int,
                    names: list[str] | None = None, empty: str = "exclude",
-                   per_case: dict[str, np.ndarray] | None = None) -> tuple[dict, dict, dict | None]:
+                   per_case: dict[str, np.ndarray] | None = None, spacing: Sequence | None = None,
+                   slice_mm: Sequence | None = None) -> tuple[dict, dict, dict | None]:
     """(primary figures with their `level`, slice level, volume level or None): the volume level is primary when
-    every image belongs to a re-stacked volume. `ahm evaluate` and the floors of `ahm bench` score this way."""
+    every image belongs to a re-stacked volume. `ahm evaluate` and the floors of `ahm bench` score this way.
+
+    `spacing`, `slice_mm`: per image, the model-grid pixel size and the source's slice-axis voxel size in mm
+    (`Arrays.spacing`, `Arrays.slice_mm`; None where unknown). HD95 is in mm at the slice level when every image
+    has a pixel size (else in pixels of the model grid), and at the volume level when every re-stacked volume
+    has a voxel size (else in its voxels). A `per_case` passed in must have been computed with
+    `image_spacings(spacing, n)`."""
     names = list(names) if names is not None else class_names(num_classes)
+    per_image = image_spacings(spacing, len(labels))
     if per_case is None:
-        per_case = case_metrics(preds, labels, num_classes, empty=empty)
+        per_case = case_metrics(preds, labels, num_classes, spacing=per_image, empty=empty)
     slice_level = summarize(per_case, names, empty)
-    slice_level.update({"n_cases": len(labels), "case": "image (2D slice)", "hd95_unit": "pixels of the model grid"})
+    slice_level.update({"n_cases": len(labels), "case": "image (2D slice)",
+                        "hd95_unit": "mm" if per_image is not None else "pixels of the model grid"})
     volume_level = None
     groups = _volume_groups(items) if items is not None else {}
     if groups:
-        volume_level = _volume_level(preds, labels, groups, num_classes, names, empty)
+        restacked = [_restacked_spacing(rows, items, spacing, slice_mm) for _, rows in sorted(groups.items())]
+        spacings = restacked if all(sp is not None for sp in restacked) else None
+        volume_level = _volume_level(preds, labels, groups, num_classes, names, empty, spacings)
     level = "volume" if groups and sum(len(r) for r in groups.values()) == len(labels) else "slice"
     primary = volume_level if level == "volume" else slice_level
     return {"level": level, **{key: primary.get(key) for key in LEVEL_KEYS}}, slice_level, volume_level
@@ -262,8 +314,10 @@ def leveled_scores(preds: np.ndarray, labels: np.ndarray, items: list | None, nu
 
 def score_arrays(out_dir: Path, preds: np.ndarray, labels: np.ndarray, images: np.ndarray, ids: list[str],
                  items: list | None, num_classes: int, split: str, extra: dict | None = None,
-                 empty: str = "exclude", names: list[str] | None = None) -> dict:
+                 empty: str = "exclude", names: list[str] | None = None, spacing: Sequence | None = None,
+                 slice_mm: Sequence | None = None) -> dict:
     """Metrics, per-image CSV and report cases for predictions already made; written to `out_dir`.
+    `spacing`, `slice_mm`: per image, as `leveled_scores` takes them (`Arrays.spacing`, `Arrays.slice_mm`).
 
     metrics.json holds `slice_level` (each image a case), `volume_level` when images are slices of volumes
     (re-stacked, each volume a case), and at its top the figures of the primary level, named by `level`: the
@@ -273,9 +327,10 @@ def score_arrays(out_dir: Path, preds: np.ndarray, labels: np.ndarray, images: n
         raise AhmError(f"split {split!r}: ground-truth labels go up to {int(labels.max())} but the model predicts "
                        f"{num_classes} classes (0..{num_classes - 1}); was it trained on another label set?")
     names = list(names) if names is not None else class_names(num_classes)
-    per_case = case_metrics(preds, labels, num_classes, empty=empty)
+    per_case = case_metrics(preds, labels, num_classes, spacing=image_spacings(spacing, len(labels)), empty=empty)
     means = case_means(per_case)
-    metrics, slice_level, volume_level = leveled_scores(preds, labels, items, num_classes, names, empty, per_case)
+    metrics, slice_level, volume_level = leveled_scores(preds, labels, items, num_classes, names, empty, per_case,
+                                                        spacing, slice_mm)
     primary = volume_level if metrics["level"] == "volume" else slice_level
     metrics.update({
         "n_images": len(ids), "split": split, "class_names": names,
@@ -519,6 +574,7 @@ def evaluate(run_dir: str | Path, data_dir: str | Path | None = None, split: str
     metrics = score_arrays(run_dir / "eval" / split, preds, arrays.labels, arrays.images, arrays.ids,
                            arrays.items, loaded.num_classes, split, empty=empty,
                            names=class_names(loaded.num_classes, index.class_names),
+                           spacing=arrays.spacing, slice_mm=arrays.slice_mm,
                            extra={"data": str(data_path), "checkpoint": f"checkpoints/{BEST}",
                                   "checkpoint_epoch": loaded.meta.get("epoch"),
                                   "skipped_files": list(arrays.problems)})

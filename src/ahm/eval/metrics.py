@@ -20,8 +20,9 @@ or explicitly excluded):
 - Only foreground classes (1..K-1) are scored; background is never part of a mean.
 - Means over cases ignore NaN; the overall figure is the mean over classes of the per-class figure.
 
-Distances are in pixels (voxels) of the grid the masks are given on unless `spacing` is passed: then in the
-spacing's unit, millimetres for NIfTI/DICOM/NRRD voxel sizes (MONAI's `HausdorffDistanceMetric(spacing=...)`).
+Distances are in pixels (voxels) of the grid the masks are given on unless `spacing` is passed (one for all
+cases, or one per case): then in the spacing's unit, millimetres for NIfTI/DICOM/NRRD voxel sizes (MONAI's
+`HausdorffDistanceMetric(spacing=...)`), the grid-diagonal penalty included.
 Every summary that reports HD95 names its unit (`hd95_unit`).
 """
 
@@ -108,6 +109,15 @@ def _checked_spacing(spacing: Sequence[float] | None, n_dims: int) -> list[float
     return values
 
 
+def _case_spacings(spacing, n_cases: int, n_dims: int) -> list[list[float]]:
+    """One checked spacing per case: `spacing` is None (grid units), one spacing for all cases, or one per case."""
+    if spacing is not None and len(spacing) and np.ndim(spacing[0]) > 0:
+        if len(spacing) != n_cases:
+            raise AhmError(f"{len(spacing)} voxel spacings for {n_cases} cases")
+        return [_checked_spacing(s, n_dims) for s in spacing]
+    return [_checked_spacing(spacing, n_dims)] * n_cases
+
+
 def hd95_unit(spacing) -> str:
     """The unit HD95 is reported in: "mm" when distances were scaled by the voxel spacing, else "voxels"."""
     return "mm" if spacing is not None else "voxels"
@@ -136,11 +146,13 @@ def _stack(parts: list[dict[str, np.ndarray]], keys: Sequence[str], n_fg: int) -
     return {k: np.concatenate([p[k] for p in parts], 0) for k in keys}
 
 
-def case_metrics(pred, target, num_classes: int, spacing: Sequence[float] | None = None,
+def case_metrics(pred, target, num_classes: int, spacing=None,
                  chunk: int = 64, empty: str = "exclude") -> dict[str, np.ndarray]:
     """Per-case, per-foreground-class Dice, IoU and HD95, voxel counts and presence.
 
     pred, target: integer label maps `[N, *spatial]` (2D or 3D), values in [0, num_classes).
+    spacing: None (HD95 in grid units), one spacing (one size per spatial axis) for every case, or a sequence of
+    N spacings, one per case; the diagonal that penalises a missed or hallucinated structure is each case's own.
     Returns {"dice", "iou", "hd95"}: float arrays `[N, num_classes - 1]` (NaN where undefined, see module doc),
     {"tp", "fp", "fn"}: int64 voxel counts, {"pred_present", "true_present"}: bool; same shape.
     """
@@ -149,8 +161,9 @@ def case_metrics(pred, target, num_classes: int, spacing: Sequence[float] | None
     check_empty(empty)
     p, t = _checked(pred, target, num_classes)
     spatial_shape = p.shape[1:]
-    spacing = _checked_spacing(spacing, len(spatial_shape))
-    diagonal = math.sqrt(sum(((n - 1) * s) ** 2 for n, s in zip(spatial_shape, spacing)))
+    spacings = _case_spacings(spacing, p.shape[0], len(spatial_shape))
+    diagonals = np.array([math.sqrt(sum(((n - 1) * s) ** 2 for n, s in zip(spatial_shape, sp)))
+                          for sp in spacings], dtype=np.float64)
 
     hd_metric = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")
     parts = []
@@ -161,10 +174,13 @@ def case_metrics(pred, target, num_classes: int, spacing: Sequence[float] | None
         with warnings.catch_warnings():
             # MONAI warns about empty masks (handled below) and about its own deprecated internals.
             warnings.simplefilter("ignore")
-            hd = hd_metric(y_pred=yp, y=yt, spacing=spacing).numpy().astype(np.float64)
+            chunk_spacing = spacings[start:start + chunk]
+            shared = all(sp == chunk_spacing[0] for sp in chunk_spacing)
+            hd = hd_metric(y_pred=yp, y=yt, spacing=chunk_spacing[0] if shared else chunk_spacing)
+            hd = hd.numpy().astype(np.float64)
         pred_any, true_any = part["pred_present"], part["true_present"]
         hd = np.where(pred_any & true_any, hd, np.nan)
-        part["hd95"] = np.where(pred_any ^ true_any, diagonal, hd)
+        part["hd95"] = np.where(pred_any ^ true_any, diagonals[start:start + chunk, None], hd)
         parts.append(part)
     keys = METRICS + COUNTS + ("pred_present", "true_present")
     return _stack(parts, keys, num_classes - 1)

@@ -586,9 +586,10 @@ def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool,
         preds = predict_labels(raw_model, data.val.images, batch_size=max(batch_size, 16), device=fabric.device)
         val_metrics = score_arrays(out / "eval" / "val", preds, data.val.labels, data.val.images, data.val.ids,
                                    data.val.items, data.num_classes, "val", names=meta["class_names"],
+                                   spacing=data.val.spacing, slice_mm=data.val.slice_mm,
                                    extra={"checkpoint": f"checkpoints/{BEST}", "checkpoint_epoch": best["epoch"],
                                           "data": str(cfg.data.path), "source": data.val_source})
-        summary["val"] = {k: val_metrics[k] for k in ("dice", "iou", "hd95", "dataset_dice", "level")}
+        summary["val"] = {k: val_metrics[k] for k in ("dice", "iou", "hd95", "dataset_dice", "level", "hd95_unit")}
         write_json(out / "summary.json", summary)
         write_report(out)
     return summary
