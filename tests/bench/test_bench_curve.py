@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import sys
 from pathlib import Path
 
@@ -245,3 +246,16 @@ def test_cell_records_rebuilt_from_results_csv_are_kept_by_gather(tmp_path: Path
     assert restore.copy_records(records, tmp_path / "fresh") == 2
     assert sorted(p.parent.name for p in (tmp_path / "fresh" / "cells").glob("*/cell.json")) == [
         "unet-scratch-corpus--labels1-seed0", "unet-scratch-corpus--labelsall-seed0"]
+
+
+def test_hd95_of_cells_scored_in_different_units_is_never_averaged() -> None:
+    from ahm.bench.compare import aggregate as compare_aggregate
+    from ahm.bench.curve import aggregate
+
+    rows = [{"backbone": "unet", "policy": "random", "corpus": "data", "corpus_subjects": 4, "labels": 1,
+             "labelled_subjects": 1, "seed": s, "dice": 0.5, "hd95": hd, "hd95_unit": unit, "val_dice": 0.5}
+            for s, (hd, unit) in enumerate([(4.0, "pixels of the model grid"), (9.0, "mm")])]
+    for entry in (aggregate(rows)[0], compare_aggregate(rows)[0]):
+        assert math.isnan(entry["hd95"]) and entry["dice"] == pytest.approx(0.5)
+    rows[1]["hd95_unit"] = "pixels of the model grid"
+    assert aggregate(rows)[0]["hd95"] == pytest.approx(6.5)

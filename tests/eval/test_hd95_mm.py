@@ -148,3 +148,28 @@ def test_load_arrays_of_nifti_volumes_carries_the_model_grid_spacing(tmp_path):
     metrics, slice_level, volume_level = leveled_scores(arrays.labels, arrays.labels, arrays.items, 2,
                                                         spacing=arrays.spacing, slice_mm=arrays.slice_mm)
     assert slice_level["hd95_unit"] == "mm" and volume_level["hd95_unit"] == "mm"
+
+
+def test_per_case_spacing_applies_to_the_right_axis():
+    """Squares 6 columns apart: the column size sets the distance, the row size does not."""
+    pred, truth = _squares(2)
+    hd = case_metrics(pred, truth, 2, spacing=[(1.0, 3.0), (3.0, 1.0)])["hd95"][:, 0]
+    assert hd == pytest.approx([18.0, 6.0])
+
+
+def test_anisotropic_dicom_on_a_non_square_image_gives_rows_and_columns_their_own_size(tmp_path):
+    # 40 rows 0.5 mm apart, 80 columns 0.8 mm apart; the longest side (80) goes to 20: 4 source pixels per grid pixel
+    path = write_dicom_frames(tmp_path / "a.dcm", np.zeros((1, 40, 80), np.int16), PixelSpacing=[0.5, 0.8])
+    assert image_pixel_size(path) == pytest.approx((0.5, 0.8))
+    item = Item(id="a", subject="a", image=path, mask=None)
+    spacing, _ = grid_spacing(item, (40, 80), 20)
+    assert spacing == pytest.approx((2.0, 3.2))
+
+
+def test_nifti_voxel_size_in_microns_is_converted_to_mm(tmp_path):
+    import nibabel as nib
+
+    img = nib.Nifti1Image(np.zeros((4, 5, 6), np.float32), np.diag([500.0, 250.0, 1000.0, 1.0]))
+    img.header.set_xyzt_units("micron")
+    nib.save(img, tmp_path / "um.nii.gz")
+    assert read_volume(tmp_path / "um.nii.gz").voxel_mm == pytest.approx((0.5, 0.25, 1.0))

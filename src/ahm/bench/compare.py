@@ -212,6 +212,14 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return mean, std
 
 
+def hd95_values(group: list[dict[str, Any]]) -> list[Any]:
+    """The HD95 figures of one table entry's cells, or none when they were scored in different units (a grid
+    resumed across a change of unit, e.g. cells of a NIfTI-sliced set scored in pixels before HD95 was in mm):
+    a mean of millimetres and pixels is no figure."""
+    units = {r.get("hd95_unit") for r in group if r.get("hd95") is not None}
+    return [r.get("hd95") for r in group] if len(units) <= 1 else []
+
+
 def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean and sample standard deviation over seeds, per backbone and policy."""
     keys: list[tuple[str, str]] = []
@@ -223,7 +231,8 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         group = [r for r in rows if r["backbone"] == backbone and r["policy"] == policy]
         entry: dict[str, Any] = {"backbone": backbone, "policy": policy, "n": len(group)}
         for metric in ("dice", "dataset_dice", "iou", "hd95", "val_dice"):
-            entry[metric], entry[metric + "_std"] = _mean_std([r.get(metric) for r in group])
+            values = hd95_values(group) if metric == "hd95" else [r.get(metric) for r in group]
+            entry[metric], entry[metric + "_std"] = _mean_std(values)
         table.append(entry)
     return table
 
@@ -347,7 +356,8 @@ def write_results(out: Path, rows: list[dict[str, Any]], table: list[dict[str, A
            else "cases where a class is absent from prediction and ground truth left out")
         + "; dataset Dice: pooled over the split. val Dice is each fine-tuning run's model-selection figure "
         f"({'; '.join(sorted({str(r.get('selection')) for r in rows}))})."
-        + (f" HD95 in {'; '.join(units)}." if units else ""),
+        + (f" HD95 in {'; '.join(units)}." if units else "")
+             + (" A row whose cells differ in HD95 unit shows no HD95 ('-')." if len(units) > 1 else ""),
         "",
         f"| backbone | policy | n | Dice ({split}) | dataset Dice ({split}) | IoU ({split}) | {hd95} | "
         "val Dice | floors |",

@@ -29,6 +29,7 @@ from ahm.bench.compare import (
     check_same_dims,
     finetune_cell,
     floors,
+    hd95_values,
     paired_differences,
     paired_entry,
     pretrain_cell,
@@ -212,7 +213,8 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                                  "corpus_subjects": first.get("corpus_subjects"), "labels": first["labels"],
                                  "labelled_subjects": first["labelled_subjects"], "n": len(group)}
         for metric in ("dice", "dataset_dice", "iou", "hd95", "val_dice"):
-            entry[metric], entry[metric + "_std"] = _mean_std([r.get(metric) for r in group])
+            values = hd95_values(group) if metric == "hd95" else [r.get(metric) for r in group]
+            entry[metric], entry[metric + "_std"] = _mean_std(values)
         table.append(entry)
     return table
 
@@ -278,6 +280,7 @@ def write_results(out: Path, rows: list[dict[str, Any]], table: list[dict[str, A
              "fine-tuning validation score used for model selection. `labels`: labelled training subjects; "
              "`corpus`: the set the encoder was pretrained on (its training subjects; '-': no pretraining)."
              + (f" HD95 in {'; '.join(units)}." if units else "")
+             + (" A row whose cells differ in HD95 unit shows no HD95 ('-')." if len(units) > 1 else "")
              + (f" **Partial: {len(rows)} of {len(rows) + missing} cells finished** (gathered while the grid "
                 "runs; `n` is the seeds finished per point, pairs only seeds finished in both arms)."
                 if missing else ""), "",

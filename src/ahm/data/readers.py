@@ -631,7 +631,9 @@ def _header_volume(path: Path, max_voxels: int,
         shape = itk.size + ((itk.components,) if itk.components > 1 else ())
         _check_voxels(path, shape, max_voxels)
         data, affine = itk_volume(itk)
-        recorded = itk_spacing_problem(path) is None
+        # itk_volume puts the identity in place of a non-finite geometry: then no size is recorded either
+        recorded = itk_spacing_problem(path) is None and all(
+            np.isfinite(np.asarray(v, dtype=np.float64)).all() for v in (itk.spacing, itk.origin, itk.direction))
         known = (recorded, recorded and itk.dimension >= 2, recorded and itk.dimension >= 3)
     else:
         return None
@@ -689,10 +691,18 @@ def read_volume(path: str | os.PathLike, *, max_voxels: int = DEFAULT_MAX_VOXELS
 
 
 def _nifti_geometry(img) -> tuple[np.ndarray, tuple[float | None, float | None, float | None]]:
-    """Affine and voxel sizes of a NIfTI image: it always stores a voxel size (a missing affine: none known)."""
+    """Affine and voxel sizes of a NIfTI image: it always stores a voxel size (a missing affine: none known), in
+    the header's spatial unit (`xyzt_units`: metres and microns are converted to mm; unknown is taken as mm, as
+    nibabel and ITK do)."""
     affine = _affine_or_identity(img.affine)
     known = img.affine is not None and np.isfinite(np.asarray(img.affine, dtype=np.float64)).all()
-    return affine, _known_sizes(affine, (known, known, known))
+    sizes = _known_sizes(affine, (known, known, known))
+    try:
+        unit = img.header.get_xyzt_units()[0]
+    except Exception:  # a header without the field (nibabel raises several kinds): the NIfTI default, unknown
+        unit = "unknown"
+    scale = {"meter": 1000.0, "micron": 0.001}.get(unit, 1.0)
+    return affine, tuple(None if v is None else v * scale for v in sizes)  # type: ignore[return-value]
 
 
 def _check_label_values(path: Path, data: np.ndarray, noun: str, unit: str) -> None:
