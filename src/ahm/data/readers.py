@@ -57,8 +57,8 @@ def _zooms(affine: np.ndarray) -> np.ndarray:
 
 def _known_sizes(affine: np.ndarray, known: tuple[bool, bool, bool]) -> tuple[float | None, float | None, float | None]:
     zooms = _zooms(affine)
-    out = tuple(float(z) if k and math.isfinite(float(z)) and z > 0 else None for z, k in zip(zooms, known))
-    return out  # type: ignore[return-value]
+    return tuple(float(z) if k and math.isfinite(float(z)) and z > 0 else None  # type: ignore[return-value]
+                 for z, k in zip(zooms, known))
 
 
 @dataclass
@@ -697,10 +697,8 @@ def _nifti_geometry(img) -> tuple[np.ndarray, tuple[float | None, float | None, 
     affine = _affine_or_identity(img.affine)
     known = img.affine is not None and np.isfinite(np.asarray(img.affine, dtype=np.float64)).all()
     sizes = _known_sizes(affine, (known, known, known))
-    try:
-        unit = img.header.get_xyzt_units()[0]
-    except Exception:  # a header without the field (nibabel raises several kinds): the NIfTI default, unknown
-        unit = "unknown"
+    units = getattr(img.header, "get_xyzt_units", None)  # NIfTI-1 and -2 headers have it
+    unit = units()[0] if units is not None else "unknown"
     scale = {"meter": 1000.0, "micron": 0.001}.get(unit, 1.0)
     return affine, tuple(None if v is None else v * scale for v in sizes)  # type: ignore[return-value]
 
