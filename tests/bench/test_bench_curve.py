@@ -203,6 +203,37 @@ def test_corpus_size_is_paired_by_seed_against_the_labelled_sets_own_corpus() ->
     assert paired_by_corpus([r for r in rows if r["corpus"] in ("-", "data")]) == []  # one corpus: nothing to pair
 
 
+def test_corpus_trend_is_one_paired_slope_test_per_policy_and_labels() -> None:
+    from ahm.bench.curve import corpus_trend
+
+    sizes = {"data": 10, "c100": 100, "c10000": 10000}
+    rows = [{"backbone": "unet", "policy": "scratch", "corpus": "-", "corpus_subjects": None, "labels": 1,
+             "seed": s, "dice": 0.5, "val_dice": 0.5} for s in range(4)]
+    for policy, slope in (("random", 0.02), ("ahm", -0.01)):
+        for corpus, size in sizes.items():
+            for seed in range(4):
+                if policy == "ahm" and corpus == "c100" and seed == 3:
+                    continue  # a seed missing one corpus has no slope: left out, not fitted on two points
+                # a seed effect shifts every corpus alike (no slope); seed 1's middle corpus is 0.03 up, which
+                # a least-squares fit on x = 1, 2, 4 turns into a slope 0.03 * (2 - 7/3) / (42/9) lower (an
+                # end-to-end difference would not see it)
+                wobble = 0.03 if (seed == 1 and corpus == "c100") else 0.0
+                dice = 0.6 + 0.05 * seed + slope * math.log10(size / 10) + wobble
+                rows.append({"backbone": "unet", "policy": policy, "corpus": corpus, "corpus_subjects": size,
+                             "labels": 1, "seed": seed, "dice": dice, "val_dice": dice - 0.01})
+    out = corpus_trend(rows)
+    assert [(e["policy"], e["n"], e["corpus_subjects"]) for e in out] == [
+        ("random", 4, [10, 100, 10000]), ("ahm", 3, [10, 100, 10000])]
+    random, ahm = out
+    seed1 = 0.02 - 0.03 * (1 / 3) * (9 / 42)
+    assert random["dice"] == pytest.approx((3 * 0.02 + seed1) / 4) and random["dice_ahead"] == 4
+    assert random["dice_p"] == pytest.approx(2 / 2 ** 4) and random["val_dice"] == pytest.approx(random["dice"])
+    assert ahm["dice"] == pytest.approx((2 * -0.01 + (-0.01 - 0.03 * (1 / 3) * (9 / 42))) / 3)
+    assert ahm["dice_ahead"] == 0 and ahm["dice_p"] == pytest.approx(0.25)
+    # two corpora: a slope is only the paired difference again, so no trend row
+    assert corpus_trend([r for r in rows if r["corpus"] != "c100"]) == []
+
+
 def _restore_module():
     import importlib.util
 

@@ -153,7 +153,9 @@ def curve(
 
     Writes results.csv, results.md (mean +- std per point; each policy minus scratch and minus random paired by
     seed with an exact sign-flip p; with several corpora, each policy on a corpus minus the same policy on the
-    labelled set's own, paired by seed) and results.png (Dice against each axis, error bars over seeds).
+    labelled set's own, paired by seed; with three corpora or more, one trend test per policy and labels: each
+    seed's least-squares slope of Dice against log10 corpus subjects, sign-flip p over the seeds) and results.png
+    (Dice against each axis, error bars over seeds).
     """
     from ahm.bench.curve import parse_labels, run_curve
     from ahm.config import read_yaml
