@@ -203,6 +203,23 @@ def test_corpus_size_is_paired_by_seed_against_the_labelled_sets_own_corpus() ->
     assert paired_by_corpus([r for r in rows if r["corpus"] in ("-", "data")]) == []  # one corpus: nothing to pair
 
 
+def test_the_plot_adds_the_paired_corpus_panel_only_when_corpora_pair(tmp_path: Path) -> None:
+    import struct
+
+    from ahm.bench.curve import _plot, aggregate
+
+    def width(rows) -> int:
+        _plot(tmp_path / "p.png", aggregate(rows), "test", None, rows)
+        return struct.unpack(">I", (tmp_path / "p.png").read_bytes()[16:20])[0]  # PNG IHDR width
+
+    rows = [{"backbone": "unet", "policy": "random", "corpus": c, "corpus_subjects": n, "labels": 1,
+             "labelled_subjects": 1, "seed": s, "dice": 0.6 + 0.01 * s, "val_dice": 0.6, "hd95": 3.0}
+            for c, n in (("data", 42), ("c200", 200)) for s in range(2)]
+    one_corpus = [r for r in rows if r["corpus"] == "data"]
+    unpaired = [r if r["corpus"] == "data" else {**r, "seed": r["seed"] + 10} for r in rows]  # no common seed
+    assert width(one_corpus) < width(unpaired) < width(rows)  # 1, 2 and 3 panels
+
+
 def test_corpus_trend_is_one_paired_slope_test_per_policy_and_labels() -> None:
     from ahm.bench.curve import corpus_trend
 

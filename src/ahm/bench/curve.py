@@ -403,16 +403,19 @@ def _log_ticks(ax, values: list[int]) -> None:
 
 def _plot(path: Path, table: list[dict[str, Any]], split: str,
           baselines: Optional[dict[str, dict[str, Any]]] = None, rows: Optional[list[dict[str, Any]]] = None) -> None:
-    """Left: Dice against labelled subjects, one line per (backbone, policy, corpus). Right (when the grid has
-    more than one corpus): Dice against corpus subjects, one line per (backbone, policy, labels), scratch as a
-    dashed level. Error bars: one sample std over seeds."""
+    """Left: Dice against labelled subjects, one line per (backbone, policy, corpus). When the grid has more than
+    one corpus, middle: Dice against corpus subjects, one line per (backbone, policy, labels), scratch as a
+    dashed level; right: the same paired by seed (each corpus minus the same policy on the reference corpus, the
+    corpus table's differences), where the spread between seeds' labelled subjects, which dominates the middle
+    panel's bars, cancels. Error bars: one sample std over seeds (right: of the paired differences)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     corpora = {e["corpus"] for e in table if e["corpus"] != "-"}
-    panels = 2 if len(corpora) > 1 else 1
+    by_corpus = paired_by_corpus(rows or []) if len(corpora) > 1 else []
+    panels = 1 + (len(corpora) > 1) + bool(by_corpus)
     fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 3.8), squeeze=False)
     ax = axes[0][0]
     for key in dict.fromkeys((e["backbone"], e["policy"], e["corpus"]) for e in table):
@@ -432,7 +435,7 @@ def _plot(path: Path, table: list[dict[str, Any]], split: str,
     ax.set_xlabel("labelled training subjects")
     ax.set_ylabel(f"mean Dice ({split})")
     ax.legend(fontsize=8)
-    if panels == 2:
+    if len(corpora) > 1:
         ax = axes[0][1]
         for key in dict.fromkeys((e["backbone"], e["policy"], str(e["labels"])) for e in table
                                  if e["corpus"] != "-"):
@@ -446,6 +449,19 @@ def _plot(path: Path, table: list[dict[str, Any]], split: str,
         _log_ticks(ax, [e["corpus_subjects"] for e in table if e["corpus"] != "-"])
         ax.set_xlabel("unlabelled corpus (training subjects); dashed: scratch")
         ax.set_ylabel(f"mean Dice ({split})")
+        ax.legend(fontsize=8)
+    if by_corpus:
+        ax = axes[0][2]
+        for key in dict.fromkeys((e["backbone"], e["policy"], e["labels"]) for e in by_corpus):
+            pts = sorted((e for e in by_corpus if (e["backbone"], e["policy"], e["labels"]) == key),
+                         key=lambda e: e["corpus_subjects"] or 0)
+            x = [pts[0]["reference_subjects"]] + [e["corpus_subjects"] for e in pts]
+            ax.errorbar(x, [0.0] + [e["dice"] for e in pts], yerr=[0.0] + [e["dice_std"] for e in pts],
+                        marker="o", capsize=3, label=f"{key[1]}, {key[2]} labelled")
+        ax.axhline(0.0, linestyle="--", linewidth=1, color="0.4")
+        _log_ticks(ax, [e["corpus_subjects"] for e in by_corpus] + [by_corpus[0]["reference_subjects"]])
+        ax.set_xlabel(f"unlabelled corpus (training subjects); paired minus {by_corpus[0]['reference']}")
+        ax.set_ylabel(f"Dice ({split}) difference, paired by seed")
         ax.legend(fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
