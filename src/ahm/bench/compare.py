@@ -294,10 +294,16 @@ def paired_entry(pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> dict[str
     entry: dict[str, Any] = {"n": len(pairs)}
     for metric in ("dice", "val_dice"):
         d = [a.get(metric) - b.get(metric) for a, b in pairs if a.get(metric) is not None and b.get(metric) is not None]
-        entry[metric], entry[metric + "_std"] = _mean_std(d)
-        entry[metric + "_ahead"] = sum(x > 0 for x in d)
-        entry[metric + "_p"] = sign_flip_p(d)
+        entry.update(paired_stats(metric, d))
     return entry
+
+
+def paired_stats(metric: str, values: list[float]) -> dict[str, Any]:
+    """Per-seed paired figures (differences, or slopes) of one metric: `metric` and `metric_std` (mean and sample
+    std), `metric_ahead` (how many are positive) and `metric_p` (the exact sign-flip p that their mean is zero)."""
+    mean, std = _mean_std(values)
+    return {metric: mean, metric + "_std": std, metric + "_ahead": sum(v > 0 for v in values),
+            metric + "_p": sign_flip_p(values)}
 
 
 def floors(baseline: dict[str, Any] | None) -> dict[str, dict[str, float | None]]:

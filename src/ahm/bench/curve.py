@@ -34,9 +34,9 @@ from ahm.bench.compare import (
     hd95_values,
     paired_differences,
     paired_entry,
+    paired_stats,
     pretrain_cell,
     pretrain_figures,
-    sign_flip_p,
     with_spatial_dims,
 )
 from ahm.config import FinetuneConfig, PretrainConfig, build_config
@@ -271,7 +271,7 @@ def corpus_trend(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     Per seed, the least-squares slope of Dice against log10(corpus subjects) over every corpus that policy was
     pretrained on (Dice gained per tenfold corpus), for seeds that have a cell on each of them (at least
     `MIN_TREND_CORPORA` corpora); then the mean and sample std of the seeds' slopes, the seeds with a positive
-    slope, and the exact sign-flip p of `bench compare` on them (the same for the validation Dice). Written by
+    slope, and the exact sign-flip p of `bench compare` on them (`paired_stats`) (the same for the validation Dice). Written by
     hand: a per-seed regression followed by a permutation test on its slopes is two lines of numpy, and no
     library we use offers this paired trend test."""
     sizes = {r["corpus"]: r.get("corpus_subjects") for r in rows if r["corpus"] != "-"}
@@ -297,9 +297,7 @@ def corpus_trend(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                         y = [by_cell[(backbone, policy, c, labels, s)].get(metric) for c in corpora]
                         if all(v is not None for v in y):
                             slopes.append(float(np.polyfit(x, np.asarray(y, dtype=np.float64), 1)[0]))
-                    entry[metric], entry[metric + "_std"] = _mean_std(slopes)
-                    entry[metric + "_ahead"] = sum(v > 0 for v in slopes)
-                    entry[metric + "_p"] = sign_flip_p(slopes)
+                    entry.update(paired_stats(metric, slopes))
                 out.append(entry)
     return out
 
@@ -390,7 +388,7 @@ def write_results(out: Path, rows: list[dict[str, Any]], table: list[dict[str, A
                          f"{e['val_dice']:+.4f} +- {e['val_dice_std']:.4f} | {e['val_dice_ahead']}/{e['n']} | "
                          f"{e['val_dice_p']:.3f} |")
     write_text(out / "results.md", "\n".join(lines) + "\n")
-    _plot(out / "results.png", table, split, baselines, rows)
+    _plot(out / "results.png", table, split, baselines, rows, by_corpus)
 
 
 def _log_ticks(ax, values: list[int]) -> None:
@@ -402,7 +400,8 @@ def _log_ticks(ax, values: list[int]) -> None:
 
 
 def _plot(path: Path, table: list[dict[str, Any]], split: str,
-          baselines: Optional[dict[str, dict[str, Any]]] = None, rows: Optional[list[dict[str, Any]]] = None) -> None:
+          baselines: Optional[dict[str, dict[str, Any]]] = None, rows: Optional[list[dict[str, Any]]] = None,
+          by_corpus: Optional[list[dict[str, Any]]] = None) -> None:
     """Left: Dice against labelled subjects, one line per (backbone, policy, corpus). When the grid has more than
     one corpus, middle: Dice against corpus subjects, one line per (backbone, policy, labels), scratch as a
     dashed level; right: the same paired by seed (each corpus minus the same policy on the reference corpus, the
@@ -414,7 +413,9 @@ def _plot(path: Path, table: list[dict[str, Any]], split: str,
     import matplotlib.pyplot as plt
 
     corpora = {e["corpus"] for e in table if e["corpus"] != "-"}
-    by_corpus = paired_by_corpus(rows or []) if len(corpora) > 1 else []
+    if by_corpus is None:  # `paired_by_corpus(rows)`, unless the caller has it already
+        by_corpus = paired_by_corpus(rows or [])
+    by_corpus = by_corpus if len(corpora) > 1 else []
     panels = 1 + (len(corpora) > 1) + bool(by_corpus)
     fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 3.8), squeeze=False)
     ax = axes[0][0]
