@@ -438,6 +438,9 @@ class PretrainConfig(_Strict):
     model: ModelConfig = ModelConfig()
     masking: MaskingConfig = MaskingConfig()
     train: TrainConfig = TrainConfig(steps=400)
+    # With an epoch budget (train.epochs, train.steps null): at least this many steps, so that a small corpus still
+    # gets a minimum number of updates while a large one gets its epochs: a budget that grows with the corpus.
+    min_steps: OptionalCount = None
     # The corpus: empty means the one dataset at data.path. Of an unlabelled source every image is pretraining
     # data; of a labelled one its training split, unless all_splits (then its val and test images too).
     sources: list[SourceConfig] = []

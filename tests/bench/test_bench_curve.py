@@ -307,3 +307,71 @@ def test_hd95_of_cells_scored_in_different_units_is_never_averaged() -> None:
         assert math.isnan(entry["hd95"]) and entry["dice"] == pytest.approx(0.5)
     rows[1]["hd95_unit"] = "pixels of the model grid"
     assert aggregate(rows)[0]["hd95"] == pytest.approx(6.5)
+
+
+def test_pretrain_epoch_budget_grows_with_the_corpus_and_the_grid_keeps_its_settings(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--pretrain-epochs E with --pretrain-steps S: E epochs over each corpus, at least S steps; the grid folder's
+    grid.json then refuses a rerun with another budget before any work, and keeps its cells."""
+    import json
+
+    from ahm.bench.curve import run_curve
+
+    data = make_blob_folder(tmp_path / "data", n=20)
+    small = make_blob_folder(tmp_path / "small", n=10, seed=1)  # 3 training subjects, 6 slices
+    large = make_blob_folder(tmp_path / "large", n=30, seed=2)  # 9 training subjects, 18 slices
+    out = tmp_path / "grid"
+    kwargs = dict(policies=["random"], backbones=["unet"], labels=[1], seeds=1, finetune_steps=1,
+                  corpora=[small, large], overrides=_overrides(tmp_path))
+    result = run_curve(data, out, pretrain_steps=4, pretrain_epochs=1, **kwargs)
+    # batch 2: the small corpus has 3 steps an epoch, raised to the floor of 4; the large one 9
+    steps = {r["corpus"]: r["pretrain_steps"] for r in result["rows"]}
+    assert steps == {"small": 4, "large": 9}
+    for name, n in steps.items():
+        summary = json.loads((out / "pretrain" / f"unet-random-corpus{name}-seed0" / "summary.json").read_text())
+        assert summary["steps"] == n
+    saved = json.loads((out / "grid.json").read_text())
+    assert saved["pretrain_epochs"] == 1 and saved["pretrain_steps"] == 4
+
+    def boom(*a, **k):
+        raise AssertionError("a refused grid ran a cell")
+
+    monkeypatch.setattr("ahm.train.finetune.finetune", boom)
+    monkeypatch.setattr("ahm.train.pretrain.pretrain", boom)
+    before = {p: p.read_bytes() for p in out.rglob("cell.json")}
+    with pytest.raises(AhmError, match=r"--out .*grid: its cells were run with another --pretrain-epochs 1, "
+                                       r"not \(unset\)"):
+        run_curve(data, out, pretrain_steps=4, **kwargs)
+    other = dict(kwargs, overrides=_merge_train(kwargs["overrides"], {"lr": 0.5}))
+    with pytest.raises(AhmError, match=r"another --config \(its contents\) \("):
+        run_curve(data, out, pretrain_steps=4, pretrain_epochs=1, **other)
+    assert {p: p.read_bytes() for p in out.rglob("cell.json")} == before
+    # the same settings: every cell kept, nothing run
+    again = run_curve(data, out, pretrain_steps=4, pretrain_epochs=1, **kwargs)
+    assert [r["dice"] for r in again["rows"]] == [r["dice"] for r in result["rows"]]
+    with pytest.raises(AhmError, match="--pretrain-epochs 0: give at least 1"):
+        run_curve(data, tmp_path / "o", pretrain_steps=4, pretrain_epochs=0, **kwargs)
+
+
+def test_a_grid_folder_without_recorded_settings_gets_them_and_a_broken_record_is_named(tmp_path: Path) -> None:
+    from ahm.bench.curve import SETTINGS, check_settings
+
+    settings = {"pretrain_steps": 1000, "pretrain_epochs": None, "split": "test", "config": {"overrides": {"a": (1, 2)}}}
+    old = tmp_path / "old"
+    (old / "cells").mkdir(parents=True)  # a grid of an earlier version: cells, no grid.json
+    check_settings(old, settings)
+    assert (old / SETTINGS).is_file()
+    check_settings(old, settings)  # tuples and lists are one setting
+    with pytest.raises(AhmError, match="another --pretrain-steps 1000, not 3000"):
+        check_settings(old, dict(settings, pretrain_steps=3000))
+    (old / SETTINGS).write_text("{not json")
+    with pytest.raises(AhmError, match=f"{SETTINGS}: not readable"):
+        check_settings(old, settings)
+
+
+def _merge_train(overrides: dict, train: dict) -> dict:
+    import copy
+
+    merged = copy.deepcopy(overrides)
+    merged["pretrain"]["train"] = {**merged["pretrain"]["train"], **train}
+    return merged

@@ -152,9 +152,10 @@ def run_compare(data: str | Path, out: str | Path, policies: list[str], backbone
 
 
 def pretrain_figures(summary: dict[str, Any]) -> dict[str, Any]:
-    """What a grid row keeps of a pretraining run's summary: its final loss and, for the AHM policies, the
+    """What a grid row keeps of a pretraining run's summary: its steps and final loss and, for the AHM policies, the
     hardness ratio of the masked patches and the critic's rank correlation with the true error (else None)."""
-    return {"pretrain_final_loss": summary.get("final_loss"), "hardness_ratio": summary.get("hardness_ratio"),
+    return {"pretrain_steps": summary.get("steps"), "pretrain_final_loss": summary.get("final_loss"),
+            "hardness_ratio": summary.get("hardness_ratio"),
             "critic_spearman": summary.get("critic_spearman")}
 
 

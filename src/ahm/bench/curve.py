@@ -39,15 +39,20 @@ from ahm.bench.compare import (
     pretrain_figures,
     with_spatial_dims,
 )
-from ahm.config import FinetuneConfig, PretrainConfig, build_config
+from ahm.config import FinetuneConfig, PretrainConfig, build_config, read_yaml
 from ahm.errors import AhmError
 from ahm.io import write_bytes, write_json, write_text
 
 ALL = "all"
 COLUMNS = ["backbone", "policy", "corpus", "corpus_subjects", "labels", "labelled_subjects", "seed", "dice",
-           "dataset_dice", "iou", "hd95", "hd95_unit", "val_dice", "selection", "empty_cases", "pretrain_final_loss",
-           "hardness_ratio", "critic_spearman", "pretrain_s", "finetune_s"]
+           "dataset_dice", "iou", "hd95", "hd95_unit", "val_dice", "selection", "empty_cases", "pretrain_steps",
+           "pretrain_final_loss", "hardness_ratio", "critic_spearman", "pretrain_s", "finetune_s"]
 SAME = "data"  # the corpus name of "pretrain on the labelled set's own training subjects"
+SETTINGS = "grid.json"  # the settings every cell of a grid folder was run with
+# each setting as the option that sets it, for the one line that refuses a grid resumed with others
+_OPTION = {"pretrain_steps": "--pretrain-steps", "pretrain_epochs": "--pretrain-epochs",
+           "finetune_steps": "--finetune-steps", "finetune_epochs": "--finetune-epochs", "split": "--split",
+           "config": "--config (its contents)"}
 
 
 def parse_labels(text: str) -> list[int | str]:
@@ -93,25 +98,57 @@ def corpus_names(data: str | Path, corpora: Optional[list[str | Path]]) -> list[
     return named
 
 
+def _unset(value: Any) -> Any:
+    return "(unset)" if value is None else value
+
+
+def check_settings(out: Path, settings: dict[str, Any]) -> None:
+    """Refuse, in one line and before any work, a grid folder whose cells were run with other settings (a finished
+    cell is kept, so a resume with another budget or config would mix two grids in one table); record them in a
+    new (or older, unrecorded) grid folder."""
+    path = out / SETTINGS
+    settings = json.loads(json.dumps(settings))  # as it reads back: tuples as lists
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise AhmError(f"{path}: not readable ({err}); it records the grid's settings") from None
+        for key, value in settings.items():
+            if key in saved and saved[key] != value:
+                shown = "" if key == "config" else f" {_unset(saved[key])}, not {_unset(value)}"
+                raise AhmError(f"--out {out}: its cells were run with another {_OPTION.get(key, key)}{shown} "
+                               f"({path}); give another --out, or this grid's own settings")
+        if all(key in saved for key in settings):
+            return
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(path, settings)
+
+
 def run_curve(data: str | Path, out: str | Path, policies: list[str], backbones: list[str], labels: list[int | str],
               seeds: int, pretrain_steps: int, finetune_steps: int, corpora: Optional[list[str | Path]] = None,
               base_config: Optional[str | Path] = None, overrides: Optional[dict[str, Any]] = None,
               split: str = "test", first_seed: int = 0, log: Optional[Callable[[str], None]] = None,
               finetune_epochs: Optional[int] = None, spatial_dims: Optional[int] = None,
-              gather: bool = False) -> dict[str, Any]:
+              gather: bool = False, pretrain_epochs: Optional[int] = None) -> dict[str, Any]:
     """Run every unfinished cell of backbone x corpus x policy x labels x seed; write results.csv, results.md
     and results.png (Dice against each axis, error bars one std over seeds); return rows, table and paired.
     `gather`: run nothing, report the finished cells (while other processes still run the grid); the tables say
     how many cells are missing.
 
     Fine-tuning runs `finetune_steps` steps, or, with `finetune_epochs`, that many epochs over the cell's labelled
-    slices but at least `finetune_steps` steps (a budget that grows with the labelled set). `spatial_dims` (2 or 3),
-    when given, sets `data.spatial_dims` of both sections of `overrides` (3: volumes, HD95 in mm)."""
+    slices but at least `finetune_steps` steps (a budget that grows with the labelled set). Pretraining likewise
+    runs `pretrain_steps` steps, or, with `pretrain_epochs`, that many epochs over each corpus but at least
+    `pretrain_steps` steps (a budget that grows with the corpus). `spatial_dims` (2 or 3), when given, sets
+    `data.spatial_dims` of both sections of `overrides` (3: volumes, HD95 in mm). The folder's `grid.json` records
+    these settings; a grid folder run with others is refused (`check_settings`)."""
     from ahm.models.backbones import get_backbone
 
     check_grid(policies, backbones, seeds, first_seed)
-    if finetune_epochs is not None and finetune_epochs < 1:
-        raise AhmError(f"--finetune-epochs {finetune_epochs}: give at least 1")
+    for option, value in (("--finetune-epochs", finetune_epochs), ("--pretrain-epochs", pretrain_epochs)):
+        if value is not None and value < 1:
+            raise AhmError(f"{option} {value}: give at least 1")
+    pre_length: dict[str, Any] = ({"train": {"steps": None, "epochs": pretrain_epochs}, "min_steps": pretrain_steps}
+                                  if pretrain_epochs else {"train": {"steps": pretrain_steps}})
     length: dict[str, Any] = {"min_steps": finetune_steps} if finetune_epochs else {"min_steps": None}
     length_train: dict[str, Any] = ({"epochs": finetune_epochs, "steps": None} if finetune_epochs
                                     else {"epochs": None, "steps": finetune_steps})
@@ -132,7 +169,9 @@ def run_curve(data: str | Path, out: str | Path, policies: list[str], backbones:
         pre_data = build_config(PretrainConfig, file=base_config, overrides=_merge(overrides.get("pretrain", {}), {
             "data": {"path": str(path)}}), nulls=True)
         corpus_subjects[name] = _train_subjects(path, FinetuneConfig(data=pre_data.data))
-    out.mkdir(parents=True, exist_ok=True)
+    check_settings(out, {"pretrain_steps": pretrain_steps, "pretrain_epochs": pretrain_epochs,
+                         "finetune_steps": finetune_steps, "finetune_epochs": finetune_epochs, "split": split,
+                         "config": {"file": read_yaml(base_config) if base_config else None, "overrides": overrides}})
 
     cells = []
     for backbone in backbones:
@@ -149,8 +188,9 @@ def run_curve(data: str | Path, out: str | Path, policies: list[str], backbones:
         pre_dir = out / "pretrain" / f"{backbone}-{policy}-corpus{name}-seed{seed}"
         if done.is_file():
             row = json.loads(done.read_text())
-            if policy != "scratch" and "hardness_ratio" not in row and (pre_dir / "summary.json").is_file():
-                # a cell finished before the agent's figures were recorded: its pretraining run has them
+            if (policy != "scratch" and not {"hardness_ratio", "pretrain_steps"} <= set(row)
+                    and (pre_dir / "summary.json").is_file()):
+                # a cell finished before these figures were recorded: its pretraining run has them
                 row.update(pretrain_figures(json.loads((pre_dir / "summary.json").read_text())))
             rows.append(row)
             say(f"[{k}/{len(cells)}] {cell_dir.name}: done earlier, kept")
@@ -164,10 +204,10 @@ def run_curve(data: str | Path, out: str | Path, policies: list[str], backbones:
                                "labelled_subjects": n_train if n == ALL else int(n), "seed": seed}
         init = None
         if policy != "scratch":
-            pre_cfg = build_config(PretrainConfig, file=base_config, overrides=_merge(
+            pre_cfg = build_config(PretrainConfig, file=base_config, overrides=_merge(_merge(
                 overrides.get("pretrain", {}), {
                     "data": {"path": str(path)}, "model": {"backbone": backbone}, "masking": {"policy": policy},
-                    "train": {"steps": pretrain_steps, "seed": seed}}), nulls=True)
+                    **pre_length}), {"train": {"seed": seed}}), nulls=True)
             summary, pretrain_s = pretrain_cell(pre_cfg, pre_dir)
             row["pretrain_s"] = pretrain_s
             row.update(pretrain_figures(summary))

@@ -136,7 +136,11 @@ def curve(
     seeds: int = typer.Option(3, help="Seeds per point (mean +- std reported, paired by seed)."),
     first_seed: int = typer.Option(0, "--first-seed", help="First seed (split a grid across processes with "
                                    "disjoint ranges; a last call over all seeds gathers)."),
-    pretrain_steps: int = typer.Option(1000, "--pretrain-steps"),
+    pretrain_steps: int = typer.Option(1000, "--pretrain-steps", help="Pretraining steps per run; with "
+                                       "--pretrain-epochs the least number of steps."),
+    pretrain_epochs: Optional[int] = typer.Option(None, "--pretrain-epochs", help="Pretrain this many epochs over "
+                                                  "each corpus (at least --pretrain-steps steps): a budget that "
+                                                  "grows with the corpus."),
     finetune_steps: int = typer.Option(900, "--finetune-steps", help="Fine-tuning steps per cell; with "
                                        "--finetune-epochs the least number of steps."),
     finetune_epochs: Optional[int] = typer.Option(None, "--finetune-epochs", help="Fine-tune this many epochs over "
@@ -155,7 +159,8 @@ def curve(
     seed with an exact sign-flip p; with several corpora, each policy on a corpus minus the same policy on the
     labelled set's own, paired by seed; with three corpora or more, one trend test per policy and labels: each
     seed's least-squares slope of Dice against log10 corpus subjects, sign-flip p over the seeds) and results.png
-    (Dice against each axis, error bars over seeds).
+    (Dice against each axis, error bars over seeds). The grid folder's grid.json records its budgets, split and
+    config: rerunning it with others is refused (a new budget is a new --out).
     """
     from ahm.bench.curve import parse_labels, run_curve
     from ahm.config import read_yaml
@@ -169,6 +174,7 @@ def curve(
             overrides=overrides, split=split, first_seed=first_seed,
             log=None if is_quiet() else (lambda msg: console.print(msg, highlight=False)),
             finetune_epochs=finetune_epochs, spatial_dims=spatial_dims, gather=gather,
+            pretrain_epochs=pretrain_epochs,
         )
 
     run_guarded(go)

@@ -153,7 +153,8 @@ def _run(fabric, cfg: PretrainConfig, out: Path, resume: bool, progress: bool, s
             + (f" x {world} devices" if world > 1 else "")
         )
     steps_per_epoch = corpus.steps_per_epoch(cfg.train.batch_size, world)
-    total = cfg.train.steps if cfg.train.steps is not None else (cfg.train.epochs or 1) * steps_per_epoch
+    total = (cfg.train.steps if cfg.train.steps is not None
+             else max((cfg.train.epochs or 1) * steps_per_epoch, cfg.min_steps or 0))
 
     torch.manual_seed(cfg.train.seed)
     model = build_mim_model(cfg.model, model_input_size(cfg.data), in_channels, spatial_dims=cfg.data.spatial_dims)
