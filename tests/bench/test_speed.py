@@ -174,3 +174,34 @@ def test_cli_3d_json_records_dims_crop_and_memory() -> None:
     doc = json.loads(result.output)
     assert (doc["setting"]["spatial_dims"], doc["setting"]["crop_size"]) == (3, [16, 16, 16])
     assert doc["policies"]["random"]["peak_growth_mib"] >= 0 and doc["setting"]["memory"]
+
+
+def test_cli_config_sets_the_model_and_batch_and_options_win(tmp_path: Path) -> None:
+    """--config times a grid's own setting: its `pretrain:` section sets backbone, UNet size, image, batch,
+    mask ratio and threads; an option given on the command line wins over the file."""
+    from ahm.cli.app import _register, app
+
+    _register()
+    config = tmp_path / "grid.yaml"
+    config.write_text(
+        "pretrain:\n"
+        "  data: {image_size: 32}\n"
+        "  model: {backbone: unet, unet_channels: [4, 8, 16], unet_strides: [2, 2], unet_num_res_units: 1}\n"
+        "  masking: {mask_ratio: 0.5}\n"
+        "  train: {batch_size: 3, num_threads: 1}\n"
+        "finetune:\n"
+        "  train: {batch_size: 7}\n")
+    args = ["bench", "speed", "--config", str(config), "--policies", "random", "--steps", "1", "--rounds", "1",
+            "--warmup", "1", "--json"]
+    doc = json.loads(CliRunner().invoke(app, args).output)
+    s = doc["setting"]
+    assert (s["backbone"], s["image_size"], s["batch_size"], s["mask_ratio"], s["threads"]) == ("unet", 32, 3, 0.5, 1)
+    for setting in (s, doc["reference"]["setting"]):  # ours and MONAI's UNet at the file's size
+        assert (setting["unet_channels"], setting["unet_strides"], setting["unet_num_res_units"]) == ([4, 8, 16],
+                                                                                                   [2, 2], 1)
+    result = CliRunner().invoke(app, args + ["--batch-size", "2", "--mask-ratio", "0.25"])
+    assert result.exit_code == 0, result.output
+    s = json.loads(result.output)["setting"]
+    assert (s["batch_size"], s["mask_ratio"], s["unet_channels"]) == (2, 0.25, [4, 8, 16])
+    missing = CliRunner().invoke(app, ["bench", "speed", "--config", str(tmp_path / "nope.yaml")])
+    assert missing.exit_code != 0 and "nope.yaml" in missing.output and "Traceback" not in missing.output

@@ -17,27 +17,33 @@ app.add_typer(bench_app, name="bench")
 @bench_app.command("speed")
 def speed(
     policies: Optional[str] = typer.Option(None, help="Comma-separated subset, e.g. random,ahm,ahm-async."),
-    backbone: str = typer.Option("vit", "--backbone", help="vit: vs MONAI MaskedAutoEncoderViT of the same size; "
-                                 "unet: vs a plain step of the same MONAI UNet (pixel MSE, no masking)."),
-    model: str = typer.Option("tiny", "--model", help="ViT preset for every candidate."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Pretraining YAML (or its `pretrain:` section, as "
+                                          "in a `bench curve` --config) that sets the model and batch; the "
+                                          "options below win over it."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="vit (default): vs MONAI MaskedAutoEncoderViT "
+                                           "of the same size; unet: vs a plain step of the same MONAI UNet (pixel "
+                                           "MSE, no masking)."),
+    model: Optional[str] = typer.Option(None, "--model", help="ViT preset for every candidate (default tiny)."),
     decoder_dim: Optional[int] = typer.Option(None, "--decoder-dim", help="MAE decoder width, ours and MONAI's "
                                               "(default: the config's 128; MONAI's own default is 384)."),
     decoder_depth: Optional[int] = typer.Option(None, "--decoder-depth", help="MAE decoder layers (default 2; MONAI 4)."),
     decoder_heads: Optional[int] = typer.Option(None, "--decoder-heads", help="MAE decoder heads (default 4; MONAI 12)."),
     decoder_mlp_dim: Optional[int] = typer.Option(None, "--decoder-mlp-dim",
                                                   help="MAE decoder MLP width (default 4 x --decoder-dim; MONAI 512)."),
-    image_size: int = typer.Option(128, "--image-size", help="2D: the square image side."),
-    spatial_dims: int = typer.Option(2, "--spatial-dims", help="2: images; 3: volumes, cut to --crop-size."),
-    crop_size: int = typer.Option(64, "--crop-size", help="3D: the crop side in voxels, per axis (64 with patch 16: "
-                                  "64 patches)."),
-    patch_size: int = typer.Option(16, "--patch-size"),
-    batch_size: int = typer.Option(32, "--batch-size"),
-    mask_ratio: float = typer.Option(0.75, "--mask-ratio"),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="2D: the square image side (default 128)."),
+    spatial_dims: Optional[int] = typer.Option(None, "--spatial-dims", help="2 (default): images; 3: volumes, cut "
+                                               "to --crop-size."),
+    crop_size: Optional[int] = typer.Option(None, "--crop-size", help="3D: the crop side in voxels, per axis "
+                                            "(default 64; with patch 16: 64 patches)."),
+    patch_size: Optional[int] = typer.Option(None, "--patch-size", help="Default 16."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Default 32."),
+    mask_ratio: Optional[float] = typer.Option(None, "--mask-ratio", help="Default 0.75."),
     channels: int = typer.Option(1, help="Input channels of the synthetic batch."),
     steps: int = typer.Option(8, help="Timed steps per round and candidate."),
     rounds: int = typer.Option(3, help="Interleaved rounds."),
     warmup: int = typer.Option(3, help="Untimed warm-up steps per candidate."),
-    threads: Optional[int] = typer.Option(None, help="torch threads (default: torch's choice)."),
+    threads: Optional[int] = typer.Option(None, help="torch threads (default: --config's train.num_threads, "
+                                          "else torch's choice)."),
     profile: int = typer.Option(0, "--profile", help="Also profile one step of each candidate (torch.profiler) "
                                 "and show this many operators by self CPU time."),
     clock: str = typer.Option("wall", "--clock", help="wall: seconds per step; cpu: this process's CPU seconds "
@@ -49,15 +55,17 @@ def speed(
 
     Rounds are interleaved (each policy, then the reference, again) so a busy machine slows all alike; the
     ratio is the median over rounds, with the lowest and highest round beside it, and the 1-minute load is
-    recorded at start and end.
+    recorded at start and end. With --config, the model, image and batch of that pretraining config (e.g. a
+    grid's `docs/results/grid-unet.yaml`), so a grid's own setting can be timed; the options given win over it.
     """
     from ahm.bench.speed import format_speed, run_speed
     from ahm.config import PretrainConfig, build_config
 
     def go():
-        cfg = build_config(PretrainConfig, overrides={
+        # None: not given, so the config file's value (or the default) stands
+        cfg = build_config(PretrainConfig, file=config, overrides={
             "data": {"image_size": image_size, "spatial_dims": spatial_dims,
-                     **({"crop_size": [crop_size] * 3} if spatial_dims == 3 else {})},
+                     "crop_size": None if crop_size is None else [crop_size] * 3},
             "model": {"backbone": backbone, "preset": model, "patch_size": patch_size, **{
                 k: v for k, v in (("decoder_dim", decoder_dim), ("decoder_depth", decoder_depth),
                                   ("decoder_heads", decoder_heads), ("decoder_mlp_dim", decoder_mlp_dim))
@@ -67,7 +75,8 @@ def speed(
         names = [p.strip() for p in policies.split(",") if p.strip()] if policies else None
         note = None if (is_quiet() or as_json) else (lambda msg: console.print(f"[dim]{msg}[/]"))
         return run_speed(cfg, names, channels=channels, steps=steps, warmup=warmup, rounds=rounds,
-                         threads=threads, progress=note, profile_rows=profile, clock=clock)
+                         threads=threads or cfg.train.num_threads, progress=note, profile_rows=profile,
+                         clock=clock)
 
     doc = run_guarded(go)
     if as_json:
