@@ -86,6 +86,17 @@ def test_compare_grid_tables_and_resume(tmp_path: Path, monkeypatch: pytest.Monk
     assert [r["dice"] for r in again["rows"]] == [r["dice"] for r in result["rows"]]
     cell = json.loads(next((out / "cells").glob("unet-random-seed0*/cell.json")).read_text())
     assert cell["pretrain_final_loss"] is not None
+    # grid.json records the budget, split and config: a rerun with others would mix two grids in one table, so it
+    # is refused in one line, before any work (a training here would raise the AssertionError above)
+    assert json.loads((out / "grid.json").read_text())["pretrain_steps"] == 2
+    with pytest.raises(AhmError, match=r"--out .*another --pretrain-steps 2, not 5 "):
+        compare.run_compare(data, out, ["scratch", "random"], ["unet"], seeds=2, labels_fraction=0.5,
+                            pretrain_steps=5, finetune_epochs=1, overrides=_grid_overrides(tmp_path))
+    other = _grid_overrides(tmp_path)
+    other["pretrain"]["masking"] = {"mask_ratio": 0.25}
+    with pytest.raises(AhmError, match=r"another --config \(its contents\)"):
+        compare.run_compare(data, out, ["scratch", "random"], ["unet"], seeds=2, labels_fraction=0.5,
+                            pretrain_steps=2, finetune_epochs=1, overrides=other)
 
     # A cell from before dataset-level Dice, and a gather under the old convention: re-scored, never retrained.
     path = next((out / "cells").glob("unet-scratch-seed1*/cell.json"))

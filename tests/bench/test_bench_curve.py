@@ -354,7 +354,7 @@ def test_pretrain_epoch_budget_grows_with_the_corpus_and_the_grid_keeps_its_sett
 
 
 def test_a_grid_folder_without_recorded_settings_gets_them_and_a_broken_record_is_named(tmp_path: Path) -> None:
-    from ahm.bench.curve import SETTINGS, check_settings
+    from ahm.bench.compare import SETTINGS, check_settings
 
     settings = {"pretrain_steps": 1000, "pretrain_epochs": None, "split": "test", "config": {"overrides": {"a": (1, 2)}}}
     old = tmp_path / "old"

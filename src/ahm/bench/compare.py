@@ -36,6 +36,38 @@ COLUMNS = ["backbone", "policy", "seed", "labels_fraction", "dice", "dataset_dic
 OLD_SELECTION = "validation per-case mean Dice, empty-in-both = 1 (before select_by)"
 MAX_SIGN_FLIP = 40  # seeds the exact paired test can count (2 x 2^20 sums)
 
+SETTINGS = "grid.json"  # the settings every cell of a grid folder was run with
+# each setting as the option that sets it, for the one line that refuses a grid resumed with others
+_OPTION = {"pretrain_steps": "--pretrain-steps", "pretrain_epochs": "--pretrain-epochs",
+           "finetune_steps": "--finetune-steps", "finetune_epochs": "--finetune-epochs", "split": "--split",
+           "config": "--config (its contents)"}
+
+
+def _unset(value: Any) -> Any:
+    return "(unset)" if value is None else value
+
+
+def check_settings(out: Path, settings: dict[str, Any]) -> None:
+    """Refuse, in one line and before any work, a grid folder whose cells were run with other settings (a finished
+    cell is kept, so a resume with another budget or config would mix two grids in one table); record them in a
+    new (or older, unrecorded) grid folder."""
+    path = out / SETTINGS
+    settings = json.loads(json.dumps(settings))  # as it reads back: tuples as lists
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise AhmError(f"{path}: not readable ({err}); it records the grid's settings") from None
+        for key, value in settings.items():
+            if key in saved and saved[key] != value:
+                shown = "" if key == "config" else f" {_unset(saved[key])}, not {_unset(value)}"
+                raise AhmError(f"--out {out}: its cells were run with another {_OPTION.get(key, key)}{shown} "
+                               f"({path}); give another --out, or this grid's own settings")
+        if all(key in saved for key in settings):
+            return
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(path, settings)
+
 
 def _check_names(policies: list[str], backbones: list[str]) -> None:
     allowed = ["scratch"] + policy_names()
@@ -97,9 +129,12 @@ def run_compare(data: str | Path, out: str | Path, policies: list[str], backbone
     check_empty(empty)
     check_grid(policies, backbones, seeds, first_seed)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     overrides = with_spatial_dims(overrides or {}, spatial_dims)
     check_same_dims(overrides)
+    # the labels fraction names each cell, and --empty-cases re-scores finished cells: neither mixes two grids
+    check_settings(out, {"pretrain_steps": pretrain_steps, "finetune_steps": finetune_steps,
+                         "finetune_epochs": None if finetune_steps else finetune_epochs, "split": split,
+                         "config": {"file": None, "overrides": overrides}})
     say = log or (lambda msg: None)
     rows: list[dict[str, Any]] = []
     cells = [(b, p, s) for b in backbones for p in policies for s in range(first_seed, first_seed + seeds)]

@@ -29,6 +29,7 @@ from ahm.bench.compare import (
     below_floors,
     check_grid,
     check_same_dims,
+    check_settings,
     finetune_cell,
     floors,
     hd95_values,
@@ -48,11 +49,6 @@ COLUMNS = ["backbone", "policy", "corpus", "corpus_subjects", "labels", "labelle
            "dataset_dice", "iou", "hd95", "hd95_unit", "val_dice", "selection", "empty_cases", "pretrain_steps",
            "pretrain_final_loss", "hardness_ratio", "critic_spearman", "pretrain_s", "finetune_s"]
 SAME = "data"  # the corpus name of "pretrain on the labelled set's own training subjects"
-SETTINGS = "grid.json"  # the settings every cell of a grid folder was run with
-# each setting as the option that sets it, for the one line that refuses a grid resumed with others
-_OPTION = {"pretrain_steps": "--pretrain-steps", "pretrain_epochs": "--pretrain-epochs",
-           "finetune_steps": "--finetune-steps", "finetune_epochs": "--finetune-epochs", "split": "--split",
-           "config": "--config (its contents)"}
 
 
 def parse_labels(text: str) -> list[int | str]:
@@ -96,32 +92,6 @@ def corpus_names(data: str | Path, corpora: Optional[list[str | Path]]) -> list[
     if len({name for name, _ in named}) != len(named):
         raise AhmError("--corpus: two folders share one name; give folders with distinct names")
     return named
-
-
-def _unset(value: Any) -> Any:
-    return "(unset)" if value is None else value
-
-
-def check_settings(out: Path, settings: dict[str, Any]) -> None:
-    """Refuse, in one line and before any work, a grid folder whose cells were run with other settings (a finished
-    cell is kept, so a resume with another budget or config would mix two grids in one table); record them in a
-    new (or older, unrecorded) grid folder."""
-    path = out / SETTINGS
-    settings = json.loads(json.dumps(settings))  # as it reads back: tuples as lists
-    if path.is_file():
-        try:
-            saved = json.loads(path.read_text())
-        except (OSError, ValueError) as err:
-            raise AhmError(f"{path}: not readable ({err}); it records the grid's settings") from None
-        for key, value in settings.items():
-            if key in saved and saved[key] != value:
-                shown = "" if key == "config" else f" {_unset(saved[key])}, not {_unset(value)}"
-                raise AhmError(f"--out {out}: its cells were run with another {_OPTION.get(key, key)}{shown} "
-                               f"({path}); give another --out, or this grid's own settings")
-        if all(key in saved for key in settings):
-            return
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(path, settings)
 
 
 def run_curve(data: str | Path, out: str | Path, policies: list[str], backbones: list[str], labels: list[int | str],

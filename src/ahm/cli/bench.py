@@ -111,7 +111,9 @@ def compare(
     results.md: mean +- std per backbone and policy (per-case and dataset-level Dice); each policy minus scratch
     (and minus random) paired by seed, with the seeds it was ahead on and an exact sign-flip p-value; the two
     floors (intensity lookup, predict nothing), and a flag on every policy that does not beat both. Finished cells
-    scored under another --empty-cases are re-scored from their checkpoints, not retrained.
+    scored under another --empty-cases are re-scored from their checkpoints, not retrained. The grid directory's
+    grid.json records the budgets, split and config: rerunning it with others is refused (a new budget is a new
+    --out).
     """
     from ahm.bench.compare import run_compare
     from ahm.config import read_yaml
