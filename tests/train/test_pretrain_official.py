@@ -52,6 +52,28 @@ def test_three_stages_in_one_run_and_summary(full_run: Path) -> None:
     assert records[6]["lr"] == pytest.approx(records[0]["lr"]) and records[6]["lr"] > records[3]["lr"]
 
 
+def test_summary_averages_the_last_steps_not_the_last_probes(blobs: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hardness ratio is probed every `official_probe_every` steps: averaging its last 50 probes would reach
+    500 steps back, into the agent stage. summary.json averages what was logged in the last SUMMARY_WINDOW steps
+    (here 3: steps 8-10, all in the MIM stage), so the run's figure is its final stage's."""
+    from ahm.train import pretrain as module
+
+    monkeypatch.setattr(module, "SUMMARY_WINDOW", 3)
+    run = tmp_path / "run"
+    pretrain(_cfg(blobs), run, progress=False)
+    summary = json.loads((run / "summary.json").read_text())
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    probes = {r["step"]: r["hardness_ratio"] for r in records if "hardness_ratio" in r}
+    assert [s for s in probes if s > STEPS - 3] == [9, 10]  # every 2 steps (0-based) and at a stage's last step
+    assert summary["hardness_ratio"] == pytest.approx((probes[9] + probes[10]) / 2)
+    spearman = [r["critic_spearman"] for r in records if r["step"] > STEPS - 3]
+    assert summary["critic_spearman"] == pytest.approx(sum(spearman) / len(spearman))
+    # nothing logged in the window: the last value stands
+    assert module.recent_mean([(2, 1.0), (4, 3.0)], 10) == 3.0
+    assert module.recent_mean([(2, 1.0), (8, 3.0), (9, 5.0)], 10) == 4.0
+
+
 def test_model_frozen_during_agent_stage(blobs: Path, tmp_path: Path) -> None:
     run = tmp_path / "part"
     pretrain(_cfg(blobs), run, progress=False, stop_at=4)

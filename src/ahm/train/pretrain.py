@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict, deque
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -32,7 +33,7 @@ from ahm.train.loop import (
 from ahm.train.rundir import MetricsLog, prepare_run_dir, read_metrics, unstarted_run
 from ahm.train.schedule import lr_factor, set_lr
 
-SUMMARY_WINDOW = 50
+SUMMARY_WINDOW = 50  # steps: summary.json averages each metric over what was logged in the run's last 50 steps
 MAX_SEEN = 4096  # entries per rank kept as evidence of disjoint DDP shards (rank_samples.json)
 
 
@@ -200,13 +201,14 @@ def _train(fabric, cfg, out, resume, progress, model, policy, corpus, total, ste
     batches = iter(loader)
     seen: list[int] = []
     log = MetricsLog(out, resume_step=start_step if resume else None, tensorboard=is_main) if is_main else None
+    # (step, value) of each metric's recent values; a metric logged every step fills it with the last 50 steps
     window: dict[str, deque] = defaultdict(lambda: deque(maxlen=SUMMARY_WINDOW))
     if resume and is_main:
         # The summary averages recent steps; after a resume near the end those are in the log, not in memory.
         for record in read_metrics(out)[-SUMMARY_WINDOW:]:
             for key, value in record.items():
                 if key not in ("step", "lr", "images_per_s", "skipped_batches") and isinstance(value, (int, float)):
-                    window[key].append(float(value))
+                    window[key].append((int(record["step"]), float(value)))
     pending: dict[str, list[float]] = defaultdict(list)
     meter = Throughput()
     skipped = skipped_before
@@ -280,11 +282,11 @@ def _train(fabric, cfg, out, resume, progress, model, policy, corpus, total, ste
                 if bad is None and math.isfinite(float(out_mim.loss.detach())):
                     last_loss = float(out_mim.loss.detach())
                     pending["loss"].append(last_loss)
-                    window["loss"].append(last_loss)
+                    window["loss"].append((step, last_loss))
                     for key, value in pstep.metrics.items():
                         if value is not None and not (isinstance(value, float) and math.isnan(value)):
                             pending[key].append(float(value))
-                            window[key].append(float(value))
+                            window[key].append((step, float(value)))
                 # a stage's last step is always logged, so every stage has final diagnostics in metrics.jsonl
                 if log is not None and (step % cfg.train.log_every == 0 or step == total or step == stage.end):
                     record = {"step": step, "lr": lr, "images_per_s": rate}
@@ -319,7 +321,7 @@ def _train(fabric, cfg, out, resume, progress, model, policy, corpus, total, ste
         "policy": cfg.masking.policy,
         "backbone": cfg.model.backbone,
         "steps": step,
-        "final_loss": float(np.mean(list(window["loss"])[-10:])) if window["loss"] else last_loss,
+        "final_loss": float(np.mean([v for _, v in window["loss"]][-10:])) if window["loss"] else last_loss,
         "images_per_s": meter.median(),
         "skipped_batches": skipped,
         "world_size": world,
@@ -336,7 +338,7 @@ def _train(fabric, cfg, out, resume, progress, model, policy, corpus, total, ste
         summary["skipped_files"] = {"count": len(problems), "first": problems[:5]}
     for key, values in window.items():
         if key != "loss" and values:
-            summary[key] = float(np.mean(values))
+            summary[key] = recent_mean(values, step)
     if world > 1:
         # Evidence that ranks stayed in lock-step: model (DDP) and policy (all-reduced grads) weights agree.
         prints = fabric.all_gather(_fingerprint(raw_model, policy).to(fabric.device)).cpu()
@@ -358,6 +360,15 @@ def _train(fabric, cfg, out, resume, progress, model, policy, corpus, total, ste
         _write_reconstructions(raw_model, policy, dataset, out / "reconstructions.png", fabric.device)
         write_json(out / "summary.json", summary)
     return summary
+
+
+def recent_mean(values: Iterable[tuple[int, float]], step: int) -> float:
+    """The mean of the (step, value) pairs logged in the last `SUMMARY_WINDOW` steps up to `step`, or else the
+    last value. By step, not by count: a metric probed every 10 steps (ahm-official's hardness ratio) would
+    otherwise average its last 50 probes, 500 steps that reach back into an earlier stage."""
+    values = list(values)
+    recent = [v for s, v in values if s > step - SUMMARY_WINDOW]
+    return float(np.mean(recent)) if recent else float(values[-1][1])
 
 
 STAGE_DIAGNOSTICS = ("loss", "hardness_ratio", "critic_spearman", "background_share", "agent_loss", "mean_reward")
