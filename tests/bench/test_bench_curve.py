@@ -375,3 +375,35 @@ def _merge_train(overrides: dict, train: dict) -> dict:
     merged = copy.deepcopy(overrides)
     merged["pretrain"]["train"] = {**merged["pretrain"]["train"], **train}
     return merged
+
+
+def test_pretrain_cell_remakes_a_run_kept_only_as_its_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A grid folder rebuilt from kept records has pretraining summaries without weights: the cells still to run
+    need the encoder, so the run is made again (not taken as done), and the cell says it is a rerun."""
+    import json
+
+    from ahm.bench.compare import pretrain_cell, pretrain_figures
+    from ahm.config import PretrainConfig, build_config
+
+    data = make_blob_folder(tmp_path / "data", n=10)
+    cfg = build_config(PretrainConfig, overrides=tiny_pretrain_overrides(data, backbone="unet", steps=2))
+    run = tmp_path / "pretrain" / "unet-random-corpusdata-seed3"
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({"steps": 2, "final_loss": 9.25}))  # what `restore.py load` leaves
+    summary, _ = pretrain_cell(cfg, run)
+    assert (run / "encoder.safetensors").is_file() and (run / "run.json").is_file()
+    assert summary["recorded_final_loss"] == 9.25 and summary["final_loss"] != 9.25
+    assert pretrain_figures(summary)["pretrain_recorded_final_loss"] == 9.25
+    assert "recorded_final_loss" not in json.loads((run / "summary.json").read_text())
+
+    def boom(*a, **k):
+        raise AssertionError("a finished run was made again")
+
+    monkeypatch.setattr("ahm.train.pretrain.pretrain", boom)
+    again, _ = pretrain_cell(cfg, run)  # summary and weights: done, kept
+    assert again["final_loss"] == summary["final_loss"] and "pretrain_recorded_final_loss" not in pretrain_figures(again)
+    # weights gone from a run folder that holds more than the record: the run is remade (--force), not resumed
+    (run / "encoder.safetensors").unlink()
+    monkeypatch.undo()
+    third, _ = pretrain_cell(cfg, run)
+    assert (run / "encoder.safetensors").is_file() and third["recorded_final_loss"] == summary["final_loss"]

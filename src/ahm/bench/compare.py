@@ -191,19 +191,34 @@ def pretrain_figures(summary: dict[str, Any]) -> dict[str, Any]:
     hardness ratio of the masked patches and the critic's rank correlation with the true error (else None)."""
     return {"pretrain_steps": summary.get("steps"), "pretrain_final_loss": summary.get("final_loss"),
             "hardness_ratio": summary.get("hardness_ratio"),
-            "critic_spearman": summary.get("critic_spearman")}
+            "critic_spearman": summary.get("critic_spearman"),
+            **({"pretrain_recorded_final_loss": summary["recorded_final_loss"]} if "recorded_final_loss" in summary
+               else {})}
 
 
 def pretrain_cell(cfg: PretrainConfig, run_dir: Path) -> tuple[dict[str, Any], float]:
-    """A grid's pretraining run: its summary if it finished earlier, else run (or resume) it; and the seconds."""
+    """A grid's pretraining run: its summary if it finished earlier, else run (or resume) it; and the seconds.
+
+    A finished run is its summary *and* its encoder. A summary alone is a record whose weights are gone (a grid
+    folder rebuilt from kept records, which hold summaries, not weights): the cells still to run need the encoder,
+    so the run is made again, and its summary carries `recorded_final_loss`, the recorded run's final loss, so that
+    the cell says its pretraining is a rerun and by how much the rerun differs (a rerun cut before it finished
+    resumes as an ordinary run, without that figure)."""
     from ahm.train.pretrain import pretrain
 
     t0 = time.perf_counter()
     summary_path = run_dir / "summary.json"
+    recorded = None
     if summary_path.is_file():
-        return json.loads(summary_path.read_text()), time.perf_counter() - t0
-    resume = (run_dir / "checkpoints" / "last.ckpt").is_file()
+        recorded = json.loads(summary_path.read_text())
+        if (run_dir / "encoder.safetensors").is_file():
+            return recorded, time.perf_counter() - t0
+        if not (run_dir / "run.json").is_file() and [p.name for p in run_dir.iterdir()] == ["summary.json"]:
+            summary_path.unlink()  # the record alone (the repository keeps it): start the run afresh here
+    resume = recorded is None and (run_dir / "checkpoints" / "last.ckpt").is_file()
     summary = pretrain(cfg, run_dir, resume=resume, force=not resume and run_dir.exists(), progress=False)
+    if recorded is not None:
+        summary = {**summary, "recorded_final_loss": recorded.get("final_loss")}
     return summary, time.perf_counter() - t0
 
 

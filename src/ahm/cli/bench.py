@@ -171,7 +171,10 @@ def curve(
     labelled set's own, paired by seed; with three corpora or more, one trend test per policy and labels: each
     seed's least-squares slope of Dice against log10 corpus subjects, sign-flip p over the seeds) and results.png
     (Dice against each axis, error bars over seeds). The grid folder's grid.json records its budgets, split and
-    config: rerunning it with others is refused (a new budget is a new --out).
+    config: rerunning it with others is refused (a new budget is a new --out). A finished cell is kept; a
+    pretraining run is finished when its summary.json and encoder.safetensors are both there (a summary alone, as
+    kept records leave it, is pretrained again for the cells still to run, and those cells record the kept run's
+    final loss as pretrain_recorded_final_loss).
     """
     from ahm.bench.curve import parse_labels, run_curve
     from ahm.config import read_yaml
