@@ -407,3 +407,19 @@ def test_pretrain_cell_remakes_a_run_kept_only_as_its_record(tmp_path: Path, mon
     monkeypatch.undo()
     third, _ = pretrain_cell(cfg, run)
     assert (run / "encoder.safetensors").is_file() and third["recorded_final_loss"] == summary["final_loss"]
+
+
+def test_plot_styles_one_colour_per_policy_one_look_per_corpus_and_labels() -> None:
+    """4 policies on 4 corpora and scratch are 17 lines: a colour cycle alone would give two policies one colour."""
+    from ahm.bench.curve import plot_styles
+
+    table = [{"backbone": "unet", "policy": "scratch", "corpus": "-", "labels": n} for n in (1, 5)]
+    table += [{"backbone": "unet", "policy": p, "corpus": c, "labels": n}
+              for p in ("random", "hpm", "ahm", "ahm-official") for c in ("data", "c50", "c200", "c1000")
+              for n in (1, 5)]
+    styles = plot_styles(table)
+    colours = styles["colour"]
+    assert len(colours) == 5 and len(set(colours.values())) == 5
+    looks = [tuple(sorted(v.items())) for v in styles["corpus"].values()]
+    assert len(looks) == 5 and len(set(looks)) == 5  # '-' (scratch) and the four corpora
+    assert set(styles["labels"]) == {"1", "5"} and styles["labels"]["1"] != styles["labels"]["5"]

@@ -405,8 +405,39 @@ def _log_ticks(ax, values: list[int]) -> None:
     """A log axis labelled at the grid's own values (1, 2, 5, 42), not at powers of ten."""
     ticks = sorted({int(v) for v in values if v})
     ax.set_xscale("log")
-    ax.set_xticks(ticks, [str(t) for t in ticks])
+    # a label close to the one before (42 and 50 subjects) goes a line lower, so that the two do not run together
+    ax.set_xticks(ticks, [("\n" if i and t < 1.5 * ticks[i - 1] else "") + str(t) for i, t in enumerate(ticks)])
     ax.minorticks_off()
+
+
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
+LINESTYLES = ["-", "--", ":", "-."]
+
+
+def plot_styles(table: list[dict[str, Any]]) -> dict[str, dict]:
+    """How the plot tells its lines apart: one colour per (backbone, policy), the same in every panel, and one line
+    style and marker per corpus (left panel) and per labels (middle and right). A colour cycle alone gives 17 lines
+    (4 policies on 4 corpora and scratch) only 10 colours, so different lines would share one."""
+    policies = list(dict.fromkeys((e["backbone"], e["policy"]) for e in table))
+    corpora = list(dict.fromkeys(e["corpus"] for e in table))
+    labels = list(dict.fromkeys(str(e["labels"]) for e in table))
+    look = lambda i: {"linestyle": LINESTYLES[i % len(LINESTYLES)], "marker": MARKERS[i % len(MARKERS)]}
+    return {"colour": {k: f"C{i % 10}" for i, k in enumerate(policies)},
+            "corpus": {c: look(i) for i, c in enumerate(corpora)},
+            "labels": {n: look(i) for i, n in enumerate(labels)}}
+
+
+def _legend(ax, styles: dict[str, dict], kind: str, names: dict[str, str], multi_backbone: bool,
+            extra: tuple = (), policies: Optional[set] = None) -> None:
+    """Two keys under the panel: the colours of its policies (default: all) and the line styles of `kind` (corpus
+    or labels) named in `names`."""
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=c, linewidth=2, label=p + (f" [{b}]" if multi_backbone else ""))
+               for (b, p), c in styles["colour"].items() if policies is None or (b, p) in policies]
+    handles += [Line2D([], [], color="0.35", label=names.get(k, k), **look)
+                for k, look in styles[kind].items() if k in names] + list(extra)
+    ax.legend(handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, frameon=False)
 
 
 def _plot(path: Path, table: list[dict[str, Any]], split: str,
@@ -414,7 +445,7 @@ def _plot(path: Path, table: list[dict[str, Any]], split: str,
           by_corpus: Optional[list[dict[str, Any]]] = None) -> None:
     """Left: Dice against labelled subjects, one line per (backbone, policy, corpus). When the grid has more than
     one corpus, middle: Dice against corpus subjects, one line per (backbone, policy, labels), scratch as a
-    dashed level; right: the same paired by seed (each corpus minus the same policy on the reference corpus, the
+    grey level; right: the same paired by seed (each corpus minus the same policy on the reference corpus, the
     corpus table's differences), where the spread between seeds' labelled subjects, which dominates the middle
     panel's bars, cancels. Error bars: one sample std over seeds (right: of the paired differences)."""
     import matplotlib
@@ -427,25 +458,32 @@ def _plot(path: Path, table: list[dict[str, Any]], split: str,
         by_corpus = paired_by_corpus(rows or [])
     by_corpus = by_corpus if len(corpora) > 1 else []
     panels = 1 + (len(corpora) > 1) + bool(by_corpus)
-    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.6), squeeze=False)
+    styles = plot_styles(table)
+    multi = len({e["backbone"] for e in table}) > 1
+    subjects_of = {e["corpus"]: e["corpus_subjects"] for e in table}
     ax = axes[0][0]
     for key in dict.fromkeys((e["backbone"], e["policy"], e["corpus"]) for e in table):
         pts = sorted((e for e in table if (e["backbone"], e["policy"], e["corpus"]) == key),
                      key=lambda e: e["labelled_subjects"])
-        label = f"{key[1]}" + ("" if key[2] in ("-", SAME) else f" ({key[2]})") + \
-            (f" [{key[0]}]" if len({e['backbone'] for e in table}) > 1 else "")
         ax.errorbar([e["labelled_subjects"] for e in pts], [e["dice"] for e in pts],
-                    yerr=[e["dice_std"] for e in pts], marker="o", capsize=3, label=label)
+                    yerr=[e["dice_std"] for e in pts], capsize=3, color=styles["colour"][key[:2]],
+                    **styles["corpus"][key[2]])
+    floor: list = []
     if baselines:
         subjects = {str(r["labels"]): r["labelled_subjects"] for r in rows or []}
         pts = sorted((subjects[k], doc["summary"]["dice"]["mean"]) for k, doc in baselines.items() if k in subjects)
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], color="0.3", linestyle="--", linewidth=1,
-                    marker="x", label="intensity lookup (floor)")
+            floor = ax.plot([p[0] for p in pts], [p[1] for p in pts], color="0.3", linestyle="--", linewidth=1,
+                            marker="x", label="intensity lookup (floor)")
     _log_ticks(ax, [e["labelled_subjects"] for e in table])
     ax.set_xlabel("labelled training subjects")
     ax.set_ylabel(f"mean Dice ({split})")
-    ax.legend(fontsize=8)
+    corpus_names = {c: ("no pretraining" if c == "-" else c if subjects_of.get(c) is None
+                        else f"{c} ({subjects_of[c]})") for c in styles["corpus"]}
+    if len(corpora) <= 1:  # one corpus: the colours alone name the lines
+        corpus_names = {}
+    _legend(ax, styles, "corpus", corpus_names, multi, extra=tuple(floor))
     if len(corpora) > 1:
         ax = axes[0][1]
         for key in dict.fromkeys((e["backbone"], e["policy"], str(e["labels"])) for e in table
@@ -453,14 +491,17 @@ def _plot(path: Path, table: list[dict[str, Any]], split: str,
             pts = sorted((e for e in table if (e["backbone"], e["policy"], str(e["labels"])) == key
                           and e["corpus"] != "-"), key=lambda e: e["corpus_subjects"])
             ax.errorbar([e["corpus_subjects"] for e in pts], [e["dice"] for e in pts],
-                        yerr=[e["dice_std"] for e in pts], marker="o", capsize=3, label=f"{key[1]}, {key[2]} labelled")
+                        yerr=[e["dice_std"] for e in pts], capsize=3, color=styles["colour"][key[:2]],
+                        **styles["labels"][key[2]])
         for e in table:
             if e["corpus"] == "-":
-                ax.axhline(e["dice"], linestyle="--", linewidth=1, color="0.4")
+                ax.axhline(e["dice"], linestyle="-", linewidth=1, color="0.6")
         _log_ticks(ax, [e["corpus_subjects"] for e in table if e["corpus"] != "-"])
-        ax.set_xlabel("unlabelled corpus (training subjects); dashed: scratch")
+        ax.set_xlabel("unlabelled corpus (training subjects); grey: scratch")
         ax.set_ylabel(f"mean Dice ({split})")
-        ax.legend(fontsize=8)
+        label_names = {n: f"{n} labelled" for n in styles["labels"]}
+        pretrained = {(e["backbone"], e["policy"]) for e in table if e["corpus"] != "-"}
+        _legend(ax, styles, "labels", label_names, multi, policies=pretrained)
     if by_corpus:
         ax = axes[0][2]
         for key in dict.fromkeys((e["backbone"], e["policy"], e["labels"]) for e in by_corpus):
@@ -468,14 +509,13 @@ def _plot(path: Path, table: list[dict[str, Any]], split: str,
                          key=lambda e: e["corpus_subjects"] or 0)
             x = [pts[0]["reference_subjects"]] + [e["corpus_subjects"] for e in pts]
             ax.errorbar(x, [0.0] + [e["dice"] for e in pts], yerr=[0.0] + [e["dice_std"] for e in pts],
-                        marker="o", capsize=3, label=f"{key[1]}, {key[2]} labelled")
+                        capsize=3, color=styles["colour"][key[:2]], **styles["labels"][str(key[2])])
         ax.axhline(0.0, linestyle="--", linewidth=1, color="0.4")
         _log_ticks(ax, [e["corpus_subjects"] for e in by_corpus] + [by_corpus[0]["reference_subjects"]])
         ax.set_xlabel(f"unlabelled corpus (training subjects); paired minus {by_corpus[0]['reference']}")
         ax.set_ylabel(f"Dice ({split}) difference, paired by seed")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
+        _legend(ax, styles, "labels", label_names, multi, policies={(e["backbone"], e["policy"]) for e in by_corpus})
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")  # "tight": the keys under the panels included
     plt.close(fig)
     write_bytes(path, buf.getvalue())
