@@ -414,6 +414,10 @@ MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
 LINESTYLES = ["-", "--", ":", "-."]
 
 
+def _look(i: int) -> dict[str, str]:
+    return {"linestyle": LINESTYLES[i % len(LINESTYLES)], "marker": MARKERS[i % len(MARKERS)]}
+
+
 def plot_styles(table: list[dict[str, Any]]) -> dict[str, dict]:
     """How the plot tells its lines apart: one colour per (backbone, policy), the same in every panel, and one line
     style and marker per corpus (left panel) and per labels (middle and right). A colour cycle alone gives 17 lines
@@ -421,10 +425,9 @@ def plot_styles(table: list[dict[str, Any]]) -> dict[str, dict]:
     policies = list(dict.fromkeys((e["backbone"], e["policy"]) for e in table))
     corpora = list(dict.fromkeys(e["corpus"] for e in table))
     labels = list(dict.fromkeys(str(e["labels"]) for e in table))
-    look = lambda i: {"linestyle": LINESTYLES[i % len(LINESTYLES)], "marker": MARKERS[i % len(MARKERS)]}
     return {"colour": {k: f"C{i % 10}" for i, k in enumerate(policies)},
-            "corpus": {c: look(i) for i, c in enumerate(corpora)},
-            "labels": {n: look(i) for i, n in enumerate(labels)}}
+            "corpus": {c: _look(i) for i, c in enumerate(corpora)},
+            "labels": {n: _look(i) for i, n in enumerate(labels)}}
 
 
 def _legend(ax, styles: dict[str, dict], kind: str, names: dict[str, str], multi_backbone: bool,
@@ -462,6 +465,7 @@ def _plot(path: Path, table: list[dict[str, Any]], split: str,
     styles = plot_styles(table)
     multi = len({e["backbone"] for e in table}) > 1
     subjects_of = {e["corpus"]: e["corpus_subjects"] for e in table}
+    label_names = {n: f"{n} labelled" for n in styles["labels"]}
     ax = axes[0][0]
     for key in dict.fromkeys((e["backbone"], e["policy"], e["corpus"]) for e in table):
         pts = sorted((e for e in table if (e["backbone"], e["policy"], e["corpus"]) == key),
@@ -479,10 +483,10 @@ def _plot(path: Path, table: list[dict[str, Any]], split: str,
     _log_ticks(ax, [e["labelled_subjects"] for e in table])
     ax.set_xlabel("labelled training subjects")
     ax.set_ylabel(f"mean Dice ({split})")
-    corpus_names = {c: ("no pretraining" if c == "-" else c if subjects_of.get(c) is None
-                        else f"{c} ({subjects_of[c]})") for c in styles["corpus"]}
-    if len(corpora) <= 1:  # one corpus: the colours alone name the lines
-        corpus_names = {}
+    # one corpus: the colours alone name the lines
+    corpus_names = {} if len(corpora) <= 1 else {
+        c: ("no pretraining" if c == "-" else c if subjects_of.get(c) is None else f"{c} ({subjects_of[c]})")
+        for c in styles["corpus"]}
     _legend(ax, styles, "corpus", corpus_names, multi, extra=tuple(floor))
     if len(corpora) > 1:
         ax = axes[0][1]
@@ -499,7 +503,6 @@ def _plot(path: Path, table: list[dict[str, Any]], split: str,
         _log_ticks(ax, [e["corpus_subjects"] for e in table if e["corpus"] != "-"])
         ax.set_xlabel("unlabelled corpus (training subjects); grey: scratch")
         ax.set_ylabel(f"mean Dice ({split})")
-        label_names = {n: f"{n} labelled" for n in styles["labels"]}
         pretrained = {(e["backbone"], e["policy"]) for e in table if e["corpus"] != "-"}
         _legend(ax, styles, "labels", label_names, multi, policies=pretrained)
     if by_corpus:
