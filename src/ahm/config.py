@@ -466,6 +466,10 @@ class FinetuneConfig(_Strict):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig(epochs=30, batch_size=8, lr=1e-3, weight_decay=1e-4, warmup_steps=20)
     init: Optional[str] = None  # pretraining run directory, or None for scratch
+    # The frozen-encoder protocol (a probe of the representation): only the new layers train (UNETR's decoder; the
+    # UNet's expanding path and head); the encoder's weights and normalisation statistics stay fixed (eval mode).
+    # Its scratch arm is the same network with a randomly initialised frozen encoder (`init: random`).
+    freeze_encoder: bool = False
     segmenter: str = "unetr"  # a registered backbone's segmenter ("unetr", "unet"); checked before any data is read
     labels_fraction: Fraction = 1.0
     # Label exactly this many training subjects instead of a fraction of them (None: use labels_fraction). For a

@@ -423,3 +423,120 @@ def test_plot_styles_one_colour_per_policy_one_look_per_corpus_and_labels() -> N
     looks = [tuple(sorted(v.items())) for v in styles["corpus"].values()]
     assert len(looks) == 5 and len(set(looks)) == 5  # '-' (scratch) and the four corpora
     assert set(styles["labels"]) == {"1", "5"} and styles["labels"]["1"] != styles["labels"]["5"]
+
+
+def test_budget_axis_and_frozen_protocol_share_pretraining_runs_and_keep_their_settings(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--pretrain-steps 2,4 with --protocol finetune,frozen: one pretraining run per budget, each with its own
+    complete schedule, shared by both protocols' cells; scratch once per protocol; tables name both axes."""
+    import json
+
+    from ahm.bench.curve import run_curve
+
+    data = make_blob_folder(tmp_path / "data", n=20)
+    out = tmp_path / "grid"
+    kwargs = dict(policies=["scratch", "random"], backbones=["unet"], labels=[1], seeds=1, finetune_steps=2,
+                  overrides=_overrides(tmp_path))
+    result = run_curve(data, out, pretrain_steps=[3, 6], protocols=["finetune", "frozen"], **kwargs)
+    cells = sorted(p.name for p in (out / "cells").iterdir())
+    assert cells == ["unet-random-corpusdata-steps3-labels1-frozen-seed0", "unet-random-corpusdata-steps3-labels1-seed0",
+                     "unet-random-corpusdata-steps6-labels1-frozen-seed0", "unet-random-corpusdata-steps6-labels1-seed0",
+                     "unet-scratch-corpus--labels1-frozen-seed0", "unet-scratch-corpus--labels1-seed0"]
+    assert sorted(p.name for p in (out / "pretrain").iterdir()) == ["unet-random-corpusdata-steps3-seed0",
+                                                                   "unet-random-corpusdata-steps6-seed0"]
+    # each budget is its own run on its own complete schedule (warm-up, cosine to its own last step), so the
+    # small budget is not a snapshot taken part-way through the large one's cosine
+    from ahm.train.schedule import lr_factor
+
+    lrs = {}
+    for budget in (3, 6):
+        run = out / "pretrain" / f"unet-random-corpusdata-steps{budget}-seed0"
+        assert json.loads((run / "summary.json").read_text())["steps"] == budget
+        lrs[budget] = [r["lr"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+        cfg = json.loads(json.dumps(__import__("yaml").safe_load((run / "config.yaml").read_text())))["train"]
+        assert lrs[budget] == pytest.approx([cfg["lr"] * lr_factor(s, budget, cfg["warmup_steps"],
+                                                                   cfg["min_lr"] / cfg["lr"]) for s in range(budget)])
+    assert lrs[3][2] < lrs[6][2]
+    rows = {(r["policy"], r["protocol"], r["pretrain_budget"]): r for r in result["rows"]}
+    assert set(rows) == {("scratch", "finetune", None), ("scratch", "frozen", None), ("random", "finetune", 3),
+                         ("random", "frozen", 3), ("random", "finetune", 6), ("random", "frozen", 6)}
+    for cell in cells:
+        summary = json.loads((out / "cells" / cell / "finetune" / "summary.json").read_text())
+        assert summary["protocol"] == ("frozen" if "frozen" in cell else "finetune")
+    frozen_scratch = json.loads((out / "cells" / cells[4] / "finetune" / "summary.json").read_text())
+    whole_scratch = json.loads((out / "cells" / cells[5] / "finetune" / "summary.json").read_text())
+    assert frozen_scratch["trainable_parameters"] < whole_scratch["trainable_parameters"]
+    # random - scratch paired within each protocol and budget
+    pairs = {(e["protocol"], e["pretrain_budget"]) for e in result["paired"] if e["reference"] == "scratch"}
+    assert pairs == {("finetune", 3), ("finetune", 6), ("frozen", 3), ("frozen", 6)}
+    md = (out / "results.md").read_text()
+    assert "| backbone | protocol | budget (steps) | policy |" in md
+    assert "| unet | frozen | 6 | random | data (6) | 1 (1) | 1 |" in md
+    assert "Budget trend" in md and "| unet | frozen | data | 1 | random | 3, 6 | 1 |" in md
+    header = next(csv.reader((out / "results.csv").open()))
+    assert {"protocol", "pretrain_budget"} <= set(header)
+    saved = json.loads((out / "grid.json").read_text())
+    assert saved["pretrain_steps"] == [3, 6] and saved["protocols"] == ["finetune", "frozen"]
+
+    def boom(*a, **k):
+        raise AssertionError("a refused grid ran a cell")
+
+    monkeypatch.setattr("ahm.train.finetune.finetune", boom)
+    monkeypatch.setattr("ahm.train.pretrain.pretrain", boom)
+    before = {p: p.read_bytes() for p in out.rglob("*.json")}
+    with pytest.raises(AhmError, match=r"another --pretrain-steps \[3, 6\], not \[3, 6, 12\]"):
+        run_curve(data, out, pretrain_steps=[3, 6, 12], protocols=["finetune", "frozen"], **kwargs)
+    with pytest.raises(AhmError, match=r"another --protocol"):
+        run_curve(data, out, pretrain_steps=[3, 6], protocols=["finetune"], **kwargs)
+    assert {p: p.read_bytes() for p in out.rglob("*.json")} == before
+
+
+def test_budget_and_protocol_refusals(tmp_path: Path) -> None:
+    from ahm.bench.curve import parse_budgets, parse_protocols, run_curve
+
+    assert parse_budgets("1000, 3000,10000") == [1000, 3000, 10000]
+    for bad, message in (("3000,1000", "positive and increasing"), ("0", "positive and increasing"),
+                         ("1000,1000", "positive and increasing"), ("1e3", "'1e3' is not a number of steps"),
+                         ("", "give at least one budget")):
+        with pytest.raises(AhmError, match=f"--pretrain-steps.*{message}"):
+            parse_budgets(bad)
+    assert parse_protocols("frozen, finetune,frozen") == ["frozen", "finetune"]
+    with pytest.raises(AhmError, match="--protocol: 'linear' is not a protocol"):
+        parse_protocols("linear")
+    data = make_blob_folder(tmp_path / "data", n=20)
+    with pytest.raises(AhmError, match="--pretrain-steps 2,4 with --pretrain-epochs"):
+        run_curve(data, tmp_path / "o", ["random"], ["unet"], [1], 1, [2, 4], 1, pretrain_epochs=2,
+                  overrides=_overrides(tmp_path))
+    assert not (tmp_path / "o").exists()
+    from ahm.cli.app import _register, app
+
+    _register()
+    res = CliRunner().invoke(app, ["bench", "curve", str(data), "--out", str(tmp_path / "o"),
+                                   "--pretrain-steps", "3000,1000"])
+    assert res.exit_code == 2 and "increasing" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_budget_trend_slope_per_tenfold_budget_and_where_the_gain_reaches_the_target() -> None:
+    from ahm.bench.curve import budget_trend
+
+    rows = []
+    for seed in range(3):
+        rows.append({"backbone": "unet", "policy": "scratch", "corpus": "-", "labels": 1, "seed": seed,
+                     "protocol": "frozen", "dice": 0.5 + 0.1 * seed, "val_dice": 0.5})
+        for budget in (1000, 10000, 100000):
+            # gain over scratch: 0.01 at 1000 steps, +0.01 per tenfold budget: reaches 0.03 at 100,000
+            gain = 0.01 + 0.01 * math.log10(budget / 1000)
+            rows.append({"backbone": "unet", "policy": "random", "corpus": "data", "labels": 1, "seed": seed,
+                         "protocol": "frozen", "pretrain_budget": budget, "dice": 0.5 + 0.1 * seed + gain,
+                         "val_dice": 0.5 + gain})
+    (entry,) = budget_trend(rows)
+    assert entry["budgets"] == [1000, 10000, 100000] and entry["n"] == 3 and entry["protocol"] == "frozen"
+    assert entry["dice"] == pytest.approx(0.01) and entry["dice_ahead"] == 3
+    assert entry["gain_at_largest"] == pytest.approx(0.03)
+    assert entry["crosses_at"] == pytest.approx(100000, rel=1e-6)
+    # a gain that falls by 0.01 per tenfold budget never reaches the target
+    falling = [dict(r, dice=r["dice"] - 0.02 * math.log10(r["pretrain_budget"] / 1000)) if r.get("pretrain_budget")
+               else r for r in rows]
+    (entry,) = budget_trend(falling)
+    assert entry["dice"] == pytest.approx(-0.01) and entry["crosses_at"] is None

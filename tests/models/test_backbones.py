@@ -179,6 +179,9 @@ class _ConvBackbone(Backbone):
                  "pretrained": True},
                 {"name": "head", "params": list(segmenter[2].parameters()), "lr": base_lr, "pretrained": False}]
 
+    def encoder_modules(self, segmenter: nn.Module) -> list[nn.Module]:
+        return [segmenter[0]]
+
     def crop_multiple(self, model_cfg: ModelConfig) -> int:
         return 12
 

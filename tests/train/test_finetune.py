@@ -407,3 +407,69 @@ def test_head_warmup_trains_only_the_new_layers_first(blobs: Path, tmp_path: Pat
     assert not (tmp_path / "ft2").exists()
     with pytest.raises(AhmError, match="head_warmup_steps"):
         _cfg(blobs, head_warmup_steps=-1)
+
+
+def _frozen_state(model: torch.nn.Module, frozen: list[torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """Every tensor of the frozen modules' state (weights and normalisation statistics), by name."""
+    ids = {id(m) for m in frozen}
+    out = {}
+    for name, module in model.named_modules():
+        if id(module) in ids:
+            for key, value in module.state_dict().items():
+                out[f"{name}.{key}"] = value.detach().clone()
+    return out
+
+
+@pytest.mark.parametrize("model, segmenter", [(UNET, "unet"), (VIT, "unetr")])
+def test_frozen_encoder_keeps_weights_and_statistics_and_trains_the_rest(blobs: Path, tmp_path: Path, model: dict,
+                                                                        segmenter: str) -> None:
+    from ahm.io import load_safetensors
+    from ahm.models import backbone_of_segmenter, build_segmenter
+
+    pre = _fake_pretrain_run(tmp_path / "pre", {**model, "norm": "batch"})
+    cfg = _cfg(blobs, init=str(pre), freeze_encoder=True, model={"norm": "batch"})
+    cfg.train.epochs, cfg.train.steps = None, 4
+    summary = finetune(cfg, tmp_path / "ft", progress=False)
+    assert summary["protocol"] == "frozen"
+    trained = load_torch(tmp_path / "ft" / "checkpoints" / "last.ckpt")["model"]
+    seg = build_segmenter(segmenter, ModelConfig(**{**model, "norm": "batch"}), 32, 1, 2)
+    frozen = backbone_of_segmenter(segmenter).encoder_modules(seg)
+    names = _frozen_state(seg, frozen)
+    enc = load_safetensors(pre / "encoder.safetensors")
+    prefix = "vit." if segmenter == "unetr" else ""
+    for key in names:  # weights and (UNet) batch-norm running statistics: exactly the pretrained ones
+        assert torch.equal(trained[key], enc[key.removeprefix(prefix)]), key
+    assert any("running_mean" in k for k in names) == (segmenter == "unet")
+    # everything outside the encoder trained, and fewer parameters than the whole network
+    rest = [k for k, v in seg.state_dict().items() if k not in names and v.is_floating_point()
+            and "running" not in k]
+    start = seg.state_dict()
+    moved = [k for k in rest if k in enc and not torch.equal(trained[k], enc[k])] + \
+        [k for k in rest if k not in enc and not torch.equal(trained[k], start[k])]
+    assert moved
+    assert summary["trainable_parameters"] < sum(p.numel() for p in seg.parameters())
+
+
+def test_frozen_protocol_scratch_arm_is_a_random_frozen_encoder(blobs: Path, tmp_path: Path) -> None:
+    cfg = _cfg(blobs, init="random", freeze_encoder=True, model={"norm": "batch"})
+    cfg.train.epochs, cfg.train.steps = None, 3
+    summary = finetune(cfg, tmp_path / "ft", progress=False)
+    assert summary["protocol"] == "frozen" and summary["init"] == "none"
+    scratch = finetune(_cfg(blobs, init="random", model={"norm": "batch"}, train={"epochs": None, "steps": 3}),
+                       tmp_path / "ft2", progress=False)
+    assert scratch["protocol"] == "finetune"
+    assert summary["trainable_parameters"] < scratch["trainable_parameters"]
+
+
+def test_freeze_encoder_without_init_is_refused_before_anything_is_written(blobs: Path, tmp_path: Path) -> None:
+    for init in (None, "none"):
+        with pytest.raises(AhmError, match="--freeze-encoder: nothing pretrained to freeze"):
+            finetune(_cfg(blobs, init=init, freeze_encoder=True), tmp_path / "ft", progress=False)
+    assert not (tmp_path / "ft").exists()
+    from ahm.cli.app import _register, app
+
+    _register()
+    result = CliRunner().invoke(app, ["-q", "finetune", str(blobs), "--init", "none", "--freeze-encoder", "--out",
+                                      str(tmp_path / "cli")])
+    assert result.exit_code == 2 and "--freeze-encoder: nothing pretrained to freeze" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "cli").exists()

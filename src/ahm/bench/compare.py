@@ -40,7 +40,7 @@ SETTINGS = "grid.json"  # the settings every cell of a grid folder was run with
 # each setting as the option that sets it, for the one line that refuses a grid resumed with others
 _OPTION = {"pretrain_steps": "--pretrain-steps", "pretrain_epochs": "--pretrain-epochs",
            "finetune_steps": "--finetune-steps", "finetune_epochs": "--finetune-epochs", "split": "--split",
-           "config": "--config (its contents)"}
+           "config": "--config (its contents)", "protocols": "--protocol"}
 
 
 def _unset(value: Any) -> Any:

@@ -45,10 +45,43 @@ from ahm.errors import AhmError
 from ahm.io import write_bytes, write_json, write_text
 
 ALL = "all"
-COLUMNS = ["backbone", "policy", "corpus", "corpus_subjects", "labels", "labelled_subjects", "seed", "dice",
+COLUMNS = ["backbone", "protocol", "policy", "pretrain_budget", "corpus", "corpus_subjects", "labels", "labelled_subjects", "seed", "dice",
            "dataset_dice", "iou", "hd95", "hd95_unit", "val_dice", "selection", "empty_cases", "pretrain_steps",
            "pretrain_final_loss", "hardness_ratio", "critic_spearman", "pretrain_s", "finetune_s"]
 SAME = "data"  # the corpus name of "pretrain on the labelled set's own training subjects"
+PROTOCOLS = ("finetune", "frozen")  # every weight trains; only the new layers train (`finetune --freeze-encoder`)
+PROTOCOL_TEXT = {"finetune": "finetune (every weight trains)",
+                 "frozen": "frozen (only the new layers train; scratch: a random frozen encoder)"}
+
+
+def parse_budgets(text: str) -> list[int]:
+    """`1000,3000,10000` -> [1000, 3000, 10000]: pretraining budgets in steps, positive and increasing."""
+    budgets = []
+    for part in (p.strip() for p in str(text).split(",")):
+        if not part:
+            continue
+        try:
+            budgets.append(int(part))
+        except ValueError:
+            raise AhmError(f"--pretrain-steps: {part!r} is not a number of steps") from None
+    if not budgets:
+        raise AhmError("--pretrain-steps: give at least one budget, e.g. 1000,3000,10000")
+    for before, after in zip([0] + budgets, budgets):
+        if after <= before:
+            raise AhmError(f"--pretrain-steps {','.join(map(str, budgets))}: budgets must be positive and "
+                           f"increasing ({after} after {before or 'the start'})")
+    return budgets
+
+
+def parse_protocols(text: str) -> list[str]:
+    """`finetune,frozen` -> ['finetune', 'frozen']; AhmError naming the option for anything else."""
+    protocols = list(dict.fromkeys(p.strip() for p in str(text).split(",") if p.strip()))
+    for p in protocols:
+        if p not in PROTOCOLS:
+            raise AhmError(f"--protocol: {p!r} is not a protocol; choose from {', '.join(PROTOCOLS)}")
+    if not protocols:
+        raise AhmError("--protocol: give finetune, frozen or both")
+    return protocols
 
 
 def parse_labels(text: str) -> list[int | str]:
@@ -95,11 +128,12 @@ def corpus_names(data: str | Path, corpora: Optional[list[str | Path]]) -> list[
 
 
 def run_curve(data: str | Path, out: str | Path, policies: list[str], backbones: list[str], labels: list[int | str],
-              seeds: int, pretrain_steps: int, finetune_steps: int, corpora: Optional[list[str | Path]] = None,
+              seeds: int, pretrain_steps: int | list[int], finetune_steps: int, corpora: Optional[list[str | Path]] = None,
               base_config: Optional[str | Path] = None, overrides: Optional[dict[str, Any]] = None,
               split: str = "test", first_seed: int = 0, log: Optional[Callable[[str], None]] = None,
               finetune_epochs: Optional[int] = None, spatial_dims: Optional[int] = None,
-              gather: bool = False, pretrain_epochs: Optional[int] = None) -> dict[str, Any]:
+              gather: bool = False, pretrain_epochs: Optional[int] = None,
+              protocols: Optional[list[str]] = None) -> dict[str, Any]:
     """Run every unfinished cell of backbone x corpus x policy x labels x seed; write results.csv, results.md
     and results.png (Dice against each axis, error bars one std over seeds); return rows, table and paired.
     `gather`: run nothing, report the finished cells (while other processes still run the grid); the tables say
@@ -108,17 +142,28 @@ def run_curve(data: str | Path, out: str | Path, policies: list[str], backbones:
     Fine-tuning runs `finetune_steps` steps, or, with `finetune_epochs`, that many epochs over the cell's labelled
     slices but at least `finetune_steps` steps (a budget that grows with the labelled set). Pretraining likewise
     runs `pretrain_steps` steps, or, with `pretrain_epochs`, that many epochs over each corpus but at least
-    `pretrain_steps` steps (a budget that grows with the corpus). `spatial_dims` (2 or 3), when given, sets
+    `pretrain_steps` steps (a budget that grows with the corpus). Several `pretrain_steps` (increasing) make the
+    pretraining budget an axis: each budget is its own pretraining run with its own warm-up and complete cosine
+    decay (a mid-schedule snapshot of a longer run is not a budget point), cells named `-steps{B}`, and one
+    trend test per policy of Dice against log10(steps). `protocols`: `finetune` (every weight trains, the
+    default) and/or `frozen` (only the new layers train; its scratch arm is the same network with a random frozen
+    encoder); the pretraining runs are shared by both. `spatial_dims` (2 or 3), when given, sets
     `data.spatial_dims` of both sections of `overrides` (3: volumes, HD95 in mm). The folder's `grid.json` records
     these settings; a grid folder run with others is refused (`check_settings`)."""
     from ahm.models.backbones import get_backbone
 
     check_grid(policies, backbones, seeds, first_seed)
+    budgets = parse_budgets(",".join(map(str, [pretrain_steps] if isinstance(pretrain_steps, int) else pretrain_steps)))
+    axis = len(budgets) > 1
+    if axis and pretrain_epochs is not None:
+        raise AhmError(f"--pretrain-steps {','.join(map(str, budgets))} with --pretrain-epochs: each point's budget "
+                       "would be either; give a list of step budgets, or one floor with --pretrain-epochs")
+    protocols = parse_protocols(",".join(protocols or ["finetune"]))
     for option, value in (("--finetune-epochs", finetune_epochs), ("--pretrain-epochs", pretrain_epochs)):
         if value is not None and value < 1:
             raise AhmError(f"{option} {value}: give at least 1")
-    pre_length: dict[str, Any] = ({"train": {"steps": None, "epochs": pretrain_epochs}, "min_steps": pretrain_steps}
-                                  if pretrain_epochs else {"train": {"steps": pretrain_steps}})
+    pre_length: dict[str, Any] = ({"train": {"steps": None, "epochs": pretrain_epochs}, "min_steps": budgets[0]}
+                                  if pretrain_epochs else {"train": {"steps": budgets[0]}})
     length: dict[str, Any] = {"min_steps": finetune_steps} if finetune_epochs else {"min_steps": None}
     length_train: dict[str, Any] = ({"epochs": finetune_epochs, "steps": None} if finetune_epochs
                                     else {"epochs": None, "steps": finetune_steps})
@@ -139,23 +184,32 @@ def run_curve(data: str | Path, out: str | Path, policies: list[str], backbones:
         pre_data = build_config(PretrainConfig, file=base_config, overrides=_merge(overrides.get("pretrain", {}), {
             "data": {"path": str(path)}}), nulls=True)
         corpus_subjects[name] = _train_subjects(path, FinetuneConfig(data=pre_data.data))
-    check_settings(out, {"pretrain_steps": pretrain_steps, "pretrain_epochs": pretrain_epochs,
+    check_settings(out, {"pretrain_steps": budgets if axis else budgets[0], "protocols": protocols,
+                         "pretrain_epochs": pretrain_epochs,
                          "finetune_steps": finetune_steps, "finetune_epochs": finetune_epochs, "split": split,
                          "config": {"file": read_yaml(base_config) if base_config else None, "overrides": overrides}})
 
     cells = []
     for backbone in backbones:
         for policy in policies:
-            for name, path in (corpus_list if policy != "scratch" else [("-", Path(data))]):
+            arms = ([(name, path, b) for name, path in corpus_list for b in budgets] if policy != "scratch"
+                    else [("-", Path(data), None)])
+            for name, path, steps in arms:
                 for n in labels:
-                    for seed in range(first_seed, first_seed + seeds):
-                        cells.append((backbone, policy, name, path, n, seed))
+                    for protocol in protocols:
+                        for seed in range(first_seed, first_seed + seeds):
+                            cells.append((backbone, policy, name, path, steps, n, protocol, seed))
+    # the smallest budget first (scratch with it): a grid cut short still has whole curves at its small budgets
+    cells.sort(key=lambda c: c[4] or 0)
     rows: list[dict[str, Any]] = []
     missing: list[str] = []
-    for k, (backbone, policy, name, path, n, seed) in enumerate(cells, 1):
-        cell_dir = out / "cells" / f"{backbone}-{policy}-corpus{name}-labels{n}-seed{seed}"
+    for k, (backbone, policy, name, path, steps, n, protocol, seed) in enumerate(cells, 1):
+        at_budget = f"-steps{steps}" if axis and steps else ""
+        frozen = protocol == "frozen"
+        cell_dir = (out / "cells" / f"{backbone}-{policy}-corpus{name}{at_budget}-labels{n}"
+                    f"{'-frozen' if frozen else ''}-seed{seed}")
         done = cell_dir / "cell.json"
-        pre_dir = out / "pretrain" / f"{backbone}-{policy}-corpus{name}-seed{seed}"
+        pre_dir = out / "pretrain" / f"{backbone}-{policy}-corpus{name}{at_budget}-seed{seed}"
         if done.is_file():
             row = json.loads(done.read_text())
             if (policy != "scratch" and not {"hardness_ratio", "pretrain_steps"} <= set(row)
@@ -169,15 +223,16 @@ def run_curve(data: str | Path, out: str | Path, policies: list[str], backbones:
             missing.append(cell_dir.name)
             continue
         say(f"[{k}/{len(cells)}] {cell_dir.name}")
-        row: dict[str, Any] = {"backbone": backbone, "policy": policy, "corpus": name,
+        row: dict[str, Any] = {"backbone": backbone, "protocol": protocol, "policy": policy,
+                               "pretrain_budget": steps if axis else None, "corpus": name,
                                "corpus_subjects": corpus_subjects.get(name), "labels": n,
                                "labelled_subjects": n_train if n == ALL else int(n), "seed": seed}
-        init = None
+        init = "random" if frozen else None  # the frozen protocol's scratch arm: a random frozen encoder
         if policy != "scratch":
             pre_cfg = build_config(PretrainConfig, file=base_config, overrides=_merge(_merge(
                 overrides.get("pretrain", {}), {
                     "data": {"path": str(path)}, "model": {"backbone": backbone}, "masking": {"policy": policy},
-                    **pre_length}), {"train": {"seed": seed}}), nulls=True)
+                    **pre_length}), {"train": {"seed": seed, **({"steps": steps} if axis else {})}}), nulls=True)
             summary, pretrain_s = pretrain_cell(pre_cfg, pre_dir)
             row["pretrain_s"] = pretrain_s
             row.update(pretrain_figures(summary))
@@ -186,7 +241,7 @@ def run_curve(data: str | Path, out: str | Path, policies: list[str], backbones:
                                   else {"labels_fraction": 1.0, "labels_subjects": int(n)})
         ft_cfg = build_config(FinetuneConfig, file=base_config, overrides=_merge(overrides.get("finetune", {}), {
             "data": {"path": str(data)}, "model": {"backbone": backbone}, "segmenter": get_backbone(backbone).segmenter,
-            "init": init, **budget, **length, "train": {**length_train, "seed": seed},
+            "init": init, "freeze_encoder": frozen, **budget, **length, "train": {**length_train, "seed": seed},
         }), nulls=True)
         row.update(finetune_cell(ft_cfg, cell_dir / "finetune", data, split))
         write_json(done, row)
@@ -211,8 +266,18 @@ def run_curve(data: str | Path, out: str | Path, policies: list[str], backbones:
             "missing": missing}
 
 
+def protocol(r: dict[str, Any]) -> str:
+    """A row's protocol; cells from before the frozen protocol existed were all fine-tuned whole."""
+    return r.get("protocol") or "finetune"
+
+
+def _arm(r: dict[str, Any]) -> tuple:
+    """What else, besides the corpus, a pretrained point is defined by: its protocol and pretraining budget."""
+    return (protocol(r), r.get("pretrain_budget"))
+
+
 def _point(r: dict[str, Any]) -> tuple:
-    return (r["backbone"], r["policy"], r["corpus"], str(r["labels"]))
+    return (r["backbone"], protocol(r), r["policy"], r["corpus"], r.get("pretrain_budget"), str(r["labels"]))
 
 
 def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -222,7 +287,8 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for point in points:
         group = [r for r in rows if _point(r) == point]
         first = group[0]
-        entry: dict[str, Any] = {"backbone": first["backbone"], "policy": first["policy"], "corpus": first["corpus"],
+        entry: dict[str, Any] = {"backbone": first["backbone"], "protocol": protocol(first), "policy": first["policy"],
+                                 "pretrain_budget": first.get("pretrain_budget"), "corpus": first["corpus"],
                                  "corpus_subjects": first.get("corpus_subjects"), "labels": first["labels"],
                                  "labelled_subjects": first["labelled_subjects"], "n": len(group)}
         for metric in ("dice", "dataset_dice", "iou", "hd95", "val_dice"):
@@ -233,15 +299,21 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def paired_by_point(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """At every (corpus, labels) point, each policy minus scratch (and minus random), paired by seed, with
-    `bench compare`'s exact sign-flip p. Scratch cells (corpus '-') pair with every corpus."""
+    """At every (protocol, corpus, budget, labels) point, each policy minus scratch (and minus random), paired by
+    seed, with `bench compare`'s exact sign-flip p. Scratch cells (corpus '-') pair with every corpus and budget of
+    their protocol."""
     out = []
     corpora = [c for c in dict.fromkeys(r["corpus"] for r in rows) if c != "-"]
-    for labels in dict.fromkeys(str(r["labels"]) for r in rows):
-        for corpus in corpora:
-            group = [r for r in rows if str(r["labels"]) == labels and r["corpus"] in (corpus, "-")]
-            for entry in paired_differences(group):
-                out.append({**entry, "corpus": corpus, "labels": labels})
+    budgets = list(dict.fromkeys(r.get("pretrain_budget") for r in rows if r["corpus"] != "-"))
+    for proto in dict.fromkeys(protocol(r) for r in rows):
+        for labels in dict.fromkeys(str(r["labels"]) for r in rows):
+            for corpus in corpora:
+                for budget in budgets:
+                    group = [r for r in rows if str(r["labels"]) == labels and protocol(r) == proto
+                             and (r["corpus"] == "-" or (r["corpus"], r.get("pretrain_budget")) == (corpus, budget))]
+                    for entry in paired_differences(group):
+                        out.append({**entry, "protocol": proto, "corpus": corpus, "pretrain_budget": budget,
+                                    "labels": labels})
     return out
 
 
@@ -256,19 +328,21 @@ def paired_by_corpus(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     reference = SAME if SAME in corpora else corpora[0]
     sizes = {r["corpus"]: r.get("corpus_subjects") or 0 for r in rows}
     others = sorted((c for c in corpora if c != reference), key=lambda c: (sizes.get(c, 0), c))
-    by_cell = {(r["backbone"], r["policy"], r["corpus"], str(r["labels"]), r["seed"]): r for r in rows}
+    by_cell = {(r["backbone"], r["policy"], r["corpus"], str(r["labels"]), _arm(r), r["seed"]): r for r in rows}
     out = []
-    for labels in dict.fromkeys(str(r["labels"]) for r in rows):
-        for backbone in dict.fromkeys(r["backbone"] for r in rows):
-            for policy in dict.fromkeys(r["policy"] for r in rows if r["corpus"] != "-"):
-                for corpus in others:
-                    pairs = [(by_cell[k], by_cell[(backbone, policy, reference, labels, k[4])]) for k in by_cell
-                             if k[:4] == (backbone, policy, corpus, labels)
-                             and (backbone, policy, reference, labels, k[4]) in by_cell]
-                    if pairs:
-                        out.append({"backbone": backbone, "policy": policy, "labels": labels, "corpus": corpus,
-                                    "corpus_subjects": sizes.get(corpus), "reference": reference,
-                                    "reference_subjects": sizes.get(reference), **paired_entry(pairs)})
+    for arm in dict.fromkeys(_arm(r) for r in rows if r["corpus"] != "-"):
+        for labels in dict.fromkeys(str(r["labels"]) for r in rows):
+            for backbone in dict.fromkeys(r["backbone"] for r in rows):
+                for policy in dict.fromkeys(r["policy"] for r in rows if r["corpus"] != "-"):
+                    for corpus in others:
+                        pairs = [(by_cell[k], by_cell[(backbone, policy, reference, labels, arm, k[5])])
+                                 for k in by_cell if k[:5] == (backbone, policy, corpus, labels, arm)
+                                 and (backbone, policy, reference, labels, arm, k[5]) in by_cell]
+                        if pairs:
+                            out.append({"backbone": backbone, "protocol": arm[0], "pretrain_budget": arm[1],
+                                        "policy": policy, "labels": labels, "corpus": corpus,
+                                        "corpus_subjects": sizes.get(corpus), "reference": reference,
+                                        "reference_subjects": sizes.get(reference), **paired_entry(pairs)})
     return out
 
 
@@ -276,7 +350,8 @@ MIN_TREND_CORPORA = 3  # with two corpora a slope is only their paired differenc
 
 
 def corpus_trend(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Does Dice grow with the corpus? One test per (backbone, labels, policy) instead of one per corpus pair.
+    """Does Dice grow with the corpus? One test per (backbone, protocol, budget, labels, policy) instead of one per
+    corpus pair.
 
     Per seed, the least-squares slope of Dice against log10(corpus subjects) over every corpus that policy was
     pretrained on (Dice gained per tenfold corpus), for seeds that have a cell on each of them (at least
@@ -285,26 +360,80 @@ def corpus_trend(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     hand: a per-seed regression followed by a permutation test on its slopes is two lines of numpy, and no
     library we use offers this paired trend test."""
     sizes = {r["corpus"]: r.get("corpus_subjects") for r in rows if r["corpus"] != "-"}
-    by_cell = {(r["backbone"], r["policy"], r["corpus"], str(r["labels"]), r["seed"]): r for r in rows}
+    out = []
+    for arm in dict.fromkeys(_arm(r) for r in rows if r["corpus"] != "-"):
+        mine = [r for r in rows if r["corpus"] != "-" and _arm(r) == arm and sizes.get(r["corpus"])]
+        for entry in _trends(mine, "corpus", lambda c: float(sizes[c]), MIN_TREND_CORPORA):
+            entry["corpora"] = entry.pop("values")
+            entry["corpus_subjects"] = [sizes[c] for c in entry["corpora"]]
+            out.append({"protocol": arm[0], "pretrain_budget": arm[1], **entry})
+    return out
+
+
+MIN_TREND_BUDGETS = 2
+TARGET_GAIN = 0.03  # the Dice over scratch that makes the positive control succeed
+
+
+def budget_trend(rows: list[dict[str, Any]], target: float = TARGET_GAIN) -> list[dict[str, Any]]:
+    """Does Dice grow with pretraining compute? Per (backbone, protocol, corpus, labels, policy): each seed's
+    least-squares slope of Dice against log10(pretraining steps) over the grid's budgets (Dice gained per tenfold
+    budget), their mean, spread, seeds up and exact sign-flip p, as `corpus_trend` does for the corpus. With scratch
+    cells of the same protocol, labels and seeds, also the line fitted to the policy's paired gain over scratch
+    (mean over seeds of each seed's intercept and slope) and the budget at which it would reach `target`:
+    `crosses_at` (an extrapolation when beyond the largest budget; None when the line does not rise to it)."""
+    out = []
+    scratch = {(r["backbone"], protocol(r), str(r["labels"]), r["seed"]): r for r in rows if r["corpus"] == "-"}
+    pretrained = [r for r in rows if r["corpus"] != "-" and r.get("pretrain_budget")]
+    for proto, corpus in dict.fromkeys((protocol(r), r["corpus"]) for r in pretrained):
+        mine = [r for r in pretrained if (protocol(r), r["corpus"]) == (proto, corpus)]
+        for entry in _trends(mine, "pretrain_budget", float, MIN_TREND_BUDGETS):
+            entry["budgets"] = entry.pop("values")
+            x = np.log10(np.asarray(entry["budgets"], dtype=np.float64))
+            fits = []
+            for seed in entry["seeds"]:
+                ref = scratch.get((entry["backbone"], proto, entry["labels"], seed))
+                cells = [next(r for r in mine if (r["backbone"], r["policy"], str(r["labels"]), r["seed"],
+                                                  r["pretrain_budget"]) == (entry["backbone"], entry["policy"],
+                                                                            entry["labels"], seed, b))
+                         for b in entry["budgets"]]
+                if ref is not None and ref.get("dice") is not None and all(c.get("dice") is not None for c in cells):
+                    gain = np.asarray([c["dice"] - ref["dice"] for c in cells], dtype=np.float64)
+                    fits.append(np.polyfit(x, gain, 1))
+            crossing: dict[str, Any] = {"gain_seeds": len(fits)}
+            if fits:
+                slope, intercept = (float(v) for v in np.mean(fits, axis=0))
+                crossing.update({"gain_slope": slope, "gain_intercept": intercept,
+                                 "gain_at_largest": intercept + slope * float(x[-1]),
+                                 "crosses_at": (float(10 ** ((target - intercept) / slope)) if slope > 0 else None)})
+            out.append({"protocol": proto, "corpus": corpus, **entry, **crossing})
+    return out
+
+
+def _trends(rows: list[dict[str, Any]], along: str, x_of: Callable[[Any], float],
+            min_points: int) -> list[dict[str, Any]]:
+    """Per (backbone, labels, policy) of `rows`: each seed's least-squares slope of Dice (and validation Dice)
+    against log10(x_of(row[along])) over every value of `along` the rows hold, for the seeds with a cell at each
+    (at least `min_points` distinct x), then `paired_stats` over the seeds' slopes."""
+    by_cell = {(r["backbone"], r["policy"], r[along], str(r["labels"]), r["seed"]): r for r in rows}
     out = []
     for labels in dict.fromkeys(str(r["labels"]) for r in rows):
         for backbone in dict.fromkeys(r["backbone"] for r in rows):
-            for policy in dict.fromkeys(r["policy"] for r in rows if r["corpus"] != "-"):
+            for policy in dict.fromkeys(r["policy"] for r in rows):
                 mine = [r for r in rows if (r["backbone"], r["policy"], str(r["labels"])) == (backbone, policy, labels)]
-                corpora = sorted({r["corpus"] for r in mine if sizes.get(r["corpus"])}, key=lambda c: (sizes[c], c))
-                if len({sizes[c] for c in corpora}) < MIN_TREND_CORPORA:
+                values = sorted({r[along] for r in mine}, key=lambda v: (x_of(v), str(v)))
+                if len({x_of(v) for v in values}) < min_points:
                     continue
                 seeds = [s for s in dict.fromkeys(r["seed"] for r in mine)
-                         if all((backbone, policy, c, labels, s) in by_cell for c in corpora)]
+                         if all((backbone, policy, v, labels, s) in by_cell for v in values)]
                 if not seeds:
                     continue
-                x = np.log10([float(sizes[c]) for c in corpora])
+                x = np.log10([x_of(v) for v in values])
                 entry: dict[str, Any] = {"backbone": backbone, "policy": policy, "labels": labels, "n": len(seeds),
-                                         "corpora": corpora, "corpus_subjects": [sizes[c] for c in corpora]}
+                                         "values": values, "seeds": seeds}
                 for metric in ("dice", "val_dice"):
                     slopes = []
                     for s in seeds:
-                        y = [by_cell[(backbone, policy, c, labels, s)].get(metric) for c in corpora]
+                        y = [by_cell[(backbone, policy, v, labels, s)].get(metric) for v in values]
                         if all(v is not None for v in y):
                             slopes.append(float(np.polyfit(x, np.asarray(y, dtype=np.float64), 1)[0]))
                     entry.update(paired_stats(metric, slopes))
@@ -329,6 +458,14 @@ def write_results(out: Path, rows: list[dict[str, Any]], table: list[dict[str, A
     write_text(out / "results.csv", buf.getvalue())
     units = sorted({str(r["hd95_unit"]) for r in rows if r.get("hd95_unit")})
     hd95 = f"HD95 ({split}, mm)" if units == ["mm"] else f"HD95 ({split})"
+    protos = list(dict.fromkeys(protocol(r) for r in rows))
+    budgets = [b for b in dict.fromkeys(r.get("pretrain_budget") for r in rows) if b]
+    # one protocol and one budget: named once above the tables; else a column each in every table
+    wide = len(protos) > 1 or len(budgets) > 1
+    head, rule = (" protocol | budget (steps) |", "---|---|") if wide else ("", "")
+
+    def arm(e: dict[str, Any]) -> str:
+        return f" {e.get('protocol') or 'finetune'} | {e.get('pretrain_budget') or '-'} |" if wide else ""
     lines = [f"Mean +- sample std over seeds; Dice on the `{split}` split (never used for choices); val Dice is the "
              "fine-tuning validation score used for model selection. `labels`: labelled training subjects; "
              "`corpus`: the set the encoder was pretrained on (its training subjects; '-': no pretraining)."
@@ -336,15 +473,18 @@ def write_results(out: Path, rows: list[dict[str, Any]], table: list[dict[str, A
              + (" A row whose cells differ in HD95 unit shows no HD95 ('-')." if len(units) > 1 else "")
              + (f" **Partial: {len(rows)} of {len(rows) + missing} cells finished** (gathered while the grid "
                 "runs; `n` is the seeds finished per point, pairs only seeds finished in both arms)."
-                if missing else ""), "",
-             f"| backbone | policy | corpus (subjects) | labels (subjects) | n | Dice ({split}) | {hd95} | "
-             "val Dice | floors |", "|---|---|---|---|---|---|---|---|---|"]
-    for e in sorted(table, key=lambda e: (e["backbone"], e["corpus"], e["policy"], e["labelled_subjects"])):
+                if missing else "")
+             + " Protocol: " + "; ".join(PROTOCOL_TEXT[p] for p in protos) + "."
+             + ("" if wide or not budgets else f" Pretraining budget: {budgets[0]} steps."), "",
+             f"| backbone |{head} policy | corpus (subjects) | labels (subjects) | n | Dice ({split}) | {hd95} | "
+             f"val Dice | floors |", f"|---|{rule}---|---|---|---|---|---|---|---|"]
+    for e in sorted(table, key=lambda e: (e["backbone"], e.get("protocol") or "", e["corpus"], e["policy"],
+                                          e.get("pretrain_budget") or 0, e["labelled_subjects"])):
         corpus = e["corpus"] if e["corpus"] == "-" else f"{e['corpus']} ({e['corpus_subjects']})"
         floor = floors(baselines.get(str(e["labels"])))
         failed = below_floors(e, floor)
         flag = ("**not clearly above: " + ", ".join(failed) + "**") if failed else ("above both" if floor else "-")
-        lines.append(f"| {e['backbone']} | {e['policy']} | {corpus} | {e['labels']} ({e['labelled_subjects']}) | "
+        lines.append(f"| {e['backbone']} |{arm(e)} {e['policy']} | {corpus} | {e['labels']} ({e['labelled_subjects']}) | "
                      f"{e['n']} | {_fmt(e['dice'], e['dice_std'])} | {_fmt(e['hd95'], e['hd95_std'], 2)} | "
                      f"{_fmt(e['val_dice'], e['val_dice_std'])} | {flag} |")
     if baselines:
@@ -363,10 +503,10 @@ def write_results(out: Path, rows: list[dict[str, Any]], table: list[dict[str, A
     if paired:
         lines += ["", "Paired by seed at each point (same labelled subjects): difference of Dice, mean +- std, seeds "
                       "ahead, exact sign-flip p (two-sided).", "",
-                  f"| backbone | corpus | labels | comparison | n | Dice ({split}) diff | ahead | p | val Dice diff | "
-                  "ahead | p |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  f"| backbone |{head} corpus | labels | comparison | n | Dice ({split}) diff | ahead | p | "
+                  "val Dice diff | ahead | p |", f"|---|{rule}---|---|---|---|---|---|---|---|---|---|"]
         for e in paired:
-            lines.append(f"| {e['backbone']} | {e['corpus']} | {e['labels']} | {e['policy']} - {e['reference']} | "
+            lines.append(f"| {e['backbone']} |{arm(e)} {e['corpus']} | {e['labels']} | {e['policy']} - {e['reference']} | "
                          f"{e['n']} | {e['dice']:+.4f} +- {e['dice_std']:.4f} | {e['dice_ahead']}/{e['n']} | "
                          f"{e['dice_p']:.3f} | {e['val_dice']:+.4f} +- {e['val_dice_std']:.4f} | "
                          f"{e['val_dice_ahead']}/{e['n']} | {e['val_dice_p']:.3f} |")
@@ -375,10 +515,10 @@ def write_results(out: Path, rows: list[dict[str, Any]], table: list[dict[str, A
         lines += ["", "Corpus size, paired by seed: each policy pretrained on a corpus minus the same policy "
                       "pretrained on the reference corpus, fine-tuned on the same labelled subjects with the same "
                       "seed; exact sign-flip p (two-sided).", "",
-                  f"| backbone | labels | policy | corpus - reference (subjects) | n | Dice ({split}) diff | ahead | p | "
-                  "val Dice diff | ahead | p |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  f"| backbone |{head} labels | policy | corpus - reference (subjects) | n | Dice ({split}) diff | "
+                  "ahead | p | val Dice diff | ahead | p |", f"|---|{rule}---|---|---|---|---|---|---|---|---|---|"]
         for e in by_corpus:
-            lines.append(f"| {e['backbone']} | {e['labels']} | {e['policy']} | {e['corpus']} ({e['corpus_subjects']}) "
+            lines.append(f"| {e['backbone']} |{arm(e)} {e['labels']} | {e['policy']} | {e['corpus']} ({e['corpus_subjects']}) "
                          f"- {e['reference']} ({e['reference_subjects']}) | {e['n']} | {e['dice']:+.4f} +- "
                          f"{e['dice_std']:.4f} | {e['dice_ahead']}/{e['n']} | {e['dice_p']:.3f} | "
                          f"{e['val_dice']:+.4f} +- {e['val_dice_std']:.4f} | {e['val_dice_ahead']}/{e['n']} | "
@@ -389,16 +529,60 @@ def write_results(out: Path, rows: list[dict[str, Any]], table: list[dict[str, A
                       "subjects) over every corpus the policy was pretrained on (Dice gained per tenfold corpus; "
                       "seeds with a cell on each corpus), then mean +- std of the seeds' slopes, seeds with a "
                       "positive slope, exact sign-flip p (two-sided). One test per policy and labels.", "",
-                  f"| backbone | labels | policy | corpora (subjects) | n | Dice ({split}) slope | up | p | "
-                  "val Dice slope | up | p |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  f"| backbone |{head} labels | policy | corpora (subjects) | n | Dice ({split}) slope | up | p | "
+                  "val Dice slope | up | p |", f"|---|{rule}---|---|---|---|---|---|---|---|---|---|"]
         for e in trend:
-            lines.append(f"| {e['backbone']} | {e['labels']} | {e['policy']} | "
+            lines.append(f"| {e['backbone']} |{arm(e)} {e['labels']} | {e['policy']} | "
                          f"{', '.join(str(n) for n in e['corpus_subjects'])} | {e['n']} | {e['dice']:+.4f} +- "
                          f"{e['dice_std']:.4f} | {e['dice_ahead']}/{e['n']} | {e['dice_p']:.3f} | "
                          f"{e['val_dice']:+.4f} +- {e['val_dice_std']:.4f} | {e['val_dice_ahead']}/{e['n']} | "
                          f"{e['val_dice_p']:.3f} |")
+    by_budget = budget_trend(rows)
+    if by_budget:
+        lines += ["", "Budget trend, paired by seed: per seed, the least-squares slope of Dice against log10(pretraining "
+                      "steps) over the grid's budgets (Dice gained per tenfold budget; each budget its own run with "
+                      "its own complete schedule), mean +- std over seeds, seeds up, exact sign-flip p (two-sided). "
+                      f"Gain: the line fitted to the paired gain over scratch (same protocol, labels and seeds), its "
+                      f"value at the largest budget, and the budget where it reaches +{TARGET_GAIN:g} (beyond the "
+                      "largest budget an extrapolation; '-' when it does not rise).", "",
+                  f"| backbone | protocol | corpus | labels | policy | budgets (steps) | n | Dice ({split}) slope | up | "
+                  "p | val Dice slope | up | p | gain at largest | reaches gain at (steps) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for e in by_budget:
+            crosses = e.get("crosses_at")
+            lines.append(f"| {e['backbone']} | {e['protocol']} | {e['corpus']} | {e['labels']} | {e['policy']} | "
+                         f"{', '.join(str(b) for b in e['budgets'])} | {e['n']} | {e['dice']:+.4f} +- "
+                         f"{e['dice_std']:.4f} | {e['dice_ahead']}/{e['n']} | {e['dice_p']:.3f} | "
+                         f"{e['val_dice']:+.4f} +- {e['val_dice_std']:.4f} | {e['val_dice_ahead']}/{e['n']} | "
+                         f"{e['val_dice_p']:.3f} | "
+                         + (f"{e['gain_at_largest']:+.4f}" if "gain_at_largest" in e else "-") + " | "
+                         + ("-" if crosses is None else f"{crosses:.3g}") + " |")
     write_text(out / "results.md", "\n".join(lines) + "\n")
     _plot(out / "results.png", table, split, baselines, rows, by_corpus)
+
+
+def _budget_panel(ax, table: list[dict[str, Any]], styles: dict[str, dict], split: str,
+                  label_names: dict[str, str], multi: bool) -> None:
+    """Dice against pretraining steps, one line per (backbone, policy, protocol, corpus, labels); scratch of each
+    protocol and labels as a level (solid: finetune, dotted: frozen)."""
+    for key in dict.fromkeys((e["backbone"], e["policy"], e.get("protocol"), e["corpus"], str(e["labels"]))
+                             for e in table if e.get("pretrain_budget")):
+        pts = sorted((e for e in table if e.get("pretrain_budget") and (
+            e["backbone"], e["policy"], e.get("protocol"), e["corpus"], str(e["labels"])) == key),
+            key=lambda e: e["pretrain_budget"])
+        look = dict(styles["labels"][key[4]])
+        if key[2] == "frozen":
+            look["markerfacecolor"] = "none"
+        ax.errorbar([e["pretrain_budget"] for e in pts], [e["dice"] for e in pts], yerr=[e["dice_std"] for e in pts],
+                    capsize=3, color=styles["colour"][key[:2]], **look)
+    for e in table:
+        if e["corpus"] == "-":
+            ax.axhline(e["dice"], linestyle=":" if e.get("protocol") == "frozen" else "-", linewidth=1, color="0.6")
+    _log_ticks(ax, [e["pretrain_budget"] for e in table if e.get("pretrain_budget")])
+    ax.set_xlabel("pretraining steps; grey: scratch (dotted: frozen); hollow markers: frozen")
+    ax.set_ylabel(f"mean Dice ({split})")
+    pretrained = {(e["backbone"], e["policy"]) for e in table if e.get("pretrain_budget")}
+    _legend(ax, styles, "labels", label_names, multi, policies=pretrained)
 
 
 def _log_ticks(ax, values: list[int]) -> None:
@@ -460,19 +644,24 @@ def _plot(path: Path, table: list[dict[str, Any]], split: str,
     if by_corpus is None:  # `paired_by_corpus(rows)`, unless the caller has it already
         by_corpus = paired_by_corpus(rows or [])
     by_corpus = by_corpus if len(corpora) > 1 else []
-    panels = 1 + (len(corpora) > 1) + bool(by_corpus)
+    budgets = {e.get("pretrain_budget") for e in table if e.get("pretrain_budget")}
+    panels = 1 + (len(corpora) > 1) + bool(by_corpus) + (len(budgets) > 1)
     fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.6), squeeze=False)
     styles = plot_styles(table)
     multi = len({e["backbone"] for e in table}) > 1
     subjects_of = {e["corpus"]: e["corpus_subjects"] for e in table}
     label_names = {n: f"{n} labelled" for n in styles["labels"]}
     ax = axes[0][0]
-    for key in dict.fromkeys((e["backbone"], e["policy"], e["corpus"]) for e in table):
-        pts = sorted((e for e in table if (e["backbone"], e["policy"], e["corpus"]) == key),
+    # with a budget axis the left panels show the largest budget (the budget panel shows the others)
+    shown = [e for e in table if e.get("pretrain_budget") in (None, max(budgets, default=None))]
+    for key in dict.fromkeys((e["backbone"], e["policy"], e["corpus"], e.get("protocol")) for e in shown):
+        pts = sorted((e for e in shown if (e["backbone"], e["policy"], e["corpus"], e.get("protocol")) == key),
                      key=lambda e: e["labelled_subjects"])
+        look = dict(styles["corpus"][key[2]])
+        if key[3] == "frozen":
+            look["markerfacecolor"] = "none"
         ax.errorbar([e["labelled_subjects"] for e in pts], [e["dice"] for e in pts],
-                    yerr=[e["dice_std"] for e in pts], capsize=3, color=styles["colour"][key[:2]],
-                    **styles["corpus"][key[2]])
+                    yerr=[e["dice_std"] for e in pts], capsize=3, color=styles["colour"][key[:2]], **look)
     floor: list = []
     if baselines:
         subjects = {str(r["labels"]): r["labelled_subjects"] for r in rows or []}
@@ -518,6 +707,8 @@ def _plot(path: Path, table: list[dict[str, Any]], split: str,
         ax.set_xlabel(f"unlabelled corpus (training subjects); paired minus {by_corpus[0]['reference']}")
         ax.set_ylabel(f"Dice ({split}) difference, paired by seed")
         _legend(ax, styles, "labels", label_names, multi, policies={(e["backbone"], e["policy"]) for e in by_corpus})
+    if len(budgets) > 1:
+        _budget_panel(axes[0][panels - 1], table, styles, split, label_names, multi)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")  # "tight": the keys under the panels included
     plt.close(fig)

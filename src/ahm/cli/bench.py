@@ -147,8 +147,13 @@ def curve(
     seeds: int = typer.Option(3, help="Seeds per point (mean +- std reported, paired by seed)."),
     first_seed: int = typer.Option(0, "--first-seed", help="First seed (split a grid across processes with "
                                    "disjoint ranges; a last call over all seeds gathers)."),
-    pretrain_steps: int = typer.Option(1000, "--pretrain-steps", help="Pretraining steps per run; with "
-                                       "--pretrain-epochs the least number of steps."),
+    pretrain_steps: str = typer.Option("1000", "--pretrain-steps", help="Pretraining steps per run; with "
+                                       "--pretrain-epochs the least number of steps. Several, increasing "
+                                       "(1000,3000,10000,30000), make the budget an axis: one run each, with its "
+                                       "own warm-up and complete cosine decay."),
+    protocol: str = typer.Option("finetune", "--protocol", help="finetune (every weight trains), frozen (only "
+                                 "the new layers train; scratch is the same network with a random frozen encoder), "
+                                 "or finetune,frozen (both, from the same pretraining runs)."),
     pretrain_epochs: Optional[int] = typer.Option(None, "--pretrain-epochs", help="Pretrain this many epochs over "
                                                   "each corpus (at least --pretrain-steps steps): a budget that "
                                                   "grows with the corpus."),
@@ -176,19 +181,20 @@ def curve(
     kept records leave it, is pretrained again for the cells still to run, and those cells record the kept run's
     final loss as pretrain_recorded_final_loss).
     """
-    from ahm.bench.curve import parse_labels, run_curve
+    from ahm.bench.curve import parse_budgets, parse_labels, parse_protocols, run_curve
     from ahm.config import read_yaml
 
     def go():
         overrides = read_yaml(config) if config else {}
         return run_curve(
             data, out_dir, [p.strip() for p in policies.split(",") if p.strip()],
-            [b.strip() for b in backbones.split(",") if b.strip()], parse_labels(labels), seeds, pretrain_steps,
+            [b.strip() for b in backbones.split(",") if b.strip()], parse_labels(labels), seeds,
+            parse_budgets(pretrain_steps),
             finetune_steps, corpora=[c.strip() for c in corpus.split(",") if c.strip()] if corpus else None,
             overrides=overrides, split=split, first_seed=first_seed,
             log=None if is_quiet() else (lambda msg: console.print(msg, highlight=False)),
             finetune_epochs=finetune_epochs, spatial_dims=spatial_dims, gather=gather,
-            pretrain_epochs=pretrain_epochs,
+            pretrain_epochs=pretrain_epochs, protocols=parse_protocols(protocol),
         )
 
     run_guarded(go)

@@ -55,6 +55,10 @@ def finetune(
                                                 help="Layer-wise lr decay over pretrained ViT blocks (1: off)."),
     encoder_lr_scale: float | None = typer.Option(None, "--encoder-lr-scale",
                                                      help="lr multiplier on pretrained weights (default 1)."),
+    freeze_encoder: bool | None = typer.Option(
+        None, "--freeze-encoder", help="Frozen-encoder protocol: train only the new layers (UNETR's decoder; the "
+        "UNet's expanding path and head), the encoder's weights and normalisation statistics fixed. Needs --init RUN; "
+        "--init random gives its scratch arm (the same network, its encoder random and frozen)."),
     head_warmup_steps: int | None = typer.Option(
         None, "--head-warmup-steps",
         help="First steps in which only the new layers train, pretrained weights at lr 0 (LP-FT; default 0)."),
@@ -86,6 +90,7 @@ def finetune(
     from ahm.errors import AhmError
     from ahm.models.backbones import segmenter_names, segmenter_of_backbone
     from ahm.train.finetune import finetune as run_finetune
+    from ahm.train.finetune import is_scratch_init
 
     if model is not None and model not in segmenter_names():
         fail(f"--model {model}: choose {' or '.join(segmenter_names())}")
@@ -106,7 +111,7 @@ def finetune(
                 raise AhmError("--init: give a pretraining run directory (from `ahm pretrain`), or 'none' to "
                                "train from scratch")
             chosen_init = str(file_init)
-        pretrained = chosen_init is not None and chosen_init.strip().lower() not in ("none", "scratch", "")
+        pretrained = chosen_init is not None and not is_scratch_init(chosen_init)
         inherited: dict = {}
         if pretrained and not resume:
             from ahm.train.finetune import load_init
@@ -123,14 +128,12 @@ def finetune(
             "init": chosen_init, "segmenter": model, "labels_fraction": labels_fraction,
             "labels_subjects": labels_subjects,
             "layer_decay": layer_decay, "encoder_lr_scale": encoder_lr_scale, "val_every": val_every,
-            "head_warmup_steps": head_warmup_steps, "select_by": select_by,
+            "head_warmup_steps": head_warmup_steps, "select_by": select_by, "freeze_encoder": freeze_encoder,
             "train": {"epochs": epochs, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "devices": devices,
                       "accelerator": accelerator, "precision": precision},
         }
         # the pretraining run's settings are defaults: the --config file and the options win over them
         cfg = build_config(FinetuneConfig, file=config, overrides=overrides, base={"data": inherited})
-        if chosen_init is not None and not pretrained:
-            cfg.init = None
         if steps is not None:
             cfg.train.epochs = None  # the run counts steps
         if resume and epochs is None and steps is None:

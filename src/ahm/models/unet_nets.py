@@ -13,6 +13,7 @@ pretrained network loads into its segmenter key for key except the new last laye
 
 from __future__ import annotations
 
+from monai.networks.layers import SkipConnection
 from monai.networks.nets import BasicUNet, UNet
 from torch import Tensor, nn
 
@@ -60,6 +61,22 @@ def head_prefix(net: nn.Module) -> str:
         return "final_conv."
     # MONAI's UNet is Sequential(first down block, skip connection holding the rest, final up block)
     return f"model.{len(net.model) - 1}."
+
+
+def contracting_path(net: nn.Module) -> list[nn.Module]:
+    """The encoder half of the network: the blocks every image passes on its way down to the bottom."""
+    if getattr(net, "network", "unet") == "basic-unet":
+        return [net.conv_0, net.down_1, net.down_2, net.down_3, net.down_4]
+    # MONAI's UNet nests Sequential(down, SkipConnection(inner), up) per level; the innermost `inner` is the bottom
+    blocks, level = [], net.model
+    while True:
+        blocks.append(level[0])
+        inner = level[1].submodule
+        if isinstance(inner, nn.Sequential) and len(inner) == 3 and isinstance(inner[1], SkipConnection):
+            level = inner
+            continue
+        blocks.append(inner)
+        return blocks
 
 
 def decoder_features(net: nn.Module, images: Tensor) -> Tensor:

@@ -128,8 +128,31 @@ def check_volume_crop(cfg: FinetuneConfig) -> None:
     check_crop(cfg.data, multiple, why=f"the {cfg.segmenter} segmenter's input")
 
 
-def _is_none(init: str | None) -> bool:
-    return init is None or str(init).strip().lower() in ("", "none", "scratch")
+RANDOM_INIT = "random"  # `init: random`: no pretrained weights, asked for as the frozen protocol's scratch arm
+
+
+def is_scratch_init(init: str | None) -> bool:
+    """True when `init` names no pretraining run: none, 'none', 'scratch' or 'random'."""
+    return init is None or str(init).strip().lower() in ("", "none", "scratch", RANDOM_INIT)
+
+
+def check_freeze(cfg: FinetuneConfig) -> None:
+    """The frozen-encoder protocol needs something to freeze: a pretraining run, or an explicit random encoder."""
+    if cfg.freeze_encoder and (cfg.init is None or str(cfg.init).strip().lower() in ("", "none", "scratch")):
+        raise AhmError("--freeze-encoder: nothing pretrained to freeze; give --init RUN (or --init random for the "
+                       "frozen protocol's scratch arm: the same network with a random frozen encoder)")
+
+
+def protocol_of(cfg: FinetuneConfig) -> str:
+    """`frozen` (only the new layers train) or `finetune` (every weight trains), as summaries and tables name it."""
+    return "frozen" if cfg.freeze_encoder else "finetune"
+
+
+def set_train_mode(model: torch.nn.Module, frozen: list[torch.nn.Module]) -> None:
+    """Training mode, except for the frozen encoder: its normalisation statistics stay those it came with."""
+    model.train()
+    for module in frozen:
+        module.eval()
 
 
 def load_init(init: str | Path) -> PretrainedEncoder:
@@ -330,7 +353,9 @@ def finetune(cfg: FinetuneConfig, out: str | Path, resume: bool = False, force: 
     _check_out(out, resume or restart, force)
 
     enc = None
-    if _is_none(cfg.init):
+    if not resume:
+        check_freeze(cfg)
+    if is_scratch_init(cfg.init):
         cfg.init = None
     elif not resume:  # a resumed run has its weights in its checkpoint; the pretraining run may be gone
         enc = load_init(cfg.init)
@@ -390,6 +415,7 @@ def _meta(cfg: FinetuneConfig, data: _Data, enc: PretrainedEncoder | None) -> di
             "index_modality": data.index.modality, "layout": data.index.layout,
             "init": str(enc.run_dir) if enc is not None else "none",
             "init_policy": enc.policy if enc is not None else None, "select_by": cfg.select_by,
+            "protocol": protocol_of(cfg),
             "class_names": class_names(data.num_classes, data.index.class_names),
             # the 3D contract (ahm.eval.evaluate.load_run): a checkpoint without spatial_dims is 2D
             **({"spatial_dims": 3, "roi_size": list(model_input_size(cfg.data))} if cfg.data.spatial_dims == 3 else {})}
@@ -422,6 +448,9 @@ def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool,
         encoder_loaded = load_pretrained(model, cfg.segmenter, enc.weights, {**enc.metadata, "path": str(enc.path)})
         encoder_loaded = {"loaded": int(encoder_loaded.get("loaded", 0)),
                           "skipped": list(encoder_loaded.get("skipped", []))}
+    frozen = backbone_of_segmenter(cfg.segmenter).encoder_modules(model) if cfg.freeze_encoder else []
+    for module in frozen:
+        module.requires_grad_(False)  # out of the optimiser (its groups keep trainable weights only) and of DDP
     optimizer = torch.optim.AdamW(_param_groups(model, cfg, cfg.init is not None), lr=cfg.train.lr,
                                   weight_decay=cfg.train.weight_decay)
 
@@ -510,7 +539,7 @@ def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool,
                 lr = set_lr(optimizer, lr_factor(step, total, cfg.train.warmup_steps, min_ratio),
                             pretrained_lr_factor(step, total, cfg.train.warmup_steps, min_ratio, head_steps))
                 meter.start()
-                model.train()
+                set_train_mode(model, frozen)
                 loss = loss_fn(model(images), labels)
                 bad = optimizer_step(fabric, model, optimizer, loss, cfg.train, list(raw_model.parameters()),
                                      stopped_by)
@@ -563,6 +592,8 @@ def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool,
         "images_per_s": meter.median() or rate, "train_s": time.perf_counter() - t_start,
         "skipped_batches": state["skipped"], "seed": cfg.train.seed, "val_every": val_every,
         "selection_metric": f"validation {cfg.select_by} (best_val_dice is this figure)",
+        "protocol": meta["protocol"],
+        "trainable_parameters": sum(p.numel() for p in raw_model.parameters() if p.requires_grad),
     }
     if volumes:
         summary.update({"spatial_dims": 3, "roi_size": meta["roi_size"], "overlap": cfg.overlap})

@@ -51,6 +51,11 @@ class Backbone(ABC):
                      layer_decay: float = 1.0) -> list[dict[str, Any]]:
         """AdamW groups with "name", "params", "lr" and "pretrained" (False only for the layers that start new)."""
 
+    @abstractmethod
+    def encoder_modules(self, segmenter: nn.Module) -> list[nn.Module]:
+        """The modules that hold the pretrained representation, which the frozen-encoder protocol fixes (weights
+        and normalisation statistics); everything else in the segmenter trains."""
+
     def crop_multiple(self, model_cfg: ModelConfig) -> int:
         """A fine-tuning crop's side must be a multiple of this (1: any side)."""
         return 1

@@ -16,7 +16,7 @@ from ahm.errors import AhmError
 from ahm.models.backbones.base import Backbone, param_group_adder
 from ahm.models.norm import conv_norm, fast_instance_norms
 from ahm.models.unet_mim import MaskedUNet
-from ahm.models.unet_nets import build_unet_network, head_prefix
+from ahm.models.unet_nets import build_unet_network, contracting_path, head_prefix
 
 
 class UNetBackbone(Backbone):
@@ -56,6 +56,10 @@ class UNetBackbone(Backbone):
             "norm": conv_norm(segmenter),
             "unet_network": getattr(segmenter, "network", "unet"),
         }
+
+    def encoder_modules(self, segmenter: nn.Module) -> list[nn.Module]:
+        """The contracting path (every down block and the bottom); the expanding path and the head train."""
+        return contracting_path(segmenter)
 
     def load_weights(self, segmenter: nn.Module, weights: dict[str, Tensor], source: str) -> dict[str, Any]:
         head = head_prefix(segmenter)

@@ -109,6 +109,10 @@ class ViTBackbone(Backbone):
             "in_channels": str(conv.in_channels),
         }
 
+    def encoder_modules(self, segmenter: nn.Module) -> list[nn.Module]:
+        """The ViT; UNETR's convolutional encoder taps and decoder are new layers."""
+        return [segmenter.vit]
+
     def load_weights(self, segmenter: nn.Module, weights: dict[str, Tensor], source: str) -> dict[str, Any]:
         try:
             segmenter.vit.load_state_dict(weights, strict=True)
