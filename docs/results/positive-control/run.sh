@@ -1,0 +1,40 @@
+#!/bin/bash
+# The positive control: where does masked pretraining measurably beat training from scratch?
+# ViT-Tiny/UNETR (grid-vit.yaml: 128 px, patch 16, batch 32) on the 60-subject brain-subjects set (42 training
+# subjects), 1, 2 and 5 labelled subjects, scratch against random masking, pretraining budgets of 1,000, 3,000,
+# 10,000 and 30,000 steps (each its own run with its own complete schedule), both protocols (finetune: every weight
+# trains; frozen: only UNETR's decoder trains, scratch being the same network with a random frozen encoder), from
+# the same pretraining runs. Two processes on disjoint seeds (0-2 and 3-5); the smallest budget runs first, so a
+# grid cut short has whole curves at its small budgets. Rerunning continues it.
+#   GRID: a work folder; GRID/bs60-v2 made by `ahm data prepare brain-subjects --out GRID/bs60-v2`.
+#   CODE: a checkout frozen for the whole grid (a worktree at the grid's commit); PY: a Python with ahm's
+#   dependencies (the repository's .venv).
+# The grid folder does not outlive the machine: `save` copies the finished cells' records (cell.json, and each
+# pretraining run's summary.json) into cells/ beside this script, `load` puts them back into GRID before a rerun
+# (`bench curve` keeps every cell it finds; a pretraining kept only as its summary is run again for the cells
+# still to run).
+set -e
+: "${GRID:?set GRID}" "${CODE:?set CODE}"
+PY=${PY:-python3}
+HERE=$(cd "$(dirname "$0")" && pwd)
+OUT=$GRID/positive-control
+run() { PYTHONPATH=$CODE/src nice -n 19 "$PY" -m ahm "$@"; }
+save() { (cd "$OUT" && find cells -name cell.json; cd "$OUT" && find pretrain -maxdepth 2 -name summary.json) |
+         while read -r f; do mkdir -p "$HERE/cells/$(dirname "$f")"; cp "$OUT/$f" "$HERE/cells/$f"; done; }
+load() { [ -d "$HERE/cells" ] && (cd "$HERE/cells" && find . -name '*.json') | while read -r f; do
+           [ -f "$OUT/$f" ] || { mkdir -p "$OUT/$(dirname "$f")"; cp "$HERE/cells/$f" "$OUT/$f"; }; done; true; }
+COMMON=(--labels 1,2,5 --policies scratch,random --backbones vit --pretrain-steps 1000,3000,10000,30000
+        --protocol finetune,frozen --finetune-epochs 20 --finetune-steps 900 --config "$HERE/../grid-vit.yaml"
+        --out "$OUT")
+case "${1:-run}" in
+  save) save ;;
+  load) load ;;
+  gather) run bench curve "$GRID/bs60-v2" "${COMMON[@]}" --seeds 6 --gather ;;
+  run)
+    load
+    for FIRST in 0 3; do
+      run -q bench curve "$GRID/bs60-v2" "${COMMON[@]}" --seeds 3 --first-seed $FIRST > "$GRID/pc-$FIRST.log" 2>&1 &
+    done
+    wait
+    save ;;
+esac
