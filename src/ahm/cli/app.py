@@ -18,8 +18,17 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+def _rank_prefix() -> str:
+    """'rank R: ' in a torchrun process group of several processes, so that an error names the rank it came from."""
+    if "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return f"rank {os.environ.get('RANK', '?')}: "
+    return ""
+
+
 console = Console(stderr=True)
-out = Console()
+# Under torchrun every rank runs this command; results are printed once, by global rank 0.
+out = Console(quiet=bool(_rank_prefix()) and os.environ.get("RANK") != "0")
 
 _state = {"debug": False, "quiet": False}
 
@@ -41,7 +50,7 @@ def is_quiet() -> bool:
 
 def fail(message: str, code: int = 2) -> None:
     """Print one red line and exit non-zero."""
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {_rank_prefix()}{message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

@@ -40,12 +40,14 @@ from ahm.train.loop import (
     Throughput,
     batch_order,
     launch,
+    launch_rank,
     make_fabric,
     optimizer_step,
     progress_bar,
     stop_on_sigint,
+    stop_requested,
 )
-from ahm.train.rundir import MetricsLog, prepare_run_dir, unstarted_run
+from ahm.train.rundir import MetricsLog, RunLock, prepare_run_dir, run_entries, unstarted_run
 from ahm.train.schedule import lr_factor, pretrained_lr_factor, set_lr
 
 
@@ -205,7 +207,7 @@ def _check_out(out: Path, resume: bool, force: bool) -> None:
     # The cheap refusal first, before any data is read; prepare_run_dir repeats it when creating the folder.
     if resume or force:
         return
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and run_entries(out):
         raise AhmError(f"--out {out}: directory is not empty; use --resume to continue it or --force to replace it")
 
 
@@ -331,6 +333,37 @@ def finetune(cfg: FinetuneConfig, out: str | Path, resume: bool = False, force: 
              progress: bool = True) -> dict[str, Any]:
     """Fine-tune (or resume) into run directory `out`; returns the summary written to summary.json."""
     out = Path(out)
+    if launch_rank() != 0:
+        # under torchrun: global rank 0 alone checks, makes and writes the run directory; this rank follows it
+        return launch(make_fabric(cfg.train), _follow, out, progress)
+    lock = RunLock(out)
+    try:
+        cfg, resume, data, enc = _set_up(cfg, out, resume, force, lock)
+        return launch(make_fabric(cfg.train), _lead, cfg, out, resume, progress, data, enc)
+    finally:
+        lock.release()
+
+
+def _lead(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool, data: "_Data",
+          enc: PretrainedEncoder | None) -> dict[str, Any]:
+    if fabric.world_size > 1:
+        fabric.broadcast((cfg, resume), src=0)  # what `_follow` needs from rank 0's set-up
+    return _train(fabric, cfg, out, resume, progress, data, enc)
+
+
+def _follow(fabric, out: Path, progress: bool) -> dict[str, Any]:
+    """A torchrun rank other than 0: rank 0's resolved config and resume decision, then the labelled subset and
+    splits it wrote into the run directory. No encoder is loaded here: DDP's set-up copies rank 0's weights."""
+    cfg, resume = fabric.broadcast(None, src=0)
+    data = _prepare_data(cfg, out, resume=True)
+    return _train(fabric, cfg, out, resume, progress, data, None)
+
+
+def _set_up(cfg: FinetuneConfig, out: Path, resume: bool, force: bool,
+            lock: RunLock) -> tuple[FinetuneConfig, bool, "_Data", PretrainedEncoder | None]:
+    """Everything before training, on global rank 0: resolve the config (a resumed run's own), refuse bad input,
+    read the data, make the run directory and write its config, splits and labelled subset."""
+    out = Path(out)
     # Killed before its first checkpoint: nothing was trained, so --resume starts it again (same config if saved).
     restart = resume and unstarted_run(out, "finetune")
     if resume:
@@ -351,6 +384,7 @@ def finetune(cfg: FinetuneConfig, out: str | Path, resume: bool = False, force: 
     else:
         cfg = cfg.model_copy(deep=True)
     _check_out(out, resume or restart, force)
+    make_fabric(cfg.train)  # an unusable accelerator, precision or process count: refused before any work
 
     enc = None
     if not resume:
@@ -381,14 +415,16 @@ def finetune(cfg: FinetuneConfig, out: str | Path, resume: bool = False, force: 
                        f"fine-tune the pretrained weights")
 
     # prepare_run_dir clears an unstarted run when asked to resume it
+    lock.acquire()  # before --force clears anything, and again for a folder made just now
     prepare_run_dir(out, "finetune", cfg.train.seed, resume=resume or restart, force=force)
+    lock.acquire()
     if not resume:
         save_config(cfg, out / "config.yaml")
         write_json(out / "splits.json", data.splits)
         write_json(out / "labelled.json", {"fraction": cfg.labels_fraction, "subjects_count": cfg.labels_subjects,
                                            "seed": cfg.train.seed,
                                            "subjects": data.subjects, "ids": data.labelled})
-    return launch(make_fabric(cfg.train), _train, cfg, out, resume, progress, data, enc)
+    return cfg, resume, data, enc
 
 
 def run_length(cfg: FinetuneConfig, n_train: int, world: int) -> tuple[int, int, int, int]:
@@ -467,7 +503,6 @@ def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool,
                 raise AhmError(f"--resume: {key} is {meta[key]} for this data but {saved_meta.get(key)} in {last_path}")
         try:
             model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError) as exc:
             raise AhmError(f"{last_path}: does not match the configured model "
                            f"({str(exc).strip().splitlines()[0][:160]})") from exc
@@ -483,6 +518,14 @@ def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool,
     if cfg.train.compile:
         model = torch.compile(model)
     model, optimizer = fabric.setup(model, optimizer)
+    if resume:
+        # after the model is on its device: Optimizer.load_state_dict puts each state tensor on its parameter's
+        # device and dtype (loaded before, AdamW's moments would stay on the CPU beside CUDA parameters)
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise AhmError(f"{last_path}: does not match the configured model "
+                           f"({str(exc).strip().splitlines()[0][:160]})") from exc
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     volumes = cfg.data.spatial_dims == 3
     transform = None if volumes else (segment_augment(cfg.data.image_size, cfg.min_crop_area, cfg.rotate_deg, cfg.intensity_jitter,
@@ -570,7 +613,7 @@ def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool,
                 if bar is not None:
                     bar.update(step, loss=float(loss.detach()), val=None if val_dice is None else f"{val_dice:.3f}",
                                rate=rate)
-                if sig["stop"]:
+                if stop_requested(fabric, sig, step, cfg.train.log_every):
                     save_last()
                     raise Interrupted(
                         f"interrupted at step {step}/{total}; checkpoint saved to {last_path}. "

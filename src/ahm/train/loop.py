@@ -122,6 +122,18 @@ def stop_on_sigint() -> Iterator[dict]:
             signal.signal(signal.SIGINT, previous)
 
 
+def stop_requested(fabric, sig: dict, step: int, every: int) -> bool:
+    """Whether the run stops after `step`: the Ctrl-C flag of `stop_on_sigint`, agreed by every rank under DDP (a
+    rank that stopped alone would leave the others waiting in a collective). The agreement is one small all-reduce
+    on every `every`-th step (the logging steps), so a stop under DDP waits for the next of those."""
+    if fabric.world_size == 1:
+        return bool(sig["stop"])
+    if step % every:
+        return False
+    flag = torch.tensor([1.0 if sig["stop"] else 0.0], device=fabric.device)
+    return bool(fabric.all_reduce(flag, reduce_op="sum").item() > 0)
+
+
 class Throughput:
     """Images/s over recent steps; the median of per-step rates after a warm-up is the reported figure."""
 
@@ -171,6 +183,12 @@ def nonfinite_loss_reason(fabric, loss: torch.Tensor) -> str | None:
     return bad
 
 
+def launch_rank() -> int:
+    """This process's global rank before `launch`: torchrun's RANK, else 0 (one process, or the parent that
+    spawns the processes of --devices N after it has made the run directory)."""
+    return int(os.environ.get("RANK", 0)) if "LOCAL_RANK" in os.environ else 0
+
+
 def launch(fabric, run: Callable[..., Any], *args: Any) -> Any:
     """`run(fabric, *args)` on every device; rank 0's result comes back.
 
@@ -182,7 +200,7 @@ def launch(fabric, run: Callable[..., Any], *args: Any) -> Any:
             return fabric.launch(run, *args)
         except torch.multiprocessing.ProcessRaisedException as exc:
             last = [ln for ln in str(exc).strip().splitlines() if ln.strip()][-1]
-            raise AhmError(f"a DDP process failed: {last}") from exc
+            raise AhmError(f"rank {exc.error_index}: {last}") from exc
     fabric.launch()
     return run(fabric, *args)
 

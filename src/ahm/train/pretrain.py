@@ -25,12 +25,14 @@ from ahm.train.loop import (
     Throughput,
     decay_param_groups,
     launch,
+    launch_rank,
     make_fabric,
     optimizer_step,
     progress_bar,
     stop_on_sigint,
+    stop_requested,
 )
-from ahm.train.rundir import MetricsLog, prepare_run_dir, read_metrics, unstarted_run
+from ahm.train.rundir import MetricsLog, RunLock, prepare_run_dir, read_metrics, unstarted_run
 from ahm.train.schedule import lr_factor, set_lr
 
 SUMMARY_WINDOW = 50  # steps: summary.json averages each metric over what was logged in the run's last 50 steps
@@ -112,27 +114,35 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: bool = False, force: 
     """
     out = Path(out)
     check_config(cfg)
-    restart = resume and unstarted_run(out, "pretrain")
-    if resume:
-        # The run's own config decides everything but its length.
-        saved = out / "config.yaml"
-        if saved.is_file():
-            steps = cfg.train.steps
-            cfg = load_config(PretrainConfig, saved)
-            if steps is not None and steps != cfg.train.steps:
-                cfg.train.steps = steps
-        elif not restart:  # killed before config.yaml was written: the options given now are the run's
-            raise AhmError(f"--resume: {saved} not found")
-    fabric = make_fabric(cfg.train)  # an unusable accelerator/precision is refused before the run dir is made
-    prepare_run_dir(out, "pretrain", cfg.train.seed, resume=resume, force=force)
-    if restart:
-        resume = False  # killed before its first checkpoint: start again from step 0 in the same folder
-    if not resume:
-        save_config(cfg, out / "config.yaml")
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
-
-    return launch(fabric, _run, cfg, out, resume, progress, stop_at)
+    lock = RunLock(out)
+    try:
+        restart = resume and unstarted_run(out, "pretrain")
+        if resume:
+            # The run's own config decides everything but its length.
+            saved = out / "config.yaml"
+            if saved.is_file():
+                steps = cfg.train.steps
+                cfg = load_config(PretrainConfig, saved)
+                if steps is not None and steps != cfg.train.steps:
+                    cfg.train.steps = steps
+            elif not restart:  # killed before config.yaml was written: the options given now are the run's
+                raise AhmError(f"--resume: {saved} not found")
+        fabric = make_fabric(cfg.train)  # an unusable accelerator/precision is refused before the run dir is made
+        if launch_rank() == 0:
+            # Global rank 0 alone makes and writes the run directory. Under torchrun the other ranks start beside it
+            # and take its decisions (config, resume) once the process group exists (`_run`).
+            lock.acquire()  # before --force clears anything, and again for a folder made just now
+            prepare_run_dir(out, "pretrain", cfg.train.seed, resume=resume, force=force)
+            lock.acquire()
+            if restart:
+                resume = False  # killed before its first checkpoint: start again from step 0 in the same folder
+            if not resume:
+                save_config(cfg, out / "config.yaml")
+        if cfg.train.num_threads:
+            torch.set_num_threads(cfg.train.num_threads)
+        return launch(fabric, _run, cfg, out, resume, progress, stop_at)
+    finally:
+        lock.release()
 
 
 def _run(fabric, cfg: PretrainConfig, out: Path, resume: bool, progress: bool, stop_at: Optional[int] = None) -> dict[str, Any]:
@@ -140,6 +150,8 @@ def _run(fabric, cfg: PretrainConfig, out: Path, resume: bool, progress: bool, s
     from ahm.models import build_mim_model
 
     rank, world = fabric.global_rank, fabric.world_size
+    if world > 1:
+        cfg, resume = fabric.broadcast((cfg, resume), src=0)
     is_main = rank == 0
     corpus, splits = load_pretrain_data(cfg)
     if is_main and not resume:
@@ -178,23 +190,27 @@ def _train(fabric, cfg, out, resume, progress, model, policy, corpus, total, ste
 
     start_step = 0
     skipped_before = 0
+    ckpt = None
+    policy.to(fabric.device)  # before its state is restored: a policy's own optimiser state then lands on the device
     if resume:
         path = checkpoint_path(out)
         ckpt = load_checkpoint(path, "pretrain")
         restore_state(model, ckpt["model"], "model", path)
         restore_state(policy, ckpt["policy"], f"{cfg.masking.policy} masking policy", path)
         policy.load_extra_state(ckpt.get("policy_extra", {}))
-        try:
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except (ValueError, KeyError, RuntimeError) as exc:
-            raise AhmError(f"{path}: optimiser state does not match this run ({exc})") from exc
         start_step = int(ckpt["step"])
         skipped_before = int(ckpt.get("skipped_batches", 0))
-    policy.to(fabric.device)
     raw_model = model
     if cfg.train.compile:
         model = torch.compile(model)
     model, optimizer = fabric.setup(model, optimizer)
+    if ckpt is not None:
+        # after the model is on its device: Optimizer.load_state_dict puts each state tensor on its parameter's
+        # device and dtype (loaded before, AdamW's moments would stay on the CPU beside CUDA parameters)
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise AhmError(f"{checkpoint_path(out)}: optimiser state does not match this run ({exc})") from exc
 
     end = total if stop_at is None else min(total, stop_at)
     dataset, loader, problems = pretraining_loader(corpus, cfg, start_step, end, rank, world)
@@ -301,7 +317,7 @@ def _train(fabric, cfg, out, resume, progress, model, policy, corpus, total, ste
                     bar.update(step, loss=last_loss, rate=rate)
                 if step % cfg.train.checkpoint_every == 0 and step < total:
                     save_checkpoint(step)
-                if sig["stop"]:
+                if stop_requested(fabric, sig, step, cfg.train.log_every):
                     save_checkpoint(step)
                     raise Interrupted(
                         f"interrupted at step {step}/{total}; checkpoint saved to {checkpoint_path(out)}. "
@@ -397,7 +413,8 @@ def _fingerprint(model: torch.nn.Module, policy: torch.nn.Module) -> torch.Tenso
     for module in (model, policy):
         for i, p in enumerate(module.parameters()):
             flat = p.detach().double().reshape(-1)
-            values.append(flat.sum() + (flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64) * 1e-6).sum() * (i + 1))
+            weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device)
+            values.append(flat.sum() + (flat * weights * 1e-6).sum() * (i + 1))
     return torch.stack(values)
 
 

@@ -14,6 +14,52 @@ from ahm.io import read_jsonl, write_json, write_text
 
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.ckpt"
+LOCK = ".ahm.lock"  # held (flock) by the process that runs in the directory; an empty file otherwise
+
+
+class RunLock:
+    """An exclusive, non-blocking `flock` on `out/.ahm.lock` for as long as a run uses `out`: a second run started
+    on the same --out is refused in one line instead of interleaving its writes (or deleting the first's files
+    with --force). The kernel releases it when the process dies, so a killed run never leaves a stale lock."""
+
+    def __init__(self, out: str | Path) -> None:
+        self.out = Path(out)
+        self._fh = None
+
+    def acquire(self) -> "RunLock":
+        """Take the lock if the directory exists and it is not held yet (a folder still to be made is taken once
+        it is made); AhmError when another process holds it."""
+        import fcntl
+
+        if self._fh is not None or not self.out.is_dir():
+            return self
+        if run_entries(self.out) and not (self.out / "run.json").is_file():
+            return self  # not a run directory: it is refused, and nothing is written into it
+        fh = (self.out / LOCK).open("a")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.close()
+            raise AhmError(f"--out {self.out}: another ahm run is using this directory (it holds {LOCK}); wait for "
+                           f"it to end, or give another --out") from None
+        self._fh = fh
+        return self
+
+    def release(self) -> None:
+        if self._fh is not None:
+            self._fh.close()  # closing the file drops the flock
+            self._fh = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def run_entries(out: Path) -> list[Path]:
+    """What a run directory holds, its lock file aside."""
+    return [p for p in out.iterdir() if p.name != LOCK]
 
 
 def prepare_run_dir(out: str | Path, kind: str, seed: int, resume: bool = False, force: bool = False) -> Path:
@@ -24,10 +70,10 @@ def prepare_run_dir(out: str | Path, kind: str, seed: int, resume: bool = False,
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise AhmError(f"--out {out}: exists and is not a directory")
-    nonempty = out.is_dir() and any(out.iterdir())
+    nonempty = out.is_dir() and bool(run_entries(out))
     if resume and unstarted_run(out, kind):
         # Stopped (killed) before its first checkpoint: nothing was trained, so resuming is starting again.
-        shutil.rmtree(out)
+        _clear(out)
         nonempty = False
     elif resume:
         if not (out / CHECKPOINT_DIR / LAST).is_file():
@@ -42,7 +88,7 @@ def prepare_run_dir(out: str | Path, kind: str, seed: int, resume: bool = False,
             raise AhmError(f"--out {out}: directory is not empty; use --resume to continue it or --force to replace it")
         if not (out / "run.json").is_file():
             raise AhmError(f"--force: {out} does not look like an ahm run directory (no run.json); refusing to delete it")
-        shutil.rmtree(out)
+        _clear(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / CHECKPOINT_DIR).mkdir(exist_ok=True)
     write_json(out / "run.json", {
@@ -52,6 +98,15 @@ def prepare_run_dir(out: str | Path, kind: str, seed: int, resume: bool = False,
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     })
     return out
+
+
+def _clear(out: Path) -> None:
+    """Empty a run directory but keep the folder and its lock file: the lock this process holds stays valid."""
+    for p in run_entries(out):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
 
 
 def _is_temp(path: Path) -> bool:
@@ -75,7 +130,7 @@ def unstarted_run(out: str | Path, kind: str) -> bool:
             return False
     ckpt_dir = out / CHECKPOINT_DIR
     return all(
-        _is_temp(p) or (p == ckpt_dir and p.is_dir() and all(_is_temp(q) for q in p.iterdir())) for p in out.iterdir()
+        _is_temp(p) or (p == ckpt_dir and p.is_dir() and all(_is_temp(q) for q in p.iterdir())) for p in run_entries(out)
     )
 
 
