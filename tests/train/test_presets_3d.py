@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from ahm.config import FinetuneConfig, PretrainConfig, build_config, model_input_size
+from ahm.config import FinetuneConfig, PretrainConfig, build_config, load_config, model_input_size
 from ahm.data.volumes import check_crop
 from ahm.models import build_mim_model, build_segmenter
 from ahm.models.backbones import get_backbone
@@ -59,3 +59,21 @@ def test_pretrain_help_with_a_3d_preset() -> None:
     for name in ("3d-cpu.yaml", "3d-gpu.yaml"):
         res = CliRunner().invoke(app, ["pretrain", "--config", str(CONFIGS / name), "--help"])
         assert res.exit_code == 0 and "--spatial-dims" in res.output
+
+
+def test_gpu_presets_keep_the_agent_on_the_device_and_asynchronous_workers_are_refused_there() -> None:
+    from types import SimpleNamespace
+
+    from ahm.errors import AhmError
+    from ahm.train.pretrain import check_agent_workers
+
+    for name in ("paper-like.yaml", "3d-gpu.yaml"):
+        cfg = load_config(PretrainConfig, CONFIGS / name)
+        assert cfg.train.accelerator == "cuda" and cfg.masking.agent_workers == 0
+        check_agent_workers(cfg, SimpleNamespace(device=torch.device("cuda"), world_size=4))
+    cfg.masking.agent_workers = 4
+    with pytest.raises(AhmError, match="masking.agent_workers 4: asynchronous agent workers run the agent on the CPU"):
+        check_agent_workers(cfg, SimpleNamespace(device=torch.device("cuda"), world_size=1))
+    with pytest.raises(AhmError, match="cannot be combined with 2 processes"):
+        check_agent_workers(cfg, SimpleNamespace(device=torch.device("cpu"), world_size=2))
+    check_agent_workers(cfg, SimpleNamespace(device=torch.device("cpu"), world_size=1))  # where they help

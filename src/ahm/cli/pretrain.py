@@ -32,7 +32,7 @@ def pretrain(
     mask_ratio_end: Optional[float] = typer.Option(None, "--mask-ratio-end", help="Rise the mask ratio linearly to this."),
     model: Optional[str] = typer.Option(None, "--model", help="ViT size preset: tiny, small, base."),
     norm_pix: Optional[bool] = typer.Option(None, "--norm-pix/--no-norm-pix", help="Per-patch normalised targets."),
-    agent_workers: Optional[int] = typer.Option(None, "--agent-workers", help="AHM: A3C worker processes (0: synchronous A2C)."),
+    agent_workers: Optional[int] = typer.Option(None, "--agent-workers", help="AHM: A3C worker processes (0: synchronous A2C on the training device). CPU runs only: refused with a GPU or several processes."),
     hard_fraction: Optional[float] = typer.Option(None, "--hard-fraction", help="HPM/AHM: final share of masked patches chosen as hard (default 0.5)."),
     agent: Optional[str] = typer.Option(None, "--agent", help="AHM agent: transformer (ours) or conv (the authors'; ahm-official always uses it)."),
     reward_scope: Optional[str] = typer.Option(None, "--reward-scope", help="ahm-official: image (default) or batch (the published code's shared batch reward)."),
@@ -55,7 +55,10 @@ def pretrain(
                                               "(and later runs on the same corpus) read them instead of decoding."),
     workers: Optional[int] = typer.Option(None, "--workers",
                                           help="DataLoader processes reading samples ahead (default: half the "
-                                               "CPU cores, at most 4; 0: in the training process)."),
+                                               "CPU cores, at most 4; 0: in the training process). Workers "
+                                               "hand batches over in shared memory (/dev/shm), about 4 x batch x "
+                                               "voxels bytes per batch in flight (32 crops of 128^3: 268 MB): give a "
+                                               "container more than its default 64 MB (docker --shm-size)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config; command-line options override it."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
     force: bool = typer.Option(False, "--force", help="Replace an existing run directory in --out."),

@@ -106,6 +106,20 @@ def check_config(cfg: PretrainConfig) -> None:
             raise AhmError(f"{path}: dataset folder not found")
 
 
+def check_agent_workers(cfg: PretrainConfig, fabric) -> None:
+    """Asynchronous agent workers (A3C) are for CPU runs: they hold the agent in CPU shared memory, so on a GPU each
+    step would copy its batch to the host and through /dev/shm, and they cannot follow DDP's all-reduce."""
+    workers = cfg.masking.agent_workers
+    if workers and fabric.device.type != "cpu":
+        raise AhmError(f"masking.agent_workers {workers}: asynchronous agent workers run the agent on the CPU "
+                       f"(each step's batch copied to the host); on {fabric.device.type} use agent_workers: 0, the "
+                       f"synchronous agent on the device")
+    if workers and fabric.world_size > 1:
+        raise AhmError(f"masking.agent_workers {workers}: asynchronous agent workers cannot be combined with "
+                       f"{fabric.world_size} processes (DDP); use agent_workers: 0 (the agent's gradients are "
+                       f"all-reduced like the model's)")
+
+
 def pretrain(cfg: PretrainConfig, out: str | Path, resume: bool = False, force: bool = False,
              progress: bool = True, stop_at: Optional[int] = None) -> dict[str, Any]:
     """Run (or resume) pretraining into run directory `out`; returns the summary written to summary.json.
@@ -128,6 +142,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: bool = False, force: 
             elif not restart:  # killed before config.yaml was written: the options given now are the run's
                 raise AhmError(f"--resume: {saved} not found")
         fabric = make_fabric(cfg.train)  # an unusable accelerator/precision is refused before the run dir is made
+        check_agent_workers(cfg, fabric)
         if launch_rank() == 0:
             # Global rank 0 alone makes and writes the run directory. Under torchrun the other ranks start beside it
             # and take its decisions (config, resume) once the process group exists (`_run`).
