@@ -369,6 +369,13 @@ class TrainConfig(_Strict):
     # DataLoader worker processes that read and preprocess pretraining samples ahead of the step (0: in the
     # training process). None: half the CPU cores, at most 4. The samples do not depend on it.
     workers: Optional[StepCount] = None
+    # CUDA kernels: TF32 matrix products (torch.set_float32_matmul_precision("high")) and cuDNN's autotuner for
+    # the fixed input shapes of a run. No effect on the CPU.
+    tf32: bool = True
+    cudnn_benchmark: bool = True
+    # Batch-norm statistics over every process's batch (SyncBatchNorm) under DDP. None: on with more than one
+    # process on a GPU; PyTorch's SyncBatchNorm runs on GPUs only, so it is refused on the CPU.
+    sync_batchnorm: Optional[bool] = None
 
     @field_validator("batch_size", "checkpoint_every", "log_every", "devices")
     @classmethod

@@ -473,3 +473,31 @@ def test_freeze_encoder_without_init_is_refused_before_anything_is_written(blobs
                                       str(tmp_path / "cli")])
     assert result.exit_code == 2 and "--freeze-encoder: nothing pretrained to freeze" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "cli").exists()
+
+
+def _sharded_validation(fabric, cfg, data_path: str, state: dict) -> tuple[float, int]:
+    from ahm.models import build_segmenter
+    from ahm.train.finetune import _prepare_data, validation_score
+
+    data = _prepare_data(cfg, Path(data_path), resume=False)
+    torch.manual_seed(0)
+    model = build_segmenter("unet", cfg.model, 32, data.in_channels, data.num_classes)
+    model.load_state_dict(state)  # the same weights on every rank and in the one-process reference
+    return validation_score(model, cfg, data, fabric, batch_size=2), fabric.world_size
+
+
+@pytest.mark.slow
+def test_validation_sharded_over_two_processes_equals_one_process(blobs: Path) -> None:
+    from lightning.fabric import Fabric
+
+    from ahm.models import build_segmenter
+
+    for select_by in ("dataset_dice", "case_dice"):
+        cfg = _cfg(blobs, select_by=select_by, data={"val_fraction": 0.45})
+        torch.manual_seed(3)
+        state = build_segmenter("unet", cfg.model, 32, 1, 2).state_dict()
+        one = _sharded_validation(Fabric(accelerator="cpu", devices=1), cfg, str(blobs), state)
+        two = Fabric(accelerator="cpu", devices=2, strategy="ddp_spawn").launch(
+            _sharded_validation, cfg, str(blobs), state)
+        assert one[1] == 1 and two[1] == 2
+        assert two[0] == one[0] and 0 < one[0] < 1

@@ -39,6 +39,7 @@ from ahm.train.loop import (
     Interrupted,
     Throughput,
     batch_order,
+    gather_objects,
     launch,
     launch_rank,
     make_fabric,
@@ -46,6 +47,7 @@ from ahm.train.loop import (
     progress_bar,
     stop_on_sigint,
     stop_requested,
+    sync_batchnorm,
 )
 from ahm.train.rundir import MetricsLog, RunLock, prepare_run_dir, run_entries, unstarted_run
 from ahm.train.schedule import lr_factor, pretrained_lr_factor, set_lr
@@ -463,7 +465,6 @@ def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool,
 
     from ahm.data import ArrayDataset, segment_augment
     from ahm.eval.evaluate import predict_labels
-    from ahm.eval.metrics import selection_score
     from ahm.models import backbone_of_segmenter, build_segmenter, load_pretrained
 
     rank, world = fabric.global_rank, fabric.world_size
@@ -514,6 +515,7 @@ def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool,
             state["best_val_dice"], state["best_epoch"] = -1.0, 0
         encoder_loaded = ckpt.get("encoder_loaded", {})
         meta["init"], meta["init_policy"] = saved_meta.get("init", meta["init"]), saved_meta.get("init_policy")
+    model = sync_batchnorm(fabric, model, cfg.train)
     raw_model = model
     if cfg.train.compile:
         model = torch.compile(model)
@@ -547,11 +549,8 @@ def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool,
                                                     "state": dict(state), "meta": meta, "encoder_loaded": encoder_loaded})
 
     def validate(epoch: int) -> float:
-        if volumes:
-            dice = _volume_selection(_score_volumes(model, cfg, data, fabric.device)[0], cfg.select_by)
-        else:
-            preds = predict_labels(model, data.val.images, batch_size=max(batch_size, 16), device=fabric.device)
-            dice = selection_score(preds, data.val.labels, data.num_classes, cfg.select_by)
+        # the plain module: each rank predicts its own share, so DDP's forward (and its collectives) stays out
+        dice = validation_score(raw_model, cfg, data, fabric, max(batch_size, 16))
         if dice > state["best_val_dice"]:
             state["best_val_dice"], state["best_epoch"] = dice, epoch
             if is_main:
@@ -669,24 +668,56 @@ def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool,
     return summary
 
 
-def _score_volumes(model, cfg: FinetuneConfig, data: _Data, device,
-                   names: list[str] | None = None) -> tuple[dict, dict]:
-    """`volume_scores` of the validation volumes predicted whole by sliding windows of the training crop, each
-    volume one case on the preprocessed grid, HD95 in mm from that grid's spacing."""
+def validation_score(model, cfg: FinetuneConfig, data: _Data, fabric, batch_size: int) -> float:
+    """The figure that keeps the best checkpoint (`cfg.select_by`), with the validation set sharded over the ranks:
+    each predicts every world-th case from its rank on, the predictions are gathered, and every rank scores the
+    whole set, so the figure is the one-process figure exactly and every rank keeps the same best epoch."""
+    from ahm.eval.evaluate import predict_labels
+    from ahm.eval.metrics import selection_score
+
+    rank, world = fabric.global_rank, fabric.world_size
+    if cfg.data.spatial_dims == 3:
+        shares = gather_objects(fabric, _predict_volumes(model, cfg, data, fabric.device,
+                                                         range(rank, len(data.val), world)))
+        cases = sorted((case for share in shares for case in share), key=lambda case: case[0])
+        return _volume_selection(_volume_scores(cases, data.num_classes), cfg.select_by)
+    mine = np.arange(rank, len(data.val.images), world)
+    shares = gather_objects(fabric, (mine, predict_labels(model, data.val.images[mine], batch_size=batch_size,
+                                                          device=fabric.device)))
+    preds = np.zeros((len(data.val.images),) + shares[0][1].shape[1:], dtype=np.int64)
+    for indices, share in shares:
+        preds[indices] = share
+    return selection_score(preds, data.val.labels, data.num_classes, cfg.select_by)
+
+
+def _predict_volumes(model, cfg: FinetuneConfig, data: _Data, device, indices) -> list[tuple]:
+    """(index, prediction, target, spacing, id) of the validation volumes `indices`, each predicted whole by
+    sliding windows of the training crop on the preprocessed grid."""
     from ahm.data.volumes import preprocessed_spacing
     from ahm.eval.evaluate import predict_volume_labels
+
+    cases = []
+    for i in indices:
+        sample = data.val[i]
+        (pred,) = predict_volume_labels(model, [sample["image"].as_tensor()], list(model_input_size(cfg.data)),
+                                        overlap=cfg.overlap, mode="gaussian", device=device)
+        cases.append((i, pred, torch.round(sample["label"].as_tensor()[0]).long().numpy(),
+                      preprocessed_spacing(sample), sample["id"]))
+    return cases
+
+
+def _volume_scores(cases: list[tuple], num_classes: int, names: list[str] | None = None) -> tuple[dict, dict]:
+    """`volume_scores` of predicted volumes, each one case, HD95 in mm from the preprocessed grid's spacing."""
     from ahm.eval.metrics import volume_scores
 
-    preds, targets, spacings, ids = [], [], [], []
-    for i in range(len(data.val)):
-        sample = data.val[i]
-        preds += predict_volume_labels(model, [sample["image"].as_tensor()], list(model_input_size(cfg.data)),
-                                       overlap=cfg.overlap, mode="gaussian", device=device)
-        targets.append(torch.round(sample["label"].as_tensor()[0]).long().numpy())
-        spacings.append(preprocessed_spacing(sample))
-        ids.append(sample["id"])
-    return volume_scores(preds, targets, data.num_classes, spacings=spacings, class_names=names, empty="exclude",
-                         ids=ids)
+    _, preds, targets, spacings, ids = (list(column) for column in zip(*cases))
+    return volume_scores(preds, targets, num_classes, spacings=spacings, class_names=names, empty="exclude", ids=ids)
+
+
+def _score_volumes(model, cfg: FinetuneConfig, data: _Data, device,
+                   names: list[str] | None = None) -> tuple[dict, dict]:
+    """`volume_scores` of every validation volume, predicted in this process."""
+    return _volume_scores(_predict_volumes(model, cfg, data, device, range(len(data.val))), data.num_classes, names)
 
 
 def _volume_selection(scores: dict, select_by: str) -> float:

@@ -47,11 +47,29 @@ def make_fabric(train: TrainConfig):
     precision = "32-true" if train.precision == "32" else train.precision
     if precision == "16-mixed" and accelerator == "cpu":
         raise AhmError("--precision 16-mixed needs a GPU; on the CPU use bf16-mixed or 32-true")
+    if train.sync_batchnorm and devices * num_nodes > 1 and accelerator == "cpu":
+        raise AhmError("train.sync_batchnorm: PyTorch's SyncBatchNorm runs on GPUs only; on the CPU leave it unset "
+                       "(each process then normalises its own batch)")
     try:
-        return Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
-                      precision=precision)
+        fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
+                        precision=precision)
     except (ValueError, RuntimeError, TypeError) as exc:
         raise AhmError(f"--accelerator/--devices/--precision: {str(exc).splitlines()[0]}") from exc
+    if fabric.device.type == "cuda":
+        # process-wide settings, recorded in the run's config as train.tf32 and train.cudnn_benchmark
+        torch.set_float32_matmul_precision("high" if train.tf32 else "highest")
+        torch.backends.cudnn.benchmark = train.cudnn_benchmark
+    return fabric
+
+
+def sync_batchnorm(fabric, model: nn.Module, train: TrainConfig) -> nn.Module:
+    """Under DDP on a GPU (or when asked), batch-norm layers become SyncBatchNorm: statistics over the global
+    batch, as one process would compute them. The state-dict keys stay the same."""
+    wanted = train.sync_batchnorm if train.sync_batchnorm is not None else (
+        fabric.world_size > 1 and fabric.device.type != "cpu")
+    if not wanted or fabric.world_size == 1:
+        return model
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
 def batch_order(num_items: int, epoch: int, seed: int, batch_size: int, rank: int, world_size: int) -> list[list[int]]:
@@ -181,6 +199,16 @@ def nonfinite_loss_reason(fabric, loss: torch.Tensor) -> str | None:
         if bad is None and float(flag) > 0:
             bad = "the loss is not finite on another device"
     return bad
+
+
+def gather_objects(fabric, obj: Any) -> list[Any]:
+    """Every rank's `obj` (picklable), in rank order, on every rank; `[obj]` in one process. For results of
+    uneven size (a rank's share of the validation cases), which `fabric.all_gather` of tensors cannot take."""
+    if fabric.world_size == 1:
+        return [obj]
+    gathered: list[Any] = [None] * fabric.world_size
+    torch.distributed.all_gather_object(gathered, obj)
+    return gathered
 
 
 def launch_rank() -> int:

@@ -31,6 +31,7 @@ from ahm.train.loop import (
     progress_bar,
     stop_on_sigint,
     stop_requested,
+    sync_batchnorm,
 )
 from ahm.train.rundir import MetricsLog, RunLock, prepare_run_dir, read_metrics, unstarted_run
 from ahm.train.schedule import lr_factor, set_lr
@@ -215,6 +216,7 @@ def _train(fabric, cfg, out, resume, progress, model, policy, corpus, total, ste
         policy.load_extra_state(ckpt.get("policy_extra", {}))
         start_step = int(ckpt["step"])
         skipped_before = int(ckpt.get("skipped_batches", 0))
+    model = sync_batchnorm(fabric, model, cfg.train)
     raw_model = model
     if cfg.train.compile:
         model = torch.compile(model)
