@@ -86,10 +86,7 @@ class HostReads:
 
         def counted(original, what):
             def wrapper(*args, **kwargs):
-                if self.step is not None:
-                    reader = _reader(sys._getframe(1))
-                    if reader is not None and not reader.startswith(NOT_COUNTED):
-                        self.reads.setdefault(self.step, []).append(f"{what} in {reader}")
+                self.note(what, sys._getframe(1))
                 return original(*args, **kwargs)
             return wrapper
 
@@ -100,13 +97,16 @@ class HostReads:
         getitem = torch.Tensor.__getitem__
 
         def indexed(tensor, index):
-            if self.step is not None and _boolean_index(index):
-                reader = _reader(sys._getframe(1))
-                if reader is not None and not reader.startswith(NOT_COUNTED):
-                    self.reads.setdefault(self.step, []).append(f"boolean index in {reader}")
+            if _boolean_index(index):  # its result's size is the count of True entries
+                self.note("boolean index", sys._getframe(1))
             return getitem(tensor, index)
 
         monkeypatch.setattr(torch.Tensor, "__getitem__", indexed)
+
+    def note(self, what: str, frame) -> None:
+        reader = _reader(frame) if self.step is not None else None
+        if reader is not None and not reader.startswith(NOT_COUNTED):
+            self.reads.setdefault(self.step, []).append(f"{what} in {reader}")
 
     def per_step(self, steps: range) -> list[int]:
         return [len(self.reads.get(s, [])) for s in steps]
