@@ -1,9 +1,15 @@
-"""The pretraining hot path: the fused AdamW kernel takes the same steps as the foreach one."""
+"""The pretraining hot path: the fused AdamW kernel takes the same steps as the foreach one, and a step that is
+not logged reads nothing from the device."""
 
 from __future__ import annotations
 
-import torch
+import sys
 
+import pytest
+import torch
+from train_helpers import make_blob_folder, tiny_pretrain_overrides
+
+import ahm.train.pretrain as pretrain_module
 from ahm.config import PretrainConfig, build_config
 from ahm.masking import PolicyContext, build_policy
 from ahm.models import build_mim_model
@@ -42,3 +48,101 @@ def test_fused_adamw_takes_the_foreach_steps() -> None:
         assert not torch.equal(a, start)  # the steps did move every parameter
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Host reads on the step path. A read of a device value on the host (`.item()`, `float(t)`, `bool(t)`, `.tolist()`,
+# a boolean-mask index, `torch.equal`, ...) waits for every kernel queued before it: one such read per step keeps
+# a GPU idle while the host catches up. On CPU the same calls are made, so counting them here is exact.
+
+READ_METHODS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "cpu", "numpy", "nonzero")
+READ_FUNCTIONS = ("equal", "allclose", "nonzero", "is_nonzero")
+# Code whose reads are not the step's: the NaN/inf safety net of optimizer_step (it reads once or twice a step by
+# design) and the data pipeline (CPU tensors only).
+NOT_COUNTED = ("ahm.train.loop", "ahm.data")
+
+
+def _reader(frame) -> str | None:
+    """The first ahm module up the stack from a read: the code that asked for it."""
+    while frame is not None:
+        name = frame.f_globals.get("__name__", "")
+        if name.startswith("ahm."):
+            return name
+        frame = frame.f_back
+    return None
+
+
+def _boolean_index(index) -> bool:
+    parts = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts)
+
+
+class HostReads:
+    """Counts the host reads the pretraining step's own code makes, per step, while `step` is set."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.step: int | None = None
+        self.reads: dict[int, list[str]] = {}
+
+        def counted(original, what):
+            def wrapper(*args, **kwargs):
+                self.note(what, sys._getframe(1))
+                return original(*args, **kwargs)
+            return wrapper
+
+        for name in READ_METHODS:
+            monkeypatch.setattr(torch.Tensor, name, counted(getattr(torch.Tensor, name), f"Tensor.{name}"))
+        for name in READ_FUNCTIONS:
+            monkeypatch.setattr(torch, name, counted(getattr(torch, name), f"torch.{name}"))
+        getitem = torch.Tensor.__getitem__
+
+        def indexed(tensor, index):
+            if _boolean_index(index):  # its result's size is the count of True entries
+                self.note("boolean index", sys._getframe(1))
+            return getitem(tensor, index)
+
+        monkeypatch.setattr(torch.Tensor, "__getitem__", indexed)
+
+    def note(self, what: str, frame) -> None:
+        reader = _reader(frame) if self.step is not None else None
+        if reader is not None and not reader.startswith(NOT_COUNTED):
+            self.reads.setdefault(self.step, []).append(f"{what} in {reader}")
+
+    def per_step(self, steps: range) -> list[int]:
+        return [len(self.reads.get(s, [])) for s in steps]
+
+
+def _count_reads(tmp_path, monkeypatch, policy: str, steps: int, log_every: int) -> HostReads:
+    """Pretrain `steps` steps, counting the host reads of each (a step runs from one forward to the next)."""
+    over = tiny_pretrain_overrides(make_blob_folder(tmp_path / "data", n=6), policy=policy, steps=steps)
+    over["train"].update(log_every=log_every, checkpoint_every=1000)
+    over["masking"]["hard_fraction_warmup"] = 0.0  # ahm: the actor draws from the first step on
+    cfg = build_config(PretrainConfig, overrides=over)
+    reads = HostReads(monkeypatch)
+    forward = pretrain_module.forward_step
+
+    def step_start(*args, **kwargs):
+        reads.step = 1 if reads.step is None else reads.step + 1
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(pretrain_module, "forward_step", step_start)
+    try:
+        pretrain_module.pretrain(cfg, tmp_path / "run", progress=False)
+    finally:
+        reads.step = None
+    return reads
+
+
+@pytest.mark.parametrize("policy", ["random", "ahm"])
+def test_steps_that_are_not_logged_read_nothing_from_the_device(tmp_path, monkeypatch, policy) -> None:
+    # 12 steps, only the last logged: steps 1-10 run from their forward to the next one without a log
+    reads = _count_reads(tmp_path, monkeypatch, policy, steps=12, log_every=1000)
+    counts = reads.per_step(range(1, 11))
+    assert counts == [0] * 10, {s: r for s, r in reads.reads.items() if s <= 10}
+
+
+@pytest.mark.parametrize("policy", ["random", "ahm"])
+def test_a_logged_step_reads_its_loss_and_metrics_at_once(tmp_path, monkeypatch, policy) -> None:
+    # every step logged: the counter sees the loop's one read of the step's loss and metrics
+    reads = _count_reads(tmp_path, monkeypatch, policy, steps=4, log_every=1)
+    assert reads.per_step(range(1, 4)) == [1] * 3, reads.reads

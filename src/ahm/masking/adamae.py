@@ -97,7 +97,7 @@ class AdaMAEMasking(MaskingPolicy):
         k = self.num_masked(progress)
         with torch.no_grad():
             log_p = self.log_probs(images)
-        return gumbel_topk_mask(log_p, k, self.generator).to(images.device)
+        return gumbel_topk_mask(log_p, k, self.generator_for(log_p.device)).to(images.device)
 
     def observe(self, images: Tensor, mask: Tensor, per_patch_loss: Tensor, progress: float) -> PolicyStep:
         # Recomputed with gradients rather than cached from `propose`, which may run under no_grad.
@@ -105,13 +105,11 @@ class AdaMAEMasking(MaskingPolicy):
         weight = mask.to(log_p.device, log_p.dtype)
         reward = per_patch_loss.detach().to(log_p.device, log_p.dtype)
         aux = -(log_p * reward * weight).sum() / weight.sum().clamp_min(1.0)
+        if not self.wants_metrics:
+            return PolicyStep(aux_loss=aux)
         with torch.no_grad():
             p = log_p.exp()
             entropy = -(p * log_p).sum(dim=1).mean()
             masked_prob = (p * weight).sum() / weight.sum().clamp_min(1.0)
-        metrics = {
-            "adamae_loss": float(aux.detach()),
-            "policy_entropy": float(entropy),
-            "mean_masked_prob": float(masked_prob),
-        }
-        return PolicyStep(aux_loss=aux, metrics=metrics)
+        metrics = {"adamae_loss": aux.detach(), "policy_entropy": entropy, "mean_masked_prob": masked_prob}
+        return PolicyStep(aux_loss=aux, metrics=self.report(metrics))

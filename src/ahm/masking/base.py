@@ -7,7 +7,17 @@ The pretraining loop never branches on a policy's name:
     step = policy.observe(images, mask, out.per_patch_loss.detach(), progress)
     loss = out.loss + step.aux_loss (if any)                # one backward, one optimiser (policy params included)
 
-`progress` is the fraction of training done, in [0, 1].
+`progress` is the fraction of training done, in [0, 1]; K is `policy.num_masked(progress)`, so the loop hands it to
+the model (`num_masked=`) rather than reading it back from the mask.
+
+The loop reads nothing from the device on a step it does not log: a host read waits for all queued device work.
+Before each step it sets two attributes every policy honours (`forward_step`):
+- `wants_metrics`: whether this step is logged. Diagnostics (hardness ratio, critic Spearman, background share,
+  entropy, ...) are computed only then.
+- `host_reads` False: `observe` returns its metrics as tensors, which the loop reads all at once per log, and
+  leaves a non-finite loss to the loop's own check rather than reading it. A policy used alone (tests, notebooks)
+  keeps the defaults: metrics every step, as floats.
+Noise for masks is drawn on the images' device (`generator_for`), from the policy's own seeded stream.
 
 Staged policies (ahm-official) split the run into stages (`stages()`): the loop asks `stage_at(step)` each step
 whether the MIM model's weights train in it (`trains_model`; if not, the model runs in eval mode without
@@ -19,8 +29,9 @@ whose reward needs the prediction itself. Single-stage policies need none of thi
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Optional, Union
+from typing import Any, Callable, ContextManager, Iterable, Iterator, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -50,6 +61,8 @@ class PolicyContext:
     model: Optional[nn.Module] = None  # the MIM model (unwrapped), for policies that need its features (HPM)
     world_size: int = 1
     rank: int = 0
+    # the run's mixed-precision context (Fabric's `autocast`), for the networks a policy runs besides the model
+    autocast: Callable[[], ContextManager] = contextlib.nullcontext
 
     def __post_init__(self) -> None:
         given = self.patch_size
@@ -75,10 +88,11 @@ class PolicyContext:
 
 @dataclass
 class PolicyStep:
-    """What `observe` returns: an optional loss the loop adds to the reconstruction loss, and metrics to log."""
+    """What `observe` returns: an optional loss the loop adds to the reconstruction loss, and metrics to log
+    (floats, or 0-d tensors when the policy's `host_reads` is off)."""
 
     aux_loss: Optional[Tensor] = None
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, Union[float, Tensor]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -117,9 +131,14 @@ def hard_fraction_at(cfg: MaskingConfig, progress: float) -> float:
     return cfg.hard_fraction_max * min(1.0, (p - start) / max(1e-8, 1.0 - start))
 
 
+def _device_of(generator: Optional[torch.Generator]) -> torch.device:
+    return torch.device("cpu") if generator is None else generator.device
+
+
 def random_scores(batch: int, num_patches: int, generator: Optional[torch.Generator], device: torch.device) -> Tensor:
-    """Uniform noise for random top-k selection, reproducible from `generator` (drawn on CPU, then moved)."""
-    return torch.rand(batch, num_patches, generator=generator).to(device)
+    """Uniform noise for random top-k selection, reproducible from `generator`: drawn on the generator's device
+    (a policy's `generator_for(device)` lives on `device`), then moved to `device` if it is elsewhere."""
+    return torch.rand(batch, num_patches, generator=generator, device=_device_of(generator)).to(device)
 
 
 def topk_mask(scores: Tensor, k: int) -> Tensor:
@@ -131,8 +150,8 @@ def topk_mask(scores: Tensor, k: int) -> Tensor:
 
 
 def gumbel_noise(shape: tuple[int, ...], generator: Optional[torch.Generator]) -> Tensor:
-    """Standard Gumbel noise, drawn on CPU from `generator` (so runs are reproducible on any device)."""
-    u = torch.rand(shape, generator=generator)
+    """Standard Gumbel noise, drawn from `generator` on its device (CPU without one)."""
+    u = torch.rand(shape, generator=generator, device=_device_of(generator))
     # the clamp keeps -log(-log(u)) finite at the float edges
     u = u.clamp_(torch.finfo(u.dtype).tiny, 1.0 - torch.finfo(u.dtype).eps)
     return -torch.log(-torch.log(u))
@@ -147,6 +166,17 @@ def gumbel_topk(logits: Tensor, k: int, noise: Tensor, temperature: float = 1.0)
         return torch.zeros(logits.shape[0], 0, dtype=torch.long, device=logits.device)
     scores = logits.detach() / temperature + noise.to(logits.device)
     return scores.topk(k, dim=1, sorted=True).indices
+
+
+def masked_indices(mask: Tensor, k: Optional[int] = None) -> Tensor:
+    """[B, K] indices of the True entries of a bool [B, L] mask with the same K in every row, ascending (the order
+    of `mask[row]`'s True entries). `k`: K when the caller knows it; else it is read from the mask and checked."""
+    if k is None:
+        counts = mask.sum(dim=1)
+        k = int(counts[0])
+        if not bool((counts == k).all()):
+            raise ValueError(f"mask rows must all hold the same number of masked patches, got {counts.tolist()}")
+    return mask.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :k]
 
 
 def indices_mask(indices: Tensor, num_patches: int) -> Tensor:
@@ -166,19 +196,48 @@ class MaskingPolicy(nn.Module):
 
     name: str = "base"
     owns_optimizer: bool = False
+    # set by the pretraining loop before each step (see the module docstring); these defaults serve a policy used alone
+    wants_metrics: bool = True
+    host_reads: bool = True
 
     def __init__(self, cfg: MaskingConfig, ctx: PolicyContext) -> None:
         super().__init__()
         self.cfg = cfg
         self.ctx = ctx
-        self.generator = torch.Generator().manual_seed(10_007 * (ctx.seed + 1) + ctx.rank)
+        self._seed = 10_007 * (ctx.seed + 1) + ctx.rank
+        self.generator = torch.Generator().manual_seed(self._seed)
+        self._device_generator: Optional[torch.Generator] = None
+        self._device_generator_state: Optional[Tensor] = None  # from a checkpoint, until the generator exists
 
     @property
     def num_patches(self) -> int:
         return self.ctx.num_patches
 
     def num_masked(self, progress: float) -> int:
+        """K: the patches every row of `propose(images, progress)` masks."""
         return num_masked(mask_ratio_at(self.cfg, progress), self.num_patches)
+
+    def generator_for(self, device: torch.device) -> torch.Generator:
+        """The policy's random stream on `device`, so noise is drawn where the images are, not copied there each
+        step. On the CPU it is `generator` itself, so CPU runs draw what they always drew; on an accelerator a
+        generator seeded alike (another algorithm, so other masks than on the CPU, as reproducible)."""
+        device = torch.device(device)
+        if device.type == "cpu":
+            return self.generator
+        if self._device_generator is None or self._device_generator.device != device:
+            self._device_generator = torch.Generator(device=device).manual_seed(self._seed)
+            if self._device_generator_state is not None:
+                self._device_generator.set_state(self._device_generator_state)
+                self._device_generator_state = None
+        return self._device_generator
+
+    def report(self, metrics: dict[str, Union[float, Tensor]]) -> dict[str, Union[float, Tensor]]:
+        """`observe`'s metrics as its caller takes them: untouched (tensors included) for the loop, which reads
+        them itself (`host_reads` off); else as floats, leaving out the undefined (non-finite) ones."""
+        if not self.host_reads:
+            return metrics
+        values = {key: float(value) for key, value in metrics.items()}
+        return {key: value for key, value in values.items() if math.isfinite(value)}
 
     def propose(self, images: Tensor, progress: float) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError
@@ -208,11 +267,19 @@ class MaskingPolicy(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     def extra_state(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state()}
+        state = {"generator": self.generator.get_state()}
+        if self._device_generator is not None:
+            state["device_generator"] = self._device_generator.get_state()
+        return state
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         if "generator" in state:
             self.generator.set_state(state["generator"])
+        if "device_generator" in state:
+            if self._device_generator is not None:
+                self._device_generator.set_state(state["device_generator"])
+            else:
+                self._device_generator_state = state["device_generator"]
 
     def close(self) -> None:
         """Release processes or other resources (A3C workers). Safe to call twice."""

@@ -18,26 +18,18 @@ from torch import Tensor, nn
 
 from ahm.config import MaskingConfig
 from ahm.errors import AhmError
-from ahm.masking.base import (
+from ahm.masking.base import (  # noqa: F401  (masked_indices: first defined here, still importable from here)
     MaskingPolicy,
     PolicyContext,
     PolicyStep,
     hard_fraction_at,
+    masked_indices,
     random_scores,
     register,
     seeded_init,
     topk_mask,
 )
 from ahm.masking.diagnostics import hardness_ratio, mean_row_spearman
-
-
-def masked_indices(mask: Tensor) -> Tensor:
-    """[B, K] indices of the True entries of a bool [B, L] mask with the same K in every row."""
-    counts = mask.sum(dim=1)
-    k = int(counts[0])
-    if not bool((counts == k).all()):
-        raise ValueError(f"mask rows must all hold the same number of masked patches, got {counts.tolist()}")
-    return mask.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :k]
 
 
 def pairwise_rank_loss(pred: Tensor, target: Tensor) -> Tensor:
@@ -96,8 +88,9 @@ class HPMMasking(MaskingPolicy):
         return self
 
     def teacher_features(self, images: Tensor) -> Tensor:
-        """Teacher features of the full (unmasked) images, [B, L, D], without gradients."""
-        with torch.no_grad():
+        """Teacher features of the full (unmasked) images, [B, L, D], without gradients, in the run's mixed precision
+        as the student runs (the loss predictor takes them in float32)."""
+        with torch.no_grad(), self.ctx.autocast():
             return self.teacher.features(images).detach()
 
     def _predict(self, feats: Tensor) -> Tensor:
@@ -115,7 +108,7 @@ class HPMMasking(MaskingPolicy):
         alpha = hard_fraction_at(self.cfg, progress)
         k_hard = min(k, round(alpha * k))
         feats = self.teacher_features(images)
-        noise = random_scores(batch, length, self.generator, images.device)
+        noise = random_scores(batch, length, self.generator_for(images.device), images.device)
         if k_hard > 0:
             with torch.no_grad():
                 pred = self._predict(feats)
@@ -124,7 +117,8 @@ class HPMMasking(MaskingPolicy):
             hard = torch.zeros(batch, length, dtype=torch.bool, device=images.device)
         # Noise lies in [0, 1), so lifting the hard patches above 1 keeps them and fills the rest at random.
         mask = topk_mask(noise + hard.to(noise.dtype) * 2.0, k)
-        self._cache = {"images": images, "feats": feats, "hard": hard, "mask": mask, "alpha": alpha}
+        self._cache = {"images": images, "feats": feats, "hard": hard, "mask": mask, "alpha": alpha, "k": k,
+                       "k_hard": k_hard}
         return mask
 
     def observe(self, images: Tensor, mask: Tensor, per_patch_loss: Tensor, progress: float) -> PolicyStep:
@@ -133,24 +127,23 @@ class HPMMasking(MaskingPolicy):
             feats = cache["feats"]
         else:
             feats = self.teacher_features(images)
-        idx = masked_indices(mask)
+        # the mask `propose` drew (the loop passes that very tensor, so no comparison is read): K and the hard
+        # patches are known
+        drawn = cache is not None and (mask is cache["mask"] or torch.equal(cache["mask"], mask))
+        idx = masked_indices(mask, cache["k"] if drawn else None)
         pred = self._predict(feats)
         pred_masked = pred.gather(1, idx.to(pred.device))
         loss_masked = per_patch_loss.detach().to(pred.device, pred.dtype).gather(1, idx.to(pred.device))
         aux = pairwise_rank_loss(pred_masked, loss_masked)
-        metrics = {
-            "hpm_pred_loss": float(aux.detach()),
-            "hard_fraction": float(cache["alpha"] if cache is not None else hard_fraction_at(self.cfg, progress)),
-        }
-        rho = mean_row_spearman(pred_masked, loss_masked)
-        if rho is not None:
-            metrics["critic_spearman"] = rho
-        if cache is not None and torch.equal(cache["mask"], mask):
-            ratio = hardness_ratio(per_patch_loss.detach(), cache["hard"], mask)
-            if ratio is not None:
-                metrics["hardness_ratio"] = ratio
+        metrics: dict[str, float | Tensor] = {}
+        if self.wants_metrics:
+            metrics["hpm_pred_loss"] = aux.detach()
+            metrics["hard_fraction"] = float(cache["alpha"] if cache is not None else hard_fraction_at(self.cfg, progress))
+            metrics["critic_spearman"] = mean_row_spearman(pred_masked, loss_masked)
+            if drawn and 0 < cache["k_hard"] < cache["k"]:  # both hard and random masked patches
+                metrics["hardness_ratio"] = hardness_ratio(per_patch_loss.detach(), cache["hard"], mask)
         self.update_teacher()
-        return PolicyStep(aux_loss=aux, metrics=metrics)
+        return PolicyStep(aux_loss=aux, metrics=self.report(metrics))
 
     @torch.no_grad()
     def update_teacher(self) -> None:

@@ -174,9 +174,9 @@ class MAEViT(MIMModel):
         tokens = self._embed(visible) + gather_tokens(pos, visible_idx)
         return self._encode_tokens(tokens)
 
-    def forward(self, images: Tensor, mask: Tensor) -> MIMOutput:
+    def forward(self, images: Tensor, mask: Tensor, num_masked: int | None = None) -> MIMOutput:
         self._check_input(images, mask)
-        order, k = mask_order(mask)
+        order, k = mask_order(mask, num_masked)
         b = images.shape[0]
         patches = self.patch_grid.patchify(images)  # once: the encoder's input and the loss's target
         latent = self.decoder_embed(self._encode(patches, order, k))

@@ -1,6 +1,8 @@
 """The masked-image-model contract every backbone's MIM model keeps and every masking policy drives.
 
     out = model(images, mask)     # images [B, C, *spatial] (2D or 3D), mask bool [B, L] (True = masked, same K per row)
+    out = model(images, mask, num_masked=K)   # the same, K given: the training step's form, which reads nothing
+                                              # from the device (see `mask_order`)
     out.loss                      # MSE over masked patches (targets per-patch normalised if norm_pix)
     out.per_patch_loss            # [B, L]: each masked patch's mean squared error, 0 on visible patches
     out.prediction                # [B, C, *spatial]: predicted pixels on masked patches, input on visible ones
@@ -65,18 +67,24 @@ def unpatchify(patches: Tensor, patch_size: int, grid: Sequence[int], channels: 
     return PatchGrid.square(grid, patch_size).unpatchify(patches, channels)
 
 
-def mask_order(mask: Tensor) -> tuple[Tensor, int]:
+def mask_order(mask: Tensor, num_masked: int | None = None) -> tuple[Tensor, int]:
     """Patch indices [B, L] with the visible ones first, then the masked ones (each ascending), and K.
 
-    Raises ValueError if the rows do not all mask the same number of patches.
+    `num_masked`: K when the caller knows it (the masking policy does). K is a shape, so finding it from the mask
+    reads the device; given, it is checked by an assertion on the device that nothing waits for.
+    Raises ValueError, without `num_masked`, if the rows do not all mask the same number of patches.
     """
     if mask.dim() != 2:
         raise ValueError(f"mask must be [B, L], got shape {tuple(mask.shape)}")
     counts = mask.sum(dim=1)
-    low, high = torch.stack([counts.min(), counts.max()]).tolist()  # one device sync, not two
-    if low != high:
-        raise ValueError("every row of the mask must mask the same number of patches")
-    k = int(low)
+    if num_masked is None:
+        low, high = torch.stack([counts.min(), counts.max()]).tolist()  # one device sync, not two
+        if low != high:
+            raise ValueError("every row of the mask must mask the same number of patches")
+        k = int(low)
+    else:
+        k = int(num_masked)
+        torch._assert_async((counts == k).all(), "every row of the mask must mask num_masked patches")
     # a stable sort of 0/1 keys puts visible (0) before masked (1) and keeps each group ascending
     order = torch.argsort(mask.to(torch.uint8), dim=1, stable=True)
     return order, k
@@ -195,7 +203,8 @@ class MIMModel(nn.Module):
                 f"{mask.dtype} {tuple(mask.shape)}"
             )
 
-    def forward(self, images: Tensor, mask: Tensor) -> MIMOutput:  # pragma: no cover - interface
+    def forward(self, images: Tensor, mask: Tensor, num_masked: int | None = None) -> MIMOutput:  # pragma: no cover
+        """`num_masked`: K, the masked patches per row, when the caller knows it (see `mask_order`)."""
         raise NotImplementedError
 
     def features(self, images: Tensor) -> Tensor:  # pragma: no cover - interface

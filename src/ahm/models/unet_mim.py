@@ -69,9 +69,9 @@ class MaskedUNet(MIMModel):
         """Patch mask [B, L] -> pixel mask [B, 1, *spatial]."""
         return self.patch_grid.upsample(mask)
 
-    def forward(self, images: Tensor, mask: Tensor) -> MIMOutput:
+    def forward(self, images: Tensor, mask: Tensor, num_masked: int | None = None) -> MIMOutput:
         self._check_input(images, mask)
-        order, k = mask_order(mask)
+        order, k = mask_order(mask, num_masked)
         fill = self.mask_value.view(1, -1, *(1,) * self.spatial_dims).to(images.dtype)
         masked_input = torch.where(self.pixel_mask(mask), fill, images)
         reconstruction = self.net(masked_input.contiguous(memory_format=self._memory_format))

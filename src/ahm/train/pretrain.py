@@ -51,19 +51,41 @@ def load_pretrain_data(cfg: PretrainConfig):
     return corpus, splits
 
 
-def forward_step(model, policy, images: torch.Tensor, progress: float, trains_model: bool = True):
+def forward_step(model, policy, images: torch.Tensor, progress: float, trains_model: bool = True,
+                 logged: bool = True):
     """One MIM step's forward: the policy proposes, the model reconstructs, the policy observes.
 
     Returns (total loss to backpropagate, MIMOutput, PolicyStep). Shared by the loop and `ahm bench speed`.
     `trains_model` False (a staged policy's frozen-model stage): the model runs without gradient, and the
     returned loss is only for logging (the policy learnt inside `observe_output`).
+    `logged`: whether the caller logs this step; only then does the policy compute its diagnostics. The policy
+    reads nothing from the device for them (`host_reads` off): its metrics may be tensors, for the caller to read
+    (`read_scalars`), and a non-finite loss is the caller's to catch.
     """
+    policy.host_reads = False
+    policy.wants_metrics = logged
     mask = policy.propose(images, progress)
     with torch.set_grad_enabled(trains_model and torch.is_grad_enabled()):
-        out = model(images, mask)
+        out = model(images, mask, num_masked=policy.num_masked(progress))
     pstep = policy.observe_output(images, mask, out, progress)
     loss = out.loss if pstep.aux_loss is None else out.loss + pstep.aux_loss
     return loss, out, pstep
+
+
+def read_scalars(values: list) -> list[float]:
+    """Floats of numbers and 0-d tensors, the tensors of each device read in one transfer: a read waits for all
+    the work queued on the device, so a logged step pays for one."""
+    floats = [None if isinstance(v, torch.Tensor) else float(v) for v in values]
+    on_device: dict[torch.device, list[int]] = defaultdict(list)
+    for i, value in enumerate(values):
+        if isinstance(value, torch.Tensor):
+            on_device[value.device].append(i)
+    for device, where in on_device.items():
+        exact = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+        read = torch.stack([values[i].detach().reshape(()).to(exact) for i in where]).tolist()
+        for i, value in zip(where, read):
+            floats[i] = value
+    return floats
 
 
 def build_optimizer(model, policy, cfg: PretrainConfig) -> tuple[torch.optim.Optimizer, list]:
@@ -189,7 +211,7 @@ def _run(fabric, cfg: PretrainConfig, out: Path, resume: bool, progress: bool, s
     model = build_mim_model(cfg.model, model_input_size(cfg.data), in_channels, spatial_dims=cfg.data.spatial_dims)
     ctx = PolicyContext(
         grid=model.patch_grid, in_channels=in_channels, total_steps=total,
-        seed=cfg.train.seed, device=fabric.device, model=model, world_size=world, rank=rank,
+        seed=cfg.train.seed, device=fabric.device, model=model, world_size=world, rank=rank, autocast=fabric.autocast,
     )
     policy = build_policy(cfg.masking, ctx)
     try:
@@ -242,7 +264,11 @@ def _train(fabric, cfg, out, resume, progress, model, policy, corpus, total, ste
             for key, value in record.items():
                 if key not in ("step", "lr", "images_per_s", "skipped_batches") and isinstance(value, (int, float)):
                     window[key].append((int(record["step"]), float(value)))
-    pending: dict[str, list[float]] = defaultdict(list)
+    # the losses of the steps since the last log, summed on the device with their count ([sum, count]) and read
+    # once per log; and this session's recent step losses, read for the summary's final loss
+    exact = torch.float32 if fabric.device.type == "mps" else torch.float64
+    loss_sum = torch.zeros(2, dtype=exact, device=fabric.device)
+    recent_losses: deque = deque(maxlen=SUMMARY_WINDOW)
     meter = Throughput()
     skipped = skipped_before
     last_loss = float("nan")
@@ -301,7 +327,9 @@ def _train(fabric, cfg, out, resume, progress, model, policy, corpus, total, ste
                 lr = set_lr(optimizer, lr_factor(step - stage.start, stage.steps, cfg.train.warmup_steps,
                                                  cfg.train.min_lr / max(cfg.train.lr, 1e-12)))
 
-                loss, out_mim, pstep = forward_step(model, policy, images, progress_frac, stage.trains_model)
+                # a stage's last step is always logged, so every stage has final diagnostics in metrics.jsonl
+                logged = log is not None and ((step + 1) % cfg.train.log_every == 0 or step + 1 in (total, stage.end))
+                loss, out_mim, pstep = forward_step(model, policy, images, progress_frac, stage.trains_model, logged)
                 if stage.trains_model:
                     bad = optimizer_step(fabric, model, optimizer, loss, cfg.train, list(raw_model.parameters()),
                                          stopped_by, extra_params=policy_params)
@@ -312,24 +340,27 @@ def _train(fabric, cfg, out, resume, progress, model, policy, corpus, total, ste
                     bad = None
                 rate = meter.stop(len(idx) * world)
                 step += 1
-                if bad is None and math.isfinite(float(out_mim.loss.detach())):
-                    last_loss = float(out_mim.loss.detach())
-                    pending["loss"].append(last_loss)
-                    window["loss"].append((step, last_loss))
-                    for key, value in pstep.metrics.items():
-                        if value is not None and not (isinstance(value, float) and math.isnan(value)):
-                            pending[key].append(float(value))
-                            window[key].append((step, float(value)))
-                # a stage's last step is always logged, so every stage has final diagnostics in metrics.jsonl
-                if log is not None and (step % cfg.train.log_every == 0 or step == total or step == stage.end):
+                if bad is None:
+                    step_loss = out_mim.loss.detach().to(exact)
+                    finite = torch.isfinite(step_loss)
+                    loss_sum += torch.stack([torch.where(finite, step_loss, 0.0), finite.to(exact)])
+                    recent_losses.append(step_loss)
+                if logged:
+                    metrics = {k: v for k, v in pstep.metrics.items() if v is not None} if bad is None else {}
+                    mean_loss, *values = read_scalars([loss_sum[0] / loss_sum[1], *metrics.values()])
+                    loss_sum.zero_()
                     record = {"step": step, "lr": lr, "images_per_s": rate}
                     if staged:
                         record["stage"] = stages.index(stage)
-                    record.update({k: float(np.mean(v)) for k, v in pending.items() if v})
+                    if math.isfinite(mean_loss):  # not when every step since the last log was skipped
+                        last_loss = record["loss"] = mean_loss
+                    for key, value in zip(metrics, values):
+                        if math.isfinite(value):  # NaN: undefined this step (e.g. a correlation over ties)
+                            record[key] = value
+                            window[key].append((step, value))
                     if skipped:
                         record["skipped_batches"] = skipped
                     log.log(record)
-                    pending.clear()
                 if bar is not None:
                     bar.update(step, loss=last_loss, rate=rate)
                 if step % cfg.train.checkpoint_every == 0 and step < total:
@@ -350,11 +381,13 @@ def _train(fabric, cfg, out, resume, progress, model, policy, corpus, total, ste
 
     if step < total:  # stopped by `stop_at`: a checkpoint, no final artefacts yet
         return {"policy": cfg.masking.policy, "backbone": cfg.model.backbone, "steps": step, "finished": False}
+    # the last 10 finite step losses: those logged before a resume, then this session's
+    losses = [v for _, v in window["loss"]] + [v for v in read_scalars(list(recent_losses)) if math.isfinite(v)]
     summary: dict[str, Any] = {
         "policy": cfg.masking.policy,
         "backbone": cfg.model.backbone,
         "steps": step,
-        "final_loss": float(np.mean([v for _, v in window["loss"]][-10:])) if window["loss"] else last_loss,
+        "final_loss": float(np.mean(losses[-10:])) if losses else last_loss,
         "images_per_s": meter.median(),
         "skipped_batches": skipped,
         "world_size": world,

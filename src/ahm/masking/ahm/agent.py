@@ -144,7 +144,8 @@ class ConvAgent(nn.Module):
     At width 64 and 1 input channel it has 371,396 parameters, as the authors' network does.
     forward(images [B,C,*spatial]) -> (logits [B,L], values [B,L]), L = prod(spatial / patch), row-major.
     In 3D every layer is its 3D counterpart (3x3x3 convolutions); a patch size per axis halves each axis only
-    as often as its own patch size asks (each must be a power of two).
+    as often as its own patch size asks (each must be a power of two). Under autocast the output layers (each
+    head's 1x1 conv, the value's BN + ReLU6) still run in float32.
     """
 
     def __init__(self, in_channels: int, patch_size: int | tuple[int, ...], grid: tuple[int, ...], width: int = 64,
@@ -183,8 +184,12 @@ class ConvAgent(nn.Module):
                 f"agent: a {size} image gives a {got} map, not the {want} patch grid; use --image-size divisible "
                 f"by --patch-size {self.patch_size}"
             )
-        logits = self.policy_head(feats).flatten(1)
-        values = self.value_out(self.value_trunk(feats)).flatten(1)
+        policy_feats, value_feats = self.policy_head[:-1](feats), self.value_trunk[:-1](feats)
+        # the output layers in float32 under any autocast: masks are a top-k of these logits, and bfloat16's
+        # 8-bit mantissa would tie many of them
+        with torch.autocast(x.device.type, enabled=False):
+            logits = self.policy_head[-1](policy_feats.float()).flatten(1)
+            values = self.value_out(self.value_trunk[-1](value_feats.float())).flatten(1)
         return logits, values
 
     def init_kwargs(self) -> dict[str, object]:

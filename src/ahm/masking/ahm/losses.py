@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ahm.masking.ahm.sampling import plackett_luce_steps
+from ahm.masking.base import masked_indices
 
 REWARD_EPS = 1e-6
 
@@ -32,12 +33,12 @@ def _standardise_masked(values: Tensor, mask: Tensor) -> Tensor:
     return (values - mean) / (var.sqrt() + REWARD_EPS)
 
 
-def pairwise_critic_loss(values: Tensor, per_patch_loss: Tensor, mask: Tensor) -> Tensor:
-    """HPM's relative objective: BCE(sigmoid(V_i - V_j), 1[l_i > l_j]) over ordered pairs of masked patches."""
-    batch = values.shape[0]
-    k = int(mask[0].sum())
-    v = values[mask].view(batch, k)
-    loss = per_patch_loss[mask].view(batch, k)
+def pairwise_critic_loss(values: Tensor, per_patch_loss: Tensor, mask: Tensor, num_masked: int | None = None) -> Tensor:
+    """HPM's relative objective: BCE(sigmoid(V_i - V_j), 1[l_i > l_j]) over ordered pairs of masked patches.
+    `num_masked`: K, when the caller knows it (else it is read from the mask)."""
+    idx = masked_indices(mask, num_masked)
+    v = values.gather(1, idx)
+    loss = per_patch_loss.gather(1, idx)
     diff = v.unsqueeze(2) - v.unsqueeze(1)
     target = (loss.unsqueeze(2) > loss.unsqueeze(1)).to(values.dtype)
     valid = (loss.unsqueeze(2) != loss.unsqueeze(1)).to(values.dtype)  # ties (and i == j) carry no order
@@ -47,7 +48,7 @@ def pairwise_critic_loss(values: Tensor, per_patch_loss: Tensor, mask: Tensor) -
 
 def agent_loss(logits: Tensor, values: Tensor, mask: Tensor, hard_idx: Tensor, per_patch_loss: Tensor, *,
                temperature: float = 1.0, critic_coef: float = 0.5, entropy_coef: float = 0.01,
-               critic_loss: str = "mse") -> tuple[Tensor, dict[str, Tensor]]:
+               critic_loss: str = "mse", num_masked: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """Agent loss = actor + critic_coef * critic - entropy_coef * entropy, and its loss parts (detached).
 
     Each actor-chosen patch is one sub-action of the Plackett-Luce draw, rewarded with its normalised
@@ -57,6 +58,7 @@ def agent_loss(logits: Tensor, values: Tensor, mask: Tensor, hard_idx: Tensor, p
     Actor loss: -sum_j log pi_j * (r_{i_j} - b_j) averaged over the K_hard draws and the batch, so its
     scale does not grow with the mask ratio or the hard fraction. Critic: MSE(V_i, r_i) over all masked
     patches, actor-chosen and random (the random ones are unbiased data), or HPM's pairwise loss.
+    `num_masked`: K, when the caller knows it (the pairwise loss would otherwise read it from the mask).
     """
     per_patch_loss = per_patch_loss.detach().to(values.dtype)
     reward = normalised_reward(per_patch_loss, mask)
@@ -64,7 +66,7 @@ def agent_loss(logits: Tensor, values: Tensor, mask: Tensor, hard_idx: Tensor, p
     entropy = -(log_pi.exp() * log_pi).sum(dim=1).mean()
 
     if critic_loss == "pairwise":
-        critic = pairwise_critic_loss(values, per_patch_loss, mask)
+        critic = pairwise_critic_loss(values, per_patch_loss, mask, num_masked)
         value_on_reward_scale = _standardise_masked(values.detach(), mask)
     else:
         weight = mask.to(values.dtype)

@@ -17,7 +17,6 @@ checkpoint of another agent shape raises AhmError (one line naming the options t
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +34,7 @@ from ahm.masking.base import (
     PolicyContext,
     PolicyStep,
     hard_fraction_at,
+    masked_indices,
     random_scores,
     register,
     topk_mask,
@@ -43,6 +43,7 @@ from ahm.masking.diagnostics import (
     BACKGROUND_STD,
     background_share,
     hardness_ratio,
+    masked_mean,
     mean_row_spearman,
     patch_std,
     row_spearman,
@@ -70,6 +71,7 @@ class _Draw:
     values: Tensor  # [B, L]
     k: int
     k_hard: int
+    returned: Tensor  # the mask as `propose` returned it (on the images' device)
 
 
 @register("ahm")
@@ -154,13 +156,15 @@ class AHMPolicy(MaskingPolicy):
         with torch.set_grad_enabled(learn_here):
             logits, values = self.agent(images.detach().to(device))
         # both draws always happen so the generator's stream does not depend on the schedule
-        noise = gumbel_noise((batch, length), self.generator).to(device)
-        uniform = random_scores(batch, length, self.generator, device)
+        generator = self.generator_for(device)
+        noise = gumbel_noise((batch, length), generator)
+        uniform = random_scores(batch, length, generator, device)
         hard_idx = gumbel_topk(logits, k_hard, noise, self.cfg.temperature)
         # actor-chosen patches outrank every uniform score, so the top K are them plus random others
         mask = topk_mask(uniform.scatter(1, hard_idx, 2.0), k)
-        self._draw = _Draw(mask, hard_idx, logits, values, k, k_hard)
-        return mask.to(images.device)
+        returned = mask.to(images.device)
+        self._draw = _Draw(mask, hard_idx, logits, values, k, k_hard, returned)
+        return returned
 
     @property
     def last_hard_indices(self) -> Tensor | None:
@@ -179,19 +183,26 @@ class AHMPolicy(MaskingPolicy):
         if draw is None:
             raise RuntimeError("AHMPolicy.observe() needs the propose() of the same batch first")
         device = draw.mask.device
-        if tuple(mask.shape) != tuple(draw.mask.shape) or not torch.equal(mask.to(device), draw.mask):
+        # the loop passes the very tensor `propose` returned, so it needs no comparison read from the device
+        if mask is not draw.returned and (tuple(mask.shape) != tuple(draw.mask.shape)
+                                          or not torch.equal(mask.to(device), draw.mask)):
             raise RuntimeError("AHMPolicy.observe() got a mask that its last propose() did not draw")
         loss = per_patch_loss.detach().to(device=device, dtype=torch.float32)
-        finite = bool(torch.isfinite(loss[draw.mask]).all())
-        metrics: dict[str, float] = {"hard_fraction": draw.k_hard / draw.k}
-        if finite:
-            metrics.update(self._diagnostics(images, draw, loss))
-        else:
-            metrics["agent_skipped"] = 1.0  # a non-finite loss must not reach the agent
-        step = PolicyStep(metrics=metrics)
+        # A non-finite loss must not reach the agent. Driven by the loop (`host_reads` off), the policy does not read
+        # the device to find out: the step's loss is then not finite either, and the loop's own check stops the run
+        # or skips the batch, the agent's update with it.
+        finite = not self.host_reads or bool(torch.isfinite(loss[draw.mask]).all())
+        metrics: dict[str, float | Tensor] = {}
+        if self.wants_metrics:
+            metrics["hard_fraction"] = draw.k_hard / draw.k
+            if finite:
+                metrics.update(self._diagnostics(images, draw, loss))
+        if not finite:
+            metrics["agent_skipped"] = 1.0
+        step = PolicyStep()
         if self.asynchronous:
             if finite and self.training:
-                self._workers.push({
+                transition = {
                     # half precision halves the shared memory a queued batch holds; the agent standardises anyway
                     "images": images.detach().to("cpu", torch.float16, copy=True),
                     # copies: queueing moves a tensor's storage to shared memory, and these may be the loop's own
@@ -199,39 +210,43 @@ class AHMPolicy(MaskingPolicy):
                     "hard_idx": draw.hard_idx.to("cpu", copy=True),
                     "loss": loss.to("cpu", copy=True),
                     "progress": float(progress),
-                })
-            metrics.update(self._workers.collect())
-            metrics["transitions_dropped"] = float(self._workers.dropped)
+                }
+                # checked on the host copy, which the queue needs anyway
+                if bool(torch.isfinite(transition["loss"][transition["mask"]]).all()):
+                    self._workers.push(transition)
+            if self.wants_metrics:
+                metrics.update(self._workers.collect())
+                metrics["transitions_dropped"] = float(self._workers.dropped)
         else:
-            metrics["transitions_dropped"] = 0.0
+            if self.wants_metrics:
+                metrics["transitions_dropped"] = 0.0
             if finite and self.training and draw.logits.requires_grad:
                 total, parts = agent_loss(draw.logits, draw.values, draw.mask, draw.hard_idx, loss,
-                                          **self._loss_kwargs())
+                                          num_masked=draw.k, **self._loss_kwargs())
                 step.aux_loss = total
-                metrics.update({key: float(value) for key, value in parts.items()})
+                if self.wants_metrics:
+                    metrics.update(parts)
+        step.metrics = self.report(metrics)
         return step
 
     @torch.no_grad()
-    def _diagnostics(self, images: Tensor, draw: _Draw, loss: Tensor) -> dict[str, float]:
+    def _diagnostics(self, images: Tensor, draw: _Draw, loss: Tensor) -> dict[str, Tensor]:
         mask = draw.mask
-        batch = mask.shape[0]
         hard = torch.zeros_like(mask).scatter_(1, draw.hard_idx, True)
-        out: dict[str, float] = {}
-        ratio = hardness_ratio(loss, hard, mask)
-        if ratio is not None:
-            out["hardness_ratio"] = ratio
+        out: dict[str, Tensor] = {}
+        if 0 < draw.k_hard < draw.k:  # both actor-chosen and random masked patches
+            out["hardness_ratio"] = hardness_ratio(loss, hard, mask)
         reward = normalised_reward(loss, mask)
-        out["mean_reward"] = float(reward[hard].mean() if draw.k_hard > 0 else reward[mask].mean())
-        rho = mean_row_spearman(draw.values[mask].view(batch, draw.k), loss[mask].view(batch, draw.k))
-        if rho is not None:
-            out["critic_spearman"] = rho
+        out["mean_reward"] = masked_mean(reward, hard if draw.k_hard > 0 else mask)
+        idx = masked_indices(mask, draw.k)
+        out["critic_spearman"] = mean_row_spearman(draw.values.gather(1, idx), loss.gather(1, idx))
         log_pi = (draw.logits.detach() / self.cfg.temperature).log_softmax(dim=1)
-        out["policy_entropy"] = float(-(log_pi.exp() * log_pi).sum(dim=1).mean())
+        out["policy_entropy"] = -(log_pi.exp() * log_pi).sum(dim=1).mean()
         patch = self.ctx.grid.patch_size
         out["background_share"] = background_share(images, patch, mask)
         if draw.k_hard > 0:
             out["background_share_actor"] = background_share(images, patch, hard)
-        return {key: value for key, value in out.items() if math.isfinite(value)}
+        return out
 
     def flush(self, timeout: float = 60.0) -> None:
         """Async mode: wait until the workers applied every queued transition (no-op in sync mode)."""

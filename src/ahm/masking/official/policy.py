@@ -9,11 +9,14 @@ Stages, as shares of the run's steps (`official_recon_fraction`, `official_agent
    steps) on the one-step actor-critic loss. The agent has its own optimiser (`owns_optimizer`).
 3. "mim": the MIM model trains again with the frozen agent's top-k masks (agent in eval mode).
 
-Diagnostics, in the agent and MIM stages: `critic_spearman` (Spearman of V and the model's loss over the masked
-patches, per image), `background_share` (share of masked patches on flat background) and, every
-`official_probe_every` steps and at each stage's last step, `hardness_ratio`: the model's mean masked-patch loss
-under the agent's masks over that under uniform random masks of the same K, on the same batch (eval mode, no
-gradient; a deterministic top-k has no random masked patches to compare with inside one mask).
+Diagnostics, on the steps the loop logs in the agent and MIM stages: `critic_spearman` (Spearman of V and the
+model's loss over the masked patches, per image), `background_share` (share of masked patches on flat background)
+and, at most once per `official_probe_every` steps and at each stage's last step, `hardness_ratio`: the model's mean
+masked-patch loss under the agent's masks over that under uniform random masks of the same K, on the same batch
+(eval mode, no gradient; a deterministic top-k has no random masked patches to compare with inside one mask).
+
+The agent and the probes run under the run's mixed precision (`PolicyContext.autocast`); the agent's output layers,
+the top-k and the losses stay in float32.
 
 Checkpoints hold the agent (state_dict) and, in `extra_state`, its optimiser and scheduler, the stage layout and
 the patch grid: a resume with another layout (e.g. another --steps) or grid is refused with one line.
@@ -21,7 +24,6 @@ the patch grid: a resume with another layout (e.g. another --steps) or grid is r
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -38,12 +40,13 @@ from ahm.masking.base import (
     PolicyContext,
     PolicyStep,
     Stage,
+    masked_indices,
     random_scores,
     register,
     seeded_init,
     topk_mask,
 )
-from ahm.masking.diagnostics import background_share, mean_row_spearman
+from ahm.masking.diagnostics import background_share, masked_mean, mean_row_spearman
 from ahm.masking.official.reward import official_agent_loss, official_reward, patch_reward_terms
 
 RECONSTRUCTOR, AGENT, MIM = "reconstructor", "agent", "mim"
@@ -55,6 +58,8 @@ class _Draw:
     logits: Tensor  # [B, L]; with graph when the agent learns from this batch
     values: Tensor  # [B, L]
     learn: bool
+    k: int
+    returned: Tensor  # the mask as `propose` returned it (on the images' device)
 
 
 def stage_layout(total_steps: int, recon_fraction: float, agent_fraction: float) -> list[Stage]:
@@ -98,6 +103,7 @@ class OfficialAHMPolicy(MaskingPolicy):
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=cfg.official_lr_step,
                                                          gamma=cfg.official_lr_gamma)
         self._draw: _Draw | None = None
+        self._last_probe: int | None = None  # the step of the last hardness probe
 
     # ------------------------------------------------------------------ stages
     def stages(self) -> list[Stage]:
@@ -117,23 +123,24 @@ class OfficialAHMPolicy(MaskingPolicy):
         batch = images.shape[0]
         if stage.name == RECONSTRUCTOR:
             self._draw = None
-            return topk_mask(random_scores(batch, self.num_patches, self.generator, images.device), k)
+            scores = random_scores(batch, self.num_patches, self.generator_for(images.device), images.device)
+            return topk_mask(scores, k)
         learn = stage.name == AGENT and self.training
         self.agent.train(learn)  # the MIM stage uses the frozen agent in eval mode (its BN running statistics)
-        with torch.set_grad_enabled(learn):
+        with torch.set_grad_enabled(learn), self.ctx.autocast():
             logits, values = self.agent(images.detach().to(self.agent_device))
         # sigmoid is monotone: the top-k of the logits are the top-k of the policy map
         mask = topk_mask(logits.detach(), k)
-        self._draw = _Draw(mask, logits, values, learn)
-        return mask.to(images.device)
+        returned = mask.to(images.device)
+        self._draw = _Draw(mask, logits, values, learn, k, returned)
+        return returned
 
     @property
     def last_hard_indices(self) -> Tensor | None:
         """The agent-chosen patches [B, K] of the last propose (all masked ones: a top-k), None in the warm-up."""
         if self._draw is None:
             return None
-        k = int(self._draw.mask[0].sum())
-        return self._draw.mask.to(torch.uint8).topk(k, dim=1).indices
+        return self._draw.mask.to(torch.uint8).topk(self._draw.k, dim=1).indices
 
     @torch.no_grad()
     def agent_maps(self, images: Tensor) -> tuple[Tensor, Tensor]:
@@ -156,65 +163,75 @@ class OfficialAHMPolicy(MaskingPolicy):
         if draw is None:
             raise RuntimeError("OfficialAHMPolicy.observe_output() needs the propose() of the same batch first")
         device = draw.mask.device
-        if tuple(mask.shape) != tuple(draw.mask.shape) or not torch.equal(mask.to(device), draw.mask):
+        # the loop passes the very tensor `propose` returned, so it needs no comparison read from the device
+        if mask is not draw.returned and (tuple(mask.shape) != tuple(draw.mask.shape)
+                                          or not torch.equal(mask.to(device), draw.mask)):
             raise RuntimeError("OfficialAHMPolicy.observe_output() got a mask that its last propose() did not make")
         loss_map = out.per_patch_loss.detach().float().to(device)
-        metrics = self._diagnostics(images, draw, loss_map)
+        metrics: dict[str, float | Tensor] = self._diagnostics(images, draw, loss_map) if self.wants_metrics else {}
         if draw.learn:
             error, balance = patch_reward_terms(images, out.prediction, self.ctx.grid.shape, self.ctx.grid.patch_size,
                                                 self.cfg.reward_window)
             reward = official_reward(error, balance, self.cfg.official_balance, self.cfg.reward_scope).to(device)
+            # A non-finite reward must not reach the agent. It steps its own optimiser here, where no check of the
+            # loop's reaches, so this reads the device once per agent-stage step.
             if bool(torch.isfinite(reward).all()):
                 loss, parts = official_agent_loss(draw.logits, draw.values, reward, draw.mask, self.cfg.loss_patches)
-                metrics["agent_lr"] = float(self.optimizer.param_groups[0]["lr"])
+                if self.wants_metrics:
+                    metrics["agent_lr"] = float(self.optimizer.param_groups[0]["lr"])
+                    metrics.update(parts)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
                 self.scheduler.step()
-                metrics.update({key: float(value) for key, value in parts.items()})
             else:
-                metrics["agent_skipped"] = 1.0  # a non-finite reward must not reach the agent
-        if self.ctx.model is not None and (step % self.cfg.official_probe_every == 0 or step == stage.end - 1):
-            ratio = self._hardness_ratio(images, mask, loss_map if stage.name == AGENT else None, step)
-            if ratio is not None:
-                metrics["hardness_ratio"] = ratio
-        return PolicyStep(metrics={key: value for key, value in metrics.items() if math.isfinite(value)})
+                metrics["agent_skipped"] = 1.0
+        if self._probe_due(step, stage):
+            metrics["hardness_ratio"] = self._hardness_ratio(images, mask, draw.k,
+                                                             loss_map if stage.name == AGENT else None, step)
+            self._last_probe = step
+        return PolicyStep(metrics=self.report(metrics))
+
+    def _probe_due(self, step: int, stage: Stage) -> bool:
+        """Whether this step probes the hardness ratio (two extra forwards of the model): only a step whose metrics
+        are wanted, the first such step past each multiple of `official_probe_every` and a stage's last step. With
+        every step logged, that is every multiple and every stage's last step."""
+        if self.ctx.model is None or not self.wants_metrics:
+            return False
+        every, last = self.cfg.official_probe_every, self._last_probe
+        return last is None or step == stage.end - 1 or step // every > last // every
 
     def observe(self, images: Tensor, mask: Tensor, per_patch_loss: Tensor, progress: float) -> PolicyStep:
         raise RuntimeError("ahm-official learns from the model's prediction: call observe_output()")
 
     @torch.no_grad()
-    def _diagnostics(self, images: Tensor, draw: _Draw, loss_map: Tensor) -> dict[str, float]:
-        mask = draw.mask
-        batch = mask.shape[0]
-        k = int(mask[0].sum())
-        out: dict[str, float] = {}
-        rho = mean_row_spearman(draw.values[mask].view(batch, k), loss_map[mask].view(batch, k))
-        if rho is not None:
-            out["critic_spearman"] = rho
-        out["background_share"] = background_share(images, self.ctx.grid.patch_size, mask)
-        out["policy_mean"] = float(draw.logits.detach().sigmoid().mean())
-        return out
+    def _diagnostics(self, images: Tensor, draw: _Draw, loss_map: Tensor) -> dict[str, float | Tensor]:
+        idx = masked_indices(draw.mask, draw.k)
+        return {
+            "critic_spearman": mean_row_spearman(draw.values.gather(1, idx), loss_map.gather(1, idx)),
+            "background_share": background_share(images, self.ctx.grid.patch_size, draw.mask),
+            "policy_mean": draw.logits.detach().sigmoid().mean(),
+        }
 
     @torch.no_grad()
-    def _hardness_ratio(self, images: Tensor, mask: Tensor, agent_loss: Tensor | None, step: int) -> float | None:
+    def _hardness_ratio(self, images: Tensor, mask: Tensor, k: int, agent_loss: Tensor | None, step: int) -> Tensor:
+        """0-d; NaN where the random masks' mean loss is not positive."""
         model = self.ctx.model
         was = model.training
         model.eval()
         try:
-            k = int(mask[0].sum())
             # its own stream, so probing never shifts the masks or data of the run
             gen = torch.Generator().manual_seed(7_368_787 + 1_000_003 * self.ctx.seed + step)
             rand = topk_mask(torch.rand(mask.shape, generator=gen), k).to(images.device)
-            if agent_loss is None:
-                agent_loss = model(images, mask.to(images.device)).per_patch_loss.float()
-            rand_loss = model(images, rand).per_patch_loss.float()
+            with self.ctx.autocast():  # the model's precision in the run, where the agent's losses come from
+                if agent_loss is None:
+                    agent_loss = model(images, mask.to(images.device)).per_patch_loss
+                rand_loss = model(images, rand).per_patch_loss
         finally:
             model.train(was)
-        base = float(rand_loss[rand].mean())
-        if not (math.isfinite(base) and base > 0):
-            return None
-        return float(agent_loss.to(images.device)[mask.to(images.device)].mean()) / base
+        base = masked_mean(rand_loss, rand)
+        ratio = masked_mean(agent_loss.to(images.device), mask.to(images.device)) / base
+        return torch.where(torch.isfinite(base) & (base > 0), ratio, float("nan"))
 
     # --------------------------------------------------------------- state
     def _layout(self) -> list[list[Any]]:
@@ -243,6 +260,7 @@ class OfficialAHMPolicy(MaskingPolicy):
             "patch_size": self.agent.patch_size,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            "last_probe": self._last_probe,
         }
         return state
 
@@ -269,3 +287,4 @@ class OfficialAHMPolicy(MaskingPolicy):
         super().load_extra_state(state)
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
+        self._last_probe = saved.get("last_probe")
