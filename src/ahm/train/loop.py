@@ -233,15 +233,76 @@ def launch(fabric, run: Callable[..., Any], *args: Any) -> Any:
     return run(fabric, *args)
 
 
+class StepGuard:
+    """The NaN/inf safety net of `optimizer_step` without a host read per step.
+
+    A fused AdamW skips a step on the device when its `found_inf` flag is set (the mechanism PyTorch's GradScaler
+    uses): the weights, moments and step count stay as they were. The guard sets that flag from the step's loss and
+    gradients, and keeps on the device how many steps were skipped and the first of them (its loss, and whether only
+    a gradient was at fault). `read` brings that to the host: the loop calls it on the steps that read the device
+    anyway (logging, checkpoints), where train.nan_policy stop ends the run naming the first bad step."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.skipped = torch.zeros((), dtype=torch.int64, device=device)
+        self.first = torch.full((), -1, dtype=torch.int64, device=device)
+        self.first_loss = torch.zeros((), dtype=torch.float32, device=device)
+        self.first_grads_only = torch.zeros((), dtype=torch.bool, device=device)
+        self.last_bad = torch.zeros((), dtype=torch.bool, device=device)
+
+    @staticmethod
+    def usable(optimizer: torch.optim.Optimizer, train: TrainConfig) -> bool:
+        """Fused AdamW takes `found_inf`; 16-mixed has its own grad scaler, which sets that flag itself."""
+        inner = getattr(optimizer, "optimizer", optimizer)
+        return (train.precision != "16-mixed" and isinstance(inner, torch.optim.AdamW)
+                and all(group.get("fused") for group in inner.param_groups))
+
+    def note(self, step: int, bad_loss: torch.Tensor, bad: torch.Tensor, loss: torch.Tensor) -> None:
+        take = bad & (self.first < 0)
+        self.first = torch.where(take, step, self.first)
+        self.first_loss = torch.where(take, loss.detach().float(), self.first_loss)
+        self.first_grads_only = torch.where(take, ~bad_loss, self.first_grads_only)
+        self.skipped += bad
+        self.last_bad = bad
+
+    def state(self) -> list[torch.Tensor]:
+        """What `settle` reads, as tensors, so that a logged step reads them with its loss in one transfer."""
+        return [self.skipped, self.first, self.first_loss, self.first_grads_only]
+
+    def settle(self, read: Sequence[float], nan_policy: str, stopped: Callable[..., str]) -> int:
+        """From the host values of `state()`: the steps skipped since the last settle; with nan_policy stop,
+        NonFiniteLoss naming the first of them (`stopped(why, at=step)`)."""
+        skipped, first, loss, grads_only = read
+        if not skipped:
+            return 0
+        why = f"the loss is {loss:.4g} but a gradient is not finite" if grads_only else f"the loss is {loss}"
+        if nan_policy != "skip":
+            raise NonFiniteLoss(stopped(why, at=int(first)))
+        self.skipped.zero_()
+        self.first.fill_(-1)
+        return int(skipped)
+
+
+def grads_all_finite(params: Sequence[nn.Parameter]) -> torch.Tensor:
+    """A 0-d bool on the device: no gradient holds inf or NaN."""
+    peaks = [p.grad.detach().abs().amax().float() for p in params if p.grad is not None and p.grad.numel()]
+    if not peaks:
+        return torch.ones((), dtype=torch.bool)
+    return torch.isfinite(torch.stack(peaks)).all()
+
+
 def optimizer_step(fabric, model: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
                    train: TrainConfig, params: Sequence[nn.Parameter], stopped: Callable[[str], str],
-                   extra_params: Sequence[nn.Parameter] = ()) -> str | None:
+                   extra_params: Sequence[nn.Parameter] = (), guard: StepGuard | None = None,
+                   step: int = 0) -> str | None:
     """Backpropagate `loss` and step, unless the loss or a gradient is not finite.
 
     `params`: the model's own parameters (checked for finite gradients); `extra_params`: parameters DDP does not
     wrap (a masking policy's), whose gradients are all-reduced and clipped here. Returns None after a step, or
     why the batch was skipped (train.nan_policy skip); otherwise raises NonFiniteLoss(`stopped(reason)`).
+    With a `guard`, the check and the skip happen on the device (see `StepGuard`) and None is returned.
     """
+    if guard is not None:
+        return _guarded_step(fabric, model, optimizer, loss, train, params, extra_params, guard, step)
     optimizer.zero_grad(set_to_none=True)
     bad = nonfinite_loss_reason(fabric, loss)
     if bad is None:
@@ -262,6 +323,28 @@ def optimizer_step(fabric, model: nn.Module, optimizer: torch.optim.Optimizer, l
             torch.nn.utils.clip_grad_norm_(list(extra_params), train.clip_grad)
     optimizer.step()
     return None
+
+
+def _guarded_step(fabric, model, optimizer, loss, train, params, extra_params, guard: StepGuard, step: int) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    # every rank backpropagates, finite or not (the same branch on every rank); a bad step is skipped below
+    fabric.backward(loss)
+    all_reduce_grads(fabric, list(extra_params))
+    bad_loss = ~torch.isfinite(loss.detach()).all()
+    bad = bad_loss | ~grads_all_finite(list(params) + list(extra_params)).to(bad_loss.device)
+    if fabric.world_size > 1:  # skipped on every rank if on any
+        bad = fabric.all_reduce(bad.float(), reduce_op="sum") > 0
+    if train.clip_grad > 0:
+        fabric.clip_gradients(model, optimizer, max_norm=train.clip_grad, error_if_nonfinite=False)
+        if extra_params:
+            torch.nn.utils.clip_grad_norm_(list(extra_params), train.clip_grad)
+    inner = getattr(optimizer, "optimizer", optimizer)
+    inner.found_inf = bad.float()
+    try:
+        optimizer.step()
+    finally:
+        del inner.found_inf
+    guard.note(step, bad_loss, bad, loss)
 
 
 class ProgressBar:

@@ -22,8 +22,10 @@ from ahm.train.checkpoint import checkpoint_path, load_checkpoint, restore_state
 from ahm.train.checkpoint import save_checkpoint as write_checkpoint
 from ahm.train.loop import (
     Interrupted,
+    StepGuard,
     Throughput,
     decay_param_groups,
+    gather_objects,
     launch,
     launch_rank,
     make_fabric,
@@ -70,6 +72,21 @@ def forward_step(model, policy, images: torch.Tensor, progress: float, trains_mo
     pstep = policy.observe_output(images, mask, out, progress)
     loss = out.loss if pstep.aux_loss is None else out.loss + pstep.aux_loss
     return loss, out, pstep
+
+
+def mean_over_ranks(fabric, keys: list[str], loss_total: float, loss_count: float,
+                    values: list[float]) -> tuple[float, float, list[float]]:
+    """A logged step's loss (pooled sum and count) and metrics (mean of the ranks where defined) over every rank,
+    gathered as host numbers: the step reads the device for its log anyway, and ranks may differ in which
+    metrics are defined."""
+    if fabric.world_size == 1:
+        return loss_total, loss_count, values
+    shares = gather_objects(fabric, (loss_total, loss_count, dict(zip(keys, values))))
+    pooled = []
+    for key in keys:
+        defined = [share[2][key] for share in shares if math.isfinite(share[2].get(key, math.nan))]
+        pooled.append(float(np.mean(defined)) if defined else math.nan)
+    return sum(share[0] for share in shares), sum(share[1] for share in shares), pooled
 
 
 def read_scalars(values: list) -> list[float]:
@@ -243,6 +260,7 @@ def _train(fabric, cfg, out, resume, progress, model, policy, corpus, total, ste
     if cfg.train.compile:
         model = torch.compile(model)
     model, optimizer = fabric.setup(model, optimizer)
+    guard = StepGuard(fabric.device) if StepGuard.usable(optimizer, cfg.train) else None
     if ckpt is not None:
         # after the model is on its device: Optimizer.load_state_dict puts each state tensor on its parameter's
         # device and dtype (loaded before, AdamW's moments would stay on the CPU beside CUDA parameters)
@@ -299,9 +317,9 @@ def _train(fabric, cfg, out, resume, progress, model, policy, corpus, total, ste
                            f"{kept}; run stopped, continue with --resume once there is room") from exc
         saved["step"] = next_step
 
-    def stopped_by(bad: str) -> str:
+    def stopped_by(bad: str, at: Optional[int] = None) -> str:
         good = checkpoint_path(out)
-        return (f"step {step + 1}: {bad}; run stopped. Last good checkpoint: "
+        return (f"step {step + 1 if at is None else at + 1}: {bad}; run stopped. Last good checkpoint: "
                 + (f"{good} (step {saved['step']})" if saved["step"] is not None and good.is_file() else "none yet")
                 + " (lower --lr, or set train.nan_policy: skip to skip bad batches)")
 
@@ -327,12 +345,13 @@ def _train(fabric, cfg, out, resume, progress, model, policy, corpus, total, ste
                 lr = set_lr(optimizer, lr_factor(step - stage.start, stage.steps, cfg.train.warmup_steps,
                                                  cfg.train.min_lr / max(cfg.train.lr, 1e-12)))
 
-                # a stage's last step is always logged, so every stage has final diagnostics in metrics.jsonl
-                logged = log is not None and ((step + 1) % cfg.train.log_every == 0 or step + 1 in (total, stage.end))
+                # a stage's last step is always logged, so every stage has final diagnostics in metrics.jsonl;
+                # every rank computes them, and rank 0 logs their mean over the ranks
+                logged = (step + 1) % cfg.train.log_every == 0 or step + 1 in (total, stage.end)
                 loss, out_mim, pstep = forward_step(model, policy, images, progress_frac, stage.trains_model, logged)
                 if stage.trains_model:
                     bad = optimizer_step(fabric, model, optimizer, loss, cfg.train, list(raw_model.parameters()),
-                                         stopped_by, extra_params=policy_params)
+                                         stopped_by, extra_params=policy_params, guard=guard, step=step)
                     if bad is not None:
                         skipped += 1
                 else:  # a frozen-model stage has nothing to backpropagate (the policy stepped its own optimiser)
@@ -343,12 +362,27 @@ def _train(fabric, cfg, out, resume, progress, model, policy, corpus, total, ste
                 if bad is None:
                     step_loss = out_mim.loss.detach().to(exact)
                     finite = torch.isfinite(step_loss)
+                    if guard is not None and stage.trains_model:  # a step the guard skipped is not a loss to log
+                        finite = finite & ~guard.last_bad
                     loss_sum += torch.stack([torch.where(finite, step_loss, 0.0), finite.to(exact)])
-                    recent_losses.append(step_loss)
+                    recent_losses.append(torch.where(finite, step_loss, torch.nan))
+                # the device-side NaN guard is read where the step reads the device anyway: with the log, and
+                # before a checkpoint (none is written after a bad step under nan_policy stop)
+                guarded = guard.state() if guard is not None else []
+                if guarded and not logged and (step % cfg.train.checkpoint_every == 0 or step == end):
+                    skipped += guard.settle(read_scalars(guarded), cfg.train.nan_policy, stopped_by)
                 if logged:
                     metrics = {k: v for k, v in pstep.metrics.items() if v is not None} if bad is None else {}
-                    mean_loss, *values = read_scalars([loss_sum[0] / loss_sum[1], *metrics.values()])
+                    loss_total, loss_count, *values = read_scalars([loss_sum[0], loss_sum[1], *guarded,
+                                                                    *metrics.values()])
+                    if guarded:
+                        skipped += guard.settle(values[:len(guarded)], cfg.train.nan_policy, stopped_by)
+                        values = values[len(guarded):]
                     loss_sum.zero_()
+                    loss_total, loss_count, values = mean_over_ranks(fabric, list(metrics), loss_total, loss_count,
+                                                                     values)
+                    mean_loss = loss_total / loss_count if loss_count else math.nan
+                if logged and log is not None:
                     record = {"step": step, "lr": lr, "images_per_s": rate}
                     if staged:
                         record["stage"] = stages.index(stage)
