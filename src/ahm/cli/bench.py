@@ -48,8 +48,8 @@ def speed(
                                 "and show this many operators by self CPU time."),
     clock: str = typer.Option("wall", "--clock", help="wall: seconds per step; cpu: this process's CPU seconds "
                               "per step (CPU only; far steadier on a machine shared with other jobs)."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="32-true or bf16-mixed, for ours and the "
-                                            "reference alike (default: --config's train.precision, else 32-true)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="32-true or bf16-mixed, ours and the reference "
+                                            "alike (default: --config's train.precision, else 32-true)."),
     compile_model: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile ours and the "
                                                  "reference (default: --config's train.compile, else off)."),
     as_json: bool = typer.Option(False, "--json", help="Print the JSON document only."),

@@ -15,9 +15,8 @@ from ahm.cli.app import app, console, fail, is_quiet, out, run_guarded
 INHERITED_2D = ("image_size",)
 INHERITED_3D = ("image_size", "spatial_dims", "spacing", "orientation", "crop_size")
 
-ACCELERATOR_HELP = "auto, cpu or cuda (default: the run's own; a GPU when it trained on one and one is here)."
-PRECISION_HELP = ("32-true, bf16-mixed or 16-mixed (GPU only) for the forward passes (default: the run's "
-                  "train.precision).")
+ACCELERATOR_HELP = "auto, cpu or cuda (default: the run's own: cuda if it trained on a GPU and one is here)."
+PRECISION_HELP = "32-true, bf16-mixed or 16-mixed (GPU only) (default: the run's train.precision)."
 
 
 def _pretrain_data_defaults(init: str) -> dict:
