@@ -191,15 +191,24 @@ def test_bf16_mixed_evaluates_as_float32_does(tmp_path: Path) -> None:
     assert mixed["dice"] == pytest.approx(full["dice"], abs=0.01)
 
 
-def test_precision_defaults_to_the_runs_own(tmp_path: Path) -> None:
-    from ahm.eval.evaluate import load_run
+def test_precision_defaults_to_the_runs_own_on_a_gpu(tmp_path: Path) -> None:
+    import torch
+
+    from ahm.config import FinetuneConfig, load_config
+    from ahm.eval.evaluate import inference_precision, load_run
+
+    cuda = torch.device("cuda")  # only named: nothing is made on it
 
     run = make_run(tmp_path / "run")
     _set_precision(run, "bf16-mixed")
     assert load_run(run).precision == "32-true"  # the library keeps float32 unless asked
-    assert load_run(run, precision=None).precision == "bf16-mixed"
-    _set_precision(run, "16-mixed")
-    assert load_run(run, precision=None).precision == "32-true"  # float16 autocast is refused on the CPU
+    assert inference_precision(load_config(FinetuneConfig, run / "config.yaml"), cuda, None) == "bf16-mixed"
+    # on the CPU, 32-true whatever the run trained in (see inference_precision)
+    assert load_run(run, precision=None).precision == "32-true"
+    for own, on_gpu in (("16-mixed", "16-mixed"), ("bf16-true", "bf16-mixed"), ("32", "32-true")):
+        _set_precision(run, own)
+        assert inference_precision(load_config(FinetuneConfig, run / "config.yaml"), cuda, None) == on_gpu
+        assert load_run(run, precision=None).precision == "32-true"
     with pytest.raises(AhmError, match="^--accelerator tpu: choose auto, cpu or cuda$"):
         load_run(run, accelerator="tpu")
 

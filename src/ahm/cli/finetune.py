@@ -16,7 +16,7 @@ INHERITED_2D = ("image_size",)
 INHERITED_3D = ("image_size", "spatial_dims", "spacing", "orientation", "crop_size")
 
 ACCELERATOR_HELP = "auto, cpu or cuda (default: the run's own: cuda if it trained on a GPU and one is here)."
-PRECISION_HELP = "32-true, bf16-mixed or 16-mixed (GPU only) (default: the run's train.precision)."
+PRECISION_HELP = "32-true, bf16-mixed or 16-mixed (GPU only) (default: the run's own on a GPU, else 32-true)."
 
 
 def _pretrain_data_defaults(init: str) -> dict:

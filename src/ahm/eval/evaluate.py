@@ -22,7 +22,7 @@ both, so it changes no Dice or IoU.
 Inference runs on one device in one precision (`load_run`'s `accelerator` and `precision`): 32-true, or a mixed
 precision whose forward passes run under autocast and whose logits are blended and compared in float32 (see
 `ahm.eval.inference`). The library's default is 32-true; `ahm evaluate` and `ahm predict` default to the run's own
-`train.precision`.
+`train.precision` on a GPU and to 32-true on the CPU (see `inference_precision`).
 """
 
 from __future__ import annotations
@@ -115,17 +115,18 @@ def inference_device(cfg: FinetuneConfig | None = None, accelerator: str | None 
 
 def inference_precision(cfg: FinetuneConfig, device: torch.device, precision: str | None = "32-true") -> str:
     """The precision inference runs in on `device`: `precision` (refused in one line where training would refuse
-    it), or with None the run's own `train.precision` as far as inference can take it: its bf16-true is
-    bf16-mixed (the weights are loaded in float32), and its 16-mixed is 32-true on the CPU, where float16 autocast
-    is refused."""
+    it), or with None the run's own `train.precision` on a GPU (its bf16-true as bf16-mixed: the weights are loaded
+    in float32) and 32-true on the CPU. A GPU run's mixed precision is no gain on a CPU: processors without bfloat16
+    units emulate it, and a UNet's bf16-mixed forward pass took 25 to 35 times as long as float32's on this
+    project's development machine; float16 autocast is refused there."""
     from ahm.eval.inference import check_precision
 
     if precision is not None:
         return check_precision(precision, device)
-    own = {"32": "32-true", "bf16-true": "bf16-mixed"}.get(cfg.train.precision, cfg.train.precision)
-    if own == "16-mixed" and device.type == "cpu":
-        own = "32-true"
-    return check_precision(own, device)
+    if device.type == "cpu":
+        return "32-true"
+    return check_precision({"32": "32-true", "bf16-true": "bf16-mixed"}.get(cfg.train.precision,
+                                                                            cfg.train.precision), device)
 
 
 def load_run(run_dir: str | Path, checkpoint: str = BEST, *, accelerator: str | None = None,
