@@ -216,13 +216,23 @@ def test_precision_and_compile_reach_ours_and_the_reference(tmp_path: Path, monk
     calls: list[tuple[str, bool, torch.dtype]] = []
 
     def compile_stand_in(module):  # records what torch.compile was given and how the result is called
-        def forward(*args):
+        def forward(*args, **kwargs):
             calls.append((type(module).__name__, torch.is_autocast_enabled("cpu"), args[0].dtype))
-            return module(*args)
+            return module(*args, **kwargs)
 
         return forward
 
+    import ahm.masking
+
+    contexts = []
+    build_policy = ahm.masking.build_policy
+
+    def build_recording(masking, ctx):
+        contexts.append(ctx)
+        return build_policy(masking, ctx)
+
     monkeypatch.setattr(torch, "compile", compile_stand_in)
+    monkeypatch.setattr(ahm.masking, "build_policy", build_recording)
     cfg = _cfg(tmp_path, backbone=backbone)
     cfg.train.precision, cfg.train.compile = "bf16-mixed", True
     doc = run_speed(cfg, ["random"], steps=1, warmup=1, rounds=1)
@@ -230,6 +240,8 @@ def test_precision_and_compile_reach_ours_and_the_reference(tmp_path: Path, monk
     assert {name for name, _, _ in calls} == {"MaskedUNet" if backbone == "unet" else "MAEViT", reference}
     # as Fabric runs a training model: inputs cast to bfloat16, the forward pass under autocast
     assert all(autocast and dtype == torch.bfloat16 for _, autocast, dtype in calls)
+    with contexts[0].autocast():  # what the policy's own networks run under
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
     assert (doc["setting"]["precision"], doc["setting"]["compile"]) == ("bf16-mixed", True)
     assert ", bf16-mixed, compile on, " in format_speed(doc).splitlines()[0]
 

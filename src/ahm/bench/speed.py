@@ -11,7 +11,8 @@ figure is the median of the timed steps after warm-up.
 Precision and compilation (`train.precision`, `train.compile`) apply to every candidate alike and as the training
 loop applies them: the model is compiled with `torch.compile`, and its forward pass runs under Lightning's
 mixed-precision plugin, the one Fabric wraps a training model in (inputs cast to bfloat16, autocast, outputs back
-to float32), with the loss and the optimiser step outside it. Warm-up steps take the compilation.
+to float32), with the loss and the optimiser step outside it; a policy's own networks run under the same autocast.
+Warm-up steps take the compilation.
 
 Peak memory: on a GPU `torch.cuda.max_memory_allocated` over each block of steps; on the CPU the resident set
 size read from /proc/self/statm every 5 ms during the block (`peak_mem_mib`, the whole process) and that peak
@@ -22,12 +23,13 @@ lifetime peak. An allocator that keeps freed pages can hide part of a later cand
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, ContextManager, Optional
 
 import torch
 
@@ -113,23 +115,37 @@ def check_speed_precision(precision: str) -> str:
     return name
 
 
-def training_forward(model: torch.nn.Module, cfg: PretrainConfig, device: torch.device) -> Callable[..., Any]:
-    """`model`'s forward as the training loop runs it: compiled with `train.compile`, and with a mixed
-    `train.precision` through the plugin Fabric wraps a model in (`lightning.fabric.wrappers._FabricModule`)."""
-    forward = torch.compile(model) if cfg.train.compile else model
+def _mixed_precision(cfg: PretrainConfig, device: torch.device):
+    """Lightning's plugin for a mixed `train.precision`, the one Fabric runs a training model under; None for
+    32-true."""
     if check_speed_precision(cfg.train.precision) == "32-true":
-        return forward
+        return None
     from lightning.fabric.plugins.precision import MixedPrecision
 
-    plugin = MixedPrecision(cfg.train.precision, device=device.type)
+    return MixedPrecision(cfg.train.precision, device=device.type)
 
-    def mixed(*args: Any) -> Any:
-        args = plugin.convert_input(args)
+
+def training_forward(model: torch.nn.Module, cfg: PretrainConfig, device: torch.device) -> Callable[..., Any]:
+    """`model`'s forward as the training loop runs it: compiled with `train.compile`, and with a mixed
+    `train.precision` as Fabric's wrapper runs it (`lightning.fabric.wrappers._FabricModule.forward`)."""
+    forward = torch.compile(model) if cfg.train.compile else model
+    plugin = _mixed_precision(cfg, device)
+    if plugin is None:
+        return forward
+
+    def mixed(*args: Any, **kwargs: Any) -> Any:
+        args, kwargs = plugin.convert_input((args, kwargs))
         with plugin.forward_context():
-            out = forward(*args)
+            out = forward(*args, **kwargs)
         return plugin.convert_output(out)
 
     return mixed
+
+
+def training_autocast(cfg: PretrainConfig, device: torch.device) -> Callable[[], ContextManager]:
+    """The context the training loop gives a policy for its own networks (Fabric's `autocast`)."""
+    plugin = _mixed_precision(cfg, device)
+    return plugin.forward_context if plugin is not None else contextlib.nullcontext
 
 
 def trainable_parameters(module: torch.nn.Module) -> int:
@@ -187,7 +203,8 @@ def _policy_candidate(name: str, cfg: PretrainConfig, channels: int, device: tor
     model = build_mim_model(cfg.model, model_input_size(cfg.data), channels,
                             spatial_dims=cfg.data.spatial_dims).to(device)
     policy = build_policy(masking, PolicyContext(grid=model.patch_grid, in_channels=channels, total_steps=total,
-                                                 seed=0, device=device, model=model))
+                                                 seed=0, device=device, model=model,
+                                                 autocast=training_autocast(cfg, device)))
     policy.to(device)
     optimizer, policy_params = build_optimizer(model, policy, run_cfg)
     # the policy keeps the plain model (its context's), as in the training loop
