@@ -205,3 +205,58 @@ def test_cli_config_sets_the_model_and_batch_and_options_win(tmp_path: Path) -> 
     assert (s["batch_size"], s["mask_ratio"], s["unet_channels"]) == (2, 0.25, [4, 8, 16])
     missing = CliRunner().invoke(app, ["bench", "speed", "--config", str(tmp_path / "nope.yaml")])
     assert missing.exit_code != 0 and "nope.yaml" in missing.output and "Traceback" not in missing.output
+
+
+@pytest.mark.parametrize("backbone", ["unet", "vit"])
+def test_precision_and_compile_reach_ours_and_the_reference(tmp_path: Path, monkeypatch, backbone: str) -> None:
+    import torch
+
+    from ahm.bench.speed import format_speed, run_speed
+
+    calls: list[tuple[str, bool, torch.dtype]] = []
+
+    def compile_stand_in(module):  # records what torch.compile was given and how the result is called
+        def forward(*args, **kwargs):
+            calls.append((type(module).__name__, torch.is_autocast_enabled("cpu"), args[0].dtype))
+            return module(*args, **kwargs)
+
+        return forward
+
+    import ahm.masking
+
+    contexts = []
+    build_policy = ahm.masking.build_policy
+
+    def build_recording(masking, ctx):
+        contexts.append(ctx)
+        return build_policy(masking, ctx)
+
+    monkeypatch.setattr(torch, "compile", compile_stand_in)
+    monkeypatch.setattr(ahm.masking, "build_policy", build_recording)
+    cfg = _cfg(tmp_path, backbone=backbone)
+    cfg.train.precision, cfg.train.compile = "bf16-mixed", True
+    doc = run_speed(cfg, ["random"], steps=1, warmup=1, rounds=1)
+    reference = "UNet" if backbone == "unet" else "MaskedAutoEncoderViT"
+    assert {name for name, _, _ in calls} == {"MaskedUNet" if backbone == "unet" else "MAEViT", reference}
+    # as Fabric runs a training model: inputs cast to bfloat16, the forward pass under autocast
+    assert all(autocast and dtype == torch.bfloat16 for _, autocast, dtype in calls)
+    with contexts[0].autocast():  # what the policy's own networks run under
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
+    assert (doc["setting"]["precision"], doc["setting"]["compile"]) == ("bf16-mixed", True)
+    assert ", bf16-mixed, compile on, " in format_speed(doc).splitlines()[0]
+
+
+def test_header_names_the_default_precision_and_refuses_16_mixed(tmp_path: Path) -> None:
+    from ahm.bench.speed import format_speed, run_speed
+    from ahm.cli.app import _register, app
+
+    cfg = _cfg(tmp_path, backbone="unet")
+    doc = run_speed(cfg, ["random"], steps=1, warmup=1, rounds=1)
+    assert ", 32-true, compile off, " in format_speed(doc).splitlines()[0]
+    cfg.train.precision = "16-mixed"
+    with pytest.raises(AhmError, match="^--precision 16-mixed: `ahm bench speed` times 32-true or bf16-mixed$"):
+        run_speed(cfg, ["random"])
+    _register()
+    res = CliRunner().invoke(app, ["bench", "speed", "--precision", "fp8"])
+    assert res.exit_code != 0 and res.output.strip() == ("error: --precision fp8: `ahm bench speed` times 32-true "
+                                                         "or bf16-mixed")

@@ -154,3 +154,77 @@ def test_cli_prints_both_levels_names_the_convention_and_refuses_a_bad_one(tmp_p
     assert old.exit_code == 0 and "OLD CONVENTION" in old.output
     bad = CliRunner().invoke(app, ["evaluate", str(run), "--data", str(data), "--empty-cases", "zero"])
     assert bad.exit_code != 0 and "--empty-cases" in bad.output and "Traceback" not in bad.output
+
+
+def _set_precision(run: Path, precision: str) -> None:
+    from ahm.config import FinetuneConfig, load_config, save_config
+
+    cfg = load_config(FinetuneConfig, run / "config.yaml")
+    cfg.train.precision = precision
+    save_config(cfg, run / "config.yaml")
+
+
+def test_bf16_mixed_evaluates_as_float32_does(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from ahm.cli.app import _register, app
+
+    run = make_run(tmp_path / "run")
+    data = _folder(tmp_path / "data")
+    full = evaluate(run, data, split="all", report=False)
+    with open(run / "eval" / "all" / "per_image.csv") as fh:
+        full_rows = list(csv.DictReader(fh))
+    _register()
+    res = CliRunner().invoke(app, ["evaluate", str(run), "--data", str(data), "--split", "all",
+                                   "--precision", "bf16-mixed", "--accelerator", "cpu", "--json"])
+    assert res.exit_code == 0, res.output
+    mixed = json.loads(res.output)
+    assert full["inference"] == {"device": "cpu", "precision": "32-true"}  # the library's default
+    assert mixed["inference"] == {"device": "cpu", "precision": "bf16-mixed"}
+    # bfloat16 moves a logit by a few 1e-3 and flips only pixels whose two classes were that close (about 0.05% of
+    # this run's): a Dice within 0.01 of float32's, per image and overall, leaves room for twenty times that
+    with open(run / "eval" / "all" / "per_image.csv") as fh:
+        mixed_rows = list(csv.DictReader(fh))
+    assert [r["id"] for r in mixed_rows] == [r["id"] for r in full_rows]
+    for a, b in zip(mixed_rows, full_rows):
+        assert float(a["dice_1"]) == pytest.approx(float(b["dice_1"]), abs=0.01)
+    assert mixed["dice"] == pytest.approx(full["dice"], abs=0.01)
+
+
+def test_precision_defaults_to_the_runs_own_on_a_gpu(tmp_path: Path) -> None:
+    import torch
+
+    from ahm.config import FinetuneConfig, load_config
+    from ahm.eval.evaluate import inference_precision, load_run
+
+    cuda = torch.device("cuda")  # only named: nothing is made on it
+
+    run = make_run(tmp_path / "run")
+    _set_precision(run, "bf16-mixed")
+    assert load_run(run).precision == "32-true"  # the library keeps float32 unless asked
+    assert inference_precision(load_config(FinetuneConfig, run / "config.yaml"), cuda, None) == "bf16-mixed"
+    # on the CPU, 32-true whatever the run trained in (see inference_precision)
+    assert load_run(run, precision=None).precision == "32-true"
+    for own, on_gpu in (("16-mixed", "16-mixed"), ("bf16-true", "bf16-mixed"), ("32", "32-true")):
+        _set_precision(run, own)
+        assert inference_precision(load_config(FinetuneConfig, run / "config.yaml"), cuda, None) == on_gpu
+        assert load_run(run, precision=None).precision == "32-true"
+    with pytest.raises(AhmError, match="^--accelerator tpu: choose auto, cpu or cuda$"):
+        load_run(run, accelerator="tpu")
+
+
+def test_cli_refuses_16_mixed_on_the_cpu_and_writes_nothing(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from ahm.cli.app import _register, app
+
+    run = make_run(tmp_path / "run")
+    data = _folder(tmp_path / "data")
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    _register()
+    res = CliRunner().invoke(app, ["evaluate", str(run), "--data", str(data), "--split", "all",
+                                   "--precision", "16-mixed", "--accelerator", "cpu"])
+    assert res.exit_code != 0 and "Traceback" not in res.output
+    assert res.output.strip().splitlines() == ["error: --precision 16-mixed needs a GPU; on the CPU use bf16-mixed "
+                                               "or 32-true"]
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before

@@ -224,3 +224,19 @@ def test_2d_run_is_unchanged_and_refuses_spatial_dims_3(tmp_path: Path) -> None:
     assert run.spatial_dims == 2 and run.roi_size is None
     with pytest.raises(AhmError, match="--spatial-dims 3: the run .* 2D images"):
         predict(tmp_path / "run", [tmp_path / "x.png"], tmp_path / "out", spatial_dims=3)
+
+
+def test_bf16_mixed_sliding_windows_score_and_predict_as_float32_does(run3d: Path, task: Path,
+                                                                      tmp_path: Path) -> None:
+    full = evaluate(run3d, task, split="all", report=False)
+    mixed = evaluate(run3d, task, split="all", report=False, precision="bf16-mixed")
+    assert mixed["inference"] == {"device": "cpu", "precision": "bf16-mixed"}
+    # bfloat16 flips only voxels whose two classes were within a few 1e-3 of each other; 0.01 of Dice per volume
+    # leaves room for far more than that
+    for a, b in zip(mixed["volume_level"]["per_volume"], full["volume_level"]["per_volume"]):
+        assert a["volume"] == b["volume"] and a["dice"] == pytest.approx(b["dice"], abs=0.01)
+    source = task / "imagesTr" / "ball_003.nii.gz"
+    predict(run3d, [source], tmp_path / "fp32")
+    assert predict(run3d, [source], tmp_path / "bf16", precision="bf16-mixed")["precision"] == "bf16-mixed"
+    a, b = (np.asarray(nib.load(str(tmp_path / d / "ball_003_mask.nii.gz")).dataobj) for d in ("fp32", "bf16"))
+    assert a.shape == b.shape and (a == b).mean() >= 0.99

@@ -151,3 +151,59 @@ def test_volumes_of_different_shapes_are_labelled_one_by_one() -> None:
     with torch.no_grad():
         for lab, vol in zip(labels, volumes):
             np.testing.assert_array_equal(lab, model.net(torch.from_numpy(vol)[None]).argmax(1)[0].numpy())
+
+
+class Ones(torch.nn.Module):
+    """Logits of exactly 1 for every class, which bfloat16 holds exactly: whatever moves the blended result away
+    from 1 is the blend's own rounding. Records whether each forward pass ran under autocast."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 2, 1)
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            self.conv.bias.fill_(1.0)
+        self.autocast: list[bool] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.autocast.append(torch.is_autocast_enabled("cpu"))
+        return self.conv(x)
+
+
+def test_bf16_mixed_runs_the_network_under_autocast_and_blends_in_float32() -> None:
+    net = Ones()
+    x = torch.randn(2, 1, 20, 13)
+    out = sliding_window_predict(net, x, 8, overlap=0.5, mode="gaussian", precision="bf16-mixed")
+    assert out.dtype == torch.float32 and net.autocast and all(net.autocast)
+    # MONAI weighting each bfloat16 window in place would leave errors of about 2e-3 here
+    torch.testing.assert_close(out, torch.ones_like(out), rtol=0, atol=1e-6)
+    whole = sliding_window_predict(net, x[..., :8, :8], 8, precision="bf16-mixed")
+    assert whole.dtype == torch.float32
+    net.autocast.clear()
+    sliding_window_predict(net, x, 8)
+    assert not any(net.autocast)  # 32-true, the default: no autocast
+
+
+def test_bf16_mixed_labels_match_float32_where_the_classes_are_apart() -> None:
+    torch.manual_seed(0)
+    model = Pointwise(2, in_channels=1, classes=3)
+    x = torch.randn(4, 1, 24, 17)
+    full = sliding_window_predict(model, x, 8, overlap=0.25)
+    mixed = sliding_window_predict(model, x, 8, overlap=0.25, precision="bf16-mixed")
+    # bfloat16 keeps 8 significant bits: each product is off by up to 2^-9 of itself, a few 1e-3 on logits of ~1
+    torch.testing.assert_close(mixed, full, rtol=0.02, atol=0.02)
+    top2 = full.topk(2, dim=1).values
+    apart = (top2[:, 0] - top2[:, 1]) > 0.05  # more than twice what bfloat16 can move a logit by
+    assert torch.equal(mixed.argmax(1)[apart], full.argmax(1)[apart])
+    labels = predict_labels(model, x.numpy(), roi_size=8, overlap=0.25, precision="bf16-mixed")
+    np.testing.assert_array_equal(labels, mixed.argmax(1).numpy())
+
+
+def test_precision_names_and_refusals() -> None:
+    model = Pointwise(2, in_channels=1, classes=2)
+    x = torch.randn(1, 1, 8, 8)
+    assert torch.equal(sliding_window_predict(model, x, None, precision="32"), sliding_window_predict(model, x, None))
+    with pytest.raises(AhmError, match="^--precision 16-mixed needs a GPU"):
+        sliding_window_predict(model, x, None, precision="16-mixed")
+    with pytest.raises(AhmError, match="^--precision bf16-true: inference runs 32-true, bf16-mixed or 16-mixed"):
+        sliding_window_predict(model, x, None, precision="bf16-true")

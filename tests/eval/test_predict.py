@@ -7,6 +7,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from eval_helpers import make_run
 from PIL import Image
 from typer.testing import CliRunner
@@ -161,3 +162,45 @@ def test_cli_exit_code_and_lines(run1: Path, tmp_path: Path) -> None:
 def test_not_a_run_directory(tmp_path: Path) -> None:
     with pytest.raises(AhmError, match="config.yaml"):
         predict(tmp_path, [tmp_path / "x.png"], tmp_path / "out")
+
+
+def test_bf16_mixed_masks_match_float32(run1: Path, tmp_path: Path) -> None:
+    from ahm.cli.app import _register, app
+
+    images = [_png(tmp_path / f"in{k}.png", 24, 40, seed=k) for k in range(3)]
+    full = predict(run1, images, tmp_path / "fp32")
+    assert (full["device"], full["precision"]) == ("cpu", "32-true")
+    _register()
+    res = CliRunner().invoke(app, ["predict", str(run1), *map(str, images), "--out", str(tmp_path / "bf16"),
+                                   "--precision", "bf16-mixed"])
+    assert res.exit_code == 0, res.output
+    assert "cpu, bf16-mixed" in res.output
+    for k in range(3):
+        a = np.asarray(Image.open(tmp_path / "fp32" / f"in{k}_mask.png"))
+        b = np.asarray(Image.open(tmp_path / "bf16" / f"in{k}_mask.png"))
+        # bfloat16 flips only pixels whose two classes were within a few 1e-3 (about 0.05% on this run): 99% agreed
+        # leaves room for twenty times that
+        assert a.shape == b.shape and (a == b).mean() >= 0.99
+
+
+def test_cli_refuses_16_mixed_on_the_cpu_and_an_unknown_accelerator(run1: Path, tmp_path: Path) -> None:
+    from ahm.cli.app import _register, app
+
+    _register()
+    good = _png(tmp_path / "good.png", 16, 16)
+    res = CliRunner().invoke(app, ["predict", str(run1), str(good), "--out", str(tmp_path / "out"),
+                                   "--precision", "16-mixed"])
+    assert res.exit_code != 0 and "Traceback" not in res.output
+    assert res.output.strip().splitlines() == ["error: --precision 16-mixed needs a GPU; on the CPU use bf16-mixed "
+                                               "or 32-true"]
+    res = CliRunner().invoke(app, ["predict", str(run1), str(good), "--out", str(tmp_path / "out"),
+                                   "--accelerator", "tpu"])
+    assert res.exit_code != 0 and res.output.strip() == "error: --accelerator tpu: choose auto, cpu or cuda"
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="refused only where no GPU is")
+def test_accelerator_cuda_without_a_gpu_is_refused(run1: Path, tmp_path: Path) -> None:
+    with pytest.raises(AhmError, match="^--accelerator cuda: no CUDA GPU is available here"):
+        predict(run1, [_png(tmp_path / "a.png", 16, 16)], tmp_path / "out", accelerator="cuda")
+    assert not (tmp_path / "out").exists()

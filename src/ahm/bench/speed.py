@@ -8,6 +8,12 @@ in 2D, a crop of `data.crop_size` voxels in 3D, `data.spatial_dims`), batch and 
 interleaved (policy A, B, ..., reference; then again) so drift on a shared machine hits all of them alike; the
 figure is the median of the timed steps after warm-up.
 
+Precision and compilation (`train.precision`, `train.compile`) apply to every candidate alike and as the training
+loop applies them: the model is compiled with `torch.compile`, and its forward pass runs under Lightning's
+mixed-precision plugin, the one Fabric wraps a training model in (inputs cast to bfloat16, autocast, outputs back
+to float32), with the loss and the optimiser step outside it; a policy's own networks run under the same autocast.
+Warm-up steps take the compilation.
+
 Peak memory: on a GPU `torch.cuda.max_memory_allocated` over each block of steps; on the CPU the resident set
 size read from /proc/self/statm every 5 ms during the block (`peak_mem_mib`, the whole process) and that peak
 less the size at the block's start (`peak_growth_mib`, what the steps added). tracemalloc and
@@ -17,12 +23,13 @@ lifetime peak. An allocator that keeps freed pages can hide part of a later cand
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, ContextManager, Optional
 
 import torch
 
@@ -97,6 +104,50 @@ class _Candidate:
     stage_names: list[str] = field(default_factory=list)  # the stage of each step taken (warm-up first)
 
 
+SPEED_PRECISIONS = ("32-true", "bf16-mixed")
+
+
+def check_speed_precision(precision: str) -> str:
+    """`train.precision` as `ahm bench speed` times it ("32" is 32-true), or a one-line refusal."""
+    name = "32-true" if precision == "32" else precision
+    if name not in SPEED_PRECISIONS:
+        raise AhmError(f"--precision {precision}: `ahm bench speed` times {' or '.join(SPEED_PRECISIONS)}")
+    return name
+
+
+def _mixed_precision(cfg: PretrainConfig, device: torch.device):
+    """Lightning's plugin for a mixed `train.precision`, the one Fabric runs a training model under; None for
+    32-true."""
+    if check_speed_precision(cfg.train.precision) == "32-true":
+        return None
+    from lightning.fabric.plugins.precision import MixedPrecision
+
+    return MixedPrecision(cfg.train.precision, device=device.type)
+
+
+def training_forward(model: torch.nn.Module, cfg: PretrainConfig, device: torch.device) -> Callable[..., Any]:
+    """`model`'s forward as the training loop runs it: compiled with `train.compile`, and with a mixed
+    `train.precision` as Fabric's wrapper runs it (`lightning.fabric.wrappers._FabricModule.forward`)."""
+    forward = torch.compile(model) if cfg.train.compile else model
+    plugin = _mixed_precision(cfg, device)
+    if plugin is None:
+        return forward
+
+    def mixed(*args: Any, **kwargs: Any) -> Any:
+        args, kwargs = plugin.convert_input((args, kwargs))
+        with plugin.forward_context():
+            out = forward(*args, **kwargs)
+        return plugin.convert_output(out)
+
+    return mixed
+
+
+def training_autocast(cfg: PretrainConfig, device: torch.device) -> Callable[[], ContextManager]:
+    """The context the training loop gives a policy for its own networks (Fabric's `autocast`)."""
+    plugin = _mixed_precision(cfg, device)
+    return plugin.forward_context if plugin is not None else contextlib.nullcontext
+
+
 def trainable_parameters(module: torch.nn.Module) -> int:
     """Parameters the optimiser updates (requires_grad), counted once each."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
@@ -152,9 +203,12 @@ def _policy_candidate(name: str, cfg: PretrainConfig, channels: int, device: tor
     model = build_mim_model(cfg.model, model_input_size(cfg.data), channels,
                             spatial_dims=cfg.data.spatial_dims).to(device)
     policy = build_policy(masking, PolicyContext(grid=model.patch_grid, in_channels=channels, total_steps=total,
-                                                 seed=0, device=device, model=model))
+                                                 seed=0, device=device, model=model,
+                                                 autocast=training_autocast(cfg, device)))
     policy.to(device)
     optimizer, policy_params = build_optimizer(model, policy, run_cfg)
+    # the policy keeps the plain model (its context's), as in the training loop
+    forward = training_forward(model, cfg, device)
 
     stage_names: list[str] = []
 
@@ -163,7 +217,7 @@ def _policy_candidate(name: str, cfg: PretrainConfig, channels: int, device: tor
         stage = policy.stage_at(int(round(progress * total)))
         stage_names.append(stage.name)
         model.train(stage.trains_model)
-        loss, _, _ = forward_step(model, policy, images, progress, stage.trains_model)
+        loss, _, _ = forward_step(forward, policy, images, progress, stage.trains_model)
         if not stage.trains_model:
             return
         optimizer.zero_grad(set_to_none=True)
@@ -214,11 +268,16 @@ def _mae_reference(cfg: PretrainConfig, channels: int, device: torch.device):
         decoder_num_heads=dec["decoder_heads"], decoder_mlp_dim=dec["decoder_mlp_dim"],
     ).to(device)
     freeze_unused_norms(model)  # as ours: the never-used cross-attention norms are not optimiser parameters
+    if check_speed_precision(cfg.train.precision) != "32-true":
+        # MONAI writes the decoder's embedding into a float32 sequence of mask tokens by index_put, which refuses
+        # the bfloat16 that autocast makes; ours concatenates the two, which promotes to float32: the same here
+        model.decoder_embed.register_forward_hook(lambda module, args, output: output.float())
     optimizer = _reference_optimizer(model, cfg)
+    forward = training_forward(model, cfg, device)
     p = cfg.model.patch_size
 
     def step(images: torch.Tensor, progress: float) -> None:  # noqa: ARG001
-        pred, mask = model(images)
+        pred, mask = forward(images)
         b, c, *spatial = images.shape
         n = len(spatial)
         # MONAI's patch order: patches row-major over the axes, each flattened as (p, ..., p, c)
@@ -249,10 +308,11 @@ def _unet_reference(cfg: PretrainConfig, channels: int, device: torch.device):
     memory_format = torch.channels_last if dims == 2 else torch.contiguous_format
     model.to(memory_format=memory_format)
     optimizer = _reference_optimizer(model, cfg)
+    forward = training_forward(model, cfg, device)
 
     def step(images: torch.Tensor, progress: float) -> None:  # noqa: ARG001
         x = images.contiguous(memory_format=memory_format)
-        loss = torch.nn.functional.mse_loss(model(x), x)
+        loss = torch.nn.functional.mse_loss(forward(x), x)
         _optimizer_step(model, loss, optimizer, cfg.train.clip_grad)
 
     return _Candidate(UNET_REFERENCE_NAME, step, lambda: None, []), unet_setting(model, trainable_parameters(model))
@@ -359,6 +419,7 @@ def run_speed(cfg: PretrainConfig, policies: Optional[list[str]] = None, channel
     reference = SPEED_REFERENCES[backbone]
     if clock not in CLOCKS:
         raise AhmError(f"--clock: unknown clock {clock!r}; choose {' or '.join(CLOCKS)}")
+    precision = check_speed_precision(cfg.train.precision)
     if threads:
         torch.set_num_threads(threads)
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.accelerator != "cpu" else "cpu")
@@ -437,7 +498,8 @@ def run_speed(cfg: PretrainConfig, policies: Optional[list[str]] = None, channel
         "unit": "volumes/s" if dims == 3 else "images/s", "memory": MEMORY_MEASURES[device.type],
         "patch_size": cfg.model.patch_size, "batch_size": bs,
         "mask_ratio": cfg.masking.mask_ratio, "norm": cfg.model.norm, "channels": channels,
-        "threads": torch.get_num_threads(), "device": str(device), "clock": clock, "timed_steps": rounds * steps,
+        "threads": torch.get_num_threads(), "device": str(device), "precision": precision,
+        "compile": bool(cfg.train.compile), "clock": clock, "timed_steps": rounds * steps,
         "rounds": rounds, "load_1min": [load_start, _load()],
     }
     doc: dict[str, Any] = {
@@ -484,7 +546,8 @@ def format_speed(doc: dict[str, Any]) -> str:
     lines = [
         f"pretraining step throughput: {backbone}{' ' + s['model'] if s.get('model') else ''}, {where}, patch {s['patch_size']}, "
         f"batch {s['batch_size']}, mask {s['mask_ratio']}, {s['channels']} channel(s), {s['threads']} threads, "
-        f"{s['device']}, {s.get('clock', 'wall')} clock; median of {s['timed_steps']} steps in {s['rounds']} interleaved rounds; "
+        f"{s['device']}, {s.get('precision', '32-true')}, compile {'on' if s.get('compile') else 'off'}, "
+        f"{s.get('clock', 'wall')} clock; median of {s['timed_steps']} steps in {s['rounds']} interleaved rounds; "
         f"load (1 min) at start, end: {load}",
         f"  ours:      {reference.describe(s)}",
         f"  {label + ':':<10} {reference.describe(doc['reference']['setting'])}",

@@ -48,6 +48,10 @@ def speed(
                                 "and show this many operators by self CPU time."),
     clock: str = typer.Option("wall", "--clock", help="wall: seconds per step; cpu: this process's CPU seconds "
                               "per step (CPU only; far steadier on a machine shared with other jobs)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="32-true or bf16-mixed, ours and the reference "
+                                            "alike (default: --config's train.precision, else 32-true)."),
+    compile_model: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile ours and the "
+                                                 "reference (default: --config's train.compile, else off)."),
     as_json: bool = typer.Option(False, "--json", help="Print the JSON document only."),
 ) -> None:
     """Step throughput of each masking policy vs MONAI's own model at exactly the same size, same threads
@@ -58,10 +62,12 @@ def speed(
     recorded at start and end. With --config, the model, image and batch of that pretraining config (e.g. a
     grid's `docs/results/grid-unet.yaml`), so a grid's own setting can be timed; the options given win over it.
     """
-    from ahm.bench.speed import format_speed, run_speed
+    from ahm.bench.speed import check_speed_precision, format_speed, run_speed
     from ahm.config import PretrainConfig, build_config
 
     def go():
+        if precision is not None:
+            check_speed_precision(precision)  # named as the option, before the config's own wording
         # None: not given, so the config file's value (or the default) stands
         cfg = build_config(PretrainConfig, file=config, overrides={
             "data": {"image_size": image_size, "spatial_dims": spatial_dims,
@@ -70,7 +76,8 @@ def speed(
                 k: v for k, v in (("decoder_dim", decoder_dim), ("decoder_depth", decoder_depth),
                                   ("decoder_heads", decoder_heads), ("decoder_mlp_dim", decoder_mlp_dim))
                 if v is not None}},
-            "masking": {"mask_ratio": mask_ratio}, "train": {"batch_size": batch_size},
+            "masking": {"mask_ratio": mask_ratio},
+            "train": {"batch_size": batch_size, "precision": precision, "compile": compile_model},
         })
         names = [p.strip() for p in policies.split(",") if p.strip()] if policies else None
         note = None if (is_quiet() or as_json) else (lambda msg: console.print(f"[dim]{msg}[/]"))

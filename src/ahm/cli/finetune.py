@@ -15,6 +15,9 @@ from ahm.cli.app import app, console, fail, is_quiet, out, run_guarded
 INHERITED_2D = ("image_size",)
 INHERITED_3D = ("image_size", "spatial_dims", "spacing", "orientation", "crop_size")
 
+ACCELERATOR_HELP = "auto, cpu or cuda (default: the run's own: cuda if it trained on a GPU and one is here)."
+PRECISION_HELP = "32-true, bf16-mixed or 16-mixed (GPU only) (default: the run's own on a GPU, else 32-true)."
+
 
 def _pretrain_data_defaults(init: str) -> dict:
     """The pretraining run's data settings listed above ({} if its config is unreadable); explicit nulls kept."""
@@ -169,6 +172,8 @@ def evaluate(
                                   "shared with its neighbour, in [0, 1)."),
     spatial_dims: int | None = typer.Option(None, "--spatial-dims", help="2 or 3; must be the run's own "
                                             "(default: the run's, from its checkpoint)."),
+    accelerator: str | None = typer.Option(None, "--accelerator", help=ACCELERATOR_HELP),
+    precision: str | None = typer.Option(None, "--precision", help=PRECISION_HELP),
 ) -> None:
     """Dice (per case and dataset-level), IoU, HD95 and detection counts per class on a split; writes eval/<split>/
     and refreshes report.html. Slices of volumes are also re-stacked and scored per volume (the primary level).
@@ -176,7 +181,8 @@ def evaluate(
     from ahm.eval.evaluate import evaluate as run_evaluate
 
     metrics = run_guarded(lambda: run_evaluate(run_dir, data, split=split, batch_size=batch_size,
-                                               empty=empty_cases, overlap=overlap, spatial_dims=spatial_dims))
+                                               empty=empty_cases, overlap=overlap, spatial_dims=spatial_dims,
+                                               precision=precision, accelerator=accelerator))
     if not isinstance(metrics, dict):
         return
     if as_json:
@@ -209,6 +215,8 @@ def evaluate(
         window = metrics["sliding_window"]
         out.print(f"scored on the {metrics['grid']}; sliding window {'x'.join(map(str, window['roi_size']))}, "
                   f"overlap {window['overlap']:g}", highlight=False)
+    made = metrics.get("inference", {})
+    out.print(f"inference on {made.get('device', '?')} in {made.get('precision', '?')}", highlight=False)
     out.print(f"written to {run_dir / 'eval' / split} (metrics.json, {metrics.get('per_case_csv', 'per_image.csv')}); "
               f"report: {run_dir / 'report.html'}", highlight=False)
 
@@ -226,6 +234,8 @@ def predict(
                                   "shared with its neighbour, in [0, 1)."),
     spatial_dims: int | None = typer.Option(None, "--spatial-dims", help="2 or 3; must be the run's own "
                                             "(default: the run's, from its checkpoint)."),
+    accelerator: str | None = typer.Option(None, "--accelerator", help=ACCELERATOR_HELP),
+    precision: str | None = typer.Option(None, "--precision", help=PRECISION_HELP),
 ) -> None:
     """Segment new images with a fine-tuned run; masks keep each input's size (and a volume's affine). A run
     fine-tuned on volumes takes volumes only, segments each whole by sliding windows and writes the mask on the
@@ -233,13 +243,15 @@ def predict(
     from ahm.eval.predict import predict as run_predict
 
     result = run_guarded(lambda: run_predict(run_dir, inputs, out_dir, overlay=overlay, force=force,
-                                             batch_size=batch_size, overlap=overlap, spatial_dims=spatial_dims))
+                                             batch_size=batch_size, overlap=overlap, spatial_dims=spatial_dims,
+                                             precision=precision, accelerator=accelerator))
     if not isinstance(result, dict):
         return
     for line in result["failures"]:
         console.print(f"[bold red]failed:[/] {line}", highlight=False, soft_wrap=True)
     speed = (f"{result['volumes']} volumes, {result['volumes_per_s']:.2f} volumes/s" if result.get("spatial_dims") == 3
              else f"{result['slices']} slices, {result['slices_per_s']:.1f} slices/s")
+    speed += f"; {result['device']}, {result['precision']}"
     out.print(f"{result['n_ok']} of {result['n_inputs']} inputs segmented into {result['out_dir']} ({speed})"
               + (f"; {result['n_failed']} failed" if result["n_failed"] else ""), highlight=False)
     if result["n_failed"]:

@@ -18,6 +18,11 @@ training (`ahm.data.volumes.preprocess_volumes` with the run's data settings: re
 (`roi_size`), each volume one case, HD95 in millimetres of that preprocessed grid. The prediction is scored on
 that grid, not mapped back to each input's own grid (`ahm predict` does that); the padding is background in
 both, so it changes no Dice or IoU.
+
+Inference runs on one device in one precision (`load_run`'s `accelerator` and `precision`): 32-true, or a mixed
+precision whose forward passes run under autocast and whose logits are blended and compared in float32 (see
+`ahm.eval.inference`). The library's default is 32-true; `ahm evaluate` and `ahm predict` default to the run's own
+`train.precision` on a GPU and to 32-true on the CPU (see `inference_precision`).
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ class LoadedRun:
     model: torch.nn.Module
     meta: dict[str, Any]
     device: torch.device
+    precision: str = "32-true"
 
     @property
     def num_classes(self) -> int:
@@ -87,14 +93,46 @@ class LoadedRun:
         return tuple(int(s) for s in roi) if roi is not None else None
 
 
-def inference_device(cfg: FinetuneConfig | None = None) -> torch.device:
-    if cfg is not None and cfg.train.accelerator == "cpu":
-        return torch.device("cpu")
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ACCELERATORS = ("auto", "cpu", "cuda")
 
 
-def load_run(run_dir: str | Path, checkpoint: str = BEST) -> LoadedRun:
-    """Rebuild the segmenter of a fine-tuning run from its config.yaml and `checkpoints/<checkpoint>`."""
+def inference_device(cfg: FinetuneConfig | None = None, accelerator: str | None = None) -> torch.device:
+    """Where inference runs. `accelerator` None: the run's own, a GPU when it trained on one and one is here; "auto":
+    a GPU when one is here; "cpu"; "cuda" (or "gpu", as training names it), refused when no GPU is here."""
+    if accelerator is None:
+        if cfg is not None and cfg.train.accelerator == "cpu":
+            return torch.device("cpu")
+        accelerator = "auto"
+    name = "cuda" if accelerator == "gpu" else accelerator
+    if name not in ACCELERATORS:
+        raise AhmError(f"--accelerator {accelerator}: choose {', '.join(ACCELERATORS[:-1])} or {ACCELERATORS[-1]}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise AhmError(f"--accelerator {accelerator}: no CUDA GPU is available here; use --accelerator cpu or auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def inference_precision(cfg: FinetuneConfig, device: torch.device, precision: str | None = "32-true") -> str:
+    """The precision inference runs in on `device`: `precision` (refused in one line where training would refuse
+    it), or with None the run's own `train.precision` on a GPU (its bf16-true as bf16-mixed: the weights are loaded
+    in float32) and 32-true on the CPU. A GPU run's mixed precision is no gain on a CPU: processors without bfloat16
+    units emulate it, and a UNet's bf16-mixed forward pass took 25 to 35 times as long as float32's on this
+    project's development machine; float16 autocast is refused there."""
+    from ahm.eval.inference import check_precision
+
+    if precision is not None:
+        return check_precision(precision, device)
+    if device.type == "cpu":
+        return "32-true"
+    return check_precision({"32": "32-true", "bf16-true": "bf16-mixed"}.get(cfg.train.precision,
+                                                                            cfg.train.precision), device)
+
+
+def load_run(run_dir: str | Path, checkpoint: str = BEST, *, accelerator: str | None = None,
+             precision: str | None = "32-true") -> LoadedRun:
+    """Rebuild the segmenter of a fine-tuning run from its config.yaml and `checkpoints/<checkpoint>`, on the device
+    `inference_device(cfg, accelerator)` picks, to run in `inference_precision(cfg, device, precision)`."""
     from ahm.models import build_segmenter
 
     run_dir = Path(run_dir)
@@ -104,6 +142,9 @@ def load_run(run_dir: str | Path, checkpoint: str = BEST) -> LoadedRun:
     if not cfg_path.is_file():
         raise AhmError(f"{run_dir}: not a fine-tuning run directory (no config.yaml)")
     cfg = load_config(FinetuneConfig, cfg_path)
+    # refused before the weights are read: a wrong option costs nothing
+    device = inference_device(cfg, accelerator)
+    precision = inference_precision(cfg, device, precision)
     path = run_dir / "checkpoints" / checkpoint
     if not path.is_file():
         raise AhmError(f"{path}: not found; the fine-tuning run has not finished an epoch yet "
@@ -133,19 +174,18 @@ def load_run(run_dir: str | Path, checkpoint: str = BEST) -> LoadedRun:
     except (RuntimeError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0][:160]
         raise AhmError(f"{path}: weights do not match the model described by {cfg_path} ({first})") from exc
-    device = inference_device(cfg)
     model.to(device).eval()
     meta.update({"epoch": ckpt.get("epoch"), "val_dice": ckpt.get("val_dice")})
-    return LoadedRun(run_dir, cfg, model, meta, device)
+    return LoadedRun(run_dir, cfg, model, meta, device, precision)
 
 
 def predict_labels(model: torch.nn.Module, images: np.ndarray | torch.Tensor, batch_size: int = 32,
                    device: torch.device | None = None, *, roi_size: int | Sequence[int] | None = None,
                    overlap: float = 0.5, mode: str = "gaussian", sw_batch_size: int = 4,
-                   divisible_by: int | Sequence[int] | None = None) -> np.ndarray:
+                   divisible_by: int | Sequence[int] | None = None, precision: str = "32-true") -> np.ndarray:
     """Argmax class map `[N, *spatial]` (int64) for images `[N, C, *spatial]` (2D or 3D), `batch_size` inputs at a
     time, by `ahm.eval.inference.sliding_window_predict` (window `roi_size`; None or the input's own size: one
-    plain forward pass per batch)."""
+    plain forward pass per batch) in `precision` (32-true, bf16-mixed, 16-mixed; the argmax of float32 logits)."""
     from ahm.eval.inference import sliding_window_predict
 
     out = []
@@ -153,7 +193,8 @@ def predict_labels(model: torch.nn.Module, images: np.ndarray | torch.Tensor, ba
         batch = torch.as_tensor(np.asarray(images[start:start + batch_size]), dtype=torch.float32)
         logits = sliding_window_predict(model, batch, roi_size, overlap=overlap, mode=mode,
                                         sw_batch_size=sw_batch_size, divisible_by=divisible_by, device=device,
-                                        output_device=device)  # the argmax where the logits are; labels come back
+                                        output_device=device,  # the argmax where the logits are; labels come back
+                                        precision=precision)
         # max().indices, not argmax(): the same labels, several times faster over the class axis on CPU
         out.append(logits.max(1).indices.to(torch.int64).cpu().numpy())
     if not out:
@@ -164,11 +205,12 @@ def predict_labels(model: torch.nn.Module, images: np.ndarray | torch.Tensor, ba
 def predict_volume_labels(model: torch.nn.Module, volumes, roi_size: int | Sequence[int] | None, *,
                           overlap: float = 0.5, mode: str = "gaussian", sw_batch_size: int = 4,
                           divisible_by: int | Sequence[int] | None = None,
-                          device: torch.device | None = None) -> list[np.ndarray]:
+                          device: torch.device | None = None, precision: str = "32-true") -> list[np.ndarray]:
     """Argmax class maps `[*spatial]` (int64), one per input `[C, *spatial]` of `volumes` (shapes may differ), each
-    predicted whole or by sliding windows of `roi_size` (see `ahm.eval.inference`)."""
+    predicted whole or by sliding windows of `roi_size` in `precision` (see `ahm.eval.inference`)."""
     return [predict_labels(model, np.asarray(v)[None], 1, device, roi_size=roi_size, overlap=overlap, mode=mode,
-                           sw_batch_size=sw_batch_size, divisible_by=divisible_by)[0] for v in volumes]
+                           sw_batch_size=sw_batch_size, divisible_by=divisible_by, precision=precision)[0]
+            for v in volumes]
 
 
 def _csv_name(name: str) -> str:
@@ -468,7 +510,7 @@ def _evaluate_volumes(loaded: LoadedRun, data_path: Path, split: str, empty: str
                            f"another label set?")
         label = label.astype(dtype)
         pred = predict_volume_labels(loaded.model, [image.as_tensor()], roi, overlap=overlap,
-                                     device=loaded.device)[0].astype(dtype)
+                                     device=loaded.device, precision=loaded.precision)[0].astype(dtype)
         preds.append(pred)
         labels.append(label)
         spacings.append(preprocessed_spacing(sample))
@@ -486,7 +528,7 @@ def _evaluate_volumes(loaded: LoadedRun, data_path: Path, split: str, empty: str
         "grid": volume_grid_description(data_cfg), "hd95_unit": volume_level["hd95_unit"],
         "empty_cases": empty, "empty_masks": EMPTY_DESCRIPTION[empty],
         "sliding_window": {"roi_size": list(roi), "overlap": float(overlap), "mode": "gaussian"},
-        "per_case_csv": "per_volume.csv", "volume_level": volume_level,
+        "inference": inference_setting(loaded), "per_case_csv": "per_volume.csv", "volume_level": volume_level,
         "data": str(data_path), "checkpoint": f"checkpoints/{BEST}", "checkpoint_epoch": loaded.meta.get("epoch"),
         "skipped_files": list(index.problems),
     })
@@ -532,14 +574,21 @@ def _split_ids(run_dir: Path, index, cfg, split: str) -> list[str]:
     return list(splits[split])
 
 
+def inference_setting(loaded: LoadedRun) -> dict[str, str]:
+    """How the predictions were made, as metrics.json records it."""
+    return {"device": loaded.device.type, "precision": loaded.precision}
+
+
 def evaluate(run_dir: str | Path, data_dir: str | Path | None = None, split: str = "test", batch_size: int = 32,
              report: bool = True, progress: bool = False, empty: str = "exclude", overlap: float = 0.5,
-             spatial_dims: int | None = None) -> dict[str, Any]:
+             spatial_dims: int | None = None, precision: str | None = "32-true",
+             accelerator: str | None = None) -> dict[str, Any]:
     """Score the run's best checkpoint on `split` of `data_dir` (default: the data it was trained on).
     `empty`: "exclude" (default) leaves cases where a class is absent from prediction and ground truth out of the
     per-case means; "one" scores them 1 (the convention of some papers; named in the output).
     A 3D run is scored on whole volumes by sliding windows of its crop overlapping by `overlap` (see the module
-    doc); `spatial_dims`, when given, must be the run's.
+    doc); `spatial_dims`, when given, must be the run's. `precision` and `accelerator`: see `load_run` (None: the
+    run's own settings, as `ahm evaluate` does by default).
 
     Writes eval/<split>/metrics.json, per_image.csv (3D: per_volume.csv) and cases.npz into the run directory,
     refreshes report.html, and returns the metrics.
@@ -548,7 +597,7 @@ def evaluate(run_dir: str | Path, data_dir: str | Path | None = None, split: str
 
     check_empty(empty)
     run_dir = Path(run_dir)
-    loaded = load_run(run_dir)
+    loaded = load_run(run_dir, accelerator=accelerator, precision=precision)
     check_spatial_dims(loaded, spatial_dims)
     cfg = loaded.cfg
     data_path = Path(data_dir) if data_dir is not None else (Path(cfg.data.path) if cfg.data.path else None)
@@ -570,13 +619,15 @@ def evaluate(run_dir: str | Path, data_dir: str | Path | None = None, split: str
     if not ids:
         raise AhmError(f"{data_path}: the {split} split is empty; try --split val or --split all")
     arrays = load_arrays(index, ids, data_cfg, labels=True)
-    preds = predict_labels(loaded.model, arrays.images, batch_size=batch_size, device=loaded.device)
+    preds = predict_labels(loaded.model, arrays.images, batch_size=batch_size, device=loaded.device,
+                           precision=loaded.precision)
     metrics = score_arrays(run_dir / "eval" / split, preds, arrays.labels, arrays.images, arrays.ids,
                            arrays.items, loaded.num_classes, split, empty=empty,
                            names=class_names(loaded.num_classes, index.class_names),
                            spacing=arrays.spacing, slice_mm=arrays.slice_mm,
                            extra={"data": str(data_path), "checkpoint": f"checkpoints/{BEST}",
                                   "checkpoint_epoch": loaded.meta.get("epoch"),
+                                  "inference": inference_setting(loaded),
                                   "skipped_files": list(arrays.problems)})
     if report:
         from ahm.eval.report import write_report

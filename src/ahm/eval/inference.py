@@ -15,6 +15,12 @@ The window is the training crop (`roi_size`). How an input is covered depends on
   (MONAI `DivisiblePad` semantics) and cropped back, for fully convolutional networks whose strides need it.
 
 Blending happens on logits; `probabilities=True` applies the softmax over classes afterwards.
+
+Precision: `32-true` runs the network in float32; `bf16-mixed` and `16-mixed` run each forward pass under
+`torch.autocast` (bfloat16, float16; the weights stay float32) and turn its logits to float32 as they leave the
+network, so MONAI's blend, the softmax and the argmax all happen in float32. MONAI's blend would not do that by
+itself: its buffers take the input's dtype, but it weights each window in place (`window *= weights`), which keeps
+the window's own bfloat16.
 """
 
 from __future__ import annotations
@@ -27,6 +33,33 @@ import torch
 from ahm.errors import AhmError
 
 BLEND_MODES = ("gaussian", "constant")
+# the names and the refusal of 16-mixed on the CPU are training's (`ahm.train.loop.make_fabric`); "32" is 32-true
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
+AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
+def check_precision(precision: str, device: torch.device | str) -> str:
+    """The inference precision `precision` names on `device`, or a one-line refusal naming --precision."""
+    name = "32-true" if precision == "32" else str(precision)
+    if name not in PRECISIONS:
+        raise AhmError(f"--precision {precision}: inference runs {', '.join(PRECISIONS[:-1])} or {PRECISIONS[-1]}")
+    if name == "16-mixed" and torch.device(device).type == "cpu":
+        raise AhmError("--precision 16-mixed needs a GPU; on the CPU use bf16-mixed or 32-true")
+    return name
+
+
+def _predictor(model: torch.nn.Module, precision: str, device: torch.device):
+    """`model` as a function of one input batch, under autocast for a mixed precision, its logits in float32."""
+    dtype = AUTOCAST_DTYPES.get(precision)
+    if dtype is None:
+        return model
+
+    def forward(x: torch.Tensor):
+        with torch.autocast(device.type, dtype=dtype):
+            y = model(x)
+        return y.float() if isinstance(y, torch.Tensor) else y
+
+    return forward
 
 
 def _as_tuple(value: int | Sequence[int], n: int, name: str) -> tuple[int, ...]:
@@ -53,7 +86,7 @@ def _crop(y: torch.Tensor, widths: Sequence[tuple[int, int]]) -> torch.Tensor:
     return y[tuple(index)]
 
 
-def _forward_padded(model: torch.nn.Module, x: torch.Tensor, widths: Sequence[tuple[int, int]],
+def _forward_padded(model, x: torch.Tensor, widths: Sequence[tuple[int, int]],
                     device: torch.device, out_device: torch.device) -> torch.Tensor:
     y = model(_pad(x.to(device), widths))
     return _crop(y, widths).to(out_device)
@@ -64,7 +97,8 @@ def sliding_window_predict(model: torch.nn.Module, images: np.ndarray | torch.Te
                            mode: str = "gaussian", sw_batch_size: int = 4,
                            divisible_by: int | Sequence[int] | None = None, probabilities: bool = False,
                            device: torch.device | str | None = None,
-                           output_device: torch.device | str | None = None) -> torch.Tensor:
+                           output_device: torch.device | str | None = None,
+                           precision: str = "32-true") -> torch.Tensor:
     """Logits (or softmax probabilities) `[N, K, *spatial]` for `images` `[N, C, *spatial]` (2D or 3D), with the
     input's spatial shape, in eval mode without autograd; see the module doc for how the input is covered.
 
@@ -73,6 +107,7 @@ def sliding_window_predict(model: torch.nn.Module, images: np.ndarray | torch.Te
     divisible_by: what every network input must be a multiple of (a UNet's total stride); the window must be.
     device: where the network runs (default: its parameters'); output_device: where the result is gathered
     (default: the input's device, CPU for numpy), so a large volume can be stitched in host memory.
+    precision: 32-true, bf16-mixed or 16-mixed (a GPU's only), see the module doc; the result is float32 in each.
     """
     from monai.inferers import sliding_window_inference
     from monai.transforms import DivisiblePad, SpatialPad
@@ -98,6 +133,7 @@ def sliding_window_predict(model: torch.nn.Module, images: np.ndarray | torch.Te
         device = first.device if first is not None else x.device
     device = torch.device(device)
     out_device = torch.device(output_device) if output_device is not None else x.device
+    predictor = _predictor(model, check_precision(precision, device), device)
 
     was_training = model.training
     model.eval()
@@ -105,11 +141,11 @@ def sliding_window_predict(model: torch.nn.Module, images: np.ndarray | torch.Te
         with torch.inference_mode():
             if roi is None:
                 widths = DivisiblePad(multiple).compute_pad_width(spatial)[1:] if multiple else [(0, 0)] * n_dims
-                y = _forward_padded(model, x, widths, device, out_device)
+                y = _forward_padded(predictor, x, widths, device, out_device)
             elif all(s <= r for s, r in zip(spatial, roi)):
-                y = _forward_padded(model, x, SpatialPad(roi).compute_pad_width(spatial)[1:], device, out_device)
+                y = _forward_padded(predictor, x, SpatialPad(roi).compute_pad_width(spatial)[1:], device, out_device)
             else:
-                y = sliding_window_inference(x, roi, int(sw_batch_size), model, overlap=float(overlap), mode=mode,
+                y = sliding_window_inference(x, roi, int(sw_batch_size), predictor, overlap=float(overlap), mode=mode,
                                              padding_mode="constant", cval=0.0, sw_device=device,
                                              device=out_device)
                 if not isinstance(y, torch.Tensor):

@@ -269,7 +269,7 @@ class _Batcher:
         batch, self.pending = self.pending, []
         t0 = time.perf_counter()
         preds = predict_labels(self.run.model, np.stack([x for x, _ in batch]), batch_size=self.batch_size,
-                               device=self.run.device)
+                               device=self.run.device, precision=self.run.precision)
         self.seconds += time.perf_counter() - t0
         self.slices += len(batch)
         for pred, (_, done) in zip(preds, batch):
@@ -278,14 +278,17 @@ class _Batcher:
 
 def predict(run_dir: str | Path, inputs: list[Path], out_dir: str | Path, overlay: bool = False,
             force: bool = False, batch_size: int = 32, overlap: float = 0.5,
-            spatial_dims: int | None = None) -> dict[str, Any]:
+            spatial_dims: int | None = None, precision: str | None = "32-true",
+            accelerator: str | None = None) -> dict[str, Any]:
     """Segment each input; an unreadable input is listed in `failures` and the rest still run.
 
     Nothing in `out_dir` is overwritten without `force`. A 3D run takes volumes only (a 2D file is refused, naming
     it, before anything is written) and predicts by sliding windows overlapping by `overlap`; `spatial_dims`,
-    when given, must be the run's. Returns counts, outputs, failures, slices/s (3D: volumes and volumes/s).
+    when given, must be the run's. `precision` and `accelerator`: see `ahm.eval.evaluate.load_run` (None: the run's
+    own settings, as `ahm predict` does by default). Returns counts, outputs, failures, slices/s (3D: volumes and
+    volumes/s), and the device and precision the network ran in.
     """
-    run = load_run(run_dir)
+    run = load_run(run_dir, accelerator=accelerator, precision=precision)
     check_spatial_dims(run, spatial_dims)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -328,6 +331,7 @@ def predict(run_dir: str | Path, inputs: list[Path], out_dir: str | Path, overla
         "outputs": outputs, "out_dir": str(out_dir), "slices": batcher.slices,
         "model_s": batcher.seconds, "total_s": total_s,
         "slices_per_s": batcher.slices / total_s if total_s > 0 else 0.0,
+        "device": run.device.type, "precision": run.precision,
     }
     if run.spatial_dims == 3:
         result.update({"spatial_dims": 3, "volumes": volumes, "volumes_per_s": volumes / total_s if total_s > 0
@@ -410,7 +414,7 @@ def _predict_volume_3d(run: LoadedRun, job: _Job, overlap: float) -> float:
     image = sample[IMAGE]
     t0 = time.perf_counter()
     pred = predict_volume_labels(run.model, [image.as_tensor()], run.roi_size, overlap=overlap,
-                                 device=run.device)[0]
+                                 device=run.device, precision=run.precision)[0]
     seconds = time.perf_counter() - t0
     back = invert_prediction(torch.from_numpy(pred)[None].float(), sample, preprocess, nearest=True)
     labels = np.rint(back.as_tensor().numpy()[0]).astype(np.int64)
