@@ -117,8 +117,8 @@ def inference_precision(cfg: FinetuneConfig, device: torch.device, precision: st
     """The precision inference runs in on `device`: `precision` (refused in one line where training would refuse
     it), or with None the run's own `train.precision` on a GPU (its bf16-true as bf16-mixed: the weights are loaded
     in float32) and 32-true on the CPU. A GPU run's mixed precision is no gain on a CPU: processors without bfloat16
-    units emulate it, and a UNet's bf16-mixed forward pass took 25 to 35 times as long as float32's on this
-    project's development machine; float16 autocast is refused there."""
+    units emulate it (a UNet's bf16-mixed forward pass took 25 to 35 times as long as float32's on a 2-core x86
+    server CPU); float16 autocast is refused there."""
     from ahm.eval.inference import check_precision
 
     if precision is not None:

@@ -671,26 +671,29 @@ def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool,
 def validation_score(model, cfg: FinetuneConfig, data: _Data, fabric, batch_size: int) -> float:
     """The figure that keeps the best checkpoint (`cfg.select_by`), with the validation set sharded over the ranks:
     each predicts every world-th case from its rank on, the predictions are gathered, and every rank scores the
-    whole set, so the figure is the one-process figure exactly and every rank keeps the same best epoch."""
-    from ahm.eval.evaluate import predict_labels
+    whole set, so the figure is the one-process figure exactly and every rank keeps the same best epoch. It runs in
+    the run's precision on a GPU (`inference_precision`)."""
+    from ahm.eval.evaluate import inference_precision, predict_labels
     from ahm.eval.metrics import selection_score
 
     rank, world = fabric.global_rank, fabric.world_size
+    precision = inference_precision(cfg, fabric.device, None)
     if cfg.data.spatial_dims == 3:
         shares = gather_objects(fabric, _predict_volumes(model, cfg, data, fabric.device,
-                                                         range(rank, len(data.val), world)))
+                                                         range(rank, len(data.val), world), precision))
         cases = sorted((case for share in shares for case in share), key=lambda case: case[0])
         return _volume_selection(_volume_scores(cases, data.num_classes), cfg.select_by)
     mine = np.arange(rank, len(data.val.images), world)
     shares = gather_objects(fabric, (mine, predict_labels(model, data.val.images[mine], batch_size=batch_size,
-                                                          device=fabric.device)))
+                                                          device=fabric.device, precision=precision)))
     preds = np.zeros((len(data.val.images),) + shares[0][1].shape[1:], dtype=np.int64)
     for indices, share in shares:
         preds[indices] = share
     return selection_score(preds, data.val.labels, data.num_classes, cfg.select_by)
 
 
-def _predict_volumes(model, cfg: FinetuneConfig, data: _Data, device, indices) -> list[tuple]:
+def _predict_volumes(model, cfg: FinetuneConfig, data: _Data, device, indices,
+                     precision: str = "32-true") -> list[tuple]:
     """(index, prediction, target, spacing, id) of the validation volumes `indices`, each predicted whole by
     sliding windows of the training crop on the preprocessed grid."""
     from ahm.data.volumes import preprocessed_spacing
@@ -700,7 +703,7 @@ def _predict_volumes(model, cfg: FinetuneConfig, data: _Data, device, indices) -
     for i in indices:
         sample = data.val[i]
         (pred,) = predict_volume_labels(model, [sample["image"].as_tensor()], list(model_input_size(cfg.data)),
-                                        overlap=cfg.overlap, mode="gaussian", device=device)
+                                        overlap=cfg.overlap, mode="gaussian", device=device, precision=precision)
         cases.append((i, pred, torch.round(sample["label"].as_tensor()[0]).long().numpy(),
                       preprocessed_spacing(sample), sample["id"]))
     return cases
