@@ -682,7 +682,7 @@ def validation_score(model, cfg: FinetuneConfig, data: _Data, fabric, batch_size
         shares = gather_objects(fabric, _predict_volumes(model, cfg, data, fabric.device,
                                                          range(rank, len(data.val), world), precision))
         cases = sorted((case for share in shares for case in share), key=lambda case: case[0])
-        return _volume_selection(_volume_scores(cases, data.num_classes), cfg.select_by)
+        return _volume_selection(_volume_scores(cases, data.num_classes)[0], cfg.select_by)
     mine = np.arange(rank, len(data.val.images), world)
     shares = gather_objects(fabric, (mine, predict_labels(model, data.val.images[mine], batch_size=batch_size,
                                                           device=fabric.device, precision=precision)))
