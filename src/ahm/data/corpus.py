@@ -528,11 +528,21 @@ def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
             "problems": problems, "error": None}
 
 
+def _leave_sigint_to_the_parent(worker_id: int) -> None:
+    # Ctrl-C reaches the whole process group. A worker that died of it would fail the training process, which
+    # takes the first one as "stop after this step" (a checkpoint, then Interrupted), in the middle of waiting
+    # for that step's batch; the training process shuts its workers down itself.
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def make_loader(dataset: torch.utils.data.Dataset, batches: StepBatches, workers: int | None = None, *,
                 collate_fn: Callable[[list], Any] | None = _collate, pin_memory: bool = False,
                 persistent: bool = False, generator: torch.Generator | None = None) -> torch.utils.data.DataLoader:
     """A DataLoader over the planned batches: `workers` processes (None: `default_workers()`) read ahead, 2
-    batches each. A daemonic process (a pool worker, a test harness) may not start processes: it reads in place.
+    batches each, deaf to Ctrl-C (the training process decides when to stop). A daemonic process (a pool worker,
+    a test harness) may not start processes: it reads in place.
 
     `collate_fn` None: torch's default; `pin_memory` for copies to a CUDA device that overlap the step;
     `persistent` keeps the workers (and what they hold in memory) from one pass over the loader to the next;
@@ -547,7 +557,7 @@ def make_loader(dataset: torch.utils.data.Dataset, batches: StepBatches, workers
     if collate_fn is not None:
         kwargs["collate_fn"] = collate_fn
     if workers > 0:
-        kwargs.update(prefetch_factor=2, persistent_workers=persistent)
+        kwargs.update(prefetch_factor=2, persistent_workers=persistent, worker_init_fn=_leave_sigint_to_the_parent)
     return torch.utils.data.DataLoader(dataset, batch_sampler=batches, **kwargs)
 
 
