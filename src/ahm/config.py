@@ -366,8 +366,9 @@ class TrainConfig(_Strict):
     augment: bool = True
     num_threads: OptionalCount = None
     nan_policy: Literal["stop", "skip"] = "stop"
-    # DataLoader worker processes that read and preprocess pretraining samples ahead of the step (0: in the
-    # training process). None: half the CPU cores, at most 4. The samples do not depend on it.
+    # DataLoader worker processes that read, preprocess and augment training samples (pretraining and
+    # fine-tuning) ahead of the step (0: in the training process). None: half the CPU cores, at most 4. The
+    # samples do not depend on it.
     workers: Optional[StepCount] = None
     # CUDA kernels: TF32 matrix products (torch.set_float32_matmul_precision("high")) and cuDNN's autotuner for
     # the fixed input shapes of a run. No effect on the CPU.

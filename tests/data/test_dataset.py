@@ -220,6 +220,18 @@ def test_same_seed_epoch_index_gives_the_same_sample(make):
     assert not torch.equal(other_seed[2]["image"], first["image"])
 
 
+def test_a_loader_key_carries_its_epoch_and_its_position_does_not_matter():
+    ds = _dataset(_segment_every(32), seed=7)
+    ds.set_epoch(3)
+    by_index = ds[2]
+    ds.set_epoch(0)  # a key needs no set_epoch: workers never see one
+    for key in ((3, 0, 2), (3, 5, 2)):
+        sample = ds[key]
+        assert torch.equal(sample["image"], by_index["image"]) and torch.equal(sample["label"], by_index["label"])
+        assert sample["index"] == 2
+    assert not torch.equal(ds[(4, 0, 2)]["image"], by_index["image"])
+
+
 def test_plain_callable_transform_is_seeded_without_touching_global_rng():
     def jitter(sample):
         return {**sample, "image": sample["image"] + torch.rand(1)}

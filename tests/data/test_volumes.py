@@ -120,6 +120,30 @@ def test_same_seed_same_crop(task):
     assert not torch.equal(a[0]["image"], b[0]["image"])
 
 
+def test_training_crops_leave_the_cached_volumes_as_they_were(task):
+    """The augmentation gets the cached voxels themselves: it may neither write into them nor record itself in
+    their metadata, and a crop the size of its volume is still a copy."""
+    import copy
+
+    cfg = _cfg(spacing=(1.5, 1.5, 1.5)).model_copy(update={"crop_size": (16, 16, 16)})  # volumes ~16x20x19
+    _, cached = _all(task, cfg, labels=True, train=True, seed=3, cache=True)
+    _, fresh = _all(task, cfg, labels=True, train=True, seed=3)
+    cached.preload()
+    before = copy.deepcopy(cached._cache)
+    for epoch in range(3):
+        for i in range(len(cached)):
+            sample = cached[(epoch, 0, i)]
+            fresh.set_epoch(epoch)
+            again = fresh[i]
+            assert torch.equal(sample["image"], again["image"]) and torch.equal(sample["label"], again["label"])
+            sample["image"].fill_(7.0)  # a later in-place step of the caller's
+    for i, volume in before.items():
+        for key, value in volume.items():
+            now = cached._cache[i][key]
+            assert torch.equal(now.as_tensor(), value.as_tensor()), (i, key)
+            assert repr(now.applied_operations) == repr(value.applied_operations) and repr(now.meta) == repr(value.meta)
+
+
 def test_inverse_returns_the_input_grid_and_labels(task):
     stored = nib.load(str(task / "labelsTr" / "ball_002.nii.gz"))
     truth = np.asarray(stored.dataobj)

@@ -153,6 +153,74 @@ def test_resume_after_interrupt_is_exact(blobs: Path, tmp_path: Path, monkeypatc
     assert rows("straight") == rows("resumed")
 
 
+def _stop_after_step_3(monkeypatch) -> None:
+    """A Ctrl-C reported after the 3rd step: the loop reads sig['stop'] once a step."""
+    import ahm.train.finetune as ft
+
+    class StopAfter(dict):
+        def __init__(self) -> None:
+            super().__init__(stop=False)
+            self.reads = 0
+
+        def __getitem__(self, key):
+            self.reads += 1
+            return self.reads >= 3
+
+    @contextlib.contextmanager
+    def fake_sigint():
+        yield StopAfter()
+
+    monkeypatch.setattr(ft, "stop_on_sigint", fake_sigint)
+
+
+def _loader_workers(monkeypatch) -> list[int]:
+    """The number of worker processes of each loader a run makes, as the run makes them."""
+    import ahm.data.corpus as corpus
+
+    made: list[int] = []
+    original = corpus.make_loader
+
+    def recording(*args, **kwargs):
+        loader = original(*args, **kwargs)
+        made.append(loader.num_workers)
+        return loader
+
+    monkeypatch.setattr(corpus, "make_loader", recording)
+    return made
+
+
+def test_loader_workers_change_nothing_and_a_resume_with_them_is_exact(blobs: Path, tmp_path: Path,
+                                                                       monkeypatch) -> None:
+    """Without workers, uninterrupted; with 2, interrupted mid epoch 2 and resumed: the same weights."""
+    made = _loader_workers(monkeypatch)
+    finetune(_cfg(blobs, train={"epochs": 2, "workers": 0}), tmp_path / "straight", progress=False)
+    cfg = _cfg(blobs, train={"epochs": 2, "workers": 2})
+    with monkeypatch.context() as m:
+        _stop_after_step_3(m)
+        with pytest.raises(Interrupted):
+            finetune(cfg, tmp_path / "resumed", progress=False)
+    finetune(cfg, tmp_path / "resumed", resume=True, progress=False)
+    assert made == [0, 2, 2]
+    for name in ("last.ckpt", "best.ckpt"):
+        wa = load_torch(tmp_path / "straight" / "checkpoints" / name)["model"]
+        wb = load_torch(tmp_path / "resumed" / "checkpoints" / name)["model"]
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), name
+
+
+def test_the_loader_plans_the_batches_of_batch_order() -> None:
+    from ahm.data.corpus import StepBatches
+    from ahm.train.loop import ShuffledItems, batch_order
+
+    for n, batch, world in ((16, 2, 1), (11, 3, 1), (13, 2, 2)):
+        per_epoch = n // (batch * world)
+        for rank in range(world):
+            expected = [b for epoch in range(3) for b in batch_order(n, epoch, 4, batch, rank, world)]
+            for start in (0, per_epoch + 1):
+                planned = list(StepBatches(ShuffledItems(n), 4, batch, start, 3 * per_epoch, rank, world))
+                assert [[key[2] for key in keys] for keys in planned] == expected[start:]
+                assert [keys[0][0] for keys in planned] == [s // per_epoch for s in range(start, 3 * per_epoch)]
+
+
 def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_again(blobs: Path, tmp_path: Path) -> None:
     from ahm.train.rundir import prepare_run_dir
 
@@ -303,6 +371,16 @@ def test_cli_model_must_match_encoder(blobs: Path, tmp_path: Path) -> None:
                                    "--head-warmup-steps", "4", "--out", str(tmp_path / "run")])
     assert res.exit_code != 0 and "head_warmup_steps: 4 leaves none of the run's 4 steps" in res.output
     assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+def test_cli_workers_option_reaches_the_config(blobs: Path, tmp_path: Path) -> None:
+    from ahm.cli.app import _register, app
+
+    _register()
+    assert "--workers" in CliRunner().invoke(app, ["finetune", "--help"]).output
+    res = CliRunner().invoke(app, ["-q", "finetune", str(blobs), "--init", "none", "--workers", "-1",
+                                   "--out", str(tmp_path / "run")])
+    assert res.exit_code != 0 and "train.workers" in res.output and not (tmp_path / "run").exists()
 
 
 def test_validation_interval_default_caps_validations() -> None:

@@ -147,6 +147,43 @@ def test_3d_resume_after_interrupt_equals_the_uninterrupted_run(task: Path, tmp_
     assert rows("straight") == rows("resumed")
 
 
+def test_3d_loader_workers_change_nothing_and_a_resume_with_them_is_exact(task: Path, tmp_path: Path,
+                                                                          monkeypatch) -> None:
+    """Without workers, uninterrupted; with 2 (the cached volumes shared with them), interrupted after step 3 and
+    resumed: the same weights."""
+    import contextlib
+
+    import ahm.train.finetune as ft
+    from ahm.io import load_torch
+    from ahm.train.loop import Interrupted
+
+    finetune(_steps(_ft_cfg(task), 4), tmp_path / "straight", progress=False)
+    cfg = _steps(_ft_cfg(task), 4)
+    cfg.train.workers = 2
+
+    class StopAfter(dict):
+        def __init__(self) -> None:
+            super().__init__(stop=False)
+            self.reads = 0
+
+        def __getitem__(self, key):
+            self.reads += 1
+            return self.reads >= 3
+
+    @contextlib.contextmanager
+    def fake_sigint():
+        yield StopAfter()
+
+    with monkeypatch.context() as m:
+        m.setattr(ft, "stop_on_sigint", fake_sigint)
+        with pytest.raises(Interrupted):
+            finetune(cfg, tmp_path / "resumed", progress=False)
+    finetune(cfg, tmp_path / "resumed", resume=True, progress=False)
+    wa = load_torch(tmp_path / "straight" / "checkpoints" / "last.ckpt")["model"]
+    wb = load_torch(tmp_path / "resumed" / "checkpoints" / "last.ckpt")["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def test_cli_spatial_dims_and_overlap_options(task: Path, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 

@@ -83,6 +83,10 @@ def finetune(
     devices: int | None = typer.Option(None, help="Number of devices."),
     accelerator: str | None = typer.Option(None, help="auto, cpu or cuda."),
     precision: str | None = typer.Option(None, help="32-true, bf16-mixed or 16-mixed."),
+    workers: int | None = typer.Option(None, "--workers",
+                                       help="DataLoader processes preparing batches ahead (default: half the CPU "
+                                            "cores, at most 4; 0: in the training process). Results do not "
+                                            "depend on it."),
     config: Path | None = typer.Option(None, "--config", help="YAML config; command-line options override it."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
     force: bool = typer.Option(False, "--force", help="Replace an existing run directory in --out."),
@@ -133,7 +137,7 @@ def finetune(
             "layer_decay": layer_decay, "encoder_lr_scale": encoder_lr_scale, "val_every": val_every,
             "head_warmup_steps": head_warmup_steps, "select_by": select_by, "freeze_encoder": freeze_encoder,
             "train": {"epochs": epochs, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "devices": devices,
-                      "accelerator": accelerator, "precision": precision},
+                      "accelerator": accelerator, "precision": precision, "workers": workers},
         }
         # the pretraining run's settings are defaults: the --config file and the options win over them
         cfg = build_config(FinetuneConfig, file=config, overrides=overrides, base={"data": inherited})

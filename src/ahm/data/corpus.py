@@ -21,7 +21,7 @@ import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -478,17 +478,29 @@ class CorpusDataset(torch.utils.data.Dataset):
                 "error": False}
 
 
+class EpochPlan(Protocol):
+    """What `StepBatches` plans from: each epoch's order of entries, a function of (seed, epoch) only (a `Corpus`,
+    or `ahm.train.loop.ShuffledItems` for fine-tuning's labelled images)."""
+
+    epoch_size: int
+
+    def epoch_order(self, epoch: int, seed: int) -> list[int]: ...
+
+    def steps_per_epoch(self, batch_size: int, world_size: int) -> int: ...
+
+
 class StepBatches(torch.utils.data.Sampler):
     """The batches of steps `start .. stop - 1` for one rank: keys (epoch, position, entry) of `batch_size`
-    samples, this rank's share of the global batch of `batch_size * world_size`."""
+    samples, this rank's share of the global batch of `batch_size * world_size`, in the epoch order of `plan`."""
 
-    def __init__(self, corpus: Corpus, seed: int, batch_size: int, start: int, stop: int, rank: int = 0,
+    def __init__(self, plan: EpochPlan, seed: int, batch_size: int, start: int, stop: int, rank: int = 0,
                  world_size: int = 1) -> None:
-        self.corpus, self.seed, self.batch_size = corpus, seed, batch_size
+        self.plan, self.seed, self.batch_size = plan, seed, batch_size
         self.start, self.stop, self.rank, self.world_size = start, stop, rank, world_size
-        self.per_epoch = corpus.steps_per_epoch(batch_size, world_size)
+        self.per_epoch = plan.steps_per_epoch(batch_size, world_size)
         if self.per_epoch < 1:
-            raise AhmError(f"the corpus has {corpus.epoch_size} images an epoch, fewer than --batch-size "
+            what = "the corpus has" if isinstance(plan, Corpus) else "there are"
+            raise AhmError(f"{what} {plan.epoch_size} images an epoch, fewer than --batch-size "
                            f"{batch_size}" + (f" x {world_size} devices" if world_size > 1 else ""))
 
     def __len__(self) -> int:
@@ -501,7 +513,7 @@ class StepBatches(torch.utils.data.Sampler):
         for step in range(self.start, self.stop):
             epoch, within = divmod(step, self.per_epoch)
             if epoch != order_epoch:
-                order, order_epoch = self.corpus.epoch_order(epoch, self.seed), epoch
+                order, order_epoch = self.plan.epoch_order(epoch, self.seed), epoch
             first = within * per_step + self.rank * self.batch_size
             yield [(epoch, p, order[p]) for p in range(first, first + self.batch_size)]
 
@@ -516,18 +528,36 @@ def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
             "problems": problems, "error": None}
 
 
-def make_loader(dataset: CorpusDataset, batches: StepBatches, workers: int | None = None,
-                ) -> torch.utils.data.DataLoader:
+def _leave_sigint_to_the_parent(worker_id: int) -> None:
+    # Ctrl-C reaches the whole process group. A worker that died of it would fail the training process, which
+    # takes the first one as "stop after this step" (a checkpoint, then Interrupted), in the middle of waiting
+    # for that step's batch; the training process shuts its workers down itself.
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def make_loader(dataset: torch.utils.data.Dataset, batches: StepBatches, workers: int | None = None, *,
+                collate_fn: Callable[[list], Any] | None = _collate, pin_memory: bool = False,
+                persistent: bool = False, generator: torch.Generator | None = None) -> torch.utils.data.DataLoader:
     """A DataLoader over the planned batches: `workers` processes (None: `default_workers()`) read ahead, 2
-    batches each. A daemonic process (a pool worker, a test harness) may not start processes: it reads in place."""
+    batches each, deaf to Ctrl-C (the training process decides when to stop). A daemonic process (a pool worker,
+    a test harness) may not start processes: it reads in place.
+
+    `collate_fn` None: torch's default; `pin_memory` for copies to a CUDA device that overlap the step;
+    `persistent` keeps the workers (and what they hold in memory) from one pass over the loader to the next;
+    `generator` draws the loader's own seed instead of torch's global generator, so that starting a loader
+    leaves the global random stream as it was."""
     import multiprocessing
 
     workers = default_workers() if workers is None else workers
     if multiprocessing.current_process().daemon:
         workers = 0
-    kwargs: dict[str, Any] = {"num_workers": workers, "collate_fn": _collate}
+    kwargs: dict[str, Any] = {"num_workers": workers, "pin_memory": pin_memory, "generator": generator}
+    if collate_fn is not None:
+        kwargs["collate_fn"] = collate_fn
     if workers > 0:
-        kwargs.update(prefetch_factor=2, persistent_workers=False)
+        kwargs.update(prefetch_factor=2, persistent_workers=persistent, worker_init_fn=_leave_sigint_to_the_parent)
     return torch.utils.data.DataLoader(dataset, batch_sampler=batches, **kwargs)
 
 

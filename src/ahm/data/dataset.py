@@ -327,11 +327,22 @@ def apply_seeded(transform: Callable[[dict], dict], sample: dict[str, Any], seed
         return transform(sample)
 
 
+def epoch_key(key: int | tuple[int, ...], epoch: int) -> tuple[int, int]:
+    """(epoch, index) of a sample key: an index (of the epoch a dataset was last `set_epoch` to), or a loader key
+    (epoch, position, index) from `ahm.data.corpus.StepBatches`, which carries its epoch with it so that loader
+    workers, persistent ones too, need no `set_epoch`."""
+    if isinstance(key, tuple):
+        return int(key[0]), int(key[-1])
+    return int(epoch), int(key)
+
+
 class ArrayDataset(torch.utils.data.Dataset):
     """Samples `{"image": [C,S,S] float, "label": [S,S] long, "index": i}` with reproducible augmentation.
 
     The transform (a MONAI dict transform, or any callable on such dicts) is re-seeded for every sample from
     (seed, epoch, i): the same epoch gives the same samples again, in any DataLoader worker, after a resume.
+    A sample is asked for by its index `i` (the epoch of `set_epoch`) or by a loader key (epoch, position, i)
+    (`epoch_key`); the position in the epoch does not change it.
     """
 
     def __init__(
@@ -355,12 +366,13 @@ class ArrayDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, ...]) -> dict[str, Any]:
+        epoch, i = epoch_key(key, self.epoch)
         sample: dict[str, Any] = {"image": self.images[i].clone()}
         if self.labels is not None:
             sample["label"] = self.labels[i].unsqueeze(0).clone()
         if self.transform is not None:
-            sample = apply_seeded(self.transform, sample, sample_seed(self.seed, self.epoch, i))
+            sample = apply_seeded(self.transform, sample, sample_seed(self.seed, epoch, i))
         out: dict[str, Any] = {"image": _plain(sample["image"]).float().contiguous(), "index": i}
         if self.labels is not None:
             label = _plain(sample["label"])

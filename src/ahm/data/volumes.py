@@ -253,6 +253,21 @@ class _AsPlainTensors(MapTransform):
         return out
 
 
+class _CopyCrop(MapTransform):
+    """Copy a crop out of its volume: a crop is a view of the voxels it was cut from, which `VolumeDataset` keeps
+    cached and hands to the crop uncopied. Not random, so the seeds a Compose gives the transforms after it stay
+    those they had without it."""
+
+    def __init__(self, keys: list[str]) -> None:
+        super().__init__(keys=keys, allow_missing_keys=True)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        out = dict(data)
+        for key in self.key_iterator(out):
+            out[key] = out[key].clone()
+        return out
+
+
 def _augment(keys: list[str], intensity: float) -> list:
     return [
         RandFlipd(keys=keys, prob=0.5, spatial_axis=0, allow_missing_keys=True),
@@ -277,7 +292,7 @@ def volume_pretrain_augment(cfg: DataConfig, intensity: float = 0.1) -> Compose:
     steps = _augment(keys, intensity)
     if not _square_plane(cfg):
         steps = [t for t in steps if not isinstance(t, RandRotate90d)]
-    return Compose([RandSpatialCropd(keys=keys, roi_size=tuple(cfg.crop_size), random_size=False)]
+    return Compose([RandSpatialCropd(keys=keys, roi_size=tuple(cfg.crop_size), random_size=False), _CopyCrop(keys)]
                    + steps + [_AsPlainTensors()])
 
 
@@ -292,7 +307,7 @@ def volume_segment_augment(cfg: DataConfig, intensity: float = 0.1) -> Compose:
     if not _square_plane(cfg):
         steps = [t for t in steps if not isinstance(t, RandRotate90d)]
     return _OneSample([RandCropByPosNegLabeld(keys=keys, label_key=LABEL, spatial_size=tuple(cfg.crop_size),
-                                              pos=ratio, neg=1.0 - ratio, num_samples=1)]
+                                              pos=ratio, neg=1.0 - ratio, num_samples=1), _CopyCrop(keys)]
                       + steps + [_AsPlainTensors()])
 
 
@@ -380,10 +395,14 @@ def volume_paths(item: Item, labels: bool) -> dict[str, Any]:
 class VolumeDataset(torch.utils.data.Dataset):
     """3D samples of `items`: the preprocessed volume (`preprocess`), then, when `augment` is given, its random
     crop `{"image": [C, *crop] float, "label": [*crop] long, "index": i}` seeded by (seed, epoch, i) like
-    `ArrayDataset`; without `augment` the whole preprocessed volume as MetaTensors (image [C, ...], label
-    [1, ...]) with `"id"` and `"index"`, for sliding-window inference and `invert_prediction`, loaded with
-    `evaluation_loader` (torch's default collate loses what the inverse needs). `cache` keeps preprocessed volumes in memory after their first read (a copy
-    is augmented, never the cached one)."""
+    `ArrayDataset` (asked for by index or by a loader key (epoch, position, i), `ahm.data.dataset.epoch_key`);
+    without `augment` the whole preprocessed volume as MetaTensors (image [C, ...], label [1, ...]) with `"id"`
+    and `"index"`, for sliding-window inference and `invert_prediction`, loaded with `evaluation_loader` (torch's
+    default collate loses what the inverse needs). `cache` keeps preprocessed volumes in memory after their first
+    read (`preload` reads them all at once).
+
+    `augment` is given the cached voxels themselves (a volume is not copied for each crop): it must crop before
+    it writes into anything, and copy its crop (`volume_segment_augment` and `volume_pretrain_augment` do)."""
 
     def __init__(self, items: list[Item], preprocess: Compose, augment: Compose | None = None, *,
                  labels: bool = False, seed: int = 0, cache: bool = False) -> None:
@@ -399,26 +418,50 @@ class VolumeDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def prepared(self, i: int) -> dict[Hashable, Any]:
-        """Item `i` after the deterministic preprocessing (from the cache when on)."""
+    def _volume(self, i: int) -> dict[Hashable, Any]:
+        # the cached sample itself when cached: read, never written to
         if self._cache is not None and i in self._cache:
-            return copy.deepcopy(self._cache[i])
+            return self._cache[i]
         sample = self.preprocess(volume_paths(self.items[i], self.labels))
         if self._cache is not None:
-            self._cache[i] = copy.deepcopy(sample)
+            self._cache[i] = sample
         return sample
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        from ahm.data.dataset import apply_seeded, sample_seed
+    def prepared(self, i: int) -> dict[Hashable, Any]:
+        """Item `i` after the deterministic preprocessing (a copy of the cached one when cached)."""
+        sample = self._volume(i)
+        return copy.deepcopy(sample) if self._cache is not None else sample
 
-        sample: dict[str, Any] = {str(k): v for k, v in self.prepared(i).items()}
+    def preload(self) -> None:
+        """Preprocess every item into the cache now (nothing without one): DataLoader workers forked afterwards
+        share these volumes instead of each reading, resampling and holding its own copy of all of them."""
+        if self._cache is not None:
+            for i in range(len(self)):
+                self._volume(i)
+
+    def __getitem__(self, key: int | tuple[int, ...]) -> dict[str, Any]:
+        from ahm.data.dataset import apply_seeded, epoch_key, sample_seed
+
+        epoch, i = epoch_key(key, self.epoch)
         if self.augment is None:
-            return {**sample, "index": i, "id": self.items[i].id}
-        out = apply_seeded(self.augment, sample, sample_seed(self.seed, self.epoch, i))
+            return {**{str(k): v for k, v in self.prepared(i).items()}, "index": i, "id": self.items[i].id}
+        sample: dict[str, Any] = {str(k): _shared_voxels(v) for k, v in self._volume(i).items()}
+        out = apply_seeded(self.augment, sample, sample_seed(self.seed, epoch, i))
         result: dict[str, Any] = {"image": out[IMAGE].contiguous(), "index": i}
         if self.labels:
             result["label"] = out[LABEL].contiguous()
         return result
+
+
+def _shared_voxels(value: Any) -> Any:
+    """A MetaTensor on the same voxels as `value` with a copy of its metadata (what `copy.deepcopy` would give
+    but for the voxels): a transform records itself in the metadata of what it is given, and that must not reach
+    the cached volume."""
+    if not isinstance(value, MetaTensor):
+        return value
+    view = value.as_tensor().as_subclass(MetaTensor)
+    view.__dict__ = copy.deepcopy(value.__dict__)
+    return view
 
 
 def volume_dataset(index: DatasetIndex, ids: list[str], cfg: DataConfig, *, labels: bool, train: bool,

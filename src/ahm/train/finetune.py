@@ -37,8 +37,8 @@ from ahm.train.checkpoint import (
 )
 from ahm.train.loop import (
     Interrupted,
+    ShuffledItems,
     Throughput,
-    batch_order,
     gather_objects,
     launch,
     launch_rank,
@@ -464,6 +464,7 @@ def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool,
     from monai.losses import DiceCELoss
 
     from ahm.data import ArrayDataset, segment_augment
+    from ahm.data.corpus import StepBatches, make_loader
     from ahm.eval.evaluate import predict_labels
     from ahm.models import backbone_of_segmenter, build_segmenter, load_pretrained
 
@@ -536,6 +537,13 @@ def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool,
     # 3D: the volume dataset draws its crops (and augments them) itself, seeded by (seed, epoch, index) too
     dataset = data.train if volumes else ArrayDataset(data.train.images, data.train.labels, transform,
                                                       seed=cfg.train.seed)
+    # Each batch carries its (epoch, position, index) keys, so the samples are the same in any number of loader
+    # workers and from any start step; the seeded generator keeps the loader off torch's global random stream.
+    plan = StepBatches(ShuffledItems(n_train), cfg.train.seed, batch_size, state["step"], total, rank, world)
+    loader = make_loader(dataset, plan, cfg.train.workers, collate_fn=None, pin_memory=fabric.device.type == "cuda",
+                         persistent=True, generator=torch.Generator().manual_seed(cfg.train.seed))
+    if volumes and loader.num_workers > 0:
+        dataset.preload()  # before the workers fork, so that they share the cached volumes
     log = MetricsLog(out, resume_step=state["step"] if resume else None, tensorboard=is_main) if is_main else None
     meter = Throughput()
     bar = progress_bar(progress and is_main, "finetune", total, state["step"],
@@ -564,20 +572,15 @@ def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool,
     pending: list[float] = []
     rate = 0.0
     t_start = time.perf_counter()
-    batches: list[list[int]] = []
-    batches_epoch = -1
+    batches = iter(loader)
     try:
         with stop_on_sigint() as sig:
             while state["step"] < total:
                 step = state["step"]
-                epoch, within = divmod(step, steps_per_epoch)
-                if epoch != batches_epoch:
-                    batches = batch_order(n_train, epoch, cfg.train.seed, batch_size, rank, world)
-                    batches_epoch = epoch
-                    dataset.set_epoch(epoch)
-                samples = [dataset[i] for i in batches[within]]
-                images = torch.stack([s["image"] for s in samples]).to(fabric.device)
-                labels = torch.stack([s["label"] for s in samples]).unsqueeze(1).to(fabric.device)
+                epoch = step // steps_per_epoch
+                batch = next(batches)
+                images = batch["image"].to(fabric.device, non_blocking=True)
+                labels = batch["label"].unsqueeze(1).to(fabric.device, non_blocking=True)
                 lr = set_lr(optimizer, lr_factor(step, total, cfg.train.warmup_steps, min_ratio),
                             pretrained_lr_factor(step, total, cfg.train.warmup_steps, min_ratio, head_steps))
                 meter.start()
@@ -592,7 +595,7 @@ def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool,
                     pending.append(value)
                     state["loss_sum"] += value
                     state["loss_n"] += 1
-                rate = meter.stop(len(samples) * world)
+                rate = meter.stop(len(images) * world)
                 state["step"] = step = step + 1
                 if log is not None and pending and (step % cfg.train.log_every == 0 or step == total):
                     log.log({"epoch": epoch + 1, "step": step, "loss": float(np.mean(pending)), "lr": lr,
@@ -618,6 +621,7 @@ def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool,
                         f"interrupted at step {step}/{total}; checkpoint saved to {last_path}. "
                         f"Resume with: ahm finetune {cfg.data.path} --out {out} --resume")
     finally:
+        del batches, loader  # stops the loader's workers, also when the run stops with an exception
         if bar is not None:
             bar.close()
         if log is not None:

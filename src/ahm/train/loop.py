@@ -72,16 +72,36 @@ def sync_batchnorm(fabric, model: nn.Module, train: TrainConfig) -> nn.Module:
     return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
+def epoch_permutation(num_items: int, epoch: int, seed: int) -> list[int]:
+    """The order of `num_items` items in one epoch: a permutation seeded by (seed, epoch) only."""
+    g = torch.Generator().manual_seed(1_000_003 * (seed + 1) + epoch)
+    return torch.randperm(num_items, generator=g).tolist()
+
+
 def batch_order(num_items: int, epoch: int, seed: int, batch_size: int, rank: int, world_size: int) -> list[list[int]]:
     """The batches of one epoch for one rank: a permutation seeded by (seed, epoch), sharded by rank, last partial dropped."""
-    g = torch.Generator().manual_seed(1_000_003 * (seed + 1) + epoch)
-    perm = torch.randperm(num_items, generator=g).tolist()
+    perm = epoch_permutation(num_items, epoch, seed)
     per_step = batch_size * world_size
     batches = []
     for start in range(0, num_items - per_step + 1, per_step):
         chunk = perm[start:start + per_step]
         batches.append(chunk[rank * batch_size:(rank + 1) * batch_size])
     return batches
+
+
+class ShuffledItems:
+    """`num_items` items in the order of `batch_order`, as the epoch plan `ahm.data.corpus.StepBatches` reads it:
+    the step batches it plans are those of `batch_order`, so a loader over them trains exactly like the loop
+    that called `batch_order` itself."""
+
+    def __init__(self, num_items: int) -> None:
+        self.epoch_size = int(num_items)
+
+    def epoch_order(self, epoch: int, seed: int) -> list[int]:
+        return epoch_permutation(self.epoch_size, epoch, seed)
+
+    def steps_per_epoch(self, batch_size: int, world_size: int = 1) -> int:
+        return self.epoch_size // (batch_size * world_size)
 
 
 def decay_param_groups(module: nn.Module, lr: float, weight_decay: float) -> list[dict]:
