@@ -78,30 +78,28 @@ def _boolean_index(index) -> bool:
 
 
 class HostReads:
-    """Counts the host reads the pretraining step's own code makes, per step, while `step` is set."""
+    """Counts the host reads the pretraining step's own code makes, per step, while `step` is set and `mode` is
+    entered. A TorchFunctionMode sees every tensor method and torch function a Python caller makes, so nothing of
+    torch is replaced (assigning Tensor.__getitem__ and taking it back leaves CPython's sequence slot behind, and
+    every 0-d tensor then counts as a sequence for the rest of the process)."""
 
     def __init__(self, monkeypatch) -> None:
         self.step: int | None = None
         self.reads: dict[int, list[str]] = {}
+        owner = self
+        reads = set(READ_METHODS) | set(READ_FUNCTIONS)
 
-        def counted(original, what):
-            def wrapper(*args, **kwargs):
-                self.note(what, sys._getframe(1))
-                return original(*args, **kwargs)
-            return wrapper
+        class Watch(torch.overrides.TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                name = getattr(func, "__name__", "")
+                if name in reads:
+                    owner.note(f"{'Tensor' if func is getattr(torch.Tensor, name, None) else 'torch'}.{name}",
+                               sys._getframe(1))
+                elif func is torch.Tensor.__getitem__ and _boolean_index(args[1]):  # its size is a count of True
+                    owner.note("boolean index", sys._getframe(1))
+                return func(*args, **(kwargs or {}))
 
-        for name in READ_METHODS:
-            monkeypatch.setattr(torch.Tensor, name, counted(getattr(torch.Tensor, name), f"Tensor.{name}"))
-        for name in READ_FUNCTIONS:
-            monkeypatch.setattr(torch, name, counted(getattr(torch, name), f"torch.{name}"))
-        getitem = torch.Tensor.__getitem__
-
-        def indexed(tensor, index):
-            if _boolean_index(index):  # its result's size is the count of True entries
-                self.note("boolean index", sys._getframe(1))
-            return getitem(tensor, index)
-
-        monkeypatch.setattr(torch.Tensor, "__getitem__", indexed)
+        self.mode = Watch()
 
     def note(self, what: str, frame) -> None:
         reader = _reader(frame) if self.step is not None else None
@@ -127,7 +125,8 @@ def _count_reads(tmp_path, monkeypatch, policy: str, steps: int, log_every: int)
 
     monkeypatch.setattr(pretrain_module, "forward_step", step_start)
     try:
-        pretrain_module.pretrain(cfg, tmp_path / "run", progress=False)
+        with reads.mode:
+            pretrain_module.pretrain(cfg, tmp_path / "run", progress=False)
     finally:
         reads.step = None
     return reads

@@ -238,7 +238,7 @@ def _optimizer_step(model: torch.nn.Module, loss: torch.Tensor, optimizer, clip:
 
 
 def _reference_optimizer(model: torch.nn.Module, cfg: PretrainConfig) -> torch.optim.Optimizer:
-    from ahm.train.pretrain import adamw_kernel
+    from ahm.train.loop import adamw_kernel
 
     # the same optimiser implementation as ours (AdamW, same kernel), one group: weight-decay groups cost nothing
     return torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=(0.9, 0.95), weight_decay=0.05,

@@ -38,13 +38,16 @@ from ahm.train.checkpoint import (
 from ahm.train.loop import (
     Interrupted,
     ShuffledItems,
+    StepGuard,
     Throughput,
+    adamw_kernel,
     gather_objects,
     launch,
     launch_rank,
     make_fabric,
     optimizer_step,
     progress_bar,
+    read_scalars,
     stop_on_sigint,
     stop_requested,
     sync_batchnorm,
@@ -489,7 +492,7 @@ def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool,
     frozen = backbone_of_segmenter(cfg.segmenter).encoder_modules(model) if cfg.freeze_encoder else []
     for module in frozen:
         module.requires_grad_(False)  # out of the optimiser (its groups keep trainable weights only) and of DDP
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg, cfg.init is not None), lr=cfg.train.lr,
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg, cfg.init is not None), lr=cfg.train.lr, **adamw_kernel(model),
                                   weight_decay=cfg.train.weight_decay)
 
     state = {"step": 0, "best_val_dice": -1.0, "best_epoch": 0, "skipped": 0, "loss_sum": 0.0, "loss_n": 0}
@@ -521,6 +524,7 @@ def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool,
     if cfg.train.compile:
         model = torch.compile(model)
     model, optimizer = fabric.setup(model, optimizer)
+    guard = StepGuard(fabric.device) if StepGuard.usable(optimizer, cfg.train) else None
     if resume:
         # after the model is on its device: Optimizer.load_state_dict puts each state tensor on its parameter's
         # device and dtype (loaded before, AdamW's moments would stay on the CPU beside CUDA parameters)
@@ -565,11 +569,35 @@ def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool,
                 save_model_checkpoint(best_path, raw_model.state_dict(), meta, epoch, dice)
         return dice
 
-    def stopped_by(bad: str) -> str:
-        return (f"step {state['step'] + 1}: {bad}; run stopped. Last good checkpoint: "
+    def stopped_by(bad: str, at: int | None = None) -> str:
+        return (f"step {state['step'] + 1 if at is None else at + 1}: {bad}; run stopped. Last good checkpoint: "
                 f"{last_path if last_path.is_file() else 'none yet'} (lower --lr, or set train.nan_policy: skip)")
 
-    pending: list[float] = []
+    # the training loss is summed on the device ([sum, count]) and read where the step reads the device anyway
+    # (logging, validation, checkpoints): `flush` moves it into `log_window` and the state a checkpoint keeps
+    window = torch.zeros(2, dtype=torch.float64, device=fabric.device)
+    log_window = [0.0, 0.0]
+    last_loss = math.nan
+
+    def flush() -> None:
+        nonlocal last_loss
+        guarded = guard.state() if guard is not None else []
+        total_loss, count, *rest = read_scalars([window[0], window[1], *guarded])
+        window.zero_()
+        if guarded:
+            state["skipped"] += guard.settle(rest, cfg.train.nan_policy, stopped_by)
+        if world > 1:  # every rank's steps: the logged loss is over the global batch
+            shares = gather_objects(fabric, (total_loss, count))
+            total_loss, count = sum(s[0] for s in shares), sum(s[1] for s in shares)
+            count /= world  # steps, not rank-steps
+            total_loss /= world
+        log_window[0] += total_loss
+        log_window[1] += count
+        state["loss_sum"] += total_loss
+        state["loss_n"] += count
+        if count:
+            last_loss = total_loss / count
+
     rate = 0.0
     t_start = time.perf_counter()
     batches = iter(loader)
@@ -587,22 +615,27 @@ def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool,
                 set_train_mode(model, frozen)
                 loss = loss_fn(model(images), labels)
                 bad = optimizer_step(fabric, model, optimizer, loss, cfg.train, list(raw_model.parameters()),
-                                     stopped_by)
+                                     stopped_by, guard=guard, step=step)
                 if bad is not None:
                     state["skipped"] += 1
                 else:
-                    value = float(loss.detach())
-                    pending.append(value)
-                    state["loss_sum"] += value
-                    state["loss_n"] += 1
+                    kept = torch.isfinite(loss.detach())
+                    if guard is not None:  # a step the guard skipped is not a loss to log
+                        kept = kept & ~guard.last_bad
+                    window += torch.stack([torch.where(kept, loss.detach().double(), 0.0), kept.double()])
                 rate = meter.stop(len(images) * world)
                 state["step"] = step = step + 1
-                if log is not None and pending and (step % cfg.train.log_every == 0 or step == total):
-                    log.log({"epoch": epoch + 1, "step": step, "loss": float(np.mean(pending)), "lr": lr,
+                logged = step % cfg.train.log_every == 0 or step == total
+                validated = step % val_every == 0 or step == total
+                if logged or validated or step % cfg.train.checkpoint_every == 0:
+                    flush()
+                if log is not None and logged and log_window[1]:
+                    log.log({"epoch": epoch + 1, "step": step, "loss": log_window[0] / log_window[1], "lr": lr,
                              "images_per_s": rate})
-                    pending.clear()
+                if logged:
+                    log_window[:] = [0.0, 0.0]
                 val_dice = None
-                if step % val_every == 0 or step == total:
+                if validated:
                     val_dice = validate(epoch + 1)
                     if log is not None:
                         log.log({"epoch": epoch + 1, "step": step, "train_loss": state["loss_sum"] / max(state["loss_n"], 1),
@@ -613,7 +646,7 @@ def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool,
                 elif step % cfg.train.checkpoint_every == 0:
                     save_last()
                 if bar is not None:
-                    bar.update(step, loss=float(loss.detach()), val=None if val_dice is None else f"{val_dice:.3f}",
+                    bar.update(step, loss=last_loss, val=None if val_dice is None else f"{val_dice:.3f}",
                                rate=rate)
                 if stop_requested(fabric, sig, step, cfg.train.log_every):
                     save_last()
