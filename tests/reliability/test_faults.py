@@ -344,3 +344,38 @@ def test_refusal_names_where_the_bad_value_came_from(blobs: Path, tmp_path: Path
     config = write_yaml_config(tmp_path / "tiny.yaml", blobs, steps=2)
     from_option = _cli(["pretrain", str(blobs), "--out", str(tmp_path / "b"), "--config", str(config), "--steps", "-1"])
     assert "options: train.steps" in from_option.output and str(config) not in from_option.output
+
+
+def test_a_second_run_on_the_same_out_is_refused_while_the_first_holds_it(blobs: Path, tmp_path: Path) -> None:
+    """Two runs started on one --out: the second is refused in one line (a lock held while the first runs; the
+    kernel drops it when that process ends), and with --force it deletes nothing of the first's."""
+    import multiprocessing
+
+    from ahm.train.rundir import RunLock
+
+    run = tmp_path / "run"
+    pretrain(tiny_cfg(blobs, steps=2), run, progress=False)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    ready, release = multiprocessing.Event(), multiprocessing.Event()
+    holder = multiprocessing.get_context("fork").Process(target=_hold_lock, args=(run, ready, release))
+    holder.start()
+    try:
+        assert ready.wait(30)
+        for kwargs in ({"resume": True}, {"force": True}):
+            with pytest.raises(AhmError, match=r"--out .*run: another ahm run is using this directory"):
+                pretrain(tiny_cfg(blobs, steps=4), run, progress=False, **kwargs)
+        assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    finally:
+        release.set()
+        holder.join(30)
+    with RunLock(run):  # free again once the first process has ended
+        pass
+    assert pretrain(tiny_cfg(blobs, steps=4), run, resume=True, progress=False)["steps"] == 4
+
+
+def _hold_lock(run: Path, ready, release) -> None:
+    from ahm.train.rundir import RunLock
+
+    with RunLock(run):
+        ready.set()
+        release.wait(60)
