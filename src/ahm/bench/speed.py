@@ -217,7 +217,8 @@ def _policy_candidate(name: str, cfg: PretrainConfig, channels: int, device: tor
         stage = policy.stage_at(int(round(progress * total)))
         stage_names.append(stage.name)
         model.train(stage.trains_model)
-        loss, _, _ = forward_step(forward, policy, images, progress, stage.trains_model)
+        # the loop's common step: one that is not logged computes no diagnostics
+        loss, _, _ = forward_step(forward, policy, images, progress, stage.trains_model, logged=False)
         if not stage.trains_model:
             return
         optimizer.zero_grad(set_to_none=True)
