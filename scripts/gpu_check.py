@@ -52,7 +52,9 @@ class Check:
                                   env={**os.environ, **(env or {})})
             rc, output = proc.returncode, proc.stdout + proc.stderr
         except subprocess.TimeoutExpired as exc:
-            rc, output = 124, f"timed out after {timeout} s\n{exc.stdout or ''}{exc.stderr or ''}"
+            said = "".join(part.decode(errors="replace") if isinstance(part, bytes) else (part or "")
+                           for part in (exc.stdout, exc.stderr))
+            rc, output = 124, f"timed out after {timeout} s\n{said}"
         self.log.write(output)
         self.log.flush()
         return {"rc": rc, "seconds": round(time.perf_counter() - t0, 1), "tail": output.strip().splitlines()[-3:]}
@@ -93,7 +95,8 @@ def count_syncs(data: Path, accelerator: str, steps: int) -> dict[str, Any]:
             "model": {"backbone": "vit", "patch_size": 16}, "masking": {"policy": policy},
             # logging and checkpoints only after the counted steps: what is left is the training step itself
             "train": {"steps": steps, "batch_size": 16, "log_every": steps, "checkpoint_every": steps,
-                      "accelerator": accelerator, "precision": "bf16-mixed", "workers": 0}})
+                      "accelerator": accelerator, "workers": 0,
+                      "precision": "bf16-mixed" if accelerator == "cuda" else "32-true"}})
         counted = {"n": 0}
         if accelerator == "cuda":
             torch.cuda.set_sync_debug_mode("warn")
@@ -140,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
 
     acc = ["--accelerator", args.accelerator]
     small = args.smoke or args.accelerator == "cpu"
+    # bf16 on a GPU; a CPU without bfloat16 units emulates it tens of times slower, so the smoke run stays fp32
+    mixed = "bf16-mixed" if args.accelerator == "cuda" else "32-true"
     size2d = ["--image-size", "64", "--batch-size", "8"] if small else ["--batch-size", "64"]
     check.record("environment", environment(args.accelerator))
 
@@ -154,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         for policy in POLICIES:
             run = runs / f"policy-{policy}"
             res = check.ahm("pretrain", str(brain), "--policy", policy, "--backbone", "vit", "--steps", "20",
-                            "--precision", "bf16-mixed", *acc, *size2d, "--out", str(run), "--force")
+                            "--precision", mixed, *acc, *size2d, "--out", str(run), "--force")
             s = summary(run)
             found[policy] = {**res, "images_per_s": s.get("images_per_s"), "final_loss": s.get("final_loss"),
                              "stages": len(s.get("stages", [])) or None}
@@ -165,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     if wanted("resume"):
         run = runs / "resume"
         cmd = [sys.executable, "-m", "ahm", "-q", "pretrain", str(brain), "--policy", "ahm", "--backbone", "vit",
-               "--steps", "60", "--precision", "bf16-mixed", *acc, *size2d, "--out", str(run), "--force"]
+               "--steps", "60", "--precision", mixed, *acc, *size2d, "--out", str(run), "--force"]
         cfg = out / "resume.yaml"
         cfg.write_text("pretrain:\n  train: {checkpoint_every: 10, log_every: 10}\n")
         proc = subprocess.Popen(cmd + ["--config", str(cfg)], cwd=ROOT, stdout=subprocess.PIPE,
@@ -185,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     if wanted("compile"):
         run = runs / "compile"
         res = check.ahm("pretrain", str(brain), "--policy", "random", "--backbone", "vit", "--steps", "30",
-                        "--compile", "--precision", "bf16-mixed", *acc, *size2d, "--out", str(run), "--force",
+                        "--compile", "--precision", mixed, *acc, *size2d, "--out", str(run), "--force",
                         env={"TORCH_LOGS": "recompiles"}, timeout=400)
         log = (out / "gpu_check.log").read_text()
         section = log[log.rfind(str(run)):]
