@@ -562,16 +562,18 @@ def make_loader(dataset: torch.utils.data.Dataset, batches: StepBatches, workers
 
 
 def pretraining_loader(corpus: Corpus, cfg: PretrainConfig, start: int, stop: int, rank: int = 0,
-                       world_size: int = 1) -> tuple[CorpusDataset, torch.utils.data.DataLoader, list[str]]:
+                       world_size: int = 1, pin_memory: bool = False,
+                       ) -> tuple[CorpusDataset, torch.utils.data.DataLoader, list[str]]:
     """The dataset (augmented, through the on-disk cache if `cfg.cache`, preloaded if `cfg.preload` says so) and
-    the loader of steps `start .. stop - 1` for one rank; and the problems of files skipped so far."""
+    the loader of steps `start .. stop - 1` for one rank; and the problems of files skipped so far. `pin_memory`:
+    batches in page-locked memory, for copies to a CUDA device that overlap the step."""
     cache = SampleCache(Path(cfg.cache), corpus) if cfg.cache else None
     dataset = CorpusDataset(corpus, pretraining_transform(corpus, cfg), seed=cfg.train.seed, cache=cache)
     problems = [p for source in corpus.sources for p in source.index.problems]  # found while listing
     if cfg.preload == "yes" or (cfg.preload == "auto" and corpus.nbytes() <= PRELOAD_BYTES):
         problems += dataset.preload()
     batches = StepBatches(corpus, cfg.train.seed, cfg.train.batch_size, start, stop, rank, world_size)
-    return dataset, make_loader(dataset, batches, cfg.train.workers), problems
+    return dataset, make_loader(dataset, batches, cfg.train.workers, pin_memory=pin_memory), problems
 
 
 def pretraining_transform(corpus: Corpus, cfg: PretrainConfig) -> Callable[[dict], dict] | None:

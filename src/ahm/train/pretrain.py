@@ -248,7 +248,8 @@ def _train(fabric, cfg, out, resume, progress, model, policy, corpus, total, ste
             raise AhmError(f"{checkpoint_path(out)}: optimiser state does not match this run ({exc})") from exc
 
     end = total if stop_at is None else min(total, stop_at)
-    dataset, loader, problems = pretraining_loader(corpus, cfg, start_step, end, rank, world)
+    dataset, loader, problems = pretraining_loader(corpus, cfg, start_step, end, rank, world,
+                                                   pin_memory=fabric.device.type == "cuda")
     batches = iter(loader)
     seen: list[int] = []
     log = MetricsLog(out, resume_step=start_step if resume else None, tensorboard=is_main) if is_main else None
@@ -315,7 +316,7 @@ def _train(fabric, cfg, out, resume, progress, model, policy, corpus, total, ste
                 idx = batch["entry"]
                 if len(seen) < MAX_SEEN:
                     seen.extend(idx)
-                images = batch["image"].to(fabric.device)
+                images = batch["image"].to(fabric.device, non_blocking=True)
                 progress_frac = step / total
                 # each stage starts its own warm-up and cosine (MAE's schedule per MIM stage); one stage: the run's
                 stage = policy.stage_at(step)
