@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from pathlib import Path
@@ -11,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from train_helpers import make_blob_folder
+from train_helpers import ctrl_c_after, make_blob_folder
 from typer.testing import CliRunner
 
 from ahm.config import FinetuneConfig, ModelConfig, PretrainConfig, build_config, save_config
@@ -119,21 +118,7 @@ def test_resume_after_interrupt_is_exact(blobs: Path, tmp_path: Path, monkeypatc
     cfg = _cfg(blobs, train={"epochs": 2})
     finetune(cfg, tmp_path / "straight", progress=False)
 
-    class StopAfter(dict):
-        """The loop reads sig['stop'] once per step: report a Ctrl-C after the 3rd step (mid epoch 2)."""
-
-        def __init__(self) -> None:
-            super().__init__(stop=False)
-            self.reads = 0
-
-        def __getitem__(self, key):
-            self.reads += 1
-            return self.reads >= 3
-
-    @contextlib.contextmanager
-    def fake_sigint():
-        yield StopAfter()
-
+    fake_sigint = ctrl_c_after(3)  # a Ctrl-C after the 3rd step
     monkeypatch.setattr(ft, "stop_on_sigint", fake_sigint)
     with pytest.raises(Interrupted, match="--resume"):
         finetune(cfg, tmp_path / "resumed", progress=False)
@@ -157,19 +142,7 @@ def _stop_after_step_3(monkeypatch) -> None:
     """A Ctrl-C reported after the 3rd step: the loop reads sig['stop'] once a step."""
     import ahm.train.finetune as ft
 
-    class StopAfter(dict):
-        def __init__(self) -> None:
-            super().__init__(stop=False)
-            self.reads = 0
-
-        def __getitem__(self, key):
-            self.reads += 1
-            return self.reads >= 3
-
-    @contextlib.contextmanager
-    def fake_sigint():
-        yield StopAfter()
-
+    fake_sigint = ctrl_c_after(3)  # a Ctrl-C after the 3rd step
     monkeypatch.setattr(ft, "stop_on_sigint", fake_sigint)
 
 

@@ -16,7 +16,7 @@ from ahm.train.pretrain import pretrain
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
 from fixtures import make_msd_volume_fixture  # noqa: E402
-from train_helpers import tiny_pretrain_overrides  # noqa: E402
+from train_helpers import ctrl_c_after, tiny_pretrain_overrides  # noqa: E402
 
 UNET = {"backbone": "unet", "unet_channels": [8, 16], "unet_strides": [2], "unet_num_res_units": 1}
 
@@ -105,7 +105,6 @@ def test_3d_crop_must_suit_the_segmenter_before_any_run_directory(task: Path, tm
 
 
 def test_3d_resume_after_interrupt_equals_the_uninterrupted_run(task: Path, tmp_path: Path, monkeypatch) -> None:
-    import contextlib
 
     import ahm.train.finetune as ft
     from ahm.io import load_torch
@@ -114,21 +113,7 @@ def test_3d_resume_after_interrupt_equals_the_uninterrupted_run(task: Path, tmp_
     cfg = _steps(_ft_cfg(task), 4)
     finetune(cfg, tmp_path / "straight", progress=False)
 
-    class StopAfter(dict):
-        """The loop reads sig['stop'] once per step: report a Ctrl-C after the 3rd step."""
-
-        def __init__(self) -> None:
-            super().__init__(stop=False)
-            self.reads = 0
-
-        def __getitem__(self, key):
-            self.reads += 1
-            return self.reads >= 3
-
-    @contextlib.contextmanager
-    def fake_sigint():
-        yield StopAfter()
-
+    fake_sigint = ctrl_c_after(3)  # a Ctrl-C after the 3rd step
     monkeypatch.setattr(ft, "stop_on_sigint", fake_sigint)
     with pytest.raises(Interrupted, match="--resume"):
         finetune(cfg, tmp_path / "resumed", progress=False)
@@ -151,7 +136,6 @@ def test_3d_loader_workers_change_nothing_and_a_resume_with_them_is_exact(task: 
                                                                           monkeypatch) -> None:
     """Without workers, uninterrupted; with 2 (the cached volumes shared with them), interrupted after step 3 and
     resumed: the same weights."""
-    import contextlib
 
     import ahm.train.finetune as ft
     from ahm.io import load_torch
@@ -161,19 +145,7 @@ def test_3d_loader_workers_change_nothing_and_a_resume_with_them_is_exact(task: 
     cfg = _steps(_ft_cfg(task), 4)
     cfg.train.workers = 2
 
-    class StopAfter(dict):
-        def __init__(self) -> None:
-            super().__init__(stop=False)
-            self.reads = 0
-
-        def __getitem__(self, key):
-            self.reads += 1
-            return self.reads >= 3
-
-    @contextlib.contextmanager
-    def fake_sigint():
-        yield StopAfter()
-
+    fake_sigint = ctrl_c_after(3)  # a Ctrl-C after the 3rd step
     with monkeypatch.context() as m:
         m.setattr(ft, "stop_on_sigint", fake_sigint)
         with pytest.raises(Interrupted):

@@ -38,3 +38,24 @@ def tiny_pretrain_overrides(data: Path, policy: str = "random", backbone: str = 
         "train": {"steps": steps, "batch_size": 2, "warmup_steps": 1, "checkpoint_every": 2, "log_every": 1,
                   "seed": 3, "accelerator": "cpu"},
     }
+
+
+def ctrl_c_after(reads: int):
+    """A stand-in for `stop_on_sigint`: its flag reads as a Ctrl-C from the `reads`-th time the loop asks (the loop
+    asks once per step), so a run is interrupted at a known step without a real signal."""
+    import contextlib
+
+    class StopAfter(dict):
+        def __init__(self) -> None:
+            super().__init__(stop=False)
+            self.reads = 0
+
+        def __getitem__(self, key):
+            self.reads += 1
+            return self.reads >= reads
+
+    @contextlib.contextmanager
+    def fake_sigint():
+        yield StopAfter()
+
+    return fake_sigint
