@@ -70,39 +70,35 @@ def _interrupt_after(monkeypatch, module, steps: int) -> None:
     monkeypatch.setattr(module, "stop_requested", stop)
 
 
-def test_pretrain_resume_loads_optimiser_state_after_the_model_is_on_its_device(blobs, tmp_path, monkeypatch,
-                                                                                watch) -> None:
-    import ahm.train.pretrain as pre
-
-    events, optimizers = watch
+def _pretrain_run(blobs, out):
     cfg = build_config(PretrainConfig, overrides=tiny_pretrain_overrides(blobs, backbone="unet", steps=4))
-    _interrupt_after(monkeypatch, pre, 2)
-    with pytest.raises(Interrupted):
-        pretrain(cfg, tmp_path / "run", progress=False)
-    monkeypatch.setattr(pre, "stop_requested", lambda fabric, sig, step, every: False)
-    events.clear()
-    optimizers.clear()
-    pretrain(cfg, tmp_path / "run", resume=True, progress=False)
-    assert events[:2] == ["setup", "load"]
-    _assert_state_beside_parameters(optimizers)
+    return lambda resume: pretrain(cfg, out, resume=resume, progress=False)
 
 
-def test_finetune_resume_loads_optimiser_state_after_the_model_is_on_its_device(blobs, tmp_path, monkeypatch,
-                                                                                watch) -> None:
-    import ahm.train.finetune as ft
-
-    events, optimizers = watch
+def _finetune_run(blobs, out):
     cfg = build_config(FinetuneConfig, overrides={
         "data": {"path": str(blobs), "image_size": 32, "val_fraction": 0.25, "test_fraction": 0.25},
         "model": {"backbone": "unet", "unet_channels": [4, 8], "unet_strides": [2], "unet_num_res_units": 0},
         "segmenter": "unet", "train": {"epochs": None, "steps": 4, "batch_size": 2, "warmup_steps": 1,
                                        "accelerator": "cpu"}})
-    _interrupt_after(monkeypatch, ft, 2)
+    return lambda resume: finetune(cfg, out, resume=resume, progress=False)
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "finetune"])
+def test_resume_loads_optimiser_state_after_the_model_is_on_its_device(blobs, tmp_path, monkeypatch, watch,
+                                                                      kind) -> None:
+    import ahm.train.finetune as ft
+    import ahm.train.pretrain as pre
+
+    events, optimizers = watch
+    module, run = (pre, _pretrain_run(blobs, tmp_path / "run")) if kind == "pretrain" else \
+        (ft, _finetune_run(blobs, tmp_path / "run"))
+    _interrupt_after(monkeypatch, module, 2)
     with pytest.raises(Interrupted):
-        finetune(cfg, tmp_path / "ft", progress=False)
-    monkeypatch.setattr(ft, "stop_requested", lambda fabric, sig, step, every: False)
+        run(False)
+    monkeypatch.setattr(module, "stop_requested", lambda fabric, sig, step, every: False)
     events.clear()
     optimizers.clear()
-    finetune(cfg, tmp_path / "ft", resume=True, progress=False)
+    run(True)
     assert events[:2] == ["setup", "load"]
     _assert_state_beside_parameters(optimizers)
