@@ -589,8 +589,6 @@ def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool,
         if world > 1:  # every rank's steps: the logged loss is over the global batch
             shares = gather_objects(fabric, (total_loss, count))
             total_loss, count = sum(s[0] for s in shares), sum(s[1] for s in shares)
-            count /= world  # steps, not rank-steps
-            total_loss /= world
         log_window[0] += total_loss
         log_window[1] += count
         state["loss_sum"] += total_loss
