@@ -2,6 +2,6 @@
 
 from ahm.errors import AhmError
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["AhmError", "__version__"]
