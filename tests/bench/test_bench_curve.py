@@ -254,7 +254,7 @@ def test_corpus_trend_is_one_paired_slope_test_per_policy_and_labels() -> None:
 def _restore_module():
     import importlib.util
 
-    path = Path(__file__).resolve().parents[2] / "docs" / "results" / "brain-subjects-cells" / "restore.py"
+    path = Path(__file__).resolve().parents[2] / "experiments" / "brain-subjects-cells" / "restore.py"
     spec = importlib.util.spec_from_file_location("restore_cells", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -263,7 +263,7 @@ def _restore_module():
 
 def test_cell_records_rebuilt_from_results_csv_are_kept_by_gather(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """Issue 17's records (docs/results/brain-subjects-cells/restore.py): a grid folder lost with its machine is
+    """Issue 17's records (experiments/brain-subjects-cells/restore.py): a grid folder lost with its machine is
     rebuilt from its gathered results.csv, and `--gather` then reads back the same rows, typed as cell.json had them."""
     from ahm.bench.curve import COLUMNS, parse_labels, run_curve
 
@@ -287,7 +287,7 @@ def test_cell_records_rebuilt_from_results_csv_are_kept_by_gather(tmp_path: Path
                 assert new[key] == pytest.approx(old[key], rel=1e-12), key
             else:
                 assert new.get(key) == old.get(key), key
-        assert new["restored_from"] == "docs/results/results.csv"
+        assert new["restored_from"] == "experiments/results.csv"
 
     records = tmp_path / "records"
     assert restore.copy_records(tmp_path / "lost", records) == 2

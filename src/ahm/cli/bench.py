@@ -60,7 +60,7 @@ def speed(
     Rounds are interleaved (each policy, then the reference, again) so a busy machine slows all alike; the
     ratio is the median over rounds, with the lowest and highest round beside it, and the 1-minute load is
     recorded at start and end. With --config, the model, image and batch of that pretraining config (e.g. a
-    grid's `docs/results/grid-unet.yaml`), so a grid's own setting can be timed; the options given win over it.
+    grid's `experiments/grid-unet.yaml`), so a grid's own setting can be timed; the options given win over it.
     """
     from ahm.bench.speed import check_speed_precision, format_speed, run_speed
     from ahm.config import PretrainConfig, build_config
