@@ -176,7 +176,7 @@ class ModelConfig(_Strict):
     # Normalisation of the convolution blocks (the UNet; UNETR's convolutional decoder). "batch" keeps the
     # absolute intensity that tells tissues apart in MRI/CT; "instance" (MONAI's default, and this project's
     # before the option existed) normalises every feature map per image and so cannot see it: on the brain
-    # set it cost 0.08 validation Dice (docs/pretraining.md).
+    # set it cost 0.08 validation Dice (docs/results.md).
     norm: Literal["batch", "instance"] = "batch"
 
     @model_validator(mode="after")

@@ -3,7 +3,7 @@
 A segmenter that cannot beat a lookup table from (normalised) intensity to class has not learned anything a
 threshold could not; on a set where the tissues differ mainly by intensity (like the built-in brain set, whose
 labels come from the same template as its image) it is the floor a network must clear. This is how we found
-that instance norm hid the intensity level from our UNets (docs/pretraining.md).
+that instance norm hid the intensity level from our UNets (docs/results.md).
 
 The table maps each intensity bin (the joint bin of all channels) to the class seen most often there in the
 labelled training images; a bin never seen takes the class of the nearest seen bin (one channel) or the most

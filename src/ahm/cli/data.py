@@ -113,7 +113,7 @@ def brain_subjects(
     val_subjects: Optional[int] = typer.Option(None, "--val-subjects", help="Validation subjects (default 15%)."),
     test_subjects: Optional[int] = typer.Option(None, "--test-subjects", help="Test subjects (default 15%)."),
     settings_file: Optional[Path] = typer.Option(
-        None, "--settings", help="YAML or JSON mapping of simulation settings to change (see docs/pretraining.md)."
+        None, "--settings", help="YAML or JSON mapping of simulation settings to change (see docs/results.md)."
     ),
     volumes: bool = typer.Option(
         False,
