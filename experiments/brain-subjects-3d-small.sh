@@ -1,5 +1,5 @@
 #!/bin/bash
-# issue 16: the small 3D comparison (scratch, random, ahm; 3 seeds) on brain-subjects volumes (48^3 at 4 mm)
+# The small 3D comparison (2026-12-02) (scratch, random, ahm; 3 seeds) on brain-subjects volumes (48^3 at 4 mm)
 # usage: run-3d.sh FIRST_SEED SEEDS
 # GRID/bs3d: `ahm data prepare brain-subjects --volumes --volume-size 48 --spacing 4 --subjects 30 --out GRID/bs3d`
 nice -n 5 ahm bench compare GRID/bs3d --spatial-dims 3 --backbones unet \

@@ -1,5 +1,5 @@
 #!/bin/bash
-# issue 17 gate with a budget that grows with the labelled set: E epochs per cell, at least 900 steps; E on validation.
+# The brain-subjects gate (2026-12-02) with a budget that grows with the labelled set: E epochs per cell, at least 900 steps; E on validation.
 # Code frozen at a checkout ($CODE) so that later work on main cannot change a running grid.
 # GRID/bs60-v2: `ahm data prepare brain-subjects --out GRID/bs60-v2` (the v2 defaults, 60 subjects).
 for E in 20 40; do

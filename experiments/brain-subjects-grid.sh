@@ -1,5 +1,5 @@
 #!/bin/bash
-# Issue 17, after the gate passed (E = 20 epochs per cell, at least 900 steps; chosen on validation):
+# The brain-subjects policy grid and corpus axis (2026-12-02 to 03), after the gate passed (E = 20 epochs per cell, at least 900 steps; chosen on validation):
 #  1. the grid on the 60-subject set: 1 and 5 labelled subjects, five policies, 6 seeds paired by seed,
 #     pretraining on the set's own 42 unlabelled training subjects;
 #  2. the corpus axis: the same cells pretrained on 50, 200 and 1000 simulated subjects that share the 9 val and
@@ -10,7 +10,7 @@
 # GRID/bs60-v2: `ahm data prepare brain-subjects --out GRID/bs60-v2` (the v2 defaults, 60 subjects).
 # The grid folder does not outlive the machine: the finished cells' records are kept in the repository
 # (brain-subjects-cells/, `restore.py`): `load` them into GRID first (their cells are kept, not rerun), and `save`
-# new ones after each stage (commit them). Session 10 rebuilt the records of sessions 8-9 from the gathered CSVs.
+# new ones after each stage (commit them). On 2026-12-02 the records of the first 110 cells were rebuilt from the gathered CSVs.
 set -e
 run() { PYTHONPATH=$CODE/src nice -n 19 ahm "$@"; }
 KEEP="python3 $(cd "$(dirname "$0")" && pwd)/brain-subjects-cells/restore.py"  # this checkout's records

@@ -1,7 +1,7 @@
-"""Issue 17's cell records, kept in the repository so that the grid resumes on a fresh machine.
+"""The brain-subjects grid's cell records, kept in the repository so that the grid resumes on a fresh machine.
 
-A grid folder (`ahm bench curve --out GRID`) lives outside the repository and is lost with the machine between
-sessions; a finished cell is only its `cells/NAME/cell.json` (a row of results.csv), which is all `--gather` and
+A grid folder (`ahm bench curve --out GRID`) lives outside the repository and is lost with the machine it ran
+on; a finished cell is only its `cells/NAME/cell.json` (a row of results.csv), which is all `--gather` and
 the paired tables read. So:
 
     python restore.py save GRID    # GRID/cells/*/cell.json and GRID/pretrain/*/summary.json -> here

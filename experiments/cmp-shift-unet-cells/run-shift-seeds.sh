@@ -1,5 +1,5 @@
 #!/bin/bash
-# issue 13 grid: brain-demo --shift, UNet, 10% labels; one seed per call so paired seeds accumulate (resumable).
+# The ahm-official grid of 2026-12-01/02: brain-demo --shift, UNet, 10% labels; one seed per call so paired seeds accumulate (resumable).
 # The code is frozen at the commit that ran seeds 0-1 (/work/grid-code, a09c78a), so that work on main cannot change or break a running grid.
 # usage: run-shift-seeds.sh SEED... ; two of these on disjoint seeds share the 2 cores (each cell runs 1 thread)
 # GRID: the folder of the grids (brain-shift from `ahm data prepare brain-demo --shift`); CODE: a checkout of a09c78a.
