@@ -177,7 +177,7 @@ def test_gather_reports_the_finished_cells_and_runs_nothing(tmp_path: Path, monk
 
 
 def test_corpus_size_is_paired_by_seed_against_the_labelled_sets_own_corpus() -> None:
-    from ahm.bench.curve import paired_by_corpus
+    from ahm.bench.curve_stats import paired_by_corpus
 
     sizes = {"data": 42, "c1000": 1000, "c200": 200}
     rows = [{"backbone": "unet", "policy": "scratch", "corpus": "-", "corpus_subjects": None, "labels": 5,
@@ -206,7 +206,8 @@ def test_corpus_size_is_paired_by_seed_against_the_labelled_sets_own_corpus() ->
 def test_the_plot_adds_the_paired_corpus_panel_only_when_corpora_pair(tmp_path: Path) -> None:
     import struct
 
-    from ahm.bench.curve import _plot, aggregate
+    from ahm.bench.curve_render import _plot
+    from ahm.bench.curve_stats import aggregate
 
     def width(rows) -> int:
         _plot(tmp_path / "p.png", aggregate(rows), "test", None, rows)
@@ -221,7 +222,7 @@ def test_the_plot_adds_the_paired_corpus_panel_only_when_corpora_pair(tmp_path: 
 
 
 def test_corpus_trend_is_one_paired_slope_test_per_policy_and_labels() -> None:
-    from ahm.bench.curve import corpus_trend
+    from ahm.bench.curve_stats import corpus_trend
 
     sizes = {"data": 10, "c100": 100, "c10000": 10000}
     rows = [{"backbone": "unet", "policy": "scratch", "corpus": "-", "corpus_subjects": None, "labels": 1,
@@ -265,7 +266,8 @@ def test_cell_records_rebuilt_from_results_csv_are_kept_by_gather(tmp_path: Path
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 17's records (experiments/brain-subjects-cells/restore.py): a grid folder lost with its machine is
     rebuilt from its gathered results.csv, and `--gather` then reads back the same rows, typed as cell.json had them."""
-    from ahm.bench.curve import COLUMNS, parse_labels, run_curve
+    from ahm.bench.curve import parse_labels, run_curve
+    from ahm.bench.curve_render import COLUMNS
 
     restore = _restore_module()
     data = make_blob_folder(tmp_path / "data", n=20)
@@ -298,7 +300,7 @@ def test_cell_records_rebuilt_from_results_csv_are_kept_by_gather(tmp_path: Path
 
 def test_hd95_of_cells_scored_in_different_units_is_never_averaged() -> None:
     from ahm.bench.compare import aggregate as compare_aggregate
-    from ahm.bench.curve import aggregate
+    from ahm.bench.curve_stats import aggregate
 
     rows = [{"backbone": "unet", "policy": "random", "corpus": "data", "corpus_subjects": 4, "labels": 1,
              "labelled_subjects": 1, "seed": s, "dice": 0.5, "hd95": hd, "hd95_unit": unit, "val_dice": 0.5}
@@ -411,7 +413,7 @@ def test_pretrain_cell_remakes_a_run_kept_only_as_its_record(tmp_path: Path, mon
 
 def test_plot_styles_one_colour_per_policy_one_look_per_corpus_and_labels() -> None:
     """4 policies on 4 corpora and scratch are 17 lines: a colour cycle alone would give two policies one colour."""
-    from ahm.bench.curve import plot_styles
+    from ahm.bench.curve_render import plot_styles
 
     table = [{"backbone": "unet", "policy": "scratch", "corpus": "-", "labels": n} for n in (1, 5)]
     table += [{"backbone": "unet", "policy": p, "corpus": c, "labels": n}
@@ -518,7 +520,7 @@ def test_budget_and_protocol_refusals(tmp_path: Path) -> None:
 
 
 def test_budget_trend_slope_per_tenfold_budget_and_where_the_gain_reaches_the_target() -> None:
-    from ahm.bench.curve import budget_trend
+    from ahm.bench.curve_stats import budget_trend
 
     rows = []
     for seed in range(3):

@@ -27,7 +27,6 @@ precision whose forward passes run under autocast and whose logits are blended a
 
 from __future__ import annotations
 
-import csv
 import io as _io
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,6 +48,7 @@ from ahm.eval.metrics import (
     summarize,
     volume_scores,
 )
+from ahm.eval.render import display_slice, per_image_csv, per_volume_csv
 from ahm.io import load_torch, write_json, write_text
 
 BEST = "best.ckpt"
@@ -213,47 +213,12 @@ def predict_volume_labels(model: torch.nn.Module, volumes, roi_size: int | Seque
             for v in volumes]
 
 
-def _csv_name(name: str) -> str:
-    return "_".join(name.split()) or "class"
-
-
 def _volume_groups(items) -> dict[str, list[int]]:
     groups: dict[str, list[int]] = {}
     for row, item in enumerate(items):
         if getattr(item, "volume", None) is not None and getattr(item, "slice", None) is not None:
             groups.setdefault(f"{item.volume}", []).append(row)
     return {k: sorted(v, key=lambda r: items[r].slice) for k, v in groups.items() if len(v) >= 2}
-
-
-def _cases_csv(lead: list[str], leads: list[list], per_case, means, names) -> str:
-    """One row per case: its `lead` columns, then every metric per class, then the means over classes."""
-    buf = _io.StringIO()
-    writer = csv.writer(buf)
-    header = list(lead)
-    for name in names:
-        header += [f"{m}_{_csv_name(name)}" for m in METRICS]
-    header += [f"{m}_mean" for m in METRICS]
-    writer.writerow(header)
-    for row, values in enumerate(leads):
-        values = list(values)
-        for c in range(len(names)):
-            values += [_fmt(per_case[m][row, c]) for m in METRICS]
-        values += [_fmt(means[m][row]) for m in METRICS]
-        writer.writerow(values)
-    return buf.getvalue()
-
-
-def _per_image_csv(ids, items, per_case, means, names) -> str:
-    leads = []
-    for row, item_id in enumerate(ids):
-        item = items[row] if items is not None else None
-        leads.append([item_id, getattr(item, "subject", ""), getattr(item, "volume", "") or "",
-                      "" if getattr(item, "slice", None) is None else item.slice])
-    return _cases_csv(["id", "subject", "volume", "slice"], leads, per_case, means, names)
-
-
-def _fmt(v: float) -> str:
-    return "" if not np.isfinite(v) else f"{float(v):.6g}"
 
 
 def _pick_cases(images, labels, preds, ids, dice_means) -> dict[str, np.ndarray]:
@@ -385,7 +350,7 @@ def score_arrays(out_dir: Path, preds: np.ndarray, labels: np.ndarray, images: n
     if extra:
         metrics.update(extra)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_text(out_dir / "per_image.csv", _per_image_csv(ids, items, per_case, means, names))
+    write_text(out_dir / "per_image.csv", per_image_csv(ids, items, per_case, means, names))
     cases = _pick_cases(images, labels, preds, ids, np.nan_to_num(means["dice"], nan=0.0))
     buf = _io.BytesIO()
     np.savez_compressed(buf, **cases)
@@ -435,19 +400,6 @@ def volume_grid_description(data_cfg) -> str:
             f"to each input's own grid")
 
 
-def display_slice(image: np.ndarray, label: np.ndarray, pred: np.ndarray) -> dict[str, np.ndarray]:
-    """The axial slice (last axis) with the most ground-truth foreground (else prediction, else the centre), the
-    image scaled to [0, 1] per volume for display: what the report draws of one volume."""
-    fg = (label > 0).reshape(-1, label.shape[-1]).sum(0)
-    if not fg.any():
-        fg = (pred > 0).reshape(-1, pred.shape[-1]).sum(0)
-    z = int(np.argmax(fg)) if fg.any() else label.shape[-1] // 2
-    img = image[..., z].astype(np.float32)
-    lo, hi = float(img.min(initial=0.0)), float(img.max(initial=0.0))
-    img = (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
-    return {"image": img, "label": label[..., z], "pred": pred[..., z], "slice": z}
-
-
 def _volume_cases(shown: list[dict[str, np.ndarray]], ids: list[str], has_fg: np.ndarray,
                   dice_means: np.ndarray) -> dict[str, np.ndarray]:
     """`_pick_cases` for volumes: best and worst by mean Dice, each drawn by its `display_slice`, zero-padded
@@ -474,12 +426,6 @@ def _volume_cases(shown: list[dict[str, np.ndarray]], ids: list[str], has_fg: np
         "ids": np.array([f"{ids[r]} (axial slice {shown[r]['slice']})" for r in rows], dtype=str),
         "dice": dice_means[rows].astype(np.float64), "kind": kind,
     }
-
-
-def _per_volume_csv(ids, subjects, shapes, spacings, per_case, means, names) -> str:
-    leads = [[item_id, subjects[row], "x".join(map(str, shapes[row])), "x".join(f"{s:.6g}" for s in spacings[row])]
-             for row, item_id in enumerate(ids)]
-    return _cases_csv(["id", "subject", "shape", "spacing_mm"], leads, per_case, means, names)
 
 
 def _evaluate_volumes(loaded: LoadedRun, data_path: Path, split: str, empty: str, overlap: float) -> dict[str, Any]:
@@ -534,7 +480,7 @@ def _evaluate_volumes(loaded: LoadedRun, data_path: Path, split: str, empty: str
     })
     out_dir = run_dir / "eval" / split
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_text(out_dir / "per_volume.csv", _per_volume_csv(item_ids, [item.subject for item in dataset.items],
+    write_text(out_dir / "per_volume.csv", per_volume_csv(item_ids, [item.subject for item in dataset.items],
                                                            shapes, spacings, per_case, means, names))
     has_fg = np.array([bool((lab > 0).any()) for lab in labels], dtype=bool)
     cases = _volume_cases(shown, item_ids, has_fg, np.nan_to_num(means["dice"], nan=0.0))

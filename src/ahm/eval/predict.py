@@ -32,11 +32,10 @@ from ahm.eval.evaluate import (
     predict_volume_labels,
     preprocessed,
 )
+from ahm.eval.render import display_slice, overlay_rgb
 from ahm.io import write_bytes
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii")
-PALETTE = np.array([(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
-                    (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)], dtype=np.float32)
 
 
 @dataclass
@@ -162,19 +161,6 @@ def _png_bytes(array: np.ndarray) -> bytes:
 def _mask_png(mask: np.ndarray, num_classes: int) -> bytes:
     dtype = np.uint8 if num_classes <= 256 else np.uint16
     return _png_bytes(np.ascontiguousarray(mask.astype(dtype)))
-
-
-def overlay_rgb(image: np.ndarray, mask: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """uint8 RGB [H, W, 3]: a [C, H, W] image in [0, 1] with each foreground class tinted its palette colour."""
-    base = image[0] if image.shape[0] != 3 else None
-    rgb = np.repeat(base[..., None], 3, axis=2) if base is not None else np.moveaxis(image, 0, -1)
-    rgb = np.clip(rgb, 0.0, 1.0) * 255.0
-    for c in np.unique(mask):
-        if c == 0:
-            continue
-        sel = mask == c
-        rgb[sel] = (1 - alpha) * rgb[sel] + alpha * PALETTE[(int(c) - 1) % len(PALETTE)]
-    return rgb.astype(np.uint8)
 
 
 def _label_dtype(top: int) -> type:
@@ -425,8 +411,6 @@ def _predict_volume_3d(run: LoadedRun, job: _Job, overlap: float) -> float:
     nifti = job.source.is_file() and job.source.name.lower().endswith(VOLUME_SUFFIXES)
     write_nifti_mask(labels, job.source if nifti else affine, job.mask_out)
     if job.overlay_out is not None:
-        from ahm.eval.evaluate import display_slice
-
         shown = display_slice(image.as_tensor().numpy(), pred, pred)
         write_bytes(job.overlay_out, _png_bytes(overlay_rgb(shown["image"], shown["pred"])))
     return seconds

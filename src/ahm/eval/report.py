@@ -6,40 +6,16 @@ and, when the encoder was pretrained with the AHM policy, the agent's masks on a
 
 from __future__ import annotations
 
-import base64
 import html
-import io as _io
 import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from ahm.eval.render import cases_png, html_value, img_tag, learning_curves_png, metric_table
 from ahm.io import read_jsonl, write_text
 
 SPLIT_ORDER = ("test", "val", "train", "all")
-
-
-def _fig_png(fig) -> bytes:
-    import matplotlib.pyplot as plt
-
-    buf = _io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def _img_tag(png: bytes, alt: str) -> str:
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _load_json(path: Path) -> dict | None:
@@ -47,80 +23,6 @@ def _load_json(path: Path) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return None
-
-
-def learning_curves_png(records: list[dict[str, Any]]) -> bytes | None:
-    """Training loss, validation Dice and learning rate against the step."""
-    train = [r for r in records if "loss" in r and "step" in r]
-    val = [r for r in records if r.get("val_dice") is not None and "step" in r]
-    if not train and not val:
-        return None
-    plt = _plt()
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
-    if train:
-        axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], lw=1.2,
-                     marker="o" if len(train) < 20 else None, ms=3)
-    axes[0].set(title="training loss (Dice + CE)", xlabel="step")
-    if val:
-        axes[1].plot([r["step"] for r in val], [r["val_dice"] for r in val], marker="o", ms=3, color="tab:green")
-        best = max(val, key=lambda r: r["val_dice"])
-        axes[1].axhline(best["val_dice"], ls=":", color="grey")
-    axes[1].set(title="validation mean foreground Dice", xlabel="step", ylim=(0, 1))
-    lr = [r for r in records if "lr" in r and "step" in r]
-    if lr:
-        axes[2].plot([r["step"] for r in lr], [r["lr"] for r in lr], color="tab:orange")
-    axes[2].set(title="learning rate", xlabel="step")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return _fig_png(fig)
-
-
-def cases_png(cases: dict[str, np.ndarray]) -> bytes | None:
-    """One row per case: the image, the ground truth and the prediction as overlays."""
-    from ahm.eval.predict import overlay_rgb
-
-    n = len(cases.get("ids", []))
-    if n == 0:
-        return None
-    plt = _plt()
-    fig, axes = plt.subplots(n, 3, figsize=(7.5, 2.5 * n), squeeze=False)
-    for i in range(n):
-        image = np.clip(cases["images"][i], 0, 1)
-        shown = image[0] if image.shape[0] != 3 else np.moveaxis(image, 0, -1)
-        panels = [(shown, "image"), (overlay_rgb(image, cases["labels"][i]), "ground truth"),
-                  (overlay_rgb(image, cases["preds"][i]), "prediction")]
-        for ax, (im, title) in zip(axes[i], panels):
-            ax.imshow(im, cmap="gray" if im.ndim == 2 else None, vmin=0, vmax=1 if im.ndim == 2 else None)
-            ax.set_axis_off()
-            ax.set_title(title if i == 0 else "", fontsize=9)
-        axes[i][0].text(0, -4, f"{cases['kind'][i]}: {cases['ids'][i]}  Dice {cases['dice'][i]:.3f}", fontsize=8)
-    fig.tight_layout()
-    return _fig_png(fig)
-
-
-def _fmt(v: Any, digits: int = 3) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    return html.escape(str(v))
-
-
-def _metric_table(metrics: dict[str, Any]) -> str:
-    rows = ["<tr><th>class</th><th>Dice (per case)</th><th>Dice (dataset)</th><th>IoU (per case)</th><th>HD95</th>"
-            "<th>missed / present</th><th>false detections / absent</th><th>excluded (empty in both)</th></tr>"]
-    for name, vals in (metrics.get("per_class") or {}).items():
-        missed = f"{vals['missed']} / {vals['present']}" if "missed" in vals else "–"
-        false = f"{vals['false_detections']} / {vals['absent']}" if "false_detections" in vals else "–"
-        rows.append(f"<tr><td>{html.escape(str(name))}</td><td>{_fmt(vals.get('dice'))}</td>"
-                    f"<td>{_fmt(vals.get('dataset_dice'))}</td><td>{_fmt(vals.get('iou'))}</td>"
-                    f"<td>{_fmt(vals.get('hd95'), 2)}</td><td>{missed}</td><td>{false}</td>"
-                    f"<td>{_fmt(vals.get('excluded_empty'))}</td></tr>")
-    rows.append(f"<tr class='mean'><td>mean</td><td>{_fmt(metrics.get('dice'))}</td>"
-                f"<td>{_fmt(metrics.get('dataset_dice'))}</td><td>{_fmt(metrics.get('iou'))}</td>"
-                f"<td>{_fmt(metrics.get('hd95'), 2)}</td><td></td><td></td><td></td></tr>")
-    return "<table>" + "".join(rows) + "</table>"
 
 
 def _agent_panels(init_dir: Path, cache: Path, n_images: int = 3) -> list[bytes]:
@@ -168,7 +70,7 @@ def _agent_section(init_dir: Path | None, run_dir: Path) -> str | None:
         return None
     return ("<h2>Masks chosen by the AHM agent</h2><p>What the pretraining agent masks on a few images, from the "
             f"run in <code>{html.escape(str(init_dir))}</code>.</p>"
-            + "".join(_img_tag(png, "agent masks") for png in pngs))
+            + "".join(img_tag(png, "agent masks") for png in pngs))
 
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
@@ -190,14 +92,14 @@ def write_report(run_dir: str | Path) -> Path:
              ("classes", summary.get("num_classes")), ("epochs", summary.get("epochs")),
              ("best validation Dice", summary.get("best_val_dice")), ("best epoch", summary.get("best_epoch")),
              ("seed", summary.get("seed", run_info.get("seed"))), ("version", run_info.get("version"))]
-    parts.append("<table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{_fmt(v)}</td></tr>"
+    parts.append("<table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{html_value(v)}</td></tr>"
                                      for k, v in facts if v is not None) + "</table>")
     if not summary:
         parts.append("<p class='note'>The run has not finished yet (no summary.json).</p>")
 
     curves = learning_curves_png(read_jsonl(Path(run_dir) / "metrics.jsonl"))
     if curves:
-        parts.append("<h2>Learning curves</h2>" + _img_tag(curves, "learning curves"))
+        parts.append("<h2>Learning curves</h2>" + img_tag(curves, "learning curves"))
 
     eval_root = run_dir / "eval"
     splits = sorted((p for p in eval_root.iterdir() if (p / "metrics.json").is_file()),
@@ -220,10 +122,10 @@ def write_report(run_dir: str | Path) -> Path:
             level = metrics.get(key)
             if level:
                 parts.append(f"<h3>Each case one of the {level.get('n_cases', '?')} {what}"
-                             f"{' (primary)' if not shown else ''}</h3>" + _metric_table(level))
+                             f"{' (primary)' if not shown else ''}</h3>" + metric_table(level))
                 shown = True
         if not shown:  # a metrics.json from before the levels existed
-            parts.append(_metric_table(metrics))
+            parts.append(metric_table(metrics))
         parts.append(f"<p class='note'>Computed on the {html.escape(str(metrics.get('grid', 'model grid')))}; "
                      f"HD95 in {html.escape(str(metrics.get('hd95_unit', 'pixels')))}. Empty masks: "
                      f"{html.escape(str(metrics.get('empty_masks', '')))}. Per-{'volume' if volumes else 'image'} "
@@ -239,7 +141,7 @@ def write_report(run_dir: str | Path) -> Path:
             if png:
                 parts.append(f"<h2>Best and worst cases ({html.escape(split_dir.name)})</h2>"
                              "<p class='note'>Among images with a structure to find, ranked by mean Dice.</p>"
-                             + _img_tag(png, "cases"))
+                             + img_tag(png, "cases"))
     if not splits:
         parts.append("<p class='note'>No evaluation yet: run <code>ahm evaluate</code>.</p>")
 
