@@ -10,7 +10,6 @@ from pydantic import ValidationError
 
 from ahm.config.base import _Strict, constraint_phrase
 from ahm.config.masking import POLICY_CONFIGS
-from ahm.config.sections import ModelConfig
 from ahm.errors import AhmError
 from ahm.io import write_text
 
@@ -116,11 +115,10 @@ def save_config(config: _Strict, path: str | Path) -> Path:
 
 
 def load_config(kind: type[_Strict], path: str | Path) -> Any:
-    """The config.yaml of an existing run. Runs written before `model.norm` existed used instance norm."""
-    cfg = build_config(kind, file=path)
-    model = getattr(cfg, "model", None)
-    if isinstance(model, ModelConfig):
-        saved = _section_for(kind, read_yaml(path))
-        if "norm" not in (saved.get("model") or {}):
-            model.norm = "instance"
-    return cfg
+    """The config.yaml of an existing run, its run directory brought to the current format first (`migrate`). A
+    run's config away from its directory may be of any format: it means what the oldest means where it is silent."""
+    from ahm.runformat import config_defaults, migrate
+
+    path = Path(path)
+    fmt = migrate(path.parent) if path.name == "config.yaml" else None
+    return build_config(kind, file=path, base=config_defaults(fmt))
