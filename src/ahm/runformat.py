@@ -3,8 +3,8 @@
 Format 1 is every directory written before the number existed; what such a directory may lack was filled in by
 readers, each on its own. `migrate` brings a directory up to `FORMAT` in place, once, before anything reads it,
 so readers see one format only. Each file it rewrites is replaced atomically, its original kept (hard-linked,
-so no copy of the weights) under `format-<n>-originals/`; run.json takes the new number last, so a migration
-cut short is simply done again.
+so no copy of the weights) under `format-<n>-originals/`; run.json takes the new number last (and is otherwise
+unchanged), so a migration cut short is simply done again.
 """
 
 from __future__ import annotations
@@ -55,8 +55,7 @@ def migrate(run_dir: str | Path) -> Optional[int]:
             if not _UPGRADES[fmt](run_dir, originals_dir(run_dir, fmt)):
                 return fmt
             fmt += 1
-        _replace(run_dir / RUN_INFO, originals_dir(run_dir, _format_of(info, run_dir)),
-                 lambda path: _write_json(path, {**info, "format": FORMAT}))
+        _write_json(run_dir / RUN_INFO, {**info, "format": FORMAT})  # its original: the same, less `format`
     except OSError as exc:
         raise AhmError(f"{run_dir}: a run directory of format {_format_of(info, run_dir)} is upgraded in place "
                        f"before it is read, and it cannot be written ({exc.strerror or exc}); copy it somewhere "

@@ -83,7 +83,7 @@ def _assert_upgraded(run: Path, originals: dict[str, bytes]) -> None:
     for name, content in originals.items():
         if (kept / name).is_file():
             assert (kept / name).read_bytes() == content, name  # the originals, as they were
-    assert (kept / "run.json").is_file() and (kept / "config.yaml").is_file()
+    assert (kept / "config.yaml").is_file() and not (kept / "run.json").exists()
 
 
 def test_a_new_run_directory_records_the_format(blobs: Path, tmp_path: Path) -> None:
