@@ -224,9 +224,14 @@ def test_a_registered_backbone_is_selectable_from_yaml_and_an_unknown_one_is_ref
 
     assert load_config(PretrainConfig, written("p.yaml", "model: {backbone: tinyconv}\n")).model.backbone == "tinyconv"
     assert load_config(FinetuneConfig, written("f.yaml", "segmenter: tinyseg\n")).segmenter == "tinyseg"
-    bad = load_config(PretrainConfig, written("bad.yaml", "model: {backbone: resnet}\n"))
+    # refused as the config is read: the registry is the list of choices
+    with pytest.raises(AhmError, match="bad.yaml: model.backbone: model backbone 'resnet' is not known; choose vit "
+                                       "or unet or tinyconv$"):
+        load_config(PretrainConfig, written("bad.yaml", "model: {backbone: resnet}\n"))
+    good = load_config(PretrainConfig, written("good.yaml", "model: {backbone: tinyconv}\n"))
+    good.model.__dict__["backbone"] = "resnet"  # unregistered after the config was read
     with pytest.raises(AhmError, match="^model backbone 'resnet' is not known; choose vit or unet or tinyconv$"):
-        check_config(bad)
+        check_config(good)
     from ahm.train.finetune import finetune
 
     # refused before any data is read (the data folder does not exist) and before the run folder is made

@@ -327,6 +327,23 @@ def test_refuses_mismatched_encoder(blobs: Path, tmp_path: Path) -> None:
         finetune(_cfg(blobs, init=str(pre2)), tmp_path / "run3", progress=False)
 
 
+def test_cli_segmenter_option_and_its_deprecated_alias(blobs: Path, tmp_path: Path) -> None:
+    from ahm.cli.app import _register, app
+
+    _register()
+    pre = _fake_pretrain_run(tmp_path / "pre", UNET)
+    res = CliRunner().invoke(app, ["-q", "finetune", str(blobs), "--init", str(pre), "--segmenter", "unetr",
+                                   "--out", str(tmp_path / "run")])
+    assert res.exit_code == 2 and "--segmenter unetr does not match" in res.output and "deprecated" not in res.output
+    res = CliRunner().invoke(app, ["-q", "finetune", str(blobs), "--init", "none", "--model", "resnet",
+                                   "--out", str(tmp_path / "run")])
+    warning, error = res.output.strip().splitlines()
+    assert "`ahm finetune --model` is deprecated" in warning and "use --segmenter" in warning
+    assert res.exit_code == 2 and "--model resnet: choose unetr or unet" in error
+    assert "--model" not in CliRunner().invoke(app, ["finetune", "--help"]).output
+    assert not (tmp_path / "run").exists()
+
+
 def test_cli_model_must_match_encoder(blobs: Path, tmp_path: Path) -> None:
     from ahm.cli.app import _register, app
 

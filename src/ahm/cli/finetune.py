@@ -40,8 +40,10 @@ def finetune(
     init: str | None = typer.Option(None, "--init", help="Pretraining run directory, or 'none' to train from scratch; "
                                     "its channels, image size, patch grid and normalisation must match DATA."),
     out_dir: Path = typer.Option(..., "--out", help="Run directory to create (or to continue with --resume)."),
-    model: str | None = typer.Option(None, "--model", help="Segmenter with --init none: unetr or unet "
-                                        "(with a pretraining run, its backbone decides)."),
+    segmenter: str | None = typer.Option(None, "--segmenter", help="Segmenter with --init none: unetr or unet "
+                                         "(with a pretraining run, its backbone decides)."),
+    # `ahm pretrain --model` is a ViT size; here the old name of --segmenter, kept for one version.
+    model: str | None = typer.Option(None, "--model", hidden=True),
     labels_fraction: float | None = typer.Option(None, "--labels-fraction",
                                                     help="Share of training subjects whose labels are used (default 1)."),
     labels_subjects: int | None = typer.Option(None, "--labels-subjects",
@@ -99,8 +101,15 @@ def finetune(
     from ahm.train.finetune import finetune as run_finetune
     from ahm.train.finetune import is_scratch_init
 
-    if model is not None and model not in segmenter_names():
-        fail(f"--model {model}: choose {' or '.join(segmenter_names())}")
+    option = "--segmenter"
+    if model is not None:
+        console.print("warning: `ahm finetune --model` is deprecated and will be removed; use --segmenter",
+                      highlight=False, markup=False, soft_wrap=True)
+        if segmenter is not None and segmenter != model:
+            fail(f"--segmenter {segmenter} and --model {model}: give --segmenter only")
+        segmenter, option = model, "--model"
+    if segmenter is not None and segmenter not in segmenter_names():
+        fail(f"{option} {segmenter}: choose {' or '.join(segmenter_names())}")
     if steps is not None and epochs is not None:
         fail("--steps and --epochs: give one of them")
     if labels_fraction is not None and labels_subjects is not None:
@@ -124,15 +133,15 @@ def finetune(
             from ahm.train.finetune import load_init
 
             enc = load_init(chosen_init)
-            if model is not None and model != enc.segmenter:
-                raise AhmError(f"--model {model} does not match {enc.path}: a {enc.metadata.get('backbone')} encoder "
+            if segmenter is not None and segmenter != enc.segmenter:
+                raise AhmError(f"{option} {segmenter} does not match {enc.path}: a {enc.metadata.get('backbone')} encoder "
                                f"is fine-tuned as {enc.segmenter} ({', '.join(f'{b} -> {s}' for b, s in segmenter_of_backbone().items())})")
             inherited = _pretrain_data_defaults(chosen_init)
         overrides = {
             "data": {"path": str(data), "image_size": image_size, "layout": layout, "skip_bad": skip_bad or None,
                      "spatial_dims": spatial_dims},
             "overlap": overlap,
-            "init": chosen_init, "segmenter": model, "labels_fraction": labels_fraction,
+            "init": chosen_init, "segmenter": segmenter, "labels_fraction": labels_fraction,
             "labels_subjects": labels_subjects,
             "layer_decay": layer_decay, "encoder_lr_scale": encoder_lr_scale, "val_every": val_every,
             "head_warmup_steps": head_warmup_steps, "select_by": select_by, "freeze_encoder": freeze_encoder,

@@ -357,7 +357,7 @@ def _predict_volume(run: LoadedRun, job: _Job, batcher: _Batcher) -> None:
     data = vol.data
     channels = 1 if data.ndim == 3 else int(data.shape[3])
     _check_channels(run, job.source, channels)
-    axis = int(run.meta.get("slice_axis", run.cfg.data.slice_axis))
+    axis = int(run.meta["slice_axis"])
     modality, _ = _modality(run, True, job.source)
     # Slices of one volume go through the model together; pending 2D inputs go first so order is kept.
     batcher.flush()

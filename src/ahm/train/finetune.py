@@ -166,10 +166,12 @@ def load_init(init: str | Path) -> PretrainedEncoder:
     """Read a pretraining run's encoder.safetensors and config; AhmError naming the file when anything is off."""
     from ahm.io import load_safetensors, safetensors_metadata
     from ahm.models import BACKBONES
+    from ahm.runformat import migrate
 
     run = Path(init)
     if not run.is_dir():
         raise AhmError(f"--init {run}: not found; give a pretraining run directory (from `ahm pretrain`) or 'none'")
+    migrate(run)
     path = run / "encoder.safetensors"
     if not path.is_file():
         raise AhmError(f"--init {run}: {path.name} not found; the pretraining did not finish "
@@ -190,7 +192,7 @@ def load_init(init: str | Path) -> PretrainedEncoder:
         raise AhmError(f"{path}: encoder backbone {backbone!r} does not match {cfg_path} "
                        f"(model.backbone {pre_cfg.model.backbone!r})")
     return PretrainedEncoder(run, path, weights, metadata, pre_cfg, BACKBONES[backbone].segmenter,
-                             metadata.get("policy") or pre_cfg.masking.policy)
+                             metadata.get("policy"))
 
 
 def _apply_init(cfg: FinetuneConfig, enc: PretrainedEncoder) -> None:
@@ -502,8 +504,6 @@ def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool,
         ckpt = load_checkpoint(last_path, "finetune")
         saved_meta = ckpt.get("meta", {})
         for key in ("num_classes", "in_channels", "segmenter", "select_by"):
-            if key == "select_by" and key not in saved_meta:
-                continue  # a run from before the choice existed
             if saved_meta.get(key) != meta[key]:
                 raise AhmError(f"--resume: {key} is {meta[key]} for this data but {saved_meta.get(key)} in {last_path}")
         try:
@@ -513,10 +513,6 @@ def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool,
                            f"({str(exc).strip().splitlines()[0][:160]})") from exc
         for key in state:
             state[key] = ckpt["state"][key]
-        if "select_by" not in saved_meta:
-            # A run from before select_by kept its best by the old per-case figure: not comparable with the new
-            # one, so the next validation sets the best afresh.
-            state["best_val_dice"], state["best_epoch"] = -1.0, 0
         encoder_loaded = ckpt.get("encoder_loaded", {})
         meta["init"], meta["init_policy"] = saved_meta.get("init", meta["init"]), saved_meta.get("init_policy")
     model = sync_batchnorm(fabric, model, cfg.train)

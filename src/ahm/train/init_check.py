@@ -25,8 +25,8 @@ def pretrained_normalization(enc: PretrainedEncoder) -> str | None:
 
 
 def pretrained_spatial_dims(enc: PretrainedEncoder) -> int:
-    """2 or 3: what the encoder was pretrained on (encoders from before 3D existed carry none: 2D)."""
-    return int(enc.metadata.get("spatial_dims", enc.pretrain_cfg.data.spatial_dims))
+    """2 or 3: what the encoder was pretrained on."""
+    return int(enc.metadata["spatial_dims"])
 
 
 def check_spatial_dims(enc: PretrainedEncoder, cfg: FinetuneConfig) -> None:

@@ -230,9 +230,9 @@ def _train(fabric, cfg, out, resume, progress, model, policy, corpus, total, ste
         ckpt = load_checkpoint(path, "pretrain")
         restore_state(model, ckpt["model"], "model", path)
         restore_state(policy, ckpt["policy"], f"{cfg.masking.policy} masking policy", path)
-        policy.load_extra_state(ckpt.get("policy_extra", {}))
+        policy.load_extra_state(ckpt["policy_extra"])
         start_step = int(ckpt["step"])
-        skipped_before = int(ckpt.get("skipped_batches", 0))
+        skipped_before = int(ckpt["skipped_batches"])
     model = sync_batchnorm(fabric, model, cfg.train)
     raw_model = model
     if cfg.train.compile:

@@ -11,6 +11,7 @@ from typing import Any
 from ahm import __version__
 from ahm.errors import AhmError
 from ahm.io import read_jsonl, write_json, write_text
+from ahm.runformat import FORMAT, migrate
 
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.ckpt"
@@ -82,6 +83,7 @@ def prepare_run_dir(out: str | Path, kind: str, seed: int, resume: bool = False,
         if info.get("kind") != kind:
             raise AhmError(f"--resume: {out} is a {info.get('kind', 'unknown')} run, not a {kind} run")
         remove_stale_temps(out)
+        migrate(out)
         return out
     if nonempty:
         if not force:
@@ -93,6 +95,7 @@ def prepare_run_dir(out: str | Path, kind: str, seed: int, resume: bool = False,
     (out / CHECKPOINT_DIR).mkdir(exist_ok=True)
     write_json(out / "run.json", {
         "kind": kind,
+        "format": FORMAT,
         "version": __version__,
         "seed": seed,
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),

@@ -92,8 +92,7 @@ class Backbone(ABC):
             raise AhmError(f"{source}: encoder was pretrained in {metadata['spatial_dims']}D but the segmenter is "
                            f"{dims}D; fine-tune with the pretraining run's data.spatial_dims")
         for key, value in self.expected_metadata(segmenter).items():
-            # encoders saved before the norm option existed were all instance-normalised
-            got_value = metadata.get(key, {"norm": "instance", "unet_network": "unet"}.get(key))
+            got_value = metadata.get(key)
             if got_value != value:
                 if key == "norm":
                     raise AhmError(

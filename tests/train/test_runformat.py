@@ -1,0 +1,155 @@
+"""Run directories written before run.json carried a format (format 1) are upgraded by `migrate` and then read by
+evaluate, predict, resume and `finetune --init` as they were. The format-1 directories are made here by the
+current code and then stripped of what format 2 added, which is what the older code wrote."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+from train_helpers import make_blob_folder, tiny_pretrain_overrides
+
+from ahm.config import FinetuneConfig, PretrainConfig, build_config, load_config
+from ahm.errors import AhmError
+from ahm.io import (
+    load_safetensors,
+    load_torch,
+    safetensors_metadata,
+    save_safetensors,
+    save_torch,
+    write_json,
+)
+from ahm.runformat import FORMAT, migrate, originals_dir, run_format
+
+UNET = {"backbone": "unet", "unet_channels": [4, 8], "unet_strides": [2], "unet_num_res_units": 0,
+        "norm": "instance"}  # format-1 runs without model.norm were instance-normalised
+
+
+@pytest.fixture(scope="module")
+def blobs(tmp_path_factory) -> Path:
+    return make_blob_folder(tmp_path_factory.mktemp("rf") / "blobs", n=16)
+
+
+def _as_format_1(run: Path) -> dict[str, bytes]:
+    """Strip what format 2 added; returns the files' new contents by name."""
+    info = json.loads((run / "run.json").read_text())
+    assert info.pop("format") == FORMAT
+    write_json(run / "run.json", info)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    del cfg["model"]["norm"]
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    encoder = run / "encoder.safetensors"
+    if encoder.is_file():
+        meta = {k: v for k, v in safetensors_metadata(encoder).items()
+                if k not in ("spatial_dims", "norm", "unet_network", "policy")}
+        save_safetensors(encoder, load_safetensors(encoder), metadata=meta)
+    last = run / "checkpoints" / "last.ckpt"
+    ckpt = load_torch(last)
+    if ckpt["kind"] == "pretrain":
+        del ckpt["skipped_batches"], ckpt["policy_extra"]
+    else:
+        del ckpt["meta"]["select_by"]
+    save_torch(last, ckpt)
+    best = run / "checkpoints" / "best.ckpt"
+    if best.is_file():
+        ckpt = load_torch(best)
+        del ckpt["meta"]["slice_axis"]
+        save_torch(best, ckpt)
+    return {str(p.relative_to(run)): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+
+
+def _pretrain_cfg(blobs: Path, steps: int) -> PretrainConfig:
+    over = tiny_pretrain_overrides(blobs, backbone="unet", steps=steps)
+    over["model"]["norm"] = "instance"
+    return build_config(PretrainConfig, overrides=over)
+
+
+def _finetune_cfg(blobs: Path, epochs: int, init: str = "none") -> FinetuneConfig:
+    return build_config(FinetuneConfig, overrides={
+        "data": {"path": str(blobs), "image_size": 32, "val_fraction": 0.25, "test_fraction": 0.25},
+        "model": UNET, "segmenter": "unet", "init": init,
+        "train": {"epochs": epochs, "batch_size": 2, "warmup_steps": 1, "log_every": 1, "seed": 1,
+                  "accelerator": "cpu"}})
+
+
+def _assert_upgraded(run: Path, originals: dict[str, bytes]) -> None:
+    assert run_format(run) == FORMAT
+    kept = originals_dir(run, 1)
+    for name, content in originals.items():
+        if (kept / name).is_file():
+            assert (kept / name).read_bytes() == content, name  # the originals, as they were
+    assert (kept / "config.yaml").is_file() and not (kept / "run.json").exists()
+
+
+def test_a_new_run_directory_records_the_format(blobs: Path, tmp_path: Path) -> None:
+    from ahm.train.pretrain import pretrain
+
+    pretrain(_pretrain_cfg(blobs, steps=2), tmp_path / "pre", progress=False)
+    assert json.loads((tmp_path / "pre" / "run.json").read_text())["format"] == FORMAT
+    assert migrate(tmp_path / "pre") == FORMAT and not originals_dir(tmp_path / "pre", 1).exists()
+
+
+def test_format_1_pretraining_resumes_and_initialises_a_finetuning(blobs: Path, tmp_path: Path) -> None:
+    from ahm.train.finetune import finetune
+    from ahm.train.pretrain import pretrain
+
+    run = tmp_path / "pre"
+    pretrain(_pretrain_cfg(blobs, steps=2), run, progress=False)
+    old = _as_format_1(run)
+    shutil.copytree(run, tmp_path / "pre-copy")
+
+    summary = finetune(_finetune_cfg(blobs, epochs=1, init=str(tmp_path / "pre-copy")), tmp_path / "ft",
+                       progress=False)
+    assert summary["init_policy"] == "random" and summary["encoder_loaded"]["loaded"] > 0
+    meta = safetensors_metadata(tmp_path / "pre-copy" / "encoder.safetensors")
+    assert (meta["spatial_dims"], meta["norm"], meta["unet_network"], meta["policy"]) == ("2", "instance", "unet",
+                                                                                         "random")
+    _assert_upgraded(tmp_path / "pre-copy", old)
+
+    summary = pretrain(_pretrain_cfg(blobs, steps=4), run, resume=True, progress=False)
+    assert summary["steps"] == 4 and load_config(PretrainConfig, run / "config.yaml").model.norm == "instance"
+    _assert_upgraded(run, old)
+
+
+def test_format_1_finetuning_evaluates_predicts_and_resumes(blobs: Path, tmp_path: Path) -> None:
+    from ahm.eval.evaluate import evaluate
+    from ahm.eval.predict import predict
+    from ahm.train.finetune import finetune
+
+    run = tmp_path / "ft"
+    finetune(_finetune_cfg(blobs, epochs=1), run, progress=False)
+    before = evaluate(run, blobs, split="val", report=False)
+    old = _as_format_1(run)
+
+    after = evaluate(run, blobs, split="val", report=False)
+    assert json.dumps(after, sort_keys=True, default=str) == json.dumps(before, sort_keys=True, default=str)
+    _assert_upgraded(run, old)
+    assert load_torch(run / "checkpoints" / "best.ckpt")["meta"]["slice_axis"] == 2
+    ckpt = load_torch(run / "checkpoints" / "last.ckpt")
+    # the best of a run from before select_by was kept by another figure: chosen afresh after the resume
+    assert ckpt["meta"]["select_by"] == "dataset_dice" and ckpt["state"]["best_val_dice"] == -1.0
+
+    image = tmp_path / "one.png"
+    Image.fromarray((np.random.default_rng(0).random((32, 32)) * 255).astype(np.uint8)).save(image)
+    assert not predict(run, [image], tmp_path / "pred")["failures"]
+
+    summary = finetune(_finetune_cfg(blobs, epochs=2), run, resume=True, progress=False)
+    assert summary["epochs"] == 2 and summary["best_val_dice"] >= 0.0
+
+
+def test_a_newer_or_unreadable_format_is_refused_in_one_line(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    write_json(run / "run.json", {"kind": "pretrain", "format": FORMAT + 1})
+    with pytest.raises(AhmError, match=rf"run: run directory of format {FORMAT + 1}; this ahm reads format "
+                                       rf"{FORMAT} and older"):
+        migrate(run)
+    write_json(run / "run.json", {"kind": "pretrain", "format": "two"})
+    with pytest.raises(AhmError, match="run.json: format 'two' is not a run-directory format"):
+        migrate(run)
+    assert migrate(tmp_path) is None  # not a run directory: its readers say so
