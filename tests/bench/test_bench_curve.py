@@ -264,7 +264,7 @@ def _restore_module():
 
 def test_cell_records_rebuilt_from_results_csv_are_kept_by_gather(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """Issue 17's records (experiments/brain-subjects-cells/restore.py): a grid folder lost with its machine is
+    """The policy grid's records (experiments/brain-subjects-cells/restore.py): a grid folder lost with its machine is
     rebuilt from its gathered results.csv, and `--gather` then reads back the same rows, typed as cell.json had them."""
     from ahm.bench.curve import parse_labels, run_curve
     from ahm.bench.curve_render import COLUMNS

@@ -1,4 +1,4 @@
-"""Every masking policy, the agents and the diagnostics on a 3D patch grid (issue 16).
+"""Every masking policy, the agents and the diagnostics on a 3D patch grid.
 
 Volumes of 32^3 voxels cut into 8^3 patches: a 4x4x4 grid, L = 64, patches numbered row-major like PatchGrid.
 """

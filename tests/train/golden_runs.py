@@ -1,5 +1,5 @@
-"""The seeded 2D runs whose first 20 logged losses are pinned in golden_2d.json (issue 16: the backbone and
-patch-grid refactor must leave 2D training unchanged).
+"""The seeded 2D runs whose first 20 logged losses are pinned in golden_2d.json (recorded at the
+backbone / patch-grid refactor of 2026-12-02; refactors must leave 2D training unchanged).
 
 `python tests/train/golden_runs.py` re-records them; do that only for a change that is meant to alter 2D
 training, and say so in the commit.

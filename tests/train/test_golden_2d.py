@@ -1,5 +1,5 @@
 """2D training is pinned: the first 20 logged losses of seeded pretraining and fine-tuning runs, recorded before
-the backbone / patch-grid refactor of issue 16, must come out the same (float tolerance for reordered sums)."""
+the backbone / patch-grid refactor of 2026-12-02, must come out the same (float tolerance for reordered sums)."""
 
 from __future__ import annotations
 
