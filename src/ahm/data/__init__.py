@@ -54,9 +54,7 @@ _EXPORTS: dict[str, str] = {
     "load_arrays": "dataset",
     "read_item": "dataset",
     "sample_seed": "dataset",
-    # brain demo, check
-    "prepare_brain_demo": "brain_demo",
-    "prepare_brain_subjects": "brain_subjects",
+    # check
     "CheckReport": "check",
     "check_dataset": "check",
     "format_report": "check",
@@ -85,8 +83,6 @@ __all__ = [
     "make_splits",
     "normalize",
     "open_dataset",
-    "prepare_brain_demo",
-    "prepare_brain_subjects",
     "preprocess_volumes",
     "preprocessed_spacing",
     "pretrain_augment",
@@ -124,7 +120,6 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ahm.data.brain_demo import prepare_brain_demo
     from ahm.data.check import CheckReport, check_dataset, format_report
     from ahm.data.dataset import ArrayDataset, Arrays, load_arrays, read_item, sample_seed
     from ahm.data.layouts import LAYOUTS, DatasetIndex, Item, detect_layout, open_dataset, read_splits_file
