@@ -16,8 +16,9 @@ from reader_samples import write_dicom_frames, write_nifti, write_png  # noqa: E
 from ahm.config import DataConfig  # noqa: E402
 from ahm.data import load_arrays, open_dataset  # noqa: E402
 from ahm.data.dataset import _VolumeCache, grid_spacing  # noqa: E402
+from ahm.data.formats import image_pixel_size, read_volume  # noqa: E402
 from ahm.data.layouts import Item  # noqa: E402
-from ahm.data.readers import image_pixel_size, read_volume, slice_pixel_size, volume_slice  # noqa: E402
+from ahm.data.preprocess import slice_pixel_size, volume_slice  # noqa: E402
 from ahm.eval.evaluate import leveled_scores  # noqa: E402
 from ahm.eval.metrics import case_metrics  # noqa: E402
 

@@ -277,7 +277,7 @@ class VolumeSlices:
 
     # The `_VolumeCache` interface `read_item` reads volumes through.
     def get(self, path: Path, label: bool) -> np.ndarray:
-        from ahm.data.readers import read_label_volume, read_volume
+        from ahm.data.formats import read_label_volume, read_volume
 
         key = f"{'label' if label else 'image'}:{path}"
         if key not in self._held:

@@ -17,7 +17,7 @@ import torch
 
 from ahm.config import DataConfig
 from ahm.data.layouts import DatasetIndex, Item
-from ahm.data.readers import Modality
+from ahm.data.preprocess import Modality
 from ahm.errors import AhmError
 
 
@@ -59,7 +59,7 @@ class _VolumeCache:
         self._slots: dict[bool, tuple[str, np.ndarray, tuple]] = {}
 
     def _held(self, path: Path, label: bool) -> tuple[str, np.ndarray, tuple]:
-        from ahm.data.readers import read_label_volume, read_volume
+        from ahm.data.formats import read_label_volume, read_volume
 
         held = self._slots.get(label)
         if held is None or held[0] != str(path):
@@ -77,7 +77,7 @@ class _VolumeCache:
 
 
 def _read_mask_2d(item: Item, index: DatasetIndex, cfg: DataConfig) -> np.ndarray:
-    from ahm.data.readers import read_mask
+    from ahm.data.formats import read_mask
 
     assert item.mask is not None
     if index.layout == "kvasir" or item.mask.suffix.lower() in (".jpg", ".jpeg"):
@@ -99,7 +99,8 @@ def read_item(
     item: Item, index: DatasetIndex, cfg: DataConfig, labels: bool, cache: _VolumeCache | None = None
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Raw image [C, H, W] float32 as stored and mask [H, W] int64 (or None), checked against each other."""
-    from ahm.data.readers import read_image, volume_slice
+    from ahm.data.formats import read_image
+    from ahm.data.preprocess import volume_slice
 
     cache = cache or _VolumeCache()
     if item.slice is not None:
@@ -147,7 +148,7 @@ def read_item(
 
 def _source_dtype(path: Path) -> str | None:
     """Stored sample type of a 2D file, for the 'auto' normalisation (8-bit photo vs scanner data)."""
-    from ahm.data.readers import read_image_info
+    from ahm.data.formats import read_image_info
 
     try:
         return read_image_info(path).dtype
@@ -202,7 +203,7 @@ def prepare_item(item: Item, index: DatasetIndex, cfg: DataConfig, labels: bool,
 
     The one reading and preprocessing path: `load_arrays` (in memory) and the streamed corpus both call it.
     """
-    from ahm.data.readers import normalize, resize_image, resize_mask
+    from ahm.data.preprocess import normalize, resize_image, resize_mask
 
     image, mask = read_item(item, index, cfg, labels, cache)
     if labels and mask is None:
@@ -228,7 +229,8 @@ def grid_spacing(item: Item, hw: tuple[int, int], size: int,
     The source pixel size is the header's (`image_pixel_size`, `slice_pixel_size`); a model-grid pixel covers
     h / new_h source rows and w / new_w source columns (`resize_image` keeps the aspect ratio).
     """
-    from ahm.data.readers import _fit, image_pixel_size, slice_pixel_size
+    from ahm.data.formats import image_pixel_size
+    from ahm.data.preprocess import fit_geometry, slice_pixel_size
 
     if item.slice is not None:
         assert item.axis is not None
@@ -239,7 +241,7 @@ def grid_spacing(item: Item, hw: tuple[int, int], size: int,
     if source is None:
         return None, through
     h, w = hw
-    new_h, new_w, _, _ = _fit(h, w, size)
+    new_h, new_w, _, _ = fit_geometry(h, w, size)
     return (source[0] * h / new_h, source[1] * w / new_w), through
 
 

@@ -15,7 +15,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ahm.config import DataConfig
-from ahm.data.readers import HEADER_KIND_SUFFIXES
+from ahm.data.formats import HEADER_KIND_SUFFIXES
 from ahm.errors import AhmError
 
 LAYOUTS = ("folder", "msd", "lgg", "busi", "isic", "kvasir", "img-anno")
@@ -130,7 +130,7 @@ def _file_kind(path: Path) -> str | None:
 
     DICOM and NRRD/MetaImage files are asked their header, so an unreadable one raises AhmError naming it.
     """
-    from ahm.data.readers import is_volume_file
+    from ahm.data.formats import is_volume_file
 
     if not path.is_file():
         return None
@@ -144,7 +144,7 @@ def _file_kind(path: Path) -> str | None:
 
 def _detached_data(entries: list[Path]) -> set[Path]:
     """Data files of `.nhdr`/`.mhd` headers among `entries`: part of their header's image, not items."""
-    from ahm.data.itk_files import detached_data_files
+    from ahm.data.formats import detached_data_files
 
     found: set[Path] = set()
     for entry in entries:
@@ -186,7 +186,7 @@ def _slice_items(
     problems: _Problems,
     extra: tuple[Path, ...] = (),
 ) -> list[Item]:
-    from ahm.data.readers import count_slices
+    from ahm.data.formats import count_slices
 
     try:
         count = int(count_slices(image, axis))
@@ -219,7 +219,7 @@ def _volume_items(
     """A volume as one item (spatial_dims 3) or as its slices (2)."""
     if cfg.spatial_dims == 2:
         return _slice_items(stem, subject, image, mask, cfg.slice_axis, problems)
-    from ahm.data.readers import volume_spacing_problem
+    from ahm.data.formats import volume_spacing_problem
 
     problem = volume_spacing_problem(image)
     if problem is not None:

@@ -104,7 +104,7 @@ class ReadVolumed(MapTransform):
         return MetaTensor(torch.from_numpy(np.ascontiguousarray(data)), affine=affine_t, meta=meta)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        from ahm.data.readers import read_label_volume, read_volume, volume_spacing_problem
+        from ahm.data.formats import read_label_volume, read_volume, volume_spacing_problem
 
         out = dict(data)
         # Layouts refuse these when a dataset is opened; checked again here for paths that come another way.
@@ -492,7 +492,7 @@ def prepare_volume(item: Item, index: DatasetIndex, cfg: DataConfig, channels: i
 
 def raw_volume_bytes(item: Item) -> int:
     """Float32 bytes of a volume as stored (from its header; resampling changes it by the spacing ratio)."""
-    from ahm.data.readers import read_volume_info
+    from ahm.data.formats import read_volume_info
 
     shape, channels = read_volume_info(item.image)
     return int(np.prod(shape)) * int(channels) * 4

@@ -230,7 +230,7 @@ def prepare_brain_demo(
     Refuses a non-empty `out` unless it is a previous brain demo (then replaced). The set is written to a
     temporary folder beside `out` and renamed into place, so `out` is never left half written.
     """
-    from ahm.data.readers import resize_image
+    from ahm.data.preprocess import resize_image
 
     out = Path(out).expanduser()
     if not 16 <= image_size <= 1024:
