@@ -14,7 +14,7 @@ import numpy as np
 
 from ahm.config import DataConfig
 from ahm.data.dataset import _VolumeCache, read_item
-from ahm.data.layouts import _open_dataset
+from ahm.data.layouts import open_dataset
 from ahm.errors import AhmError
 
 
@@ -53,7 +53,7 @@ def check_dataset(path: str | Path, cfg: DataConfig, progress=None) -> CheckRepo
     from ahm.data.splits import make_splits
 
     lenient = cfg.model_copy(update={"skip_bad": True})
-    index = _open_dataset(path, lenient, strict_splits=False)
+    index = open_dataset(path, lenient, strict_splits=False)
     report = CheckReport(
         root=str(index.root),
         layout=index.layout,

@@ -35,10 +35,10 @@ def _manifest_path(source: Path, manifest_dir: Path) -> str:
 def index_source(path: str | Path, cfg: DataConfig) -> dict[str, Any]:
     """One source's counts and problems. AhmError only when there is no dataset at `path` at all."""
     from ahm.data.formats import read_image_info, read_volume_info
-    from ahm.data.layouts import _open_dataset
+    from ahm.data.layouts import open_dataset
 
     lenient = cfg.model_copy(update={"skip_bad": True, "path": str(path)})
-    index = _open_dataset(path, lenient, strict_splits=False)
+    index = open_dataset(path, lenient, strict_splits=False)
     problems = list(index.problems)
     sizes: Counter[str] = Counter()
     channels: Counter[int] = Counter()  # per 2D sample

@@ -20,6 +20,9 @@ from ahm.data.layouts import DatasetIndex, Item
 from ahm.data.preprocess import Modality
 from ahm.errors import AhmError
 
+# JPEG masks carry compression noise around the edges; mid-grey splits it cleanly.
+JPEG_MASK_THRESHOLD = 128
+
 
 @dataclass
 class Arrays:
@@ -80,9 +83,11 @@ def _read_mask_2d(item: Item, index: DatasetIndex, cfg: DataConfig) -> np.ndarra
     from ahm.data.formats import read_mask
 
     assert item.mask is not None
-    if index.layout == "kvasir" or item.mask.suffix.lower() in (".jpg", ".jpeg"):
-        # JPEG masks (Kvasir) carry compression noise around the edges; 128 splits it cleanly.
-        return read_mask(item.mask, max_pixels=cfg.max_pixels, threshold=128)
+    threshold = index.mask_threshold
+    if threshold is None and item.mask.suffix.lower() in (".jpg", ".jpeg"):
+        threshold = JPEG_MASK_THRESHOLD
+    if threshold is not None:
+        return read_mask(item.mask, max_pixels=cfg.max_pixels, threshold=threshold)
     mask = read_mask(item.mask, max_pixels=cfg.max_pixels)
     for extra in item.extra_masks:
         more = read_mask(extra, max_pixels=cfg.max_pixels)
@@ -137,7 +142,7 @@ def read_item(
         if index.label_values is not None:
             bad = sorted(set(np.unique(mask).tolist()) - set(index.label_values))
             if bad:
-                where = "dataset.json" if index.layout == "msd" else f"the {index.layout} layout"
+                where = index.labels_declared_by or f"the {index.layout} layout"
                 shown = ", ".join(map(str, bad[:8])) + (" ..." if len(bad) > 8 else "")
                 raise AhmError(
                     f"{item.mask}: label values {shown} are outside the set "
