@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ahm.config import DataConfig
-from ahm.data.dataset import _VolumeCache, read_item
+from ahm.data.dataset import VolumeCache, read_item
 from ahm.data.layouts import open_dataset
 from ahm.errors import AhmError
 
@@ -69,7 +69,7 @@ def check_dataset(path: str | Path, cfg: DataConfig, progress=None) -> CheckRepo
     channels: Counter[str] = Counter()
     pixels: Counter[int] = Counter()
     bad_volumes: set[str] = set()
-    cache = _VolumeCache()
+    cache = VolumeCache()
     items = sorted(index.items, key=lambda it: (str(it.image), it.slice or 0))
     for done, item in enumerate(items, start=1):
         if item.volume is not None and str(item.image) in bad_volumes:

@@ -275,7 +275,7 @@ class VolumeSlices:
         self.budget, self.capacity = budget_bytes, capacity
         self._held: OrderedDict[str, np.ndarray] = OrderedDict()
 
-    # The `_VolumeCache` interface `read_item` reads volumes through.
+    # The `VolumeCache` interface `read_item` reads volumes through.
     def get(self, path: Path, label: bool) -> np.ndarray:
         from ahm.data.formats import read_label_volume, read_volume
 
@@ -465,7 +465,7 @@ class CorpusDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int, int]) -> dict[str, Any]:
         """A bad file found while streaming is reported with the sample (see `read`), for the loop to count
         or to stop on with one line."""
-        from ahm.data.dataset import _plain, apply_seeded, sample_seed
+        from ahm.data.dataset import apply_seeded, plain_tensor, sample_seed
 
         epoch, position, k = key
         image, j, problems, failed = self.read(k)
@@ -474,7 +474,7 @@ class CorpusDataset(torch.utils.data.Dataset):
         sample: dict[str, Any] = {"image": image}
         if self.transform is not None:
             sample = apply_seeded(self.transform, sample, sample_seed(self.seed, epoch, position))
-        return {"image": _plain(sample["image"]).float().contiguous(), "entry": j, "problems": problems,
+        return {"image": plain_tensor(sample["image"]).float().contiguous(), "entry": j, "problems": problems,
                 "error": False}
 
 

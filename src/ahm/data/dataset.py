@@ -51,7 +51,7 @@ class Arrays:
                            f"images")
 
 
-class _VolumeCache:
+class VolumeCache:
     """Keeps the last image volume and the last label volume read.
 
     Items are visited volume by volume, so each volume is read once; its voxel size (`Volume.voxel_mm`) is held
@@ -101,13 +101,13 @@ def _read_mask_2d(item: Item, index: DatasetIndex, cfg: DataConfig) -> np.ndarra
 
 
 def read_item(
-    item: Item, index: DatasetIndex, cfg: DataConfig, labels: bool, cache: _VolumeCache | None = None
+    item: Item, index: DatasetIndex, cfg: DataConfig, labels: bool, cache: VolumeCache | None = None
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Raw image [C, H, W] float32 as stored and mask [H, W] int64 (or None), checked against each other."""
     from ahm.data.formats import read_image
     from ahm.data.preprocess import volume_slice
 
-    cache = cache or _VolumeCache()
+    cache = cache or VolumeCache()
     if item.slice is not None:
         assert item.axis is not None
         volume = cache.get(item.image, label=False)
@@ -187,14 +187,18 @@ def normalization_rule(cfg: DataConfig, index: DatasetIndex) -> str:
     return modality
 
 
-def _unify_channels(image: np.ndarray, channels: int, path: Path) -> np.ndarray:
-    have = image.shape[0]
+def unify_channels(data: np.ndarray, channels: int, path: Path, *, axis: int = 0,
+                   colour_to_grey: bool = True) -> np.ndarray:
+    """`data` with `channels` channels along `axis`: one channel repeated, or (`colour_to_grey`) three averaged
+    to one; anything else is a user error naming the file. An array with no axis `axis` has one channel."""
+    have = data.shape[axis] if data.ndim > axis else 1
     if have == channels:
-        return image
+        return data
     if have == 1:
-        return np.repeat(image, channels, axis=0)
-    if have == 3 and channels == 1:
-        return image.mean(axis=0, keepdims=True)
+        single = data if data.ndim > axis else np.expand_dims(data, axis)
+        return np.repeat(single, channels, axis=axis)
+    if have == 3 and channels == 1 and colour_to_grey:
+        return data.mean(axis=axis, keepdims=True)
     raise AhmError(
         f"{path}: has {have} channels but the data set uses {channels} "
         f"(set data.channels, or convert the file)"
@@ -202,7 +206,7 @@ def _unify_channels(image: np.ndarray, channels: int, path: Path) -> np.ndarray:
 
 
 def prepare_item(item: Item, index: DatasetIndex, cfg: DataConfig, labels: bool, channels: int | None,
-                 cache: _VolumeCache | None = None) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int]]:
+                 cache: VolumeCache | None = None) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int]]:
     """One item as a network sees it: image [C, S, S] float32 (channels unified to `channels` when given,
     normalised for its modality, resized to the model grid), mask [S, S] int64 or None, and the stored (H, W).
 
@@ -214,7 +218,7 @@ def prepare_item(item: Item, index: DatasetIndex, cfg: DataConfig, labels: bool,
     if labels and mask is None:
         raise AhmError(f"{item.image}: no mask for this image")
     if channels is not None:
-        image = _unify_channels(image, channels, item.image)
+        image = unify_channels(image, channels, item.image)
     modality, source_dtype = _modality(item, index, cfg)
     image = normalize(image.astype(np.float32, copy=False), modality, ct_window=cfg.ct_window,
                       source_dtype=source_dtype)
@@ -227,7 +231,7 @@ def prepare_item(item: Item, index: DatasetIndex, cfg: DataConfig, labels: bool,
 
 
 def grid_spacing(item: Item, hw: tuple[int, int], size: int,
-                 cache: _VolumeCache | None = None) -> tuple[tuple[float, float] | None, float | None]:
+                 cache: VolumeCache | None = None) -> tuple[tuple[float, float] | None, float | None]:
     """(model-grid pixel size in mm (rows, columns), source voxel size along the slice axis in mm) of an item
     stored at `hw` and resized to `size` by `resize_image`; None where the source records no size.
 
@@ -239,7 +243,7 @@ def grid_spacing(item: Item, hw: tuple[int, int], size: int,
 
     if item.slice is not None:
         assert item.axis is not None
-        voxel_mm = (cache or _VolumeCache()).voxel_mm(item.image)
+        voxel_mm = (cache or VolumeCache()).voxel_mm(item.image)
         source, through = slice_pixel_size(voxel_mm, item.axis), voxel_mm[item.axis]
     else:
         source, through = image_pixel_size(item.image), None
@@ -275,7 +279,7 @@ def load_arrays(
     results: dict[int, tuple[np.ndarray, np.ndarray | None, tuple[int, int], tuple, float | None]] = {}
     problems: list[str] = []
     channels = cfg.channels
-    cache = _VolumeCache()
+    cache = VolumeCache()
     for done, k in enumerate(order, start=1):
         item = by_id[ids[k]]
         try:
@@ -380,14 +384,14 @@ class ArrayDataset(torch.utils.data.Dataset):
             sample["label"] = self.labels[i].unsqueeze(0).clone()
         if self.transform is not None:
             sample = apply_seeded(self.transform, sample, sample_seed(self.seed, epoch, i))
-        out: dict[str, Any] = {"image": _plain(sample["image"]).float().contiguous(), "index": i}
+        out: dict[str, Any] = {"image": plain_tensor(sample["image"]).float().contiguous(), "index": i}
         if self.labels is not None:
-            label = _plain(sample["label"])
+            label = plain_tensor(sample["label"])
             out["label"] = (label[0] if label.ndim == 3 else label).long().contiguous()
         return out
 
 
-def _plain(value: Any) -> torch.Tensor:
+def plain_tensor(value: Any) -> torch.Tensor:
     # MONAI returns MetaTensors; batches of plain tensors collate faster and print cleanly.
     if hasattr(value, "as_tensor"):
         value = value.as_tensor()
