@@ -155,7 +155,7 @@ def _dicom_affine(slices: list[_Slice]) -> np.ndarray:
 
 
 def _dicom_pixels(s: _Slice, labels: bool) -> np.ndarray:
-    """One slice of a series through pydicom's decoders and LUT helpers (`ahm.data.formats.dicom.series_slice`)."""
+    """One slice of a series through pydicom's decoders and LUT functions (`ahm.data.formats.dicom.series_slice`)."""
     try:
         slope = float(s.ds.RescaleSlope) if getattr(s.ds, "RescaleSlope", None) is not None else 1.0
         intercept = float(s.ds.RescaleIntercept) if getattr(s.ds, "RescaleIntercept", None) is not None else 0.0
