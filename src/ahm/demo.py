@@ -28,7 +28,7 @@ def demo_configs(quick: bool, data: Path) -> tuple[PretrainConfig, FinetuneConfi
 
 def run_demo(out: str | Path, quick: bool = True, force: bool = False, progress: bool = True,
              say: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
-    from ahm.data import prepare_brain_demo
+    from ahm.datasets import prepare_brain_demo
     from ahm.eval.evaluate import evaluate
     from ahm.eval.report import write_report
     from ahm.train.finetune import finetune

@@ -15,8 +15,9 @@ from typer.testing import CliRunner
 
 from ahm.cli.app import _register, app
 from ahm.config import DataConfig
-from ahm.data import make_splits, open_dataset, prepare_brain_demo
-from ahm.data.brain_demo import GAP, plan_slabs
+from ahm.data import make_splits, open_dataset
+from ahm.datasets import prepare_brain_demo
+from ahm.datasets.brain_demo import GAP, plan_slabs
 from ahm.errors import AhmError
 
 STEM = re.compile(r"^ax(?P<axis>[012])s(?P<slab>\d\d)__(?P<slice>\d{3})$")
@@ -119,9 +120,9 @@ def test_rebuilding_replaces_a_previous_demo(tmp_path: Path):
 
 @pytest.mark.slow
 def test_bundled_files_match_nilearn_loaders_offline():
-    from ahm.data.brain_demo import _read_bundled, _read_with_loaders
+    from ahm.datasets.brain_demo import read_bundled, read_with_loaders
 
-    bundled, loaded = _read_bundled(), _read_with_loaders()
+    bundled, loaded = read_bundled(), read_with_loaders()
     assert bundled is not None
     for name in ("t1", "gm", "wm"):
         assert bundled[name].shape == loaded[name].shape == (197, 233, 189)
@@ -133,7 +134,7 @@ def test_labels_are_decided_on_the_model_grid_and_align_with_the_image(tmp_path,
     # A synthetic template: a grey-matter core (T1 200) inside a white-matter shell (T1 100) inside background,
     # with boundaries that fall inside the pixels of the coarser model grid. A label must say what most of its
     # pixel's area is (area-averaged probabilities) and sit where the image shows that tissue, on every axis.
-    from ahm.data import brain_demo
+    from ahm.datasets import brain_demo
 
     shape = (41, 47, 53)
     gm = np.zeros(shape, np.float32)
@@ -161,7 +162,7 @@ def test_labels_are_decided_on_the_model_grid_and_align_with_the_image(tmp_path,
 
 
 def test_acquisition_shift_is_a_fixed_per_slice_draw_that_keeps_the_background():
-    from ahm.data.brain_demo import acquisition_shift
+    from ahm.datasets.brain_demo import acquisition_shift
 
     image = np.zeros((48, 40), np.uint8)
     image[8:40, 6:34] = np.linspace(40, 220, 28, dtype=np.uint8)[None, :]

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from ahm.cli.app import _register, app
 from ahm.config import DataConfig
 from ahm.data import check_dataset, make_splits, open_dataset
-from ahm.data.brain_subjects import (
+from ahm.datasets.brain_subjects import (
     MARKER,
     MONTAGE,
     BrainSimulator,

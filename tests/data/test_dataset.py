@@ -16,7 +16,7 @@ from fixtures import (
 from PIL import Image
 
 from ahm.config import DataConfig
-from ahm.data import ArrayDataset, load_arrays, open_dataset, pretrain_augment, readers, segment_augment
+from ahm.data import ArrayDataset, formats, load_arrays, open_dataset, pretrain_augment, segment_augment
 from ahm.errors import AhmError
 
 CFG = DataConfig(image_size=32)
@@ -85,9 +85,9 @@ def test_volumes_are_read_once_while_slicing(tmp_path: Path, monkeypatch):
     root = make_folder_volume_fixture(tmp_path / "v", volumes=2, shape=(16, 16, 5))
     index = open_dataset(root, CFG)
     calls: list[str] = []
-    real = readers.read_volume
+    real = formats.read_volume
     monkeypatch.setattr(
-        readers, "read_volume", lambda p, **kw: (calls.append(Path(p).name), real(p, **kw))[1]
+        formats, "read_volume", lambda p, **kw: (calls.append(Path(p).name), real(p, **kw))[1]
     )
     ids = _ids(index)
     interleaved = [x for pair in zip(ids[:5], ids[5:]) for x in pair]

@@ -33,7 +33,7 @@ from reader_samples import (
     write_tiff,
 )
 
-from ahm.data.readers import Volume, read_image, read_label_volume, read_mask, read_volume
+from ahm.data.formats import Volume, read_image, read_label_volume, read_mask, read_volume
 from ahm.errors import AhmError
 
 # Corrupt headers make pydicom, nibabel and tifffile warn; the outcome, not the chatter, is under test.

@@ -11,7 +11,7 @@ from PIL import Image
 
 from ahm.config import DataConfig
 from ahm.data import load_arrays, make_splits, open_dataset
-from ahm.data.layouts import subject_of_slice_name
+from ahm.data.layouts.img_anno import subject_of_slice_name
 from ahm.errors import AhmError
 
 CFG = DataConfig(image_size=32, val_fraction=0.34)

@@ -15,20 +15,16 @@ from reader_samples import (
     write_tiff,
 )
 
-from ahm.data.readers import (
+from ahm.data.formats import (
     Volume,
     count_slices,
-    normalize,
     read_image,
     read_image_info,
     read_label_volume,
     read_mask,
     read_volume,
-    resize_image,
-    resize_mask,
-    undo_resize,
-    volume_slice,
 )
+from ahm.data.preprocess import normalize, resize_image, resize_mask, undo_resize, volume_slice
 from ahm.errors import AhmError
 
 # ------------------------------------------------------------------------------------------ 2D images

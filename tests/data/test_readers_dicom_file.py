@@ -9,7 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from ahm.data.readers import (
+from ahm.data.formats import (
     count_slices,
     is_volume_file,
     read_image,

@@ -11,8 +11,7 @@ import pytest
 
 from ahm.config import DataConfig
 from ahm.data.dataset import load_arrays
-from ahm.data.layouts import open_dataset
-from ahm.data.readers import (
+from ahm.data.formats import (
     count_slices,
     is_volume_file,
     read_image,
@@ -21,6 +20,7 @@ from ahm.data.readers import (
     read_mask,
     read_volume,
 )
+from ahm.data.layouts import open_dataset
 from ahm.errors import AhmError
 
 sitk = pytest.importorskip("SimpleITK")
@@ -217,7 +217,7 @@ def test_folder_layout_takes_single_dicom_files_as_images_and_multiframe_as_volu
 
 
 def test_a_header_without_a_voxel_size_cannot_be_resampled_in_3d(tmp_path):
-    from ahm.data.readers import volume_spacing_problem
+    from ahm.data.formats import volume_spacing_problem
 
     data = np.arange(4 * 5 * 6, dtype="<i2").tobytes()
     nrrd = "NRRD0004\ntype: short\ndimension: 3\nsizes: 6 5 4\nencoding: raw\nendian: little\n"

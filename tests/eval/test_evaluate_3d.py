@@ -174,7 +174,7 @@ def test_predict_keeping_each_volumes_spacing(task: Path, tmp_path: Path) -> Non
 def test_predict_nrrd_volume_gets_its_affine_and_a_bad_input_is_listed(run3d: Path, tmp_path: Path) -> None:
     import SimpleITK as sitk
 
-    from ahm.data.readers import read_volume
+    from ahm.data.formats import read_volume
 
     img = sitk.GetImageFromArray(np.random.default_rng(1).random((9, 24, 20)).astype(np.float32))
     img.SetSpacing((1.1, 0.9, 2.5))

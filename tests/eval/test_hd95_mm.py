@@ -15,9 +15,10 @@ from reader_samples import write_dicom_frames, write_nifti, write_png  # noqa: E
 
 from ahm.config import DataConfig  # noqa: E402
 from ahm.data import load_arrays, open_dataset  # noqa: E402
-from ahm.data.dataset import _VolumeCache, grid_spacing  # noqa: E402
+from ahm.data.dataset import VolumeCache, grid_spacing  # noqa: E402
+from ahm.data.formats import image_pixel_size, read_volume  # noqa: E402
 from ahm.data.layouts import Item  # noqa: E402
-from ahm.data.readers import image_pixel_size, read_volume, slice_pixel_size, volume_slice  # noqa: E402
+from ahm.data.preprocess import slice_pixel_size, volume_slice  # noqa: E402
 from ahm.eval.evaluate import leveled_scores  # noqa: E402
 from ahm.eval.metrics import case_metrics  # noqa: E402
 
@@ -38,7 +39,7 @@ def test_nifti_slice_pixel_size_follows_the_slice_rows_and_columns(tmp_path, axi
     assert slice_pixel_size(volume.voxel_mm, axis) == pytest.approx(expected)
     item = Item(id="v", subject="v", image=path, mask=None, axis=axis, slice=1, volume="v")
     h, w = plane.shape[1:]
-    spacing, through = grid_spacing(item, (h, w), 20, _VolumeCache())
+    spacing, through = grid_spacing(item, (h, w), 20, VolumeCache())
     # the longest side goes to 20 pixels, the other keeps the aspect ratio
     scale = max(h, w) / 20
     assert spacing == pytest.approx((expected[0] * h / round(h / scale), expected[1] * w / round(w / scale)))

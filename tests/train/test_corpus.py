@@ -14,14 +14,8 @@ from train_helpers import make_blob_folder, tiny_pretrain_overrides
 from typer.testing import CliRunner
 
 from ahm.config import PretrainConfig, SourceConfig, build_config
-from ahm.data.corpus import (
-    CorpusDataset,
-    StepBatches,
-    make_loader,
-    open_corpus,
-    read_manifest,
-    resolve_sources,
-)
+from ahm.data.corpus import CorpusDataset, StepBatches, make_loader, open_corpus
+from ahm.data.corpus_index import read_manifest, resolve_sources
 from ahm.errors import AhmError
 from ahm.io import load_torch
 from ahm.train.pretrain import pretrain

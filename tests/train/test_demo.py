@@ -21,9 +21,9 @@ def test_presets_are_the_documented_recipe(tmp_path: Path) -> None:
 
 
 def test_demo_end_to_end_then_reuses_its_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import ahm.data
+    import ahm.datasets
 
-    real_prepare, real_configs = ahm.data.prepare_brain_demo, demo.demo_configs
+    real_prepare, real_configs = ahm.datasets.prepare_brain_demo, demo.demo_configs
 
     def small_set(out, **kw):
         return real_prepare(out, image_size=32)
@@ -36,7 +36,7 @@ def test_demo_end_to_end_then_reuses_its_runs(tmp_path: Path, monkeypatch: pytes
         pre.train.checkpoint_every = 2
         return pre, ft
 
-    monkeypatch.setattr(ahm.data, "prepare_brain_demo", small_set)
+    monkeypatch.setattr(ahm.datasets, "prepare_brain_demo", small_set)
     monkeypatch.setattr(demo, "demo_configs", few_steps)
     said: list[str] = []
     out = tmp_path / "demo"
@@ -53,7 +53,7 @@ def test_demo_end_to_end_then_reuses_its_runs(tmp_path: Path, monkeypatch: pytes
 
     monkeypatch.setattr("ahm.train.pretrain.pretrain", boom)
     monkeypatch.setattr("ahm.train.finetune.finetune", boom)
-    monkeypatch.setattr(ahm.data, "prepare_brain_demo", boom)
+    monkeypatch.setattr(ahm.datasets, "prepare_brain_demo", boom)
     again = demo.run_demo(out, quick=True, progress=False)
     assert again["dice"] == result["dice"]
 

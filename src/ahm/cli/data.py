@@ -77,7 +77,7 @@ def brain_demo(
     The plain set is nearly solved by intensity alone (see `ahm bench baseline`); `--shift` makes the harder
     variant on which pretraining has room to help; `--lesions` labels simulated small lesions instead of tissue.
     """
-    from ahm.data.brain_demo import prepare_brain_demo
+    from ahm.datasets.brain_demo import prepare_brain_demo
 
     def go() -> dict:
         with _LazyBar("writing slices") as bar:
@@ -135,7 +135,7 @@ def brain_subjects(
     subject: the first test subjects, then val, then train. A montage.png of the first subjects is written
     beside the data. With --volumes each subject is one simulated 3D volume (NIfTI) instead of slices.
     """
-    from ahm.data.brain_subjects import (
+    from ahm.datasets.brain_subjects import (
         SimulationSettings,
         prepare_brain_subject_volumes,
         prepare_brain_subjects,

@@ -82,7 +82,7 @@ def pretrain(
     }
 
     def go():
-        from ahm.data.corpus import resolve_sources
+        from ahm.data.corpus_index import resolve_sources
 
         if len(data) > 1 or data[0].is_file():
             sources = resolve_sources(data)

@@ -1,4 +1,4 @@
-"""ahm.data: read images and volumes, find them in a dataset's layout, split by subject, feed torch.
+"""ahm.data: read images and volumes (`formats`), find them in a dataset's layout, split by subject, feed torch.
 
 Names are imported on first use, so `ahm data check` does not pay for torch and MONAI at start-up.
 """
@@ -9,20 +9,21 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS: dict[str, str] = {
-    # readers
-    "Volume": "readers",
-    "ImageInfo": "readers",
-    "read_image": "readers",
-    "read_image_info": "readers",
-    "read_mask": "readers",
-    "read_volume": "readers",
-    "read_label_volume": "readers",
-    "volume_slice": "readers",
-    "count_slices": "readers",
-    "normalize": "readers",
-    "resize_image": "readers",
-    "resize_mask": "readers",
-    "undo_resize": "readers",
+    # formats
+    "Volume": "formats",
+    "ImageInfo": "formats",
+    "read_image": "formats",
+    "read_image_info": "formats",
+    "read_mask": "formats",
+    "read_volume": "formats",
+    "read_label_volume": "formats",
+    "count_slices": "formats",
+    # preprocess
+    "volume_slice": "preprocess",
+    "normalize": "preprocess",
+    "resize_image": "preprocess",
+    "resize_mask": "preprocess",
+    "undo_resize": "preprocess",
     # transforms
     "pretrain_augment": "transforms",
     "segment_augment": "transforms",
@@ -54,9 +55,7 @@ _EXPORTS: dict[str, str] = {
     "load_arrays": "dataset",
     "read_item": "dataset",
     "sample_seed": "dataset",
-    # brain demo, check
-    "prepare_brain_demo": "brain_demo",
-    "prepare_brain_subjects": "brain_subjects",
+    # check
     "CheckReport": "check",
     "check_dataset": "check",
     "format_report": "check",
@@ -85,8 +84,6 @@ __all__ = [
     "make_splits",
     "normalize",
     "open_dataset",
-    "prepare_brain_demo",
-    "prepare_brain_subjects",
     "preprocess_volumes",
     "preprocessed_spacing",
     "pretrain_augment",
@@ -124,25 +121,20 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ahm.data.brain_demo import prepare_brain_demo
     from ahm.data.check import CheckReport, check_dataset, format_report
     from ahm.data.dataset import ArrayDataset, Arrays, load_arrays, read_item, sample_seed
-    from ahm.data.layouts import LAYOUTS, DatasetIndex, Item, detect_layout, open_dataset, read_splits_file
-    from ahm.data.readers import (
+    from ahm.data.formats import (
         ImageInfo,
         Volume,
         count_slices,
-        normalize,
         read_image,
         read_image_info,
         read_label_volume,
         read_mask,
         read_volume,
-        resize_image,
-        resize_mask,
-        undo_resize,
-        volume_slice,
     )
+    from ahm.data.layouts import LAYOUTS, DatasetIndex, Item, detect_layout, open_dataset, read_splits_file
+    from ahm.data.preprocess import normalize, resize_image, resize_mask, undo_resize, volume_slice
     from ahm.data.splits import label_subset, make_splits
     from ahm.data.transforms import pretrain_augment, segment_augment
     from ahm.data.volumes import (

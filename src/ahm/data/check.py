@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from ahm.config import DataConfig
-from ahm.data.dataset import _VolumeCache, read_item
-from ahm.data.layouts import _open_dataset
+from ahm.data.dataset import VolumeCache, read_item
+from ahm.data.layouts import open_dataset
 from ahm.errors import AhmError
 
 
@@ -53,7 +53,7 @@ def check_dataset(path: str | Path, cfg: DataConfig, progress=None) -> CheckRepo
     from ahm.data.splits import make_splits
 
     lenient = cfg.model_copy(update={"skip_bad": True})
-    index = _open_dataset(path, lenient, strict_splits=False)
+    index = open_dataset(path, lenient, strict_splits=False)
     report = CheckReport(
         root=str(index.root),
         layout=index.layout,
@@ -69,7 +69,7 @@ def check_dataset(path: str | Path, cfg: DataConfig, progress=None) -> CheckRepo
     channels: Counter[str] = Counter()
     pixels: Counter[int] = Counter()
     bad_volumes: set[str] = set()
-    cache = _VolumeCache()
+    cache = VolumeCache()
     items = sorted(index.items, key=lambda it: (str(it.image), it.slice or 0))
     for done, item in enumerate(items, start=1):
         if item.volume is not None and str(item.image) in bad_volumes:

@@ -34,8 +34,6 @@ WINDOW_ITEMS = 2048  # slots shuffled together: a window of 2D files, or the sli
 WINDOW_VOLUMES = 8  # volumes per window at most (each worker keeps this many raw volumes, within a byte budget)
 VOLUME_BUDGET_BYTES = 1 << 29  # raw volumes a loader worker keeps (LRU; at least the one it reads)
 PRELOAD_BYTES = 1 << 30  # preload: "auto" reads a corpus into memory when its preprocessed size is at most this
-MANIFEST_NAMES = (".json",)
-DESCRIPTIVE_KEYS = ("index",)
 MAX_SUBSTITUTES = 8  # with skip_bad, how many following entries may stand in for an unreadable one
 
 
@@ -57,59 +55,6 @@ class CorpusSource:
 def default_workers() -> int:
     """Half the CPU cores, at most 4 (the other half computes the step on a CPU machine)."""
     return max(0, min(4, (os.cpu_count() or 1) // 2))
-
-
-def read_manifest(path: Path) -> list[SourceConfig]:
-    """Sources of a corpus.json: `{"sources": [{"path": ..., "modality": ..., "weight": ...}, ...]}` or the bare
-    list. Relative paths resolve against the manifest's folder and may not leave it."""
-    from pydantic import ValidationError
-
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise AhmError(f"{path}: cannot read the corpus manifest ({exc})") from exc
-    except json.JSONDecodeError as exc:
-        raise AhmError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from exc
-    entries = doc.get("sources") if isinstance(doc, dict) else doc
-    if not isinstance(entries, list) or not entries:
-        raise AhmError(f'{path}: a corpus manifest lists its sources: {{"sources": [{{"path": "..."}}, ...]}}')
-    root = path.parent.resolve()
-    sources = []
-    for n, entry in enumerate(entries, 1):
-        if isinstance(entry, str):
-            entry = {"path": entry}
-        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
-            raise AhmError(f"{path}: source {n} must be an object with a 'path'")
-        # What `ahm data index` records about a source (its "index" counts) describes it; it is not a setting.
-        entry = {k: v for k, v in entry.items() if k not in DESCRIPTIVE_KEYS}
-        where = Path(entry["path"]).expanduser()
-        if not where.is_absolute():
-            where = (root / where).resolve()
-            if where != root and root not in where.parents:
-                raise AhmError(f"{path}: source {n} ({entry['path']}) leaves the manifest's folder {root}")
-        try:
-            sources.append(SourceConfig(**{**entry, "path": str(where)}))
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            field = ".".join(str(x) for x in err.get("loc", ())) or "entry"
-            raise AhmError(f"{path}: source {n}: {field}: {err.get('msg')}") from exc
-    return sources
-
-
-def resolve_sources(paths: list[str | Path]) -> list[SourceConfig]:
-    """What `ahm pretrain SRC [SRC ...]` was given: dataset folders and corpus manifests, in order."""
-    sources: list[SourceConfig] = []
-    for p in paths:
-        path = Path(p).expanduser()
-        if path.is_file() and path.suffix.lower() in MANIFEST_NAMES:
-            sources.extend(read_manifest(path))
-        elif path.is_dir():
-            sources.append(SourceConfig(path=str(path)))
-        elif path.exists():
-            raise AhmError(f"{path}: a pretraining source is a dataset folder or a corpus .json manifest")
-        else:
-            raise AhmError(f"{path}: dataset folder not found")
-    return sources
 
 
 def _source_data_cfg(cfg: PretrainConfig, spec: SourceConfig) -> DataConfig:
@@ -275,9 +220,9 @@ class VolumeSlices:
         self.budget, self.capacity = budget_bytes, capacity
         self._held: OrderedDict[str, np.ndarray] = OrderedDict()
 
-    # The `_VolumeCache` interface `read_item` reads volumes through.
+    # The `VolumeCache` interface `read_item` reads volumes through.
     def get(self, path: Path, label: bool) -> np.ndarray:
-        from ahm.data.readers import read_label_volume, read_volume
+        from ahm.data.formats import read_label_volume, read_volume
 
         key = f"{'label' if label else 'image'}:{path}"
         if key not in self._held:
@@ -465,7 +410,7 @@ class CorpusDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int, int]) -> dict[str, Any]:
         """A bad file found while streaming is reported with the sample (see `read`), for the loop to count
         or to stop on with one line."""
-        from ahm.data.dataset import _plain, apply_seeded, sample_seed
+        from ahm.data.dataset import apply_seeded, plain_tensor, sample_seed
 
         epoch, position, k = key
         image, j, problems, failed = self.read(k)
@@ -474,7 +419,7 @@ class CorpusDataset(torch.utils.data.Dataset):
         sample: dict[str, Any] = {"image": image}
         if self.transform is not None:
             sample = apply_seeded(self.transform, sample, sample_seed(self.seed, epoch, position))
-        return {"image": _plain(sample["image"]).float().contiguous(), "entry": j, "problems": problems,
+        return {"image": plain_tensor(sample["image"]).float().contiguous(), "entry": j, "problems": problems,
                 "error": False}
 
 

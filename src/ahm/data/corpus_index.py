@@ -1,5 +1,6 @@
 """`ahm data index`: what a pretraining corpus of several sources holds, from file headers only, written as a
-manifest (`corpus.json`) that lists the sources.
+manifest (`corpus.json`) that lists the sources; and reading such a manifest back (`resolve_sources`, what
+`ahm pretrain` was given).
 
 Each source is a dataset folder in any supported layout, labelled or not. Nothing but headers is read: image
 sizes and channels from the 2D files' headers, shapes from the volumes' headers (NIfTI, DICOM, NRRD/MetaImage),
@@ -11,16 +12,19 @@ or whole volumes (3; a 2D file, or a volume without a slice spacing, is then a p
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ahm.config import DataConfig
+from ahm.config import DataConfig, SourceConfig
 from ahm.errors import AhmError
 
 MANIFEST_VERSION = 1
+MANIFEST_NAMES = (".json",)
+DESCRIPTIVE_KEYS = ("index",)
 
 
 def _manifest_path(source: Path, manifest_dir: Path) -> str:
@@ -34,11 +38,11 @@ def _manifest_path(source: Path, manifest_dir: Path) -> str:
 
 def index_source(path: str | Path, cfg: DataConfig) -> dict[str, Any]:
     """One source's counts and problems. AhmError only when there is no dataset at `path` at all."""
-    from ahm.data.layouts import _open_dataset
-    from ahm.data.readers import read_image_info, read_volume_info
+    from ahm.data.formats import read_image_info, read_volume_info
+    from ahm.data.layouts import open_dataset
 
     lenient = cfg.model_copy(update={"skip_bad": True, "path": str(path)})
-    index = _open_dataset(path, lenient, strict_splits=False)
+    index = open_dataset(path, lenient, strict_splits=False)
     problems = list(index.problems)
     sizes: Counter[str] = Counter()
     channels: Counter[int] = Counter()  # per 2D sample
@@ -170,3 +174,56 @@ def format_corpus(manifest: dict[str, Any], where: str | os.PathLike) -> str:
     for entry in manifest["sources"]:
         lines.extend(f"  - {p}" for p in entry["index"]["problems"])
     return "\n".join(lines)
+
+
+def read_manifest(path: Path) -> list[SourceConfig]:
+    """Sources of a corpus.json: `{"sources": [{"path": ..., "modality": ..., "weight": ...}, ...]}` or the bare
+    list. Relative paths resolve against the manifest's folder and may not leave it."""
+    from pydantic import ValidationError
+
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AhmError(f"{path}: cannot read the corpus manifest ({exc})") from exc
+    except json.JSONDecodeError as exc:
+        raise AhmError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from exc
+    entries = doc.get("sources") if isinstance(doc, dict) else doc
+    if not isinstance(entries, list) or not entries:
+        raise AhmError(f'{path}: a corpus manifest lists its sources: {{"sources": [{{"path": "..."}}, ...]}}')
+    root = path.parent.resolve()
+    sources = []
+    for n, entry in enumerate(entries, 1):
+        if isinstance(entry, str):
+            entry = {"path": entry}
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+            raise AhmError(f"{path}: source {n} must be an object with a 'path'")
+        # What `ahm data index` records about a source (its "index" counts) describes it; it is not a setting.
+        entry = {k: v for k, v in entry.items() if k not in DESCRIPTIVE_KEYS}
+        where = Path(entry["path"]).expanduser()
+        if not where.is_absolute():
+            where = (root / where).resolve()
+            if where != root and root not in where.parents:
+                raise AhmError(f"{path}: source {n} ({entry['path']}) leaves the manifest's folder {root}")
+        try:
+            sources.append(SourceConfig(**{**entry, "path": str(where)}))
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            field = ".".join(str(x) for x in err.get("loc", ())) or "entry"
+            raise AhmError(f"{path}: source {n}: {field}: {err.get('msg')}") from exc
+    return sources
+
+
+def resolve_sources(paths: list[str | Path]) -> list[SourceConfig]:
+    """What `ahm pretrain SRC [SRC ...]` was given: dataset folders and corpus manifests, in order."""
+    sources: list[SourceConfig] = []
+    for p in paths:
+        path = Path(p).expanduser()
+        if path.is_file() and path.suffix.lower() in MANIFEST_NAMES:
+            sources.extend(read_manifest(path))
+        elif path.is_dir():
+            sources.append(SourceConfig(path=str(path)))
+        elif path.exists():
+            raise AhmError(f"{path}: a pretraining source is a dataset folder or a corpus .json manifest")
+        else:
+            raise AhmError(f"{path}: dataset folder not found")
+    return sources

@@ -17,8 +17,11 @@ import torch
 
 from ahm.config import DataConfig
 from ahm.data.layouts import DatasetIndex, Item
-from ahm.data.readers import Modality
+from ahm.data.preprocess import Modality
 from ahm.errors import AhmError
+
+# JPEG masks carry compression noise around the edges; mid-grey splits it cleanly.
+JPEG_MASK_THRESHOLD = 128
 
 
 @dataclass
@@ -48,7 +51,7 @@ class Arrays:
                            f"images")
 
 
-class _VolumeCache:
+class VolumeCache:
     """Keeps the last image volume and the last label volume read.
 
     Items are visited volume by volume, so each volume is read once; its voxel size (`Volume.voxel_mm`) is held
@@ -59,7 +62,7 @@ class _VolumeCache:
         self._slots: dict[bool, tuple[str, np.ndarray, tuple]] = {}
 
     def _held(self, path: Path, label: bool) -> tuple[str, np.ndarray, tuple]:
-        from ahm.data.readers import read_label_volume, read_volume
+        from ahm.data.formats import read_label_volume, read_volume
 
         held = self._slots.get(label)
         if held is None or held[0] != str(path):
@@ -77,12 +80,14 @@ class _VolumeCache:
 
 
 def _read_mask_2d(item: Item, index: DatasetIndex, cfg: DataConfig) -> np.ndarray:
-    from ahm.data.readers import read_mask
+    from ahm.data.formats import read_mask
 
     assert item.mask is not None
-    if index.layout == "kvasir" or item.mask.suffix.lower() in (".jpg", ".jpeg"):
-        # JPEG masks (Kvasir) carry compression noise around the edges; 128 splits it cleanly.
-        return read_mask(item.mask, max_pixels=cfg.max_pixels, threshold=128)
+    threshold = index.mask_threshold
+    if threshold is None and item.mask.suffix.lower() in (".jpg", ".jpeg"):
+        threshold = JPEG_MASK_THRESHOLD
+    if threshold is not None:
+        return read_mask(item.mask, max_pixels=cfg.max_pixels, threshold=threshold)
     mask = read_mask(item.mask, max_pixels=cfg.max_pixels)
     for extra in item.extra_masks:
         more = read_mask(extra, max_pixels=cfg.max_pixels)
@@ -96,12 +101,13 @@ def _read_mask_2d(item: Item, index: DatasetIndex, cfg: DataConfig) -> np.ndarra
 
 
 def read_item(
-    item: Item, index: DatasetIndex, cfg: DataConfig, labels: bool, cache: _VolumeCache | None = None
+    item: Item, index: DatasetIndex, cfg: DataConfig, labels: bool, cache: VolumeCache | None = None
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Raw image [C, H, W] float32 as stored and mask [H, W] int64 (or None), checked against each other."""
-    from ahm.data.readers import read_image, volume_slice
+    from ahm.data.formats import read_image
+    from ahm.data.preprocess import volume_slice
 
-    cache = cache or _VolumeCache()
+    cache = cache or VolumeCache()
     if item.slice is not None:
         assert item.axis is not None
         volume = cache.get(item.image, label=False)
@@ -136,7 +142,7 @@ def read_item(
         if index.label_values is not None:
             bad = sorted(set(np.unique(mask).tolist()) - set(index.label_values))
             if bad:
-                where = "dataset.json" if index.layout == "msd" else f"the {index.layout} layout"
+                where = index.labels_declared_by or f"the {index.layout} layout"
                 shown = ", ".join(map(str, bad[:8])) + (" ..." if len(bad) > 8 else "")
                 raise AhmError(
                     f"{item.mask}: label values {shown} are outside the set "
@@ -147,7 +153,7 @@ def read_item(
 
 def _source_dtype(path: Path) -> str | None:
     """Stored sample type of a 2D file, for the 'auto' normalisation (8-bit photo vs scanner data)."""
-    from ahm.data.readers import read_image_info
+    from ahm.data.formats import read_image_info
 
     try:
         return read_image_info(path).dtype
@@ -181,14 +187,18 @@ def normalization_rule(cfg: DataConfig, index: DatasetIndex) -> str:
     return modality
 
 
-def _unify_channels(image: np.ndarray, channels: int, path: Path) -> np.ndarray:
-    have = image.shape[0]
+def unify_channels(data: np.ndarray, channels: int, path: Path, *, axis: int = 0,
+                   colour_to_grey: bool = True) -> np.ndarray:
+    """`data` with `channels` channels along `axis`: one channel repeated, or (`colour_to_grey`) three averaged
+    to one; anything else is a user error naming the file. An array with no axis `axis` has one channel."""
+    have = data.shape[axis] if data.ndim > axis else 1
     if have == channels:
-        return image
+        return data
     if have == 1:
-        return np.repeat(image, channels, axis=0)
-    if have == 3 and channels == 1:
-        return image.mean(axis=0, keepdims=True)
+        single = data if data.ndim > axis else np.expand_dims(data, axis)
+        return np.repeat(single, channels, axis=axis)
+    if have == 3 and channels == 1 and colour_to_grey:
+        return data.mean(axis=axis, keepdims=True)
     raise AhmError(
         f"{path}: has {have} channels but the data set uses {channels} "
         f"(set data.channels, or convert the file)"
@@ -196,19 +206,19 @@ def _unify_channels(image: np.ndarray, channels: int, path: Path) -> np.ndarray:
 
 
 def prepare_item(item: Item, index: DatasetIndex, cfg: DataConfig, labels: bool, channels: int | None,
-                 cache: _VolumeCache | None = None) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int]]:
+                 cache: VolumeCache | None = None) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int]]:
     """One item as a network sees it: image [C, S, S] float32 (channels unified to `channels` when given,
     normalised for its modality, resized to the model grid), mask [S, S] int64 or None, and the stored (H, W).
 
     The one reading and preprocessing path: `load_arrays` (in memory) and the streamed corpus both call it.
     """
-    from ahm.data.readers import normalize, resize_image, resize_mask
+    from ahm.data.preprocess import normalize, resize_image, resize_mask
 
     image, mask = read_item(item, index, cfg, labels, cache)
     if labels and mask is None:
         raise AhmError(f"{item.image}: no mask for this image")
     if channels is not None:
-        image = _unify_channels(image, channels, item.image)
+        image = unify_channels(image, channels, item.image)
     modality, source_dtype = _modality(item, index, cfg)
     image = normalize(image.astype(np.float32, copy=False), modality, ct_window=cfg.ct_window,
                       source_dtype=source_dtype)
@@ -221,25 +231,26 @@ def prepare_item(item: Item, index: DatasetIndex, cfg: DataConfig, labels: bool,
 
 
 def grid_spacing(item: Item, hw: tuple[int, int], size: int,
-                 cache: _VolumeCache | None = None) -> tuple[tuple[float, float] | None, float | None]:
+                 cache: VolumeCache | None = None) -> tuple[tuple[float, float] | None, float | None]:
     """(model-grid pixel size in mm (rows, columns), source voxel size along the slice axis in mm) of an item
     stored at `hw` and resized to `size` by `resize_image`; None where the source records no size.
 
     The source pixel size is the header's (`image_pixel_size`, `slice_pixel_size`); a model-grid pixel covers
     h / new_h source rows and w / new_w source columns (`resize_image` keeps the aspect ratio).
     """
-    from ahm.data.readers import _fit, image_pixel_size, slice_pixel_size
+    from ahm.data.formats import image_pixel_size
+    from ahm.data.preprocess import fit_geometry, slice_pixel_size
 
     if item.slice is not None:
         assert item.axis is not None
-        voxel_mm = (cache or _VolumeCache()).voxel_mm(item.image)
+        voxel_mm = (cache or VolumeCache()).voxel_mm(item.image)
         source, through = slice_pixel_size(voxel_mm, item.axis), voxel_mm[item.axis]
     else:
         source, through = image_pixel_size(item.image), None
     if source is None:
         return None, through
     h, w = hw
-    new_h, new_w, _, _ = _fit(h, w, size)
+    new_h, new_w, _, _ = fit_geometry(h, w, size)
     return (source[0] * h / new_h, source[1] * w / new_w), through
 
 
@@ -268,7 +279,7 @@ def load_arrays(
     results: dict[int, tuple[np.ndarray, np.ndarray | None, tuple[int, int], tuple, float | None]] = {}
     problems: list[str] = []
     channels = cfg.channels
-    cache = _VolumeCache()
+    cache = VolumeCache()
     for done, k in enumerate(order, start=1):
         item = by_id[ids[k]]
         try:
@@ -373,14 +384,14 @@ class ArrayDataset(torch.utils.data.Dataset):
             sample["label"] = self.labels[i].unsqueeze(0).clone()
         if self.transform is not None:
             sample = apply_seeded(self.transform, sample, sample_seed(self.seed, epoch, i))
-        out: dict[str, Any] = {"image": _plain(sample["image"]).float().contiguous(), "index": i}
+        out: dict[str, Any] = {"image": plain_tensor(sample["image"]).float().contiguous(), "index": i}
         if self.labels is not None:
-            label = _plain(sample["label"])
+            label = plain_tensor(sample["label"])
             out["label"] = (label[0] if label.ndim == 3 else label).long().contiguous()
         return out
 
 
-def _plain(value: Any) -> torch.Tensor:
+def plain_tensor(value: Any) -> torch.Tensor:
     # MONAI returns MetaTensors; batches of plain tensors collate faster and print cleanly.
     if hasattr(value, "as_tensor"):
         value = value.as_tensor()

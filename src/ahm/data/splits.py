@@ -38,7 +38,7 @@ def _from_file(index: DatasetIndex) -> dict[str, list[str]]:
         for entry in index.splits_file.get(name, []):
             ids = by_id.get(entry) or by_volume.get(entry)
             if ids is None:
-                from ahm.data.layouts import safe_id
+                from ahm.data.layouts.files import safe_id
 
                 ids = by_id.get(safe_id(entry)) or by_volume.get(safe_id(entry))
             if ids is None:

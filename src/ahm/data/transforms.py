@@ -31,11 +31,16 @@ from ahm.errors import AhmError
 IMAGE, LABEL = "image", "label"
 
 
-class _AsPlainTensors(MapTransform):
-    """Drop MONAI metadata and give labels back their integer type (resizing works in float)."""
+class AsPlainTensors(MapTransform):
+    """Drop MONAI metadata and give labels back their integer type (resizing works in float).
 
-    def __init__(self) -> None:
+    `drop_label_channel`: labels come out [*spatial] instead of [1, *spatial] (the 3D crops; the 2D dataset
+    drops the channel itself).
+    """
+
+    def __init__(self, drop_label_channel: bool = False) -> None:
         super().__init__(keys=[IMAGE, LABEL], allow_missing_keys=True)
+        self.drop_label_channel = drop_label_channel
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         out = dict(data)
@@ -44,7 +49,10 @@ class _AsPlainTensors(MapTransform):
             if hasattr(value, "as_tensor"):
                 value = value.as_tensor()
             value = torch.as_tensor(value)
-            out[key] = torch.round(value).long() if key == LABEL else value.float()
+            if key == LABEL:
+                out[key] = torch.round(value[0] if self.drop_label_channel else value).long()
+            else:
+                out[key] = value.float()
         return out
 
 
@@ -84,7 +92,7 @@ def pretrain_augment(image_size: int) -> Compose:
             RandFlipd(keys=keys, prob=0.5, spatial_axis=1),
             RandScaleIntensityd(keys=keys, factors=0.1, prob=0.8),
             RandShiftIntensityd(keys=keys, offsets=0.1, prob=0.8),
-            _AsPlainTensors(),
+            AsPlainTensors(),
         ]
     )
 
@@ -151,5 +159,5 @@ def segment_augment(
         ]
         + acquisition
         + jitter
-        + [_AsPlainTensors()]
+        + [AsPlainTensors()]
     )

@@ -41,10 +41,11 @@ from monai.transforms import (
 )
 
 from ahm.config import DataConfig
+from ahm.data.dataset import unify_channels
 from ahm.data.layouts import DatasetIndex, Item
+from ahm.data.transforms import IMAGE, LABEL, AsPlainTensors
 from ahm.errors import AhmError
 
-IMAGE, LABEL = "image", "label"
 PRED = "pred"
 
 
@@ -104,7 +105,7 @@ class ReadVolumed(MapTransform):
         return MetaTensor(torch.from_numpy(np.ascontiguousarray(data)), affine=affine_t, meta=meta)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        from ahm.data.readers import read_label_volume, read_volume, volume_spacing_problem
+        from ahm.data.formats import read_label_volume, read_volume, volume_spacing_problem
 
         out = dict(data)
         # Layouts refuse these when a dataset is opened; checked again here for paths that come another way.
@@ -114,7 +115,8 @@ class ReadVolumed(MapTransform):
         image = read_volume(out[IMAGE])
         vol = image.data
         if self.channels is not None:
-            vol = _unify_channels(vol, self.channels, image.path)
+            # channels, when a volume has any, are its last axis
+            vol = unify_channels(vol, self.channels, image.path, axis=3, colour_to_grey=False)
         out[IMAGE] = self._meta_tensor(vol, image.affine, image.path)
         if out.get(LABEL) is not None:
             label = read_label_volume(out[LABEL])
@@ -155,17 +157,6 @@ def _grid_shift_mm(a: np.ndarray, b: np.ndarray, shape: Sequence[int]) -> float:
 
 def _voxel_size(affine: np.ndarray) -> float:
     return float(np.linalg.norm(np.asarray(affine, np.float64)[:3, :3], axis=0).min())
-
-
-def _unify_channels(vol: np.ndarray, channels: int, path: Path) -> np.ndarray:
-    have = vol.shape[3] if vol.ndim == 4 else 1
-    if have == channels:
-        return vol
-    if have == 1:
-        base = vol if vol.ndim == 3 else vol[..., 0]
-        return np.repeat(base[..., None], channels, axis=3)
-    raise AhmError(f"{path}: has {have} channels but the data set uses {channels} (set data.channels, or "
-                   "convert the file)")
 
 
 class _Normalised(MapTransform):
@@ -238,21 +229,6 @@ class _Preprocess(Compose):
 # ------------------------------------------------------------------------------------------ training crops
 
 
-class _AsPlainTensors(MapTransform):
-    """Drop MONAI metadata; the image float [C, *crop], the label long [*crop] like the 2D samples."""
-
-    def __init__(self) -> None:
-        super().__init__(keys=[IMAGE, LABEL], allow_missing_keys=True)
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        out = dict(data)
-        for key in self.key_iterator(out):
-            value = out[key]
-            value = torch.as_tensor(value.as_tensor() if hasattr(value, "as_tensor") else value)
-            out[key] = torch.round(value[0]).long() if key == LABEL else value.float()
-        return out
-
-
 class _CopyCrop(MapTransform):
     """Copy a crop out of its volume: a crop is a view of the voxels it was cut from, which `VolumeDataset` keeps
     cached and hands to the crop uncopied. Not random, so the seeds a Compose gives the transforms after it stay
@@ -293,7 +269,7 @@ def volume_pretrain_augment(cfg: DataConfig, intensity: float = 0.1) -> Compose:
     if not _square_plane(cfg):
         steps = [t for t in steps if not isinstance(t, RandRotate90d)]
     return Compose([RandSpatialCropd(keys=keys, roi_size=tuple(cfg.crop_size), random_size=False), _CopyCrop(keys)]
-                   + steps + [_AsPlainTensors()])
+                   + steps + [AsPlainTensors(drop_label_channel=True)])
 
 
 def volume_segment_augment(cfg: DataConfig, intensity: float = 0.1) -> Compose:
@@ -308,7 +284,7 @@ def volume_segment_augment(cfg: DataConfig, intensity: float = 0.1) -> Compose:
         steps = [t for t in steps if not isinstance(t, RandRotate90d)]
     return _OneSample([RandCropByPosNegLabeld(keys=keys, label_key=LABEL, spatial_size=tuple(cfg.crop_size),
                                               pos=ratio, neg=1.0 - ratio, num_samples=1), _CopyCrop(keys)]
-                      + steps + [_AsPlainTensors()])
+                      + steps + [AsPlainTensors(drop_label_channel=True)])
 
 
 class _OneSample(Compose):
@@ -492,7 +468,7 @@ def prepare_volume(item: Item, index: DatasetIndex, cfg: DataConfig, channels: i
 
 def raw_volume_bytes(item: Item) -> int:
     """Float32 bytes of a volume as stored (from its header; resampling changes it by the spacing ratio)."""
-    from ahm.data.readers import read_volume_info
+    from ahm.data.formats import read_volume_info
 
     shape, channels = read_volume_info(item.image)
     return int(np.prod(shape)) * int(channels) * 4

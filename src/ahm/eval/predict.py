@@ -49,7 +49,7 @@ class _Job:
 
 def _image_suffixes() -> tuple[str, ...]:
     """2D formats, and DICOM/NRRD/MetaImage files (an image or a volume, as their header says)."""
-    from ahm.data.readers import HEADER_KIND_SUFFIXES, IMAGE_SUFFIXES
+    from ahm.data.formats import HEADER_KIND_SUFFIXES, IMAGE_SUFFIXES
 
     return tuple(IMAGE_SUFFIXES) + tuple(HEADER_KIND_SUFFIXES)
 
@@ -63,7 +63,7 @@ def _stem(path: Path) -> str:
 
 
 def _is_volume(path: Path) -> bool:
-    from ahm.data.readers import is_volume_file
+    from ahm.data.formats import is_volume_file
 
     if path.is_dir() or path.name.lower().endswith(VOLUME_SUFFIXES):
         return True
@@ -127,7 +127,7 @@ def _modality(run: LoadedRun, volume: bool, path: Path) -> tuple[str, str | None
         return str(run.meta["index_modality"]), None
     if volume:
         return "mri", None
-    from ahm.data.readers import read_image_info
+    from ahm.data.formats import read_image_info
 
     try:
         return "auto", read_image_info(path).dtype
@@ -143,7 +143,7 @@ def _check_channels(run: LoadedRun, path: Path, channels: int) -> None:
 
 
 def _prepare(run: LoadedRun, image: np.ndarray, modality: str, source_dtype: str | None) -> tuple[np.ndarray, np.ndarray]:
-    from ahm.data.readers import normalize, resize_image
+    from ahm.data.preprocess import normalize, resize_image
 
     norm = normalize(image.astype(np.float32, copy=False), modality, ct_window=run.cfg.data.ct_window,
                      source_dtype=source_dtype)
@@ -175,7 +175,7 @@ def _nifti_reference(reference):
         path = Path(reference)
         if not path.name.lower().endswith(VOLUME_SUFFIXES):
             raise AhmError(f"{path}: a mask's reference must be a NIfTI file (.nii, .nii.gz); for another format "
-                           f"pass the affine that ahm.data.readers.read_volume returns")
+                           f"pass the affine that ahm.data.formats.read_volume returns")
         try:
             reference = nib.load(str(path))
         except Exception as exc:  # noqa: BLE001 - nibabel raises many kinds on a damaged header
@@ -327,7 +327,8 @@ def predict(run_dir: str | Path, inputs: list[Path], out_dir: str | Path, overla
 
 
 def _predict_image(run: LoadedRun, job: _Job, batcher: _Batcher) -> None:
-    from ahm.data.readers import read_image, undo_resize
+    from ahm.data.formats import read_image
+    from ahm.data.preprocess import undo_resize
 
     image = read_image(job.source, max_pixels=run.cfg.data.max_pixels)
     _check_channels(run, job.source, image.shape[0])
@@ -349,7 +350,8 @@ def _predict_image(run: LoadedRun, job: _Job, batcher: _Batcher) -> None:
 
 
 def _predict_volume(run: LoadedRun, job: _Job, batcher: _Batcher) -> None:
-    from ahm.data.readers import read_volume, undo_resize, volume_slice
+    from ahm.data.formats import read_volume
+    from ahm.data.preprocess import undo_resize, volume_slice
 
     if job.source.is_dir() and not _looks_dicom_dir(job.source):
         raise AhmError(f"{job.source}: no images, volumes or DICOM files in this folder")

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from monai.networks.layers import Pool
 from torch import Tensor, nn
 
-from ahm.config import ModelConfig
 from ahm.errors import AhmError
 from ahm.models.mim import (
     MIMModel,
@@ -29,6 +29,10 @@ from ahm.models.mim import (
 )
 from ahm.models.norm import fast_instance_norms
 from ahm.models.unet_nets import build_unet_network, decoder_features
+
+if TYPE_CHECKING:
+    # annotations only: the config validates backbone names against this registry, so a runtime import would be a circle
+    from ahm.config import ModelConfig
 
 
 class MaskedUNet(MIMModel):

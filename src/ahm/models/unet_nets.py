@@ -13,12 +13,17 @@ pretrained network loads into its segmenter key for key except the new last laye
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from monai.networks.layers import SkipConnection
 from monai.networks.nets import BasicUNet, UNet
 from torch import Tensor, nn
 
-from ahm.config import ModelConfig
 from ahm.errors import AhmError
+
+if TYPE_CHECKING:
+    # annotations only: the config validates backbone names against this registry, so a runtime import would be a circle
+    from ahm.config import ModelConfig
 
 
 def build_unet_network(model_cfg: ModelConfig, in_channels: int, out_channels: int, spatial_dims: int = 2) -> nn.Module:

@@ -8,12 +8,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import nn
 
-from ahm.config import ModelConfig
 from ahm.errors import AhmError
 from ahm.models.backbones.base import Backbone
 from ahm.models.mim import MIMModel, check_image_size
+
+if TYPE_CHECKING:
+    # annotations only: the config validates backbone names against this registry, so a runtime import would be a circle
+    from ahm.config import ModelConfig
 
 BACKBONES: dict[str, Backbone] = {}
 

@@ -8,13 +8,16 @@ fine-tuning side) and never branch on its name, so a new backbone is one file re
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
-from ahm.config import ModelConfig
 from ahm.errors import AhmError
 from ahm.models.mim import MIMModel
+
+if TYPE_CHECKING:
+    # annotations only: the config validates backbone names against this registry, so a runtime import would be a circle
+    from ahm.config import ModelConfig
 
 
 class Backbone(ABC):

@@ -7,16 +7,19 @@ its segmenter key for key except the last layer, which the segmenter gets new (i
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
-from ahm.config import ModelConfig
 from ahm.errors import AhmError
 from ahm.models.backbones.base import Backbone, param_group_adder
 from ahm.models.norm import conv_norm, fast_instance_norms
 from ahm.models.unet_mim import MaskedUNet
 from ahm.models.unet_nets import build_unet_network, contracting_path, head_prefix
+
+if TYPE_CHECKING:
+    # annotations only: the config validates backbone names against this registry, so a runtime import would be a circle
+    from ahm.config import ModelConfig
 
 
 class UNetBackbone(Backbone):

@@ -5,17 +5,20 @@ The MAE's encoder is exactly `monai.networks.nets.ViT(...)`, so its state dict l
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from monai.networks.nets import UNETR
 from torch import Tensor, nn
 
-from ahm.config import ModelConfig
 from ahm.errors import AhmError
 from ahm.models.backbones.base import Backbone, param_group_adder
 from ahm.models.mae import MAEViT, freeze_unused_norms
 from ahm.models.mim import size_text
 from ahm.models.norm import fast_instance_norms
+
+if TYPE_CHECKING:
+    # annotations only: the config validates backbone names against this registry, so a runtime import would be a circle
+    from ahm.config import ModelConfig
 
 UNETR_PATCH_SIZE = 16  # fixed inside MONAI's UNETR
 UNETR_NUM_LAYERS = 12  # UNETR taps blocks 3, 6, 9 and 12

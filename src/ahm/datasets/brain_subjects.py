@@ -39,12 +39,12 @@ from typing import Any
 
 import numpy as np
 
-from ahm.data.brain_demo import (
+from ahm.datasets.brain_demo import (
     LABELS,
-    _read_bundled,
-    _read_with_loaders,
-    _save_png,
-    _swap_into_place,
+    read_bundled,
+    read_with_loaders,
+    save_png,
+    swap_into_place,
     tissue_labels,
 )
 from ahm.errors import AhmError
@@ -126,7 +126,7 @@ def load_template() -> Template:
     from scipy.ndimage import gaussian_filter
 
     try:
-        volumes = _read_bundled() or _read_with_loaders()
+        volumes = read_bundled() or read_with_loaders()
     except ImportError as exc:
         raise AhmError("brain subjects: needs nilearn (pip install 'ahm[demo]' or pip install nilearn)") from exc
     except Exception as exc:  # a broken nilearn install: one line
@@ -415,7 +415,7 @@ def _partial(out: Path):
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         yield tmp
-        _swap_into_place(tmp, out)
+        swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -443,8 +443,8 @@ def prepare_brain_subjects(out: Path, subjects: int = 60, seed: int = 0, image_s
             sub = sim.subject(k)
             contrasts[sub["contrast"]] += 1
             for stem, (image, label) in sub["slices"].items():
-                _save_png(tmp / "images" / f"{stem}.png", image)
-                _save_png(tmp / "masks" / f"{stem}.png", label)
+                save_png(tmp / "images" / f"{stem}.png", image)
+                save_png(tmp / "masks" / f"{stem}.png", label)
                 splits[side].append(stem)
             if len(shown) < montage_subjects:
                 shown.append(sub)

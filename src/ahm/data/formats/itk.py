@@ -12,6 +12,19 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from ahm.data.formats.base import (
+    ImageInfo,
+    Reader,
+    Volume,
+    check_channels,
+    check_file,
+    check_numeric,
+    check_pixels,
+    check_voxels,
+    header_volume,
+    positive_pair,
+    register,
+)
 from ahm.errors import AhmError
 
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -205,7 +218,7 @@ def _check_header(path: Path) -> None:
             )
 
 
-def spacing_problem(path: str | Path) -> str | None:
+def _spacing_problem(path: str | Path) -> str | None:
     """Why a NRRD/MetaImage volume's voxel size is unknown (one line naming it), or None. ITK reads a header
     without one as 1 mm per voxel, which the 2D path may use (it never resamples) but 3D resampling must not."""
     path = Path(path)
@@ -304,3 +317,68 @@ def itk_image(info: ItkInfo) -> np.ndarray:
     if info.dimension == 3:
         arr = arr[0]  # [1, y, x(, c)] -> [y, x(, c)]
     return arr[None] if arr.ndim == 2 else np.moveaxis(arr, -1, 0)
+
+
+def _info(path: Path) -> ItkInfo:
+    check_file(path)
+    return read_itk_info(path)
+
+
+@register
+class ItkReader(Reader):
+    """A 2D file, or a 3D one of one slice, is an image; more slices (or a 4th axis) make a volume."""
+
+    name = "itk"
+    rank = 50
+    suffixes = ITK_SUFFIXES
+    reads_images = True
+    reads_volumes = True
+    volume_kinds = ".nrrd, .nhdr, .mha, .mhd"
+
+    def is_volume(self, path: Path) -> bool:
+        itk = _info(path)
+        return itk.is_volume or itk.dimension > 3
+
+    def read_pixels(self, path: Path, max_pixels: int, as_mask: bool) -> tuple[np.ndarray, str]:
+        itk = _info(path)
+        check_pixels(path, itk.size[1] if itk.dimension > 1 else 1, itk.size[0], max_pixels)
+        check_channels(path, itk.components)
+        return check_numeric(path, itk_image(itk)), str(itk.dtype)
+
+    def image_info(self, path: Path, max_pixels: int) -> ImageInfo:
+        itk = _info(path)
+        if itk.is_volume or itk.dimension > 3:
+            raise AhmError(f"{path}: {'x'.join(map(str, itk.size))} image is a volume, not a 2D image")
+        height = itk.size[1] if itk.dimension > 1 else 1
+        check_pixels(path, height, itk.size[0], max_pixels)
+        return ImageInfo(path, height, itk.size[0], itk.components, str(itk.dtype))
+
+    def pixel_size(self, path: Path) -> tuple[float, float] | None:
+        itk = _info(path)
+        if itk.is_volume or itk.dimension < 2 or _spacing_problem(path) is not None:
+            return None
+        return positive_pair(itk.spacing[1], itk.spacing[0])  # rows run along y, columns along x
+
+    def read_volume(self, path: Path, max_voxels: int, labels: bool) -> Volume:
+        itk = _info(path)
+        shape = itk.size + ((itk.components,) if itk.components > 1 else ())
+        check_voxels(path, shape, max_voxels)
+        data, affine = itk_volume(itk)
+        # itk_volume puts the identity in place of a non-finite geometry: then no size is recorded either
+        recorded = _spacing_problem(path) is None and all(
+            np.isfinite(np.asarray(v, dtype=np.float64)).all() for v in (itk.spacing, itk.origin, itk.direction))
+        known = (recorded, recorded and itk.dimension >= 2, recorded and itk.dimension >= 3)
+        return header_volume(path, data, affine, known, labels)
+
+    def volume_info(self, path: Path) -> tuple[tuple[int, int, int], int]:
+        itk = _info(path)
+        _check_truncation(itk)
+        size = tuple(itk.size) + (1, 1)
+        channels = itk.components * (itk.size[3] if itk.dimension == 4 else 1)
+        return (int(size[0]), int(size[1]), int(size[2])), int(channels)
+
+    def count_slices(self, path: Path, axis: int) -> int:
+        return int((tuple(_info(path).size) + (1, 1))[axis])
+
+    def spacing_problem(self, path: Path) -> str | None:
+        return _spacing_problem(path)

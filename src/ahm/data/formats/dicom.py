@@ -6,6 +6,7 @@ extended and lossless, JPEG-LS, JPEG 2000, RLE; deflate natively) and converts Y
 `pydicom.pixels` helpers apply what the header says (modality LUT or rescale slope/intercept, VOI LUT or
 window, palette colour). What is added here: the size and truncation checks before decoding, MONOCHROME1
 inversion, the enhanced multi-frame functional groups, geometry, and one-line errors naming the file.
+A folder of single-frame files, one series, is read by `ahm.data.formats.dicom_series`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,20 @@ from typing import Any
 
 import numpy as np
 
+from ahm.data.formats.base import (
+    ImageInfo,
+    Reader,
+    Volume,
+    check_channels,
+    check_file,
+    check_numeric,
+    check_pixels,
+    check_voxels,
+    describe_error,
+    header_volume,
+    positive_pair,
+    register,
+)
 from ahm.errors import AhmError
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -49,12 +64,6 @@ class DicomInfo:
         return self.frames > 1
 
 
-def _describe(exc: BaseException) -> str:
-    from ahm.data.readers import _describe as describe
-
-    return describe(exc)
-
-
 def _int(ds, name: str, default: int) -> int:
     try:
         value = getattr(ds, name, None)
@@ -65,10 +74,38 @@ def _int(ds, name: str, default: int) -> int:
 
 def read_dicom_info(path: Path) -> DicomInfo:
     """Header of one DICOM file (pixel data not read); AhmError naming the file when it is no image."""
-    from ahm.data.readers import _check_file, _dicom_header
+    check_file(path)
+    return _info_from(path, read_header(path))
 
-    _check_file(path)
-    return _info_from(path, _dicom_header(path))
+
+def read_header(path: Path):
+    """The pydicom Dataset of one file without its pixel data, every element parsed; AhmError naming the file
+    when it is not a DICOM image."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    if path.stat().st_size == 0:
+        raise AhmError(f"{path}: empty file (0 bytes)")
+    try:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except InvalidDicomError:
+            # Old files without the 128-byte preamble; accepted only if they look like an image below.
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        # pydicom parses elements lazily; parse them all now so a corrupt one fails here, naming the file,
+        # rather than on some later attribute access.
+        for _ in ds.iterall():
+            pass
+        if "Rows" not in ds or "Columns" not in ds:
+            raise AhmError(f"{path}: not a DICOM image (no Rows/Columns)")
+        rows, cols = int(ds.Rows), int(ds.Columns)
+    except AhmError:
+        raise
+    except Exception as exc:
+        raise AhmError(f"{path}: not a readable DICOM file ({describe_error(exc)})") from exc
+    if rows <= 0 or cols <= 0:
+        raise AhmError(f"{path}: DICOM image has no pixels ({rows}x{cols})")
+    return ds
 
 
 def _info_from(path: Path, ds) -> DicomInfo:
@@ -148,7 +185,7 @@ def _decode(info: DicomInfo):
             syntax = f", transfer syntax {ds.file_meta.TransferSyntaxUID.name}"  # type: ignore[possibly-undefined]
         except Exception:  # noqa: BLE001, S110 - the syntax name only decorates the message
             pass
-        raise AhmError(f"{info.path}: truncated or undecodable DICOM pixel data ({_describe(exc)}{syntax})") from exc
+        raise AhmError(f"{info.path}: truncated or undecodable DICOM pixel data ({describe_error(exc)}{syntax})") from exc
     expect: tuple[int, ...] = (info.rows, info.cols)
     if info.frames > 1:
         expect = (info.frames,) + expect
@@ -197,7 +234,7 @@ def _frame_rescale(ds, frames: int) -> list[Any] | None:
                 item = per_frame[k].PixelValueTransformationSequence[0]
             items.append(item)
     except Exception as exc:
-        raise AhmError(f"{ds.filename}: unreadable functional groups ({_describe(exc)})") from exc
+        raise AhmError(f"{ds.filename}: unreadable functional groups ({describe_error(exc)})") from exc
     return items if any(i is not None for i in items) else None
 
 
@@ -244,7 +281,7 @@ def _grey_pipeline(info: DicomInfo, ds, arr: np.ndarray, window: bool) -> np.nda
     except AhmError:
         raise
     except Exception as exc:
-        raise AhmError(f"{info.path}: unusable modality/VOI LUT in the header ({_describe(exc)})") from exc
+        raise AhmError(f"{info.path}: unusable modality/VOI LUT in the header ({describe_error(exc)})") from exc
     if _inverted(ds, info.photometric):
         # Invert over the range the pipeline can produce (the stored range mapped the same way), so the
         # result does not depend on which values this particular image happens to hold.
@@ -269,7 +306,7 @@ def _finish(info: DicomInfo, ds, arr: np.ndarray, as_labels: bool) -> np.ndarray
         try:
             return np.asarray(apply_color_lut(arr, ds))
         except Exception as exc:
-            raise AhmError(f"{info.path}: unusable palette colour table ({_describe(exc)})") from exc
+            raise AhmError(f"{info.path}: unusable palette colour table ({describe_error(exc)})") from exc
     if info.samples == 1:
         return _grey_pipeline(info, ds, arr, window=info.frames == 1 and _uses_window(ds))
     return arr
@@ -289,7 +326,7 @@ def series_slice(path: Path, ds, labels: bool) -> np.ndarray:
         except AhmError:
             raise
         except Exception as exc:
-            raise AhmError(f"{path}: unusable modality LUT in the header ({_describe(exc)})") from exc
+            raise AhmError(f"{path}: unusable modality LUT in the header ({describe_error(exc)})") from exc
     if info.samples == 1 and info.photometric != "PALETTE COLOR":
         return _grey_pipeline(info, full, arr, window=False)
     return _finish(info, full, arr, as_labels=False)
@@ -395,7 +432,7 @@ def _geometry(info: DicomInfo) -> tuple[np.ndarray, np.ndarray, np.ndarray | Non
     return row, col, spacing, first, step
 
 
-def spacing_problem(info: DicomInfo) -> str | None:
+def _spacing_problem(info: DicomInfo) -> str | None:
     """Why a multi-frame file's voxel size is unknown (one line naming it), or None: PixelSpacing > 0 and a
     slice step are what 3D resampling needs; `_affine` would otherwise put 1 mm in their place."""
     _, _, spacing, _, step = _geometry(info)
@@ -422,3 +459,56 @@ def _affine(info: DicomInfo) -> np.ndarray:
     lps[:3, 2] = step
     lps[:3, 3] = first if first is not None else np.zeros(3)
     return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+
+
+@register
+class DicomFileReader(Reader):
+    """One file: a 2D image with one frame, a volume with several."""
+
+    name = "dicom"
+    rank = 40
+    suffixes = DICOM_SUFFIXES
+    reads_images = True
+    reads_volumes = True
+    volume_kinds = ".dcm (multi-frame)"
+
+    def is_volume(self, path: Path) -> bool:
+        return read_dicom_info(path).is_volume
+
+    def read_pixels(self, path: Path, max_pixels: int, as_mask: bool) -> tuple[np.ndarray, str]:
+        info = read_dicom_info(path)
+        check_pixels(path, info.rows, info.cols, max_pixels)
+        check_channels(path, info.channels)
+        return check_numeric(path, dicom_image(info, as_mask=as_mask)), info.dtype
+
+    def image_info(self, path: Path, max_pixels: int) -> ImageInfo:
+        info = read_dicom_info(path)
+        if info.is_volume:
+            raise AhmError(f"{path}: multi-frame DICOM ({info.frames} frames) is a volume, not a 2D image")
+        check_pixels(path, info.rows, info.cols, max_pixels)
+        return ImageInfo(path, info.rows, info.cols, info.channels, info.dtype)
+
+    def pixel_size(self, path: Path) -> tuple[float, float] | None:
+        info = read_dicom_info(path)
+        spacing = None if info.is_volume else _geometry(info)[2]
+        return None if spacing is None else positive_pair(spacing[0], spacing[1])
+
+    def read_volume(self, path: Path, max_voxels: int, labels: bool) -> Volume:
+        info = read_dicom_info(path)
+        shape: tuple[int, ...] = (info.cols, info.rows, info.frames) + ((info.channels,) if info.channels > 1 else ())
+        check_voxels(path, shape, max_voxels)
+        data, affine = dicom_volume(info, labels=labels)
+        _, _, pixel_spacing, _, step = _geometry(info)
+        known = (pixel_spacing is not None, pixel_spacing is not None, step is not None)
+        return header_volume(path, data, affine, known, labels)
+
+    def volume_info(self, path: Path) -> tuple[tuple[int, int, int], int]:
+        info = read_dicom_info(path)
+        return (info.cols, info.rows, info.frames), info.channels
+
+    def count_slices(self, path: Path, axis: int) -> int:
+        info = read_dicom_info(path)
+        return [info.cols, info.rows, info.frames][axis]
+
+    def spacing_problem(self, path: Path) -> str | None:
+        return _spacing_problem(read_dicom_info(path))

@@ -55,7 +55,7 @@ LESIONS = {"radius_mm": (3.0, 7.0), "contrast": 0.45, "slice_share": 1 / 3, "min
 _FILES = {name: f"mni_icbm152_{name}_tal_nlin_sym_09a_converted.nii.gz" for name in ("t1", "gm", "wm")}
 
 
-def _read_bundled() -> dict[str, np.ndarray] | None:
+def read_bundled() -> dict[str, np.ndarray] | None:
     """The 1 mm template files inside the nilearn wheel, read with nibabel.
 
     Importing `nilearn.datasets` costs several seconds (it pulls in scikit-learn); the files are all we need.
@@ -77,7 +77,7 @@ def _read_bundled() -> dict[str, np.ndarray] | None:
     }
 
 
-def _read_with_loaders() -> dict[str, np.ndarray]:
+def read_with_loaders() -> dict[str, np.ndarray]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from nilearn import datasets
@@ -104,7 +104,7 @@ def _load_template() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """T1 image, grey/white matter probabilities `[2, X, Y, Z]` (0..1) and the 1 mm label volume (0/1/2),
     from nilearn's bundled MNI152 2009 files (no network)."""
     try:
-        volumes = _read_bundled() or _read_with_loaders()
+        volumes = read_bundled() or read_with_loaders()
     except ImportError as exc:
         raise AhmError("brain demo: needs nilearn (pip install 'ahm[demo]' or pip install nilearn)") from exc
     except Exception as exc:  # a broken nilearn install: say so in one line
@@ -208,7 +208,7 @@ def _is_previous_demo(out: Path) -> bool:
         return False
 
 
-def _save_png(path: Path, array: np.ndarray) -> None:
+def save_png(path: Path, array: np.ndarray) -> None:
     from PIL import Image
 
     Image.fromarray(np.ascontiguousarray(array.astype(np.uint8)), mode="L").save(path, format="PNG")
@@ -230,7 +230,7 @@ def prepare_brain_demo(
     Refuses a non-empty `out` unless it is a previous brain demo (then replaced). The set is written to a
     temporary folder beside `out` and renamed into place, so `out` is never left half written.
     """
-    from ahm.data.readers import resize_image
+    from ahm.data.preprocess import resize_image
 
     out = Path(out).expanduser()
     if not 16 <= image_size <= 1024:
@@ -284,8 +284,8 @@ def prepare_brain_demo(
             pixels = np.clip(np.round(image), 0, 255).astype(np.uint8)
             if shift:
                 pixels = acquisition_shift(pixels, stem)
-            _save_png(tmp / "images" / f"{stem}.png", pixels)
-            _save_png(tmp / "masks" / f"{stem}.png", label)
+            save_png(tmp / "images" / f"{stem}.png", pixels)
+            save_png(tmp / "masks" / f"{stem}.png", label)
             if progress is not None:
                 progress(done, len(work))
         counts = {side: len(ids) for side, ids in splits.items()}
@@ -308,7 +308,7 @@ def prepare_brain_demo(
         (tmp / "splits.json").write_text(json.dumps(splits, indent=1) + "\n")
         (tmp / "labels.json").write_text(json.dumps(names, indent=1) + "\n")
         (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")
-        _swap_into_place(tmp, out)
+        swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -325,7 +325,7 @@ def prepare_brain_demo(
     }
 
 
-def _swap_into_place(tmp: Path, out: Path) -> None:
+def swap_into_place(tmp: Path, out: Path) -> None:
     old = None
     if out.exists():
         if any(out.iterdir()):
