@@ -16,7 +16,7 @@ from ahm.io import load_torch
 from ahm.train.pretrain import pretrain
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
-from train_helpers import make_blob_folder, tiny_pretrain_overrides
+from train_helpers import RankEvidence, make_blob_folder, tiny_pretrain_overrides
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_ddp_ranks_end_with_the_same_agent(blobs: Path, tmp_path: Path) -> None:
     cfg = _cfg(blobs, steps=3)
     cfg.train.devices = 2
     cfg.train.batch_size = 2
-    summary = pretrain(cfg, tmp_path / "run", progress=False)
+    summary = pretrain(cfg, tmp_path / "run", progress=False, hooks=[RankEvidence()])
     assert summary["world_size"] == 2 and summary["ranks_agree"]
     prints = json.loads((tmp_path / "run" / "rank_fingerprints.json").read_text())
     assert prints["0"] == prints["1"]  # includes every agent parameter (all-reduced A2C gradients)

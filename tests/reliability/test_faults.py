@@ -249,9 +249,9 @@ class _InfGrad(torch.autograd.Function):
 
 def _faulty_forward(monkeypatch, nan_at: tuple[int, ...] = (), inf_grad_at: tuple[int, ...] = ()) -> None:
     """Corrupt the pretraining step's loss (NaN) or gradients (inf) on the given 1-based steps."""
-    import ahm.train.pretrain as pt
+    import ahm.train.engine as engine
 
-    real = pt.forward_step
+    real = engine.forward_step
     calls = {"n": 0}
 
     def forward_step(model, policy, images, progress, *rest):  # rest: the staged loop's trains_model
@@ -263,7 +263,7 @@ def _faulty_forward(monkeypatch, nan_at: tuple[int, ...] = (), inf_grad_at: tupl
             loss = loss + _InfGrad.apply(next(model.parameters()).sum())
         return loss, out, pstep
 
-    monkeypatch.setattr(pt, "forward_step", forward_step)
+    monkeypatch.setattr(engine, "forward_step", forward_step)
 
 
 def _finite(ckpt: dict) -> bool:

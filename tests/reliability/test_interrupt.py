@@ -79,10 +79,10 @@ def _sigint_at_call(monkeypatch, module, name: str, calls: tuple[int, ...]):
 
 
 def test_sigint_in_process_stops_after_the_step_and_resumes_exactly(blobs: Path, tmp_path: Path, monkeypatch) -> None:
-    import ahm.train.pretrain as pt
+    import ahm.train.engine as engine
 
     pretrain(tiny_cfg(blobs, steps=6, checkpoint_every=100), tmp_path / "ref", progress=False)
-    _sigint_at_call(monkeypatch, pt, "set_lr", (3,))
+    _sigint_at_call(monkeypatch, engine, "set_lr", (3,))
     with pytest.raises(Interrupted, match=r"interrupted at step 3/6.*--resume"):
         pretrain(tiny_cfg(blobs, steps=6, checkpoint_every=100), tmp_path / "run", progress=False)
     monkeypatch.undo()
@@ -96,9 +96,9 @@ def test_sigint_in_process_stops_after_the_step_and_resumes_exactly(blobs: Path,
 
 
 def test_second_sigint_stops_at_once_keeping_the_last_checkpoint(blobs: Path, tmp_path: Path, monkeypatch) -> None:
-    import ahm.train.pretrain as pt
+    import ahm.train.engine as engine
 
-    _sigint_at_call(monkeypatch, pt, "set_lr", (3, 3))
+    _sigint_at_call(monkeypatch, engine, "set_lr", (3, 3))
     with pytest.raises(KeyboardInterrupt):
         pretrain(tiny_cfg(blobs, steps=6, checkpoint_every=2), tmp_path / "run", progress=False)
     monkeypatch.undo()
@@ -108,6 +108,7 @@ def test_second_sigint_stops_at_once_keeping_the_last_checkpoint(blobs: Path, tm
 
 
 def test_sigint_during_finetuning_resumes_exactly(tmp_path: Path, monkeypatch) -> None:
+    import ahm.train.engine as engine
     import ahm.train.finetune as ft
 
     data = make_blob_folder(tmp_path / "seg", n=16)
@@ -120,7 +121,7 @@ def test_sigint_during_finetuning_resumes_exactly(tmp_path: Path, monkeypatch) -
     }
     cfg = build_config(FinetuneConfig, overrides=over)
     ft.finetune(cfg, tmp_path / "ref", progress=False)
-    _sigint_at_call(monkeypatch, ft, "set_lr", (3,))
+    _sigint_at_call(monkeypatch, engine, "set_lr", (3,))
     with pytest.raises(Interrupted, match=r"interrupted at step 3/.*ahm finetune .*--resume"):
         ft.finetune(cfg, tmp_path / "run", progress=False)
     monkeypatch.undo()

@@ -36,14 +36,14 @@ def test_a_logged_step_pools_the_loss_and_averages_the_metrics_over_ranks(monkey
     import math
     from types import SimpleNamespace
 
-    import ahm.train.pretrain as pre
+    import ahm.train.engine as engine
 
     shares = [(3.0, 2.0, {"hardness_ratio": 1.5, "critic_spearman": math.nan}),  # rank 0: two steps' losses
               (1.0, 1.0, {"hardness_ratio": 2.5, "critic_spearman": 0.4})]  # rank 1: one (one skipped)
-    monkeypatch.setattr(pre, "gather_objects", lambda fabric, obj: shares)
-    total, count, values = pre.mean_over_ranks(SimpleNamespace(world_size=2), ["hardness_ratio", "critic_spearman"],
+    monkeypatch.setattr(engine, "gather_objects", lambda fabric, obj: shares)
+    total, count, values = engine.mean_over_ranks(SimpleNamespace(world_size=2), ["hardness_ratio", "critic_spearman"],
                                                3.0, 2.0, [1.5, math.nan])
     assert (total, count) == (4.0, 3.0)  # the mean loss is over steps, 4/3, not the mean of the ranks' means
     assert values == [2.0, 0.4]  # a metric undefined on one rank is the mean of the others
-    one = pre.mean_over_ranks(SimpleNamespace(world_size=1), ["x"], 1.0, 1.0, [0.5])
+    one = engine.mean_over_ranks(SimpleNamespace(world_size=1), ["x"], 1.0, 1.0, [0.5])
     assert one == (1.0, 1.0, [0.5])

@@ -113,13 +113,13 @@ def test_best_checkpoint_is_chosen_by_dataset_dice_and_never_by_predicting_nothi
 
 def test_resume_after_interrupt_is_exact(blobs: Path, tmp_path: Path, monkeypatch) -> None:
     """Also the determinism test: two runs from one seed, one of them interrupted, end with equal weights."""
-    import ahm.train.finetune as ft
+    import ahm.train.engine as engine
 
     cfg = _cfg(blobs, train={"epochs": 2})
     finetune(cfg, tmp_path / "straight", progress=False)
 
     fake_sigint = ctrl_c_after(3)  # a Ctrl-C after the 3rd step
-    monkeypatch.setattr(ft, "stop_on_sigint", fake_sigint)
+    monkeypatch.setattr(engine, "stop_on_sigint", fake_sigint)
     with pytest.raises(Interrupted, match="--resume"):
         finetune(cfg, tmp_path / "resumed", progress=False)
     monkeypatch.undo()
@@ -140,10 +140,10 @@ def test_resume_after_interrupt_is_exact(blobs: Path, tmp_path: Path, monkeypatc
 
 def _stop_after_step_3(monkeypatch) -> None:
     """A Ctrl-C reported after the 3rd step: the loop reads sig['stop'] once a step."""
-    import ahm.train.finetune as ft
+    import ahm.train.engine as engine
 
     fake_sigint = ctrl_c_after(3)  # a Ctrl-C after the 3rd step
-    monkeypatch.setattr(ft, "stop_on_sigint", fake_sigint)
+    monkeypatch.setattr(engine, "stop_on_sigint", fake_sigint)
 
 
 def _loader_workers(monkeypatch) -> list[int]:
@@ -374,7 +374,7 @@ def test_cli_workers_option_reaches_the_config(blobs: Path, tmp_path: Path) -> N
 
 
 def test_validation_interval_default_caps_validations() -> None:
-    from ahm.train.finetune import MAX_VALIDATIONS, validation_interval
+    from ahm.train.validation import MAX_VALIDATIONS, validation_interval
 
     assert validation_interval(None, steps_per_epoch=2, total=900) == 18  # 900 / 50, not every 2-step epoch
     assert validation_interval(None, steps_per_epoch=40, total=400) == 40  # a long epoch: once per epoch
@@ -444,10 +444,10 @@ def test_pretrained_lr_factor_waits_then_has_its_own_warmup_and_cosine() -> None
 
 
 def test_head_warmup_trains_only_the_new_layers_first(blobs: Path, tmp_path: Path, monkeypatch) -> None:
-    import ahm.train.finetune as ft
+    import ahm.train.engine as engine
 
     pre = _fake_pretrain_run(tmp_path / "pre", UNET)
-    original = ft.set_lr
+    original = engine.set_lr
     seen: list[tuple[dict[str, float], torch.Tensor, torch.Tensor]] = []
 
     def recording(optimizer, *args):
@@ -458,7 +458,7 @@ def test_head_warmup_trains_only_the_new_layers_first(blobs: Path, tmp_path: Pat
                      by_name["unet.head"][0].detach().clone()))
         return out
 
-    monkeypatch.setattr(ft, "set_lr", recording)
+    monkeypatch.setattr(engine, "set_lr", recording)
     cfg = _cfg(blobs, init=str(pre), head_warmup_steps=3, train={"warmup_steps": 1})
     cfg.train.epochs, cfg.train.steps = None, 6
     finetune(cfg, tmp_path / "ft", progress=False)
@@ -545,9 +545,10 @@ def test_freeze_encoder_without_init_is_refused_before_anything_is_written(blobs
 
 def _sharded_validation(fabric, cfg, data_path: str, state: dict) -> tuple[float, int]:
     from ahm.models import build_segmenter
-    from ahm.train.finetune import _prepare_data, validation_score
+    from ahm.train.finetune_data import prepare_data
+    from ahm.train.validation import validation_score
 
-    data = _prepare_data(cfg, Path(data_path), resume=False)
+    data = prepare_data(cfg, Path(data_path), resume=False)
     torch.manual_seed(0)
     model = build_segmenter("unet", cfg.model, 32, data.in_channels, data.num_classes)
     model.load_state_dict(state)  # the same weights on every rank and in the one-process reference

@@ -106,7 +106,7 @@ def test_3d_crop_must_suit_the_segmenter_before_any_run_directory(task: Path, tm
 
 def test_3d_resume_after_interrupt_equals_the_uninterrupted_run(task: Path, tmp_path: Path, monkeypatch) -> None:
 
-    import ahm.train.finetune as ft
+    import ahm.train.engine as engine
     from ahm.io import load_torch
     from ahm.train.loop import Interrupted
 
@@ -114,7 +114,7 @@ def test_3d_resume_after_interrupt_equals_the_uninterrupted_run(task: Path, tmp_
     finetune(cfg, tmp_path / "straight", progress=False)
 
     fake_sigint = ctrl_c_after(3)  # a Ctrl-C after the 3rd step
-    monkeypatch.setattr(ft, "stop_on_sigint", fake_sigint)
+    monkeypatch.setattr(engine, "stop_on_sigint", fake_sigint)
     with pytest.raises(Interrupted, match="--resume"):
         finetune(cfg, tmp_path / "resumed", progress=False)
     monkeypatch.undo()
@@ -137,7 +137,7 @@ def test_3d_loader_workers_change_nothing_and_a_resume_with_them_is_exact(task: 
     """Without workers, uninterrupted; with 2 (the cached volumes shared with them), interrupted after step 3 and
     resumed: the same weights."""
 
-    import ahm.train.finetune as ft
+    import ahm.train.engine as engine
     from ahm.io import load_torch
     from ahm.train.loop import Interrupted
 
@@ -147,7 +147,7 @@ def test_3d_loader_workers_change_nothing_and_a_resume_with_them_is_exact(task: 
 
     fake_sigint = ctrl_c_after(3)  # a Ctrl-C after the 3rd step
     with monkeypatch.context() as m:
-        m.setattr(ft, "stop_on_sigint", fake_sigint)
+        m.setattr(engine, "stop_on_sigint", fake_sigint)
         with pytest.raises(Interrupted):
             finetune(cfg, tmp_path / "resumed", progress=False)
     finetune(cfg, tmp_path / "resumed", resume=True, progress=False)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from train_helpers import make_blob_folder, tiny_pretrain_overrides
 
+import ahm.train.engine as engine
 import ahm.train.pretrain as pretrain_module
 from ahm.config import PretrainConfig, build_config
 from ahm.masking import PolicyContext, build_policy
@@ -117,13 +118,13 @@ def _count_reads(tmp_path, monkeypatch, policy: str, steps: int, log_every: int)
     over["masking"]["hard_fraction_warmup"] = 0.0  # ahm: the actor draws from the first step on
     cfg = build_config(PretrainConfig, overrides=over)
     reads = HostReads(monkeypatch)
-    forward = pretrain_module.forward_step
+    forward = engine.forward_step
 
     def step_start(*args, **kwargs):
         reads.step = 1 if reads.step is None else reads.step + 1
         return forward(*args, **kwargs)
 
-    monkeypatch.setattr(pretrain_module, "forward_step", step_start)
+    monkeypatch.setattr(engine, "forward_step", step_start)
     try:
         with reads.mode:
             pretrain_module.pretrain(cfg, tmp_path / "run", progress=False)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import make_blob_folder, tiny_pretrain_overrides
+from train_helpers import RankEvidence, make_blob_folder, tiny_pretrain_overrides
 from typer.testing import CliRunner
 
 from ahm.config import PretrainConfig, build_config
@@ -133,7 +133,7 @@ def test_ddp_two_cpu_processes_agree(blobs: Path, tmp_path: Path) -> None:
     cfg = _cfg(blobs, policy="adamae", steps=3)
     cfg.train.devices = 2
     cfg.train.batch_size = 2
-    summary = pretrain(cfg, tmp_path / "run", progress=False)
+    summary = pretrain(cfg, tmp_path / "run", progress=False, hooks=[RankEvidence()])
     assert summary["world_size"] == 2
     # each rank saved its weights fingerprint: they must agree (model under DDP, policy by grad all-reduce)
     prints = json.loads((tmp_path / "run" / "rank_fingerprints.json").read_text())

@@ -87,12 +87,10 @@ def _finetune_run(blobs, out):
 @pytest.mark.parametrize("kind", ["pretrain", "finetune"])
 def test_resume_loads_optimiser_state_after_the_model_is_on_its_device(blobs, tmp_path, monkeypatch, watch,
                                                                       kind) -> None:
-    import ahm.train.finetune as ft
-    import ahm.train.pretrain as pre
+    import ahm.train.engine as module
 
     events, optimizers = watch
-    module, run = (pre, _pretrain_run(blobs, tmp_path / "run")) if kind == "pretrain" else \
-        (ft, _finetune_run(blobs, tmp_path / "run"))
+    run = _pretrain_run(blobs, tmp_path / "run") if kind == "pretrain" else _finetune_run(blobs, tmp_path / "run")
     _interrupt_after(monkeypatch, module, 2)
     with pytest.raises(Interrupted):
         run(False)

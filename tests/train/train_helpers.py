@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ahm.train.engine import TrainHook
+
 
 def make_blob_folder(root: Path, n: int = 12, size: int = 32, seed: int = 0, labels: bool = True) -> Path:
     """A `folder`-layout set of grayscale images with a bright disc (label 1) on a dark textured background."""
@@ -59,3 +61,53 @@ def ctrl_c_after(reads: int):
         yield StopAfter()
 
     return fake_sigint
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evidence of DDP semantics, installed by the tests that check them: the engine's `TrainHook` extension point.
+
+MAX_SEEN = 4096  # entries per rank kept as evidence of disjoint DDP shards (rank_samples.json)
+
+
+def weights_fingerprint(model, policy):
+    """Order-sensitive sums of every parameter, float64: equal across ranks iff they trained in lock-step."""
+    import torch
+
+    values = []
+    for module in (model, policy):
+        for i, p in enumerate(module.parameters()):
+            flat = p.detach().double().reshape(-1)
+            weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device)
+            values.append(flat.sum() + (flat * weights * 1e-6).sum() * (i + 1))
+    return torch.stack(values)
+
+
+class RankEvidence(TrainHook):
+    """Under DDP, rank 0 writes rank_fingerprints.json (each rank's weights fingerprint: model under DDP, policy
+    by all-reduced gradients), rank_samples.json (the corpus entries each rank trained on, the first MAX_SEEN)
+    and summary["ranks_agree"]. Picklable, so `--devices N` takes it into its processes."""
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+
+    def on_batch(self, run, batch) -> None:
+        if len(self.seen) < MAX_SEEN:
+            self.seen.extend(batch["entry"])
+
+    def on_end(self, run, summary) -> None:
+        import torch
+
+        from ahm.io import write_json
+
+        fabric, world = run.fabric, run.fabric.world_size
+        if world == 1:
+            return
+        prints = fabric.all_gather(weights_fingerprint(run.raw_model, run.policy).to(fabric.device)).cpu()
+        shown = torch.full((MAX_SEEN,), -1, dtype=torch.long)
+        shown[:min(len(self.seen), MAX_SEEN)] = torch.tensor(self.seen[:MAX_SEEN], dtype=torch.long)
+        entries = fabric.all_gather(shown.to(fabric.device)).cpu()
+        if fabric.global_rank == 0:
+            write_json(run.out / "rank_fingerprints.json", {str(r): prints[r].tolist() for r in range(world)})
+            write_json(run.out / "rank_samples.json", {str(r): [int(k) for k in entries[r] if k >= 0]
+                                                       for r in range(world)})
+            summary["ranks_agree"] = bool((prints == prints[0]).all())

@@ -9,29 +9,8 @@ import typer
 
 from ahm.cli.app import app, console, fail, is_quiet, out, run_guarded
 
-# What a fine-tuning takes from its pretraining run unless told otherwise (an option, or the --config), so
-# that the encoder sees images as it was pretrained on them: the model grid in 2D; in 3D the dimension, the voxel
-# spacing, the orientation and the crop (the network's input) as well.
-INHERITED_2D = ("image_size",)
-INHERITED_3D = ("image_size", "spatial_dims", "spacing", "orientation", "crop_size")
-
 ACCELERATOR_HELP = "auto, cpu or cuda (default: the run's own: cuda if it trained on a GPU and one is here)."
 PRECISION_HELP = "32-true, bf16-mixed or 16-mixed (GPU only) (default: the run's own on a GPU, else 32-true)."
-
-
-def _pretrain_data_defaults(init: str) -> dict:
-    """The pretraining run's data settings listed above ({} if its config is unreadable); explicit nulls kept."""
-    from ahm.config import read_yaml
-    from ahm.errors import AhmError
-
-    try:
-        data = read_yaml(Path(init) / "config.yaml").get("data", {})
-    except AhmError:
-        return {}
-    if not isinstance(data, dict):
-        return {}
-    keys = INHERITED_3D if data.get("spatial_dims") == 3 else INHERITED_2D
-    return {k: data[k] for k in keys if k in data}
 
 
 @app.command(no_args_is_help=True)
@@ -95,11 +74,9 @@ def finetune(
 ) -> None:
     """Fine-tune a segmenter on a fraction of the labels; keeps the best checkpoint by validation Dice
     (dataset-level by default, see --select-by)."""
-    from ahm.config import FinetuneConfig, build_config
-    from ahm.errors import AhmError
-    from ahm.models.backbones import segmenter_names, segmenter_of_backbone
+    from ahm.models.backbones import segmenter_names
     from ahm.train.finetune import finetune as run_finetune
-    from ahm.train.finetune import is_scratch_init
+    from ahm.train.resolve import resolve_finetune_config
 
     option = "--segmenter"
     if model is not None:
@@ -114,46 +91,20 @@ def finetune(
         fail("--steps and --epochs: give one of them")
     if labels_fraction is not None and labels_subjects is not None:
         fail("--labels-fraction and --labels-subjects: give one of them")
+    options = {
+        "data": {"path": str(data), "image_size": image_size, "layout": layout, "skip_bad": skip_bad or None,
+                 "spatial_dims": spatial_dims},
+        "overlap": overlap,
+        "segmenter": segmenter, "labels_fraction": labels_fraction,
+        "labels_subjects": labels_subjects,
+        "layer_decay": layer_decay, "encoder_lr_scale": encoder_lr_scale, "val_every": val_every,
+        "head_warmup_steps": head_warmup_steps, "select_by": select_by, "freeze_encoder": freeze_encoder,
+        "train": {"epochs": epochs, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "devices": devices,
+                  "accelerator": accelerator, "precision": precision, "workers": workers},
+    }
 
     def go():
-        chosen_init = init
-        if chosen_init is None and not resume:
-            file_init = None
-            if config is not None:
-                from ahm.config import file_section
-
-                file_init = file_section(FinetuneConfig, config).get("init")
-            if file_init is None:
-                raise AhmError("--init: give a pretraining run directory (from `ahm pretrain`), or 'none' to "
-                               "train from scratch")
-            chosen_init = str(file_init)
-        pretrained = chosen_init is not None and not is_scratch_init(chosen_init)
-        inherited: dict = {}
-        if pretrained and not resume:
-            from ahm.train.finetune import load_init
-
-            enc = load_init(chosen_init)
-            if segmenter is not None and segmenter != enc.segmenter:
-                raise AhmError(f"{option} {segmenter} does not match {enc.path}: a {enc.metadata.get('backbone')} encoder "
-                               f"is fine-tuned as {enc.segmenter} ({', '.join(f'{b} -> {s}' for b, s in segmenter_of_backbone().items())})")
-            inherited = _pretrain_data_defaults(chosen_init)
-        overrides = {
-            "data": {"path": str(data), "image_size": image_size, "layout": layout, "skip_bad": skip_bad or None,
-                     "spatial_dims": spatial_dims},
-            "overlap": overlap,
-            "init": chosen_init, "segmenter": segmenter, "labels_fraction": labels_fraction,
-            "labels_subjects": labels_subjects,
-            "layer_decay": layer_decay, "encoder_lr_scale": encoder_lr_scale, "val_every": val_every,
-            "head_warmup_steps": head_warmup_steps, "select_by": select_by, "freeze_encoder": freeze_encoder,
-            "train": {"epochs": epochs, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "devices": devices,
-                      "accelerator": accelerator, "precision": precision, "workers": workers},
-        }
-        # the pretraining run's settings are defaults: the --config file and the options win over them
-        cfg = build_config(FinetuneConfig, file=config, overrides=overrides, base={"data": inherited})
-        if steps is not None:
-            cfg.train.epochs = None  # the run counts steps
-        if resume and epochs is None and steps is None:
-            cfg.train.epochs = None  # keep the run's own length, not the default's (only --epochs changes it)
+        cfg = resolve_finetune_config(options, init, file=config, resume=resume, segmenter_option=option)
         return run_finetune(cfg, out_dir, resume=resume, force=force, progress=not is_quiet())
 
     summary = run_guarded(go)

@@ -3,13 +3,9 @@ normal case; the weights only transfer when B's images reach the network as A's 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from ahm.config import FinetuneConfig
 from ahm.errors import AhmError
-
-if TYPE_CHECKING:
-    from ahm.train.finetune import PretrainedEncoder
+from ahm.train.pretrained import PretrainedEncoder
 
 
 def pretrained_normalization(enc: PretrainedEncoder) -> str | None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -19,29 +19,30 @@ from ahm.errors import AhmError
 from ahm.io import save_safetensors, write_json
 from ahm.masking import PolicyContext, build_policy
 from ahm.train.checkpoint import checkpoint_path, load_checkpoint, restore_state
-from ahm.train.checkpoint import save_checkpoint as write_checkpoint
+from ahm.train.engine import (
+    PretrainRun,
+    TrainHook,
+    installed_hooks,
+    run_pretraining,
+    slice_end,
+)
+from ahm.train.engine import forward_step as forward_step  # where `ahm bench speed` takes it from
+from ahm.train.engine import mean_over_ranks as mean_over_ranks
 from ahm.train.loop import (
-    Interrupted,
     StepGuard,
-    Throughput,
     adamw_kernel,
     decay_param_groups,
-    gather_objects,
     launch,
     launch_rank,
     make_fabric,
-    optimizer_step,
     progress_bar,
     read_scalars,
-    stop_on_sigint,
-    stop_requested,
     sync_batchnorm,
 )
 from ahm.train.rundir import MetricsLog, RunLock, prepare_run_dir, read_metrics, unstarted_run
-from ahm.train.schedule import lr_factor, set_lr
+from ahm.train.state import Checkpoints, DeviceLoss, RunState, metric_window
 
 SUMMARY_WINDOW = 50  # steps: summary.json averages each metric over what was logged in the run's last 50 steps
-MAX_SEEN = 4096  # entries per rank kept as evidence of disjoint DDP shards (rank_samples.json)
 
 
 def load_pretrain_data(cfg: PretrainConfig):
@@ -53,42 +54,6 @@ def load_pretrain_data(cfg: PretrainConfig):
     first = corpus.sources[0]
     splits = make_splits(first.index, first.data_cfg) if first.index.has_labels else {"train": list(first.ids)}
     return corpus, splits
-
-
-def forward_step(model, policy, images: torch.Tensor, progress: float, trains_model: bool = True,
-                 logged: bool = True):
-    """One MIM step's forward: the policy proposes, the model reconstructs, the policy observes.
-
-    Returns (total loss to backpropagate, MIMOutput, PolicyStep). Shared by the loop and `ahm bench speed`.
-    `trains_model` False (a staged policy's frozen-model stage): the model runs without gradient, and the
-    returned loss is only for logging (the policy learnt inside `observe_output`).
-    `logged`: whether the caller logs this step; only then does the policy compute its diagnostics. The policy
-    reads nothing from the device for them (`host_reads` off): its metrics may be tensors, for the caller to read
-    (`read_scalars`), and a non-finite loss is the caller's to catch.
-    """
-    policy.host_reads = False
-    policy.wants_metrics = logged
-    mask = policy.propose(images, progress)
-    with torch.set_grad_enabled(trains_model and torch.is_grad_enabled()):
-        out = model(images, mask, num_masked=policy.num_masked(progress))
-    pstep = policy.observe_output(images, mask, out, progress)
-    loss = out.loss if pstep.aux_loss is None else out.loss + pstep.aux_loss
-    return loss, out, pstep
-
-
-def mean_over_ranks(fabric, keys: list[str], loss_total: float, loss_count: float,
-                    values: list[float]) -> tuple[float, float, list[float]]:
-    """A logged step's loss (pooled sum and count) and metrics (mean of the ranks where defined) over every rank,
-    gathered as host numbers: the step reads the device for its log anyway, and ranks may differ in which
-    metrics are defined."""
-    if fabric.world_size == 1:
-        return loss_total, loss_count, values
-    shares = gather_objects(fabric, (loss_total, loss_count, dict(zip(keys, values))))
-    pooled = []
-    for key in keys:
-        defined = [share[2][key] for share in shares if math.isfinite(share[2].get(key, math.nan))]
-        pooled.append(float(np.mean(defined)) if defined else math.nan)
-    return sum(share[0] for share in shares), sum(share[1] for share in shares), pooled
 
 
 def build_optimizer(model, policy, cfg: PretrainConfig) -> tuple[torch.optim.Optimizer, list]:
@@ -139,10 +104,12 @@ def check_agent_workers(cfg: PretrainConfig, fabric) -> None:
 
 
 def pretrain(cfg: PretrainConfig, out: str | Path, resume: bool = False, force: bool = False,
-             progress: bool = True, stop_at: Optional[int] = None) -> dict[str, Any]:
+             progress: bool = True, stop_at: Optional[int] = None,
+             hooks: Sequence[TrainHook] = ()) -> dict[str, Any]:
     """Run (or resume) pretraining into run directory `out`; returns the summary written to summary.json.
 
-    `stop_at`: end this session after that many steps with a checkpoint, as an interruption would (time-sliced jobs).
+    `stop_at`: stop this call after that many steps with a checkpoint, as an interruption would (time-sliced jobs).
+    `hooks`: `TrainHook`s called with every batch and the summary, after those installed by `add_hook`.
     """
     out = Path(out)
     check_config(cfg)
@@ -173,66 +140,76 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: bool = False, force: 
                 save_config(cfg, out / "config.yaml")
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
-        return launch(fabric, _run, cfg, out, resume, progress, stop_at)
+        return launch(fabric, _run, cfg, out, resume, progress, stop_at, [*installed_hooks(), *hooks])
     finally:
         lock.release()
 
 
-def _run(fabric, cfg: PretrainConfig, out: Path, resume: bool, progress: bool, stop_at: Optional[int] = None) -> dict[str, Any]:
+def _run(fabric, cfg: PretrainConfig, out: Path, resume: bool, progress: bool, stop_at: Optional[int],
+         hooks: Sequence[TrainHook]) -> dict[str, Any]:
     from ahm.data.corpus import describe
     from ahm.models import build_mim_model
 
     rank, world = fabric.global_rank, fabric.world_size
     if world > 1:
         cfg, resume = fabric.broadcast((cfg, resume), src=0)
-    is_main = rank == 0
     corpus, splits = load_pretrain_data(cfg)
-    if is_main and not resume:
+    if rank == 0 and not resume:
         write_json(out / "splits.json", splits)
         write_json(out / "corpus.json", describe(corpus))
+    total = _run_length(cfg, corpus, world)
+    torch.manual_seed(cfg.train.seed)
+    model = build_mim_model(cfg.model, model_input_size(cfg.data), corpus.channels, spatial_dims=cfg.data.spatial_dims)
+    ctx = PolicyContext(
+        grid=model.patch_grid, in_channels=corpus.channels, total_steps=total,
+        seed=cfg.train.seed, device=fabric.device, model=model, world_size=world, rank=rank, autocast=fabric.autocast,
+    )
+    policy = build_policy(cfg.masking, ctx)
+    try:
+        run, state, dataset = _set_up(fabric, cfg, out, resume, progress, model, policy, corpus, total, stop_at)
+        run.hooks = list(hooks)
+        try:
+            run_pretraining(run, state)
+        finally:
+            run.close()
+        return _finish(run, state, corpus, dataset)
+    finally:
+        policy.close()
+
+
+def _run_length(cfg: PretrainConfig, corpus, world: int) -> int:
+    """The run's total steps; AhmError when the corpus cannot fill one global batch."""
     n_items = corpus.epoch_size
-    in_channels = corpus.channels
-    per_step = cfg.train.batch_size * world
-    if n_items < per_step:
+    if n_items < cfg.train.batch_size * world:
         raise AhmError(
             f"{cfg.data.path}: {n_items} training images, fewer than --batch-size {cfg.train.batch_size}"
             + (f" x {world} devices" if world > 1 else "")
         )
     steps_per_epoch = corpus.steps_per_epoch(cfg.train.batch_size, world)
-    total = (cfg.train.steps if cfg.train.steps is not None
-             else max((cfg.train.epochs or 1) * steps_per_epoch, cfg.min_steps or 0))
-
-    torch.manual_seed(cfg.train.seed)
-    model = build_mim_model(cfg.model, model_input_size(cfg.data), in_channels, spatial_dims=cfg.data.spatial_dims)
-    ctx = PolicyContext(
-        grid=model.patch_grid, in_channels=in_channels, total_steps=total,
-        seed=cfg.train.seed, device=fabric.device, model=model, world_size=world, rank=rank, autocast=fabric.autocast,
-    )
-    policy = build_policy(cfg.masking, ctx)
-    try:
-        return _train(fabric, cfg, out, resume, progress, model, policy, corpus, total, steps_per_epoch, is_main, stop_at)
-    finally:
-        policy.close()
+    return (cfg.train.steps if cfg.train.steps is not None
+            else max((cfg.train.epochs or 1) * steps_per_epoch, cfg.min_steps or 0))
 
 
-def _train(fabric, cfg, out, resume, progress, model, policy, corpus, total, steps_per_epoch, is_main, stop_at=None):
+def _restore(cfg: PretrainConfig, out: Path, model, policy) -> tuple[dict[str, Any], RunState]:
+    """The checkpoint a resume continues from, with the model's and policy's weights put back."""
+    path = checkpoint_path(out)
+    ckpt = load_checkpoint(path, "pretrain")
+    restore_state(model, ckpt["model"], "model", path)
+    restore_state(policy, ckpt["policy"], f"{cfg.masking.policy} masking policy", path)
+    policy.load_extra_state(ckpt["policy_extra"])
+    step = int(ckpt["step"])
+    return ckpt, RunState(step=step, skipped=int(ckpt["skipped_batches"]), saved_step=step)
+
+
+def _set_up(fabric, cfg: PretrainConfig, out: Path, resume: bool, progress: bool, model, policy, corpus,
+            total: int, stop_at: Optional[int]) -> tuple[PretrainRun, RunState, Any]:
+    """Optimiser, restored state, Fabric, loader, log and bar: everything the engine's steps read."""
     from ahm.data.corpus import pretraining_loader
 
-    rank, world = fabric.global_rank, fabric.world_size
+    rank, world, is_main = fabric.global_rank, fabric.world_size, fabric.global_rank == 0
     optimizer, policy_params = build_optimizer(model, policy, cfg)
-
-    start_step = 0
-    skipped_before = 0
-    ckpt = None
     policy.to(fabric.device)  # before its state is restored: a policy's own optimiser state then lands on the device
-    if resume:
-        path = checkpoint_path(out)
-        ckpt = load_checkpoint(path, "pretrain")
-        restore_state(model, ckpt["model"], "model", path)
-        restore_state(policy, ckpt["policy"], f"{cfg.masking.policy} masking policy", path)
-        policy.load_extra_state(ckpt["policy_extra"])
-        start_step = int(ckpt["step"])
-        skipped_before = int(ckpt["skipped_batches"])
+    ckpt, state = _restore(cfg, out, model, policy) if resume else (None, RunState())
     model = sync_batchnorm(fabric, model, cfg.train)
     raw_model = model
     if cfg.train.compile:
@@ -246,199 +223,94 @@ def _train(fabric, cfg, out, resume, progress, model, policy, corpus, total, ste
             optimizer.load_state_dict(ckpt["optimizer"])
         except (ValueError, KeyError, RuntimeError) as exc:
             raise AhmError(f"{checkpoint_path(out)}: optimiser state does not match this run ({exc})") from exc
-
-    end = total if stop_at is None else min(total, stop_at)
-    dataset, loader, problems = pretraining_loader(corpus, cfg, start_step, end, rank, world,
+    end = slice_end(total, stop_at)
+    dataset, loader, problems = pretraining_loader(corpus, cfg, state.step, end, rank, world,
                                                    pin_memory=fabric.device.type == "cuda")
     batches = iter(loader)
-    seen: list[int] = []
-    log = MetricsLog(out, resume_step=start_step if resume else None, tensorboard=is_main) if is_main else None
-    # (step, value) of each metric's recent values; a metric logged every step fills it with the last 50 steps
-    window: dict[str, deque] = defaultdict(lambda: deque(maxlen=SUMMARY_WINDOW))
-    if resume and is_main:
-        # The summary averages recent steps; after a resume near the end those are in the log, not in memory.
+    log = MetricsLog(out, resume_step=state.step if resume else None, tensorboard=True) if is_main else None
+    _summary_window(state, out, resume and is_main)
+    # the losses of the steps since the last log ([sum, count]); MPS has no float64
+    losses = DeviceLoss(fabric.device, torch.float32 if fabric.device.type == "mps" else torch.float64)
+    bar = progress_bar(progress and is_main, "pretrain", total, state.step,
+                       [("loss", "loss {task.fields[loss]:.4f}", float("nan")),
+                        ("rate", "{task.fields[rate]:.0f} img/s", 0.0)])
+    checkpoints = Checkpoints(checkpoint_path(out), "pretrain", _payload(cfg, raw_model, optimizer, policy),
+                              enabled=is_main,
+                              nan_hint="lower --lr, or set train.nan_policy: skip to skip bad batches")
+    run = PretrainRun(fabric, cfg, out, model, raw_model, policy, optimizer, policy_params, guard, checkpoints,
+                      losses, total, end, policy.stages(), batches, log, bar, problems=problems,
+                      loader_workers=loader.num_workers)
+    return run, state, dataset
+
+
+def _summary_window(state: RunState, out: Path, from_log: bool) -> None:
+    """The recent values summary.json averages: each metric's (step, value) logs, and this run's step losses."""
+    state.window = defaultdict(metric_window(SUMMARY_WINDOW))
+    state.recent_losses = deque(maxlen=SUMMARY_WINDOW)
+    if from_log:
+        # after a resume near the end the recent steps are in the log, not in memory
         for record in read_metrics(out)[-SUMMARY_WINDOW:]:
             for key, value in record.items():
                 if key not in ("step", "lr", "images_per_s", "skipped_batches") and isinstance(value, (int, float)):
-                    window[key].append((int(record["step"]), float(value)))
-    # the losses of the steps since the last log, summed on the device with their count ([sum, count]) and read
-    # once per log; and this session's recent step losses, read for the summary's final loss
-    exact = torch.float32 if fabric.device.type == "mps" else torch.float64
-    loss_sum = torch.zeros(2, dtype=exact, device=fabric.device)
-    recent_losses: deque = deque(maxlen=SUMMARY_WINDOW)
-    meter = Throughput()
-    skipped = skipped_before
-    last_loss = float("nan")
-    step = start_step
-    bar = progress_bar(progress and is_main, "pretrain", total, start_step,
-                       [("loss", "loss {task.fields[loss]:.4f}", float("nan")),
-                        ("rate", "{task.fields[rate]:.0f} img/s", 0.0)])
+                    state.window[key].append((int(record["step"]), float(value)))
 
-    saved: dict[str, int | None] = {"step": start_step if resume else None}
-    stages = policy.stages()
-    staged = len(stages) > 1
 
-    def save_checkpoint(next_step: int) -> None:
-        if not is_main:
-            return
-        try:
-            write_checkpoint(checkpoint_path(out), "pretrain", {
-                "step": next_step,
+def _payload(cfg: PretrainConfig, raw_model, optimizer, policy) -> Callable[[RunState], dict[str, Any]]:
+    def payload(state: RunState) -> dict[str, Any]:
+        return {"step": state.step,
                 "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                 "policy": policy.state_dict(), "policy_extra": policy.extra_state(),
-                "config": cfg.model_dump(mode="json"), "skipped_batches": skipped,
-            })
-        except AhmError as exc:  # disk full, quota: atomic_write kept the old file; say which step it holds
-            reason = getattr(exc.__cause__, "strerror", None) or str(exc)
-            kept = (f"the previous checkpoint (step {saved['step']}) is kept" if saved["step"] is not None
-                    else "no checkpoint was written yet")
-            raise AhmError(f"{checkpoint_path(out)}: could not save the checkpoint of step {next_step} ({reason}); "
-                           f"{kept}; run stopped, continue with --resume once there is room") from exc
-        saved["step"] = next_step
+                "config": cfg.model_dump(mode="json"), "skipped_batches": state.skipped}
 
-    def stopped_by(bad: str, at: Optional[int] = None) -> str:
-        good = checkpoint_path(out)
-        return (f"step {step + 1 if at is None else at + 1}: {bad}; run stopped. Last good checkpoint: "
-                + (f"{good} (step {saved['step']})" if saved["step"] is not None and good.is_file() else "none yet")
-                + " (lower --lr, or set train.nan_policy: skip to skip bad batches)")
+    return payload
 
-    try:
-        with stop_on_sigint() as sig:
-            while step < end:
-                meter.start()
-                batch = next(batches)
-                problems.extend(p for p in batch["problems"] if p not in problems)  # distinct files
-                if batch["error"] is not None:
-                    good = checkpoint_path(out)
-                    raise AhmError(f"{batch['error']}; run stopped at step {step}. Last checkpoint: "
-                                   + (f"{good} (step {saved['step']})" if saved["step"] is not None and good.is_file()
-                                      else "none yet") + " (set data.skip_bad to skip unreadable files)")
-                idx = batch["entry"]
-                if len(seen) < MAX_SEEN:
-                    seen.extend(idx)
-                images = batch["image"].to(fabric.device, non_blocking=True)
-                progress_frac = step / total
-                # each stage starts its own warm-up and cosine (MAE's schedule per MIM stage); one stage: the run's
-                stage = policy.stage_at(step)
-                model.train(stage.trains_model)
-                lr = set_lr(optimizer, lr_factor(step - stage.start, stage.steps, cfg.train.warmup_steps,
-                                                 cfg.train.min_lr / max(cfg.train.lr, 1e-12)))
 
-                # a stage's last step is always logged, so every stage has final diagnostics in metrics.jsonl;
-                # every rank computes them, and rank 0 logs their mean over the ranks
-                logged = (step + 1) % cfg.train.log_every == 0 or step + 1 in (total, stage.end)
-                loss, out_mim, pstep = forward_step(model, policy, images, progress_frac, stage.trains_model, logged)
-                if stage.trains_model:
-                    bad = optimizer_step(fabric, model, optimizer, loss, cfg.train, list(raw_model.parameters()),
-                                         stopped_by, extra_params=policy_params, guard=guard, step=step)
-                    if bad is not None:
-                        skipped += 1
-                else:  # a frozen-model stage has nothing to backpropagate (the policy stepped its own optimiser)
-                    optimizer.zero_grad(set_to_none=True)
-                    bad = None
-                rate = meter.stop(len(idx) * world)
-                step += 1
-                if bad is None:
-                    step_loss = out_mim.loss.detach().to(exact)
-                    finite = torch.isfinite(step_loss)
-                    if guard is not None and stage.trains_model:  # a step the guard skipped is not a loss to log
-                        finite = finite & ~guard.last_bad
-                    loss_sum += torch.stack([torch.where(finite, step_loss, 0.0), finite.to(exact)])
-                    recent_losses.append(torch.where(finite, step_loss, torch.nan))
-                # the device-side NaN guard is read where the step reads the device anyway: with the log, and
-                # before a checkpoint (none is written after a bad step under nan_policy stop)
-                guarded = guard.state() if guard is not None else []
-                if guarded and not logged and (step % cfg.train.checkpoint_every == 0 or step == end):
-                    skipped += guard.settle(read_scalars(guarded), cfg.train.nan_policy, stopped_by)
-                if logged:
-                    metrics = {k: v for k, v in pstep.metrics.items() if v is not None} if bad is None else {}
-                    loss_total, loss_count, *values = read_scalars([loss_sum[0], loss_sum[1], *guarded,
-                                                                    *metrics.values()])
-                    if guarded:
-                        skipped += guard.settle(values[:len(guarded)], cfg.train.nan_policy, stopped_by)
-                        values = values[len(guarded):]
-                    loss_sum.zero_()
-                    loss_total, loss_count, values = mean_over_ranks(fabric, list(metrics), loss_total, loss_count,
-                                                                     values)
-                    mean_loss = loss_total / loss_count if loss_count else math.nan
-                if logged and log is not None:
-                    record = {"step": step, "lr": lr, "images_per_s": rate}
-                    if staged:
-                        record["stage"] = stages.index(stage)
-                    if math.isfinite(mean_loss):  # not when every step since the last log was skipped
-                        last_loss = record["loss"] = mean_loss
-                    for key, value in zip(metrics, values):
-                        if math.isfinite(value):  # NaN: undefined this step (e.g. a correlation over ties)
-                            record[key] = value
-                            window[key].append((step, value))
-                    if skipped:
-                        record["skipped_batches"] = skipped
-                    log.log(record)
-                if bar is not None:
-                    bar.update(step, loss=last_loss, rate=rate)
-                if step % cfg.train.checkpoint_every == 0 and step < total:
-                    save_checkpoint(step)
-                if stop_requested(fabric, sig, step, cfg.train.log_every):
-                    save_checkpoint(step)
-                    raise Interrupted(
-                        f"interrupted at step {step}/{total}; checkpoint saved to {checkpoint_path(out)}. "
-                        f"Resume with: ahm pretrain {cfg.data.path} --out {out} --resume"
-                    )
-        save_checkpoint(step)
-    finally:
-        del batches  # stops the loader's workers
-        if bar is not None:
-            bar.close()
-        if log is not None:
-            log.close()
-
-    if step < total:  # stopped by `stop_at`: a checkpoint, no final artefacts yet
-        return {"policy": cfg.masking.policy, "backbone": cfg.model.backbone, "steps": step, "finished": False}
-    # the last 10 finite step losses: those logged before a resume, then this session's
-    losses = [v for _, v in window["loss"]] + [v for v in read_scalars(list(recent_losses)) if math.isfinite(v)]
+def _finish(run: PretrainRun, state: RunState, corpus, dataset) -> dict[str, Any]:
+    """summary.json, the encoder and the reconstructions of a finished run; a time slice returns a short summary."""
+    cfg, fabric = run.cfg, run.fabric
+    if state.step < run.total:  # stopped by `stop_at`: a checkpoint, no final artefacts yet
+        return {"policy": cfg.masking.policy, "backbone": cfg.model.backbone, "steps": state.step, "finished": False}
+    # the last 10 finite step losses: those logged before a resume, then this run's
+    losses = [v for _, v in state.window["loss"]] + [v for v in read_scalars(list(state.recent_losses))
+                                                     if math.isfinite(v)]
     summary: dict[str, Any] = {
         "policy": cfg.masking.policy,
         "backbone": cfg.model.backbone,
-        "steps": step,
-        "final_loss": float(np.mean(losses[-10:])) if losses else last_loss,
-        "images_per_s": meter.median(),
-        "skipped_batches": skipped,
-        "world_size": world,
+        "steps": state.step,
+        "final_loss": float(np.mean(losses[-10:])) if losses else state.last_loss,
+        "images_per_s": run.meter.median(),
+        "skipped_batches": state.skipped,
+        "world_size": fabric.world_size,
         "seed": cfg.train.seed,
         "corpus_images": corpus.n_entries,
-        "loader_workers": loader.num_workers,
+        "loader_workers": run.loader_workers,
         "preloaded": dataset.preloaded,
         "cache": None if dataset.cache is None else {"path": str(dataset.cache.data_path),
                                                      "filled": dataset.cache.filled(),
                                                      "entries": len(corpus)},
-        "agent_parameters": int(policy.agent_parameters),
+        "agent_parameters": int(run.policy.agent_parameters),
     }
-    if problems:
-        summary["skipped_files"] = {"count": len(problems), "first": problems[:5]}
-    for key, values in window.items():
+    if run.problems:
+        summary["skipped_files"] = {"count": len(run.problems), "first": run.problems[:5]}
+    for key, values in state.window.items():
         if key != "loss" and values:
-            summary[key] = recent_mean(values, step)
-    if world > 1:
-        # Evidence that ranks stayed in lock-step: model (DDP) and policy (all-reduced grads) weights agree.
-        prints = fabric.all_gather(_fingerprint(raw_model, policy).to(fabric.device)).cpu()
-        # The entries each rank trained on (the first MAX_SEEN): evidence that the ranks read disjoint shards.
-        shown = torch.full((MAX_SEEN,), -1, dtype=torch.long)
-        shown[:min(len(seen), MAX_SEEN)] = torch.tensor(seen[:MAX_SEEN], dtype=torch.long)
-        entries = fabric.all_gather(shown.to(fabric.device)).cpu()
-        if is_main:
-            write_json(out / "rank_fingerprints.json", {str(r): prints[r].tolist() for r in range(world)})
-            write_json(out / "rank_samples.json", {str(r): [int(k) for k in entries[r] if k >= 0]
-                                                   for r in range(world)})
-            summary["ranks_agree"] = bool((prints == prints[0]).all())
-    if staged and is_main:
-        summary["stages"] = stage_summaries(read_metrics(out), stages)
-    if is_main:
-        save_safetensors(out / "encoder.safetensors", raw_model.export_encoder(),
-                         metadata={**raw_model.encoder_metadata(), "policy": cfg.masking.policy,
-                                   "normalization": corpus.normalization()})
-        _write_reconstructions(raw_model, policy, dataset, out / "reconstructions.png", fabric.device)
-        write_json(out / "summary.json", summary)
+            summary[key] = recent_mean(values, state.step)
+    for hook in run.hooks:
+        hook.on_end(run, summary)
+    if fabric.global_rank == 0:
+        if len(run.stages) > 1:
+            summary["stages"] = stage_summaries(read_metrics(run.out), run.stages)
+        _write_artefacts(run, corpus, dataset, summary)
     return summary
+
+
+def _write_artefacts(run: PretrainRun, corpus, dataset, summary: dict[str, Any]) -> None:
+    out, raw_model = run.out, run.raw_model
+    save_safetensors(out / "encoder.safetensors", raw_model.export_encoder(),
+                     metadata={**raw_model.encoder_metadata(), "policy": run.cfg.masking.policy,
+                               "normalization": corpus.normalization()})
+    _write_reconstructions(raw_model, run.policy, dataset, out / "reconstructions.png", run.fabric.device)
+    write_json(out / "summary.json", summary)
 
 
 def recent_mean(values: Iterable[tuple[int, float]], step: int) -> float:
@@ -468,17 +340,6 @@ def stage_summaries(records: list[dict[str, Any]], stages: list) -> list[dict[st
                 entry[key] = float(np.mean(values))
         result.append(entry)
     return result
-
-
-def _fingerprint(model: torch.nn.Module, policy: torch.nn.Module) -> torch.Tensor:
-    """Order-sensitive sums of every parameter, float64: equal across ranks iff they trained in lock-step."""
-    values = []
-    for module in (model, policy):
-        for i, p in enumerate(module.parameters()):
-            flat = p.detach().double().reshape(-1)
-            weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device)
-            values.append(flat.sum() + (flat * weights * 1e-6).sum() * (i + 1))
-    return torch.stack(values)
 
 
 @torch.no_grad()
