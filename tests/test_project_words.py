@@ -1,7 +1,7 @@
 """The project's files speak of the software, not of how it was made.
 
 Chronology belongs to git: documents, code, tests and configs say what the software does and what was measured,
-dated or with a commit id where the date matters, never which working session, issue or assistant did it. A
+dated or with a commit id where the date matters, never the working steps that made it. A
 "session" in the imaging sense (a BIDS `ses-` folder, one visit to a scanner) is allowed on a line that says so.
 """
 

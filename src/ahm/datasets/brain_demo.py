@@ -11,7 +11,7 @@ reporting accuracy.
 
 With `shift=True` every slice also gets its own simulated acquisition (`acquisition_shift`): a random gamma,
 a smooth multiplicative bias field, a global gain and noise, as if each slice came from a different scanner
-and session. The labels do not change. On the plain set a lookup table from intensity to tissue nearly
+and visit. The labels do not change. On the plain set a lookup table from intensity to tissue nearly
 solves the task (`ahm bench baseline`); on the shifted set it does not, so a network has to use context.
 
 With `lesions=True` the task is a small structure instead: simulated lesions (small spheres of 3-7 mm radius,

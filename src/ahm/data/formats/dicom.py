@@ -3,7 +3,7 @@ frames, a volume.
 
 pydicom decodes the pixel data (compressed transfer syntaxes through its pylibjpeg plugins: JPEG baseline,
 extended and lossless, JPEG-LS, JPEG 2000, RLE; deflate natively) and converts YBR colour to RGB; its
-`pydicom.pixels` helpers apply what the header says (modality LUT or rescale slope/intercept, VOI LUT or
+`pydicom.pixels` functions apply what the header says (modality LUT or rescale slope/intercept, VOI LUT or
 window, palette colour). What is added here: the size and truncation checks before decoding, MONOCHROME1
 inversion, the enhanced multi-frame functional groups, geometry, and one-line errors naming the file.
 A folder of single-frame files, one series, is read by `ahm.data.formats.dicom_series`.
