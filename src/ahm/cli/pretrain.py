@@ -26,7 +26,10 @@ def pretrain(
     lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 1.5e-3)."),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Images are resized/padded to this square size."),
     spatial_dims: Optional[int] = typer.Option(None, "--spatial-dims", help="2 (default: slices) or 3 (whole volumes, "
-                                               "resampled to data.spacing, random data.crop_size crops)."),
+                                               "resampled to data.spacing, random data.crop_size crops). 3D "
+                                               "defaults, where no option or --config sets them: 64^3 crops at "
+                                               "1.5 mm, --batch-size 2 (crops drawn with replacement, so fewer "
+                                               "volumes than the batch still train), --lr 5e-4."),
     patch_size: Optional[int] = typer.Option(None, "--patch-size", help="Patch size in pixels (default 16)."),
     mask_ratio: Optional[float] = typer.Option(None, "--mask-ratio", help="Share of patches masked, in (0,1) (default 0.75)."),
     mask_ratio_end: Optional[float] = typer.Option(None, "--mask-ratio-end", help="Rise the mask ratio linearly to this."),

@@ -82,22 +82,40 @@ def build_config(kind: type[_Strict], file: str | Path | None = None, overrides:
                  source: str = "options", nulls: bool = False, base: dict[str, Any] | None = None) -> Any:
     """Defaults <- base <- YAML file <- overrides (nested dict; None means "not given" unless `nulls`), validated.
     `base` holds defaults of this call's own (e.g. what a fine-tuning takes from its pretraining run); its None
-    values are values (`spacing: null`), and the file and the overrides win over it."""
-    merged: dict[str, Any] = kind().model_dump()
-    if base:
-        merged = _deep_merge(merged, base, keep_none=True)
+    values are values (`spacing: null`), and the file and the overrides win over it. A 3D run (data.spatial_dims 3
+    from any of them) starts from the 3D defaults (`presets/3d.yaml`) instead of the 2D ones."""
+    loaded = _section_for(kind, read_yaml(file)) if file is not None else None
+    merged = _merged(kind().model_dump(), base, loaded, overrides, nulls)
+    dims = dimension_defaults(kind, merged)
+    if dims:
+        merged = _merged(_deep_merge(kind().model_dump(), dims, keep_none=True), base, loaded, overrides, nulls)
     if file is not None:
-        loaded = _section_for(kind, read_yaml(file))
-        merged = _deep_merge(merged, loaded, keep_none=True)
         source = str(file)
-    if overrides:
-        merged = _deep_merge(merged, overrides, keep_none=nulls)
     try:
         return kind.model_validate(merged)
     except ValidationError as exc:
         if file is not None and _given(overrides, tuple(_location(exc.errors()[0].get("loc", ())))):
             source = "options"  # the bad value came from the command line, not from the file
         raise AhmError(_format_validation_error(exc, source)) from exc
+
+
+def _merged(start: dict[str, Any], base: dict[str, Any] | None, loaded: dict[str, Any] | None,
+            overrides: dict[str, Any] | None, nulls: bool) -> dict[str, Any]:
+    merged = _deep_merge(start, base, keep_none=True) if base else start
+    if loaded is not None:
+        merged = _deep_merge(merged, loaded, keep_none=True)
+    return _deep_merge(merged, overrides, keep_none=nulls) if overrides else merged
+
+
+PRESETS = Path(__file__).resolve().parent.parent / "presets"
+
+
+def dimension_defaults(kind: type[_Strict], merged: dict[str, Any]) -> dict[str, Any]:
+    """The 3D defaults of `kind` when `merged` asks for 3D ({} otherwise, and for kinds without a 3D preset)."""
+    data = merged.get("data")
+    if kind.__name__ not in _SECTIONS or not isinstance(data, dict) or data.get("spatial_dims") != 3:
+        return {}
+    return file_section(kind, PRESETS / "3d.yaml")
 
 
 def _given(overrides: dict[str, Any] | None, loc: tuple) -> bool:

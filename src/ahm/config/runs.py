@@ -65,6 +65,10 @@ class FinetuneConfig(_Strict):
     # Steps between validations (and the best-checkpoint choice). None: every epoch, but at most about 50
     # times per run, so a small labelled subset (an epoch of 2 steps) does not spend its time validating.
     val_every: OptionalCount = None
+    # Steps per epoch. None: one pass over the labelled images (2D). Set (the 3D default, 250 as nnU-Net): an
+    # epoch is that many batches of crops drawn from the labelled volumes with replacement, so a few volumes make
+    # a real epoch and whole-volume validation (once per epoch, and at the end) costs a bounded share of the run.
+    iterations_per_epoch: OptionalCount = None
     # The validation figure that keeps the best checkpoint; neither can be won by predicting nothing:
     # dataset_dice (mean over foreground classes of the pooled 2 TP / (2 TP + FP + FN) over the split) or
     # case_dice (mean per-case Dice, cases where a class is absent from prediction and truth left out).

@@ -159,7 +159,12 @@ class Corpus:
         return self.n_entries * self.channels * self.image_size ** 2 * 4
 
     def steps_per_epoch(self, batch_size: int, world_size: int) -> int:
-        return self.epoch_size // (batch_size * world_size)
+        return epoch_rounds(self, batch_size, world_size)[1]
+
+    @property
+    def with_replacement(self) -> bool:
+        """3D: a sample is a random crop of a volume, so a volume may give several crops to one batch."""
+        return self.spatial_dims == 3
 
 
 def open_corpus(cfg: PretrainConfig, log: Callable[[str], None] | None = None) -> Corpus:
@@ -434,6 +439,17 @@ class EpochPlan(Protocol):
     def steps_per_epoch(self, batch_size: int, world_size: int) -> int: ...
 
 
+def epoch_rounds(plan: EpochPlan, batch_size: int, world_size: int = 1) -> tuple[int, int]:
+    """(rounds of the plan's order per epoch, steps per epoch). One round, unless the plan draws with replacement
+    (`with_replacement`: 3D crops from volumes, as nnU-Net samples them) and holds fewer entries than one global
+    batch: its orders are then chained until they fill one, so a few volumes still make whole batches."""
+    per_step = batch_size * world_size
+    rounds = 1
+    if getattr(plan, "with_replacement", False) and 0 < plan.epoch_size < per_step:
+        rounds = -(-per_step // plan.epoch_size)
+    return rounds, (plan.epoch_size * rounds) // per_step
+
+
 class StepBatches(torch.utils.data.Sampler):
     """The batches of steps `start .. stop - 1` for one rank: keys (epoch, position, entry) of `batch_size`
     samples, this rank's share of the global batch of `batch_size * world_size`, in the epoch order of `plan`."""
@@ -442,7 +458,7 @@ class StepBatches(torch.utils.data.Sampler):
                  world_size: int = 1) -> None:
         self.plan, self.seed, self.batch_size = plan, seed, batch_size
         self.start, self.stop, self.rank, self.world_size = start, stop, rank, world_size
-        self.per_epoch = plan.steps_per_epoch(batch_size, world_size)
+        self.rounds, self.per_epoch = epoch_rounds(plan, batch_size, world_size)
         if self.per_epoch < 1:
             what = "the corpus has" if isinstance(plan, Corpus) else "there are"
             raise AhmError(f"{what} {plan.epoch_size} images an epoch, fewer than --batch-size "
@@ -458,7 +474,9 @@ class StepBatches(torch.utils.data.Sampler):
         for step in range(self.start, self.stop):
             epoch, within = divmod(step, self.per_epoch)
             if epoch != order_epoch:
-                order, order_epoch = self.plan.epoch_order(epoch, self.seed), epoch
+                order = [k for r in range(self.rounds)
+                         for k in self.plan.epoch_order(epoch * self.rounds + r, self.seed)]
+                order_epoch = epoch
             first = within * per_step + self.rank * self.batch_size
             yield [(epoch, p, order[p]) for p in range(first, first + self.batch_size)]
 

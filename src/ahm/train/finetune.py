@@ -210,9 +210,12 @@ class RunLength(NamedTuple):
 
 def run_length(cfg: FinetuneConfig, n_train: int, world: int) -> RunLength:
     """(batch size, steps per epoch, epochs, total steps) of a run on `n_train` labelled images."""
-    # A labelled subset smaller than one batch still trains: the batch shrinks to what is there.
-    batch_size = max(1, min(cfg.train.batch_size, n_train // world))
-    steps_per_epoch = max(1, n_train // (batch_size * world))
+    if cfg.iterations_per_epoch:  # crops drawn with replacement: any number of volumes fills a batch
+        batch_size, steps_per_epoch = cfg.train.batch_size, cfg.iterations_per_epoch
+    else:
+        # A labelled subset smaller than one batch still trains: the batch shrinks to what is there.
+        batch_size = max(1, min(cfg.train.batch_size, n_train // world))
+        steps_per_epoch = max(1, n_train // (batch_size * world))
     if cfg.train.epochs is None and cfg.train.steps:  # a config that counts steps instead of epochs
         total = cfg.train.steps
         epochs = math.ceil(total / steps_per_epoch)
@@ -351,7 +354,7 @@ def _set_up_run(fabric, cfg: FinetuneConfig, out: Path, progress: bool, data: Fi
                               nan_hint="lower --lr, or set train.nan_policy: skip", names_step=False,
                               explains_failure=False)
     validate = BestCheckpoint(raw_model, cfg, data, fabric, max(length.batch_size, 16), checkpoint_path(out, BEST),
-                              meta, enabled=is_main)
+                              meta, enabled=is_main, progress=None if bar is None else (lambda text: bar.note(val=text)))
     return FinetuneRun(fabric, cfg, out, model, raw_model, built.frozen, optimizer, guard, loss_fn, checkpoints,
                        validate, DeviceLoss(fabric.device, torch.float64), length.total, length.steps_per_epoch,
                        validation_interval(cfg.val_every, length.steps_per_epoch, length.total),
@@ -375,7 +378,8 @@ def _loader(fabric, cfg: FinetuneConfig, data: FinetuneData, batch_size: int, st
     # 3D: the volume dataset draws its crops (and augments them) itself, seeded by (seed, epoch, index) too
     dataset = data.train if volumes else ArrayDataset(data.train.images, data.train.labels, transform,
                                                       seed=cfg.train.seed)
-    plan = StepBatches(ShuffledItems(data.n_train), cfg.train.seed, batch_size, start, total, fabric.global_rank,
+    draws = cfg.iterations_per_epoch * batch_size * fabric.world_size if cfg.iterations_per_epoch else None
+    plan = StepBatches(ShuffledItems(data.n_train, draws), cfg.train.seed, batch_size, start, total, fabric.global_rank,
                        fabric.world_size)
     loader = make_loader(dataset, plan, cfg.train.workers, collate_fn=None, pin_memory=fabric.device.type == "cuda",
                          persistent=True, generator=torch.Generator().manual_seed(cfg.train.seed))

@@ -95,11 +95,17 @@ class ShuffledItems:
     the step batches it plans are those of `batch_order`, so a loader over them trains exactly like the loop
     that called `batch_order` itself."""
 
-    def __init__(self, num_items: int) -> None:
-        self.epoch_size = int(num_items)
+    def __init__(self, num_items: int, draws: int | None = None) -> None:
+        self.num_items = int(num_items)
+        # `draws`: an epoch of that many items, permutations chained (crops drawn with replacement, 3D)
+        self.epoch_size = int(draws) if draws else self.num_items
 
     def epoch_order(self, epoch: int, seed: int) -> list[int]:
-        return epoch_permutation(self.epoch_size, epoch, seed)
+        if self.epoch_size == self.num_items:
+            return epoch_permutation(self.num_items, epoch, seed)
+        rounds = -(-self.epoch_size // self.num_items)
+        order = [k for r in range(rounds) for k in epoch_permutation(self.num_items, epoch * rounds + r, seed)]
+        return order[:self.epoch_size]
 
     def steps_per_epoch(self, batch_size: int, world_size: int = 1) -> int:
         return self.epoch_size // (batch_size * world_size)
@@ -412,6 +418,10 @@ class ProgressBar:
     def update(self, step: int, **fields: Any) -> None:
         """Move to `step`; a field given as None keeps its last value."""
         self.progress.update(self.task, completed=step, **{k: v for k, v in fields.items() if v is not None})
+
+    def note(self, **fields: Any) -> None:
+        """Show `fields` without moving the bar (what a long pause between steps is doing)."""
+        self.progress.update(self.task, **fields)
 
     def close(self) -> None:
         self.progress.stop()

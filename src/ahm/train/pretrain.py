@@ -179,13 +179,12 @@ def _run(fabric, cfg: PretrainConfig, out: Path, resume: bool, progress: bool, s
 
 def _run_length(cfg: PretrainConfig, corpus, world: int) -> int:
     """The run's total steps; AhmError when the corpus cannot fill one global batch."""
-    n_items = corpus.epoch_size
-    if n_items < cfg.train.batch_size * world:
+    steps_per_epoch = corpus.steps_per_epoch(cfg.train.batch_size, world)
+    if steps_per_epoch < 1:  # 2D: a batch needs distinct images (3D crops are drawn with replacement)
         raise AhmError(
-            f"{cfg.data.path}: {n_items} training images, fewer than --batch-size {cfg.train.batch_size}"
+            f"{cfg.data.path}: {corpus.epoch_size} training images, fewer than --batch-size {cfg.train.batch_size}"
             + (f" x {world} devices" if world > 1 else "")
         )
-    steps_per_epoch = corpus.steps_per_epoch(cfg.train.batch_size, world)
     return (cfg.train.steps if cfg.train.steps is not None
             else max((cfg.train.epochs or 1) * steps_per_epoch, cfg.min_steps or 0))
 

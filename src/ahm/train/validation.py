@@ -4,6 +4,7 @@ final scoring of the best checkpoint on the validation split."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,9 +45,10 @@ class BestCheckpoint:
     path: Path
     meta: dict[str, Any]
     enabled: bool
+    progress: Callable[[str], None] | None = None  # shown while whole volumes are predicted (minutes each)
 
     def __call__(self, state: RunState, epoch: int) -> float:
-        dice = validation_score(self.model, self.cfg, self.data, self.fabric, self.batch_size)
+        dice = validation_score(self.model, self.cfg, self.data, self.fabric, self.batch_size, self.progress)
         if dice > state.best_score:
             state.best_score, state.best_epoch = dice, epoch
             if self.enabled:
@@ -75,7 +77,8 @@ def evaluate_best(model: torch.nn.Module, cfg: FinetuneConfig, data: FinetuneDat
     return {k: val_metrics[k] for k in VAL_KEYS}
 
 
-def validation_score(model, cfg: FinetuneConfig, data: FinetuneData, fabric, batch_size: int) -> float:
+def validation_score(model, cfg: FinetuneConfig, data: FinetuneData, fabric, batch_size: int,
+                     progress: Callable[[str], None] | None = None) -> float:
     """The figure that keeps the best checkpoint (`cfg.select_by`), with the validation set sharded over the ranks:
     each predicts every world-th case from its rank on, the predictions are gathered, and every rank scores the
     whole set, so the figure is the one-process figure exactly and every rank keeps the same best epoch. It runs in
@@ -87,7 +90,7 @@ def validation_score(model, cfg: FinetuneConfig, data: FinetuneData, fabric, bat
     precision = inference_precision(cfg, fabric.device, None)
     if cfg.data.spatial_dims == 3:
         shares = gather_objects(fabric, _predict_volumes(model, cfg, data, fabric.device,
-                                                         range(rank, len(data.val), world), precision))
+                                                         range(rank, len(data.val), world), precision, progress))
         cases = sorted((case for share in shares for case in share), key=lambda case: case[0])
         return _volume_selection(_volume_scores(cases, data.num_classes)[0], cfg.select_by)
     mine = np.arange(rank, len(data.val.images), world)
@@ -100,14 +103,17 @@ def validation_score(model, cfg: FinetuneConfig, data: FinetuneData, fabric, bat
 
 
 def _predict_volumes(model, cfg: FinetuneConfig, data: FinetuneData, device, indices,
-                     precision: str = "32-true") -> list[tuple]:
+                     precision: str = "32-true", progress: Callable[[str], None] | None = None) -> list[tuple]:
     """(index, prediction, target, spacing, id) of the validation volumes `indices`, each predicted whole by
     sliding windows of the training crop on the preprocessed grid."""
     from ahm.data.volumes import preprocessed_spacing
     from ahm.eval.evaluate import predict_volume_labels
 
     cases = []
-    for i in indices:
+    indices = list(indices)
+    for n, i in enumerate(indices):
+        if progress is not None:
+            progress(f"validating volume {n + 1}/{len(indices)}")
         sample = data.val[i]
         (pred,) = predict_volume_labels(model, [sample["image"].as_tensor()], list(model_input_size(cfg.data)),
                                         overlap=cfg.overlap, mode="gaussian", device=device, precision=precision)
