@@ -68,8 +68,8 @@ def pretrain(
 ) -> None:
     """Pretrain a backbone by masked image modeling on a corpus of one or more sources, streamed from disk;
     writes encoder.safetensors for `ahm finetune --init`."""
-    from ahm.config import PretrainConfig, build_config
     from ahm.train.pretrain import pretrain as run_pretrain
+    from ahm.train.resolve import resolve_pretrain_config
 
     overrides = {
         "data": {"path": str(data[0]), "image_size": image_size, "layout": layout, "skip_bad": skip_bad or None,
@@ -91,11 +91,7 @@ def pretrain(
             sources = resolve_sources(data)
             overrides["sources"] = [s.model_dump() for s in sources]
             overrides["data"]["path"] = sources[0].path
-        cfg = build_config(PretrainConfig, file=config, overrides=overrides)
-        if epochs is not None and steps is None:
-            cfg.train.steps = None
-        if resume and steps is None:
-            cfg.train.steps = None  # keep the run's own length, not the default's (only --steps changes it)
+        cfg = resolve_pretrain_config(overrides, file=config, resume=resume)
         return run_pretrain(cfg, out_dir, resume=resume, force=force, progress=not is_quiet())
 
     summary = run_guarded(go)

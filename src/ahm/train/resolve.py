@@ -1,6 +1,7 @@
-"""The fine-tuning config `ahm finetune` runs: what it takes from the pretraining run it starts from, so that the
-encoder sees images as it was pretrained on them, and what the command-line options, a YAML file and the defaults
-decide. The command calls `resolve_finetune_config`; so can any Python caller of `ahm.train.finetune.finetune`."""
+"""The configs `ahm pretrain` and `ahm finetune` run, resolved from command-line options, a YAML file and the
+defaults (the 3D ones for a 3D run); a fine-tuning also takes what its pretraining run used, so that the encoder sees
+images as it was pretrained on them. The commands and the Python API (`ahm.pretrain`, `ahm.finetune`) call these,
+so both do the same."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ahm.config import FinetuneConfig
+from ahm.config import FinetuneConfig, PretrainConfig
 from ahm.errors import AhmError
 from ahm.train.pretrained import is_scratch_init, load_init
 
@@ -80,3 +81,20 @@ def _chosen_init(options: Mapping[str, Any], init: str | Path | None, file: str 
             raise AhmError("--init: give a pretraining run directory (from `ahm pretrain`), or 'none' to "
                            "train from scratch")
     return None if chosen is None else str(chosen)
+
+
+def resolve_pretrain_config(options: Mapping[str, Any] | None = None, *, file: str | Path | None = None,
+                            resume: bool = False) -> PretrainConfig:
+    """The config of a pretraining, as `ahm pretrain` resolves it: defaults (3D ones for a 3D run) <- the YAML
+    `file` <- `options` (nested; None means not given). `train.epochs` without `train.steps` makes the run count
+    epochs; a resume given no `train.steps` keeps the run's own length."""
+    from ahm.config import build_config
+
+    options = dict(options or {})
+    cfg = build_config(PretrainConfig, file=file, overrides=options)
+    train = options.get("train") or {}
+    if train.get("epochs") is not None and train.get("steps") is None:
+        cfg.train.steps = None
+    if resume and train.get("steps") is None:
+        cfg.train.steps = None  # keep the run's own length, not the default's (only train.steps changes it)
+    return cfg
