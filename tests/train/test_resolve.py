@@ -35,7 +35,7 @@ def test_the_pretraining_run_decides_what_nothing_else_sets(tmp_path: Path) -> N
     assert resolve_finetune_config({"data": {"image_size": 32}}, pre).data.image_size == 32
     (tmp_path / "ft.yaml").write_text(yaml.safe_dump({"data": {"image_size": 64}}))
     assert resolve_finetune_config({}, pre, file=tmp_path / "ft.yaml").data.image_size == 64
-    with pytest.raises(AhmError, match="--model unetr does not match"):
+    with pytest.raises(AhmError, match="--segmenter unetr does not match"):
         resolve_finetune_config({"segmenter": "unetr"}, pre)
 
 
