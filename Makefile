@@ -14,7 +14,10 @@ $(STAMP): pyproject.toml constraints.txt
 	@rm -f $(VENV)/.stamp-*
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
 	$(PIP) torch
-	$(PIP) -e '.[dev,demo]'
+	$(PIP) -e '.[dev,demo,nnunet]'
+	@# nnunetv2 pulls torchvision (through timm) from PyPI, a build for CUDA torch that fails to import beside the
+	@# CPU torch and so breaks lightning's import; nothing ahm or nnU-Net's U-Nets run needs it.
+	$(BIN)/python -m pip uninstall --quiet --disable-pip-version-check -y torchvision
 	@touch $(STAMP)
 
 setup: $(STAMP)

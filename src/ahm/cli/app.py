@@ -72,7 +72,7 @@ def _register() -> None:
     # Import command modules for their side effect of adding commands to `app`.
     import importlib
 
-    for name in ("data", "pretrain", "finetune", "bench", "visualize", "demo"):
+    for name in ("data", "pretrain", "finetune", "bench", "visualize", "export", "demo"):
         try:
             importlib.import_module(f"ahm.cli.{name}")
         except ModuleNotFoundError as exc:

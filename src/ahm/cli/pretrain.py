@@ -19,7 +19,12 @@ def pretrain(
                   "unlabelled one every image."),
     out_dir: Path = typer.Option(..., "--out", help="Run directory to create (or to continue with --resume)."),
     policy: Optional[str] = typer.Option(None, help=f"Masking policy: {', '.join(policy_names())} (default random)."),
-    backbone: Optional[str] = typer.Option(None, help="vit (MAE, loads into UNETR) or unet (masked-input MONAI UNet)."),
+    backbone: Optional[str] = typer.Option(None, help="vit (MAE, loads into UNETR), unet (masked-input MONAI UNet) or "
+                                           "nnunet (the network of an nnU-Net plans file; --plans, --configuration)."),
+    plans: Optional[Path] = typer.Option(None, "--plans", help="nnunet backbone: nnU-Net plans file "
+                                         "(nnUNet_preprocessed/DatasetNNN_X/nnUNetPlans.json)."),
+    configuration: Optional[str] = typer.Option(None, "--configuration", help="nnunet backbone: the plans' "
+                                                "configuration (2d, 3d_fullres, ...)."),
     steps: Optional[int] = typer.Option(None, help="Optimisation steps (default 400)."),
     epochs: Optional[int] = typer.Option(None, help="Train for this many epochs instead of --steps."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per step per device (default 32)."),
@@ -75,7 +80,8 @@ def pretrain(
         "data": {"path": str(data[0]), "image_size": image_size, "layout": layout, "skip_bad": skip_bad or None,
                  "spatial_dims": spatial_dims},
         "all_splits": all_splits or None, "preload": preload, "cache": str(cache) if cache else None,
-        "model": {"backbone": backbone, "patch_size": patch_size, "preset": model, "norm_pix": norm_pix},
+        "model": {"backbone": backbone, "plans": str(plans) if plans else None, "configuration": configuration,
+                  "patch_size": patch_size, "preset": model, "norm_pix": norm_pix},
         "masking": {"policy": policy, "mask_ratio": mask_ratio, "mask_ratio_end": mask_ratio_end,
                     "agent_workers": agent_workers, "hard_fraction_max": hard_fraction, "agent": agent,
                     "reward_scope": reward_scope, "reward_window": reward_window, "loss_patches": loss_patches},

@@ -32,6 +32,13 @@ class PretrainConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "PretrainConfig":
+        if self.model.backbone == "nnunet":
+            from ahm.nnunet import data_update
+
+            update = data_update(self.model.plans, self.model.configuration, self.data)
+            if update:
+                # set without re-validating the whole config (validate_assignment would run this check again)
+                object.__setattr__(self, "data", self.data.model_copy(update=update))
         if self.data.image_size % self.model.patch_size:
             raise ValueError(
                 f"image_size {self.data.image_size} is not divisible by patch_size {self.model.patch_size}"

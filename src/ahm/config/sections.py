@@ -116,9 +116,17 @@ class ModelConfig(_Strict):
     # before the option existed) normalises every feature map per image and so cannot see it: on the brain
     # set it cost 0.08 validation Dice (docs/results.md).
     norm: Literal["batch", "instance"] = "batch"
+    # nnunet backbone: the network nnU-Net builds from this plans file (nnUNet_preprocessed/DatasetNNN_X/
+    # nnUNetPlans.json) for this configuration ("2d", "3d_fullres", ...); the plans also fix the data's patch
+    # size, spacing and CT window (ahm.nnunet).
+    plans: Optional[str] = None
+    configuration: Optional[str] = None
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
+        if self.backbone == "nnunet" and not (self.plans and self.configuration):
+            raise ValueError("the nnunet backbone needs model.plans and model.configuration (--plans, "
+                             "--configuration)")
         if self.preset != "custom" and self.preset not in VIT_PRESETS:
             raise ValueError(f"unknown model preset {self.preset!r}; choose one of {', '.join(VIT_PRESETS)} or custom")
         if len(self.unet_strides) != len(self.unet_channels) - 1:

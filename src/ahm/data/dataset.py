@@ -110,10 +110,15 @@ def read_item(
     cache = cache or VolumeCache()
     if item.slice is not None:
         assert item.axis is not None
-        volume = cache.get(item.image, label=False)
-        image = volume_slice(volume, item.axis, item.slice)
+        parts = [volume_slice(cache.get(path, label=False), item.axis, item.slice)
+                 for path in (item.image, *item.channel_files)]
     else:
-        image = read_image(item.image, max_pixels=cfg.max_pixels)
+        parts = [read_image(path, max_pixels=cfg.max_pixels) for path in (item.image, *item.channel_files)]
+    for path, part in zip(item.channel_files, parts[1:]):
+        if part.shape[1:] != parts[0].shape[1:]:
+            raise AhmError(f"{path}: channel size {'x'.join(map(str, part.shape[1:]))} does not match "
+                           f"{item.image.name} ({'x'.join(map(str, parts[0].shape[1:]))})")
+    image = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
     if image.ndim != 3 or image.shape[1] < 1 or image.shape[2] < 1:
         raise AhmError(f"{item.image}: unexpected image shape {tuple(image.shape)}")
     if not np.isfinite(image).all():

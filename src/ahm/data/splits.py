@@ -25,7 +25,7 @@ def _subjects(items: list[Item]) -> OrderedDict[str, list[str]]:
 
 
 def _from_file(index: DatasetIndex) -> dict[str, list[str]]:
-    source = index.root / "splits.json"
+    source = index.splits_path or index.root / "splits.json"
     assert index.splits_file is not None
     by_id: dict[str, list[str]] = {item.id: [item.id] for item in index.items}
     by_volume: dict[str, list[str]] = {}

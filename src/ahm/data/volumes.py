@@ -114,6 +114,9 @@ class ReadVolumed(MapTransform):
             raise AhmError(problem)
         image = read_volume(out[IMAGE])
         vol = image.data
+        extra = out.pop(CHANNEL_FILES, None) or ()
+        if extra:
+            vol = _join_channels(vol, [read_volume(path) for path in extra], image.path)
         if self.channels is not None:
             # channels, when a volume has any, are its last axis
             vol = unify_channels(vol, self.channels, image.path, axis=3, colour_to_grey=False)
@@ -157,6 +160,21 @@ def _grid_shift_mm(a: np.ndarray, b: np.ndarray, shape: Sequence[int]) -> float:
 
 def _voxel_size(affine: np.ndarray) -> float:
     return float(np.linalg.norm(np.asarray(affine, np.float64)[:3, :3], axis=0).min())
+
+
+# The extra channel files of an item stored one file per channel (nnU-Net's CASE_0001...), for ReadVolumed.
+CHANNEL_FILES = "channel_files"
+
+
+def _join_channels(vol: np.ndarray, extra: list, first: Path) -> np.ndarray:
+    """`vol` [X, Y, Z(, C)] with each of `extra`'s volumes appended as channels (last axis)."""
+    parts = [vol if vol.ndim == 4 else vol[..., None]]
+    for volume in extra:
+        if volume.data.shape[:3] != vol.shape[:3]:
+            raise AhmError(f"{volume.path}: channel volume size {'x'.join(map(str, volume.data.shape[:3]))} does "
+                           f"not match {first.name} ({'x'.join(map(str, vol.shape[:3]))})")
+        parts.append(volume.data if volume.data.ndim == 4 else volume.data[..., None])
+    return np.concatenate([p.astype(np.float32, copy=False) for p in parts], axis=3)
 
 
 class _Normalised(MapTransform):
@@ -365,7 +383,10 @@ def volume_paths(item: Item, labels: bool) -> dict[str, Any]:
         raise AhmError(f"{item.image}: a 2D item ({item.id}); open the dataset with data.spatial_dims 3")
     if labels and item.mask is None:
         raise AhmError(f"{item.image}: no label volume for this image")
-    return {IMAGE: item.image, LABEL: item.mask if labels else None}
+    out = {IMAGE: item.image, LABEL: item.mask if labels else None}
+    if item.channel_files:
+        out[CHANNEL_FILES] = item.channel_files
+    return out
 
 
 class VolumeDataset(torch.utils.data.Dataset):

@@ -165,6 +165,16 @@ def open_dataset(path: str | Path, cfg: DataConfig, *, strict_splits: bool = Tru
             if strict_splits:
                 raise
             problems.messages.append(str(exc))
+    else:
+        try:
+            own = layout.own_splits(root)
+        except AhmError as exc:
+            if strict_splits:
+                raise
+            problems.messages.append(str(exc))
+            own = None
+        if own is not None:
+            splits_path, splits = own
     return DatasetIndex(
         root=root,
         layout=cls.name,
@@ -172,6 +182,7 @@ def open_dataset(path: str | Path, cfg: DataConfig, *, strict_splits: bool = Tru
         has_labels=has_labels,
         label_values=facts.label_values,
         splits_file=splits,
+        splits_path=splits_path,
         problems=problems.messages,
         modality=facts.modality,
         class_names=facts.class_names,

@@ -33,6 +33,8 @@ class Item:
     # A split the layout itself fixes ("test" for img-anno's Test/ folder); None: drawn by subject
     split: str | None = None
     spatial_dims: int = 2  # 3: `image` (and `mask`) are whole volumes, read by ahm.data.volumes
+    # Channels stored one file each (nnU-Net's CASE_0001...): joined after `image`'s own channels, in this order.
+    channel_files: tuple[Path, ...] = ()
 
 
 @dataclass
@@ -45,6 +47,7 @@ class DatasetIndex:
     has_labels: bool
     label_values: list[int] | None = None
     splits_file: dict | None = None
+    splits_path: Path | None = None  # where `splits_file` was read; None: splits.json in the root
     problems: list[str] = field(default_factory=list)
     modality: str | None = None  # from dataset.json (msd) or implied by the layout; None = unknown
     class_names: dict[int, str] | None = None  # foreground class -> name (dataset.json, labels.json, the layout)
@@ -112,6 +115,11 @@ class Layout:
 
     def label_facts(self, root: Path) -> LabelFacts:
         return LabelFacts()
+
+    def own_splits(self, root: Path) -> tuple[Path, dict[str, list[str]]] | None:
+        """A split the dataset's own format fixes (file, {"train": ids, "val": ids, "test": ids}), used when there
+        is no splits.json; None: drawn by subject."""
+        return None
 
 
 class OneStructureLayout(Layout):

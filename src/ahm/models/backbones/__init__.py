@@ -80,11 +80,13 @@ def build_segmenter(kind: str, model_cfg: ModelConfig, image_size: int, in_chann
 
 
 def _register_builtin() -> None:
+    from ahm.models.backbones.nnunet import NnunetBackbone
     from ahm.models.backbones.unet import UNetBackbone
     from ahm.models.backbones.vit import ViTBackbone
 
     register_backbone(ViTBackbone())
     register_backbone(UNetBackbone())
+    register_backbone(NnunetBackbone())
 
 
 _register_builtin()
