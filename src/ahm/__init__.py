@@ -12,8 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from ahm.errors import AhmError
-
-__version__ = "0.2.0"
+from ahm.version import __version__
 
 _API = ("pretrain", "finetune", "evaluate", "predict", "load_encoder", "load_segmenter", "read_summary",
         "PretrainResult", "FinetuneResult", "EvaluationResult", "PredictionResult")

@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 
-from ahm import __version__
 from ahm.errors import AhmError
 from ahm.io import load_torch, restore_state, save_torch
 from ahm.train.rundir import CHECKPOINT_DIR, LAST
+from ahm.version import __version__
 
 __all__ = ["BEST", "checkpoint_path", "load_checkpoint", "restore_state", "save_checkpoint", "save_model_checkpoint"]
 

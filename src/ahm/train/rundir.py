@@ -8,10 +8,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ahm import __version__
 from ahm.errors import AhmError
 from ahm.io import read_jsonl, write_json, write_text
 from ahm.runformat import FORMAT, migrate
+from ahm.version import __version__
 
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.ckpt"
