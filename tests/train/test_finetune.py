@@ -83,7 +83,7 @@ def test_best_checkpoint_is_chosen_by_dataset_dice_and_never_by_predicting_nothi
                                                                                      monkeypatch) -> None:
     """The first validation sees a checkpoint that finds the structure (half of each blob), every later one an
     all-background prediction: those score 0 and are never kept."""
-    import ahm.eval.evaluate as ev
+    import ahm.eval.scoring as ev
     from ahm.data import load_arrays, make_splits, open_dataset
 
     cfg = _cfg(blobs, val_every=2, train={"epochs": 3})

@@ -73,7 +73,10 @@ class Corpus:
         self.sources = sources
         self.channels = channels
         self.image_size = image_size
-        # 3: entries are whole volumes, preprocessed to varying shapes and cropped by the augmentation.
+        # 3: entries are whole volumes, preprocessed to varying shapes and cropped by the augmentation. A sample
+        # and its augmentation come from the pipeline (`prepare_sample`, `pretraining_transform`); the store's
+        # own shape stays decided here (`nbytes`, `SampleCache`, `preload`, `_settings_not_deciding`): it is the
+        # layout of `--cache` folders already on disk and part of their digest, which must not change.
         self.spatial_dims = spatial_dims
         start = 0
         for source in sources:
@@ -207,14 +210,11 @@ def open_corpus(cfg: PretrainConfig, log: Callable[[str], None] | None = None) -
 def prepare_sample(item: Item, index: DatasetIndex, data_cfg: DataConfig, channels: int | None,
                    cache: Any = None) -> np.ndarray:
     """One pretraining sample before augmentation: a 2D item on the model grid [C, S, S] (`prepare_item`), or a
-    whole 3D volume resampled and normalised [C, X, Y, Z] (`prepare_volume`; the augmentation crops it)."""
-    if item.spatial_dims == 3:
-        from ahm.data.volumes import prepare_volume
+    whole 3D volume resampled and normalised [C, X, Y, Z] (`prepare_volume`; the augmentation crops it), as the
+    item's own pipeline prepares it."""
+    from ahm.pipeline import for_dims
 
-        return prepare_volume(item, index, data_cfg, channels)
-    from ahm.data.dataset import prepare_item
-
-    return prepare_item(item, index, data_cfg, False, channels, cache)[0]
+    return for_dims(item.spatial_dims).pretraining_sample(item, index, data_cfg, channels, cache)
 
 
 class VolumeSlices:
@@ -543,17 +543,9 @@ def pretraining_transform(corpus: Corpus, cfg: PretrainConfig) -> Callable[[dict
     """The per-sample augmentation: 2D the random resized crop and jitter (none without train.augment); 3D
     always a random `data.crop_size` crop (a batch needs one shape), flips, turns and jitter only with
     train.augment."""
-    if corpus.spatial_dims == 3:
-        from monai.transforms import Compose, RandSpatialCropd
+    from ahm.pipeline import for_dims
 
-        from ahm.data.volumes import IMAGE, volume_pretrain_augment
-
-        if cfg.train.augment:
-            return volume_pretrain_augment(cfg.data)
-        return Compose([RandSpatialCropd(keys=[IMAGE], roi_size=tuple(cfg.data.crop_size), random_size=False)])
-    from ahm.data.transforms import pretrain_augment
-
-    return pretrain_augment(cfg.data.image_size) if cfg.train.augment else None
+    return for_dims(corpus.spatial_dims).pretraining_transform(cfg)
 
 
 def describe(corpus: Corpus) -> dict[str, Any]:

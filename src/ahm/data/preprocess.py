@@ -71,6 +71,10 @@ def normalize(
 ) -> np.ndarray:
     """Map intensities of a [C, H, W] image to float32 in [0, 1].
 
+    Kept in numpy rather than MONAI `ScaleIntensityRangePercentiles` / `ScaleIntensityRange`: those compute the
+    percentiles and the scaling in float32 (up to 3e-6 from these float64 figures on the test volumes), and a
+    channel whose 0.5 and 99.5 percentiles coincide would give `x - lo` there, not the min/max fallback below.
+
     mri: per channel, clip to the 0.5/99.5 percentiles then scale; ct: clip to `ct_window` (HU) then scale;
     photo: /255 for 8-bit, /65535 for 16-bit sources (from `source_dtype`, else from the value range);
     auto: photo for 8-bit sources, mri otherwise. Without `source_dtype`, "auto" treats an image of
@@ -138,31 +142,34 @@ def _nearest_index(src: int, dst: int) -> np.ndarray:
 
 def resize_image(arr: np.ndarray, size: int) -> np.ndarray:
     """[C, H, W] -> [C, size, size]: scale the longest side to `size` (area when shrinking, bilinear when
-    enlarging), keep the aspect ratio, zero-pad the rest centrally."""
+    enlarging), keep the aspect ratio, zero-pad the rest centrally (MONAI `Resize`, then `SpatialPad`)."""
     import torch
-    import torch.nn.functional as F
+    from monai.transforms import Resize, SpatialPad
 
     arr = np.asarray(arr, dtype=np.float32)
     if arr.ndim != 3:
         raise AhmError(f"resize_image expects [C, H, W], got shape {arr.shape}")
-    c, h, w = arr.shape
-    new_h, new_w, top, left = fit_geometry(h, w, size)
-    if (new_h, new_w) == (h, w):
-        scaled = arr
-    else:
+    _, h, w = arr.shape
+    # The scaled shape is `fit_geometry`'s rather than Resize(size_mode="longest")'s: that mode rounds a side
+    # of a very thin image (1000x3 to 64) down to 0 pixels where this keeps 1, and masks, pixel sizes and
+    # `undo_resize` must share the geometry. SpatialPad's symmetric padding puts the odd pixel after, as
+    # `fit_geometry`'s top/left do.
+    new_h, new_w, _, _ = fit_geometry(h, w, size)
+    scaled = torch.from_numpy(np.ascontiguousarray(arr))
+    if (new_h, new_w) != (h, w):
         mode = "area" if new_h <= h and new_w <= w else "bilinear"
-        kwargs = {"align_corners": False} if mode == "bilinear" else {}
         with torch.no_grad():
-            scaled = F.interpolate(
-                torch.from_numpy(np.ascontiguousarray(arr))[None], size=(new_h, new_w), mode=mode, **kwargs
-            )[0].numpy()
-    out = np.zeros((c, size, size), dtype=np.float32)
-    out[:, top : top + new_h, left : left + new_w] = scaled
-    return out
+            scaled = Resize((new_h, new_w), mode=mode, align_corners=False if mode == "bilinear" else None)(scaled)
+    out = SpatialPad((size, size), mode="constant")(scaled)
+    return np.asarray(out.as_tensor() if hasattr(out, "as_tensor") else out, dtype=np.float32)
 
 
 def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    """[H, W] labels -> [size, size] with the geometry of `resize_image` and nearest sampling (no blending)."""
+    """[H, W] labels -> [size, size] with the geometry of `resize_image` and nearest sampling (no blending).
+
+    Not MONAI `Resize(mode="nearest-exact")`: it samples the same pixel centres, but torch computes the source
+    index in float32, so where a centre falls exactly on a pixel edge it picks the neighbour (51 of 2,700
+    shape/size pairs swept, e.g. 26x37 to 16); these indices are float64, shared with `undo_resize`."""
     mask = np.asarray(mask)
     if mask.ndim != 2:
         raise AhmError(f"resize_mask expects [H, W], got shape {mask.shape}")

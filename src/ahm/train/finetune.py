@@ -26,6 +26,7 @@ import torch
 from ahm.config import FinetuneConfig, load_config, model_input_size, save_config
 from ahm.errors import AhmError
 from ahm.io import write_json
+from ahm.pipeline import pipeline_for
 from ahm.train.checkpoint import BEST, checkpoint_path, load_checkpoint
 from ahm.train.engine import FinetuneRun, run_finetuning
 from ahm.train.finetune_data import FinetuneData, prepare_data
@@ -68,14 +69,11 @@ def _side(cfg: FinetuneConfig) -> int:
 
 
 def check_volume_crop(cfg: FinetuneConfig) -> None:
-    """3D: the crop is the segmenter's input, so each side must suit the backbone (strides, UNETR's patches)."""
-    if cfg.data.spatial_dims != 3:
-        return
-    from ahm.data.volumes import check_crop
+    """Where the crop is the segmenter's input (3D), each side must suit the backbone (strides, UNETR's patches)."""
     from ahm.models import backbone_of_segmenter
 
-    multiple = backbone_of_segmenter(cfg.segmenter).input_multiple(cfg.model)
-    check_crop(cfg.data, multiple, why=f"the {cfg.segmenter} segmenter's input")
+    pipeline_for(cfg).check_model_input(cfg.data, lambda: backbone_of_segmenter(cfg.segmenter).input_multiple(cfg.model),
+                                        why=f"the {cfg.segmenter} segmenter's input")
 
 
 def protocol_of(cfg: FinetuneConfig) -> str:
@@ -237,8 +235,7 @@ def _meta(cfg: FinetuneConfig, data: FinetuneData, enc: PretrainedEncoder | None
             "init_policy": enc.policy if enc is not None else None, "select_by": cfg.select_by,
             "protocol": protocol_of(cfg),
             "class_names": class_names(data.num_classes, data.index.class_names),
-            # the 3D contract (ahm.eval.evaluate.load_run): a checkpoint without spatial_dims is 2D
-            **({"spatial_dims": 3, "roi_size": list(model_input_size(cfg.data))} if cfg.data.spatial_dims == 3 else {})}
+            **pipeline_for(cfg).checkpoint_meta(cfg)}
 
 
 def _train(fabric, cfg: FinetuneConfig, out: Path, resume: bool, progress: bool, data: FinetuneData,
@@ -365,26 +362,18 @@ def _loader(fabric, cfg: FinetuneConfig, data: FinetuneData, batch_size: int, st
     """The training batches from step `start` on: each carries its (epoch, position, index) keys, so the samples
     are the same in any number of loader workers and from any start step; the seeded generator keeps the loader
     off torch's global random stream."""
-    from ahm.data import ArrayDataset, segment_augment
     from ahm.data.corpus import StepBatches, make_loader
     from ahm.models import backbone_of_segmenter
 
-    volumes = cfg.data.spatial_dims == 3
-    transform = None
-    if not volumes and cfg.train.augment:
-        transform = segment_augment(cfg.data.image_size, cfg.min_crop_area, cfg.rotate_deg, cfg.intensity_jitter,
-                                    cfg.gamma, cfg.bias_field, crop_size=train_crop_size(cfg),
-                                    pad=backbone_of_segmenter(cfg.segmenter).pads_crop)
-    # 3D: the volume dataset draws its crops (and augments them) itself, seeded by (seed, epoch, index) too
-    dataset = data.train if volumes else ArrayDataset(data.train.images, data.train.labels, transform,
-                                                      seed=cfg.train.seed)
+    pipeline = pipeline_for(cfg)
+    dataset = pipeline.training_set(cfg, data.train, train_crop_size(cfg), backbone_of_segmenter(cfg.segmenter).pads_crop)
     draws = cfg.iterations_per_epoch * batch_size * fabric.world_size if cfg.iterations_per_epoch else None
     plan = StepBatches(ShuffledItems(data.n_train, draws), cfg.train.seed, batch_size, start, total, fabric.global_rank,
                        fabric.world_size)
     loader = make_loader(dataset, plan, cfg.train.workers, collate_fn=None, pin_memory=fabric.device.type == "cuda",
                          persistent=True, generator=torch.Generator().manual_seed(cfg.train.seed))
-    if volumes and loader.num_workers > 0:
-        dataset.preload()  # before the workers fork, so that they share the cached volumes
+    if loader.num_workers > 0:
+        pipeline.before_workers(dataset)
     return loader
 
 
@@ -404,6 +393,5 @@ def _summary(cfg: FinetuneConfig, state: RunState, data: FinetuneData, meta: dic
         "protocol": meta["protocol"],
         "trainable_parameters": sum(p.numel() for p in run.raw_model.parameters() if p.requires_grad),
     }
-    if cfg.data.spatial_dims == 3:
-        summary.update({"spatial_dims": 3, "roi_size": meta["roi_size"], "overlap": cfg.overlap})
+    summary.update(pipeline_for(cfg).summary_fields(cfg, meta))
     return summary

@@ -1,5 +1,5 @@
-"""The fine-tuning's data: the labelled subset drawn by subject, the splits, the training and validation sets
-(2D arrays of slices, or 3D volume datasets)."""
+"""The fine-tuning's data: the labelled subset drawn by subject, the splits, and the training and validation sets
+the run's pipeline (`ahm.pipeline`: 2D arrays of slices, or 3D volume datasets) prepares from them."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 
 from ahm.config import FinetuneConfig
 from ahm.errors import AhmError
+from ahm.pipeline import pipeline_for
 
 
 @dataclass
@@ -58,9 +59,10 @@ def prepare_data(cfg: FinetuneConfig, out: Path, resume: bool) -> FinetuneData:
         raise AhmError(f"{cfg.data.path}: no masks found ({index.layout} layout); fine-tuning needs labelled images "
                        f"(e.g. masks/ beside images/ with the same file names)")
     splits, labelled = _splits_and_subset(cfg, index, out, resume)
-    if cfg.data.spatial_dims == 3:
-        return _prepare_volumes(cfg, index, splits, labelled)
-    return _prepare_arrays(cfg, index, splits, labelled)
+    prepared = pipeline_for(cfg).prepare_labelled(cfg, index, splits, labelled)
+    return FinetuneData(index, splits, labelled, prepared.train, prepared.val, prepared.val_source,
+                        _num_classes(cfg, prepared.found_classes), prepared.in_channels, prepared.subjects,
+                        prepared.normalization)
 
 
 def _splits_and_subset(cfg: FinetuneConfig, index, out: Path, resume: bool) -> tuple[dict, list[str]]:
@@ -91,56 +93,3 @@ def _num_classes(cfg: FinetuneConfig, found: int) -> int:
             raise AhmError(f"num_classes {cfg.num_classes} is too small: labels in {cfg.data.path} go up to {found - 1}")
         return cfg.num_classes
     return max(2, found)
-
-
-# Preprocessed volumes are kept in memory up to this many bytes as stored (resampling changes it by the spacing
-# ratio): small sets read and resample each volume once, large ones read them again each time.
-VOLUME_CACHE_BYTES = 4 << 30
-
-
-def _prepare_volumes(cfg: FinetuneConfig, index, splits: dict, labelled: list[str]) -> FinetuneData:
-    from ahm.data.dataset import normalization_rule
-    from ahm.data.volumes import raw_volume_bytes, read_volume_item, volume_dataset
-
-    by_id = index.by_id()
-    val_ids = list(splits.get("val", []))
-    stored = sum(raw_volume_bytes(by_id[i]) for i in dict.fromkeys(labelled + val_ids))
-    cache = stored <= VOLUME_CACHE_BYTES
-    train = volume_dataset(index, labelled, cfg.data, labels=True, train=True, seed=cfg.train.seed, cache=cache)
-    in_channels = int(train.prepared(0)["image"].shape[0])
-    data_cfg = cfg.data.model_copy(update={"channels": in_channels})
-    if cfg.data.channels != in_channels:  # the first volume decides the channels; the others are converted to it
-        train = volume_dataset(index, labelled, data_cfg, labels=True, train=True, seed=cfg.train.seed, cache=cache)
-    if val_ids:
-        val_source = "val"
-    else:
-        val_ids, val_source = list(labelled), "train (no validation split)"
-    val = volume_dataset(index, val_ids, data_cfg, labels=True, train=False, cache=cache)
-    if index.label_values:
-        found = max(index.label_values) + 1
-    else:  # no declared label set: the largest label in the volumes as stored
-        found = 1 + max(int(read_volume_item(by_id[i], index, data_cfg, labels=True)[1].max(initial=0))
-                        for i in dict.fromkeys(labelled + val_ids))
-    subjects = sorted({by_id[i].subject for i in labelled})
-    return FinetuneData(index, splits, labelled, train, val, val_source, _num_classes(cfg, found), in_channels, subjects,
-                 normalization_rule(data_cfg, index))
-
-
-def _prepare_arrays(cfg: FinetuneConfig, index, splits: dict, labelled: list[str]) -> FinetuneData:
-    from ahm.data import load_arrays
-
-    train = load_arrays(index, labelled, cfg.data, labels=True)
-    in_channels = int(train.images.shape[1])
-    data_cfg = cfg.data.model_copy(update={"channels": in_channels})
-    val_ids = list(splits.get("val", []))
-    if val_ids:
-        val, val_source = load_arrays(index, val_ids, data_cfg, labels=True), "val"
-    else:
-        # No validation subjects (a tiny dataset): the best epoch is chosen on the labelled training images.
-        val, val_source = train, "train (no validation split)"
-    found = max(int(train.labels.max(initial=0)), int(val.labels.max(initial=0)),
-                max(index.label_values or [0])) + 1
-    by_id = index.by_id()
-    subjects = sorted({by_id[i].subject for i in train.ids})
-    return FinetuneData(index, splits, labelled, train, val, val_source, _num_classes(cfg, found), in_channels, subjects,
-                 train.normalization)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from ahm.config import FinetuneConfig
 from ahm.errors import AhmError
+from ahm.pipeline import pipeline_for
 from ahm.train.pretrained import PretrainedEncoder
 
 
@@ -43,14 +44,8 @@ def init_mismatches(enc: PretrainedEncoder, cfg: FinetuneConfig, in_channels: in
     if pre_channels != in_channels:
         found.append(f"channels {pre_channels} pretrained vs {in_channels} in {cfg.data.path} "
                      f"(set data.channels: {pre_channels} in a --config to convert its images)")
-    if cfg.data.spatial_dims == 3:
-        # volumes: the network's input is the training crop, compared per axis by the backbone
-        pre_size, size = tuple(enc.pretrain_cfg.data.crop_size), tuple(cfg.data.crop_size)
-    else:
-        pre_size = int(enc.metadata.get("image_size", enc.pretrain_cfg.data.image_size))
-        size = cfg.data.image_size
-        if pre_size != size:
-            found.append(f"image size {pre_size} pretrained vs {size} here (omit --image-size or use {pre_size})")
+    pre_size, size, differ = pipeline_for(cfg).pretrained_sizes(enc.pretrain_cfg.data, enc.metadata, cfg.data)
+    found += differ
     found += backbone_of_segmenter(enc.segmenter).init_mismatches(enc.metadata, enc.pretrain_cfg.model, pre_size, size)
     pre_norm = pretrained_normalization(enc)
     if pre_norm is not None and pre_norm != normalization:

@@ -74,13 +74,12 @@ def check_config(cfg: PretrainConfig) -> None:
     if cfg.masking.policy not in policy_names():
         raise AhmError(f"--policy: unknown masking policy {cfg.masking.policy!r}; choose one of {', '.join(policy_names())}")
     get_backbone(cfg.model.backbone).check_config(cfg.model)
-    if cfg.data.spatial_dims == 3:
-        from ahm.data.volumes import check_crop
-        from ahm.models.backbones import get_backbone
+    from ahm.pipeline import pipeline_for
 
-        # the crop is the model's input: whole patches, and for the UNet whole feature maps at every stride
-        multiple = math.lcm(cfg.model.patch_size, get_backbone(cfg.model.backbone).crop_multiple(cfg.model))
-        check_crop(cfg.data, multiple, why=f"--patch-size {cfg.model.patch_size} (and the backbone's strides)")
+    # where the crop is the model's input (3D): whole patches, and for the UNet whole feature maps at every stride
+    pipeline_for(cfg).check_model_input(
+        cfg.data, lambda: math.lcm(cfg.model.patch_size, get_backbone(cfg.model.backbone).crop_multiple(cfg.model)),
+        why=f"--patch-size {cfg.model.patch_size} (and the backbone's strides)")
     paths = [s.path for s in cfg.sources] or ([cfg.data.path] if cfg.data.path else [])
     if not paths:
         raise AhmError("DATA: no dataset path given")

@@ -1,0 +1,141 @@
+"""What training, evaluation and prediction ask of the data path; `SlicePipeline` (2D) and `VolumePipeline` (3D)
+answer it."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+    from ahm.config import DataConfig, FinetuneConfig, ModelConfig, PretrainConfig
+    from ahm.data.layouts import DatasetIndex, Item
+    from ahm.eval.evaluate import LoadedRun
+    from ahm.eval.predict_files import Batcher, Job
+
+
+@dataclass
+class Labelled:
+    """The labelled data of a fine-tuning run as the pipeline prepared it."""
+
+    train: Any  # 2D: `ahm.data.Arrays` on the model grid; 3D: a `VolumeDataset` of training crops
+    val: Any  # 2D: `Arrays`; 3D: a `VolumeDataset` of whole preprocessed volumes
+    val_source: str  # "val", or "train (no validation split)" when the split is empty
+    found_classes: int  # 1 + the largest label value declared or seen
+    in_channels: int
+    subjects: list[str]  # of the labelled training cases
+    normalization: str  # `ahm.data.dataset.normalization_rule` of the data
+
+
+class Pipeline(ABC):
+    """One dimension's data path, from labelled files to scores and written masks."""
+
+    spatial_dims: int
+
+    # ------------------------------------------------------------------ the model's input and the run record
+
+    @abstractmethod
+    def check_model_input(self, data_cfg: DataConfig, multiple: Callable[[], int | Sequence[int]],
+                          why: str) -> None:
+        """Refuse a model input the backbone cannot take (`multiple()`: what each side must be a multiple of)."""
+
+    @abstractmethod
+    def pretrained_sizes(self, pre_data: DataConfig, metadata: dict, data_cfg: DataConfig) -> tuple[Any, Any, list[str]]:
+        """(pretrained input size, this run's, mismatches in words) for comparing an encoder with its fine-tuning."""
+
+    @abstractmethod
+    def checkpoint_meta(self, cfg: FinetuneConfig) -> dict[str, Any]:
+        """What a fine-tuning checkpoint records beyond the common meta, for `load_run` to rebuild the model."""
+
+    @abstractmethod
+    def summary_fields(self, cfg: FinetuneConfig, meta: dict[str, Any]) -> dict[str, Any]:
+        """What summary.json records beyond the common fields."""
+
+    @abstractmethod
+    def build_segmenter(self, meta: dict[str, Any], model_cfg: ModelConfig, path: Path) -> torch.nn.Module:
+        """The segmenter a checkpoint's meta describes (its weights not loaded)."""
+
+    # ------------------------------------------------------------------ pretraining samples
+
+    @abstractmethod
+    def pretraining_sample(self, item: Item, index: DatasetIndex, data_cfg: DataConfig, channels: int | None,
+                           cache: Any = None) -> np.ndarray:
+        """One pretraining sample before augmentation, as float32 [C, *spatial]."""
+
+    @abstractmethod
+    def pretraining_transform(self, cfg: PretrainConfig) -> Callable[[dict], dict] | None:
+        """The per-sample augmentation of pretraining (None: none)."""
+
+    # ------------------------------------------------------------------ fine-tuning data
+
+    @abstractmethod
+    def prepare_labelled(self, cfg: FinetuneConfig, index: DatasetIndex, splits: dict[str, list[str]],
+                         labelled: list[str]) -> Labelled:
+        """Read the labelled training cases and the validation split, ready for training and validation."""
+
+    @abstractmethod
+    def training_set(self, cfg: FinetuneConfig, train: Any, crop_size: int | None, pads_crop: bool) -> Any:
+        """The dataset of training samples (augmented, seeded by (seed, epoch, index)) over `train`."""
+
+    def before_workers(self, dataset: Any) -> None:
+        """Called before loader workers fork, to fill what they should share (nothing by default)."""
+
+    # ------------------------------------------------------------------ validation
+
+    @abstractmethod
+    def predict_share(self, model: torch.nn.Module, cfg: FinetuneConfig, val: Any, rank: int, world: int,
+                      device: torch.device, precision: str, batch_size: int,
+                      progress: Callable[[str], None] | None = None) -> Any:
+        """This rank's predictions of every `world`-th validation case from `rank` on, in a form to gather;
+        `progress` is told what is being predicted where that takes long (whole volumes)."""
+
+    @abstractmethod
+    def selection_score(self, shares: list[Any], val: Any, num_classes: int, select_by: str) -> float:
+        """The best-checkpoint figure of the gathered shares (the one-process figure exactly)."""
+
+    @abstractmethod
+    def score_validation(self, model: torch.nn.Module, cfg: FinetuneConfig, val: Any, num_classes: int,
+                         device: torch.device, names: list[str], out_dir: Path, extra: dict[str, Any],
+                         batch_size: int) -> dict[str, Any]:
+        """Score the validation split into `out_dir` (metrics.json); returns the metrics."""
+
+    # ------------------------------------------------------------------ evaluation
+
+    def check_overlap(self, overlap: float) -> float:
+        """The sliding-window overlap, refused where this pipeline uses it and it is out of range."""
+        return overlap
+
+    @abstractmethod
+    def evaluation_config(self, loaded: LoadedRun, data_path: Path) -> DataConfig:
+        """The data settings a split is read with for `loaded`: its own, on `data_path`, with its model input."""
+
+    @abstractmethod
+    def score_split(self, loaded: LoadedRun, index: DatasetIndex, ids: list[str], data_cfg: DataConfig,
+                    out_dir: Path, split: str, empty: str, overlap: float, batch_size: int,
+                    record: dict[str, Any]) -> dict[str, Any]:
+        """Predict and score the cases `ids`, writing metrics.json, the per-case CSV and cases.npz into `out_dir`;
+        `record` (data, checkpoint, epoch) goes into metrics.json."""
+
+    # ------------------------------------------------------------------ prediction of files
+
+    def check_inputs(self, run: LoadedRun, jobs: list[Job], overlap: float) -> None:
+        """Refuse, before anything is written, inputs or options this pipeline cannot predict."""
+
+    @abstractmethod
+    def predict_file(self, run: LoadedRun, job: Job, batcher: Batcher, overlap: float) -> None:
+        """Segment one input file and write its mask (and overlay) back onto the input's own grid."""
+
+    def prediction_fields(self, run: LoadedRun, volumes: int, total_s: float, overlap: float) -> dict[str, Any]:
+        """What `ahm predict` reports beyond the common counts (nothing by default)."""
+        return {}
+
+
+def label_dtype(num_classes: int) -> type:
+    """The smallest integer type that holds the classes: a split's label maps are all held until scoring."""
+    return np.uint8 if num_classes <= 256 else np.int16 if num_classes < 2**15 else np.int32

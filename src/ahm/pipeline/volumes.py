@@ -1,0 +1,277 @@
+"""The 3D pipeline (`data.spatial_dims: 3`): whole volumes preprocessed by MONAI transforms
+(`ahm.data.volumes`), cached when they fit; training crops drawn around foreground; inference by Gaussian-blended
+sliding windows of the training crop; each volume scored as one case on the preprocessed grid, HD95 in mm; a
+file's prediction mapped back onto its own grid."""
+
+from __future__ import annotations
+
+import io as _io
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ahm.errors import AhmError
+from ahm.pipeline.base import Labelled, Pipeline, label_dtype
+
+if TYPE_CHECKING:
+    import torch
+
+    from ahm.config import DataConfig, FinetuneConfig, ModelConfig, PretrainConfig
+    from ahm.data.layouts import DatasetIndex, Item
+    from ahm.eval.evaluate import LoadedRun
+    from ahm.eval.predict_files import Batcher, Job
+
+# Preprocessed volumes are kept in memory up to this many bytes as stored (resampling changes it by the spacing
+# ratio): small sets read and resample each volume once, large ones read them again each time.
+VOLUME_CACHE_BYTES = 4 << 30
+
+
+class VolumePipeline(Pipeline):
+    spatial_dims = 3
+
+    def check_model_input(self, data_cfg: DataConfig, multiple, why: str) -> None:
+        from ahm.data.volumes import check_crop
+
+        check_crop(data_cfg, multiple(), why=why)
+
+    def pretrained_sizes(self, pre_data: DataConfig, metadata: dict, data_cfg: DataConfig) -> tuple[Any, Any, list[str]]:
+        # the network's input is the training crop, compared per axis by the backbone
+        return tuple(pre_data.crop_size), tuple(data_cfg.crop_size), []
+
+    def checkpoint_meta(self, cfg: FinetuneConfig) -> dict[str, Any]:
+        from ahm.config import model_input_size
+
+        # the 3D contract (ahm.eval.evaluate.load_run)
+        return {"spatial_dims": 3, "roi_size": list(model_input_size(cfg.data))}
+
+    def summary_fields(self, cfg: FinetuneConfig, meta: dict[str, Any]) -> dict[str, Any]:
+        return {"spatial_dims": 3, "roi_size": meta["roi_size"], "overlap": cfg.overlap}
+
+    def build_segmenter(self, meta: dict[str, Any], model_cfg: ModelConfig, path: Path) -> torch.nn.Module:
+        from ahm.models import build_segmenter
+
+        roi = meta.get("roi_size")
+        if not isinstance(roi, (list, tuple)) or len(roi) != 3 or not all(int(s) >= 1 for s in roi):
+            raise AhmError(f"{path}: a 3D checkpoint needs roi_size [D, H, W] in its metadata, got {roi!r}")
+        roi = tuple(int(s) for s in roi)
+        # A cubic crop goes in as one side, the form every backbone accepts; otherwise the tuple (UNETR per axis).
+        size = roi[0] if len(set(roi)) == 1 else roi
+        return build_segmenter(meta["segmenter"], model_cfg, size, int(meta["in_channels"]), int(meta["num_classes"]),
+                               spatial_dims=3)
+
+    # ------------------------------------------------------------------ pretraining samples
+
+    def pretraining_sample(self, item: Item, index: DatasetIndex, data_cfg: DataConfig, channels: int | None,
+                           cache: Any = None) -> np.ndarray:
+        from ahm.data.volumes import prepare_volume
+
+        # the whole volume resampled and normalised [C, X, Y, Z]; the augmentation crops it
+        return prepare_volume(item, index, data_cfg, channels)
+
+    def pretraining_transform(self, cfg: PretrainConfig) -> Callable[[dict], dict] | None:
+        from monai.transforms import Compose, RandSpatialCropd
+
+        from ahm.data.volumes import IMAGE, volume_pretrain_augment
+
+        # always a random `data.crop_size` crop (a batch needs one shape); flips, turns and jitter with augment
+        if cfg.train.augment:
+            return volume_pretrain_augment(cfg.data)
+        return Compose([RandSpatialCropd(keys=[IMAGE], roi_size=tuple(cfg.data.crop_size), random_size=False)])
+
+    # ------------------------------------------------------------------ fine-tuning data
+
+    def prepare_labelled(self, cfg: FinetuneConfig, index: DatasetIndex, splits: dict[str, list[str]],
+                         labelled: list[str]) -> Labelled:
+        from ahm.data.dataset import normalization_rule
+        from ahm.data.volumes import raw_volume_bytes, read_volume_item, volume_dataset
+
+        by_id = index.by_id()
+        val_ids = list(splits.get("val", []))
+        stored = sum(raw_volume_bytes(by_id[i]) for i in dict.fromkeys(labelled + val_ids))
+        cache = stored <= VOLUME_CACHE_BYTES
+        train = volume_dataset(index, labelled, cfg.data, labels=True, train=True, seed=cfg.train.seed, cache=cache)
+        in_channels = int(train.prepared(0)["image"].shape[0])
+        data_cfg = cfg.data.model_copy(update={"channels": in_channels})
+        if cfg.data.channels != in_channels:  # the first volume decides the channels; the others are converted to it
+            train = volume_dataset(index, labelled, data_cfg, labels=True, train=True, seed=cfg.train.seed,
+                                   cache=cache)
+        if val_ids:
+            val_source = "val"
+        else:
+            val_ids, val_source = list(labelled), "train (no validation split)"
+        val = volume_dataset(index, val_ids, data_cfg, labels=True, train=False, cache=cache)
+        if index.label_values:
+            found = max(index.label_values) + 1
+        else:  # no declared label set: the largest label in the volumes as stored
+            found = 1 + max(int(read_volume_item(by_id[i], index, data_cfg, labels=True)[1].max(initial=0))
+                            for i in dict.fromkeys(labelled + val_ids))
+        subjects = sorted({by_id[i].subject for i in labelled})
+        return Labelled(train, val, val_source, found, in_channels, subjects, normalization_rule(data_cfg, index))
+
+    def training_set(self, cfg: FinetuneConfig, train: Any, crop_size: int | None, pads_crop: bool) -> Any:
+        # the volume dataset draws its crops (and augments them) itself, seeded by (seed, epoch, index) too
+        return train
+
+    def before_workers(self, dataset: Any) -> None:
+        dataset.preload()  # before the workers fork, so that they share the cached volumes
+
+    # ------------------------------------------------------------------ validation
+
+    def _predict_cases(self, model, cfg: FinetuneConfig, val: Any, indices, device,
+                       precision: str = "32-true", progress=None) -> list[tuple]:
+        """(index, prediction, target, spacing, id) of the validation volumes `indices`, each predicted whole by
+        sliding windows of the training crop on the preprocessed grid."""
+        import torch
+
+        from ahm.config import model_input_size
+        from ahm.data.volumes import preprocessed_spacing
+        from ahm.eval.scoring import predict_volume_labels
+
+        cases = []
+        indices = list(indices)
+        for n, i in enumerate(indices):
+            if progress is not None:  # minutes per volume on a CPU: say which one
+                progress(f"validating volume {n + 1}/{len(indices)}")
+            sample = val[i]
+            (pred,) = predict_volume_labels(model, [sample["image"].as_tensor()], list(model_input_size(cfg.data)),
+                                            overlap=cfg.overlap, mode="gaussian", device=device, precision=precision)
+            cases.append((i, pred, torch.round(sample["label"].as_tensor()[0]).long().numpy(),
+                          preprocessed_spacing(sample), sample["id"]))
+        return cases
+
+    @staticmethod
+    def _case_scores(cases: list[tuple], num_classes: int, names: list[str] | None = None) -> tuple[dict, dict]:
+        """`volume_scores` of predicted volumes, each one case, HD95 in mm from the preprocessed grid's spacing."""
+        from ahm.eval.metrics import volume_scores
+
+        _, preds, targets, spacings, ids = (list(column) for column in zip(*cases))
+        return volume_scores(preds, targets, num_classes, spacings=spacings, class_names=names, empty="exclude",
+                             ids=ids)
+
+    def predict_share(self, model, cfg: FinetuneConfig, val: Any, rank: int, world: int, device, precision: str,
+                      batch_size: int, progress=None) -> Any:
+        return self._predict_cases(model, cfg, val, range(rank, len(val), world), device, precision, progress)
+
+    def selection_score(self, shares: list[Any], val: Any, num_classes: int, select_by: str) -> float:
+        """`selection_score`'s two figures from a `volume_scores` summary: dataset_dice pooled over the volumes,
+        case_dice the per-volume mean (empty-empty volumes left out); 0 when undefined."""
+        cases = sorted((case for share in shares for case in share), key=lambda case: case[0])
+        scores = self._case_scores(cases, num_classes)[0]
+        value = scores.get("dataset_dice" if select_by == "dataset_dice" else "dice")
+        return float(value) if value is not None else 0.0
+
+    def score_validation(self, model, cfg: FinetuneConfig, val: Any, num_classes: int, device, names: list[str],
+                         out_dir: Path, extra: dict[str, Any], batch_size: int) -> dict[str, Any]:
+        from ahm.io import write_json
+
+        scores, _ = self._case_scores(self._predict_cases(model, cfg, val, range(len(val)), device), num_classes,
+                                      names)
+        metrics = {"split": "val", **scores, "level": "volume", **extra}
+        write_json(out_dir / "metrics.json", metrics)
+        return metrics
+
+    # ------------------------------------------------------------------ evaluation
+
+    def check_overlap(self, overlap: float) -> float:
+        from ahm.eval.scoring import check_overlap
+
+        return check_overlap(overlap)
+
+    def evaluation_config(self, loaded: LoadedRun, data_path: Path) -> DataConfig:
+        return loaded.cfg.data.model_copy(update={"path": str(data_path), "channels": loaded.in_channels,
+                                                  "crop_size": loaded.roi_size})
+
+    def score_split(self, loaded: LoadedRun, index: DatasetIndex, ids: list[str], data_cfg: DataConfig,
+                    out_dir: Path, split: str, empty: str, overlap: float, batch_size: int,
+                    record: dict[str, Any]) -> dict[str, Any]:
+        """Whole preprocessed volumes, sliding windows of the crop, HD95 in mm."""
+        from ahm.data.volumes import volume_dataset
+        from ahm.eval.metrics import class_names
+
+        dataset = volume_dataset(index, ids, data_cfg, labels=True, train=False)
+        cases = _predict_split(loaded, dataset, overlap)
+        names = class_names(loaded.num_classes, index.class_names)
+        return _write_split(loaded, dataset, cases, names, data_cfg, out_dir, split, empty, overlap,
+                            {**record, "skipped_files": list(index.problems)})
+
+    # ------------------------------------------------------------------ prediction of files
+
+    def check_inputs(self, run: LoadedRun, jobs: list[Job], overlap: float) -> None:
+        self.check_overlap(overlap)
+        flat = next((job.source for job in jobs if not job.volume), None)
+        if flat is not None:
+            raise AhmError(f"{flat}: a 2D image, but the model in {run.run_dir} was fine-tuned on volumes "
+                           f"(spatial_dims 3); give NIfTI, NRRD, MetaImage or DICOM series volumes")
+
+    def predict_file(self, run: LoadedRun, job: Job, batcher: Batcher, overlap: float) -> None:
+        from ahm.eval.predict_files import predict_volume
+
+        batcher.seconds += predict_volume(run, job, overlap)
+
+    def prediction_fields(self, run: LoadedRun, volumes: int, total_s: float, overlap: float) -> dict[str, Any]:
+        return {"spatial_dims": 3, "volumes": volumes, "volumes_per_s": volumes / total_s if total_s > 0 else 0.0,
+                "sliding_window": {"roi_size": list(run.roi_size or ()), "overlap": float(overlap),
+                                   "mode": "gaussian"}}
+
+
+def _predict_split(loaded: LoadedRun, dataset, overlap: float) -> dict[str, list]:
+    """Each volume of `dataset` predicted whole: predictions, labels, spacings, shapes and the drawn slices."""
+    from ahm.data.volumes import preprocessed_spacing
+    from ahm.eval.render import display_slice
+    from ahm.eval.scoring import predict_volume_labels, preprocessed
+
+    dtype = label_dtype(loaded.num_classes)
+    cases: dict[str, list] = {"preds": [], "labels": [], "spacings": [], "shapes": [], "shown": []}
+    for i in range(len(dataset)):
+        sample = preprocessed(dataset.__getitem__, i)
+        image = sample["image"]
+        label = np.rint(sample["label"].as_tensor().numpy()[0])
+        if label.size and int(label.max()) >= loaded.num_classes:
+            raise AhmError(f"{dataset.items[i].mask}: ground-truth labels go up to {int(label.max())} but the model "
+                           f"predicts {loaded.num_classes} classes (0..{loaded.num_classes - 1}); was it trained on "
+                           f"another label set?")
+        label = label.astype(dtype)
+        pred = predict_volume_labels(loaded.model, [image.as_tensor()], loaded.roi_size, overlap=overlap,
+                                     device=loaded.device, precision=loaded.precision)[0].astype(dtype)
+        cases["preds"].append(pred)
+        cases["labels"].append(label)
+        cases["spacings"].append(preprocessed_spacing(sample))
+        cases["shapes"].append(tuple(int(s) for s in label.shape))
+        cases["shown"].append(display_slice(image.as_tensor().numpy(), label, pred))
+    return cases
+
+
+def _write_split(loaded: LoadedRun, dataset, cases: dict[str, list], names: list[str], data_cfg: DataConfig,
+                 out_dir: Path, split: str, empty: str, overlap: float, record: dict[str, Any]) -> dict[str, Any]:
+    from ahm.eval.metrics import EMPTY_DESCRIPTION, case_means, volume_scores
+    from ahm.eval.render import per_volume_csv
+    from ahm.eval.scoring import LEVEL_KEYS, inference_setting, volume_cases, volume_grid_description
+    from ahm.io import write_bytes, write_json, write_text
+
+    preds, labels, spacings, shapes = cases["preds"], cases["labels"], cases["spacings"], cases["shapes"]
+    item_ids = [item.id for item in dataset.items]
+    volume_level, per_case = volume_scores(preds, labels, loaded.num_classes, spacings, names, empty, ids=item_ids)
+    for row, shape, spacing in zip(volume_level["per_volume"], shapes, spacings):
+        row.update({"shape": list(shape), "spacing_mm": list(spacing)})
+    means = case_means(per_case)
+    metrics: dict[str, Any] = {"level": "volume", **{key: volume_level.get(key) for key in LEVEL_KEYS}}
+    metrics.update({
+        "n_images": len(item_ids), "n_volumes": len(item_ids), "split": split, "class_names": names,
+        "spatial_dims": 3, "grid": volume_grid_description(data_cfg), "hd95_unit": volume_level["hd95_unit"],
+        "empty_cases": empty, "empty_masks": EMPTY_DESCRIPTION[empty],
+        "sliding_window": {"roi_size": list(loaded.roi_size), "overlap": float(overlap), "mode": "gaussian"},
+        "inference": inference_setting(loaded), "per_case_csv": "per_volume.csv", "volume_level": volume_level,
+        **record,
+    })
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text(out_dir / "per_volume.csv", per_volume_csv(item_ids, [item.subject for item in dataset.items],
+                                                           shapes, spacings, per_case, means, names))
+    has_fg = np.array([bool((lab > 0).any()) for lab in labels], dtype=bool)
+    shown = volume_cases(cases["shown"], item_ids, has_fg, np.nan_to_num(means["dice"], nan=0.0))
+    buf = _io.BytesIO()
+    np.savez_compressed(buf, **shown)
+    write_bytes(out_dir / "cases.npz", buf.getvalue())
+    write_json(out_dir / "metrics.json", metrics)
+    return metrics
