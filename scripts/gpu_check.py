@@ -108,7 +108,7 @@ def count_syncs(data: Path, accelerator: str, steps: int) -> dict[str, Any]:
         else:
             originals = {name: getattr(torch.Tensor, name) for name in ("item", "tolist", "__float__", "__int__")}
 
-            def counting(name):
+            def counting(name, counted=counted, originals=originals):
                 def wrapper(self, *a, **k):
                     counted["n"] += 1
                     return originals[name](self, *a, **k)

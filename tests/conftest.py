@@ -30,7 +30,7 @@ except ImportError:  # pragma: no cover
 
 
 @pytest.fixture
-def rng() -> "object":
+def rng() -> object:
     import numpy as np
 
     return np.random.default_rng(0)

@@ -19,14 +19,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 from ahm.config import FinetuneConfig, PretrainConfig
 
 if TYPE_CHECKING:
     from torch import nn
 
-ConfigLike = Union[PretrainConfig, FinetuneConfig, Mapping[str, Any], str, Path, None]
+ConfigLike = PretrainConfig | FinetuneConfig | Mapping[str, Any] | str | Path | None
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import resource
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 from ahm.config import FinetuneConfig, PretrainConfig, build_config
 from ahm.errors import AhmError
@@ -27,7 +28,7 @@ def demo_configs(quick: bool, data: Path) -> tuple[PretrainConfig, FinetuneConfi
 
 
 def run_demo(out: str | Path, quick: bool = True, force: bool = False, progress: bool = True,
-             say: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
+             say: Callable[[str], None] | None = None) -> dict[str, Any]:
     from ahm.datasets import prepare_brain_demo
     from ahm.eval.evaluate import evaluate
     from ahm.eval.report import write_report
@@ -36,9 +37,9 @@ def run_demo(out: str | Path, quick: bool = True, force: bool = False, progress:
 
     say = say or (lambda msg: None)
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not force and not (out / "demo.json").exists():
-        if not (out / "data").is_dir():
-            raise AhmError(f"--out {out}: directory is not empty and is not an earlier demo; choose another or --force")
+    if (out.exists() and any(out.iterdir()) and not force and not (out / "demo.json").exists()
+            and not (out / "data").is_dir()):
+        raise AhmError(f"--out {out}: directory is not empty and is not an earlier demo; choose another or --force")
     t0 = time.perf_counter()
     data = out / "data"
     timings: dict[str, float] = {}

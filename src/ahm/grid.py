@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ahm.errors import AhmError
 
-PatchSize = Union[int, Sequence[int]]
+PatchSize = int | Sequence[int]
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class PatchGrid:
                              f"{self.spatial_shape} and patch size {self.patch_size}")
 
     @classmethod
-    def of(cls, spatial_shape: Sequence[int], patch_size: PatchSize, option: str = "--patch-size") -> "PatchGrid":
+    def of(cls, spatial_shape: Sequence[int], patch_size: PatchSize, option: str = "--patch-size") -> PatchGrid:
         """The grid of `spatial_shape` cut by `patch_size` (one int for every axis, or one per axis).
 
         Raises AhmError naming `option` when a patch size does not divide its axis.
@@ -52,7 +52,7 @@ class PatchGrid:
         return cls(shape, size)
 
     @classmethod
-    def square(cls, grid: Sequence[int], patch_size: int) -> "PatchGrid":
+    def square(cls, grid: Sequence[int], patch_size: int) -> PatchGrid:
         """The grid with `grid` patches per axis, each `patch_size` wide along every axis."""
         return cls(tuple(int(g) * patch_size for g in grid), (patch_size,) * len(grid))
 

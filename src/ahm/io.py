@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io as _io
 import json
 import os
@@ -45,10 +46,8 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[_io.BufferedWriter],
             os.fsync(fh.fileno())
         os.replace(tmp_name, path)
     except BaseException as exc:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp_name)
-        except OSError:
-            pass
         if isinstance(exc, OSError):
             kept = "the previous file is kept" if existed else "nothing was written"
             raise AhmError(f"{path}: could not write ({exc.strerror or exc}); {kept}") from exc

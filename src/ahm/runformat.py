@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import yaml
 
@@ -27,14 +28,14 @@ def originals_dir(run_dir: Path, fmt: int) -> Path:
     return run_dir / f"format-{fmt}-originals"
 
 
-def run_format(run_dir: str | Path) -> Optional[int]:
+def run_format(run_dir: str | Path) -> int | None:
     """The format of the run directory `run_dir`; None when it has no readable run.json (not a run directory:
     its readers refuse it in their own words)."""
     info = _read_info(Path(run_dir))
     return None if info is None else _format_of(info, Path(run_dir))
 
 
-def migrate(run_dir: str | Path) -> Optional[int]:
+def migrate(run_dir: str | Path) -> int | None:
     """Bring the run directory `run_dir` up to `FORMAT` in place; returns its format (None: not a run directory).
 
     A directory newer than this code reads is refused in one line. A file that cannot be read is left as it is
@@ -63,7 +64,7 @@ def migrate(run_dir: str | Path) -> Optional[int]:
     return FORMAT
 
 
-def _read_info(run_dir: Path) -> Optional[dict[str, Any]]:
+def _read_info(run_dir: Path) -> dict[str, Any] | None:
     path = run_dir / RUN_INFO
     if not path.is_file():
         return None
@@ -123,13 +124,13 @@ def _to_format_2(run_dir: Path, originals: Path) -> bool:
 FORMAT_1_CONFIG = {"model": {"norm": "instance"}}
 
 
-def config_defaults(fmt: Optional[int]) -> dict[str, Any]:
+def config_defaults(fmt: int | None) -> dict[str, Any]:
     """The settings a config of format `fmt` (None: not known, so possibly the oldest) means where it is silent,
     as sections of options; {} for the current format."""
     return FORMAT_1_CONFIG if fmt is None or fmt < 2 else {}
 
 
-def _upgrade_config(run_dir: Path, originals: Path) -> Optional[dict[str, Any]]:
+def _upgrade_config(run_dir: Path, originals: Path) -> dict[str, Any] | None:
     path = run_dir / "config.yaml"
     if not path.is_file():
         return {}
@@ -184,7 +185,7 @@ def _upgrade_encoder(run_dir: Path, originals: Path, cfg: dict[str, Any]) -> boo
     return True
 
 
-def _load(path: Path) -> Optional[dict[str, Any]]:
+def _load(path: Path) -> dict[str, Any] | None:
     from ahm.io import load_torch
 
     try:

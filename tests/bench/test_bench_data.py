@@ -38,7 +38,7 @@ def test_tree_memory_counts_the_children(tmp_path: Path) -> None:
             time.sleep(0.2)
         assert seen >= 200
         own = _tree_rss_mib(os.getpid())
-        assert 0 < own
+        assert own > 0
     finally:
         for line in Path(f"/proc/{parent.pid}/task/{parent.pid}/children").read_text().split():
             os.kill(int(line), 9)

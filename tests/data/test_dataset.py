@@ -42,7 +42,7 @@ def test_arrays_are_normalised_resized_and_in_the_order_asked(tmp_path: Path):
     arrays = load_arrays(index, ids, CFG, labels=True)
     assert arrays.images.shape == (6, 1, 32, 32) and arrays.images.dtype == np.float32
     assert arrays.labels.shape == (6, 32, 32) and arrays.labels.dtype == np.int64
-    assert 0.0 <= arrays.images.min() and arrays.images.max() <= 1.0
+    assert arrays.images.min() >= 0.0 and arrays.images.max() <= 1.0
     assert arrays.ids == ids and [i.id for i in arrays.items] == ids
     assert arrays.original_hw == [(40, 48)] * 6
     # 40x48 scaled to 27x32 and padded: the top and bottom rows are padding (zeros, background)

@@ -99,7 +99,7 @@ def test_block_masks_of_a_volume_are_unions_of_cuboids() -> None:
         mask, blocks = place_blocks(shape, k, uniforms, min_block=18)
         union = np.zeros(shape, dtype=bool)
         for block in blocks:
-            assert len(block.size) == 3 and all(0 <= s and s + n <= g for s, n, g in zip(block.start, block.size, shape))
+            assert len(block.size) == 3 and all(s >= 0 and s + n <= g for s, n, g in zip(block.start, block.size, shape))
             union[block.slices()] = True
         assert np.array_equal(union, mask)
         assert 0 < mask.sum() <= k
@@ -196,7 +196,7 @@ def test_3d_a3c_workers_train_the_shared_agent() -> None:
     gen = torch.Generator().manual_seed(1)
     before = [p.detach().clone() for p in policy.agent.parameters()]
     try:
-        for step in range(4):
+        for _step in range(4):
             volumes, hardness = planted_volume_batch(gen, 4)
             mask = policy.propose(volumes, 0.5)
             check_mask(mask, 32)

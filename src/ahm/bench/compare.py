@@ -19,8 +19,9 @@ import io
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import numpy as np
 
@@ -90,7 +91,7 @@ def check_grid(policies: list[str], backbones: list[str], seeds: int, first_seed
         raise AhmError("--first-seed must be at least 0")
 
 
-def with_spatial_dims(overrides: dict[str, Any], spatial_dims: Optional[int]) -> dict[str, Any]:
+def with_spatial_dims(overrides: dict[str, Any], spatial_dims: int | None) -> dict[str, Any]:
     """`overrides` (with `pretrain:` and `finetune:` sections) with `data.spatial_dims` set in both, when given:
     a grid's pretraining and fine-tuning must agree on the dimension."""
     if spatial_dims is None:
@@ -113,10 +114,10 @@ def check_same_dims(overrides: dict[str, Any]) -> None:
 
 def run_compare(data: str | Path, out: str | Path, policies: list[str], backbones: list[str], seeds: int,
                 labels_fraction: float, pretrain_steps: int, finetune_epochs: int,
-                base_config: Optional[str | Path] = None, overrides: Optional[dict[str, Any]] = None,
-                split: str = "test", log: Optional[Callable[[str], None]] = None,
-                finetune_steps: Optional[int] = None, first_seed: int = 0,
-                empty: str = "exclude", spatial_dims: Optional[int] = None) -> dict[str, Any]:
+                base_config: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                split: str = "test", log: Callable[[str], None] | None = None,
+                finetune_steps: int | None = None, first_seed: int = 0,
+                empty: str = "exclude", spatial_dims: int | None = None) -> dict[str, Any]:
     """Run every unfinished cell of the grid; write results.csv, results.md and results.png; return the table.
     `spatial_dims` (2 or 3), when given, sets `data.spatial_dims` of both sections of `overrides`.
 

@@ -17,8 +17,9 @@ This module plans the grid and runs its cells; `curve_stats` pairs and aggregate
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 from ahm.bench.compare import (
     _merge,
@@ -99,7 +100,7 @@ def _train_subjects(path: str | Path, cfg: FinetuneConfig) -> int:
     return len({by_id[i].subject for i in make_splits(index, cfg.data)["train"]})
 
 
-def corpus_names(data: str | Path, corpora: Optional[list[str | Path]]) -> list[tuple[str, Path]]:
+def corpus_names(data: str | Path, corpora: list[str | Path] | None) -> list[tuple[str, Path]]:
     """(name, folder) per pretraining corpus; the labelled set itself is named `data` whether it is the default or
     given in --corpus, so that its cells are the same cells either way (a grid on DATA alone, extended later by
     `--corpus DATA,bigger,...`, keeps them)."""
@@ -114,12 +115,12 @@ def corpus_names(data: str | Path, corpora: Optional[list[str | Path]]) -> list[
 
 
 def run_curve(data: str | Path, out: str | Path, policies: list[str], backbones: list[str], labels: list[int | str],
-              seeds: int, pretrain_steps: int | list[int], finetune_steps: int, corpora: Optional[list[str | Path]] = None,
-              base_config: Optional[str | Path] = None, overrides: Optional[dict[str, Any]] = None,
-              split: str = "test", first_seed: int = 0, log: Optional[Callable[[str], None]] = None,
-              finetune_epochs: Optional[int] = None, spatial_dims: Optional[int] = None,
-              gather: bool = False, pretrain_epochs: Optional[int] = None,
-              protocols: Optional[list[str]] = None) -> dict[str, Any]:
+              seeds: int, pretrain_steps: int | list[int], finetune_steps: int, corpora: list[str | Path] | None = None,
+              base_config: str | Path | None = None, overrides: dict[str, Any] | None = None,
+              split: str = "test", first_seed: int = 0, log: Callable[[str], None] | None = None,
+              finetune_epochs: int | None = None, spatial_dims: int | None = None,
+              gather: bool = False, pretrain_epochs: int | None = None,
+              protocols: list[str] | None = None) -> dict[str, Any]:
     """Run every unfinished cell of backbone x corpus x policy x labels x seed; write results.csv, results.md
     and results.png (Dice against each axis, error bars one std over seeds); return rows, table and paired.
     `gather`: run nothing, report the finished cells (while other processes still run the grid); the tables say

@@ -8,7 +8,7 @@ import csv
 import io
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from ahm.bench.compare import _f, below_floors, floors
 from ahm.bench.curve_stats import TARGET_GAIN, budget_trend, corpus_trend, paired_by_corpus, protocol
@@ -26,7 +26,7 @@ def _fmt(value: float, std: float, digits: int = 4) -> str:
 
 
 def write_results(out: Path, rows: list[dict[str, Any]], table: list[dict[str, Any]], paired: list[dict[str, Any]],
-                  split: str, baselines: Optional[dict[str, dict[str, Any]]] = None, missing: int = 0) -> None:
+                  split: str, baselines: dict[str, dict[str, Any]] | None = None, missing: int = 0) -> None:
     """results.csv, results.md and results.png; `baselines` ({labels: `run_baseline` document}) adds the floors:
     a table of them, and per point whether it is clearly above both."""
     baselines = baselines or {}
@@ -195,7 +195,7 @@ def plot_styles(table: list[dict[str, Any]]) -> dict[str, dict]:
 
 
 def _legend(ax, styles: dict[str, dict], kind: str, names: dict[str, str], multi_backbone: bool,
-            extra: tuple = (), policies: Optional[set] = None) -> None:
+            extra: tuple = (), policies: set | None = None) -> None:
     """Two keys under the panel: the colours of its policies (default: all) and the line styles of `kind` (corpus
     or labels) named in `names`."""
     from matplotlib.lines import Line2D
@@ -208,8 +208,8 @@ def _legend(ax, styles: dict[str, dict], kind: str, names: dict[str, str], multi
 
 
 def _plot(path: Path, table: list[dict[str, Any]], split: str,
-          baselines: Optional[dict[str, dict[str, Any]]] = None, rows: Optional[list[dict[str, Any]]] = None,
-          by_corpus: Optional[list[dict[str, Any]]] = None) -> None:
+          baselines: dict[str, dict[str, Any]] | None = None, rows: list[dict[str, Any]] | None = None,
+          by_corpus: list[dict[str, Any]] | None = None) -> None:
     """Left: Dice against labelled subjects, one line per (backbone, policy, corpus). When the grid has more than
     one corpus, middle: Dice against corpus subjects, one line per (backbone, policy, labels), scratch as a
     grey level; right: the same paired by seed (each corpus minus the same policy on the reference corpus, the

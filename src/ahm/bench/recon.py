@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -123,7 +123,7 @@ def _reference(name: str, errors: np.ndarray, norm_pix: bool) -> dict[str, Any]:
 
 @torch.no_grad()
 def recon_scores(runs: list[str | Path], data: str | Path | None = None, split: str = "val",
-                 mask_ratio: Optional[float] = None, seed: int = 0, n_images: Optional[int] = None,
+                 mask_ratio: float | None = None, seed: int = 0, n_images: int | None = None,
                  batch_size: int = 32, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Score `runs` on `split` of `data` (default: the dataset the first run recorded). Returns
     {"split", "data", "mask_ratio", "seed", "n_images", "norm_pix", "ids", "rows": [per run, then the references],

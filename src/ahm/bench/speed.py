@@ -28,8 +28,10 @@ import gc
 import os
 import threading
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager, Optional
+from typing import Any
 
 import torch
 
@@ -56,7 +58,7 @@ class _PeakSampler:
         self.start = 0.0
         self._stop = threading.Event()
 
-    def __enter__(self) -> "_PeakSampler":
+    def __enter__(self) -> _PeakSampler:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
             self.start = torch.cuda.memory_allocated(self.device) / 2**20
@@ -142,7 +144,7 @@ def training_forward(model: torch.nn.Module, cfg: PretrainConfig, device: torch.
     return mixed
 
 
-def training_autocast(cfg: PretrainConfig, device: torch.device) -> Callable[[], ContextManager]:
+def training_autocast(cfg: PretrainConfig, device: torch.device) -> Callable[[], AbstractContextManager]:
     """The context the training loop gives a policy for its own networks (Fabric's `autocast`)."""
     plugin = _mixed_precision(cfg, device)
     return plugin.forward_context if plugin is not None else contextlib.nullcontext
@@ -381,7 +383,7 @@ def _median(values: list[float]) -> float:
     return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
 
 
-def _load() -> Optional[float]:
+def _load() -> float | None:
     try:
         return round(os.getloadavg()[0], 2)
     except OSError:
@@ -397,9 +399,9 @@ def _profile_rows(cand: _Candidate, images: torch.Tensor, progress: float, rows:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
-def run_speed(cfg: PretrainConfig, policies: Optional[list[str]] = None, channels: int = 1, steps: int = 8,
-              warmup: int = 3, rounds: int = 3, threads: Optional[int] = None,
-              progress: Optional[Callable[[str], None]] = None, profile_rows: int = 0,
+def run_speed(cfg: PretrainConfig, policies: list[str] | None = None, channels: int = 1, steps: int = 8,
+              warmup: int = 3, rounds: int = 3, threads: int | None = None,
+              progress: Callable[[str], None] | None = None, profile_rows: int = 0,
               clock: str = "wall") -> dict[str, Any]:
     """Measure images/s (volumes/s with `data.spatial_dims` 3, on crops of `data.crop_size`) per policy and for the
     MONAI reference of the backbone; returns the `--json` document.

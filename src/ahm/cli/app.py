@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import typer
 from rich.console import Console
@@ -64,7 +65,7 @@ def run_guarded(fn: Callable[[], object]) -> object:
         fail(str(exc), code=getattr(exc, "exit_code", 2))
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
     return None
 
 

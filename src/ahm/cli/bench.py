@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -16,41 +15,41 @@ app.add_typer(bench_app, name="bench")
 
 @bench_app.command("speed")
 def speed(
-    policies: Optional[str] = typer.Option(None, help="Comma-separated subset, e.g. random,ahm,ahm-async."),
-    config: Optional[Path] = typer.Option(None, "--config", help="Pretraining YAML (or its `pretrain:` section, as "
+    policies: str | None = typer.Option(None, help="Comma-separated subset, e.g. random,ahm,ahm-async."),
+    config: Path | None = typer.Option(None, "--config", help="Pretraining YAML (or its `pretrain:` section, as "
                                           "in a `bench curve` --config) that sets the model and batch; the "
                                           "options below win over it."),
-    backbone: Optional[str] = typer.Option(None, "--backbone", help="vit (default): vs MONAI MaskedAutoEncoderViT "
+    backbone: str | None = typer.Option(None, "--backbone", help="vit (default): vs MONAI MaskedAutoEncoderViT "
                                            "of the same size; unet: vs a plain step of the same MONAI UNet (pixel "
                                            "MSE, no masking)."),
-    model: Optional[str] = typer.Option(None, "--model", help="ViT preset for every candidate (default tiny)."),
-    decoder_dim: Optional[int] = typer.Option(None, "--decoder-dim", help="MAE decoder width, ours and MONAI's "
+    model: str | None = typer.Option(None, "--model", help="ViT preset for every candidate (default tiny)."),
+    decoder_dim: int | None = typer.Option(None, "--decoder-dim", help="MAE decoder width, ours and MONAI's "
                                               "(default: the config's 128; MONAI's own default is 384)."),
-    decoder_depth: Optional[int] = typer.Option(None, "--decoder-depth", help="MAE decoder layers (default 2; MONAI 4)."),
-    decoder_heads: Optional[int] = typer.Option(None, "--decoder-heads", help="MAE decoder heads (default 4; MONAI 12)."),
-    decoder_mlp_dim: Optional[int] = typer.Option(None, "--decoder-mlp-dim",
+    decoder_depth: int | None = typer.Option(None, "--decoder-depth", help="MAE decoder layers (default 2; MONAI 4)."),
+    decoder_heads: int | None = typer.Option(None, "--decoder-heads", help="MAE decoder heads (default 4; MONAI 12)."),
+    decoder_mlp_dim: int | None = typer.Option(None, "--decoder-mlp-dim",
                                                   help="MAE decoder MLP width (default 4 x --decoder-dim; MONAI 512)."),
-    image_size: Optional[int] = typer.Option(None, "--image-size", help="2D: the square image side (default 128)."),
-    spatial_dims: Optional[int] = typer.Option(None, "--spatial-dims", help="2 (default): images; 3: volumes, cut "
+    image_size: int | None = typer.Option(None, "--image-size", help="2D: the square image side (default 128)."),
+    spatial_dims: int | None = typer.Option(None, "--spatial-dims", help="2 (default): images; 3: volumes, cut "
                                                "to --crop-size."),
-    crop_size: Optional[int] = typer.Option(None, "--crop-size", help="3D: the crop side in voxels, per axis "
+    crop_size: int | None = typer.Option(None, "--crop-size", help="3D: the crop side in voxels, per axis "
                                             "(default 64; with patch 16: 64 patches)."),
-    patch_size: Optional[int] = typer.Option(None, "--patch-size", help="Default 16."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Default 32."),
-    mask_ratio: Optional[float] = typer.Option(None, "--mask-ratio", help="Default 0.75."),
+    patch_size: int | None = typer.Option(None, "--patch-size", help="Default 16."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Default 32."),
+    mask_ratio: float | None = typer.Option(None, "--mask-ratio", help="Default 0.75."),
     channels: int = typer.Option(1, help="Input channels of the synthetic batch."),
     steps: int = typer.Option(8, help="Timed steps per round and candidate."),
     rounds: int = typer.Option(3, help="Interleaved rounds."),
     warmup: int = typer.Option(3, help="Untimed warm-up steps per candidate."),
-    threads: Optional[int] = typer.Option(None, help="torch threads (default: --config's train.num_threads, "
+    threads: int | None = typer.Option(None, help="torch threads (default: --config's train.num_threads, "
                                           "else torch's choice)."),
     profile: int = typer.Option(0, "--profile", help="Also profile one step of each candidate (torch.profiler) "
                                 "and show this many operators by self CPU time."),
     clock: str = typer.Option("wall", "--clock", help="wall: seconds per step; cpu: this process's CPU seconds "
                               "per step (CPU only; far steadier on a machine shared with other jobs)."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="32-true or bf16-mixed, ours and the reference "
+    precision: str | None = typer.Option(None, "--precision", help="32-true or bf16-mixed, ours and the reference "
                                             "alike (default: --config's train.precision, else 32-true)."),
-    compile_model: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile ours and the "
+    compile_model: bool | None = typer.Option(None, "--compile/--no-compile", help="torch.compile ours and the "
                                                  "reference (default: --config's train.compile, else off)."),
     as_json: bool = typer.Option(False, "--json", help="Print the JSON document only."),
 ) -> None:
@@ -104,13 +103,13 @@ def compare(
     labels_fraction: float = typer.Option(0.1, "--labels-fraction", help="Share of training subjects labelled."),
     pretrain_steps: int = typer.Option(400, "--pretrain-steps"),
     finetune_epochs: int = typer.Option(30, "--finetune-epochs"),
-    finetune_steps: Optional[int] = typer.Option(None, "--finetune-steps", help="Budget fine-tuning in steps instead of epochs."),
+    finetune_steps: int | None = typer.Option(None, "--finetune-steps", help="Budget fine-tuning in steps instead of epochs."),
     split: str = typer.Option("test", help="Split the table reports (choices are made on val, never on it)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML with `pretrain:` and `finetune:` sections."),
+    config: Path | None = typer.Option(None, "--config", help="YAML with `pretrain:` and `finetune:` sections."),
     empty_cases: str = typer.Option("exclude", "--empty-cases",
                                     help="exclude (default) or one: the old convention, a class absent from "
                                          "prediction and truth scores 1 (named in the output)."),
-    spatial_dims: Optional[int] = typer.Option(None, "--spatial-dims", help="2: images; 3: volumes (sets "
+    spatial_dims: int | None = typer.Option(None, "--spatial-dims", help="2: images; 3: volumes (sets "
                                                "data.spatial_dims of both --config sections; default: theirs)."),
 ) -> None:
     """Run the policy x backbone x seed grid; write results.csv, results.md and results.png.
@@ -145,7 +144,7 @@ def curve(
     out_dir: Path = typer.Option(..., "--out", help="Grid directory (rerunning continues it)."),
     labels: str = typer.Option("1,2,5,20,all", "--labels", help="Labelled training subjects per cell, comma-"
                                "separated; 'all' for every training subject."),
-    corpus: Optional[str] = typer.Option(None, "--corpus", help="Comma-separated dataset folders to pretrain on "
+    corpus: str | None = typer.Option(None, "--corpus", help="Comma-separated dataset folders to pretrain on "
                                          "(their training subjects; default: DATA's own). E.g. brain-subjects sets "
                                          "of 50, 200, 1000 subjects made with the same --val/--test-subjects. DATA "
                                          "itself may be one of them: its cells are the default's, kept."),
@@ -161,17 +160,17 @@ def curve(
     protocol: str = typer.Option("finetune", "--protocol", help="finetune (every weight trains), frozen (only "
                                  "the new layers train; scratch is the same network with a random frozen encoder), "
                                  "or finetune,frozen (both, from the same pretraining runs)."),
-    pretrain_epochs: Optional[int] = typer.Option(None, "--pretrain-epochs", help="Pretrain this many epochs over "
+    pretrain_epochs: int | None = typer.Option(None, "--pretrain-epochs", help="Pretrain this many epochs over "
                                                   "each corpus (at least --pretrain-steps steps): a budget that "
                                                   "grows with the corpus."),
     finetune_steps: int = typer.Option(900, "--finetune-steps", help="Fine-tuning steps per cell; with "
                                        "--finetune-epochs the least number of steps."),
-    finetune_epochs: Optional[int] = typer.Option(None, "--finetune-epochs", help="Fine-tune this many epochs over "
+    finetune_epochs: int | None = typer.Option(None, "--finetune-epochs", help="Fine-tune this many epochs over "
                                                   "each cell's labelled slices (at least --finetune-steps steps): "
                                                   "a budget that grows with the labelled set."),
     split: str = typer.Option("test", help="Split the table reports (choices are made on val, never on it)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML with `pretrain:` and `finetune:` sections."),
-    spatial_dims: Optional[int] = typer.Option(None, "--spatial-dims", help="2: images; 3: volumes (sets "
+    config: Path | None = typer.Option(None, "--config", help="YAML with `pretrain:` and `finetune:` sections."),
+    spatial_dims: int | None = typer.Option(None, "--spatial-dims", help="2: images; 3: volumes (sets "
                                                "data.spatial_dims of both --config sections; default: theirs)."),
     gather: bool = typer.Option(False, "--gather", help="Run nothing: the tables of the cells finished so far "
                                 "(while other processes run the grid), the missing ones counted."),
@@ -212,11 +211,11 @@ def curve(
 @bench_app.command("predict", no_args_is_help=True)
 def predict_speed(
     run_dir: Path = typer.Argument(..., help="Fine-tuning run directory (from `ahm finetune`)."),
-    inputs: Optional[list[Path]] = typer.Argument(None, help="Images to segment (default: --n synthetic slices)."),
+    inputs: list[Path] | None = typer.Argument(None, help="Images to segment (default: --n synthetic slices)."),
     n: int = typer.Option(100, "--n", help="Synthetic slices of the run's grid size, when no inputs are given."),
     rounds: int = typer.Option(3, help="Timed rounds (the median is reported)."),
     batch_size: int = typer.Option(32, "--batch-size", help="Slices per inference batch."),
-    threads: Optional[int] = typer.Option(None, help="torch threads (default: torch's choice)."),
+    threads: int | None = typer.Option(None, help="torch threads (default: torch's choice)."),
     as_json: bool = typer.Option(False, "--json", help="Print the JSON document only."),
 ) -> None:
     """Slices per second of `ahm predict` with a fine-tuned run: end to end and the model alone."""
@@ -234,13 +233,13 @@ def predict_speed(
 def baseline(
     data: Path = typer.Argument(..., help="Labelled dataset folder."),
     labels_fraction: float = typer.Option(0.1, "--labels-fraction", help="Share of training subjects labelled."),
-    labels_subjects: Optional[int] = typer.Option(None, "--labels-subjects",
+    labels_subjects: int | None = typer.Option(None, "--labels-subjects",
                                                   help="Exactly this many labelled training subjects instead of "
                                                        "--labels-fraction (the subjects `ahm finetune "
                                                        "--labels-subjects N --seed S` labels)."),
     seeds: int = typer.Option(3, help="Seeds (each draws the labelled subset `ahm finetune --seed S` uses)."),
     first_seed: int = typer.Option(0, "--first-seed", help="First seed."),
-    bins: Optional[int] = typer.Option(None, help="Intensity bins per channel (default 256; 32 for colour)."),
+    bins: int | None = typer.Option(None, help="Intensity bins per channel (default 256; 32 for colour)."),
     split: str = typer.Option("test", help="Split reported beside val."),
     image_size: int = typer.Option(128, "--image-size", help="Model grid size (as for fine-tuning)."),
     layout: str = typer.Option("auto", "--layout", help="Dataset layout (default: auto-detect)."),
@@ -270,14 +269,14 @@ def baseline(
 def recon(
     runs: list[Path] = typer.Argument(..., help="Pretraining run directories (from `ahm pretrain` or a grid's "
                                       "pretrain/ folder)."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Labelled dataset whose split is scored (default: the "
+    data: Path | None = typer.Option(None, "--data", help="Labelled dataset whose split is scored (default: the "
                                         "dataset the first run recorded)."),
     split: str = typer.Option("val", "--split", help="val (default), test or train."),
-    mask_ratio: Optional[float] = typer.Option(None, "--mask-ratio", help="Share of patches masked (default: the "
+    mask_ratio: float | None = typer.Option(None, "--mask-ratio", help="Share of patches masked (default: the "
                                                "first run's mask_ratio)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the masks (the same masks for every run)."),
-    n_images: Optional[int] = typer.Option(None, "--n-images", help="Score only the split's first N images."),
-    out_file: Optional[Path] = typer.Option(None, "--out", help="Also write the JSON (with per-image errors) here."),
+    n_images: int | None = typer.Option(None, "--n-images", help="Score only the split's first N images."),
+    out_file: Path | None = typer.Option(None, "--out", help="Also write the JSON (with per-image errors) here."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out file."),
     as_json: bool = typer.Option(False, "--json", help="Print the JSON document only."),
 ) -> None:
@@ -318,7 +317,7 @@ def data_bench(
     size: int = typer.Option(128, "--size", help="Volume side in voxels (also the model grid)."),
     steps: int = typer.Option(50, "--steps", help="Pretraining steps per run."),
     workers: int = typer.Option(2, "--workers", help="DataLoader workers of the streamed runs."),
-    config: Optional[Path] = typer.Option(None, "--config", help="Pretraining YAML for every run (model, batch)."),
+    config: Path | None = typer.Option(None, "--config", help="Pretraining YAML for every run (model, batch)."),
     as_json: bool = typer.Option(False, "--json", help="Print the JSON document only."),
 ) -> None:
     """Streamed pretraining at scale: peak memory on a large vs a small generated NIfTI corpus (same settings),

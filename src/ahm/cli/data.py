@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -110,9 +110,9 @@ def brain_subjects(
     seed: int = typer.Option(0, "--seed", help="Seed of the simulation: the same seed gives the same bytes."),
     image_size: int = typer.Option(128, "--image-size", help="Square size of the written slices in pixels."),
     slices_per_axis: int = typer.Option(8, "--slices-per-axis", help="Slices per subject along each axis."),
-    val_subjects: Optional[int] = typer.Option(None, "--val-subjects", help="Validation subjects (default 15%)."),
-    test_subjects: Optional[int] = typer.Option(None, "--test-subjects", help="Test subjects (default 15%)."),
-    settings_file: Optional[Path] = typer.Option(
+    val_subjects: int | None = typer.Option(None, "--val-subjects", help="Validation subjects (default 15%)."),
+    test_subjects: int | None = typer.Option(None, "--test-subjects", help="Test subjects (default 15%)."),
+    settings_file: Path | None = typer.Option(
         None, "--settings", help="YAML or JSON mapping of simulation settings to change (see docs/results.md)."
     ),
     volumes: bool = typer.Option(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -15,9 +14,9 @@ def export(
     run: Path = typer.Argument(..., help="Pretraining run directory (written by `ahm pretrain`)."),
     to: str = typer.Option(..., "--to", help="Target: nnunet (a checkpoint for nnUNetv2_train -pretrained_weights)."),
     out_file: Path = typer.Option(..., "--out", help="Checkpoint file to write (a .txt beside it names the plans)."),
-    plans: Optional[Path] = typer.Option(None, "--plans", help="nnU-Net plans the checkpoint must fit (default: "
+    plans: Path | None = typer.Option(None, "--plans", help="nnU-Net plans the checkpoint must fit (default: "
                                          "the run's); a difference is refused."),
-    configuration: Optional[str] = typer.Option(None, "--configuration", help="The plans' configuration (default: "
+    configuration: str | None = typer.Option(None, "--configuration", help="The plans' configuration (default: "
                                                 "the run's)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out."),
 ) -> None:

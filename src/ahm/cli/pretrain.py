@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -18,56 +17,56 @@ def pretrain(
                   "Of a labelled source its training split is used (all of it with --all-splits), of an "
                   "unlabelled one every image."),
     out_dir: Path = typer.Option(..., "--out", help="Run directory to create (or to continue with --resume)."),
-    policy: Optional[str] = typer.Option(None, help=f"Masking policy: {', '.join(policy_names())} (default random)."),
-    backbone: Optional[str] = typer.Option(None, help="vit (MAE, loads into UNETR), unet (masked-input MONAI UNet) or "
+    policy: str | None = typer.Option(None, help=f"Masking policy: {', '.join(policy_names())} (default random)."),
+    backbone: str | None = typer.Option(None, help="vit (MAE, loads into UNETR), unet (masked-input MONAI UNet) or "
                                            "nnunet (the network of an nnU-Net plans file; --plans, --configuration)."),
-    plans: Optional[Path] = typer.Option(None, "--plans", help="nnunet backbone: nnU-Net plans file "
+    plans: Path | None = typer.Option(None, "--plans", help="nnunet backbone: nnU-Net plans file "
                                          "(nnUNet_preprocessed/DatasetNNN_X/nnUNetPlans.json)."),
-    configuration: Optional[str] = typer.Option(None, "--configuration", help="nnunet backbone: the plans' "
+    configuration: str | None = typer.Option(None, "--configuration", help="nnunet backbone: the plans' "
                                                 "configuration (2d, 3d_fullres, ...)."),
-    steps: Optional[int] = typer.Option(None, help="Optimisation steps (default 400)."),
-    epochs: Optional[int] = typer.Option(None, help="Train for this many epochs instead of --steps."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per step per device (default 32)."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 1.5e-3)."),
-    image_size: Optional[int] = typer.Option(None, "--image-size", help="Images are resized/padded to this square size."),
-    spatial_dims: Optional[int] = typer.Option(None, "--spatial-dims", help="2 (default: slices) or 3 (whole volumes, "
+    steps: int | None = typer.Option(None, help="Optimisation steps (default 400)."),
+    epochs: int | None = typer.Option(None, help="Train for this many epochs instead of --steps."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Images per step per device (default 32)."),
+    lr: float | None = typer.Option(None, help="Peak learning rate (default 1.5e-3)."),
+    image_size: int | None = typer.Option(None, "--image-size", help="Images are resized/padded to this square size."),
+    spatial_dims: int | None = typer.Option(None, "--spatial-dims", help="2 (default: slices) or 3 (whole volumes, "
                                                "resampled to data.spacing, random data.crop_size crops). 3D "
                                                "defaults, where no option or --config sets them: 64^3 crops at "
                                                "1.5 mm, --batch-size 2 (crops drawn with replacement, so fewer "
                                                "volumes than the batch still train), --lr 5e-4."),
-    patch_size: Optional[int] = typer.Option(None, "--patch-size", help="Patch size in pixels (default 16)."),
-    mask_ratio: Optional[float] = typer.Option(None, "--mask-ratio", help="Share of patches masked, in (0,1) (default 0.75)."),
-    mask_ratio_end: Optional[float] = typer.Option(None, "--mask-ratio-end", help="Rise the mask ratio linearly to this."),
-    model: Optional[str] = typer.Option(None, "--model", help="ViT size preset: tiny, small, base."),
-    norm_pix: Optional[bool] = typer.Option(None, "--norm-pix/--no-norm-pix", help="Per-patch normalised targets."),
-    agent_workers: Optional[int] = typer.Option(None, "--agent-workers", help="AHM: A3C worker processes (0: synchronous A2C on the training device). CPU runs only: refused with a GPU or several processes."),
-    hard_fraction: Optional[float] = typer.Option(None, "--hard-fraction", help="HPM/AHM: final share of masked patches chosen as hard (default 0.5)."),
-    agent: Optional[str] = typer.Option(None, "--agent", help="AHM agent: transformer (ours) or conv (the authors'; ahm-official always uses it)."),
-    reward_scope: Optional[str] = typer.Option(None, "--reward-scope", help="ahm-official: image (default) or batch (the published code's shared batch reward)."),
-    reward_window: Optional[int] = typer.Option(None, "--reward-window", help="ahm-official: reward window in px (default: the patch; 20 restores the published misaligned one)."),
-    loss_patches: Optional[str] = typer.Option(None, "--loss-patches", help="ahm-official: masked (default) or all (the published loss over visible patches too)."),
-    seed: Optional[int] = typer.Option(None, help="Seed for data order, masks, initialisation and the agent."),
-    devices: Optional[int] = typer.Option(None, help="Number of devices (DDP when > 1; CPU uses gloo)."),
-    accelerator: Optional[str] = typer.Option(None, help="auto, cpu or cuda."),
-    precision: Optional[str] = typer.Option(None, help="32-true, bf16-mixed or 16-mixed."),
-    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
-    layout: Optional[str] = typer.Option(None, help="Dataset layout (default: auto-detect)."),
+    patch_size: int | None = typer.Option(None, "--patch-size", help="Patch size in pixels (default 16)."),
+    mask_ratio: float | None = typer.Option(None, "--mask-ratio", help="Share of patches masked, in (0,1) (default 0.75)."),
+    mask_ratio_end: float | None = typer.Option(None, "--mask-ratio-end", help="Rise the mask ratio linearly to this."),
+    model: str | None = typer.Option(None, "--model", help="ViT size preset: tiny, small, base."),
+    norm_pix: bool | None = typer.Option(None, "--norm-pix/--no-norm-pix", help="Per-patch normalised targets."),
+    agent_workers: int | None = typer.Option(None, "--agent-workers", help="AHM: A3C worker processes (0: synchronous A2C on the training device). CPU runs only: refused with a GPU or several processes."),
+    hard_fraction: float | None = typer.Option(None, "--hard-fraction", help="HPM/AHM: final share of masked patches chosen as hard (default 0.5)."),
+    agent: str | None = typer.Option(None, "--agent", help="AHM agent: transformer (ours) or conv (the authors'; ahm-official always uses it)."),
+    reward_scope: str | None = typer.Option(None, "--reward-scope", help="ahm-official: image (default) or batch (the published code's shared batch reward)."),
+    reward_window: int | None = typer.Option(None, "--reward-window", help="ahm-official: reward window in px (default: the patch; 20 restores the published misaligned one)."),
+    loss_patches: str | None = typer.Option(None, "--loss-patches", help="ahm-official: masked (default) or all (the published loss over visible patches too)."),
+    seed: int | None = typer.Option(None, help="Seed for data order, masks, initialisation and the agent."),
+    devices: int | None = typer.Option(None, help="Number of devices (DDP when > 1; CPU uses gloo)."),
+    accelerator: str | None = typer.Option(None, help="auto, cpu or cuda."),
+    precision: str | None = typer.Option(None, help="32-true, bf16-mixed or 16-mixed."),
+    compile: bool | None = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
+    layout: str | None = typer.Option(None, help="Dataset layout (default: auto-detect)."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable files (counted) instead of stopping."),
     all_splits: bool = typer.Option(False, "--all-splits",
                                     help="Pretrain on every image of labelled sources, their val/test splits too."),
-    preload: Optional[str] = typer.Option(None, "--preload",
+    preload: str | None = typer.Option(None, "--preload",
                                           help="auto (default: read the corpus into memory when it takes at most "
                                                "1 GiB preprocessed), yes, or no (stream it from disk)."),
-    cache: Optional[Path] = typer.Option(None, "--cache",
+    cache: Path | None = typer.Option(None, "--cache",
                                          help="Folder for an on-disk store of preprocessed samples: later epochs "
                                               "(and later runs on the same corpus) read them instead of decoding."),
-    workers: Optional[int] = typer.Option(None, "--workers",
+    workers: int | None = typer.Option(None, "--workers",
                                           help="DataLoader processes reading samples ahead (default: half the "
                                                "CPU cores, at most 4; 0: in the training process). Workers "
                                                "hand batches over in shared memory (/dev/shm), about 4 x batch x "
                                                "voxels bytes per batch in flight (32 crops of 128^3: 268 MB): give a "
                                                "container more than its default 64 MB (docker --shm-size)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML config; command-line options override it."),
+    config: Path | None = typer.Option(None, "--config", help="YAML config; command-line options override it."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
     force: bool = typer.Option(False, "--force", help="Replace an existing run directory in --out."),
 ) -> None:

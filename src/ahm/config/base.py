@@ -3,7 +3,7 @@ refused value (the CLI prints it as `SOURCE: section.option must be ...`)."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -13,7 +13,7 @@ class _Strict(BaseModel):
 
 
 Count = Annotated[int, Field(ge=1)]  # 1 and more
-OptionalCount = Optional[Count]  # None, or 1 and more
+OptionalCount = Count | None  # None, or 1 and more
 StepCount = Annotated[int, Field(ge=0)]  # 0 and more
 Fraction = Annotated[float, Field(gt=0.0, le=1.0)]  # in (0, 1]
 Share = Annotated[float, Field(ge=0.0, le=1.0)]  # in [0, 1]
@@ -31,7 +31,7 @@ def _number(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def constraint_phrase(err: dict[str, Any]) -> Optional[str]:
+def constraint_phrase(err: dict[str, Any]) -> str | None:
     """"must be at least 1 (got 0)" for a declared constraint's error; None for any other error."""
     kind, ctx = err.get("type"), err.get("ctx") or {}
     got = err.get("input")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from functools import cache
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import AfterValidator, Discriminator, Field, Tag, TypeAdapter, ValidationError, model_validator
 
@@ -37,12 +37,12 @@ class MaskingConfig(_Strict):
 
     policy: str = "random"  # random | block | hpm | adamae | ahm | ahm-official
     mask_ratio: MaskRatio = 0.75
-    mask_ratio_end: Optional[MaskRatio] = None  # if set: linear rise from mask_ratio to this over training
+    mask_ratio_end: MaskRatio | None = None  # if set: linear rise from mask_ratio to this over training
     # AHM's asynchronous A3C worker processes (0: synchronous, in-process). Every policy carries it: the loop
     # refuses workers on a GPU or under DDP before it builds any policy, and tools set it on whichever they run.
     agent_workers: int = Field(0, ge=0, le=MAX_AGENT_WORKERS)
 
-    def __new__(cls, *args: Any, **data: Any) -> "MaskingConfig":
+    def __new__(cls, *args: Any, **data: Any) -> MaskingConfig:
         if cls is MaskingConfig:
             return masking_config(data)
         return super().__new__(cls)
@@ -57,7 +57,7 @@ class MaskingConfig(_Strict):
             _check_foreign(key, data[key])
         return {k: v for k, v in data.items() if k not in foreign}
 
-    def model_copy(self, *, update: Optional[dict[str, Any]] = None, deep: bool = False) -> "MaskingConfig":
+    def model_copy(self, *, update: dict[str, Any] | None = None, deep: bool = False) -> MaskingConfig:
         """A copy; with another `policy` in `update`, the model of that policy (settings it lacks dropped)."""
         if update and update.get("policy", self.policy) != self.policy:
             return masking_config({**self.model_dump(), **update})
@@ -123,11 +123,11 @@ class OfficialMaskingConfig(MaskingConfig):
     official_probe_every: Count = 10  # steps between hardness probes (extra no-grad forwards with a random mask)
     # The published code's defects, each restorable (off by default; docs/method.md, "Defects"):
     reward_scope: Literal["image", "batch"] = "image"  # batch: each patch's reward summed over the whole batch
-    reward_window: Optional[Count] = None  # None: the patch; N: N-px windows at N-px pitch (the authors': 20 on 16)
+    reward_window: Count | None = None  # None: the patch; N: N-px windows at N-px pitch (the authors': 20 on 16)
     loss_patches: Literal["masked", "all"] = "masked"  # all: actor and critic terms over every patch, masked or not
 
     @model_validator(mode="after")
-    def _stages(self) -> "OfficialMaskingConfig":
+    def _stages(self) -> OfficialMaskingConfig:
         if self.official_recon_fraction + self.official_agent_fraction >= 1.0:
             raise ValueError("official_recon_fraction + official_agent_fraction must leave a share for the MIM stage")
         return self
@@ -143,12 +143,13 @@ POLICY_CONFIGS: dict[str, type[MaskingConfig]] = {
 }
 
 
-def _policy_of(value: Any) -> Optional[str]:
+def _policy_of(value: Any) -> str | None:
     return value.get("policy", "random") if isinstance(value, dict) else getattr(value, "policy", None)
 
 
 AnyMaskingConfig = Annotated[
-    Union[tuple(Annotated[model, Tag(name)] for name, model in POLICY_CONFIGS.items())],  # type: ignore[misc]
+    # built from the registry at import: `X | Y` cannot take a generated tuple
+    Union[tuple(Annotated[model, Tag(name)] for name, model in POLICY_CONFIGS.items())],  # type: ignore[misc]  # noqa: UP007
     Discriminator(_policy_of),
 ]
 _ADAPTER: TypeAdapter = TypeAdapter(AnyMaskingConfig)

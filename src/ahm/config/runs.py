@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal
 
 from pydantic import Field, model_validator
 
@@ -28,10 +28,10 @@ class PretrainConfig(_Strict):
     preload: Literal["auto", "yes", "no"] = "auto"
     # A folder for an on-disk store of preprocessed samples (memory-mapped; named by a digest of the corpus and the
     # preprocessing), so that later epochs, and later runs on the same corpus, skip decoding. None: no store.
-    cache: Optional[str] = None
+    cache: str | None = None
 
     @model_validator(mode="after")
-    def _check(self) -> "PretrainConfig":
+    def _check(self) -> PretrainConfig:
         if self.model.backbone == "nnunet":
             from ahm.nnunet import data_update
 
@@ -50,7 +50,7 @@ class FinetuneConfig(_Strict):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig(epochs=30, batch_size=8, lr=1e-3, weight_decay=1e-4, warmup_steps=20)
-    init: Optional[str] = None  # pretraining run directory, or None for scratch
+    init: str | None = None  # pretraining run directory, or None for scratch
     # The frozen-encoder protocol (a probe of the representation): only the new layers train (UNETR's decoder; the
     # UNet's expanding path and head); the encoder's weights and normalisation statistics stay fixed (eval mode).
     # Its scratch arm is the same network with a randomly initialised frozen encoder (`init: random`).
@@ -68,7 +68,7 @@ class FinetuneConfig(_Strict):
     # Steps at the start in which only the new layers train (the pretrained weights wait at lr 0, then get their
     # own warm-up and cosine): linear probing, then fine-tuning (LP-FT). 0: off; no effect from scratch.
     head_warmup_steps: StepCount = 0
-    num_classes: Optional[int] = None  # None: from the labels found in the data
+    num_classes: int | None = None  # None: from the labels found in the data
     # Steps between validations (and the best-checkpoint choice). None: every epoch, but at most about 50
     # times per run, so a small labelled subset (an epoch of 2 steps) does not spend its time validating.
     val_every: OptionalCount = None
@@ -101,7 +101,7 @@ class FinetuneConfig(_Strict):
 
 
     @model_validator(mode="after")
-    def _one_label_budget(self) -> "FinetuneConfig":
+    def _one_label_budget(self) -> FinetuneConfig:
         if self.labels_subjects is not None and self.labels_fraction < 1.0:
             raise ValueError("labels_fraction and labels_subjects: give one of them (labels_subjects replaces the "
                              "fraction)")

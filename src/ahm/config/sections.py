@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field, model_validator
 
@@ -33,7 +33,7 @@ Modality = Literal["auto", "mri", "ct", "photo"]
 class DataConfig(_Strict):
     """Where the images are and how they become tensors."""
 
-    path: Optional[str] = None
+    path: str | None = None
     layout: str = "auto"  # auto | folder | msd | lgg | busi | isic | kvasir | img-anno
     image_size: int = Field(128, ge=16, le=4096)
     channels: OptionalCount = None  # None: as stored (grayscale 1, RGB 3)
@@ -50,7 +50,7 @@ class DataConfig(_Strict):
     spatial_dims: Literal[2, 3] = 2
     # 3D: target voxel spacing in mm per axis after reorientation (MONAI Spacingd: image bilinear, label
     # nearest); None keeps each volume's own spacing.
-    spacing: Optional[tuple[Positive, Positive, Positive]] = (1.5, 1.5, 1.5)
+    spacing: tuple[Positive, Positive, Positive] | None = (1.5, 1.5, 1.5)
     # 3D: axis codes every volume is reoriented to (MONAI Orientationd)
     orientation: Annotated[str, AfterValidator(_orientation)] = "RAS"
     # 3D: training crop in voxels; a volume smaller than it after resampling is zero-padded to it (always: the
@@ -63,7 +63,7 @@ class DataConfig(_Strict):
     pos_neg_ratio: Share = 0.5
 
     @model_validator(mode="after")
-    def _ranges(self) -> "DataConfig":
+    def _ranges(self) -> DataConfig:
         if not self.ct_window[0] < self.ct_window[1]:
             raise ValueError("ct_window must be (low, high) with low < high")
         return self
@@ -119,11 +119,11 @@ class ModelConfig(_Strict):
     # nnunet backbone: the network nnU-Net builds from this plans file (nnUNet_preprocessed/DatasetNNN_X/
     # nnUNetPlans.json) for this configuration ("2d", "3d_fullres", ...); the plans also fix the data's patch
     # size, spacing and CT window (ahm.nnunet).
-    plans: Optional[str] = None
-    configuration: Optional[str] = None
+    plans: str | None = None
+    configuration: str | None = None
 
     @model_validator(mode="after")
-    def _check(self) -> "ModelConfig":
+    def _check(self) -> ModelConfig:
         if self.backbone == "nnunet" and not (self.plans and self.configuration):
             raise ValueError("the nnunet backbone needs model.plans and model.configuration (--plans, "
                              "--configuration)")
@@ -181,27 +181,27 @@ class TrainConfig(_Strict):
     # DataLoader worker processes that read, preprocess and augment training samples (pretraining and
     # fine-tuning) ahead of the step (0: in the training process). None: half the CPU cores, at most 4. The
     # samples do not depend on it.
-    workers: Optional[StepCount] = None
+    workers: StepCount | None = None
     # CUDA kernels: TF32 matrix products (torch.set_float32_matmul_precision("high")) and cuDNN's autotuner for
     # the fixed input shapes of a run. No effect on the CPU.
     tf32: bool = True
     cudnn_benchmark: bool = True
     # Batch-norm statistics over every process's batch (SyncBatchNorm) under DDP. None: on with more than one
     # process on a GPU; PyTorch's SyncBatchNorm runs on GPUs only, so it is refused on the CPU.
-    sync_batchnorm: Optional[bool] = None
+    sync_batchnorm: bool | None = None
 
 
 class SourceConfig(_Strict):
     """One source of a pretraining corpus: a dataset folder in any layout (or as listed in a corpus.json)."""
 
     path: str
-    layout: Optional[str] = None  # None: data.layout
-    modality: Optional[Modality] = None  # None: data.modality
-    ct_window: Optional[tuple[float, float]] = None  # None: data.ct_window
+    layout: str | None = None  # None: data.layout
+    modality: Modality | None = None  # None: data.modality
+    ct_window: tuple[float, float] | None = None  # None: data.ct_window
     # Relative sampling weight: each epoch draws weight x (the source's images), whole copies plus a seeded
     # subset for the fraction (2: every image twice an epoch; 0.5: half of them, a different half each epoch).
     weight: Positive = 1.0
-    all_splits: Optional[bool] = None  # a labelled source's val/test images too (None: the run's all_splits)
+    all_splits: bool | None = None  # a labelled source's val/test images too (None: the run's all_splits)
 
 
 def model_input_size(data: DataConfig) -> int | tuple[int, ...]:

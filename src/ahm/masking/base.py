@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager, Iterable, Iterator, Optional, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -55,14 +57,14 @@ class PolicyContext:
     grid: PatchGrid
     in_channels: int
     total_steps: int
-    patch_size: Union[int, tuple[int, ...], None] = None  # input only with a tuple `grid`; derived otherwise
+    patch_size: int | tuple[int, ...] | None = None  # input only with a tuple `grid`; derived otherwise
     seed: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    model: Optional[nn.Module] = None  # the MIM model (unwrapped), for policies that need its features (HPM)
+    model: nn.Module | None = None  # the MIM model (unwrapped), for policies that need its features (HPM)
     world_size: int = 1
     rank: int = 0
     # the run's mixed-precision context (Fabric's `autocast`), for the networks a policy runs besides the model
-    autocast: Callable[[], ContextManager] = contextlib.nullcontext
+    autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext
 
     def __post_init__(self) -> None:
         given = self.patch_size
@@ -91,8 +93,8 @@ class PolicyStep:
     """What `observe` returns: an optional loss the loop adds to the reconstruction loss, and metrics to log
     (floats, or 0-d tensors when the policy's `host_reads` is off)."""
 
-    aux_loss: Optional[Tensor] = None
-    metrics: dict[str, Union[float, Tensor]] = field(default_factory=dict)
+    aux_loss: Tensor | None = None
+    metrics: dict[str, float | Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -131,11 +133,11 @@ def hard_fraction_at(cfg: MaskingConfig, progress: float) -> float:
     return cfg.hard_fraction_max * min(1.0, (p - start) / max(1e-8, 1.0 - start))
 
 
-def _device_of(generator: Optional[torch.Generator]) -> torch.device:
+def _device_of(generator: torch.Generator | None) -> torch.device:
     return torch.device("cpu") if generator is None else generator.device
 
 
-def random_scores(batch: int, num_patches: int, generator: Optional[torch.Generator], device: torch.device) -> Tensor:
+def random_scores(batch: int, num_patches: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
     """Uniform noise for random top-k selection, reproducible from `generator`: drawn on the generator's device
     (a policy's `generator_for(device)` lives on `device`), then moved to `device` if it is elsewhere."""
     return torch.rand(batch, num_patches, generator=generator, device=_device_of(generator)).to(device)
@@ -149,7 +151,7 @@ def topk_mask(scores: Tensor, k: int) -> Tensor:
     return mask
 
 
-def gumbel_noise(shape: tuple[int, ...], generator: Optional[torch.Generator]) -> Tensor:
+def gumbel_noise(shape: tuple[int, ...], generator: torch.Generator | None) -> Tensor:
     """Standard Gumbel noise, drawn from `generator` on its device (CPU without one)."""
     u = torch.rand(shape, generator=generator, device=_device_of(generator))
     # the clamp keeps -log(-log(u)) finite at the float edges
@@ -168,7 +170,7 @@ def gumbel_topk(logits: Tensor, k: int, noise: Tensor, temperature: float = 1.0)
     return scores.topk(k, dim=1, sorted=True).indices
 
 
-def masked_indices(mask: Tensor, k: Optional[int] = None) -> Tensor:
+def masked_indices(mask: Tensor, k: int | None = None) -> Tensor:
     """[B, K] indices of the True entries of a bool [B, L] mask with the same K in every row, ascending (the order
     of `mask[row]`'s True entries). `k`: K when the caller knows it; else it is read from the mask and checked."""
     if k is None:
@@ -206,8 +208,8 @@ class MaskingPolicy(nn.Module):
         self.ctx = ctx
         self._seed = 10_007 * (ctx.seed + 1) + ctx.rank
         self.generator = torch.Generator().manual_seed(self._seed)
-        self._device_generator: Optional[torch.Generator] = None
-        self._device_generator_state: Optional[Tensor] = None  # from a checkpoint, until the generator exists
+        self._device_generator: torch.Generator | None = None
+        self._device_generator_state: Tensor | None = None  # from a checkpoint, until the generator exists
 
     @property
     def num_patches(self) -> int:
@@ -231,7 +233,7 @@ class MaskingPolicy(nn.Module):
                 self._device_generator_state = None
         return self._device_generator
 
-    def report(self, metrics: dict[str, Union[float, Tensor]]) -> dict[str, Union[float, Tensor]]:
+    def report(self, metrics: dict[str, float | Tensor]) -> dict[str, float | Tensor]:
         """`observe`'s metrics as its caller takes them: untouched (tensors included) for the loop, which reads
         them itself (`host_reads` off); else as floats, leaving out the undefined (non-finite) ones."""
         if not self.host_reads:

@@ -9,7 +9,7 @@ import math
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -103,7 +103,7 @@ def check_agent_workers(cfg: PretrainConfig, fabric) -> None:
 
 
 def pretrain(cfg: PretrainConfig, out: str | Path, resume: bool = False, force: bool = False,
-             progress: bool = True, stop_at: Optional[int] = None,
+             progress: bool = True, stop_at: int | None = None,
              hooks: Sequence[TrainHook] = ()) -> dict[str, Any]:
     """Run (or resume) pretraining into run directory `out`; returns the summary written to summary.json.
 
@@ -144,7 +144,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: bool = False, force: 
         lock.release()
 
 
-def _run(fabric, cfg: PretrainConfig, out: Path, resume: bool, progress: bool, stop_at: Optional[int],
+def _run(fabric, cfg: PretrainConfig, out: Path, resume: bool, progress: bool, stop_at: int | None,
          hooks: Sequence[TrainHook]) -> dict[str, Any]:
     from ahm.data.corpus import describe
     from ahm.models import build_mim_model
@@ -200,7 +200,7 @@ def _restore(cfg: PretrainConfig, out: Path, model, policy) -> tuple[dict[str, A
 
 
 def _set_up(fabric, cfg: PretrainConfig, out: Path, resume: bool, progress: bool, model, policy, corpus,
-            total: int, stop_at: Optional[int]) -> tuple[PretrainRun, RunState, Any]:
+            total: int, stop_at: int | None) -> tuple[PretrainRun, RunState, Any]:
     """Optimiser, restored state, Fabric, loader, log and bar: everything the engine's steps read."""
     from ahm.data.corpus import pretraining_loader
 

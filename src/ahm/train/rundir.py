@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import shutil
@@ -27,7 +28,7 @@ class RunLock:
         self.out = Path(out)
         self._fh = None
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         """Take the lock if the directory exists and it is not held yet (a folder still to be made is taken once
         it is made); AhmError when another process holds it."""
         import fcntl
@@ -51,7 +52,7 @@ class RunLock:
             self._fh.close()  # closing the file drops the flock
             self._fh = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         return self.acquire()
 
     def __exit__(self, *exc: Any) -> None:
@@ -205,10 +206,8 @@ class MetricsLog:
                     self._tb.add_scalar(key, value, step)
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):  # a failed write was already reported by log(); do not mask it here
             self._fh.close()
-        except OSError:  # a failed write was already reported by log(); do not mask that error here
-            pass
         if self._tb is not None:
             self._tb.flush()
             self._tb.close()

@@ -11,6 +11,7 @@ A folder of single-frame files, one series, is read by `ahm.data.formats.dicom_s
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -181,10 +182,8 @@ def _decode(info: DicomInfo):
         raise AhmError(f"{info.path}: not enough memory to decode the image") from exc
     except Exception as exc:
         syntax = ""
-        try:
+        with contextlib.suppress(Exception):  # the syntax name only decorates the message
             syntax = f", transfer syntax {ds.file_meta.TransferSyntaxUID.name}"  # type: ignore[possibly-undefined]
-        except Exception:  # noqa: BLE001, S110 - the syntax name only decorates the message
-            pass
         raise AhmError(f"{info.path}: truncated or undecodable DICOM pixel data ({describe_error(exc)}{syntax})") from exc
     expect: tuple[int, ...] = (info.rows, info.cols)
     if info.frames > 1:

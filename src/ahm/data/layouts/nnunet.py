@@ -118,7 +118,7 @@ class NnunetLayout(Layout):
         """Fold 0 of splits_final.json beside dataset.json, else in $nnUNet_preprocessed/<this folder's name>/
         (where nnU-Net's training writes it)."""
         places = [root / SPLITS_FILE]
-        preprocessed = os.environ.get("nnUNet_preprocessed")
+        preprocessed = os.environ.get("nnUNet_preprocessed")  # noqa: SIM112 - nnU-Net's own name
         if preprocessed:
             places.append(Path(preprocessed) / root.name / SPLITS_FILE)
         for path in places:

@@ -14,6 +14,7 @@ workers ignore Ctrl-C (the parent decides) and leave on their own if the parent 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue as queue_mod
 import signal
@@ -125,25 +126,21 @@ def _worker_main(rank: int, agent_kwargs: dict[str, Any], loss_kwargs: dict[str,
             with processed.get_lock():
                 processed.value += 1
             if applied:
-                try:
+                with contextlib.suppress(queue_mod.Full):
                     results.put_nowait({key: float(value) for key, value in parts.items()})
-                except queue_mod.Full:
-                    pass
     except BaseException as exc:  # noqa: BLE001 - any failure is reported to the parent, then exit 1
         errors.put((rank, f"{type(exc).__name__}: {exc}".splitlines()[0]))
         errors.close()
         errors.join_thread()  # the message must reach the pipe before this process ends
-        raise SystemExit(1)
+        raise SystemExit(1) from None
 
 
 def _shutdown(procs: list[Any], queues: list[Any], stop: Any, timeout: float) -> None:
     """Stop the workers: signal, wait, then terminate and kill stragglers; never leaves a child running."""
     stop.set()
     for _ in procs:
-        try:
+        with contextlib.suppress(queue_mod.Full, ValueError, OSError):
             queues[0].put_nowait(None)
-        except (queue_mod.Full, ValueError, OSError):
-            pass
     deadline = time.monotonic() + timeout
     for proc in procs:
         proc.join(max(0.0, deadline - time.monotonic()))
