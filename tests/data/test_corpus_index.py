@@ -126,4 +126,4 @@ def test_spatial_dims_3_counts_whole_volumes_and_names_2d_files(tmp_path: Path):
     assert none.exit_code == 2 and str(photos) in none.output and "no voxel spacing" in none.output, none.output
     assert len(none.output.strip().splitlines()) == 1 and not (tmp_path / "n.json").exists()
     bad = ahm("data", "index", str(heart), "--spatial-dims", "4", "--out", str(tmp_path / "n.json"))
-    assert bad.exit_code == 2 and "spatial_dims: Input should be 2 or 3" in bad.output and len(bad.output.strip().splitlines()) == 1
+    assert bad.exit_code == 2 and "spatial_dims must be 2 or 3" in bad.output and len(bad.output.strip().splitlines()) == 1

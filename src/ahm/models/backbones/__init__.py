@@ -51,7 +51,7 @@ def backbone_of_segmenter(segmenter: str) -> Backbone:
     for backbone in BACKBONES.values():
         if backbone.segmenter == segmenter:
             return backbone
-    raise AhmError(f"segmenter {segmenter!r} (--model, or segmenter: in a config) is not known; choose one of "
+    raise AhmError(f"segmenter {segmenter!r} (--segmenter, or segmenter: in a config) is not known; choose one of "
                    f"{', '.join(segmenter_names())}")
 
 

@@ -96,6 +96,10 @@ class Backbone(ABC):
                            f"{dims}D; fine-tune with the pretraining run's data.spatial_dims")
         for key, value in self.expected_metadata(segmenter).items():
             got_value = metadata.get(key)
+            if got_value is None:
+                # every encoder written since the run format existed records it; migrate() adds it to older ones
+                raise AhmError(f"{source}: encoder metadata has no {key!r}; a run directory written by an older ahm "
+                               f"is upgraded when read as a run (`ahm finetune --init RUN`)")
             if got_value != value:
                 if key == "norm":
                     raise AhmError(
