@@ -19,14 +19,14 @@ pytestmark = [
 ]
 
 
-def _pretrain(raw: Path, out: Path, policy: str, plans: Path, configuration: str, *extra: str) -> str:
-    """A 2-step ahm pretraining run on the nnunet backbone; returns its config.yaml."""
+def _pretrain(raw: Path, out: Path, policy: str, plans: Path, configuration: str, *extra: str, steps: int = 2) -> str:
+    """A short ahm pretraining run on the nnunet backbone; returns its config.yaml."""
     from ahm.cli.app import _register, app
 
     _register()
     result = CliRunner().invoke(app, [
         "-q", "pretrain", str(raw), "--out", str(out), "--policy", policy, "--backbone", "nnunet",
-        "--plans", str(plans), "--configuration", configuration, "--steps", "2", *extra,
+        "--plans", str(plans), "--configuration", configuration, "--steps", str(steps), *extra,
         "--accelerator", "cpu", "--workers", "0", "--agent-workers", "0"])
     assert result.exit_code == 0, result.output
     return (out / "config.yaml").read_text()
@@ -54,9 +54,11 @@ def test_pretrain_export_and_finetune_in_nnunet(tmp_path: Path) -> None:
     raw = make_raw_2d(tmp_path / "raw", 501)
     plans = plan_and_preprocess(tmp_path, raw, 501, "2d")
     runs = {}
-    for policy in ("random", "ahm"):
+    # every masking policy drives nnU-Net's network (the published pipeline needs a step for each of its stages)
+    for policy in ("random", "block", "hpm", "adamae", "ahm", "ahm-official"):
         runs[policy] = tmp_path / f"run_{policy}"
-        config = _pretrain(raw, runs[policy], policy, plans, "2d", "--batch-size", "4")
+        config = _pretrain(raw, runs[policy], policy, plans, "2d", "--batch-size", "4",
+                           steps=5 if policy == "ahm-official" else 2)
         assert "image_size: 64" in config  # the plans' 2D patch size
 
     weights = tmp_path / "ahm_random.pth"
