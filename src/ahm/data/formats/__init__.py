@@ -5,18 +5,19 @@ Every reader turns any failure (missing, empty, truncated, corrupt, unsupported,
 handles a path (`Reader.handles`: its suffixes, or a folder for a DICOM series) and add the checks every format
 shares; none of them knows a format by name.
 
-Readers register when their module is imported; the imports below fix the order in which they are asked and
-named in messages.
+Readers register when their module is imported, and every module of this package is imported here, so a new
+format is one file; their `rank` fixes the order in which they are asked and named in messages.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
+import pkgutil
 from pathlib import Path
 
 import numpy as np
 
-from ahm.data.formats import dicom, dicom_series, image, itk, nifti  # noqa: F401 - registers the readers
 from ahm.data.formats.base import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MAX_VOXELS,
@@ -35,6 +36,10 @@ from ahm.data.formats.image import IMAGE_SUFFIXES
 from ahm.data.formats.itk import ITK_SUFFIXES, detached_data_files
 from ahm.data.formats.nifti import NIFTI_SUFFIXES
 from ahm.errors import AhmError
+
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name != "base":
+        importlib.import_module(f"{__name__}.{_module.name}")  # registers its readers
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
