@@ -17,15 +17,11 @@ from torch import Tensor, nn
 
 from ahm.errors import AhmError
 from ahm.models.mim import (
-    MIMModel,
-    MIMOutput,
     check_image_size,
-    gather_tokens,
-    grid_patch_loss,
-    mask_order,
     size_per_axis,
     size_text,
 )
+from ahm.models.unet_mim import MaskedInputModel
 from ahm.nnunet import (
     body_weights,
     build_network,
@@ -47,7 +43,7 @@ def _inverse(perm: Sequence[int]) -> tuple[int, ...]:
     return tuple(out)
 
 
-class MaskedNnunet(MIMModel):
+class MaskedNnunet(MaskedInputModel):
     """nnU-Net's network for `model.plans` / `model.configuration` (`self.net`) trained to fill in masked patches."""
 
     backbone = "nnunet"
@@ -78,18 +74,10 @@ class MaskedNnunet(MIMModel):
         self.mask_value = nn.Parameter(torch.zeros(in_channels))
         self._patch_pool = Pool[Pool.ADAPTIVEAVG, spatial_dims](self.grid)
 
-    def _run(self, images: Tensor) -> Tensor:
-        out = self.net(images.permute(0, 1, *self._to_net))
+    def reconstruct(self, masked_input: Tensor) -> Tensor:
+        # nnU-Net's network sees its own axis order
+        out = self.net(masked_input.permute(0, 1, *self._to_net))
         return out.permute(0, 1, *self._from_net)
-
-    def forward(self, images: Tensor, mask: Tensor, num_masked: int | None = None) -> MIMOutput:
-        self._check_input(images, mask)
-        order, k = mask_order(mask, num_masked)
-        fill = self.mask_value.view(1, -1, *(1,) * self.spatial_dims).to(images.dtype)
-        masked_input = torch.where(self.patch_grid.upsample(mask), fill, images)
-        reconstruction = self._run(masked_input)
-        pred = gather_tokens(self.patch_grid.patchify(reconstruction), order[:, self.num_patches - k :])
-        return grid_patch_loss(pred, images, self.patch_grid, self.norm_pix, order, k)
 
     def features(self, images: Tensor) -> Tensor:
         """The decoder's last feature map (input of the last segmentation layer), averaged per patch: [B, L, D]."""

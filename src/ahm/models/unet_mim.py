@@ -35,7 +35,33 @@ if TYPE_CHECKING:
     from ahm.config import ModelConfig
 
 
-class MaskedUNet(MIMModel):
+class MaskedInputModel(MIMModel):
+    """A whole network pretrained as a masked-input autoencoder: masked patches are filled with a learned value per
+    channel, the network reconstructs the image, and the loss is over the masked patches. Subclasses give the
+    network (`reconstruct`); they set `mask_value` and `norm_pix`."""
+
+    mask_value: nn.Parameter
+    norm_pix: bool
+
+    def reconstruct(self, masked_input: Tensor) -> Tensor:
+        """The network on the masked input: the reconstruction, shaped as the input."""
+        raise NotImplementedError
+
+    def pixel_mask(self, mask: Tensor) -> Tensor:
+        """Patch mask [B, L] -> pixel mask [B, 1, *spatial]."""
+        return self.patch_grid.upsample(mask)
+
+    def forward(self, images: Tensor, mask: Tensor, num_masked: int | None = None) -> MIMOutput:
+        self._check_input(images, mask)
+        order, k = mask_order(mask, num_masked)
+        fill = self.mask_value.view(1, -1, *(1,) * self.spatial_dims).to(images.dtype)
+        masked_input = torch.where(self.pixel_mask(mask), fill, images)
+        reconstruction = self.reconstruct(masked_input)
+        pred = gather_tokens(self.patch_grid.patchify(reconstruction), order[:, self.num_patches - k :])
+        return grid_patch_loss(pred, images, self.patch_grid, self.norm_pix, order, k)
+
+
+class MaskedUNet(MaskedInputModel):
     """MONAI UNet (`self.net`, out_channels = in_channels, 2D or 3D) trained to fill in masked patches."""
 
     backbone = "unet"
@@ -69,18 +95,8 @@ class MaskedUNet(MIMModel):
         self.mask_value = nn.Parameter(torch.zeros(in_channels))
         self._patch_pool = Pool[Pool.ADAPTIVEAVG, spatial_dims](self.grid)
 
-    def pixel_mask(self, mask: Tensor) -> Tensor:
-        """Patch mask [B, L] -> pixel mask [B, 1, *spatial]."""
-        return self.patch_grid.upsample(mask)
-
-    def forward(self, images: Tensor, mask: Tensor, num_masked: int | None = None) -> MIMOutput:
-        self._check_input(images, mask)
-        order, k = mask_order(mask, num_masked)
-        fill = self.mask_value.view(1, -1, *(1,) * self.spatial_dims).to(images.dtype)
-        masked_input = torch.where(self.pixel_mask(mask), fill, images)
-        reconstruction = self.net(masked_input.contiguous(memory_format=self._memory_format))
-        pred = gather_tokens(self.patch_grid.patchify(reconstruction), order[:, self.num_patches - k :])
-        return grid_patch_loss(pred, images, self.patch_grid, self.norm_pix, order, k)
+    def reconstruct(self, masked_input: Tensor) -> Tensor:
+        return self.net(masked_input.contiguous(memory_format=self._memory_format))
 
     def features(self, images: Tensor) -> Tensor:
         """The decoder's last feature map (input of the final up block), averaged per patch: [B, L, D]."""
