@@ -542,3 +542,40 @@ def test_budget_trend_slope_per_tenfold_budget_and_where_the_gain_reaches_the_ta
                else r for r in rows]
     (entry,) = budget_trend(falling)
     assert entry["dice"] == pytest.approx(-0.01) and entry["crosses_at"] is None
+
+
+def test_positive_control_is_chosen_on_validation_and_decided_on_test(tmp_path: Path) -> None:
+    from ahm.bench.curve_render import write_results
+    from ahm.bench.curve_stats import aggregate, control_verdict, paired_by_point
+
+    def grid(seeds: int, test_gain: dict[int, float], val_gain: dict[int, float]) -> list[dict]:
+        rows = []
+        for seed in range(seeds):
+            base = {"backbone": "vit", "corpus": "-", "labels": 1, "labelled_subjects": 1, "seed": seed,
+                    "protocol": "frozen", "corpus_subjects": None}
+            rows.append({**base, "policy": "scratch", "dice": 0.5 + 0.01 * seed, "val_dice": 0.5})
+            for budget in test_gain:
+                # a little seed-to-seed spread in the gain, so p is not degenerate
+                rows.append({**base, "policy": "random", "corpus": "data", "corpus_subjects": 42,
+                             "pretrain_budget": budget, "dice": 0.5 + 0.01 * seed + test_gain[budget] + 0.001 * seed,
+                             "val_dice": 0.5 + val_gain[budget]})
+        return rows
+
+    # validation prefers 3,000 steps; test there is +0.05 on every seed: succeeds with p = 2/64
+    rows = grid(6, {1000: 0.10, 3000: 0.05}, {1000: 0.01, 3000: 0.04})
+    v = control_verdict(paired_by_point(rows))
+    assert v is not None and not v["provisional"] and v["succeeded"]
+    assert v["point"]["pretrain_budget"] == 3000 and v["entry"]["dice_p"] == pytest.approx(2 / 64)
+    # the same gain on validation's choice but too small on test: no success, whatever another budget did
+    v = control_verdict(paired_by_point(grid(6, {1000: 0.10, 3000: 0.02}, {1000: 0.01, 3000: 0.04})))
+    assert v is not None and not v["succeeded"] and v["point"]["pretrain_budget"] == 3000
+    # three seeds: the best point so far, no verdict
+    few = grid(3, {1000: 0.10, 3000: 0.05}, {1000: 0.01, 3000: 0.04})
+    v = control_verdict(paired_by_point(few))
+    assert v is not None and v["provisional"] and not v["succeeded"]
+    # no scratch arm: nothing to decide
+    assert control_verdict(paired_by_point([r for r in rows if r["policy"] != "scratch"])) is None
+    # results.md opens with the verdict
+    write_results(tmp_path, rows, aggregate(rows), paired_by_point(rows), "test")
+    first = (tmp_path / "results.md").read_text().splitlines()[0]
+    assert first.startswith("Positive control succeeds") and "3000 pretraining steps" in first and "p 0.031" in first

@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from ahm.bench.compare import _f, below_floors, floors
-from ahm.bench.curve_stats import TARGET_GAIN, budget_trend, corpus_trend, paired_by_corpus, protocol
+from ahm.bench.curve_stats import (
+    TARGET_GAIN,
+    budget_trend,
+    control_verdict,
+    corpus_trend,
+    paired_by_corpus,
+    protocol,
+    verdict_line,
+)
 from ahm.io import write_bytes, write_text
 
 COLUMNS = ["backbone", "protocol", "policy", "pretrain_budget", "corpus", "corpus_subjects", "labels", "labelled_subjects", "seed", "dice",
@@ -137,6 +145,9 @@ def write_results(out: Path, rows: list[dict[str, Any]], table: list[dict[str, A
                          f"{e['val_dice_p']:.3f} | "
                          + (f"{e['gain_at_largest']:+.4f}" if "gain_at_largest" in e else "-") + " | "
                          + ("-" if crosses is None else f"{crosses:.3g}") + " |")
+    verdict = control_verdict(paired)
+    if verdict is not None:  # the answer a positive-control grid exists for, above its tables
+        lines[:0] = [verdict_line(verdict, split), ""]
     write_text(out / "results.md", "\n".join(lines) + "\n")
     _plot(out / "results.png", table, split, baselines, rows, by_corpus)
 

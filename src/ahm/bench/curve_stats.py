@@ -158,6 +158,50 @@ def budget_trend(rows: list[dict[str, Any]], target: float = TARGET_GAIN) -> lis
     return out
 
 
+CONTROL_ALPHA = 0.05  # the exact sign-flip p the gain must reach
+CONTROL_SEEDS = 6  # paired seeds the deciding point needs
+
+
+def control_verdict(paired: list[dict[str, Any]], policy: str = "random", target: float = TARGET_GAIN,
+                    alpha: float = CONTROL_ALPHA, min_seeds: int = CONTROL_SEEDS) -> dict[str, Any] | None:
+    """The positive control of `paired_by_point`'s entries: does `policy` beat scratch somewhere?
+
+    The deciding point (backbone, protocol, corpus, budget, labels) is the one with the largest paired
+    *validation* gain over scratch among the points with at least `min_seeds` paired seeds (or, while none has
+    them, among all points: the verdict is then `provisional`); its *test* gain decides: at least `target` with the
+    exact sign-flip p at most `alpha` over at least `min_seeds` seeds. Choosing on validation and judging on test
+    keeps the choice among many points from inflating the reported gain. None when `policy` never pairs with
+    scratch."""
+    mine = [e for e in paired if e["policy"] == policy and e["reference"] == "scratch"
+            and e.get("val_dice") is not None and e.get("dice") is not None]
+    if not mine:
+        return None
+    ready = [e for e in mine if e["n"] >= min_seeds]
+    chosen = max(ready or mine, key=lambda e: e["val_dice"])
+    provisional = not ready
+    succeeded = (not provisional and chosen["dice"] >= target and chosen["dice_p"] <= alpha)
+    return {"policy": policy, "point": {k: chosen.get(k) for k in ("backbone", "protocol", "corpus",
+                                                                   "pretrain_budget", "labels")},
+            "entry": chosen, "points": len(mine), "ready_points": len(ready), "provisional": provisional,
+            "succeeded": succeeded, "target": target, "alpha": alpha, "min_seeds": min_seeds}
+
+
+def verdict_line(v: dict[str, Any], split: str) -> str:
+    """`control_verdict` in one sentence."""
+    e, p = v["entry"], v["point"]
+    where = (f"{p['backbone']}, {p['protocol']} protocol, {p['pretrain_budget'] or '-'} pretraining steps on "
+             f"{p['corpus']}, {p['labels']} labelled subject(s)")
+    figures = (f"{v['policy']} - scratch {e['dice']:+.4f} +- {e['dice_std']:.4f} {split} Dice over {e['n']} paired "
+               f"seeds ({e['dice_ahead']}/{e['n']} ahead, p {e['dice_p']:.3f}; val {e['val_dice']:+.4f})")
+    if v["provisional"]:
+        return (f"Positive control: no verdict yet (no point has {v['min_seeds']} paired seeds); the best point on "
+                f"validation so far is {where}: {figures}.")
+    outcome = ("succeeds" if v["succeeded"] else
+               f"does not succeed (needs at least +{v['target']:g} with p <= {v['alpha']:g})")
+    return (f"Positive control {outcome}: at the point chosen on validation among {v['ready_points']} with "
+            f"{v['min_seeds']}+ paired seeds ({where}), {figures}.")
+
+
 def _trends(rows: list[dict[str, Any]], along: str, x_of: Callable[[Any], float],
             min_points: int) -> list[dict[str, Any]]:
     """Per (backbone, labels, policy) of `rows`: each seed's least-squares slope of Dice (and validation Dice)
