@@ -401,12 +401,12 @@ def test_an_nrrd_volume_in_3d_keeps_its_spacing(tmp_path):
 def test_whole_volumes_batch_through_the_evaluation_loader_and_invert(task):
     from monai.data import decollate_batch
 
-    from ahm.data.dataset import normalization_rule
     from ahm.data.volumes import evaluation_loader
+    from ahm.pipeline import pipeline_for
 
     cfg = _cfg(spacing=(1.5, 1.5, 1.5))  # resampled and padded: every inverse step has work to do
     index, dataset = _all(task, cfg, labels=True, train=False)
-    assert normalization_rule(cfg, index) == "mri z-score"
+    assert pipeline_for(cfg).normalization_rule(cfg, index) == "mri z-score"
     seen = []
     for batch in evaluation_loader(dataset):
         assert batch["image"].ndim == 5

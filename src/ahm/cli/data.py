@@ -135,58 +135,23 @@ def brain_subjects(
     subject: the first test subjects, then val, then train. A montage.png of the first subjects is written
     beside the data. With --volumes each subject is one simulated 3D volume (NIfTI) instead of slices.
     """
-    from ahm.datasets.brain_subjects import (
-        SimulationSettings,
-        prepare_brain_subject_volumes,
-        prepare_brain_subjects,
-    )
+    from ahm.datasets.brain_subjects import SimulationSettings, prepare_brain_subject_set
 
-    def go() -> dict:
+    def go() -> tuple[dict, str]:
         settings = None
         if settings_file is not None:
             from ahm.config import read_yaml
 
             settings = SimulationSettings.from_dict(read_yaml(settings_file))
         with _LazyBar("simulating subjects") as bar:
-            if volumes:
-                return prepare_brain_subject_volumes(
-                    out_dir, subjects=subjects, seed=seed, volume_size=volume_size, spacing_mm=spacing,
-                    image_size=image_size, slices_per_axis=slices_per_axis, val_subjects=val_subjects,
-                    test_subjects=test_subjects, settings=settings, progress=bar)
-            return prepare_brain_subjects(out_dir, subjects=subjects, seed=seed, image_size=image_size,
-                                          slices_per_axis=slices_per_axis, val_subjects=val_subjects,
-                                          test_subjects=test_subjects, settings=settings, progress=bar)
+            return prepare_brain_subject_set(
+                out_dir, volumes, subjects=subjects, seed=seed, image_size=image_size,
+                slices_per_axis=slices_per_axis, volume_size=volume_size, spacing_mm=spacing,
+                val_subjects=val_subjects, test_subjects=test_subjects, settings=settings, progress=bar)
 
-    summary = run_guarded(go)
-    assert isinstance(summary, dict)
-    sides = ", ".join(f"{k} {v}" for k, v in summary["split_subjects"].items())
-    if volumes:
-        side_mm = volume_size * spacing
-        out.print(
-            f"wrote {summary['subjects']} simulated subjects as 3D volumes ({volume_size}^3 voxels of {spacing:g} mm, "
-            f"{side_mm:g} mm per side) to {summary['out']}",
-            highlight=False,
-            soft_wrap=True,
-        )
-        out.print(
-            f"  Decathlon layout: dataset.json, imagesTr/ and labelsTr/ (0 background, 1 grey matter, 2 white "
-            f"matter), for data.spatial_dims 3; splits.json by subject: {sides}; montage: {summary['montage']}",
-            highlight=False,
-            soft_wrap=True,
-        )
-        return
-    out.print(
-        f"wrote {summary['subjects']} simulated subjects ({summary['images']} slices of {image_size}x{image_size} "
-        f"px) to {summary['out']}",
-        highlight=False,
-        soft_wrap=True,
-    )
-    out.print(
-        f"  images/ and masks/ (0 background, 1 grey matter, 2 white matter); splits.json by subject: {sides}; "
-        f"montage: {summary['montage']}",
-        highlight=False,
-        soft_wrap=True,
-    )
+    done = run_guarded(go)
+    assert isinstance(done, tuple)
+    out.print(done[1], highlight=False, soft_wrap=True)  # the summary in words
 
 
 @data_app.command("check", no_args_is_help=True)

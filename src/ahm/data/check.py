@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ahm.config import DataConfig
-from ahm.data.dataset import VolumeCache, read_item
+from ahm.data.dataset import VolumeCache
 from ahm.data.layouts import open_dataset
 from ahm.errors import AhmError
 
@@ -51,6 +51,7 @@ def check_dataset(path: str | Path, cfg: DataConfig, progress=None) -> CheckRepo
     Raises AhmError only when there is no dataset to check (missing or empty folder, unknown layout).
     """
     from ahm.data.splits import make_splits
+    from ahm.pipeline import for_dims
 
     lenient = cfg.model_copy(update={"skip_bad": True})
     index = open_dataset(path, lenient, strict_splits=False)
@@ -75,12 +76,7 @@ def check_dataset(path: str | Path, cfg: DataConfig, progress=None) -> CheckRepo
         if item.volume is not None and str(item.image) in bad_volumes:
             continue  # one message per broken volume, not one per slice
         try:
-            if item.spatial_dims == 3:
-                from ahm.data.volumes import read_volume_item
-
-                image, mask = read_volume_item(item, index, cfg, labels=index.has_labels)
-            else:
-                image, mask = read_item(item, index, cfg, labels=index.has_labels, cache=cache)
+            image, mask = for_dims(item.spatial_dims).read_item(item, index, cfg, index.has_labels, cache)
         except AhmError as exc:
             report.problems.append(str(exc))
             if item.volume is not None:

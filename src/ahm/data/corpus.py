@@ -22,7 +22,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -30,6 +30,9 @@ import torch
 from ahm.config import DataConfig, PretrainConfig, SourceConfig
 from ahm.data.layouts import DatasetIndex, Item
 from ahm.errors import AhmError
+
+if TYPE_CHECKING:
+    from ahm.pipeline.base import Pipeline
 
 WINDOW_ITEMS = 2048  # slots shuffled together: a window of 2D files, or the slices of a few volumes
 WINDOW_VOLUMES = 8  # volumes per window at most (each worker keeps this many raw volumes, within a byte budget)
@@ -74,10 +77,9 @@ class Corpus:
         self.sources = sources
         self.channels = channels
         self.image_size = image_size
-        # 3: entries are whole volumes, preprocessed to varying shapes and cropped by the augmentation. A sample
-        # and its augmentation come from the pipeline (`prepare_sample`, `pretraining_transform`); the store's
-        # own shape stays decided here (`nbytes`, `SampleCache`, `preload`, `_settings_not_deciding`): it is the
-        # layout of `--cache` folders already on disk and part of their digest, which must not change.
+        # 3: entries are whole volumes, preprocessed to varying shapes and cropped by the augmentation. What
+        # differs between the two (a sample, its augmentation, its size in memory, the holder `preload` fills,
+        # the `--cache` store and its digest) is the pipeline's (`pipeline`).
         self.spatial_dims = spatial_dims
         start = 0
         for source in sources:
@@ -98,6 +100,13 @@ class Corpus:
 
     def __len__(self) -> int:
         return self.n_entries
+
+    @property
+    def pipeline(self) -> Pipeline:
+        """The data path of the corpus's `spatial_dims`."""
+        from ahm.pipeline import for_dims
+
+        return for_dims(self.spatial_dims)
 
     def entry(self, k: int) -> tuple[CorpusSource, Item]:
         for s, source in enumerate(self.sources):
@@ -148,19 +157,16 @@ class Corpus:
     def normalization(self) -> str:
         """The intensity rule of the corpus (`normalization_rule`), kept with the pretrained weights; sources
         normalised differently are joined with " + " (a fine-tuning set then matches none of them alone)."""
-        from ahm.data.dataset import normalization_rule
+        from ahm.pipeline import for_dims
 
-        rules = list(dict.fromkeys(normalization_rule(s.data_cfg, s.index) for s in self.sources))
+        rules = list(dict.fromkeys(for_dims(s.data_cfg.spatial_dims).normalization_rule(s.data_cfg, s.index)
+                                   for s in self.sources))
         return " + ".join(rules)
 
     def nbytes(self) -> int:
         """Memory the preprocessed corpus would take (float32 on the model grid; 3D: the volumes as stored, from
         their headers, an estimate since resampling changes the size by the spacing ratio)."""
-        if self.spatial_dims == 3:
-            from ahm.data.volumes import raw_volume_bytes
-
-            return sum(raw_volume_bytes(self.entry(k)[1]) for k in range(self.n_entries))
-        return self.n_entries * self.channels * self.image_size ** 2 * 4
+        return self.pipeline.corpus_bytes(self)
 
     def steps_per_epoch(self, batch_size: int, world_size: int) -> int:
         return epoch_rounds(self, batch_size, world_size)[1]
@@ -168,7 +174,7 @@ class Corpus:
     @property
     def with_replacement(self) -> bool:
         """3D: a sample is a random crop of a volume, so a volume may give several crops to one batch."""
-        return self.spatial_dims == 3
+        return self.pipeline.samples_with_replacement()
 
 
 def open_corpus(cfg: PretrainConfig, log: Callable[[str], None] | None = None) -> Corpus:
@@ -247,19 +253,22 @@ class VolumeSlices:
 
 
 class SampleCache:
-    """An on-disk store of preprocessed samples (`--cache DIR`): one memory-mapped float32 array of every entry on
-    the model grid and a byte per entry saying it is filled, so that after the first epoch a sample is a copy from
-    the page cache instead of a decode, a normalisation and a resize. Written here rather than with MONAI's
-    PersistentDataset, which keeps one pickle file per sample (20,000 files for a 20,000-slice corpus) and
-    cannot be shared by memory map between loader workers.
+    """An on-disk store of preprocessed samples (`--cache DIR`), so that after the first epoch a sample is a copy
+    from the page cache instead of a decode, a normalisation and a resize. The corpus's pipeline chooses the
+    store (`ahm.data.sample_store`): in 2D one memory-mapped float32 array of every entry on the model grid and a
+    byte per entry saying it is filled (not MONAI's PersistentDataset, which keeps one pickle file per sample,
+    20,000 files for a 20,000-slice corpus, and cannot be shared by memory map between loader workers); in 3D
+    one .npy file per volume.
 
     The store is named by a digest of what decides the samples (each source's path, listing and file sizes and
     times, the preprocessing settings): a changed corpus gets a new store, never stale samples. Entries are
-    written by whichever worker reads them first (the data, then the flag; a sample half written when a run is
-    killed is simply computed again)."""
+    written by whichever worker reads them first (a sample half written when a run is killed is simply computed
+    again)."""
 
     def __init__(self, folder: Path, corpus: Corpus) -> None:
         import hashlib
+
+        from ahm.pipeline import for_dims
 
         folder = Path(folder).expanduser()
         try:
@@ -269,72 +278,29 @@ class SampleCache:
         digest = hashlib.sha256()
         digest.update(json.dumps([corpus.channels, corpus.image_size]).encode())
         for source in corpus.sources:
-            digest.update(source.data_cfg.model_dump_json(exclude=_settings_not_deciding(source.data_cfg)).encode())
+            ignored = for_dims(source.data_cfg.spatial_dims).cache_ignores()
+            digest.update(source.data_cfg.model_dump_json(exclude=ignored).encode())
             digest.update(str(Path(source.spec.path).resolve()).encode())
             for file in sorted({str(source.index.by_id()[i].image) for i in source.ids}):
                 st = os.stat(file)
                 digest.update(f"{file}:{st.st_size}:{st.st_mtime_ns}".encode())
             digest.update("\n".join(source.ids).encode())
         self.key = digest.hexdigest()[:16]
-        self.volumes_dir: Path | None = None
-        self._data: np.memmap | None = None
-        self._flags: np.memmap | None = None
-        if corpus.spatial_dims == 3:
-            # Preprocessed volumes differ in shape: one .npy per entry (a 3D corpus has volumes, not 20,000 slices).
-            self.volumes_dir = folder / f"volumes-{self.key}"
-            self.volumes_dir.mkdir(exist_ok=True)
-            return
-        shape = (len(corpus), corpus.channels, corpus.image_size, corpus.image_size)
-        self.data_path, self.flag_path = folder / f"samples-{self.key}.f32", folder / f"samples-{self.key}.filled"
-        for path, size in ((self.data_path, int(np.prod(shape)) * 4), (self.flag_path, len(corpus))):
-            if not path.is_file() or path.stat().st_size != size:
-                with open(path, "wb") as fh:  # sparse: the disk fills as samples are written
-                    fh.truncate(size)
-        self.shape = shape
+        self.store = corpus.pipeline.sample_store(folder, self.key, corpus)
 
-    def _open(self) -> None:
-        # Opened lazily in each process (a loader worker maps the files itself).
-        if self._data is None:
-            self._data = np.memmap(self.data_path, dtype=np.float32, mode="r+", shape=self.shape)
-            self._flags = np.memmap(self.flag_path, dtype=np.uint8, mode="r+", shape=(self.shape[0],))
+    @property
+    def data_path(self) -> Path:
+        """Where the samples are: the memory-mapped file (2D) or the folder of .npy files (3D)."""
+        return self.store.path
 
     def get(self, k: int) -> np.ndarray | None:
-        if self.volumes_dir is not None:
-            path = self.volumes_dir / f"{k}.npy"
-            try:
-                return np.load(path, allow_pickle=False) if path.is_file() else None
-            except (OSError, ValueError):  # a file cut short by a killed run is computed again
-                return None
-        self._open()
-        return np.array(self._data[k]) if self._flags[k] else None
+        return self.store.get(k)
 
     def put(self, k: int, image: np.ndarray) -> None:
-        if self.volumes_dir is not None:
-            from ahm.io import atomic_write
-
-            atomic_write(self.volumes_dir / f"{k}.npy", lambda fh: np.save(fh, image, allow_pickle=False))
-            return
-        self._open()
-        self._data[k] = image
-        self._flags[k] = 1
+        self.store.put(k, image)
 
     def filled(self) -> int:
-        if self.volumes_dir is not None:
-            return sum(1 for _ in self.volumes_dir.glob("*.npy"))
-        self._open()
-        return int(np.count_nonzero(self._flags))
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_data": None, "_flags": None}
-
-
-_VOLUME_SETTINGS = {"spatial_dims", "spacing", "orientation", "crop_size", "pos_neg_ratio"}
-
-
-def _settings_not_deciding(cfg: DataConfig) -> set[str]:
-    """DataConfig fields that do not change a preprocessed sample: a 2D store keeps the key it had before the 3D
-    options existed; the crop is drawn after the store in 3D, but it pads small volumes, so it stays."""
-    return {"path", "skip_bad"} | (_VOLUME_SETTINGS if cfg.spatial_dims == 2 else {"pos_neg_ratio"})
+        return self.store.filled()
 
 
 class CorpusDataset(torch.utils.data.Dataset):
@@ -358,12 +324,7 @@ class CorpusDataset(torch.utils.data.Dataset):
         """Read the whole corpus into memory once (the fast path for a corpus that fits; workers forked after
         this share it). The samples are the same as streamed ones: both come from `prepare_item`. Returns the
         problems of files skipped with data.skip_bad; without it the first unreadable file raises."""
-        images: torch.Tensor | list[torch.Tensor | None]
-        if self.corpus.spatial_dims == 3:
-            images = [None] * len(self.corpus)  # volumes of their own shapes
-        else:
-            images = torch.empty((len(self.corpus), self.corpus.channels, self.corpus.image_size,
-                                  self.corpus.image_size), dtype=torch.float32)
+        images = self.corpus.pipeline.preload_holder(self.corpus)  # 2D one tensor; 3D a list (shapes differ)
         problems: list[str] = []
         for k in range(len(self.corpus)):
             image, j, found, failed = self.read(k)
@@ -544,16 +505,16 @@ def pretraining_transform(corpus: Corpus, cfg: PretrainConfig) -> Callable[[dict
     """The per-sample augmentation: 2D the random resized crop and jitter (none without train.augment); 3D
     always a random `data.crop_size` crop (a batch needs one shape), flips, turns and jitter only with
     train.augment."""
-    from ahm.pipeline import for_dims
-
-    return for_dims(corpus.spatial_dims).pretraining_transform(cfg)
+    return corpus.pipeline.pretraining_transform(cfg)
 
 
 def describe(corpus: Corpus) -> dict[str, Any]:
     """What the run directory's corpus.json records: each source's path, layout, weight and image count."""
+    from ahm.pipeline import for_dims
+
     return {"channels": corpus.channels, "entries": corpus.n_entries, "images_per_epoch": corpus.epoch_size,
             "sources": [{"path": s.spec.path, "layout": s.index.layout, "weight": s.spec.weight,
                          "modality": s.data_cfg.modality, "labelled": s.index.has_labels, "images": len(s.ids),
                          "volumes": len({i.image for i in s.index.items
-                                         if i.slice is not None or i.spatial_dims == 3}),
+                                         if for_dims(i.spatial_dims).from_volume(i)}),
                          "problems": len(s.index.problems)} for s in corpus.sources]}

@@ -40,6 +40,7 @@ def index_source(path: str | Path, cfg: DataConfig) -> dict[str, Any]:
     """One source's counts and problems. AhmError only when there is no dataset at `path` at all."""
     from ahm.data.formats import read_image_info, read_volume_info
     from ahm.data.layouts import open_dataset
+    from ahm.pipeline import for_dims
 
     lenient = cfg.model_copy(update={"skip_bad": True, "path": str(path)})
     index = open_dataset(path, lenient, strict_splits=False)
@@ -47,22 +48,11 @@ def index_source(path: str | Path, cfg: DataConfig) -> dict[str, Any]:
     sizes: Counter[str] = Counter()
     channels: Counter[int] = Counter()  # per 2D sample
     file_channels: Counter[int] = Counter()  # per file (an image, or a whole volume)
-    volumes: dict[str, tuple[tuple[int, int, int], int] | None] = {}
+    volumes: dict[str, tuple[tuple[int, int, int], int] | None] = {}  # each volume's header (None: unreadable)
     images = slices = 0
     for item in index.items:
-        if item.spatial_dims == 3:  # a whole volume is one sample (its spacing was checked by the layout)
-            key = str(item.image)
-            try:
-                shape, n_channels = read_volume_info(item.image)
-            except AhmError as exc:
-                problems.append(str(exc))
-                continue
-            volumes[key] = (shape, n_channels)
-            sizes["x".join(map(str, shape))] += 1
-            channels[n_channels] += 1
-            file_channels[n_channels] += 1
-            continue
-        if item.slice is None:
+        pipeline = for_dims(item.spatial_dims)
+        if not pipeline.from_volume(item):
             try:
                 info = read_image_info(item.image, max_pixels=cfg.max_pixels)
             except AhmError as exc:
@@ -83,10 +73,10 @@ def index_source(path: str | Path, cfg: DataConfig) -> dict[str, Any]:
             else:
                 file_channels[volumes[key][1]] += 1  # type: ignore[index]
         found = volumes[key]
-        if found is not None:
-            slices += 1
-            plane = [n for a, n in enumerate(found[0]) if a != item.axis]
-            sizes[f"{plane[0]}x{plane[1]}"] += 1
+        if found is not None:  # a slice, or (3D) a whole volume, is one sample
+            if item.slice is not None:
+                slices += 1
+            sizes["x".join(map(str, pipeline.sample_shape(item, found[0])))] += 1
             channels[found[1]] += 1
     if len(file_channels) > 1 and cfg.channels is None:
         problems.append(
@@ -95,7 +85,7 @@ def index_source(path: str | Path, cfg: DataConfig) -> dict[str, Any]:
             "set data.channels to unify them or index the sources apart"
         )
     good_volumes = sum(1 for v in volumes.values() if v is not None)
-    samples = good_volumes if cfg.spatial_dims == 3 else images + slices
+    samples = for_dims(cfg.spatial_dims).count_samples(images, slices, good_volumes)
     return {
         "layout": index.layout,
         "labelled": index.has_labels,
@@ -146,7 +136,9 @@ def index_corpus(
     totals["modalities"] = dict(modalities.most_common())
     if totals["samples"] == 0:
         first = next((p for e in entries for p in e["index"]["problems"]), None)
-        what = "volumes" if cfg.spatial_dims == 3 else "images"
+        from ahm.pipeline import for_dims
+
+        what = for_dims(cfg.spatial_dims).samples_word()
         raise AhmError(f"{sources[0]}: the corpus holds no readable {what}" + (f" (first problem: {first})" if first else ""))
     # spatial_dims: what a sample is in these counts (2: a 2D image or a slice; 3: a whole volume)
     return {"version": MANIFEST_VERSION, "spatial_dims": cfg.spatial_dims, "sources": entries, "totals": totals}
@@ -154,23 +146,18 @@ def index_corpus(
 
 def format_corpus(manifest: dict[str, Any], where: str | os.PathLike) -> str:
     """A few lines for the terminal: one per source, the totals, then every problem."""
+    from ahm.pipeline import for_dims
+
     lines = []
-    volumes = manifest.get("spatial_dims", 2) == 3  # a manifest from before spatial_dims was recorded: 2D
+    pipeline = for_dims(manifest.get("spatial_dims", 2))  # a manifest from before spatial_dims was recorded: 2D
     for entry in manifest["sources"]:
         s = entry["index"]
-        if volumes:
-            what = f"{s['volumes']} volume(s)"
-        else:
-            what = f"{s['images']} image(s)" + (f", {s['volumes']} volume(s) = {s['slices']} slices" if s["volumes"] else "")
         lines.append(f"{entry['path']}: {s['layout']}, {'labelled' if s['labelled'] else 'unlabelled'}, "
-                     f"{entry['modality'] or 'modality unknown'}; {what}; {len(s['problems'])} problem(s)")
+                     f"{entry['modality'] or 'modality unknown'}; {pipeline.describe_source_counts(s)}; "
+                     f"{len(s['problems'])} problem(s)")
     t = manifest["totals"]
-    if volumes:
-        lines.append(f"corpus: {t['sources']} source(s), {t['files']} file(s), {t['samples']} 3D samples "
-                     f"(whole volumes); written to {where}")
-    else:
-        lines.append(f"corpus: {t['sources']} source(s), {t['files']} file(s), {t['samples']} 2D samples "
-                     f"({t['images']} images, {t['slices']} slices of {t['volumes']} volumes); written to {where}")
+    lines.append(f"corpus: {t['sources']} source(s), {t['files']} file(s), {pipeline.describe_corpus_counts(t)}; "
+                 f"written to {where}")
     for entry in manifest["sources"]:
         lines.extend(f"  - {p}" for p in entry["index"]["problems"])
     return "\n".join(lines)

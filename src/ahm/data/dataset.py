@@ -180,15 +180,13 @@ def normalization_rule(cfg: DataConfig, index: DatasetIndex) -> str:
     """The intensity normalisation `load_arrays` applies to this dataset, as one comparable string.
 
     A pretrained encoder has learned intensities mapped by this rule; fine-tuning elsewhere should map its own
-    the same way ("ct -1000..1000", "mri", "photo", or "auto" when it is decided file by file; "mri z-score" for
-    volumes in 3D).
+    the same way ("ct -1000..1000", "mri", "photo", or "auto" when it is decided file by file). Volumes in 3D
+    are z-scored instead (`VolumePipeline.normalization_rule`).
     """
     modality = cfg.modality if cfg.modality != "auto" else (index.modality or "auto")
     if modality == "ct":
         lo, hi = (float(v) for v in cfg.ct_window)
         return f"ct {lo:g}..{hi:g}"
-    if cfg.spatial_dims == 3 and modality in ("mri", "auto"):
-        return "mri z-score"  # volumes: z-scored over non-zero voxels (ahm.data.volumes), not percentile-scaled
     return modality
 
 

@@ -379,7 +379,7 @@ def input_grid(sample: Mapping[Hashable, Any]) -> tuple[np.ndarray, tuple[int, .
 
 def volume_paths(item: Item, labels: bool) -> dict[str, Any]:
     """The `{"image": path, "label": path}` dict `preprocess_volumes` reads, for one 3D item."""
-    if item.spatial_dims != 3:
+    if item.spatial_dims != 3:  # a guard: the 3D reader refuses a 2D item rather than choosing a reader
         raise AhmError(f"{item.image}: a 2D item ({item.id}); open the dataset with data.spatial_dims 3")
     if labels and item.mask is None:
         raise AhmError(f"{item.image}: no label volume for this image")

@@ -594,3 +594,39 @@ def prepare_brain_subject_volumes(out: Path, subjects: int = 60, seed: int = 0, 
     return {"out": str(out), "subjects": subjects, "volumes": subjects, "volume_size": volume_size,
             "spacing_mm": spacing_mm, "split_subjects": counts, "contrasts": contrasts,
             "montage": str(out / MONTAGE) if shown else None}
+
+
+def prepare_brain_subject_set(out: Path, volumes: bool = False, *, subjects: int = 60, seed: int = 0,
+                              image_size: int = 128, slices_per_axis: int = 8, volume_size: int = 128,
+                              spacing_mm: float = 1.5, val_subjects: int | None = None,
+                              test_subjects: int | None = None, settings: SimulationSettings | None = None,
+                              progress: Callable[[int, int], None] | None = None) -> tuple[dict, str]:
+    """`ahm data prepare brain-subjects`: the slice set (`prepare_brain_subjects`), or with `volumes` the
+    volume set of the same subjects (`prepare_brain_subject_volumes`, `volume_size` voxels of `spacing_mm` per
+    side); returns the summary and what was written, in words."""
+    common: dict[str, Any] = {"subjects": subjects, "seed": seed, "image_size": image_size,
+                              "slices_per_axis": slices_per_axis, "val_subjects": val_subjects,
+                              "test_subjects": test_subjects, "settings": settings, "progress": progress}
+    if volumes:
+        summary = prepare_brain_subject_volumes(out, volume_size=volume_size, spacing_mm=spacing_mm, **common)
+        return summary, _describe_volume_set(summary)
+    summary = prepare_brain_subjects(out, **common)
+    return summary, _describe_slice_set(summary)
+
+
+def _describe_slice_set(summary: dict) -> str:
+    sides = ", ".join(f"{k} {v}" for k, v in summary["split_subjects"].items())
+    size = summary["image_size"]
+    return (f"wrote {summary['subjects']} simulated subjects ({summary['images']} slices of {size}x{size} px) to "
+            f"{summary['out']}\n"
+            f"  images/ and masks/ (0 background, 1 grey matter, 2 white matter); splits.json by subject: {sides}; "
+            f"montage: {summary['montage']}")
+
+
+def _describe_volume_set(summary: dict) -> str:
+    sides = ", ".join(f"{k} {v}" for k, v in summary["split_subjects"].items())
+    size, spacing = summary["volume_size"], summary["spacing_mm"]
+    return (f"wrote {summary['subjects']} simulated subjects as 3D volumes ({size}^3 voxels of {spacing:g} mm, "
+            f"{size * spacing:g} mm per side) to {summary['out']}\n"
+            f"  Decathlon layout: dataset.json, imagesTr/ and labelsTr/ (0 background, 1 grey matter, 2 white "
+            f"matter), for data.spatial_dims 3; splits.json by subject: {sides}; montage: {summary['montage']}")

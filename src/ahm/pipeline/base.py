@@ -15,7 +15,9 @@ if TYPE_CHECKING:
     import torch
 
     from ahm.config import DataConfig, FinetuneConfig, ModelConfig, PretrainConfig
+    from ahm.data.corpus import Corpus
     from ahm.data.layouts import DatasetIndex, Item
+    from ahm.data.sample_store import SampleStore
     from ahm.eval.evaluate import LoadedRun
     from ahm.eval.predict_files import Batcher, Job
 
@@ -30,7 +32,7 @@ class Labelled:
     found_classes: int  # 1 + the largest label value declared or seen
     in_channels: int
     subjects: list[str]  # of the labelled training cases
-    normalization: str  # `ahm.data.dataset.normalization_rule` of the data
+    normalization: str  # `Pipeline.normalization_rule` of the data
 
 
 class Pipeline(ABC):
@@ -71,6 +73,63 @@ class Pipeline(ABC):
     @abstractmethod
     def pretraining_transform(self, cfg: PretrainConfig) -> Callable[[dict], dict] | None:
         """The per-sample augmentation of pretraining (None: none)."""
+
+    # ------------------------------------------------------------------ the data side: items, corpus and index
+
+    @abstractmethod
+    def read_item(self, item: Item, index: DatasetIndex, data_cfg: DataConfig, labels: bool,
+                  cache: Any = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """An item as stored, checked as training reads it: image [C, *spatial] float32 and its mask (or None)."""
+
+    @abstractmethod
+    def from_volume(self, item: Item) -> bool:
+        """Whether `item` is read from a volume file (the whole volume, or one of its slices)."""
+
+    @abstractmethod
+    def sample_shape(self, item: Item, volume_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The spatial shape of the sample `item` gives, from that of the volume it is read from."""
+
+    @abstractmethod
+    def normalization_rule(self, data_cfg: DataConfig, index: DatasetIndex) -> str:
+        """The intensity normalisation of the data as one comparable string, kept with pretrained weights."""
+
+    @abstractmethod
+    def samples_with_replacement(self) -> bool:
+        """Whether a pretraining sample is a random crop of its entry, so that an entry may give several samples
+        to one batch."""
+
+    @abstractmethod
+    def corpus_bytes(self, corpus: Corpus) -> int:
+        """Bytes the preprocessed corpus would take in memory (what `preload: auto` decides by)."""
+
+    @abstractmethod
+    def preload_holder(self, corpus: Corpus) -> Any:
+        """An empty in-memory holder of the corpus's samples, indexed by entry, that `preload` fills."""
+
+    @abstractmethod
+    def cache_ignores(self) -> set[str]:
+        """DataConfig fields left out of a `--cache` store's digest: they do not change a preprocessed sample."""
+
+    @abstractmethod
+    def sample_store(self, folder: Path, key: str, corpus: Corpus) -> SampleStore:
+        """The on-disk store of the corpus's preprocessed samples in `folder`, named by the digest `key`."""
+
+    @abstractmethod
+    def count_samples(self, images: int, slices: int, volumes: int) -> int:
+        """How many pretraining samples an index holds of its `images` 2D files, `slices` slices and `volumes`
+        readable volume files."""
+
+    @abstractmethod
+    def samples_word(self) -> str:
+        """What a sample is, in the plural, for messages ("images", "volumes")."""
+
+    @abstractmethod
+    def describe_source_counts(self, counts: dict[str, Any]) -> str:
+        """A source's files of an `ahm data index` manifest (its "index" counts), in words."""
+
+    @abstractmethod
+    def describe_corpus_counts(self, totals: dict[str, Any]) -> str:
+        """The samples of an `ahm data index` manifest (its "totals"), in words."""
 
     # ------------------------------------------------------------------ fine-tuning data
 

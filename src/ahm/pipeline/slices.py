@@ -16,9 +16,14 @@ if TYPE_CHECKING:
     import torch
 
     from ahm.config import DataConfig, FinetuneConfig, ModelConfig, PretrainConfig
+    from ahm.data.corpus import Corpus
     from ahm.data.layouts import DatasetIndex, Item
+    from ahm.data.sample_store import SampleStore
     from ahm.eval.evaluate import LoadedRun
     from ahm.eval.predict_files import Batcher, Job
+
+# DataConfig fields of 3D only, left out of a 2D sample store's digest
+_VOLUME_SETTINGS = {"spatial_dims", "spacing", "orientation", "crop_size", "pos_neg_ratio"}
 
 
 class SlicePipeline(Pipeline):
@@ -60,6 +65,59 @@ class SlicePipeline(Pipeline):
         from ahm.data.transforms import pretrain_augment
 
         return pretrain_augment(cfg.data.image_size) if cfg.train.augment else None
+
+    # ------------------------------------------------------------------ the data side: items, corpus and index
+
+    def read_item(self, item: Item, index: DatasetIndex, data_cfg: DataConfig, labels: bool,
+                  cache: Any = None) -> tuple[np.ndarray, np.ndarray | None]:
+        from ahm.data.dataset import read_item
+
+        return read_item(item, index, data_cfg, labels=labels, cache=cache)
+
+    def from_volume(self, item: Item) -> bool:
+        return item.slice is not None
+
+    def sample_shape(self, item: Item, volume_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(n for a, n in enumerate(volume_shape) if a != item.axis)  # the slice's plane
+
+    def normalization_rule(self, data_cfg: DataConfig, index: DatasetIndex) -> str:
+        from ahm.data.dataset import normalization_rule
+
+        return normalization_rule(data_cfg, index)
+
+    def samples_with_replacement(self) -> bool:
+        return False
+
+    def corpus_bytes(self, corpus: Corpus) -> int:
+        return corpus.n_entries * corpus.channels * corpus.image_size ** 2 * 4  # float32 on the model grid
+
+    def preload_holder(self, corpus: Corpus) -> Any:
+        import torch
+
+        return torch.empty((len(corpus), corpus.channels, corpus.image_size, corpus.image_size), dtype=torch.float32)
+
+    def cache_ignores(self) -> set[str]:
+        # the 3D options too: a 2D store keeps the key it had before they existed
+        return {"path", "skip_bad"} | _VOLUME_SETTINGS
+
+    def sample_store(self, folder: Path, key: str, corpus: Corpus) -> SampleStore:
+        from ahm.data.sample_store import SliceStore
+
+        return SliceStore(folder, key, len(corpus), corpus.channels, corpus.image_size)
+
+    def count_samples(self, images: int, slices: int, volumes: int) -> int:
+        return images + slices
+
+    def samples_word(self) -> str:
+        return "images"
+
+    def describe_source_counts(self, counts: dict[str, Any]) -> str:
+        return f"{counts['images']} image(s)" + (f", {counts['volumes']} volume(s) = {counts['slices']} slices"
+                                                  if counts["volumes"] else "")
+
+    def describe_corpus_counts(self, totals: dict[str, Any]) -> str:
+        return (f"{totals['samples']} 2D samples ({totals['images']} images, {totals['slices']} slices of "
+                f"{totals['volumes']} volumes)")
 
     # ------------------------------------------------------------------ fine-tuning data
 

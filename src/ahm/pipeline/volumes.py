@@ -19,7 +19,9 @@ if TYPE_CHECKING:
     import torch
 
     from ahm.config import DataConfig, FinetuneConfig, ModelConfig, PretrainConfig
+    from ahm.data.corpus import Corpus
     from ahm.data.layouts import DatasetIndex, Item
+    from ahm.data.sample_store import SampleStore
     from ahm.eval.evaluate import LoadedRun
     from ahm.eval.predict_files import Batcher, Job
 
@@ -80,11 +82,64 @@ class VolumePipeline(Pipeline):
             return volume_pretrain_augment(cfg.data)
         return Compose([RandSpatialCropd(keys=[IMAGE], roi_size=tuple(cfg.data.crop_size), random_size=False)])
 
+    # ------------------------------------------------------------------ the data side: items, corpus and index
+
+    def read_item(self, item: Item, index: DatasetIndex, data_cfg: DataConfig, labels: bool,
+                  cache: Any = None) -> tuple[np.ndarray, np.ndarray | None]:
+        from ahm.data.volumes import read_volume_item
+
+        return read_volume_item(item, index, data_cfg, labels=labels)  # read whole: no cache of slices
+
+    def from_volume(self, item: Item) -> bool:
+        return True
+
+    def sample_shape(self, item: Item, volume_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(volume_shape)  # a whole volume is one sample
+
+    def normalization_rule(self, data_cfg: DataConfig, index: DatasetIndex) -> str:
+        from ahm.data.dataset import normalization_rule
+
+        rule = normalization_rule(data_cfg, index)
+        # z-scored over non-zero voxels (ahm.data.volumes), not percentile-scaled
+        return "mri z-score" if rule in ("mri", "auto") else rule
+
+    def samples_with_replacement(self) -> bool:
+        return True  # a random crop of a volume
+
+    def corpus_bytes(self, corpus: Corpus) -> int:
+        from ahm.data.volumes import raw_volume_bytes
+
+        # the volumes as stored, from their headers: an estimate, since resampling changes it by the spacing ratio
+        return sum(raw_volume_bytes(corpus.entry(k)[1]) for k in range(corpus.n_entries))
+
+    def preload_holder(self, corpus: Corpus) -> Any:
+        return [None] * len(corpus)  # volumes of their own shapes
+
+    def cache_ignores(self) -> set[str]:
+        # the crop is drawn after the store, but it pads small volumes, so it stays
+        return {"path", "skip_bad", "pos_neg_ratio"}
+
+    def sample_store(self, folder: Path, key: str, corpus: Corpus) -> SampleStore:
+        from ahm.data.sample_store import VolumeStore
+
+        return VolumeStore(folder, key)  # preprocessed volumes differ in shape: a file each
+
+    def count_samples(self, images: int, slices: int, volumes: int) -> int:
+        return volumes
+
+    def samples_word(self) -> str:
+        return "volumes"
+
+    def describe_source_counts(self, counts: dict[str, Any]) -> str:
+        return f"{counts['volumes']} volume(s)"
+
+    def describe_corpus_counts(self, totals: dict[str, Any]) -> str:
+        return f"{totals['samples']} 3D samples (whole volumes)"
+
     # ------------------------------------------------------------------ fine-tuning data
 
     def prepare_labelled(self, cfg: FinetuneConfig, index: DatasetIndex, splits: dict[str, list[str]],
                          labelled: list[str]) -> Labelled:
-        from ahm.data.dataset import normalization_rule
         from ahm.data.volumes import raw_volume_bytes, read_volume_item, volume_dataset
 
         by_id = index.by_id()
@@ -108,7 +163,8 @@ class VolumePipeline(Pipeline):
             found = 1 + max(int(read_volume_item(by_id[i], index, data_cfg, labels=True)[1].max(initial=0))
                             for i in dict.fromkeys(labelled + val_ids))
         subjects = sorted({by_id[i].subject for i in labelled})
-        return Labelled(train, val, val_source, found, in_channels, subjects, normalization_rule(data_cfg, index))
+        return Labelled(train, val, val_source, found, in_channels, subjects,
+                        self.normalization_rule(data_cfg, index))
 
     def training_set(self, cfg: FinetuneConfig, train: Any, crop_size: int | None, pads_crop: bool) -> Any:
         # the volume dataset draws its crops (and augments them) itself, seeded by (seed, epoch, index) too

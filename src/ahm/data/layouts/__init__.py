@@ -107,6 +107,7 @@ def _layout_for(root: Path, cfg: DataConfig) -> type[Layout]:
         raise AhmError(
             f"data.layout: unknown layout {cfg.layout!r}; choose auto or one of {', '.join(LAYOUTS)}"
         )
+    # stays here: whether a layout's files can be volumes is the layout's fact, and layouts sit below ahm.pipeline
     if cfg.spatial_dims == 3 and not cls.volumes:
         raise AhmError(f"data.spatial_dims 3: layout {name!r} ({root}) holds 2D images; volumes in 3D come from "
                        f"the layouts {', '.join(LAYOUTS_3D)}, or use data.spatial_dims 2")

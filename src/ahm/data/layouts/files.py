@@ -163,6 +163,7 @@ def volume_items(
     stem: str, subject: str, image: Path, mask: Path | None, cfg: DataConfig, problems: Problems
 ) -> list[Item]:
     """A volume as one item (spatial_dims 3) or as its slices (2)."""
+    # stays here: what a volume file is listed as is the layouts' fact (they sit below ahm.pipeline)
     if cfg.spatial_dims == 2:
         return _slice_items(stem, subject, image, mask, cfg.slice_axis, problems)
     from ahm.data.formats import volume_spacing_problem

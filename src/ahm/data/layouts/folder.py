@@ -100,7 +100,8 @@ class FolderLayout(Layout):
             if is_volume:
                 items.extend(volume_items(stem, subject, entry, mask, cfg, problems))
             elif cfg.spatial_dims == 3:
-                # A stack of 2D files has no slice spacing or orientation to resample by.
+                # A stack of 2D files has no slice spacing or orientation to resample by (a fact about the files
+                # this layout lists, decided here: layouts sit below ahm.pipeline).
                 problems.add(f"{entry}: a 2D image has no voxel spacing; data.spatial_dims 3 needs volumes "
                              f"({VOLUME_KINDS})")
             else:
