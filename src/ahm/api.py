@@ -165,8 +165,8 @@ def load_encoder(run: str | Path, *, num_classes: int = 2) -> nn.Module:
     `unet`) with `num_classes` outputs: the pretrained weights loaded strictly, the new layers (UNETR's decoder, the
     UNet's last layer) freshly initialised; for a training loop of your own. Built for the pretraining's input
     size, channels and dimension."""
-    from ahm.config import model_input_size
     from ahm.models import backbone_of_segmenter, build_segmenter, load_pretrained
+    from ahm.pipeline import model_input_size
     from ahm.train.pretrained import load_init
 
     enc = load_init(run)

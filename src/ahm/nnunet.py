@@ -116,6 +116,7 @@ def data_update(plans_path: str | Path, name: str, data_cfg: Any) -> dict[str, A
     fields = type(data_cfg).model_fields
     given = {k for k in data_cfg.model_fields_set if _plain(getattr(data_cfg, k)) != _plain(fields[k].default)}
     want: dict[str, Any] = {"spatial_dims": geo.spatial_dims}
+    # stays here: nnU-Net's own 2d/3d_fullres configurations, read below ahm.config and so below ahm.pipeline
     if geo.spatial_dims == 2:
         if len(set(geo.patch_size)) != 1:
             raise ValueError(f"{plans_path}: configuration {name!r} has patch size "

@@ -36,8 +36,9 @@ def _network_input_shape(run: Path) -> tuple[int, ...]:
     """The shape nnU-Net's network receives inside run `run`'s model, fed one crop of ahm's."""
     import torch
 
-    from ahm.config import PretrainConfig, load_config, model_input_size
+    from ahm.config import PretrainConfig, load_config
     from ahm.models.backbones import build_mim_model
+    from ahm.pipeline import model_input_size
 
     cfg = load_config(PretrainConfig, run / "config.yaml")
     model = build_mim_model(cfg.model, model_input_size(cfg.data), 1, spatial_dims=3)

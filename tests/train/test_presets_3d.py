@@ -10,10 +10,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from ahm.config import FinetuneConfig, PretrainConfig, build_config, load_config, model_input_size
+from ahm.config import FinetuneConfig, PretrainConfig, build_config, load_config
 from ahm.data.volumes import check_crop
 from ahm.models import build_mim_model, build_segmenter
 from ahm.models.backbones import get_backbone
+from ahm.pipeline import model_input_size
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 

@@ -78,88 +78,62 @@ def apply_intensity_lookup(table: np.ndarray, images: np.ndarray, bins: int = 25
 FIGURES = ("dice", "dataset_dice", "iou", "hd95")
 
 
-def _scores(preds: np.ndarray, arrays: Any, num_classes: int, empty: str, prefix: str) -> dict[str, Any]:
-    """The figures of `ahm evaluate` at its primary level (re-stacked volumes when the images are their slices),
-    so that a floor and a network are compared on the same cases."""
-    from ahm.eval.evaluate import leveled_scores
-
-    metrics, slice_level, volume_level = leveled_scores(preds, arrays.labels, arrays.items, num_classes, empty=empty,
-                                                        spacing=arrays.spacing, slice_mm=arrays.slice_mm)
-    unit = (volume_level if metrics["level"] == "volume" else slice_level)["hd95_unit"]
-    return ({f"{prefix}{key}": metrics.get(key) for key in FIGURES}
-            | {f"{prefix}level": metrics["level"], f"{prefix}hd95_unit": unit})
+def _scores(pipeline: Any, cases: Any, preds: list[np.ndarray], num_classes: int, empty: str,
+            prefix: str) -> dict[str, Any]:
+    """The figures of `ahm evaluate` at its primary level (re-stacked volumes when the images are their slices,
+    each volume in 3D), so that a floor and a network are compared on the same cases."""
+    scores = pipeline.case_scores(cases, preds, num_classes, empty)
+    return ({f"{prefix}{key}": scores.get(key) for key in FIGURES}
+            | {f"{prefix}level": scores["level"], f"{prefix}hd95_unit": scores["hd95_unit"]})
 
 
-class _Volumes:
-    """One split of whole preprocessed volumes: images [C, D, H, W], labels [D, H, W], spacings in mm."""
-
-    def __init__(self, index: Any, ids: list[str], cfg: Any) -> None:
-        from ahm.data.volumes import preprocessed_spacing, volume_dataset
-        from ahm.eval.evaluate import preprocessed
-
-        dataset = volume_dataset(index, list(ids), cfg, labels=True, train=False)
-        self.ids = [item.id for item in dataset.items]
-        self.images, self.labels, self.spacings = [], [], []
-        for i in range(len(dataset)):
-            sample = preprocessed(dataset.__getitem__, i)
-            self.images.append(sample["image"].as_tensor().numpy().astype(np.float32))
-            self.labels.append(np.rint(sample["label"].as_tensor().numpy()[0]).astype(np.int64))
-            self.spacings.append(preprocessed_spacing(sample))
-
-    def max_label(self) -> int:
-        return max((int(lab.max(initial=0)) for lab in self.labels), default=0)
-
-    def channel_range(self) -> tuple[np.ndarray, np.ndarray]:
-        lo = np.min([im.reshape(im.shape[0], -1).min(axis=1) for im in self.images], axis=0)
-        hi = np.max([im.reshape(im.shape[0], -1).max(axis=1) for im in self.images], axis=0)
-        return lo, hi
-
-    def unit_images(self, lo: np.ndarray, hi: np.ndarray) -> list[np.ndarray]:
-        """Each volume as [1, C, V] in [0, 1] (by the fitted range; out-of-range values are clipped by the bins)."""
-        scale = np.where(hi > lo, hi - lo, 1.0)[:, None]
-        return [((im.reshape(im.shape[0], -1) - lo[:, None]) / scale)[None] for im in self.images]
-
-    def scores(self, preds: list[np.ndarray], num_classes: int, empty: str, prefix: str) -> dict[str, Any]:
-        from ahm.eval.metrics import volume_scores
-
-        summary, _ = volume_scores(preds, self.labels, num_classes, self.spacings, empty=empty, ids=self.ids)
-        return ({f"{prefix}{key}": summary.get(key) for key in FIGURES}
-                | {f"{prefix}level": "volume", f"{prefix}hd95_unit": summary["hd95_unit"]})
+def _max_label(cases: Any) -> int:
+    return max((int(lab.max(initial=0)) for lab in cases.labels), default=0)
 
 
-def _volume_rows(index: Any, splits: dict[str, list[str]], names: list[str], split: str, cfg: Any,
-                 labels_fraction: float, seeds: range, bins: int | None, empty: str,
-                 log: Callable[[str], None] | None,
-                 labels_subjects: int | None = None) -> tuple[list[dict[str, Any]], dict[str, Any], int]:
-    """`run_baseline` on volumes: the seed rows, the predict-nothing scores and the bins used."""
+def _unit_images(train: Any) -> Callable[[Any], list[np.ndarray]]:
+    """Each case of a split as [1, C, V] in [0, 1]: as read where the intensities are in [0, 1] already (`unit`),
+    else rescaled by the range of each channel over `train` (out-of-range values are clipped by the bins)."""
+    if train.unit:
+        return lambda cases: [im.reshape(1, im.shape[0], -1) for im in cases.images]
+    lo = np.min([im.reshape(im.shape[0], -1).min(axis=1) for im in train.images], axis=0)
+    hi = np.max([im.reshape(im.shape[0], -1).max(axis=1) for im in train.images], axis=0)
+    scale = np.where(hi > lo, hi - lo, 1.0)[:, None]
+    return lambda cases: [((im.reshape(im.shape[0], -1) - lo[:, None]) / scale)[None] for im in cases.images]
+
+
+def _rows(pipeline: Any, index: Any, splits: dict[str, list[str]], names: list[str], split: str, cfg: Any,
+          labels_fraction: float, seeds: range, bins: int | None, empty: str, log: Callable[[str], None] | None,
+          labels_subjects: int | None = None) -> tuple[list[dict[str, Any]], dict[str, Any], int | None]:
+    """`run_baseline`'s seed rows, the predict-nothing scores and the bins used."""
     from ahm.data import label_subset
 
-    evaluated = {name: _Volumes(index, list(splits[name]), cfg) for name in names}
-    num_classes = max(2, max(v.max_label() for v in evaluated.values()) + 1)
+    evaluated = {name: pipeline.baseline_cases(index, list(splits[name]), cfg) for name in names}
+    num_classes = max(2, max(_max_label(cases) for cases in evaluated.values()) + 1)
     nothing: dict[str, Any] = {}
-    for name, vols in evaluated.items():
-        nothing.update(vols.scores([np.zeros_like(lab) for lab in vols.labels], num_classes, empty,
-                                   "" if name == split else "val_"))
+    for name, cases in evaluated.items():
+        nothing.update(_scores(pipeline, cases, [np.zeros_like(lab) for lab in cases.labels], num_classes, empty,
+                               "" if name == split else "val_"))
     rows = []
     for seed in seeds:
-        train = _Volumes(index, label_subset(index, list(splits["train"]), labels_fraction, seed,
-                                             subjects_count=labels_subjects), cfg)
+        labelled = label_subset(index, list(splits["train"]), labels_fraction, seed, subjects_count=labels_subjects)
+        train = pipeline.baseline_cases(index, labelled, cfg)
         if bins is None:
             bins = default_bins(int(train.images[0].shape[0]))
-        classes = max(num_classes, train.max_label() + 1)
-        lo, hi = train.channel_range()
-        table = fit_intensity_lookup(np.concatenate(train.unit_images(lo, hi), axis=2),
+        classes = max(num_classes, _max_label(train) + 1)
+        unit = _unit_images(train)
+        table = fit_intensity_lookup(np.concatenate(unit(train), axis=2),
                                      np.concatenate([lab.reshape(1, -1) for lab in train.labels], axis=1),
                                      classes, bins)
         row: dict[str, Any] = {"seed": seed, "labelled_images": len(train.ids),
-                               "labelled_subjects": _subjects(index, train.ids)}
-        for name, vols in evaluated.items():
+                               "labelled_subjects": _subjects(index, labelled)}
+        for name, cases in evaluated.items():
             preds = [apply_intensity_lookup(table, im, bins)[0].reshape(lab.shape)
-                     for im, lab in zip(vols.unit_images(lo, hi), vols.labels)]
-            row.update(vols.scores(preds, classes, empty, "" if name == split else "val_"))
+                     for im, lab in zip(unit(cases), cases.labels)]
+            row.update(_scores(pipeline, cases, preds, classes, empty, "" if name == split else "val_"))
         rows.append(row)
         if log is not None:
-            log(f"seed {seed}: {len(train.ids)} labelled volumes, {split} Dice {_fmt(row['dice'])}, "
+            log(f"seed {seed}: {len(train.ids)} labelled {pipeline.case_noun}s, {split} Dice {_fmt(row['dice'])}, "
                 f"val Dice {_fmt(row['val_dice'])}")
     return rows, nothing, bins
 
@@ -189,8 +163,9 @@ def run_baseline(data: str | Path, labels_fraction: float, seeds: int, first_see
     `spatial_dims` with the default splits. Also scores the "predict nothing" floor (`empty_prediction`), the same for every seed.
     `empty`: the empty-case convention of `ahm.eval.metrics`."""
     from ahm.config import DataConfig
-    from ahm.data import label_subset, load_arrays, make_splits, open_dataset
+    from ahm.data import make_splits, open_dataset
     from ahm.eval.metrics import check_empty
+    from ahm.pipeline import pipeline_for
 
     check_empty(empty)
     if seeds < 1:
@@ -209,39 +184,16 @@ def run_baseline(data: str | Path, labels_fraction: float, seeds: int, first_see
     for name in names:
         if not splits.get(name):
             raise AhmError(f"{data}: the {name} split is empty")
-    if cfg.spatial_dims == 3:
-        rows, nothing, bins = _volume_rows(index, splits, names, split, cfg, labels_fraction,
-                                           range(first_seed, first_seed + seeds), bins, empty, log, labels_subjects)
-        return _document(data, labels_fraction, bins, split, cfg, empty, rows, nothing, labels_subjects)
-    evaluated = {name: load_arrays(index, list(splits[name]), cfg, labels=True) for name in names}
-    rows = []
-    num_classes = max(2, int(max(a.labels.max(initial=0) for a in evaluated.values())) + 1)
-    nothing: dict[str, Any] = {}
-    for name, arrays in evaluated.items():
-        nothing.update(_scores(np.zeros_like(arrays.labels), arrays, num_classes, empty,
-                               "" if name == split else "val_"))
-    for seed in range(first_seed, first_seed + seeds):
-        labelled = label_subset(index, list(splits["train"]), labels_fraction, seed, subjects_count=labels_subjects)
-        train = load_arrays(index, labelled, cfg, labels=True)
-        if bins is None:
-            bins = default_bins(int(train.images.shape[1]))
-        classes = max(num_classes, int(train.labels.max(initial=0)) + 1)
-        table = fit_intensity_lookup(train.images, train.labels, classes, bins)
-        row: dict[str, Any] = {"seed": seed, "labelled_images": len(train.ids),
-                               "labelled_subjects": _subjects(index, labelled)}
-        for name, arrays in evaluated.items():
-            preds = apply_intensity_lookup(table, arrays.images, bins)
-            row.update(_scores(preds, arrays, classes, empty, "" if name == split else "val_"))
-        rows.append(row)
-        if log is not None:
-            log(f"seed {seed}: {len(train.ids)} labelled images, {split} Dice {_fmt(row['dice'])}, "
-                f"val Dice {_fmt(row['val_dice'])}")
-    return _document(data, labels_fraction, bins, split, cfg, empty, rows, nothing, labels_subjects)
+    pipeline = pipeline_for(cfg)
+    rows, nothing, bins = _rows(pipeline, index, splits, names, split, cfg, labels_fraction,
+                                range(first_seed, first_seed + seeds), bins, empty, log, labels_subjects)
+    return _document(data, labels_fraction, bins, split, cfg, empty, rows, nothing, labels_subjects,
+                     pipeline.baseline_fields(cfg))
 
 
 def _document(data: str | Path, labels_fraction: float, bins: int | None, split: str, cfg: Any, empty: str,
-              rows: list[dict[str, Any]], nothing: dict[str, Any],
-              labels_subjects: int | None = None) -> dict[str, Any]:
+              rows: list[dict[str, Any]], nothing: dict[str, Any], labels_subjects: int | None = None,
+              grid_fields: dict[str, Any] | None = None) -> dict[str, Any]:
     keys = FIGURES + tuple(f"val_{k}" for k in FIGURES)
     summary = {key: _mean_std(rows, key) for key in keys}
     doc = {"data": str(data), "labels_fraction": labels_fraction, "labels_subjects": labels_subjects,
@@ -250,10 +202,7 @@ def _document(data: str | Path, labels_fraction: float, bins: int | None, split:
            "summary": summary,
            "empty_prediction": {key: nothing.get(key) for key in keys}}
     doc["hd95_unit"] = nothing.get("hd95_unit")
-    if cfg.spatial_dims == 3:
-        from ahm.eval.evaluate import volume_grid_description
-
-        doc.update({"spatial_dims": 3, "grid": volume_grid_description(cfg)})
+    doc.update(grid_fields or {})
     return doc
 
 

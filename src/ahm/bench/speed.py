@@ -189,9 +189,9 @@ def _unet_model_setting(model) -> dict[str, Any]:
 
 def _policy_candidate(name: str, cfg: PretrainConfig, channels: int, device: torch.device,
                       total: int) -> tuple[_Candidate, dict[str, Any]]:
-    from ahm.config import model_input_size
     from ahm.masking import PolicyContext, build_policy
     from ahm.models import build_mim_model
+    from ahm.pipeline import pipeline_for
     from ahm.train.pretrain import build_optimizer, forward_step
 
     policy_name, _, variant = (name, "", "") if name in policy_names() else name.partition("-")
@@ -202,7 +202,7 @@ def _policy_candidate(name: str, cfg: PretrainConfig, channels: int, device: tor
         masking = masking.model_copy(update={"agent_workers": 0})
     run_cfg = cfg.model_copy(update={"masking": masking})
     torch.manual_seed(0)
-    model = build_mim_model(cfg.model, model_input_size(cfg.data), channels,
+    model = build_mim_model(cfg.model, pipeline_for(cfg).model_input_size(cfg.data), channels,
                             spatial_dims=cfg.data.spatial_dims).to(device)
     policy = build_policy(masking, PolicyContext(grid=model.patch_grid, in_channels=channels, total_steps=total,
                                                  seed=0, device=device, model=model,
@@ -252,19 +252,15 @@ def _mae_reference(cfg: PretrainConfig, channels: int, device: torch.device):
     """MONAI's MaskedAutoEncoderViT with our encoder and decoder sizes; MSE on the masked patches."""
     from monai.networks.nets import MaskedAutoEncoderViT
 
-    from ahm.config import model_input_size
     from ahm.models.mae import freeze_unused_norms
+    from ahm.pipeline import pipeline_for
 
     dims, dec = cfg.model.vit_dims(), cfg.model.decoder_dims()
-    if cfg.data.spatial_dims == 3:
-        # MONAI's 3D sin-cos tables (encoder and decoder) split each width into six parts; ours take any width
-        for option, width in (("--model", dims["hidden_size"]), ("--decoder-dim", dec["decoder_dim"])):
-            if width % 6:
-                raise AhmError(f"{option}: width {width}; MONAI's 3D MaskedAutoEncoderViT (the reference) needs "
-                               f"encoder and decoder widths divisible by 6 (e.g. {width // 6 * 6 or 6})")
+    pipeline = pipeline_for(cfg)
+    pipeline.check_mae_reference((("--model", dims["hidden_size"]), ("--decoder-dim", dec["decoder_dim"])))
     torch.manual_seed(0)
     model = MaskedAutoEncoderViT(
-        in_channels=channels, img_size=model_input_size(cfg.data), patch_size=cfg.model.patch_size,
+        in_channels=channels, img_size=pipeline.model_input_size(cfg.data), patch_size=cfg.model.patch_size,
         hidden_size=dims["hidden_size"], mlp_dim=dims["mlp_dim"], num_layers=dims["num_layers"],
         num_heads=dims["num_heads"], masking_ratio=cfg.masking.mask_ratio, spatial_dims=cfg.data.spatial_dims,
         decoder_hidden_size=dec["decoder_dim"], decoder_num_layers=dec["decoder_depth"],
@@ -428,20 +424,19 @@ def run_speed(cfg: PretrainConfig, policies: list[str] | None = None, channels: 
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.accelerator != "cpu" else "cpu")
     if clock == "cpu" and device.type != "cpu":
         raise AhmError("--clock cpu: CPU seconds do not measure a step on the GPU; use --clock wall there")
-    from ahm.config import model_input_size
+    import math
+
+    from ahm.models.backbones import get_backbone
+    from ahm.pipeline import pipeline_for
 
     dims = cfg.data.spatial_dims
-    if dims == 3:
-        import math
-
-        from ahm.data.volumes import check_crop
-        from ahm.models.backbones import get_backbone
-
-        # as pretraining checks it: whole patches, and for the UNet whole feature maps at every stride
-        multiple = math.lcm(cfg.model.patch_size, get_backbone(backbone).crop_multiple(cfg.model))
-        check_crop(cfg.data, multiple, why=f"--patch-size {cfg.model.patch_size} (and the backbone's strides)")
+    pipeline = pipeline_for(cfg)
+    # as pretraining checks it: whole patches, and for the UNet whole feature maps at every stride (3D)
+    pipeline.check_model_input(
+        cfg.data, lambda: math.lcm(cfg.model.patch_size, get_backbone(backbone).crop_multiple(cfg.model)),
+        why=f"--patch-size {cfg.model.patch_size} (and the backbone's strides)")
     now = CLOCKS[clock]
-    images = _synthetic_batch(cfg.train.batch_size, channels, model_input_size(cfg.data)).to(device)
+    images = _synthetic_batch(cfg.train.batch_size, channels, pipeline.model_input_size(cfg.data)).to(device)
     total = warmup + rounds * steps
     candidates: list[_Candidate] = []
     load_start = _load()

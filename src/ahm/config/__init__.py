@@ -25,7 +25,6 @@ from ahm.config.sections import (
     ModelConfig,
     SourceConfig,
     TrainConfig,
-    model_input_size,
 )
 
 __all__ = [
@@ -57,7 +56,6 @@ __all__ = [
     "file_section",
     "load_config",
     "masking_config",
-    "model_input_size",
     "read_yaml",
     "save_config",
 ]

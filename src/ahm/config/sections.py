@@ -202,9 +202,3 @@ class SourceConfig(_Strict):
     # subset for the fraction (2: every image twice an epoch; 0.5: half of them, a different half each epoch).
     weight: Positive = 1.0
     all_splits: bool | None = None  # a labelled source's val/test images too (None: the run's all_splits)
-
-
-def model_input_size(data: DataConfig) -> int | tuple[int, ...]:
-    """What a model is built for: the square image side in 2D, the training crop in 3D (pretraining, fine-tuning
-    and `ahm visualize` build it so)."""
-    return tuple(int(v) for v in data.crop_size) if data.spatial_dims == 3 else data.image_size

@@ -174,10 +174,12 @@ def load_run(run_dir: str | Path, checkpoint: str = BEST, *, accelerator: str | 
 
 def check_spatial_dims(run: LoadedRun, spatial_dims: int | None) -> None:
     """Refuse `--spatial-dims` that is not the run's own (None: take the run's)."""
+    from ahm.pipeline import pipeline_for
+
     if spatial_dims is not None and int(spatial_dims) != run.spatial_dims:
-        what = "volumes (3D)" if run.spatial_dims == 3 else "2D images"
-        raise AhmError(f"--spatial-dims {spatial_dims}: the run in {run.run_dir} was fine-tuned on {what}; "
-                       f"use --spatial-dims {run.spatial_dims} or leave the option out")
+        raise AhmError(f"--spatial-dims {spatial_dims}: the run in {run.run_dir} was fine-tuned on "
+                       f"{pipeline_for(run).trained_on}; use --spatial-dims {run.spatial_dims} or leave the "
+                       f"option out")
 
 
 def _split_ids(run_dir: Path, index, cfg, split: str) -> list[str]:

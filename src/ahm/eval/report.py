@@ -81,6 +81,8 @@ code{background:#f4f4f4;padding:1px 4px}.note{color:#666;font-size:0.9em}"""
 
 def write_report(run_dir: str | Path) -> Path:
     """Write (or refresh) `report.html` in a fine-tuning run directory; returns its path."""
+    from ahm.pipeline import for_dims
+
     run_dir = Path(run_dir)
     summary = _load_json(run_dir / "summary.json") or {}
     run_info = _load_json(run_dir / "run.json") or {}
@@ -110,11 +112,10 @@ def write_report(run_dir: str | Path) -> Path:
         metrics = _load_json(split_dir / "metrics.json")
         if not metrics:
             continue
-        volumes = metrics.get("spatial_dims") == 3
+        pipeline = for_dims(metrics.get("spatial_dims", 2))  # a 2D metrics.json does not record it
         parts.append(f"<h2>Metrics: {html.escape(split_dir.name)} split ({metrics.get('n_images', '?')} "
-                     f"{'volumes' if volumes else 'images'})</h2>")
-        levels = [("volume_level", "volumes, scored in 3D" if volumes else "re-stacked volumes, scored in 3D"),
-                  ("slice_level", "2D images (slices)")]
+                     f"{pipeline.case_noun}s)</h2>")
+        levels = list(pipeline.report_levels)
         if metrics.get("level") != "volume":
             levels.reverse()
         shown = False
@@ -128,7 +129,7 @@ def write_report(run_dir: str | Path) -> Path:
             parts.append(metric_table(metrics))
         parts.append(f"<p class='note'>Computed on the {html.escape(str(metrics.get('grid', 'model grid')))}; "
                      f"HD95 in {html.escape(str(metrics.get('hd95_unit', 'pixels')))}. Empty masks: "
-                     f"{html.escape(str(metrics.get('empty_masks', '')))}. Per-{'volume' if volumes else 'image'} "
+                     f"{html.escape(str(metrics.get('empty_masks', '')))}. Per-{pipeline.case_noun} "
                      f"figures: <code>eval/{html.escape(split_dir.name)}/"
                      f"{html.escape(str(metrics.get('per_case_csv', 'per_image.csv')))}</code>.</p>")
         if shown_cases is None and (split_dir / "cases.npz").is_file():

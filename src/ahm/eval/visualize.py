@@ -65,16 +65,6 @@ def _mask_overlay(image: np.ndarray, random_px: np.ndarray, hard_px: np.ndarray)
     return rgb
 
 
-def _views(spatial_dims: int, shape: tuple[int, ...]) -> list[tuple[str, tuple[Any, ...]]]:
-    """(name, index over the spatial axes) of each picture drawn: the image itself in 2D, in 3D the three
-    orthogonal slices through the volume's centre."""
-    if spatial_dims == 2:
-        return [("", (slice(None), slice(None)))]
-    d, h, w = (s // 2 for s in shape)
-    return [(f"axis 0 = {d}", (d, slice(None), slice(None))), (f"axis 1 = {h}", (slice(None), h, slice(None))),
-            (f"axis 2 = {w}", (slice(None), slice(None), w))]
-
-
 def sample_figure(
     title: str,
     grid: PatchGrid,
@@ -90,6 +80,8 @@ def sample_figure(
     `mask`, `hard` (bool) and `per_patch_loss`, and the agent's `maps` (draw probability, predicted loss), hold one
     value per patch of `grid`; `prediction` is the model's reconstruction, shaped like `image`.
     """
+    from ahm.pipeline import for_dims
+
     per_pixel: list[tuple[str, np.ndarray, dict[str, Any]]] = []
     if maps is not None:
         per_pixel.append(("actor probability", _upsample(maps[0], grid), {"cmap": "magma"}))
@@ -97,7 +89,7 @@ def sample_figure(
     random_px = _upsample((mask & ~hard).astype(np.float32), grid)
     hard_px = _upsample(hard.astype(np.float32), grid)
     true_loss = _upsample(np.where(mask, per_patch_loss.astype(np.float32), np.nan), grid)
-    views = _views(grid.spatial_dims, grid.spatial_shape)
+    views = for_dims(grid.spatial_dims).drawn_views(grid.spatial_shape)
     plt = _pyplot()
     cols = 3 + len(per_pixel) + 1
     fig, axes = plt.subplots(len(views), cols, figsize=(2.6 * cols, 2.9 * len(views)), squeeze=False)
@@ -174,36 +166,16 @@ def _recorded_data(recorded: str | None, run_dir: Path) -> Path:
     return found
 
 
-def _centre_crops(index: Any, ids: list[str], data_cfg: Any) -> Any:
-    """Volumes `ids` preprocessed as pretraining reads them, each cut to its centre crop of `data.crop_size` (the
-    model's input), as `Arrays` [N, C, D, H, W]."""
-    from monai.transforms import CenterSpatialCrop
-
-    from ahm.data.dataset import Arrays
-    from ahm.data.volumes import prepare_volume
-
-    by_id = index.by_id()
-    crop = CenterSpatialCrop(roi_size=tuple(data_cfg.crop_size))
-    images, items = [], []
-    for item_id in ids:
-        item = by_id[item_id]
-        # the preprocessing pads every volume to at least the crop, so the centre crop is always whole
-        images.append(np.asarray(torch.as_tensor(crop(torch.from_numpy(prepare_volume(item, index, data_cfg))))))
-        items.append(item)
-    stacked = np.ascontiguousarray(np.stack(images), dtype=np.float32)
-    return Arrays(images=stacked, labels=None, ids=list(ids), original_hw=[tuple(i.shape[1:]) for i in images],
-                  items=items)
-
-
 def load_run(run_dir: Path, data_dir: Path | None, n_images: int | None,
              split: str | None = None) -> tuple[Any, Any, Any, Any]:
     """(config, model, policy, arrays) of a pretraining run, with `n_images` held-out images (None: all of them;
     for a 3D run the centre crops of held-out volumes, at the training crop the model was built for): of `split`,
     or of the first of val, test and train that has any."""
-    from ahm.config import PretrainConfig, load_config, model_input_size
-    from ahm.data import load_arrays, make_splits, open_dataset
+    from ahm.config import PretrainConfig, load_config
+    from ahm.data import make_splits, open_dataset
     from ahm.masking.base import PolicyContext, build_policy
     from ahm.models import build_mim_model
+    from ahm.pipeline import pipeline_for
 
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
@@ -226,10 +198,11 @@ def load_run(run_dir: Path, data_dir: Path | None, n_images: int | None,
         if not ids:
             raise AhmError(f"{data_path}: no images to visualise")
     ids = ids if n_images is None else ids[:max(1, n_images)]
-    arrays = (_centre_crops(index, ids, data_cfg) if data_cfg.spatial_dims == 3
-              else load_arrays(index, ids, data_cfg, labels=False))
+    pipeline = pipeline_for(data_cfg)
+    arrays = pipeline.drawn_samples(index, ids, data_cfg)
     in_channels = int(arrays.images.shape[1])
-    model = build_mim_model(cfg.model, model_input_size(cfg.data), in_channels, spatial_dims=cfg.data.spatial_dims)
+    model = build_mim_model(cfg.model, pipeline.model_input_size(cfg.data), in_channels,
+                            spatial_dims=cfg.data.spatial_dims)
     restore_state(model, ckpt["model"], "model (or --data's channel count)", ckpt_path)
     model.eval()
     # no A3C workers for looking: the agent's weights are the same in both modes

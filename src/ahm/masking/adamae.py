@@ -77,6 +77,7 @@ class AdaMAEMasking(MaskingPolicy):
         dim, heads = cfg.agent_dim, cfg.agent_heads
         # 2D keeps its rule (no channel without a position); in 3D the default 64 is no multiple of 6, so any
         # width of at least 6 goes and the leftover channels carry no position
+        # stays here: the sampler's own positional-embedding rule, not a question of the data path
         multiple = 4 if ctx.spatial_dims == 2 else 1
         if dim % multiple or dim % heads or dim < 2 * ctx.spatial_dims:
             raise AhmError(f"--agent-dim {dim} must be divisible by {multiple} and by --agent-heads {heads} "

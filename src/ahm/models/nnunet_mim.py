@@ -53,6 +53,7 @@ class MaskedNnunet(MaskedInputModel):
         plans_path = str(model_cfg.plans)
         plans = read_plans(plans_path)
         geo = geometry(plans, model_cfg.configuration, plans_path)
+        # stays here: a comparison of the plans' dimension with the data's, not a 2D/3D path
         if geo.spatial_dims != spatial_dims:
             raise AhmError(f"{plans_path}: configuration {model_cfg.configuration!r} is {geo.spatial_dims}D but "
                            f"data.spatial_dims is {spatial_dims}")

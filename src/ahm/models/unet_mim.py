@@ -90,6 +90,7 @@ class MaskedUNet(MaskedInputModel):
         # channels-last convolution weights in 2D: oneDNN's NHWC kernels made the whole pretraining step 1.18x
         # faster on the CPU (one thread, same loss and gradients); `export_encoder` hands out plain contiguous
         # copies. 3D keeps the plain layout: channels_last_3d has not been measured here.
+        # stays here: ahm.models sits below ahm.pipeline, and channels-last is a layout of 4-D tensors only
         self._memory_format = torch.channels_last if spatial_dims == 2 else torch.contiguous_format
         self.net.to(memory_format=self._memory_format)
         self.mask_value = nn.Parameter(torch.zeros(in_channels))

@@ -2,10 +2,17 @@
 (`VolumePipeline`), chosen once from `data.spatial_dims` by `pipeline_for`, the one place that looks at it.
 
 Fine-tuning, validation, `ahm evaluate` and `ahm predict` ask the pipeline for their data, inference, scoring
+<<<<<<< HEAD
 and the fields a run records, instead of asking which dimension they are in; so do the pretraining corpus
 (`ahm.data.corpus`: samples, their store and size), `ahm data check` and `ahm data index`. It sits above `ahm.data` and the
 scoring of `ahm.eval` (it composes them), and below `ahm.train` and the commands of `ahm.eval` (they ask it),
 so no import circle runs through it.
+=======
+and the fields a run records, and the report, `ahm visualize` and the benches for their wording, pictures and
+cases, instead of asking which dimension they are in. It sits above `ahm.data` and the scoring of `ahm.eval`
+(it composes them), and below `ahm.train`, `ahm.bench` and the commands of `ahm.eval` (they ask it), so no
+import circle runs through it.
+>>>>>>> dims-eval
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ahm.pipeline.base import Pipeline
 
-__all__ = ["for_dims", "pipeline_for"]
+__all__ = ["for_dims", "model_input_size", "pipeline_for"]
 
 
 def for_dims(spatial_dims: int) -> Pipeline:
@@ -39,3 +46,8 @@ def pipeline_for(cfg: Any) -> Pipeline:
     if data is not None and hasattr(data, "spatial_dims"):
         return for_dims(data.spatial_dims)
     return for_dims(cfg.spatial_dims)
+
+
+def model_input_size(data: Any) -> int | tuple[int, ...]:
+    """What a model is built for, of a `DataConfig`: the square image side in 2D, the training crop in 3D."""
+    return pipeline_for(data).model_input_size(data)

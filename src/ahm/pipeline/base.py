@@ -15,7 +15,11 @@ if TYPE_CHECKING:
     import torch
 
     from ahm.config import DataConfig, FinetuneConfig, ModelConfig, PretrainConfig
+<<<<<<< HEAD
     from ahm.data.corpus import Corpus
+=======
+    from ahm.data.dataset import Arrays
+>>>>>>> dims-eval
     from ahm.data.layouts import DatasetIndex, Item
     from ahm.data.sample_store import SampleStore
     from ahm.eval.evaluate import LoadedRun
@@ -33,6 +37,17 @@ class Labelled:
     in_channels: int
     subjects: list[str]  # of the labelled training cases
     normalization: str  # `Pipeline.normalization_rule` of the data
+
+
+@dataclass
+class Cases:
+    """A labelled split as `ahm evaluate` scores it, for predictions made without a model (`ahm bench baseline`)."""
+
+    ids: list[str]
+    images: list[np.ndarray]  # each case [C, *spatial], float32
+    labels: list[np.ndarray]  # each case [*spatial], integer
+    unit: bool  # the intensities lie in [0, 1] already (2D: the model grid); else unbounded (3D: z-scored MRI)
+    source: Any  # what `Pipeline.case_scores` scores with: 2D the `Arrays`, 3D the spacings in mm
 
 
 class Pipeline(ABC):
@@ -58,6 +73,10 @@ class Pipeline(ABC):
     @abstractmethod
     def summary_fields(self, cfg: FinetuneConfig, meta: dict[str, Any]) -> dict[str, Any]:
         """What summary.json records beyond the common fields."""
+
+    @abstractmethod
+    def model_input_size(self, data_cfg: DataConfig) -> int | tuple[int, ...]:
+        """What a model is built for: the square image side in 2D, the training crop in 3D."""
 
     @abstractmethod
     def build_segmenter(self, meta: dict[str, Any], model_cfg: ModelConfig, path: Path) -> torch.nn.Module:
@@ -193,6 +212,38 @@ class Pipeline(ABC):
     def prediction_fields(self, run: LoadedRun, volumes: int, total_s: float, overlap: float) -> dict[str, Any]:
         """What `ahm predict` reports beyond the common counts (nothing by default)."""
         return {}
+
+    # ------------------------------------------------------------------ reports and benches
+
+    case_noun: str  # one scored case in words: "image" (2D) or "volume" (3D)
+    trained_on: str  # what a run is fine-tuned on, in words: "2D images" or "volumes (3D)"
+    # (metrics.json key, what each case of that level is) of the levels a report shows, the volume level first
+    report_levels: tuple[tuple[str, str], ...]
+
+    @abstractmethod
+    def drawn_views(self, shape: Sequence[int]) -> list[tuple[str, tuple[Any, ...]]]:
+        """(name, index over the spatial axes) of each picture `ahm visualize` draws of a sample of `shape`."""
+
+    @abstractmethod
+    def drawn_samples(self, index: DatasetIndex, ids: list[str], data_cfg: DataConfig) -> Arrays:
+        """The unlabelled samples `ids` as the pretrained model takes them, for `ahm visualize` to draw."""
+
+    @abstractmethod
+    def baseline_cases(self, index: DatasetIndex, ids: list[str], data_cfg: DataConfig) -> Cases:
+        """The labelled cases `ids` on the grid `ahm evaluate` scores them on."""
+
+    @abstractmethod
+    def case_scores(self, cases: Cases, preds: list[np.ndarray], num_classes: int, empty: str) -> dict[str, Any]:
+        """`ahm evaluate`'s figures of `preds` (one per case) at its primary level, with `level` and `hd95_unit`."""
+
+    @abstractmethod
+    def baseline_fields(self, data_cfg: DataConfig) -> dict[str, Any]:
+        """What the intensity baseline's document records of the grid beyond `image_size`."""
+
+    @abstractmethod
+    def check_mae_reference(self, widths: Sequence[tuple[str, int]]) -> None:
+        """Refuse (option, width) pairs MONAI's MaskedAutoEncoderViT of this dimension cannot embed (the reference
+        of `ahm bench speed`)."""
 
 
 def label_dtype(num_classes: int) -> type:

@@ -4,19 +4,23 @@ the images are slices of volumes, per re-stacked volume; a file is predicted bac
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ahm.pipeline.base import Labelled, Pipeline
+from ahm.pipeline.base import Cases, Labelled, Pipeline
 
 if TYPE_CHECKING:
     import torch
 
     from ahm.config import DataConfig, FinetuneConfig, ModelConfig, PretrainConfig
+<<<<<<< HEAD
     from ahm.data.corpus import Corpus
+=======
+    from ahm.data.dataset import Arrays
+>>>>>>> dims-eval
     from ahm.data.layouts import DatasetIndex, Item
     from ahm.data.sample_store import SampleStore
     from ahm.eval.evaluate import LoadedRun
@@ -46,6 +50,9 @@ class SlicePipeline(Pipeline):
 
     def summary_fields(self, cfg: FinetuneConfig, meta: dict[str, Any]) -> dict[str, Any]:
         return {}
+
+    def model_input_size(self, data_cfg: DataConfig) -> int:
+        return data_cfg.image_size
 
     def build_segmenter(self, meta: dict[str, Any], model_cfg: ModelConfig, path: Path) -> torch.nn.Module:
         from ahm.models import build_segmenter
@@ -206,3 +213,41 @@ class SlicePipeline(Pipeline):
 
         # a volume goes through a 2D run slice by slice, re-stacked into a label volume on its own grid
         (predict_slices if job.volume else predict_image)(run, job, batcher)
+
+    # ------------------------------------------------------------------ reports and benches
+
+    case_noun = "image"
+    trained_on = "2D images"
+    report_levels = (("volume_level", "re-stacked volumes, scored in 3D"), ("slice_level", "2D images (slices)"))
+
+    def drawn_views(self, shape: Sequence[int]) -> list[tuple[str, tuple[Any, ...]]]:
+        return [("", (slice(None), slice(None)))]  # the image itself
+
+    def drawn_samples(self, index: DatasetIndex, ids: list[str], data_cfg: DataConfig) -> Arrays:
+        from ahm.data.dataset import load_arrays
+
+        return load_arrays(index, ids, data_cfg, labels=False)
+
+    def baseline_cases(self, index: DatasetIndex, ids: list[str], data_cfg: DataConfig) -> Cases:
+        from ahm.data.dataset import load_arrays
+
+        arrays = load_arrays(index, ids, data_cfg, labels=True)
+        assert arrays.labels is not None
+        return Cases(arrays.ids, list(arrays.images), list(arrays.labels), True, arrays)
+
+    def case_scores(self, cases: Cases, preds: list[np.ndarray], num_classes: int, empty: str) -> dict[str, Any]:
+        from ahm.eval.scoring import leveled_scores
+
+        # the primary level: the re-stacked volumes where the images are their slices
+        arrays = cases.source
+        metrics, slice_level, volume_level = leveled_scores(np.stack(preds), arrays.labels, arrays.items,
+                                                            num_classes, empty=empty, spacing=arrays.spacing,
+                                                            slice_mm=arrays.slice_mm)
+        primary = volume_level if volume_level is not None and metrics["level"] == "volume" else slice_level
+        return {**metrics, "hd95_unit": primary["hd95_unit"]}
+
+    def baseline_fields(self, data_cfg: DataConfig) -> dict[str, Any]:
+        return {}  # the model grid is `image_size`
+
+    def check_mae_reference(self, widths: Sequence[tuple[str, int]]) -> None:
+        return None

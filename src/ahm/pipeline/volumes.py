@@ -6,20 +6,21 @@ file's prediction mapped back onto its own grid."""
 from __future__ import annotations
 
 import io as _io
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ahm.errors import AhmError
-from ahm.pipeline.base import Labelled, Pipeline, label_dtype
+from ahm.pipeline.base import Cases, Labelled, Pipeline, label_dtype
 
 if TYPE_CHECKING:
     import torch
 
     from ahm.config import DataConfig, FinetuneConfig, ModelConfig, PretrainConfig
     from ahm.data.corpus import Corpus
+    from ahm.data.dataset import Arrays
     from ahm.data.layouts import DatasetIndex, Item
     from ahm.data.sample_store import SampleStore
     from ahm.eval.evaluate import LoadedRun
@@ -43,13 +44,14 @@ class VolumePipeline(Pipeline):
         return tuple(pre_data.crop_size), tuple(data_cfg.crop_size), []
 
     def checkpoint_meta(self, cfg: FinetuneConfig) -> dict[str, Any]:
-        from ahm.config import model_input_size
-
         # the 3D contract (ahm.eval.evaluate.load_run)
-        return {"spatial_dims": 3, "roi_size": list(model_input_size(cfg.data))}
+        return {"spatial_dims": 3, "roi_size": list(self.model_input_size(cfg.data))}
 
     def summary_fields(self, cfg: FinetuneConfig, meta: dict[str, Any]) -> dict[str, Any]:
         return {"spatial_dims": 3, "roi_size": meta["roi_size"], "overlap": cfg.overlap}
+
+    def model_input_size(self, data_cfg: DataConfig) -> tuple[int, ...]:
+        return tuple(int(v) for v in data_cfg.crop_size)
 
     def build_segmenter(self, meta: dict[str, Any], model_cfg: ModelConfig, path: Path) -> torch.nn.Module:
         from ahm.models import build_segmenter
@@ -181,7 +183,6 @@ class VolumePipeline(Pipeline):
         sliding windows of the training crop on the preprocessed grid."""
         import torch
 
-        from ahm.config import model_input_size
         from ahm.data.volumes import preprocessed_spacing
         from ahm.eval.scoring import predict_volume_labels
 
@@ -191,7 +192,7 @@ class VolumePipeline(Pipeline):
             if progress is not None:  # minutes per volume on a CPU: say which one
                 progress(f"validating volume {n + 1}/{len(indices)}")
             sample = val[i]
-            (pred,) = predict_volume_labels(model, [sample["image"].as_tensor()], list(model_input_size(cfg.data)),
+            (pred,) = predict_volume_labels(model, [sample["image"].as_tensor()], list(self.model_input_size(cfg.data)),
                                             overlap=cfg.overlap, mode="gaussian", device=device, precision=precision)
             cases.append((i, pred, torch.round(sample["label"].as_tensor()[0]).long().numpy(),
                           preprocessed_spacing(sample), sample["id"]))
@@ -270,6 +271,71 @@ class VolumePipeline(Pipeline):
         return {"spatial_dims": 3, "volumes": volumes, "volumes_per_s": volumes / total_s if total_s > 0 else 0.0,
                 "sliding_window": {"roi_size": list(run.roi_size or ()), "overlap": float(overlap),
                                    "mode": "gaussian"}}
+
+    # ------------------------------------------------------------------ reports and benches
+
+    case_noun = "volume"
+    trained_on = "volumes (3D)"
+    report_levels = (("volume_level", "volumes, scored in 3D"), ("slice_level", "2D images (slices)"))
+
+    def drawn_views(self, shape: Sequence[int]) -> list[tuple[str, tuple[Any, ...]]]:
+        # the three orthogonal slices through the volume's centre
+        d, h, w = (s // 2 for s in shape)
+        return [(f"axis 0 = {d}", (d, slice(None), slice(None))), (f"axis 1 = {h}", (slice(None), h, slice(None))),
+                (f"axis 2 = {w}", (slice(None), slice(None), w))]
+
+    def drawn_samples(self, index: DatasetIndex, ids: list[str], data_cfg: DataConfig) -> Arrays:
+        """Each volume preprocessed as pretraining reads it, cut to its centre crop of `data.crop_size` (the model's
+        input), as `Arrays` [N, C, D, H, W]."""
+        import torch
+        from monai.transforms import CenterSpatialCrop
+
+        from ahm.data.dataset import Arrays
+        from ahm.data.volumes import prepare_volume
+
+        by_id = index.by_id()
+        crop = CenterSpatialCrop(roi_size=tuple(data_cfg.crop_size))
+        images, items = [], []
+        for item_id in ids:
+            item = by_id[item_id]
+            # the preprocessing pads every volume to at least the crop, so the centre crop is always whole
+            images.append(np.asarray(torch.as_tensor(crop(torch.from_numpy(prepare_volume(item, index, data_cfg))))))
+            items.append(item)
+        stacked = np.ascontiguousarray(np.stack(images), dtype=np.float32)
+        return Arrays(images=stacked, labels=None, ids=list(ids), original_hw=[tuple(i.shape[1:]) for i in images],
+                      items=items)
+
+    def baseline_cases(self, index: DatasetIndex, ids: list[str], data_cfg: DataConfig) -> Cases:
+        """Whole preprocessed volumes (resampled, normalised per modality, zero-padded to the crop)."""
+        from ahm.data.volumes import preprocessed_spacing, volume_dataset
+        from ahm.eval.scoring import preprocessed
+
+        dataset = volume_dataset(index, list(ids), data_cfg, labels=True, train=False)
+        images, labels, spacings = [], [], []
+        for i in range(len(dataset)):
+            sample = preprocessed(dataset.__getitem__, i)
+            images.append(sample["image"].as_tensor().numpy().astype(np.float32))
+            labels.append(np.rint(sample["label"].as_tensor().numpy()[0]).astype(np.int64))
+            spacings.append(preprocessed_spacing(sample))
+        return Cases([item.id for item in dataset.items], images, labels, False, spacings)
+
+    def case_scores(self, cases: Cases, preds: list[np.ndarray], num_classes: int, empty: str) -> dict[str, Any]:
+        from ahm.eval.metrics import volume_scores
+
+        summary, _ = volume_scores(preds, cases.labels, num_classes, cases.source, empty=empty, ids=cases.ids)
+        return {**summary, "level": "volume"}
+
+    def baseline_fields(self, data_cfg: DataConfig) -> dict[str, Any]:
+        from ahm.eval.scoring import volume_grid_description
+
+        return {"spatial_dims": 3, "grid": volume_grid_description(data_cfg)}
+
+    def check_mae_reference(self, widths: Sequence[tuple[str, int]]) -> None:
+        # MONAI's 3D sin-cos tables (encoder and decoder) split each width into six parts; ours take any width
+        for option, width in widths:
+            if width % 6:
+                raise AhmError(f"{option}: width {width}; MONAI's 3D MaskedAutoEncoderViT (the reference) needs "
+                               f"encoder and decoder widths divisible by 6 (e.g. {width // 6 * 6 or 6})")
 
 
 def _predict_split(loaded: LoadedRun, dataset, overlap: float) -> dict[str, list]:

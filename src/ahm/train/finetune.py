@@ -23,10 +23,10 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ahm.config import FinetuneConfig, load_config, model_input_size, save_config
+from ahm.config import FinetuneConfig, load_config, save_config
 from ahm.errors import AhmError
 from ahm.io import write_json
-from ahm.pipeline import pipeline_for
+from ahm.pipeline import model_input_size, pipeline_for
 from ahm.train.checkpoint import BEST, checkpoint_path, load_checkpoint
 from ahm.train.engine import FinetuneRun, run_finetuning
 from ahm.train.finetune_data import FinetuneData, prepare_data

@@ -14,10 +14,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ahm.config import PretrainConfig, load_config, model_input_size, save_config
+from ahm.config import PretrainConfig, load_config, save_config
 from ahm.errors import AhmError
 from ahm.io import save_safetensors, write_json
 from ahm.masking import PolicyContext, build_policy
+from ahm.pipeline import model_input_size
 from ahm.train.checkpoint import checkpoint_path, load_checkpoint, restore_state
 from ahm.train.engine import (
     PretrainRun,
