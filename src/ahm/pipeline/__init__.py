@@ -2,17 +2,11 @@
 (`VolumePipeline`), chosen once from `data.spatial_dims` by `pipeline_for`, the one place that looks at it.
 
 Fine-tuning, validation, `ahm evaluate` and `ahm predict` ask the pipeline for their data, inference, scoring
-<<<<<<< HEAD
-and the fields a run records, instead of asking which dimension they are in; so do the pretraining corpus
-(`ahm.data.corpus`: samples, their store and size), `ahm data check` and `ahm data index`. It sits above `ahm.data` and the
-scoring of `ahm.eval` (it composes them), and below `ahm.train` and the commands of `ahm.eval` (they ask it),
-so no import circle runs through it.
-=======
-and the fields a run records, and the report, `ahm visualize` and the benches for their wording, pictures and
-cases, instead of asking which dimension they are in. It sits above `ahm.data` and the scoring of `ahm.eval`
-(it composes them), and below `ahm.train`, `ahm.bench` and the commands of `ahm.eval` (they ask it), so no
-import circle runs through it.
->>>>>>> dims-eval
+and the fields a run records, the report, `ahm visualize` and the benches for their wording, pictures and cases,
+and the pretraining corpus (`ahm.data.corpus`: samples, their store and size), `ahm data check` and `ahm data
+index` for what a sample is, instead of asking which dimension they are in. It sits above `ahm.data` and the
+scoring of `ahm.eval` (it composes them), and below `ahm.train`, `ahm.bench` and the commands of `ahm.eval` (they
+ask it), so no import circle runs through it.
 """
 
 from __future__ import annotations

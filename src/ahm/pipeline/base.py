@@ -15,11 +15,8 @@ if TYPE_CHECKING:
     import torch
 
     from ahm.config import DataConfig, FinetuneConfig, ModelConfig, PretrainConfig
-<<<<<<< HEAD
     from ahm.data.corpus import Corpus
-=======
     from ahm.data.dataset import Arrays
->>>>>>> dims-eval
     from ahm.data.layouts import DatasetIndex, Item
     from ahm.data.sample_store import SampleStore
     from ahm.eval.evaluate import LoadedRun
