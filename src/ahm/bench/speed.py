@@ -296,6 +296,7 @@ def _unet_reference(cfg: PretrainConfig, channels: int, device: torch.device):
     """The same MONAI U-Net as our MaskedUNet's (`model.unet_network`), trained to reproduce its unmasked input
     (pixel MSE): the cost floor of masked-input pretraining."""
     from ahm.models.norm import fast_instance_norms
+    from ahm.models.unet_mim import unet_memory_format
     from ahm.models.unet_nets import build_unet_network
 
     torch.manual_seed(0)
@@ -304,7 +305,7 @@ def _unet_reference(cfg: PretrainConfig, channels: int, device: torch.device):
     # as in MaskedUNet: the same network in the same memory format (channels-last in 2D, plain in 3D), so the
     # ratio is the cost of the masking and the per-patch loss
     fast_instance_norms(model)
-    memory_format = torch.channels_last if dims == 2 else torch.contiguous_format
+    memory_format = unet_memory_format(dims)
     model.to(memory_format=memory_format)
     optimizer = _reference_optimizer(model, cfg)
     forward = training_forward(model, cfg, device)
@@ -492,8 +493,8 @@ def run_speed(cfg: PretrainConfig, policies: list[str] | None = None, channels: 
     setting = {
         "backbone": backbone, "model": cfg.model.preset if reference.names_preset else None, **ours,
         "image_size": cfg.data.image_size, "spatial_dims": dims,
-        "crop_size": list(cfg.data.crop_size) if dims == 3 else None, "input_shape": list(images.shape[2:]),
-        "unit": "volumes/s" if dims == 3 else "images/s", "memory": MEMORY_MEASURES[device.type],
+        **pipeline.speed_input(cfg.data), "input_shape": list(images.shape[2:]),
+        "memory": MEMORY_MEASURES[device.type],
         "patch_size": cfg.model.patch_size, "batch_size": bs,
         "mask_ratio": cfg.masking.mask_ratio, "norm": cfg.model.norm, "channels": channels,
         "threads": torch.get_num_threads(), "device": str(device), "precision": precision,
@@ -538,9 +539,9 @@ def format_speed(doc: dict[str, Any]) -> str:
     label = reference.label
     load = ", ".join("?" if v is None else f"{v:.2f}" for v in s.get("load_1min", []))
     unit = s.get("unit", "images/s")
-    rate = ".2f" if s.get("spatial_dims") == 3 else ".1f"  # a 3D step on a CPU takes seconds
-    where = (f"3D crop {'x'.join(str(v) for v in s['input_shape'])}" if s.get("spatial_dims") == 3
-             else f"{s['image_size']}px")
+    from ahm.pipeline import for_dims
+
+    where, rate = for_dims(s.get("spatial_dims", 2)).speed_where(s)
     lines = [
         f"pretraining step throughput: {backbone}{' ' + s['model'] if s.get('model') else ''}, {where}, patch {s['patch_size']}, "
         f"batch {s['batch_size']}, mask {s['mask_ratio']}, {s['channels']} channel(s), {s['threads']} threads, "

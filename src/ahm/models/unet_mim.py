@@ -35,6 +35,14 @@ if TYPE_CHECKING:
     from ahm.config import ModelConfig
 
 
+def unet_memory_format(spatial_dims: int) -> torch.memory_format:
+    """The memory format of the U-Net's convolutions. Channels-last in 2D: oneDNN's NHWC kernels made the whole
+    pretraining step 1.18x faster on the CPU (one thread, same loss and gradients); `export_encoder` hands out
+    plain contiguous copies. 3D keeps the plain layout: channels_last_3d has not been measured here. A model-level
+    fact (channels-last is a layout of 4-D tensors), so it stays in `ahm.models`, below the pipeline."""
+    return torch.channels_last if spatial_dims == 2 else torch.contiguous_format
+
+
 class MaskedInputModel(MIMModel):
     """A whole network pretrained as a masked-input autoencoder: masked patches are filled with a learned value per
     channel, the network reconstructs the image, and the loss is over the masked patches. Subclasses give the
@@ -87,11 +95,7 @@ class MaskedUNet(MaskedInputModel):
         self.net = build_unet_network(model_cfg, in_channels, in_channels, spatial_dims)
         self.num_res_units = int(self.net.num_res_units)  # 0 for basic-unet, whatever the config says
         fast_instance_norms(self.net)
-        # channels-last convolution weights in 2D: oneDNN's NHWC kernels made the whole pretraining step 1.18x
-        # faster on the CPU (one thread, same loss and gradients); `export_encoder` hands out plain contiguous
-        # copies. 3D keeps the plain layout: channels_last_3d has not been measured here.
-        # stays here: ahm.models sits below ahm.pipeline, and channels-last is a layout of 4-D tensors only
-        self._memory_format = torch.channels_last if spatial_dims == 2 else torch.contiguous_format
+        self._memory_format = unet_memory_format(spatial_dims)
         self.net.to(memory_format=self._memory_format)
         self.mask_value = nn.Parameter(torch.zeros(in_channels))
         self._patch_pool = Pool[Pool.ADAPTIVEAVG, spatial_dims](self.grid)

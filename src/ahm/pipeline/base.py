@@ -242,6 +242,14 @@ class Pipeline(ABC):
         """Refuse (option, width) pairs MONAI's MaskedAutoEncoderViT of this dimension cannot embed (the reference
         of `ahm bench speed`)."""
 
+    @abstractmethod
+    def speed_input(self, data_cfg: DataConfig) -> dict[str, Any]:
+        """`ahm bench speed`'s setting fields of the input: `crop_size` (None in 2D) and the rate's `unit`."""
+
+    @abstractmethod
+    def speed_where(self, setting: dict[str, Any]) -> tuple[str, str]:
+        """(the input in words, the format of a rate) for `ahm bench speed`'s table of a recorded `setting`."""
+
 
 def label_dtype(num_classes: int) -> type:
     """The smallest integer type that holds the classes: a split's label maps are all held until scoring."""

@@ -248,3 +248,9 @@ class SlicePipeline(Pipeline):
 
     def check_mae_reference(self, widths: Sequence[tuple[str, int]]) -> None:
         return None
+
+    def speed_input(self, data_cfg: DataConfig) -> dict[str, Any]:
+        return {"crop_size": None, "unit": "images/s"}
+
+    def speed_where(self, setting: dict[str, Any]) -> tuple[str, str]:
+        return f"{setting['image_size']}px", ".1f"

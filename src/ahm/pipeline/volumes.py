@@ -337,6 +337,13 @@ class VolumePipeline(Pipeline):
                 raise AhmError(f"{option}: width {width}; MONAI's 3D MaskedAutoEncoderViT (the reference) needs "
                                f"encoder and decoder widths divisible by 6 (e.g. {width // 6 * 6 or 6})")
 
+    def speed_input(self, data_cfg: DataConfig) -> dict[str, Any]:
+        return {"crop_size": list(data_cfg.crop_size), "unit": "volumes/s"}
+
+    def speed_where(self, setting: dict[str, Any]) -> tuple[str, str]:
+        # a 3D step on a CPU takes seconds: two decimals
+        return f"3D crop {'x'.join(str(v) for v in setting['input_shape'])}", ".2f"
+
 
 def _predict_split(loaded: LoadedRun, dataset, overlap: float) -> dict[str, list]:
     """Each volume of `dataset` predicted whole: predictions, labels, spacings, shapes and the drawn slices."""
