@@ -135,6 +135,9 @@ def evaluate(
              "of per-case means, as nnU-Net) or 'one' (scored 1, the old convention of some papers; it rewards "
              "predicting nothing where a structure is rare)."),
     as_json: bool = typer.Option(False, "--json", help="Print metrics.json only."),
+    out_dir: Path | None = typer.Option(None, "--out", help="Folder for metrics.json and the per-case files "
+                                        "(default: RUN/eval/<split>, and report.html refreshed); with it nothing is "
+                                        "written into the run directory, which may be read-only."),
     overlap: float = typer.Option(0.5, "--overlap", help="3D runs: share of a sliding window (the training crop) "
                                   "shared with its neighbour, in [0, 1)."),
     spatial_dims: int | None = typer.Option(None, "--spatial-dims", help="2 or 3; must be the run's own "
@@ -143,13 +146,13 @@ def evaluate(
     precision: str | None = typer.Option(None, "--precision", help=PRECISION_HELP),
 ) -> None:
     """Dice (per case and dataset-level), IoU, HD95 and detection counts per class on a split; writes eval/<split>/
-    and refreshes report.html. Slices of volumes are also re-stacked and scored per volume (the primary level).
+    (or --out) and refreshes report.html. Slices of volumes are also re-stacked and scored per volume (the primary level).
     A run fine-tuned on volumes is scored on whole volumes by sliding windows, HD95 in mm."""
     from ahm.eval.evaluate import evaluate as run_evaluate
 
     metrics = run_guarded(lambda: run_evaluate(run_dir, data, split=split, batch_size=batch_size,
                                                empty=empty_cases, overlap=overlap, spatial_dims=spatial_dims,
-                                               precision=precision, accelerator=accelerator))
+                                               precision=precision, accelerator=accelerator, out=out_dir))
     if not isinstance(metrics, dict):
         return
     if as_json:
@@ -184,8 +187,12 @@ def evaluate(
                   f"overlap {window['overlap']:g}", highlight=False)
     made = metrics.get("inference", {})
     out.print(f"inference on {made.get('device', '?')} in {made.get('precision', '?')}", highlight=False)
-    out.print(f"written to {run_dir / 'eval' / split} (metrics.json, {metrics.get('per_case_csv', 'per_image.csv')}); "
-              f"report: {run_dir / 'report.html'}", highlight=False)
+    written = f"(metrics.json, {metrics.get('per_case_csv', 'per_image.csv')})"
+    if out_dir is not None:
+        out.print(f"written to {out_dir} {written}", highlight=False)
+    else:
+        out.print(f"written to {run_dir / 'eval' / split} {written}; report: {run_dir / 'report.html'}",
+                  highlight=False)
 
 
 @app.command(no_args_is_help=True)

@@ -27,6 +27,7 @@ from ahm.config import FinetuneConfig, load_config, model_input_size, save_confi
 from ahm.errors import AhmError
 from ahm.io import write_json
 from ahm.pipeline import pipeline_for
+from ahm.runformat import migrate
 from ahm.train.checkpoint import BEST, checkpoint_path, load_checkpoint
 from ahm.train.engine import FinetuneRun, run_finetuning
 from ahm.train.finetune_data import FinetuneData, prepare_data
@@ -147,6 +148,7 @@ def _set_up(cfg: FinetuneConfig, out: Path, resume: bool, force: bool,
         saved = out / "config.yaml"
         epochs = cfg.train.epochs
         if saved.is_file():
+            migrate(out)  # a resumed run is written to: upgraded in place, or refused when it cannot be written
             cfg = load_config(FinetuneConfig, saved)
         elif not restart:
             raise AhmError(f"--resume: {saved} not found; nothing to resume")
