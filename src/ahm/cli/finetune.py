@@ -19,8 +19,14 @@ def finetune(
     init: str | None = typer.Option(None, "--init", help="Pretraining run directory, or 'none' to train from scratch; "
                                     "its channels, image size, patch grid and normalisation must match DATA."),
     out_dir: Path = typer.Option(..., "--out", help="Run directory to create (or to continue with --resume)."),
-    segmenter: str | None = typer.Option(None, "--segmenter", help="Segmenter with --init none: unetr or unet "
-                                         "(with a pretraining run, its backbone decides)."),
+    segmenter: str | None = typer.Option(None, "--segmenter", help="Segmenter with --init none: unetr, unet or "
+                                         "nnunet (--plans, --configuration) (with a pretraining run, its backbone "
+                                         "decides)."),
+    plans: Path | None = typer.Option(None, "--plans", help="nnunet segmenter with --init none: nnU-Net plans file "
+                                      "(nnUNet_preprocessed/DatasetNNN_X/nnUNetPlans.json); it also sets the image "
+                                      "size (3D: crop and spacing)."),
+    configuration: str | None = typer.Option(None, "--configuration", help="nnunet segmenter with --init none: the "
+                                             "plans' configuration (2d, 3d_fullres, ...)."),
     # `ahm pretrain --model` is a ViT size; here the old name of --segmenter, kept for one version.
     model: str | None = typer.Option(None, "--model", hidden=True),
     labels_fraction: float | None = typer.Option(None, "--labels-fraction",
@@ -98,6 +104,7 @@ def finetune(
         "data": {"path": str(data), "image_size": image_size, "layout": layout, "skip_bad": skip_bad or None,
                  "spatial_dims": spatial_dims},
         "overlap": overlap,
+        "model": {"plans": str(plans) if plans else None, "configuration": configuration},
         "segmenter": segmenter, "labels_fraction": labels_fraction,
         "labels_subjects": labels_subjects,
         "layer_decay": layer_decay, "encoder_lr_scale": encoder_lr_scale, "val_every": val_every,
@@ -116,7 +123,7 @@ def finetune(
         out.print(
             f"fine-tuned [bold]{summary['segmenter']}[/] ({'from ' + str(summary['init']) if summary['init'] != 'none' else 'from scratch'}) "
             f"for {summary['epochs']} epochs on {summary['labelled_images']} labelled images "
-            f"({summary['labelled_subjects']} subjects): best validation {summary.get('selection_metric', 'Dice').split(' (')[0]} "
+            f"({summary['labelled_subjects']} subjects): best {summary.get('selection_metric', 'validation Dice').split(' (')[0]} "
             f"{summary['best_val_dice']:.4f} "
             f"(epoch {summary['best_epoch']})"
             + (f"; IoU {val['iou']:.4f}" if isinstance(val.get("iou"), float) else "")

@@ -175,7 +175,8 @@ def _set_up(cfg: FinetuneConfig, out: Path, resume: bool, force: bool,
         apply_init(cfg, enc)
     from ahm.models import backbone_of_segmenter
 
-    backbone_of_segmenter(cfg.segmenter)  # an unknown name, refused before any data is read
+    # an unknown name, or model settings the segmenter refuses (nnunet without plans), before any data is read
+    backbone_of_segmenter(cfg.segmenter).check_config(cfg.model)
     check_volume_crop(cfg)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
