@@ -123,13 +123,18 @@ _MIRRORS: dict[Path, tuple[list[tuple[str, int, int, int]], Path]] = {}
 
 
 def _listing(root: Path) -> list[tuple[str, int, int, int]]:
-    """(path, inode, size, mtime) of every file under `root` (and of every linked folder, taken whole): what a
+    """(path, inode, size, mtime) of every file under `root`, linked folders followed (each folder once): what a
     mirror of it is made from. The originals an earlier upgrade kept are left out."""
     found = []
-    for folder, dirs, files in os.walk(root):
-        linked = [d for d in dirs if Path(folder, d).is_symlink()]
-        dirs[:] = [d for d in dirs if d not in linked and not (d.startswith("format-") and d.endswith("-originals"))]
-        for name in files + linked:
+    seen: set[str] = set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not (d.startswith("format-") and d.endswith("-originals"))]
+        for name in files:
             path = Path(folder, name)
             with contextlib.suppress(OSError):  # a dangling link: nothing to read
                 st = path.stat()
@@ -138,8 +143,9 @@ def _listing(root: Path) -> list[tuple[str, int, int, int]]:
 
 
 def _mirror(run_dir: Path) -> Path:
-    """A temporary directory of symbolic links to the files of `run_dir`, upgraded to FORMAT there (each rewrite
-    replaces a link by a new file, leaving its target alone); `run_dir` itself where the upgrade cannot finish."""
+    """A temporary directory of folders and symbolic links to the files of `run_dir`, upgraded to FORMAT there (each
+    rewrite replaces a link by a new file, leaving its target alone); `run_dir` itself where the upgrade cannot
+    finish."""
     root = run_dir.resolve()
     listing = _listing(root)
     held = _MIRRORS.get(root)

@@ -222,3 +222,31 @@ def test_a_read_only_format_1_run_is_read_through_a_mirror_and_left_as_it_is(blo
     finally:
         for run in (pre, ft):
             _chmod_tree(run, writable=True)
+
+
+def test_the_mirror_of_an_unwritable_run_leaves_linked_folders_alone_and_follows_changes(tmp_path: Path,
+                                                                                       monkeypatch) -> None:
+    monkeypatch.setattr("ahm.runformat._writable", lambda path: False)
+    run, elsewhere = tmp_path / "run", tmp_path / "scratch-disk"
+    (elsewhere / "checkpoints").mkdir(parents=True)
+    run.mkdir()
+    (run / "checkpoints").symlink_to(elsewhere / "checkpoints")  # a writable folder linked into the run
+    write_json(run / "run.json", {"kind": "finetune", "seed": 0})
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"norm": "instance"}, "data": {"slice_axis": 1}}))
+    save_torch(run / "checkpoints" / "best.ckpt", {"model": {}, "meta": {"segmenter": "unet"}})
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in [*run.rglob("*.*"), *elsewhere.rglob("*.*")]}
+
+    mirror = read_from(run)
+    assert mirror != run and run_format(mirror) == FORMAT and run_format(run) == 1
+    assert load_torch(mirror / "checkpoints" / "best.ckpt")["meta"] == {"segmenter": "unet", "slice_axis": 1}
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in before} == before
+    assert sorted(p.name for p in elsewhere.rglob("*")) == ["best.ckpt", "checkpoints"]
+    assert read_from(run) == mirror  # reused while the run is unchanged
+
+    save_torch(run / "checkpoints" / "best.ckpt", {"model": {}, "meta": {"segmenter": "unetr"}})
+    renewed = read_from(run)
+    assert renewed != mirror and not mirror.exists()
+    assert load_torch(renewed / "checkpoints" / "best.ckpt")["meta"]["segmenter"] == "unetr"
+
+    (run / "checkpoints" / "best.ckpt").write_bytes(b"damaged")
+    assert read_from(run) == run  # the upgrade cannot finish: read as it is, for the reader to refuse

@@ -134,9 +134,9 @@ def save_config(config: _Strict, path: str | Path) -> Path:
 
 def load_config(kind: type[_Strict], path: str | Path) -> Any:
     """The config.yaml of an existing run, its run directory brought to the current format first (`read_from`: in
-    place, or in a temporary mirror where it cannot be written; the file read is `path` either way, with the
-    settings its format means where it is silent). A run's config away from its directory may be of any format: it
-    means what the oldest means where it is silent."""
+    place, or in a temporary mirror where it cannot be written; `path` is read either way, meaning what its format
+    means where it is silent). A run's config away from its directory may be of any format: it means what the
+    oldest means where it is silent."""
     from ahm.runformat import config_defaults, read_from, run_format
 
     path = Path(path)
