@@ -66,10 +66,11 @@ class EvaluationResult:
     run_dir: Path
     split: str
     metrics: dict[str, Any] = field(repr=False)
+    out: Path | None = None  # where `evaluate(out=...)` wrote them instead of the run directory
 
     @property
     def out_dir(self) -> Path:
-        return self.run_dir / "eval" / self.split
+        return self.out if self.out is not None else self.run_dir / "eval" / self.split
 
 
 @dataclass(frozen=True)
@@ -130,14 +131,15 @@ def finetune(config: ConfigLike, out: str | Path, *, init: str | Path | None = N
 
 def evaluate(run: str | Path, data: str | Path | None = None, *, split: str = "test", empty: str = "exclude",
              overlap: float = 0.5, accelerator: str | None = None, precision: str | None = None,
-             report: bool = True) -> EvaluationResult:
+             report: bool = True, out: str | Path | None = None) -> EvaluationResult:
     """Score a fine-tuning run's best checkpoint on `split` of `data` (default: the set it trained on), as
-    `ahm evaluate`: per-case and dataset-level Dice, IoU, HD95 and detection per class."""
+    `ahm evaluate`: per-case and dataset-level Dice, IoU, HD95 and detection per class; into the folder `out`
+    instead of the run directory when given (nothing is then written there)."""
     from ahm.eval.evaluate import evaluate as run_evaluate
 
     metrics = run_evaluate(run, data, split=split, empty=empty, overlap=overlap, accelerator=accelerator,
-                           precision=precision, report=report)
-    return EvaluationResult(Path(run), split, metrics)
+                           precision=precision, report=report, out=out)
+    return EvaluationResult(Path(run), split, metrics, None if out is None else Path(out))
 
 
 def predict(run: str | Path, inputs: Sequence[str | Path], out: str | Path, *, overlay: bool = False,

@@ -5,13 +5,20 @@ readers, each on its own. `migrate` brings a directory up to `FORMAT` in place, 
 so readers see one format only. Each file it rewrites is replaced atomically, its original kept (hard-linked,
 so no copy of the weights) under `format-<n>-originals/`; run.json takes the new number last (and is otherwise
 unchanged), so a migration cut short is simply done again.
+
+Readers that only read (evaluate, predict, `--init`, `ahm.load_encoder`) open a run through `read_from`: a directory
+that cannot be written (a read-only mount, another user's run) is upgraded in a temporary mirror instead, and left
+as it is.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,30 +45,131 @@ def run_format(run_dir: str | Path) -> int | None:
 def migrate(run_dir: str | Path) -> int | None:
     """Bring the run directory `run_dir` up to `FORMAT` in place; returns its format (None: not a run directory).
 
-    A directory newer than this code reads is refused in one line. A file that cannot be read is left as it is
-    (and the format unchanged), for its reader to refuse.
+    A directory newer than this code reads is refused in one line, and so is one that needs upgrading but cannot
+    be written. A file that cannot be read is left as it is (and the format unchanged), for its reader to refuse.
     """
     run_dir = Path(run_dir)
+    info, fmt = _info(run_dir)
+    if fmt is None or fmt == FORMAT:
+        return fmt
+    try:
+        return _upgrade(run_dir, info, fmt, keep_originals=True)
+    except OSError as exc:
+        raise AhmError(f"{run_dir}: a run directory of format {fmt} is upgraded in place before it is written to, "
+                       f"and it cannot be written ({exc.strerror or exc}); copy it somewhere writable") from exc
+
+
+def read_from(run_dir: str | Path) -> Path:
+    """The directory to read the run `run_dir` from, at `FORMAT` where it can be brought there: `run_dir` itself,
+    upgraded in place (`migrate`) when it can be written; else a temporary mirror of it (links to its files, upgraded
+    copies of those the upgrade rewrites; removed at exit, reused while `run_dir` is unchanged). Files keep their
+    relative paths, so readers open them here and name them by `run_dir`. A directory the upgrade cannot finish (an
+    unreadable file), or not a run directory, is returned as it is; a newer format is refused as by `migrate`."""
+    run_dir = Path(run_dir)
+    info, fmt = _info(run_dir)
+    if fmt is None or fmt == FORMAT:
+        return run_dir
+    if _writable(run_dir):
+        try:
+            _upgrade(run_dir, info, fmt, keep_originals=True)
+            return run_dir
+        except OSError:
+            pass  # a part of it cannot be written
+    return _mirror(run_dir)
+
+
+def run_file(run_dir: str | Path, name: str) -> Path:
+    """The file `name` (a path relative to the run directory `run_dir`) as its readers open it: from `read_from`'s
+    directory, or from `run_dir` where that lacks it (a missing file is then named by its own path)."""
+    found = read_from(run_dir) / name
+    return found if found.exists() else Path(run_dir) / name
+
+
+def _writable(path: Path) -> bool:
+    return os.access(path, os.W_OK)  # False on a read-only mount, even for root
+
+
+def _info(run_dir: Path) -> tuple[dict[str, Any], int | None]:
+    """run.json and the format it gives ({} and None: not a run directory); a newer format is refused."""
     info = _read_info(run_dir)
     if info is None:
-        return None
+        return {}, None
     fmt = _format_of(info, run_dir)
-    if fmt == FORMAT:
-        return fmt
     if fmt > FORMAT:
         raise AhmError(f"{run_dir}: run directory of format {fmt}; this ahm reads format {FORMAT} and older "
                        f"(upgrade ahm)")
+    return info, fmt
+
+
+def _upgrade(run_dir: Path, info: dict[str, Any], fmt: int, keep_originals: bool) -> int:
+    """Upgrade `run_dir` from format `fmt`, keeping the originals of the files rewritten (`keep_originals`); returns
+    the format reached (less than FORMAT when a file cannot be read). OSError when it cannot be written."""
     try:
         while fmt < FORMAT:
-            if not _UPGRADES[fmt](run_dir, originals_dir(run_dir, fmt)):
+            if not _UPGRADES[fmt](run_dir, originals_dir(run_dir, fmt) if keep_originals else None):
                 return fmt
             fmt += 1
         _write_json(run_dir / RUN_INFO, {**info, "format": FORMAT})  # its original: the same, less `format`
-    except OSError as exc:
-        raise AhmError(f"{run_dir}: a run directory of format {_format_of(info, run_dir)} is upgraded in place "
-                       f"before it is read, and it cannot be written ({exc.strerror or exc}); copy it somewhere "
-                       f"writable") from exc
+    except AhmError as exc:
+        # ahm.io's atomic writes report an OSError as AhmError; the upgrades' reads return False instead of raising
+        if isinstance(exc.__cause__, OSError):
+            raise exc.__cause__ from None
+        raise
     return FORMAT
+
+
+# run directory (resolved) -> (what it held when mirrored, its upgraded mirror)
+_MIRRORS: dict[Path, tuple[list[tuple[str, int, int, int]], Path]] = {}
+
+
+def _listing(root: Path) -> list[tuple[str, int, int, int]]:
+    """(path, inode, size, mtime) of every file under `root`, linked folders followed (each folder once): what a
+    mirror of it is made from. The originals an earlier upgrade kept are left out."""
+    found = []
+    seen: set[str] = set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not (d.startswith("format-") and d.endswith("-originals"))]
+        for name in files:
+            path = Path(folder, name)
+            with contextlib.suppress(OSError):  # a dangling link: nothing to read
+                st = path.stat()
+                found.append((str(path.relative_to(root)), st.st_ino, st.st_size, st.st_mtime_ns))
+    return sorted(found)
+
+
+def _mirror(run_dir: Path) -> Path:
+    """A temporary directory of folders and symbolic links to the files of `run_dir`, upgraded to FORMAT there (each
+    rewrite replaces a link by a new file, leaving its target alone); `run_dir` itself where the upgrade cannot
+    finish."""
+    root = run_dir.resolve()
+    listing = _listing(root)
+    held = _MIRRORS.get(root)
+    if held is not None and held[0] == listing and held[1].is_dir():
+        return held[1]
+    mirror = Path(tempfile.mkdtemp(prefix="ahm-run-"))
+    atexit.register(shutil.rmtree, mirror, True)
+    try:
+        for name, *_ in listing:
+            (mirror / name).parent.mkdir(parents=True, exist_ok=True)
+            (mirror / name).symlink_to(root / name)
+        info = _read_info(mirror)
+        done = info is not None and _upgrade(mirror, info, _format_of(info, mirror), keep_originals=False) == FORMAT
+    except OSError as exc:
+        shutil.rmtree(mirror, ignore_errors=True)
+        raise AhmError(f"{run_dir}: a run directory of format {run_format(root)} cannot be written, and upgrading it "
+                       f"in {tempfile.gettempdir()} failed ({exc.strerror or exc}); copy it somewhere writable") from exc
+    if not done:
+        shutil.rmtree(mirror, ignore_errors=True)
+        return run_dir
+    if held is not None:
+        shutil.rmtree(held[1], ignore_errors=True)
+    _MIRRORS[root] = (listing, mirror)
+    return mirror
 
 
 def _read_info(run_dir: Path) -> dict[str, Any] | None:
@@ -88,11 +196,11 @@ def _write_json(path: Path, obj: Any) -> None:
     write_json(path, obj)
 
 
-def _replace(path: Path, originals: Path, write: Callable[[Path], None]) -> None:
-    """Keep `path` under `originals` (the first original wins: a migration done again must not overwrite it),
-    then write the new `path` atomically."""
-    kept = originals / path.relative_to(originals.parent)
-    if not kept.exists():
+def _replace(path: Path, originals: Path | None, write: Callable[[Path], None]) -> None:
+    """Keep `path` under `originals` (the first original wins: a migration done again must not overwrite it; None:
+    not kept), then write the new `path` atomically."""
+    kept = None if originals is None else originals / path.relative_to(originals.parent)
+    if kept is not None and not kept.exists():
         kept.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.link(path, kept)  # the atomic replacement makes a new file; this name keeps the old one
@@ -112,7 +220,7 @@ def _replace(path: Path, originals: Path, write: Callable[[Path], None]) -> None
 # - checkpoints/best.ckpt: no meta.slice_axis: the config's data.slice_axis.
 
 
-def _to_format_2(run_dir: Path, originals: Path) -> bool:
+def _to_format_2(run_dir: Path, originals: Path | None) -> bool:
     cfg = _upgrade_config(run_dir, originals)
     if cfg is None:
         return False
@@ -130,7 +238,7 @@ def config_defaults(fmt: int | None) -> dict[str, Any]:
     return FORMAT_1_CONFIG if fmt is None or fmt < 2 else {}
 
 
-def _upgrade_config(run_dir: Path, originals: Path) -> dict[str, Any] | None:
+def _upgrade_config(run_dir: Path, originals: Path | None) -> dict[str, Any] | None:
     path = run_dir / "config.yaml"
     if not path.is_file():
         return {}
@@ -162,7 +270,7 @@ def _section(cfg: dict[str, Any], name: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _upgrade_encoder(run_dir: Path, originals: Path, cfg: dict[str, Any]) -> bool:
+def _upgrade_encoder(run_dir: Path, originals: Path | None, cfg: dict[str, Any]) -> bool:
     path = run_dir / "encoder.safetensors"
     if not path.is_file():
         return True
@@ -195,13 +303,13 @@ def _load(path: Path) -> dict[str, Any] | None:
     return ckpt if isinstance(ckpt, dict) else None
 
 
-def _save(path: Path, originals: Path, ckpt: dict[str, Any]) -> None:
+def _save(path: Path, originals: Path | None, ckpt: dict[str, Any]) -> None:
     from ahm.io import save_torch
 
     _replace(path, originals, lambda p: save_torch(p, ckpt))
 
 
-def _upgrade_last(run_dir: Path, originals: Path, cfg: dict[str, Any]) -> bool:
+def _upgrade_last(run_dir: Path, originals: Path | None, cfg: dict[str, Any]) -> bool:
     path = run_dir / "checkpoints" / "last.ckpt"
     if not path.is_file():
         return True
@@ -224,7 +332,7 @@ def _upgrade_last(run_dir: Path, originals: Path, cfg: dict[str, Any]) -> bool:
     return True
 
 
-def _upgrade_best(run_dir: Path, originals: Path, cfg: dict[str, Any]) -> bool:
+def _upgrade_best(run_dir: Path, originals: Path | None, cfg: dict[str, Any]) -> bool:
     path = run_dir / "checkpoints" / "best.ckpt"
     if not path.is_file():
         return True
@@ -238,4 +346,4 @@ def _upgrade_best(run_dir: Path, originals: Path, cfg: dict[str, Any]) -> bool:
     return True
 
 
-_UPGRADES: dict[int, Callable[[Path, Path], bool]] = {1: _to_format_2}
+_UPGRADES: dict[int, Callable[[Path, Path | None], bool]] = {1: _to_format_2}

@@ -219,3 +219,19 @@ def test_block_mask_tops_up_to_exactly_k_when_blocks_run_out():
     assert no_blocks.sum() == 10 and set(np.flatnonzero(no_blocks)) == set(np.argsort(-fill)[:10])
     one_block = block_mask((4, 6), 10, np.array([[1.0, 0.5, 0.0, 0.0]]), fill, 2)
     assert one_block.sum() == 10 and one_block.reshape(4, 6)[:3, :3].all()  # a 3x3 block, then 1 random
+
+
+def test_each_settings_model_names_the_module_that_registers_its_policy():
+    import importlib
+
+    from ahm.config import POLICY_CONFIGS, RandomMaskingConfig
+    from ahm.masking.base import _REGISTRY, policy_names
+
+    assert policy_names() == list(POLICY_CONFIGS)
+    for name, model in POLICY_CONFIGS.items():
+        importlib.import_module(model.policy_module)
+        assert _REGISTRY[name].name == name, model.policy_module
+    assert "policy_module" not in MaskingConfig(policy="hpm").model_dump()  # a class fact, not a setting
+    with pytest.raises(AhmError, match="unknown masking policy 'nope'; choose one of random, block, hpm"):
+        build_policy(RandomMaskingConfig.model_construct(policy="nope"),
+                     PolicyContext(grid=(4, 4), patch_size=16, in_channels=1, total_steps=1))

@@ -1,5 +1,6 @@
 """From an nnU-Net raw dataset to nnU-Net's own fine-tuning of an ahm-pretrained network, on the CPU: 2D PNG
-slices (configuration 2d) and NIfTI volumes (3d_fullres, where ahm's axis order is not nnU-Net's)."""
+slices (configuration 2d) and NIfTI volumes (3d_fullres, where ahm's axis order is not nnU-Net's); and ahm's own
+fine-tuning of nnU-Net's network from scratch (`--segmenter nnunet`)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,24 @@ pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("nnunetv2") is None,
                        reason="nnU-Net v2 is not installed (pip install 'ahm[nnunet]')"),
 ]
+
+
+@pytest.fixture(scope="module")
+def discs(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(nnU-Net's folders, the 2D raw dataset, its plans for configuration 2d), planned once for the module."""
+    root = tmp_path_factory.mktemp("nnunet")
+    raw = make_raw_2d(root / "raw", 501)
+    return root, raw, plan_and_preprocess(root, raw, 501, "2d")
+
+
+def _ahm(*args: str) -> str:
+    """`ahm ARGS` in this process; its output (exit code 0 asserted)."""
+    from ahm.cli.app import _register, app
+
+    _register()
+    result = CliRunner().invoke(app, list(args), env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    return result.output
 
 
 def _pretrain(raw: Path, out: Path, policy: str, plans: Path, configuration: str, *extra: str, steps: int = 2) -> str:
@@ -49,11 +68,10 @@ def _network_input_shape(run: Path) -> tuple[int, ...]:
     return seen[0]
 
 
-def test_pretrain_export_and_finetune_in_nnunet(tmp_path: Path) -> None:
+def test_pretrain_export_and_finetune_in_nnunet(discs: tuple[Path, Path, Path], tmp_path: Path) -> None:
     from ahm.export import export_run
 
-    raw = make_raw_2d(tmp_path / "raw", 501)
-    plans = plan_and_preprocess(tmp_path, raw, 501, "2d")
+    root, raw, plans = discs
     runs = {}
     # every masking policy drives nnU-Net's network (the published pipeline needs a step for each of its stages)
     for policy in ("random", "block", "hpm", "adamae", "ahm", "ahm-official"):
@@ -65,7 +83,44 @@ def test_pretrain_export_and_finetune_in_nnunet(tmp_path: Path) -> None:
     weights = tmp_path / "ahm_random.pth"
     export_run(runs["random"], "nnunet", weights, plans=plans, configuration="2d")
     assert "configuration: 2d" in (tmp_path / "ahm_random.pth.txt").read_text()
-    assert_loaded_and_trained(finetune_in_nnunet(tmp_path, plans, "2d", weights))
+    assert_loaded_and_trained(finetune_in_nnunet(root, plans, "2d", weights))
+
+
+def test_nnunet_segmenter_fine_tunes_from_scratch_then_evaluates_and_predicts(discs: tuple[Path, Path, Path],
+                                                                              tmp_path: Path) -> None:
+    import json
+
+    import numpy as np
+    import yaml
+    from PIL import Image
+
+    from ahm.errors import AhmError
+    from ahm.train.finetune import finetune
+    from ahm.train.resolve import resolve_finetune_config
+
+    _, raw, plans = discs
+    run = tmp_path / "seg"
+    scratch = ["finetune", str(raw), "--init", "none", "--segmenter", "nnunet", "--out", str(run)]
+    cheap = ["--steps", "1", "--batch-size", "2", "--accelerator", "cpu", "--workers", "0"]
+    # without the plans there is no network: refused before the run directory is made
+    with pytest.raises(AhmError, match=r"the nnunet backbone needs model.plans and model.configuration"):
+        finetune(resolve_finetune_config({"data": {"path": str(raw)}, "segmenter": "nnunet"}, "none"), run,
+                 progress=False)
+    assert not run.exists()
+
+    _ahm("-q", *scratch, "--plans", str(plans), "--configuration", "2d", *cheap)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["segmenter"] == "nnunet" and cfg["init"] is None
+    assert cfg["data"]["image_size"] == 64  # the plans' 2D patch size
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["init"] == "none" and summary["segmenter"] == "nnunet" and summary["steps"] == 1
+
+    metrics = json.loads(_ahm("evaluate", str(run), "--split", "all", "--json"))
+    assert metrics["n_images"] == 8 and 0.0 <= metrics["per_class"]["disc"]["dice"] <= 1.0
+    image = raw / "imagesTr" / "case000_0000.png"
+    _ahm("predict", str(run), str(image), "--out", str(tmp_path / "masks"))
+    mask = np.asarray(Image.open(tmp_path / "masks" / "case000_0000_mask.png"))
+    assert mask.shape == (64, 64) and set(np.unique(mask)) <= {0, 1}
 
 
 def test_3d_fullres_pretrain_export_and_finetune_in_nnunet(tmp_path: Path) -> None:

@@ -19,8 +19,14 @@ def finetune(
     init: str | None = typer.Option(None, "--init", help="Pretraining run directory, or 'none' to train from scratch; "
                                     "its channels, image size, patch grid and normalisation must match DATA."),
     out_dir: Path = typer.Option(..., "--out", help="Run directory to create (or to continue with --resume)."),
-    segmenter: str | None = typer.Option(None, "--segmenter", help="Segmenter with --init none: unetr or unet "
-                                         "(with a pretraining run, its backbone decides)."),
+    segmenter: str | None = typer.Option(None, "--segmenter", help="Segmenter with --init none: unetr, unet or "
+                                         "nnunet (--plans, --configuration) (with a pretraining run, its backbone "
+                                         "decides)."),
+    plans: Path | None = typer.Option(None, "--plans", help="nnunet segmenter with --init none: nnU-Net plans file "
+                                      "(nnUNet_preprocessed/DatasetNNN_X/nnUNetPlans.json); it also sets the image "
+                                      "size (3D: crop and spacing)."),
+    configuration: str | None = typer.Option(None, "--configuration", help="nnunet segmenter with --init none: the "
+                                             "plans' configuration (2d, 3d_fullres, ...)."),
     # `ahm pretrain --model` is a ViT size; here the old name of --segmenter, kept for one version.
     model: str | None = typer.Option(None, "--model", hidden=True),
     labels_fraction: float | None = typer.Option(None, "--labels-fraction",
@@ -98,6 +104,7 @@ def finetune(
         "data": {"path": str(data), "image_size": image_size, "layout": layout, "skip_bad": skip_bad or None,
                  "spatial_dims": spatial_dims},
         "overlap": overlap,
+        "model": {"plans": str(plans) if plans else None, "configuration": configuration},
         "segmenter": segmenter, "labels_fraction": labels_fraction,
         "labels_subjects": labels_subjects,
         "layer_decay": layer_decay, "encoder_lr_scale": encoder_lr_scale, "val_every": val_every,
@@ -116,7 +123,7 @@ def finetune(
         out.print(
             f"fine-tuned [bold]{summary['segmenter']}[/] ({'from ' + str(summary['init']) if summary['init'] != 'none' else 'from scratch'}) "
             f"for {summary['epochs']} epochs on {summary['labelled_images']} labelled images "
-            f"({summary['labelled_subjects']} subjects): best validation {summary.get('selection_metric', 'Dice').split(' (')[0]} "
+            f"({summary['labelled_subjects']} subjects): best {summary.get('selection_metric', 'validation Dice').split(' (')[0]} "
             f"{summary['best_val_dice']:.4f} "
             f"(epoch {summary['best_epoch']})"
             + (f"; IoU {val['iou']:.4f}" if isinstance(val.get("iou"), float) else "")
@@ -135,6 +142,9 @@ def evaluate(
              "of per-case means, as nnU-Net) or 'one' (scored 1, the old convention of some papers; it rewards "
              "predicting nothing where a structure is rare)."),
     as_json: bool = typer.Option(False, "--json", help="Print metrics.json only."),
+    out_dir: Path | None = typer.Option(None, "--out", help="Folder for metrics.json and the per-case files "
+                                        "(default: RUN/eval/<split>, and report.html refreshed); with it nothing is "
+                                        "written into the run directory, which may be read-only."),
     overlap: float = typer.Option(0.5, "--overlap", help="3D runs: share of a sliding window (the training crop) "
                                   "shared with its neighbour, in [0, 1)."),
     spatial_dims: int | None = typer.Option(None, "--spatial-dims", help="2 or 3; must be the run's own "
@@ -143,13 +153,13 @@ def evaluate(
     precision: str | None = typer.Option(None, "--precision", help=PRECISION_HELP),
 ) -> None:
     """Dice (per case and dataset-level), IoU, HD95 and detection counts per class on a split; writes eval/<split>/
-    and refreshes report.html. Slices of volumes are also re-stacked and scored per volume (the primary level).
+    (or --out) and refreshes report.html. Slices of volumes are also re-stacked and scored per volume (the primary level).
     A run fine-tuned on volumes is scored on whole volumes by sliding windows, HD95 in mm."""
     from ahm.eval.evaluate import evaluate as run_evaluate
 
     metrics = run_guarded(lambda: run_evaluate(run_dir, data, split=split, batch_size=batch_size,
                                                empty=empty_cases, overlap=overlap, spatial_dims=spatial_dims,
-                                               precision=precision, accelerator=accelerator))
+                                               precision=precision, accelerator=accelerator, out=out_dir))
     if not isinstance(metrics, dict):
         return
     if as_json:
@@ -184,8 +194,12 @@ def evaluate(
                   f"overlap {window['overlap']:g}", highlight=False)
     made = metrics.get("inference", {})
     out.print(f"inference on {made.get('device', '?')} in {made.get('precision', '?')}", highlight=False)
-    out.print(f"written to {run_dir / 'eval' / split} (metrics.json, {metrics.get('per_case_csv', 'per_image.csv')}); "
-              f"report: {run_dir / 'report.html'}", highlight=False)
+    written = f"(metrics.json, {metrics.get('per_case_csv', 'per_image.csv')})"
+    if out_dir is not None:
+        out.print(f"written to {out_dir} {written}", highlight=False)
+    else:
+        out.print(f"written to {run_dir / 'eval' / split} {written}; report: {run_dir / 'report.html'}",
+                  highlight=False)
 
 
 @app.command(no_args_is_help=True)

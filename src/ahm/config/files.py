@@ -133,10 +133,15 @@ def save_config(config: _Strict, path: str | Path) -> Path:
 
 
 def load_config(kind: type[_Strict], path: str | Path) -> Any:
-    """The config.yaml of an existing run, its run directory brought to the current format first (`migrate`). A
-    run's config away from its directory may be of any format: it means what the oldest means where it is silent."""
-    from ahm.runformat import config_defaults, migrate
+    """The config.yaml of an existing run, its run directory brought to the current format first (`read_from`: in
+    place, or in a temporary mirror where it cannot be written; `path` is read either way, meaning what its format
+    means where it is silent). A run's config away from its directory may be of any format: it means what the
+    oldest means where it is silent."""
+    from ahm.runformat import config_defaults, read_from, run_format
 
     path = Path(path)
-    fmt = migrate(path.parent) if path.name == "config.yaml" else None
+    fmt = None
+    if path.name == "config.yaml":
+        read_from(path.parent)
+        fmt = run_format(path.parent)
     return build_config(kind, file=path, base=config_defaults(fmt))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from functools import cache
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import AfterValidator, Discriminator, Field, Tag, TypeAdapter, ValidationError, model_validator
 
@@ -36,6 +36,9 @@ class MaskingConfig(_Strict):
     policy named by `policy` (default random)."""
 
     policy: str = "random"  # random | block | hpm | adamae | ahm | ahm-official
+    # The module whose import registers the policy (`ahm.masking.base.register`): policies are imported on first
+    # use, so the CLI and the config load without torch. Each model in POLICY_CONFIGS names its own.
+    policy_module: ClassVar[str] = ""
     mask_ratio: MaskRatio = 0.75
     mask_ratio_end: MaskRatio | None = None  # if set: linear rise from mask_ratio to this over training
     # AHM's asynchronous A3C worker processes (0: synchronous, in-process). Every policy carries it: the loop
@@ -75,25 +78,30 @@ class _Learned(MaskingConfig):
 
 class RandomMaskingConfig(MaskingConfig):
     policy: Literal["random"] = "random"
+    policy_module: ClassVar[str] = "ahm.masking.random"
 
 
 class BlockMaskingConfig(MaskingConfig):
     policy: Literal["block"] = "block"
+    policy_module: ClassVar[str] = "ahm.masking.block"
 
 
 class HPMMaskingConfig(_Learned, _HardSchedule):
     policy: Literal["hpm"] = "hpm"
+    policy_module: ClassVar[str] = "ahm.masking.hpm"
     ema_decay: OpenShare = 0.999  # the teacher
 
 
 class AdaMAEMaskingConfig(_Learned):
     policy: Literal["adamae"] = "adamae"
+    policy_module: ClassVar[str] = "ahm.masking.adamae"
     agent_dim: Count = 64
     agent_heads: Count = 4
 
 
 class AHMMaskingConfig(_Learned, _HardSchedule):
     policy: Literal["ahm"] = "ahm"
+    policy_module: ClassVar[str] = "ahm.masking.ahm"
     # "transformer" (our design: patch embedding + transformer blocks) or "conv" (the authors' fully convolutional
     # actor-critic, masking/ahm/agent.py ConvAgent; agent_dim is its width, 64 in the paper)
     agent: Literal["transformer", "conv"] = "transformer"
@@ -111,6 +119,7 @@ class OfficialMaskingConfig(MaskingConfig):
     """ahm-official: the authors' staged pipeline (docs/method.md)."""
 
     policy: Literal["ahm-official"] = "ahm-official"
+    policy_module: ClassVar[str] = "ahm.masking.official"
     agent_dim: Count = 64  # the authors' conv agent's width
     # Stage lengths as shares of the run's steps: reconstructor warm-up with random masks, then agent training
     # against the frozen reconstructor; the rest is masked image modeling with the frozen agent's top-k masks.

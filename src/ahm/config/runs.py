@@ -11,6 +11,17 @@ from ahm.config.masking import AnyMaskingConfig, RandomMaskingConfig
 from ahm.config.sections import DataConfig, ModelConfig, SourceConfig, TrainConfig
 
 
+def _take_plans_data(cfg: PretrainConfig | FinetuneConfig) -> None:
+    """The data settings the nnunet network's plans fix (`ahm.nnunet.data_update`), where the config leaves them
+    unset."""
+    from ahm.nnunet import data_update
+
+    update = data_update(cfg.model.plans, cfg.model.configuration, cfg.data)
+    if update:
+        # set without re-validating the whole config (validate_assignment would run this check again)
+        object.__setattr__(cfg, "data", cfg.data.model_copy(update=update))
+
+
 class PretrainConfig(_Strict):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -33,12 +44,7 @@ class PretrainConfig(_Strict):
     @model_validator(mode="after")
     def _check(self) -> PretrainConfig:
         if self.model.backbone == "nnunet":
-            from ahm.nnunet import data_update
-
-            update = data_update(self.model.plans, self.model.configuration, self.data)
-            if update:
-                # set without re-validating the whole config (validate_assignment would run this check again)
-                object.__setattr__(self, "data", self.data.model_copy(update=update))
+            _take_plans_data(self)
         if self.data.image_size % self.model.patch_size:
             raise ValueError(
                 f"image_size {self.data.image_size} is not divisible by patch_size {self.model.patch_size}"
@@ -105,4 +111,11 @@ class FinetuneConfig(_Strict):
         if self.labels_subjects is not None and self.labels_fraction < 1.0:
             raise ValueError("labels_fraction and labels_subjects: give one of them (labels_subjects replaces the "
                              "fraction)")
+        return self
+
+    @model_validator(mode="after")
+    def _nnunet_data(self) -> FinetuneConfig:
+        # from scratch; from a pretraining run the model (plans included) comes later, with the run's data settings
+        if self.segmenter == "nnunet" and self.model.plans and self.model.configuration:
+            _take_plans_data(self)
         return self

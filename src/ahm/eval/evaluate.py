@@ -53,6 +53,7 @@ from ahm.eval.scoring import (
     volume_grid_description,
 )
 from ahm.io import load_torch
+from ahm.runformat import run_file
 
 __all__ = ["BEST", "LEVEL_KEYS", "N_CASES", "LoadedRun", "check_overlap", "check_spatial_dims", "evaluate",
            "image_spacings", "inference_device", "inference_precision", "inference_setting", "leveled_scores",
@@ -153,7 +154,7 @@ def load_run(run_dir: str | Path, checkpoint: str = BEST, *, accelerator: str | 
     if not path.is_file():
         raise AhmError(f"{path}: not found; the fine-tuning run has not finished an epoch yet "
                        f"(resume it with `ahm finetune ... --resume`)")
-    ckpt = load_torch(path)
+    ckpt = load_torch(run_file(run_dir, f"checkpoints/{checkpoint}"))
     if not isinstance(ckpt, dict) or "model" not in ckpt or "meta" not in ckpt:
         raise AhmError(f"{path}: not an ahm fine-tuning checkpoint")
     meta = dict(ckpt["meta"])
@@ -212,7 +213,7 @@ def _split_ids(run_dir: Path, index, cfg, split: str) -> list[str]:
 def evaluate(run_dir: str | Path, data_dir: str | Path | None = None, split: str = "test", batch_size: int = 32,
              report: bool = True, progress: bool = False, empty: str = "exclude", overlap: float = 0.5,
              spatial_dims: int | None = None, precision: str | None = "32-true",
-             accelerator: str | None = None) -> dict[str, Any]:
+             accelerator: str | None = None, out: str | Path | None = None) -> dict[str, Any]:
     """Score the run's best checkpoint on `split` of `data_dir` (default: the data it was trained on).
     `empty`: "exclude" (default) leaves cases where a class is absent from prediction and ground truth out of the
     per-case means; "one" scores them 1 (the convention of some papers; named in the output).
@@ -221,13 +222,16 @@ def evaluate(run_dir: str | Path, data_dir: str | Path | None = None, split: str
     run's own settings, as `ahm evaluate` does by default).
 
     Writes eval/<split>/metrics.json, per_image.csv (3D: per_volume.csv) and cases.npz into the run directory,
-    refreshes report.html, and returns the metrics.
+    refreshes report.html, and returns the metrics. With `out`, those files go into the folder `out` instead and
+    nothing is written into the run directory (which may be read-only).
     """
     from ahm.data import open_dataset
     from ahm.pipeline import pipeline_for
 
     check_empty(empty)
     run_dir = Path(run_dir)
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise AhmError(f"--out {out}: exists and is not a folder")
     loaded = load_run(run_dir, accelerator=accelerator, precision=precision)
     check_spatial_dims(loaded, spatial_dims)
     pipeline = pipeline_for(loaded)
@@ -243,10 +247,11 @@ def evaluate(run_dir: str | Path, data_dir: str | Path | None = None, split: str
     ids = _split_ids(run_dir, index, cfg, split)
     if not ids:
         raise AhmError(f"{data_path}: the {split} split is empty; try --split val or --split all")
-    metrics = pipeline.score_split(loaded, index, ids, data_cfg, run_dir / "eval" / split, split, empty, overlap,
+    out_dir = run_dir / "eval" / split if out is None else Path(out)
+    metrics = pipeline.score_split(loaded, index, ids, data_cfg, out_dir, split, empty, overlap,
                                    batch_size, {"data": str(data_path), "checkpoint": f"checkpoints/{BEST}",
                                                 "checkpoint_epoch": loaded.meta.get("epoch")})
-    if report:
+    if report and out is None:
         from ahm.eval.report import write_report
 
         write_report(run_dir)

@@ -176,13 +176,14 @@ def load_run(run_dir: Path, data_dir: Path | None, n_images: int | None,
     from ahm.masking.base import PolicyContext, build_policy
     from ahm.models import build_mim_model
     from ahm.pipeline import pipeline_for
+    from ahm.runformat import run_file
 
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         raise AhmError(f"{run_dir}: not a pretraining run directory (no config.yaml)")
     cfg = load_config(PretrainConfig, config_path)
     ckpt_path = run_dir / "checkpoints" / "last.ckpt"
-    ckpt = load_torch(ckpt_path)
+    ckpt = load_torch(run_file(run_dir, "checkpoints/last.ckpt"))
     if not isinstance(ckpt, dict) or "model" not in ckpt or "policy" not in ckpt:
         raise AhmError(f"{ckpt_path}: not an ahm pretraining checkpoint (no model or policy weights)")
     data_path = data_dir if data_dir is not None else _recorded_data(cfg.data.path, run_dir)

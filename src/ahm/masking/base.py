@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ahm.config import MaskingConfig
+from ahm.config import POLICY_CONFIGS, MaskingConfig
 from ahm.errors import AhmError
 from ahm.grid import PatchGrid
 from ahm.masking.diagnostics import row_spearman
@@ -288,14 +288,6 @@ class MaskingPolicy(nn.Module):
 
 
 _REGISTRY: dict[str, Callable[[MaskingConfig, PolicyContext], MaskingPolicy]] = {}
-_LAZY: dict[str, str] = {
-    "random": "ahm.masking.random",
-    "block": "ahm.masking.block",
-    "hpm": "ahm.masking.hpm",
-    "adamae": "ahm.masking.adamae",
-    "ahm": "ahm.masking.ahm",
-    "ahm-official": "ahm.masking.official",
-}
 
 
 def register(name: str) -> Callable[[type[MaskingPolicy]], type[MaskingPolicy]]:
@@ -308,18 +300,18 @@ def register(name: str) -> Callable[[type[MaskingPolicy]], type[MaskingPolicy]]:
 
 
 def policy_names() -> list[str]:
-    return list(_LAZY)
+    return list(POLICY_CONFIGS)
 
 
 def build_policy(cfg: MaskingConfig, ctx: PolicyContext) -> MaskingPolicy:
     """Build the policy named by `cfg.policy`; an unknown name is a user error naming the choices."""
     name = cfg.policy
-    if name not in _LAZY:
-        raise AhmError(f"--policy: unknown masking policy {name!r}; choose one of {', '.join(_LAZY)}")
+    if name not in POLICY_CONFIGS:
+        raise AhmError(f"--policy: unknown masking policy {name!r}; choose one of {', '.join(POLICY_CONFIGS)}")
     if name not in _REGISTRY:
         import importlib
 
-        importlib.import_module(_LAZY[name])
+        importlib.import_module(POLICY_CONFIGS[name].policy_module)  # its @register fills _REGISTRY
     return _REGISTRY[name](cfg, ctx)
 
 

@@ -27,6 +27,7 @@ from ahm.config import FinetuneConfig, load_config, save_config
 from ahm.errors import AhmError
 from ahm.io import write_json
 from ahm.pipeline import model_input_size, pipeline_for
+from ahm.runformat import migrate
 from ahm.train.checkpoint import BEST, checkpoint_path, load_checkpoint
 from ahm.train.engine import FinetuneRun, run_finetuning
 from ahm.train.finetune_data import FinetuneData, prepare_data
@@ -147,6 +148,7 @@ def _set_up(cfg: FinetuneConfig, out: Path, resume: bool, force: bool,
         saved = out / "config.yaml"
         epochs = cfg.train.epochs
         if saved.is_file():
+            migrate(out)  # a resumed run is written to: upgraded in place, or refused when it cannot be written
             cfg = load_config(FinetuneConfig, saved)
         elif not restart:
             raise AhmError(f"--resume: {saved} not found; nothing to resume")
@@ -173,7 +175,8 @@ def _set_up(cfg: FinetuneConfig, out: Path, resume: bool, force: bool,
         apply_init(cfg, enc)
     from ahm.models import backbone_of_segmenter
 
-    backbone_of_segmenter(cfg.segmenter)  # an unknown name, refused before any data is read
+    # an unknown name, or model settings the segmenter refuses (nnunet without plans), before any data is read
+    backbone_of_segmenter(cfg.segmenter).check_config(cfg.model)
     check_volume_crop(cfg)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)

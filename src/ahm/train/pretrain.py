@@ -19,6 +19,7 @@ from ahm.errors import AhmError
 from ahm.io import save_safetensors, write_json
 from ahm.masking import PolicyContext, build_policy
 from ahm.pipeline import model_input_size
+from ahm.runformat import migrate
 from ahm.train.checkpoint import checkpoint_path, load_checkpoint, restore_state
 from ahm.train.engine import (
     PretrainRun,
@@ -121,6 +122,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: bool = False, force: 
             saved = out / "config.yaml"
             if saved.is_file():
                 steps = cfg.train.steps
+                migrate(out)  # a resumed run is written to: upgraded in place, or refused when it cannot be written
                 cfg = load_config(PretrainConfig, saved)
                 if steps is not None and steps != cfg.train.steps:
                     cfg.train.steps = steps

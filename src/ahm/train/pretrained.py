@@ -45,19 +45,20 @@ def load_init(init: str | Path) -> PretrainedEncoder:
     """Read a pretraining run's encoder.safetensors and config; AhmError naming the file when anything is off."""
     from ahm.io import load_safetensors, safetensors_metadata
     from ahm.models import BACKBONES
-    from ahm.runformat import migrate
+    from ahm.runformat import read_from, run_file
 
     run = Path(init)
     if not run.is_dir():
         raise AhmError(f"--init {run}: not found; give a pretraining run directory (from `ahm pretrain`) or 'none'")
-    migrate(run)
+    read_from(run)  # its format checked, and the run upgraded (in place, or in a mirror when read-only)
     path = run / "encoder.safetensors"
     if not path.is_file():
         raise AhmError(f"--init {run}: {path.name} not found; the pretraining did not finish "
                        f"(resume it with `ahm pretrain ... --out {run} --resume`) or this is not a pretraining run")
-    weights = load_safetensors(path)
+    source = run_file(run, path.name)
+    weights = load_safetensors(source)
     try:
-        metadata = safetensors_metadata(path)
+        metadata = safetensors_metadata(source)
     except Exception as exc:  # safetensors raises its own error types for damaged headers
         raise AhmError(f"{path}: unreadable encoder metadata ({str(exc)[:120]})") from exc
     backbone = metadata.get("backbone")

@@ -4,6 +4,7 @@ nnunet`) or here (`--segmenter nnunet`: the same network with num_classes output
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
@@ -23,9 +24,15 @@ class NnunetBackbone(Backbone):
     segmenter = "nnunet"
 
     def check_config(self, model_cfg: ModelConfig) -> None:
-        if not model_cfg.plans or not model_cfg.configuration:
-            raise AhmError("the nnunet backbone needs model.plans and model.configuration (--plans, --configuration)")
-        resolve_configuration(read_plans(model_cfg.plans), model_cfg.configuration, model_cfg.plans)
+        _configuration(model_cfg)
+
+    def crop_multiple(self, model_cfg: ModelConfig) -> int:
+        """nnU-Net's skip connections need whole feature maps: every side a multiple of the strides' product (the
+        largest over the axes)."""
+        config = _configuration(model_cfg)
+        strides = config["architecture"].get("arch_kwargs", {}).get("strides") or []
+        per_axis = [[s] if isinstance(s, int) else list(s) for s in strides]
+        return max((math.prod(axis) for axis in zip(*per_axis, strict=False)), default=1)
 
     def build_mim_model(self, model_cfg: ModelConfig, image_size: int, in_channels: int,
                         spatial_dims: int = 2) -> MaskedNnunet:
@@ -74,3 +81,11 @@ class NnunetBackbone(Backbone):
 
     def finetune_model_config(self, pretrained: ModelConfig, finetune: ModelConfig) -> ModelConfig:
         return pretrained.model_copy()
+
+
+def _configuration(model_cfg: ModelConfig) -> dict[str, Any]:
+    """The configuration of the plans that `model_cfg` names, resolved; AhmError when it names none."""
+    plans, name = model_cfg.plans, model_cfg.configuration
+    if not plans or not name:
+        raise AhmError("the nnunet backbone needs model.plans and model.configuration (--plans, --configuration)")
+    return resolve_configuration(read_plans(plans), name, plans)
