@@ -83,6 +83,21 @@ class Geometry:
     to_network: tuple[int, ...]
     ct_window: tuple[float, float] | None  # the clipping window of nnU-Net's CT normalisation, channel 0
 
+    def to_network_dims(self) -> tuple[int, ...]:
+        """`Tensor.permute` dims taking a [B, C, *spatial] batch in ahm's axis order to the network's."""
+        return (0, 1, *(2 + a for a in self.to_network))
+
+    def from_network_dims(self) -> tuple[int, ...]:
+        """`Tensor.permute` dims taking the network's output back to ahm's axis order."""
+        back = [0] * len(self.to_network)
+        for i, a in enumerate(self.to_network):
+            back[a] = i
+        return (0, 1, *(2 + a for a in back))
+
+    @property
+    def permutes(self) -> bool:
+        return self.to_network != tuple(range(len(self.to_network)))
+
 
 def geometry(plans: dict[str, Any], name: str, source: str | Path = "plans") -> Geometry:
     config = resolve_configuration(plans, name, source)

@@ -36,13 +36,6 @@ if TYPE_CHECKING:
     from ahm.config import ModelConfig
 
 
-def _inverse(perm: Sequence[int]) -> tuple[int, ...]:
-    out = [0] * len(perm)
-    for i, p in enumerate(perm):
-        out[p] = i
-    return tuple(out)
-
-
 class MaskedNnunet(MaskedInputModel):
     """nnU-Net's network for `model.plans` / `model.configuration` (`self.net`) trained to fill in masked patches."""
 
@@ -70,15 +63,14 @@ class MaskedNnunet(MaskedInputModel):
         self.configuration = model_cfg.configuration
         self.resolved = resolve_configuration(plans, model_cfg.configuration, plans_path)
         self.net = build_network(plans, model_cfg.configuration, in_channels, in_channels)
-        self._to_net = tuple(2 + a for a in geo.to_network)
-        self._from_net = tuple(2 + a for a in _inverse(geo.to_network))
+        self._to_net, self._from_net = geo.to_network_dims(), geo.from_network_dims()
         self.mask_value = nn.Parameter(torch.zeros(in_channels))
         self._patch_pool = Pool[Pool.ADAPTIVEAVG, spatial_dims](self.grid)
 
     def reconstruct(self, masked_input: Tensor) -> Tensor:
         # nnU-Net's network sees its own axis order
-        out = self.net(masked_input.permute(0, 1, *self._to_net))
-        return out.permute(0, 1, *self._from_net)
+        out = self.net(masked_input.permute(self._to_net))
+        return out.permute(self._from_net)
 
     def features(self, images: Tensor) -> Tensor:
         """The decoder's last feature map (input of the last segmentation layer), averaged per patch: [B, L, D]."""
@@ -86,10 +78,10 @@ class MaskedNnunet(MaskedInputModel):
         seen: list[Tensor] = []
         hook = self.net.decoder.seg_layers[-1].register_forward_hook(lambda m, args, out: seen.append(args[0]))
         try:
-            self.net(images.permute(0, 1, *self._to_net))
+            self.net(images.permute(self._to_net))
         finally:
             hook.remove()
-        fmap = seen[-1].permute(0, 1, *self._from_net)
+        fmap = seen[-1].permute(self._from_net)
         return self._patch_pool(fmap).flatten(2).transpose(1, 2)
 
     def export_encoder(self) -> dict[str, Tensor]:

@@ -11,7 +11,14 @@ from torch import Tensor, nn
 
 from ahm.errors import AhmError
 from ahm.models.backbones.base import Backbone, param_group_adder
-from ahm.nnunet import SEG_KEY, build_network, configuration_digest, read_plans, resolve_configuration
+from ahm.nnunet import (
+    SEG_KEY,
+    build_network,
+    configuration_digest,
+    geometry,
+    read_plans,
+    resolve_configuration,
+)
 
 if TYPE_CHECKING:
     # annotations only: the config validates backbone names against this registry, so a runtime import would be a circle
@@ -46,6 +53,13 @@ class NnunetBackbone(Backbone):
         self.check_config(model_cfg)
         plans = read_plans(model_cfg.plans)
         net = build_network(plans, model_cfg.configuration, in_channels, num_classes)
+        geo = geometry(plans, model_cfg.configuration, model_cfg.plans)
+        if geo.permutes:
+            # as in pretraining (MaskedNnunet): the network sees nnU-Net's axis order, so every pretrained kernel
+            # meets the axis it learned on; hooks rather than a wrapper keep the state-dict keys nnU-Net's own
+            to_net, from_net = geo.to_network_dims(), geo.from_network_dims()
+            net.register_forward_pre_hook(lambda _m, args: (args[0].permute(to_net), *args[1:]))
+            net.register_forward_hook(lambda _m, _args, out: out.permute(from_net))
         net.nnunet_digest = configuration_digest(resolve_configuration(plans, model_cfg.configuration))
         net.in_channels = in_channels
         net.spatial_dims = spatial_dims
