@@ -50,10 +50,11 @@ class NnunetBackbone(Backbone):
 
     def build_segmenter(self, model_cfg: ModelConfig, image_size: int, in_channels: int, num_classes: int,
                         spatial_dims: int = 2) -> nn.Module:
-        self.check_config(model_cfg)
-        plans = read_plans(model_cfg.plans)
-        net = build_network(plans, model_cfg.configuration, in_channels, num_classes)
-        geo = geometry(plans, model_cfg.configuration, model_cfg.plans)
+        self.check_config(model_cfg)  # both named from here on
+        plans_path, name = str(model_cfg.plans), str(model_cfg.configuration)
+        plans = read_plans(plans_path)
+        net = build_network(plans, name, in_channels, num_classes)
+        geo = geometry(plans, name, plans_path)
         if geo.permutes:
             # as in pretraining (MaskedNnunet): the network sees nnU-Net's axis order, so every pretrained kernel
             # meets the axis it learned on; hooks rather than a wrapper keep the state-dict keys nnU-Net's own
