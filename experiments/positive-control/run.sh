@@ -4,8 +4,9 @@
 # subjects), 1, 2 and 5 labelled subjects, scratch against random masking, pretraining budgets of 1,000, 3,000,
 # 10,000 and 30,000 steps (each its own run with its own complete schedule), both protocols (finetune: every weight
 # trains; frozen: only UNETR's decoder trains, scratch being the same network with a random frozen encoder), from
-# the same pretraining runs. Two processes on disjoint seeds (0-2 and 3-5); the smallest budget runs first, so a
-# grid cut short has whole curves at its small budgets. Rerunning continues it.
+# the same pretraining runs. Two processes on disjoint seeds, the three seeds of the curve first (seeds 0-1 in one,
+# seed 2 then seeds 3-5 in the other), each with the smallest budget first, so a grid cut short has whole curves
+# at its small budgets; the 6 paired seeds come last. Rerunning continues it.
 #   GRID: a work folder; GRID/bs60-v2 made by `ahm data prepare brain-subjects --out GRID/bs60-v2`.
 #   CODE: a checkout frozen for the whole grid (a worktree at the grid's commit); PY: a Python with ahm's
 #   dependencies (the repository's .venv).
@@ -32,9 +33,9 @@ case "${1:-run}" in
   gather) run bench curve "$GRID/bs60-v2" "${COMMON[@]}" --seeds 6 --gather ;;
   run)
     load
-    for FIRST in 0 3; do
-      run -q bench curve "$GRID/bs60-v2" "${COMMON[@]}" --seeds 3 --first-seed $FIRST > "$GRID/pc-$FIRST.log" 2>&1 &
-    done
+    part() { run -q bench curve "$GRID/bs60-v2" "${COMMON[@]}" --seeds "$1" --first-seed "$2" > "$GRID/pc-$2.log" 2>&1; }
+    part 2 0 &
+    { part 1 2 && part 3 3; } &
     wait
     save ;;
 esac
