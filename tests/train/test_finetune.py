@@ -341,6 +341,11 @@ def test_cli_segmenter_option_and_its_deprecated_alias(blobs: Path, tmp_path: Pa
     assert "`ahm finetune --model` is deprecated" in warning and "use --segmenter" in warning
     assert res.exit_code == 2 and "--model resnet: choose unetr or unet" in error
     assert "--model" not in CliRunner().invoke(app, ["finetune", "--help"]).output
+    # nnU-Net's plans choose the network of a fine-tuning from scratch; a pretraining run brings its own
+    res = CliRunner().invoke(app, ["-q", "finetune", str(blobs), "--init", str(pre), "--plans", "p.json",
+                                   "--configuration", "2d", "--out", str(tmp_path / "run")])
+    assert res.exit_code == 2 and "--plans/--configuration" in res.output and "--init none" in res.output
+    assert len(res.output.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
 
 

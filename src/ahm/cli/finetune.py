@@ -83,6 +83,7 @@ def finetune(
 ) -> None:
     """Fine-tune a segmenter on a fraction of the labels; keeps the best checkpoint by validation Dice
     (dataset-level by default, see --select-by)."""
+    from ahm.config.runs import is_scratch_init
     from ahm.models.backbones import segmenter_names
     from ahm.train.finetune import finetune as run_finetune
     from ahm.train.resolve import resolve_finetune_config
@@ -96,6 +97,9 @@ def finetune(
         segmenter, option = model, "--model"
     if segmenter is not None and segmenter not in segmenter_names():
         fail(f"{option} {segmenter}: choose {' or '.join(segmenter_names())}")
+    if (plans is not None or configuration is not None) and not is_scratch_init(init):
+        fail(f"--plans/--configuration: the nnunet segmenter of --init {init} is the pretraining run's own "
+             f"network (its plans); give them only with --init none")
     if steps is not None and epochs is not None:
         fail("--steps and --epochs: give one of them")
     if labels_fraction is not None and labels_subjects is not None:

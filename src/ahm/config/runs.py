@@ -10,6 +10,13 @@ from ahm.config.base import Fraction, OpenShare, OptionalCount, Share, StepCount
 from ahm.config.masking import AnyMaskingConfig, RandomMaskingConfig
 from ahm.config.sections import DataConfig, ModelConfig, SourceConfig, TrainConfig
 
+SCRATCH_INITS = ("", "none", "scratch", "random")  # `init` values that name no pretraining run
+
+
+def is_scratch_init(init: str | None) -> bool:
+    """True when `init` names no pretraining run: none, 'none', 'scratch' or 'random'."""
+    return init is None or str(init).strip().lower() in SCRATCH_INITS
+
 
 def _take_plans_data(cfg: PretrainConfig | FinetuneConfig) -> None:
     """The data settings the nnunet network's plans fix (`ahm.nnunet.data_update`), where the config leaves them
@@ -116,6 +123,7 @@ class FinetuneConfig(_Strict):
     @model_validator(mode="after")
     def _nnunet_data(self) -> FinetuneConfig:
         # from scratch; from a pretraining run the model (plans included) comes later, with the run's data settings
-        if self.segmenter == "nnunet" and self.model.plans and self.model.configuration:
+        if (self.segmenter == "nnunet" and is_scratch_init(self.init) and self.model.plans
+                and self.model.configuration):
             _take_plans_data(self)
         return self

@@ -28,11 +28,6 @@ class PretrainedEncoder:
 RANDOM_INIT = "random"  # `init: random`: no pretrained weights, asked for as the frozen protocol's scratch arm
 
 
-def is_scratch_init(init: str | None) -> bool:
-    """True when `init` names no pretraining run: none, 'none', 'scratch' or 'random'."""
-    return init is None or str(init).strip().lower() in ("", "none", "scratch", RANDOM_INIT)
-
-
 def check_freeze(cfg: FinetuneConfig) -> None:
     """The frozen-encoder protocol needs something to freeze: a pretraining run, or an explicit random encoder."""
     if cfg.freeze_encoder and (cfg.init is None or str(cfg.init).strip().lower() in ("", "none", "scratch")):

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from ahm.config import FinetuneConfig, PretrainConfig
+from ahm.config.runs import is_scratch_init
 from ahm.errors import AhmError
-from ahm.train.pretrained import is_scratch_init, load_init
+from ahm.train.pretrained import load_init
 
 # What a fine-tuning takes from its pretraining run unless told otherwise (an option, or the file): the model grid
 # in 2D; in 3D the dimension, the voxel spacing, the orientation and the crop (the network's input) as well.
