@@ -72,3 +72,21 @@ def test_segmenter_and_pretraining_model_feed_the_network_the_same_axes(tmp_path
     with torch.no_grad():
         direct = seg.decoder.seg_layers[-1](seen[-1])
     assert tuple(direct.shape[2:]) == tuple(geo.patch_size[a] for a in geo.to_network)
+
+
+def test_a_3d_checkpoint_without_the_axis_record_is_refused_in_one_line(tmp_path: Path) -> None:
+    from ahm.config import ModelConfig
+    from ahm.errors import AhmError
+    from ahm.models.backbones import get_backbone
+
+    cfg = ModelConfig(backbone="nnunet", plans=str(_plans(tmp_path / "nnUNetPlans.json")),
+                      configuration="3d_fullres", patch_size=8)
+    backbone = get_backbone("nnunet")
+    record = backbone.segmenter_record(cfg, 3)
+    assert record == {"nnunet_axes": "network"}
+    backbone.check_segmenter_record(cfg, 3, {"segmenter": "nnunet", **record}, "run/best.ckpt")
+    # a segmenter fine-tuned before its input was permuted to nnU-Net's axes
+    with pytest.raises(AhmError, match=r"run/best.ckpt: .*nnunet_axes=None.*fine-tune it again"):
+        backbone.check_segmenter_record(cfg, 3, {"segmenter": "nnunet"}, "run/best.ckpt")
+    # other backbones record nothing, and hold no checkpoint to anything
+    assert get_backbone("unet").segmenter_record(ModelConfig(), 3) == {}

@@ -162,7 +162,10 @@ def load_run(run_dir: str | Path, checkpoint: str = BEST, *, accelerator: str | 
     if spatial_dims != cfg.data.spatial_dims:
         raise AhmError(f"{path}: the checkpoint is {spatial_dims}D but {cfg_path} says data.spatial_dims "
                        f"{cfg.data.spatial_dims}")
+    from ahm.models import backbone_of_segmenter
+
     model = for_dims(spatial_dims).build_segmenter(meta, cfg.model, path)
+    backbone_of_segmenter(meta["segmenter"]).check_segmenter_record(cfg.model, spatial_dims, meta, path)
     try:
         model.load_state_dict(ckpt["model"])
     except (RuntimeError, KeyError) as exc:
@@ -223,15 +226,21 @@ def evaluate(run_dir: str | Path, data_dir: str | Path | None = None, split: str
 
     Writes eval/<split>/metrics.json, per_image.csv (3D: per_volume.csv) and cases.npz into the run directory,
     refreshes report.html, and returns the metrics. With `out`, those files go into the folder `out` instead and
-    nothing is written into the run directory (which may be read-only).
+    report.html is left alone; the run directory may then be read-only (an old one is read through an upgraded
+    temporary copy; a writable one of an older format is upgraded in place, as every command does).
     """
     from ahm.data import open_dataset
     from ahm.pipeline import pipeline_for
 
     check_empty(empty)
     run_dir = Path(run_dir)
-    if out is not None and Path(out).exists() and not Path(out).is_dir():
-        raise AhmError(f"--out {out}: exists and is not a folder")
+    if out is not None:  # before any inference: a folder that cannot be made is refused first
+        if Path(out).exists() and not Path(out).is_dir():
+            raise AhmError(f"--out {out}: exists and is not a folder")
+        try:
+            Path(out).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise AhmError(f"--out {out}: cannot be made ({exc.strerror or exc})") from exc
     loaded = load_run(run_dir, accelerator=accelerator, precision=precision)
     check_spatial_dims(loaded, spatial_dims)
     pipeline = pipeline_for(loaded)

@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 import torch
 
 from ahm.config import FinetuneConfig, load_config, save_config
+from ahm.config.runs import is_scratch_init
 from ahm.errors import AhmError
 from ahm.io import write_json
 from ahm.pipeline import model_input_size, pipeline_for
@@ -42,7 +43,7 @@ from ahm.train.loop import (
     progress_bar,
     sync_batchnorm,
 )
-from ahm.train.pretrained import PretrainedEncoder, apply_init, check_freeze, is_scratch_init, load_init
+from ahm.train.pretrained import PretrainedEncoder, apply_init, check_freeze, load_init
 from ahm.train.rundir import MetricsLog, RunLock, prepare_run_dir, run_entries, unstarted_run
 from ahm.train.state import Checkpoints, DeviceLoss, RunState
 from ahm.train.validation import BestCheckpoint, evaluate_best, validation_interval
@@ -230,6 +231,7 @@ def run_length(cfg: FinetuneConfig, n_train: int, world: int) -> RunLength:
 
 def _meta(cfg: FinetuneConfig, data: FinetuneData, enc: PretrainedEncoder | None) -> dict[str, Any]:
     from ahm.eval.metrics import class_names
+    from ahm.models import backbone_of_segmenter
 
     return {"segmenter": cfg.segmenter, "num_classes": data.num_classes, "in_channels": data.in_channels,
             "image_size": _side(cfg), "slice_axis": cfg.data.slice_axis,
@@ -238,6 +240,7 @@ def _meta(cfg: FinetuneConfig, data: FinetuneData, enc: PretrainedEncoder | None
             "init_policy": enc.policy if enc is not None else None, "select_by": cfg.select_by,
             "protocol": protocol_of(cfg),
             "class_names": class_names(data.num_classes, data.index.class_names),
+            **backbone_of_segmenter(cfg.segmenter).segmenter_record(cfg.model, cfg.data.spatial_dims),
             **pipeline_for(cfg).checkpoint_meta(cfg)}
 
 

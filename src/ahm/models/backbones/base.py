@@ -8,6 +8,7 @@ fine-tuning side) and never branch on its name, so a new backbone is one file re
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
@@ -44,6 +45,20 @@ class Backbone(ABC):
     @abstractmethod
     def expected_metadata(self, segmenter: nn.Module) -> dict[str, str]:
         """The encoder metadata (see `MIMModel.encoder_metadata`) a segmenter needs to load weights (strings)."""
+
+    def segmenter_record(self, model_cfg: ModelConfig, spatial_dims: int) -> dict[str, str]:
+        """What a fine-tuning checkpoint records about how this backbone's segmenter reads its input, beyond the
+        common metadata; `check_segmenter_record` holds a checkpoint to it when it is loaded. Nothing by default."""
+        return {}
+
+    def check_segmenter_record(self, model_cfg: ModelConfig, spatial_dims: int, meta: dict[str, Any],
+                               source: str | Path) -> None:
+        """Refuse, in one line, a checkpoint whose segmenter read its input otherwise than this code's does."""
+        for key, value in self.segmenter_record(model_cfg, spatial_dims).items():
+            if meta.get(key) != value:
+                raise AhmError(f"{source}: the checkpoint records {key}={meta.get(key)!r}, but this ahm's "
+                               f"{self.segmenter} segmenter needs {key}={value!r} (it was fine-tuned by an older "
+                               f"ahm that read its input differently); fine-tune it again")
 
     @abstractmethod
     def load_weights(self, segmenter: nn.Module, weights: dict[str, Tensor], source: str) -> dict[str, Any]:

@@ -38,8 +38,10 @@ class NnunetBackbone(Backbone):
         largest over the axes)."""
         config = _configuration(model_cfg)
         strides = config["architecture"].get("arch_kwargs", {}).get("strides") or []
-        per_axis = [[s] if isinstance(s, int) else list(s) for s in strides]
-        return max((math.prod(axis) for axis in zip(*per_axis, strict=False)), default=1)
+        dims = len(config["patch_size"])
+        # a stage's stride is one int for every axis, or one per axis
+        per_stage = [[int(s)] * dims if isinstance(s, int) else [int(v) for v in s] for s in strides]
+        return max((math.prod(axis) for axis in zip(*per_stage, strict=True)), default=1)
 
     def build_mim_model(self, model_cfg: ModelConfig, image_size: int, in_channels: int,
                         spatial_dims: int = 2) -> MaskedNnunet:
@@ -65,6 +67,11 @@ class NnunetBackbone(Backbone):
         net.in_channels = in_channels
         net.spatial_dims = spatial_dims
         return net
+
+    def segmenter_record(self, model_cfg: ModelConfig, spatial_dims: int) -> dict[str, str]:
+        plans_path, name = str(model_cfg.plans), str(model_cfg.configuration)
+        # 3D segmenters fine-tuned before the axis hooks fed the network ahm's axis order; they lack this record
+        return {"nnunet_axes": "network"} if geometry(read_plans(plans_path), name, plans_path).permutes else {}
 
     def expected_metadata(self, segmenter: nn.Module) -> dict[str, str]:
         return {"nnunet_digest": segmenter.nnunet_digest, "in_channels": str(segmenter.in_channels)}
