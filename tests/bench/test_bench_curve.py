@@ -573,6 +573,12 @@ def test_positive_control_is_chosen_on_validation_and_decided_on_test(tmp_path: 
     few = grid(3, {1000: 0.10, 3000: 0.05}, {1000: 0.01, 3000: 0.04})
     v = control_verdict(paired_by_point(few))
     assert v is not None and v["provisional"] and not v["succeeded"]
+    # a point without validation figures (NaN means) is never the one chosen on validation
+    no_val = [dict(r, val_dice=None) if r.get("pretrain_budget") == 1000 else r for r in rows]
+    paired = paired_by_point(no_val)
+    assert any(e["policy"] == "random" and e["val_dice"] != e["val_dice"] for e in paired)  # NaN there
+    v = control_verdict(paired)
+    assert v is not None and v["point"]["pretrain_budget"] == 3000 and v["entry"]["dice_n"] == 6
     # no scratch arm: nothing to decide
     assert control_verdict(paired_by_point([r for r in rows if r["policy"] != "scratch"])) is None
     # results.md opens with the verdict

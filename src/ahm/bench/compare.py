@@ -352,10 +352,11 @@ def paired_entry(pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> dict[str
 
 def paired_stats(metric: str, values: list[float]) -> dict[str, Any]:
     """Per-seed paired figures (differences, or slopes) of one metric: `metric` and `metric_std` (mean and sample
-    std), `metric_ahead` (how many are positive) and `metric_p` (the exact sign-flip p that their mean is zero)."""
+    std), `metric_ahead` (how many are positive), `metric_n` (how many there are) and `metric_p` (the exact
+    sign-flip p that their mean is zero)."""
     mean, std = _mean_std(values)
     return {metric: mean, metric + "_std": std, metric + "_ahead": sum(v > 0 for v in values),
-            metric + "_p": sign_flip_p(values)}
+            metric + "_n": len(values), metric + "_p": sign_flip_p(values)}
 
 
 def floors(baseline: dict[str, Any] | None) -> dict[str, dict[str, float | None]]:

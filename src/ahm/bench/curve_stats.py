@@ -5,6 +5,7 @@ sign-flip p throughout).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -172,11 +173,14 @@ def control_verdict(paired: list[dict[str, Any]], policy: str = "random", target
     exact sign-flip p at most `alpha` over at least `min_seeds` seeds. Choosing on validation and judging on test
     keeps the choice among many points from inflating the reported gain. None when `policy` never pairs with
     scratch."""
+    def finite(v: Any) -> bool:
+        return v is not None and math.isfinite(v)  # a mean over no pairs is NaN
+
     mine = [e for e in paired if e["policy"] == policy and e["reference"] == "scratch"
-            and e.get("val_dice") is not None and e.get("dice") is not None]
+            and finite(e.get("val_dice")) and finite(e.get("dice"))]
     if not mine:
         return None
-    ready = [e for e in mine if e["n"] >= min_seeds]
+    ready = [e for e in mine if e.get("dice_n", e["n"]) >= min_seeds]
     chosen = max(ready or mine, key=lambda e: e["val_dice"])
     provisional = not ready
     succeeded = (not provisional and chosen["dice"] >= target and chosen["dice_p"] <= alpha)
@@ -189,10 +193,11 @@ def control_verdict(paired: list[dict[str, Any]], policy: str = "random", target
 def verdict_line(v: dict[str, Any], split: str) -> str:
     """`control_verdict` in one sentence."""
     e, p = v["entry"], v["point"]
-    where = (f"{p['backbone']}, {p['protocol']} protocol, {p['pretrain_budget'] or '-'} pretraining steps on "
-             f"{p['corpus']}, {p['labels']} labelled subject(s)")
-    figures = (f"{v['policy']} - scratch {e['dice']:+.4f} +- {e['dice_std']:.4f} {split} Dice over {e['n']} paired "
-               f"seeds ({e['dice_ahead']}/{e['n']} ahead, p {e['dice_p']:.3f}; val {e['val_dice']:+.4f})")
+    budget = f"{p['pretrain_budget']} pretraining steps on" if p["pretrain_budget"] else "pretrained on"
+    where = f"{p['backbone']}, {p['protocol']} protocol, {budget} {p['corpus']}, {p['labels']} labelled subject(s)"
+    n = e.get("dice_n", e["n"])
+    figures = (f"{v['policy']} - scratch {e['dice']:+.4f} +- {e['dice_std']:.4f} {split} Dice over {n} paired "
+               f"seeds ({e['dice_ahead']}/{n} ahead, p {e['dice_p']:.3f}; val {e['val_dice']:+.4f})")
     if v["provisional"]:
         return (f"Positive control: no verdict yet (no point has {v['min_seeds']} paired seeds); the best point on "
                 f"validation so far is {where}: {figures}.")
