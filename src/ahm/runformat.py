@@ -151,16 +151,18 @@ def _mirror(run_dir: Path) -> Path:
     held = _MIRRORS.get(root)
     if held is not None and held[0] == listing and held[1].is_dir():
         return held[1]
-    mirror = Path(tempfile.mkdtemp(prefix="ahm-run-"))
-    atexit.register(shutil.rmtree, mirror, True)
+    mirror = None
     try:
+        mirror = Path(tempfile.mkdtemp(prefix="ahm-run-"))
+        atexit.register(shutil.rmtree, mirror, True)
         for name, *_ in listing:
             (mirror / name).parent.mkdir(parents=True, exist_ok=True)
             (mirror / name).symlink_to(root / name)
         info = _read_info(mirror)
         done = info is not None and _upgrade(mirror, info, _format_of(info, mirror), keep_originals=False) == FORMAT
     except OSError as exc:
-        shutil.rmtree(mirror, ignore_errors=True)
+        if mirror is not None:
+            shutil.rmtree(mirror, ignore_errors=True)
         raise AhmError(f"{run_dir}: a run directory of format {run_format(root)} cannot be written, and upgrading it "
                        f"in {tempfile.gettempdir()} failed ({exc.strerror or exc}); copy it somewhere writable") from exc
     if not done:
