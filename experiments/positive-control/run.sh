@@ -20,7 +20,7 @@ PY=${PY:-python3}
 HERE=$(cd "$(dirname "$0")" && pwd)
 OUT=$GRID/positive-control
 run() { PYTHONPATH=$CODE/src nice -n 19 "$PY" -m ahm "$@"; }
-save() { (cd "$OUT" && find cells -name cell.json; cd "$OUT" && find pretrain -maxdepth 2 -name summary.json) |
+save() { (cd "$OUT" && find cells -name cell.json; cd "$OUT" && find pretrain -maxdepth 2 -name summary.json 2>/dev/null) |
          while read -r f; do mkdir -p "$HERE/cells/$(dirname "$f")"; cp "$OUT/$f" "$HERE/cells/$f"; done; }
 load() { [ -d "$HERE/cells" ] && (cd "$HERE/cells" && find . -name '*.json') | while read -r f; do
            [ -f "$OUT/$f" ] || { mkdir -p "$OUT/$(dirname "$f")"; cp "$HERE/cells/$f" "$OUT/$f"; }; done; true; }
