@@ -180,7 +180,7 @@ def control_verdict(paired: list[dict[str, Any]], policy: str = "random", target
             and finite(e.get("val_dice")) and finite(e.get("dice"))]
     if not mine:
         return None
-    ready = [e for e in mine if e.get("dice_n", e["n"]) >= min_seeds]
+    ready = [e for e in mine if e["dice_n"] >= min_seeds]
     chosen = max(ready or mine, key=lambda e: e["val_dice"])
     provisional = not ready
     succeeded = (not provisional and chosen["dice"] >= target and chosen["dice_p"] <= alpha)
@@ -195,7 +195,7 @@ def verdict_line(v: dict[str, Any], split: str) -> str:
     e, p = v["entry"], v["point"]
     budget = f"{p['pretrain_budget']} pretraining steps on" if p["pretrain_budget"] else "pretrained on"
     where = f"{p['backbone']}, {p['protocol']} protocol, {budget} {p['corpus']}, {p['labels']} labelled subject(s)"
-    n = e.get("dice_n", e["n"])
+    n = e["dice_n"]
     figures = (f"{v['policy']} - scratch {e['dice']:+.4f} +- {e['dice_std']:.4f} {split} Dice over {n} paired "
                f"seeds ({e['dice_ahead']}/{n} ahead, p {e['dice_p']:.3f}; val {e['val_dice']:+.4f})")
     if v["provisional"]:

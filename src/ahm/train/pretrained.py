@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ahm.config import FinetuneConfig, PretrainConfig, load_config
+from ahm.config.runs import is_scratch_init
 from ahm.errors import AhmError
 
 
@@ -30,7 +31,7 @@ RANDOM_INIT = "random"  # `init: random`: no pretrained weights, asked for as th
 
 def check_freeze(cfg: FinetuneConfig) -> None:
     """The frozen-encoder protocol needs something to freeze: a pretraining run, or an explicit random encoder."""
-    if cfg.freeze_encoder and (cfg.init is None or str(cfg.init).strip().lower() in ("", "none", "scratch")):
+    if cfg.freeze_encoder and is_scratch_init(cfg.init) and str(cfg.init).strip().lower() != RANDOM_INIT:
         raise AhmError("--freeze-encoder: nothing pretrained to freeze; give --init RUN (or --init random for the "
                        "frozen protocol's scratch arm: the same network with a random frozen encoder)")
 
