@@ -493,6 +493,39 @@ def test_budget_axis_and_frozen_protocol_share_pretraining_runs_and_keep_their_s
     assert {p: p.read_bytes() for p in out.rglob("*.json")} == before
 
 
+def test_run_steps_runs_the_chosen_budgets_and_reports_every_finished_cell(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--run-steps 6 on a 3,6 axis: scratch and the 6-step cells run, the 3-step ones are left (counted missing);
+    a later call without it runs them and keeps the rest; a budget off the axis, or no axis, is refused before
+    any work."""
+    from ahm.bench.curve import run_curve
+
+    data = make_blob_folder(tmp_path / "data", n=20)
+    out = tmp_path / "grid"
+    kwargs = dict(policies=["scratch", "random"], backbones=["unet"], labels=[1], seeds=1, finetune_steps=2,
+                  overrides=_overrides(tmp_path))
+    said: list[str] = []
+    first = run_curve(data, out, pretrain_steps=[3, 6], run_steps=[6], log=said.append, **kwargs)
+    assert sorted(p.name for p in (out / "pretrain").iterdir()) == ["unet-random-corpusdata-steps6-seed0"]
+    assert {(r["policy"], r["pretrain_budget"]) for r in first["rows"]} == {("scratch", None), ("random", 6)}
+    assert first["missing"] == ["unet-random-corpusdata-steps3-labels1-seed0"]
+    assert any(m.startswith("--run-steps 6: 1 cells at other budgets not run") for m in said)
+    assert "Partial: 2 of 3 cells finished" in (out / "results.md").read_text()
+    kept = {p: p.read_bytes() for p in (out / "cells").rglob("cell.json")}
+    second = run_curve(data, out, pretrain_steps=[3, 6], **kwargs)
+    assert second["missing"] == [] and len(second["rows"]) == 3
+    assert {p: p.read_bytes() for p in kept} == kept
+
+    monkeypatch.setattr("ahm.train.pretrain.pretrain", lambda *a, **k: pytest.fail("a refused grid pretrained"))
+    with pytest.raises(AhmError, match=r"--run-steps 4: not on the --pretrain-steps axis 3,6"):
+        run_curve(data, out, pretrain_steps=[3, 6], run_steps=[4], **kwargs)
+    with pytest.raises(AhmError, match=r"--run-steps 3: needs a budget axis"):
+        run_curve(data, tmp_path / "single", pretrain_steps=3, run_steps=[3], **kwargs)
+    assert not (tmp_path / "single").exists()
+    with pytest.raises(AhmError, match=r"--run-steps 6,3: budgets must be positive and increasing"):
+        run_curve(data, out, pretrain_steps=[3, 6], run_steps=[6, 3], **kwargs)
+
+
 def test_budget_and_protocol_refusals(tmp_path: Path) -> None:
     from ahm.bench.curve import parse_budgets, parse_protocols, run_curve
 
@@ -546,7 +579,7 @@ def test_budget_trend_slope_per_tenfold_budget_and_where_the_gain_reaches_the_ta
 
 def test_positive_control_is_chosen_on_validation_and_decided_on_test(tmp_path: Path) -> None:
     from ahm.bench.curve_render import write_results
-    from ahm.bench.curve_stats import aggregate, control_verdict, paired_by_point
+    from ahm.bench.curve_stats import aggregate, control_verdict, paired_by_point, verdict_line
 
     def grid(seeds: int, test_gain: dict[int, float], val_gain: dict[int, float]) -> list[dict]:
         rows = []
@@ -563,24 +596,40 @@ def test_positive_control_is_chosen_on_validation_and_decided_on_test(tmp_path: 
 
     # validation prefers 3,000 steps; test there is +0.05 on every seed: succeeds with p = 2/64
     rows = grid(6, {1000: 0.10, 3000: 0.05}, {1000: 0.01, 3000: 0.04})
-    v = control_verdict(paired_by_point(rows))
+    v = control_verdict(rows)
     assert v is not None and not v["provisional"] and v["succeeded"]
     assert v["point"]["pretrain_budget"] == 3000 and v["entry"]["dice_p"] == pytest.approx(2 / 64)
     # the same gain on validation's choice but too small on test: no success, whatever another budget did
-    v = control_verdict(paired_by_point(grid(6, {1000: 0.10, 3000: 0.02}, {1000: 0.01, 3000: 0.04})))
+    v = control_verdict(grid(6, {1000: 0.10, 3000: 0.02}, {1000: 0.01, 3000: 0.04}))
     assert v is not None and not v["succeeded"] and v["point"]["pretrain_budget"] == 3000
     # three seeds: the best point so far, no verdict
     few = grid(3, {1000: 0.10, 3000: 0.05}, {1000: 0.01, 3000: 0.04})
-    v = control_verdict(paired_by_point(few))
-    assert v is not None and v["provisional"] and not v["succeeded"]
+    v = control_verdict(few)
+    assert v is not None and v["provisional"] and not v["succeeded"] and v["needs_seeds"] == 3
+    assert v["point"]["pretrain_budget"] == 3000 and v["choice_seeds"] == [0, 1, 2]
+    # three more seeds at 1,000 steps only, which validation loves there: the choice stays on the seeds every
+    # point has (3,000 steps), which now needs its own three more seeds before there is a verdict
+    extra = [r for r in grid(6, {1000: 0.10, 3000: 0.05}, {1000: 0.30, 3000: 0.04})
+             if r["seed"] >= 3 and r.get("pretrain_budget") != 3000]
+    v = control_verdict(few + extra)
+    assert v["point"]["pretrain_budget"] == 3000 and v["choice_seeds"] == [0, 1, 2] and v["provisional"]
+    line = verdict_line(v, "test")
+    assert line.startswith("Positive control: no verdict yet") and "seeds 0, 1, 2, the seeds every point has" in line
+    assert "needs 3 more paired seeds" in line
+    # three more seeds where the choice fell (and scratch's): the verdict is decided there, on all six
+    more = [r for r in grid(6, {1000: 0.10, 3000: 0.05}, {1000: 0.01, 3000: 0.04})
+            if r["seed"] >= 3 and r.get("pretrain_budget") != 1000]
+    v = control_verdict(few + more)
+    assert v["point"]["pretrain_budget"] == 3000 and v["choice_seeds"] == [0, 1, 2]
+    assert not v["provisional"] and v["succeeded"] and v["entry"]["dice_n"] == 6
     # a point without validation figures (NaN means) is never the one chosen on validation
     no_val = [dict(r, val_dice=None) if r.get("pretrain_budget") == 1000 else r for r in rows]
     paired = paired_by_point(no_val)
     assert any(e["policy"] == "random" and e["val_dice"] != e["val_dice"] for e in paired)  # NaN there
-    v = control_verdict(paired)
+    v = control_verdict(no_val)
     assert v is not None and v["point"]["pretrain_budget"] == 3000 and v["entry"]["dice_n"] == 6
     # no scratch arm: nothing to decide
-    assert control_verdict(paired_by_point([r for r in rows if r["policy"] != "scratch"])) is None
+    assert control_verdict([r for r in rows if r["policy"] != "scratch"]) is None
     # results.md opens with the verdict
     write_results(tmp_path, rows, aggregate(rows), paired_by_point(rows), "test")
     first = (tmp_path / "results.md").read_text().splitlines()[0]

@@ -41,7 +41,7 @@ ALL = "all"
 PROTOCOLS = ("finetune", "frozen")  # every weight trains; only the new layers train (`finetune --freeze-encoder`)
 
 
-def parse_budgets(text: str) -> list[int]:
+def parse_budgets(text: str, option: str = "--pretrain-steps") -> list[int]:
     """`1000,3000,10000` -> [1000, 3000, 10000]: pretraining budgets in steps, positive and increasing."""
     budgets = []
     for part in (p.strip() for p in str(text).split(",")):
@@ -50,12 +50,12 @@ def parse_budgets(text: str) -> list[int]:
         try:
             budgets.append(int(part))
         except ValueError:
-            raise AhmError(f"--pretrain-steps: {part!r} is not a number of steps") from None
+            raise AhmError(f"{option}: {part!r} is not a number of steps") from None
     if not budgets:
-        raise AhmError("--pretrain-steps: give at least one budget, e.g. 1000,3000,10000")
+        raise AhmError(f"{option}: give at least one budget, e.g. 1000,3000,10000")
     for before, after in zip([0] + budgets, budgets):
         if after <= before:
-            raise AhmError(f"--pretrain-steps {','.join(map(str, budgets))}: budgets must be positive and "
+            raise AhmError(f"{option} {','.join(map(str, budgets))}: budgets must be positive and "
                            f"increasing ({after} after {before or 'the start'})")
     return budgets
 
@@ -120,7 +120,7 @@ def run_curve(data: str | Path, out: str | Path, policies: list[str], backbones:
               split: str = "test", first_seed: int = 0, log: Callable[[str], None] | None = None,
               finetune_epochs: int | None = None, spatial_dims: int | None = None,
               gather: bool = False, pretrain_epochs: int | None = None,
-              protocols: list[str] | None = None) -> dict[str, Any]:
+              protocols: list[str] | None = None, run_steps: list[int] | None = None) -> dict[str, Any]:
     """Run every unfinished cell of backbone x corpus x policy x labels x seed; write results.csv, results.md
     and results.png (Dice against each axis, error bars one std over seeds); return rows, table and paired.
     `gather`: run nothing, report the finished cells (while other processes still run the grid); the tables say
@@ -136,7 +136,10 @@ def run_curve(data: str | Path, out: str | Path, policies: list[str], backbones:
     default) and/or `frozen` (only the new layers train; its scratch arm is the same network with a random frozen
     encoder); the pretraining runs are shared by both. `spatial_dims` (2 or 3), when given, sets
     `data.spatial_dims` of both sections of `overrides` (3: volumes, HD95 in mm). The folder's `grid.json` records
-    these settings; a grid folder run with others is refused (`check_settings`)."""
+    these settings; a grid folder run with others is refused (`check_settings`). `run_steps`: of the budget axis,
+    run only the pretrained cells at these budgets (and the scratch cells, which every point pairs with), e.g. more
+    seeds at the budget that decides; the others are left for another call, counted as missing, and the tables
+    cover every finished cell as with `gather`."""
     from ahm.models.backbones import get_backbone
 
     check_grid(policies, backbones, seeds, first_seed)
@@ -146,6 +149,14 @@ def run_curve(data: str | Path, out: str | Path, policies: list[str], backbones:
         raise AhmError(f"--pretrain-steps {','.join(map(str, budgets))} with --pretrain-epochs: each point's budget "
                        "would be either; give a list of step budgets, or one floor with --pretrain-epochs")
     protocols = parse_protocols(",".join(protocols or ["finetune"]))
+    if run_steps is not None:
+        run_steps = parse_budgets(",".join(map(str, run_steps)), option="--run-steps")
+        if not axis:
+            raise AhmError(f"--run-steps {','.join(map(str, run_steps))}: needs a budget axis (several "
+                           "--pretrain-steps) to choose from")
+        if not set(run_steps) <= set(budgets):
+            raise AhmError(f"--run-steps {','.join(map(str, run_steps))}: not on the --pretrain-steps axis "
+                           f"{','.join(map(str, budgets))}")
     for option, value in (("--finetune-epochs", finetune_epochs), ("--pretrain-epochs", pretrain_epochs)):
         if value is not None and value < 1:
             raise AhmError(f"{option} {value}: give at least 1")
@@ -206,7 +217,7 @@ def run_curve(data: str | Path, out: str | Path, policies: list[str], backbones:
             rows.append(row)
             say(f"[{k}/{len(cells)}] {cell_dir.name}: done earlier, kept")
             continue
-        if gather:
+        if gather or (run_steps is not None and steps is not None and steps not in run_steps):
             missing.append(cell_dir.name)
             continue
         say(f"[{k}/{len(cells)}] {cell_dir.name}")
@@ -238,6 +249,9 @@ def run_curve(data: str | Path, out: str | Path, policies: list[str], backbones:
             raise AhmError(f"--gather: no finished cell of this grid in {out}")
         say(f"--gather: {len(rows)} of {len(cells)} cells finished; {len(missing)} not run"
             + (f" (first: {missing[0]})" if missing else ""))
+    elif missing:
+        say(f"--run-steps {','.join(map(str, run_steps or []))}: {len(missing)} cells at other budgets not run "
+            f"(first: {missing[0]})")
     table = aggregate(rows)
     paired = paired_by_point(rows)
     # The floors each point must clear: intensity alone, fitted on the same labelled subjects per seed.

@@ -59,8 +59,8 @@ def write_results(out: Path, rows: list[dict[str, Any]], table: list[dict[str, A
              "`corpus`: the set the encoder was pretrained on (its training subjects; '-': no pretraining)."
              + (f" HD95 in {'; '.join(units)}." if units else "")
              + (" A row whose cells differ in HD95 unit shows no HD95 ('-')." if len(units) > 1 else "")
-             + (f" **Partial: {len(rows)} of {len(rows) + missing} cells finished** (gathered while the grid "
-                "runs; `n` is the seeds finished per point, pairs only seeds finished in both arms)."
+             + (f" **Partial: {len(rows)} of {len(rows) + missing} cells finished** (the others still to run; "
+                "`n` is the seeds finished per point, pairs only seeds finished in both arms)."
                 if missing else "")
              + " Protocol: " + "; ".join(PROTOCOL_TEXT[p] for p in protos) + "."
              + ("" if wide or not budgets else f" Pretraining budget: {budgets[0]} steps."), "",
@@ -145,7 +145,7 @@ def write_results(out: Path, rows: list[dict[str, Any]], table: list[dict[str, A
                          f"{e['val_dice_p']:.3f} | "
                          + (f"{e['gain_at_largest']:+.4f}" if "gain_at_largest" in e else "-") + " | "
                          + ("-" if crosses is None else f"{crosses:.3g}") + " |")
-    verdict = control_verdict(paired)
+    verdict = control_verdict(rows)
     if verdict is not None:  # the answer a positive-control grid exists for, above its tables
         lines[:0] = [verdict_line(verdict, split), ""]
     write_text(out / "results.md", "\n".join(lines) + "\n")

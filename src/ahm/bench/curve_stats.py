@@ -163,30 +163,44 @@ CONTROL_ALPHA = 0.05  # the exact sign-flip p the gain must reach
 CONTROL_SEEDS = 6  # paired seeds the deciding point needs
 
 
-def control_verdict(paired: list[dict[str, Any]], policy: str = "random", target: float = TARGET_GAIN,
+def _verdict_key(e: dict[str, Any]) -> tuple:
+    return (e["backbone"], e["protocol"], e["corpus"], e.get("pretrain_budget"), str(e["labels"]))
+
+
+def control_verdict(rows: list[dict[str, Any]], policy: str = "random", target: float = TARGET_GAIN,
                     alpha: float = CONTROL_ALPHA, min_seeds: int = CONTROL_SEEDS) -> dict[str, Any] | None:
-    """The positive control of `paired_by_point`'s entries: does `policy` beat scratch somewhere?
+    """The positive control on the rows of finished cells: does `policy` beat scratch somewhere?
 
     The deciding point (backbone, protocol, corpus, budget, labels) is the one with the largest paired
-    *validation* gain over scratch among the points with at least `min_seeds` paired seeds (or, while none has
-    them, among all points: the verdict is then `provisional`); its *test* gain decides: at least `target` with the
-    exact sign-flip p at most `alpha` over at least `min_seeds` seeds. Choosing on validation and judging on test
-    keeps the choice among many points from inflating the reported gain. None when `policy` never pairs with
+    *validation* gain over scratch, measured on the seeds that every candidate point has (so that running more
+    seeds at one point, as the verdict asks, does not change which point is chosen; while no seed has every point,
+    on each point's own seeds, and the verdict is `provisional`). Its *test* gain over all its paired seeds
+    decides: at least `target` with the exact sign-flip p at most `alpha` over at least `min_seeds` seeds (fewer:
+    `provisional`, and `needs_seeds` says how many more that point needs). Choosing on validation and judging on
+    test keeps the choice among many points from inflating the reported gain. None when `policy` never pairs with
     scratch."""
     def finite(v: Any) -> bool:
         return v is not None and math.isfinite(v)  # a mean over no pairs is NaN
 
-    mine = [e for e in paired if e["policy"] == policy and e["reference"] == "scratch"
-            and finite(e.get("val_dice")) and finite(e.get("dice"))]
+    def candidates(some: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
+        return {_verdict_key(e): e for e in paired_by_point(some) if e["policy"] == policy
+                and e["reference"] == "scratch" and finite(e.get("val_dice")) and finite(e.get("dice"))}
+
+    mine = candidates(rows)
     if not mine:
         return None
-    ready = [e for e in mine if e["dice_n"] >= min_seeds]
-    chosen = max(ready or mine, key=lambda e: e["val_dice"])
-    provisional = not ready
-    succeeded = (not provisional and chosen["dice"] >= target and chosen["dice_p"] <= alpha)
+    seeds = sorted({r["seed"] for r in rows}, key=str)
+    common = [s for s in seeds if set(mine) <= set(candidates([r for r in rows if r["seed"] == s]))]
+    chooser = candidates([r for r in rows if r["seed"] in common]) if common else mine
+    key = max(chooser, key=lambda k: chooser[k]["val_dice"])
+    chosen = mine[key]
+    n = chosen["dice_n"]
+    provisional = not common or n < min_seeds
+    succeeded = not provisional and chosen["dice"] >= target and chosen["dice_p"] <= alpha
     return {"policy": policy, "point": {k: chosen.get(k) for k in ("backbone", "protocol", "corpus",
                                                                    "pretrain_budget", "labels")},
-            "entry": chosen, "points": len(mine), "ready_points": len(ready), "provisional": provisional,
+            "entry": chosen, "choice_seeds": common, "choice_val_dice": chooser[key]["val_dice"],
+            "points": len(mine), "provisional": provisional, "needs_seeds": max(0, min_seeds - n),
             "succeeded": succeeded, "target": target, "alpha": alpha, "min_seeds": min_seeds}
 
 
@@ -198,13 +212,15 @@ def verdict_line(v: dict[str, Any], split: str) -> str:
     n = e["dice_n"]
     figures = (f"{v['policy']} - scratch {e['dice']:+.4f} +- {e['dice_std']:.4f} {split} Dice over {n} paired "
                f"seeds ({e['dice_ahead']}/{n} ahead, p {e['dice_p']:.3f}; val {e['val_dice']:+.4f})")
+    chosen = (f"chosen on validation among {v['points']} points over seeds "
+              f"{', '.join(map(str, v['choice_seeds']))}, the seeds every point has" if v["choice_seeds"] else
+              f"the best of {v['points']} points on validation, each on its own seeds (no seed has every point yet)")
     if v["provisional"]:
-        return (f"Positive control: no verdict yet (no point has {v['min_seeds']} paired seeds); the best point on "
-                f"validation so far is {where}: {figures}.")
+        more = f"; it needs {v['needs_seeds']} more paired seeds" if v["needs_seeds"] else ""
+        return f"Positive control: no verdict yet. The point {chosen}: {where}{more}: {figures}."
     outcome = ("succeeds" if v["succeeded"] else
                f"does not succeed (needs at least +{v['target']:g} with p <= {v['alpha']:g})")
-    return (f"Positive control {outcome}: at the point chosen on validation among {v['ready_points']} with "
-            f"{v['min_seeds']}+ paired seeds ({where}), {figures}.")
+    return f"Positive control {outcome}: at the point {chosen} ({where}), {figures}."
 
 
 def _trends(rows: list[dict[str, Any]], along: str, x_of: Callable[[Any], float],

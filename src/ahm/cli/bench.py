@@ -174,6 +174,9 @@ def curve(
                                                "data.spatial_dims of both --config sections; default: theirs)."),
     gather: bool = typer.Option(False, "--gather", help="Run nothing: the tables of the cells finished so far "
                                 "(while other processes run the grid), the missing ones counted."),
+    run_steps: str | None = typer.Option(None, "--run-steps", help="Of the --pretrain-steps axis, run only the "
+                                            "cells at these budgets (scratch's too), e.g. more seeds at the "
+                                            "budget that decides; the tables cover every finished cell."),
 ) -> None:
     """Dice against labelled subjects and against the unlabelled corpus: a policy x corpus x labels x seed grid.
 
@@ -201,6 +204,7 @@ def curve(
             log=None if is_quiet() else (lambda msg: console.print(msg, highlight=False)),
             finetune_epochs=finetune_epochs, spatial_dims=spatial_dims, gather=gather,
             pretrain_epochs=pretrain_epochs, protocols=parse_protocols(protocol),
+            run_steps=parse_budgets(run_steps, option="--run-steps") if run_steps is not None else None,
         )
 
     run_guarded(go)
