@@ -209,12 +209,12 @@ def run_curve(data: str | Path, out: str | Path, policies: list[str], backbones:
         done = cell_dir / "cell.json"
         pre_dir = out / "pretrain" / f"{backbone}-{policy}-corpus{name}{at_budget}-seed{seed}"
         if done.is_file():
-            row = json.loads(done.read_text())
-            if (policy != "scratch" and not {"hardness_ratio", "pretrain_steps"} <= set(row)
+            kept = json.loads(done.read_text())
+            if (policy != "scratch" and not {"hardness_ratio", "pretrain_steps"} <= set(kept)
                     and (pre_dir / "summary.json").is_file()):
                 # a cell finished before these figures were recorded: its pretraining run has them
-                row.update(pretrain_figures(json.loads((pre_dir / "summary.json").read_text())))
-            rows.append(row)
+                kept.update(pretrain_figures(json.loads((pre_dir / "summary.json").read_text())))
+            rows.append(kept)
             say(f"[{k}/{len(cells)}] {cell_dir.name}: done earlier, kept")
             continue
         if gather or (run_steps is not None and steps is not None and steps not in run_steps):
