@@ -189,7 +189,7 @@ def control_verdict(rows: list[dict[str, Any]], policy: str = "random", target: 
     mine = candidates(rows)
     if not mine:
         return None
-    seeds = sorted({r["seed"] for r in rows}, key=str)
+    seeds = sorted({r["seed"] for r in rows})
     common = [s for s in seeds if set(mine) <= set(candidates([r for r in rows if r["seed"] == s]))]
     chooser = candidates([r for r in rows if r["seed"] in common]) if common else mine
     key = max(chooser, key=lambda k: chooser[k]["val_dice"])
